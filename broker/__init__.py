@@ -1,0 +1,1 @@
+"""Login orchestration: choosing an upstream, the callback, account resolution and linking."""

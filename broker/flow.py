@@ -1,0 +1,107 @@
+"""The login flow as an explicit state machine, kept in the browser's server-side session.
+
+    choosing --choose(upstream)--> redirected --authenticate()--> authenticated --finish()
+       ^                               |
+       +------- choose(other) ---------+
+
+A transition that is not on this picture raises :class:`LoginExpired` (the only way to reach
+one is a stale or replayed URL). Each flow remembers where to return, a local path.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+from flask.sessions import SessionMixin
+
+from .errors import LoginExpired
+
+FlowState = Literal["choosing", "redirected", "authenticated"]
+MAX_FLOWS_PER_SESSION = 8
+
+
+@dataclass(frozen=True)
+class LoginFlow:
+    id: str
+    return_to: str
+    state: FlowState
+    started_at: int
+    upstream_id: str | None = None
+    #: the upstream's ``state`` value while redirected (binds the callback to this flow)
+    upstream_state: str | None = None
+    pending: dict[str, Any] | None = None
+    #: what the flow was started for (e.g. the agency's authorization request parameters)
+    payload: dict[str, Any] | None = None
+
+    def choose(self, upstream_id: str, upstream_state: str, pending: dict[str, Any]) -> LoginFlow:
+        if self.state not in ("choosing", "redirected"):
+            raise LoginExpired()
+        return replace(self, state="redirected", upstream_id=upstream_id,
+                       upstream_state=upstream_state, pending=pending)
+
+    def authenticate(self) -> LoginFlow:
+        if self.state != "redirected":
+            raise LoginExpired()
+        return replace(self, state="authenticated", upstream_state=None, pending=None)
+
+
+def _is_local_path(path: str) -> bool:
+    return path.startswith("/") and not path.startswith("//") and "\\" not in path
+
+
+class FlowStore:
+    """Flows of one browser session (a dict of flow id -> flow)."""
+
+    def __init__(self, session: SessionMixin, lifetime: int) -> None:
+        self._session = session
+        self._lifetime = lifetime
+
+    def _all(self) -> dict[str, dict[str, Any]]:
+        flows = self._session.get("flows")
+        return flows if isinstance(flows, dict) else {}
+
+    def start(self, return_to: str, payload: dict[str, Any] | None = None) -> LoginFlow:
+        """Start a flow. ``return_to`` is a local path; ``{flow_id}`` in it is filled in."""
+        if not _is_local_path(return_to):
+            raise ValueError("return_to must be a local path")
+        flow_id = secrets.token_urlsafe(16)
+        flow = LoginFlow(id=flow_id, return_to=return_to.replace("{flow_id}", flow_id),
+                         state="choosing", started_at=int(time.time()), payload=payload)
+        flows = self._all()
+        now = time.time()
+        flows = {k: v for k, v in flows.items() if now - v["started_at"] < self._lifetime}
+        while len(flows) >= MAX_FLOWS_PER_SESSION:
+            flows.pop(min(flows, key=lambda k: flows[k]["started_at"]))
+        flows[flow.id] = asdict(flow)
+        self._session["flows"] = flows
+        return flow
+
+    def get(self, flow_id: str | None) -> LoginFlow:
+        data = self._all().get(flow_id or "")
+        if data is None or time.time() - data["started_at"] >= self._lifetime:
+            raise LoginExpired()
+        return LoginFlow(**data)
+
+    def by_upstream_state(self, upstream_state: str | None) -> LoginFlow:
+        for data in self._all().values():
+            if upstream_state and data.get("upstream_state") == upstream_state:
+                return self.get(data["id"])
+        raise LoginExpired()
+
+    def save(self, flow: LoginFlow) -> None:
+        flows = self._all()
+        flows[flow.id] = asdict(flow)
+        self._session["flows"] = flows
+
+    def finish(self, flow_id: str) -> LoginFlow:
+        """Remove and return an authenticated flow (single use)."""
+        flow = self.get(flow_id)
+        if flow.state != "authenticated":
+            raise LoginExpired()
+        flows = self._all()
+        flows.pop(flow_id, None)
+        self._session["flows"] = flows
+        return flow

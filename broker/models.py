@@ -1,0 +1,64 @@
+"""Constituent accounts and the credentials linked to them."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from kernel.db import Base, UTCDateTime, utcnow
+
+
+def new_account_id() -> str:
+    return uuid.uuid4().hex
+
+
+class ConstituentAccount(Base):
+    """One person, whatever credentials they log in with."""
+
+    __tablename__ = "constituent_accounts"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_account_id)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class LinkedIdentity(Base):
+    """A credential at an upstream: (connector, upstream subject) -> one account."""
+
+    __tablename__ = "linked_identities"
+    __table_args__ = (UniqueConstraint("connector_id", "upstream_subject"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    account_id: Mapped[str] = mapped_column(
+        ForeignKey("constituent_accounts.id", ondelete="RESTRICT"), index=True
+    )
+    connector_id: Mapped[str] = mapped_column(String(64))
+    upstream_subject: Mapped[str] = mapped_column(String(255))
+    acr: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_login_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class AccountAttribute(Base):
+    """One attribute value as one upstream asserted it (provenance: source, time, assurance).
+
+    The value is encrypted at rest. When upstreams disagree each keeps its own row.
+    """
+
+    __tablename__ = "account_attributes"
+    __table_args__ = (
+        UniqueConstraint("account_id", "name", "source_connector"),
+        Index("ix_account_attributes_account", "account_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    account_id: Mapped[str] = mapped_column(
+        ForeignKey("constituent_accounts.id", ondelete="RESTRICT")
+    )
+    name: Mapped[str] = mapped_column(String(64))
+    value_encrypted: Mapped[str] = mapped_column(Text)
+    source_connector: Mapped[str] = mapped_column(String(64))
+    acr: Mapped[str] = mapped_column(String(255))
+    asserted_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

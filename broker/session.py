@@ -1,0 +1,121 @@
+"""Server-side browser sessions in the short-lived store, and the hub login they carry.
+
+The cookie holds only a random id; the store key is its SHA-256, so a dump of the store does
+not yield usable cookies. The id is regenerated at login (OWASP ASVS 3.2.1). Cookies are
+HttpOnly and SameSite=Lax, and Secure when the hub is served over https.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from flask import Flask, Request, Response
+from flask.sessions import SessionInterface, SessionMixin
+from werkzeug.datastructures import CallbackDict
+
+from kernel.store import ShortLivedStore
+
+COOKIE_NAME = "civitas_session"
+
+
+class StoreSession(CallbackDict[str, Any], SessionMixin):
+    def __init__(self, initial: dict[str, Any] | None = None, sid: str | None = None) -> None:
+        def on_update(_self: Any) -> None:
+            self.modified = True
+
+        super().__init__(initial or {}, on_update)
+        self.sid = sid
+        self.new = sid is None
+        self.modified = False
+        self.regenerate_requested = False
+
+    def regenerate(self) -> None:
+        """Give this session a new id at the end of the request (login, privilege change)."""
+        self.regenerate_requested = True
+        self.modified = True
+
+
+def _key(sid: str) -> str:
+    return "session:" + hashlib.sha256(sid.encode()).hexdigest()
+
+
+class StoreSessionInterface(SessionInterface):
+    def __init__(self, store: ShortLivedStore, *, lifetime: int, secure: bool) -> None:
+        self.store = store
+        self.lifetime = lifetime
+        self.secure = secure
+
+    def open_session(self, app: Flask, request: Request) -> StoreSession:
+        sid = request.cookies.get(COOKIE_NAME)
+        if sid and 20 <= len(sid) <= 100:
+            data = self.store.get(_key(sid))
+            if data is not None:
+                return StoreSession(data, sid=sid)
+        return StoreSession()
+
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        assert isinstance(session, StoreSession)
+        if not session:
+            if session.sid is not None and session.modified:
+                self.store.delete(_key(session.sid))
+                response.delete_cookie(COOKIE_NAME, path="/")
+            return
+        if not session.modified:
+            return
+        if session.regenerate_requested and session.sid is not None:
+            self.store.delete(_key(session.sid))
+            session.sid = None
+        if session.sid is None:
+            session.sid = secrets.token_urlsafe(32)
+        self.store.put(_key(session.sid), dict(session), self.lifetime)
+        response.set_cookie(
+            COOKIE_NAME, session.sid, max_age=self.lifetime, path="/", httponly=True,
+            secure=self.secure, samesite="Lax",
+        )
+        response.vary.add("Cookie")
+
+
+@dataclass(frozen=True)
+class HubLogin:
+    """The citizen's login at the hub, kept in the session."""
+
+    account_id: str
+    auth_time: int
+    acr: str
+    amr: tuple[str, ...]
+    upstream_id: str
+    #: session id shared with agencies as ``sid`` (OpenID Connect Back-Channel Logout)
+    sid: str
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["amr"] = list(self.amr)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HubLogin:
+        return cls(
+            account_id=data["account_id"], auth_time=int(data["auth_time"]), acr=data["acr"],
+            amr=tuple(data.get("amr", ())), upstream_id=data["upstream_id"], sid=data["sid"],
+        )
+
+
+def current_login(session: SessionMixin) -> HubLogin | None:
+    data = session.get("login")
+    if not isinstance(data, dict):
+        return None
+    return HubLogin.from_json(data)
+
+
+def establish_login(session: SessionMixin, *, account_id: str, acr: str, amr: tuple[str, ...],
+                    upstream_id: str) -> HubLogin:
+    login = HubLogin(account_id=account_id, auth_time=int(time.time()), acr=acr, amr=amr,
+                     upstream_id=upstream_id, sid=secrets.token_urlsafe(16))
+    session["login"] = login.to_json()
+    if isinstance(session, StoreSession):
+        session.regenerate()
+    return login

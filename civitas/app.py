@@ -1,0 +1,201 @@
+"""The app factory: settings -> storage -> services -> blueprints."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import Flask, g, render_template, session
+from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response
+
+from broker.accounts import AccountDirectory
+from broker.service import Broker
+from broker.session import StoreSessionInterface
+from broker.views import create_blueprint as broker_blueprint
+from config import Settings, settings_from_mapping
+from config.schema import OIDCUpstreamSettings
+from connectors import RedirectConnector
+from connectors.oidc import OIDCConfig, OIDCConnector
+from idp.agencies import AgencyRegistry
+from idp.keys import KeyRing
+from idp.pairwise import PairwiseSubjects
+from idp.provider import HubAuthorizationServer, ProviderServices
+from idp.tokens import TokenStore
+from idp.views import create_blueprint as idp_blueprint
+from kernel.crypto import FieldCipher
+from kernel.db import Database
+from kernel.errors import CivitasError
+from kernel.store import ShortLivedStore, open_store
+from kernel.urls import is_loopback_host
+
+from .migrations import upgrade
+
+log = logging.getLogger("civitas")
+
+
+@dataclass
+class Hub:
+    """Every service of one running hub, for the app, the CLI and tests."""
+
+    settings: Settings
+    db: Database
+    store: ShortLivedStore
+    cipher: FieldCipher
+    accounts: AccountDirectory
+    agencies: AgencyRegistry
+    keys: KeyRing
+    tokens: TokenStore
+    broker: Broker
+    server: HubAuthorizationServer
+
+
+def make_connector(upstream: OIDCUpstreamSettings) -> RedirectConnector:
+    assert upstream.client_secret is not None
+    return OIDCConnector(OIDCConfig(
+        id=upstream.id, display_name=upstream.display_name, issuer=upstream.issuer,
+        client_id=upstream.client_id, client_secret=upstream.client_secret.get_secret_value(),
+        scopes=tuple(upstream.scopes), acr=upstream.acr,
+        id_token_algs=tuple(upstream.id_token_algs), timeout_seconds=upstream.timeout_seconds,
+        require_iss_parameter=upstream.require_iss_parameter,
+    ))
+
+
+def build_hub(settings: Settings, *, migrate: bool = True) -> Hub:
+    """Wire storage and services. ``migrate`` brings the schema to the newest revision."""
+    if settings.database_url.startswith("sqlite:///"):
+        path = settings.database_url.removeprefix("sqlite:///")
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.database_url)
+    if migrate:
+        upgrade(db.engine)
+    store = open_store(settings.redis_url)
+    cipher = FieldCipher(settings.encryption_keys)
+    accounts = AccountDirectory(db, cipher)
+    agencies = AgencyRegistry(db, default_alg=settings.signing_alg)
+    keys = KeyRing(db, cipher)
+    tokens = TokenStore(store, code_lifetime=settings.code_lifetime_seconds,
+                        access_token_lifetime=settings.access_token_lifetime_seconds)
+    connectors = {u.id: make_connector(u) for u in settings.upstreams}
+    broker = Broker(issuer=settings.issuer, connectors=connectors, accounts=accounts,
+                    flow_lifetime=settings.login_flow_lifetime_seconds)
+    services = ProviderServices(
+        issuer=settings.issuer, agencies=agencies, tokens=tokens, accounts=accounts, keys=keys,
+        subjects=PairwiseSubjects(settings.pairwise_secret.get_secret_value()),
+        id_token_lifetime=settings.id_token_lifetime_seconds,
+    )
+    server = HubAuthorizationServer(services)
+    return Hub(settings=settings, db=db, store=store, cipher=cipher, accounts=accounts,
+               agencies=agencies, keys=keys, tokens=tokens, broker=broker, server=server)
+
+
+def create_app(config: Settings | Mapping[str, Any] | None = None, *,
+               hub: Hub | None = None) -> Flask:
+    """Build the Flask app. ``config`` is a Settings object or a plain mapping (tests)."""
+    if hub is None:
+        if config is None:
+            from config import load_settings
+
+            settings = load_settings()
+        elif isinstance(config, Settings):
+            settings = config
+        else:
+            settings = settings_from_mapping(config)
+        hub = build_hub(settings)
+    settings = hub.settings
+    _allow_loopback_http(settings.issuer)
+    hub.keys.ensure((settings.signing_alg,))
+    hub.agencies.sync_from_config(settings.agencies)
+
+    app = Flask(__name__)
+    app.extensions["civitas"] = hub
+    app.config.update(
+        SESSION_COOKIE_NAME="civitas_session",
+        MAX_CONTENT_LENGTH=64 * 1024,
+        PREFERRED_URL_SCHEME="https" if settings.is_https else "http",
+    )
+    app.session_interface = StoreSessionInterface(
+        hub.store, lifetime=settings.session_lifetime_seconds, secure=settings.is_https
+    )
+    app.register_blueprint(broker_blueprint(hub.broker))
+    app.register_blueprint(idp_blueprint(hub.server, hub.broker))
+    _install_request_hooks(app)
+    _install_error_pages(app)
+    return app
+
+
+def _allow_loopback_http(issuer: str) -> None:
+    # Authlib refuses http:// requests unless told otherwise; settings validation already
+    # limits http issuers to loopback addresses (development and tests).
+    parts = urlsplit(issuer)
+    if parts.scheme == "http" and is_loopback_host(parts.hostname):
+        os.environ["AUTHLIB_INSECURE_TRANSPORT"] = "1"
+
+
+def _install_request_hooks(app: Flask) -> None:
+    @app.before_request
+    def _request_id() -> None:
+        g.request_id = uuid.uuid4().hex[:16]
+
+    @app.context_processor
+    def _csrf() -> dict[str, Any]:
+        def csrf_token() -> str:
+            token = session.get("csrf")
+            if not token:
+                token = secrets.token_urlsafe(24)
+                session["csrf"] = token
+            return str(token)
+
+        return {"csrf_token": csrf_token}
+
+    @app.after_request
+    def _headers(response: Response) -> Response:
+        response.headers.setdefault("X-Request-Id", g.get("request_id", ""))
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        if response.mimetype == "text/html":
+            response.headers.setdefault(
+                "Content-Security-Policy",
+                "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+                "frame-ancestors 'none'; base-uri 'none'",
+            )
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+
+def _install_error_pages(app: Flask) -> None:
+    """The one place that turns errors into pages for people."""
+
+    def page(status: int, message: str) -> tuple[str, int]:
+        return render_template("error.html", status=status, message=message), status
+
+    @app.errorhandler(CivitasError)
+    def _civitas_error(error: CivitasError) -> tuple[str, int]:
+        level = logging.ERROR if error.status_code >= 500 else logging.WARNING
+        log.log(level, "request %s failed: %s: %s", g.get("request_id"),
+                type(error).__name__, error, exc_info=error.status_code >= 500)
+        return page(error.status_code, error.public_message)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException) -> tuple[str, int]:
+        status = error.code or 500
+        messages = {
+            400: "The request was not understood.",
+            404: "There is no page at this address.",
+            405: "This page cannot be used that way.",
+            413: "The request is too large.",
+        }
+        return page(status, messages.get(status, error.description or "Request failed."))
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception) -> tuple[str, int]:
+        log.exception("request %s failed with an unexpected error", g.get("request_id"))
+        return page(500, "Something went wrong on our side. Please try again later.")

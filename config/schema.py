@@ -1,0 +1,252 @@
+"""The settings schema. Validated once at start-up; an error names the key that is wrong.
+
+Secrets (client secrets, the encryption key, the pairwise secret) may be written inline for
+tests, but operators give them through the environment (``CIVITAS_ENCRYPTION_KEY``...) or a
+``*_env`` / ``*_file`` indirection, so the YAML file itself holds none.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from kernel.urls import check_redirect_uri, check_url
+
+SLUG = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+ALLOWED_UPSTREAM_ALGS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+                         "ES512", "EdDSA"}
+
+
+def _resolve_secret(inline: SecretStr | None, env: str | None, file: Path | None,
+                    name: str) -> SecretStr | None:
+    given = [x for x in (inline, env, file) if x is not None]
+    if len(given) > 1:
+        raise ValueError(f"give only one of {name}, {name}_env, {name}_file")
+    if env is not None:
+        value = os.environ.get(env)
+        if not value:
+            raise ValueError(f"{name}_env names the environment variable {env!r}, which is not set")
+        return SecretStr(value)
+    if file is not None:
+        try:
+            return SecretStr(file.read_text().strip())
+        except OSError as exc:
+            raise ValueError(f"{name}_file {str(file)!r} cannot be read: {exc.strerror}") from exc
+    return inline
+
+
+class OIDCUpstreamSettings(BaseModel):
+    """An upstream OpenID provider the citizen can log in with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["oidc"]
+    id: Annotated[str, Field(pattern=SLUG)]
+    display_name: Annotated[str, Field(min_length=1, max_length=80)]
+    issuer: str
+    client_id: Annotated[str, Field(min_length=1)]
+    client_secret: SecretStr | None = None
+    client_secret_env: str | None = None
+    client_secret_file: Path | None = None
+    scopes: list[str] = ["openid", "profile", "email"]
+    #: the authentication context this upstream provides (NIST SP 800-63 style URI)
+    acr: str = "urn:civitas:acr:ial1:aal1"
+    id_token_algs: list[str] = ["RS256", "ES256", "PS256"]
+    timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
+    #: demand RFC 9207 ``iss`` on callbacks even if discovery does not announce it
+    require_iss_parameter: bool = False
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, v: str) -> str:
+        return check_url(v, what="issuer")
+
+    @field_validator("id_token_algs")
+    @classmethod
+    def _algs(cls, v: list[str]) -> list[str]:
+        bad = [a for a in v if a not in ALLOWED_UPSTREAM_ALGS]
+        if bad:
+            raise ValueError(f"unsupported or unsafe algorithm(s) {bad}; allowed: "
+                             f"{sorted(ALLOWED_UPSTREAM_ALGS)}")
+        if not v:
+            raise ValueError("at least one algorithm is needed")
+        return v
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, v: list[str]) -> list[str]:
+        if "openid" not in v:
+            raise ValueError("must include 'openid'")
+        return v
+
+    @model_validator(mode="after")
+    def _secret(self) -> OIDCUpstreamSettings:
+        self.client_secret = _resolve_secret(
+            self.client_secret, self.client_secret_env, self.client_secret_file, "client_secret"
+        )
+        if self.client_secret is None:
+            raise ValueError("client_secret is required (give client_secret_env or "
+                             "client_secret_file)")
+        self.client_secret_env = None
+        self.client_secret_file = None
+        return self
+
+
+# A discriminated union: LDAP and SAML upstreams join it as further ``kind`` values.
+UpstreamSettings = Annotated[OIDCUpstreamSettings, Field(discriminator="kind")]
+
+
+class AgencySettings(BaseModel):
+    """An agency site (OpenID Connect client) declared in configuration."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    client_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._~-]{3,128}$")]
+    name: Annotated[str, Field(min_length=1, max_length=120)]
+    redirect_uris: Annotated[list[str], Field(min_length=1)]
+    client_secret: SecretStr | None = None
+    client_secret_env: str | None = None
+    client_secret_file: Path | None = None
+    sector_identifier: str | None = None
+    scopes: list[str] = ["openid", "profile", "email"]
+    token_endpoint_auth_method: Literal["client_secret_basic", "client_secret_post"] = (
+        "client_secret_basic"
+    )
+
+    @field_validator("redirect_uris")
+    @classmethod
+    def _uris(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("duplicate redirect URI")
+        return [check_redirect_uri(u) for u in v]
+
+    @model_validator(mode="after")
+    def _secret(self) -> AgencySettings:
+        self.client_secret = _resolve_secret(
+            self.client_secret, self.client_secret_env, self.client_secret_file, "client_secret"
+        )
+        if self.client_secret is None:
+            raise ValueError("client_secret is required (give client_secret_env or "
+                             "client_secret_file)")
+        if len(self.client_secret.get_secret_value()) < 32:
+            raise ValueError("client_secret must be at least 32 characters of random data")
+        self.client_secret_env = None
+        self.client_secret_file = None
+        return self
+
+
+class Settings(BaseSettings):
+    """Everything the hub needs to start. Environment variables ``CIVITAS_<KEY>`` override the
+    file for top-level keys (``CIVITAS_DATABASE_URL``, ``CIVITAS_ENCRYPTION_KEY``...)."""
+
+    model_config = SettingsConfigDict(env_prefix="CIVITAS_", extra="forbid")
+
+    issuer: str
+    database_url: str = "sqlite:///var/civitas.db"
+    #: ``None`` (or ``memory://``) keeps short-lived state in this process
+    redis_url: str | None = None
+    #: Fernet keys, newest first, comma-separated in the environment
+    encryption_key: SecretStr
+    #: keyed-hash secret for pairwise subject identifiers (OpenID Connect Core 8.1)
+    pairwise_secret: SecretStr
+    signing_alg: Literal["ES256", "RS256"] = "ES256"
+    session_lifetime_seconds: Annotated[int, Field(ge=60, le=7 * 24 * 3600)] = 8 * 3600
+    code_lifetime_seconds: Annotated[int, Field(ge=5, le=600)] = 60
+    access_token_lifetime_seconds: Annotated[int, Field(ge=60, le=24 * 3600)] = 600
+    id_token_lifetime_seconds: Annotated[int, Field(ge=60, le=24 * 3600)] = 600
+    #: how long the login page and an upstream round trip may take
+    login_flow_lifetime_seconds: Annotated[int, Field(ge=60, le=3600)] = 900
+    upstreams: list[UpstreamSettings] = []
+    agencies: list[AgencySettings] = []
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, v: str) -> str:
+        check_url(v, what="issuer")
+        parts = urlsplit(v)
+        if parts.query:
+            raise ValueError("issuer must not contain a query")
+        if v.endswith("/"):
+            raise ValueError("issuer must not end with '/' (it is compared as an exact string)")
+        return v
+
+    @field_validator("encryption_key")
+    @classmethod
+    def _enc_key(cls, v: SecretStr) -> SecretStr:
+        from cryptography.fernet import Fernet
+
+        for part in v.get_secret_value().split(","):
+            try:
+                Fernet(part.strip().encode())
+            except (ValueError, TypeError) as exc:
+                raise ValueError("must be one or more Fernet keys (32 url-safe base64-encoded "
+                                 "bytes), comma-separated; make one with "
+                                 "`civitas secrets generate`") from exc
+        return v
+
+    @field_validator("pairwise_secret")
+    @classmethod
+    def _pairwise(cls, v: SecretStr) -> SecretStr:
+        if len(v.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters of random data")
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _db(cls, v: str) -> str:
+        if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", v):
+            raise ValueError("must be a sqlite:// or postgresql:// URL")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis(cls, v: str | None) -> str | None:
+        if v and not re.match(r"^(redis|rediss|unix|memory)://", v):
+            raise ValueError("must be a redis://, rediss://, unix:// or memory:// URL")
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self) -> Settings:
+        ids = [u.id for u in self.upstreams]
+        dup = {i for i in ids if ids.count(i) > 1}
+        if dup:
+            raise ValueError(f"upstreams: duplicate id(s) {sorted(dup)}")
+        cids = [a.client_id for a in self.agencies]
+        dup = {i for i in cids if cids.count(i) > 1}
+        if dup:
+            raise ValueError(f"agencies: duplicate client_id(s) {sorted(dup)}")
+        return self
+
+    @property
+    def encryption_keys(self) -> list[str]:
+        return [k.strip() for k in self.encryption_key.get_secret_value().split(",") if k.strip()]
+
+    @property
+    def is_https(self) -> bool:
+        return self.issuer.startswith("https://")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the file: secrets and per-host values come from there.
+        return (env_settings, init_settings)
+

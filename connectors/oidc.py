@@ -1,0 +1,275 @@
+"""Redirect-style connector for an upstream OpenID Provider.
+
+OpenID Connect Core 1.0 section 3.1 (authorization code flow) with PKCE (RFC 7636, S256),
+``state`` and ``nonce``; RFC 9207 ``iss`` checked on the callback; ID token validation per
+OpenID Connect Core 3.1.3.7: exact issuer, audience (and ``azp``), signature against the
+upstream's published JWKS with an algorithm allow-list (never ``none``, never a key named by
+the token itself), ``exp``/``iat`` and ``nonce``. The userinfo ``sub`` must equal the ID token
+``sub`` (Core 5.3.2). Every HTTP call has a timeout and a size cap.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import secrets
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import requests
+from authlib.oauth2.rfc7636 import create_s256_code_challenge
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+
+from .base import (
+    PendingLogin,
+    UpstreamIdentity,
+    UpstreamRejected,
+    UpstreamResponseInvalid,
+    UpstreamUnavailable,
+)
+
+#: claims taken from the upstream into the constituent account (OpenID Connect Core 5.1)
+STANDARD_CLAIMS = (
+    "name", "given_name", "family_name", "middle_name", "nickname", "preferred_username",
+    "email", "email_verified", "phone_number", "phone_number_verified", "birthdate",
+    "locale", "zoneinfo", "address",
+)
+MAX_RESPONSE_BYTES = 512 * 1024
+CLOCK_LEEWAY_SECONDS = 60
+METADATA_TTL_SECONDS = 3600
+JWKS_REFRESH_MIN_SECONDS = 60
+
+
+@dataclass(frozen=True)
+class OIDCConfig:
+    id: str
+    display_name: str
+    issuer: str
+    client_id: str
+    client_secret: str = field(repr=False)
+    scopes: tuple[str, ...] = ("openid", "profile", "email")
+    acr: str = "urn:civitas:acr:ial1:aal1"
+    id_token_algs: tuple[str, ...] = ("RS256", "ES256", "PS256")
+    timeout_seconds: float = 5.0
+    require_iss_parameter: bool = False
+
+
+class OIDCConnector:
+    """One upstream OpenID Provider."""
+
+    def __init__(self, config: OIDCConfig, *, http: requests.Session | None = None) -> None:
+        self.config = config
+        self.id = config.id
+        self.display_name = config.display_name
+        self._http = http or requests.Session()
+        self._lock = threading.Lock()
+        self._metadata: dict[str, Any] | None = None
+        self._metadata_at = 0.0
+        self._jwks: KeySet | None = None
+        self._jwks_at = 0.0
+
+    # -- HTTP -----------------------------------------------------------------------------
+
+    def _fetch_json(self, method: str, url: str, **kwargs: Any) -> tuple[int, Any]:
+        try:
+            resp = self._http.request(
+                method, url, timeout=self.config.timeout_seconds, stream=True,
+                allow_redirects=False, **kwargs,
+            )
+            body = resp.raw.read(MAX_RESPONSE_BYTES + 1, decode_content=True)
+            resp.close()
+        except requests.RequestException as exc:
+            raise UpstreamUnavailable(
+                f"The sign-in service {self.display_name} could not be reached. "
+                "Please try again later."
+            ) from exc
+        if len(body) > MAX_RESPONSE_BYTES:
+            raise UpstreamResponseInvalid()
+        try:
+            return resp.status_code, json.loads(body)
+        except ValueError as exc:
+            if resp.status_code >= 500:
+                raise UpstreamUnavailable() from exc
+            raise UpstreamResponseInvalid() from exc
+
+    def metadata(self) -> dict[str, Any]:
+        """OpenID Connect Discovery 1.0 section 4, cached; issuer must match exactly (4.3)."""
+        with self._lock:
+            if self._metadata and time.monotonic() - self._metadata_at < METADATA_TTL_SECONDS:
+                return self._metadata
+        url = self.config.issuer.rstrip("/") + "/.well-known/openid-configuration"
+        status, doc = self._fetch_json("GET", url)
+        if status != 200 or not isinstance(doc, dict):
+            raise UpstreamUnavailable()
+        if doc.get("issuer") != self.config.issuer:
+            raise UpstreamResponseInvalid()
+        for key in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
+            if not isinstance(doc.get(key), str):
+                raise UpstreamResponseInvalid()
+        with self._lock:
+            self._metadata, self._metadata_at = doc, time.monotonic()
+        return doc
+
+    def _keyset(self, *, refresh: bool = False) -> KeySet:
+        with self._lock:
+            fresh_enough = time.monotonic() - self._jwks_at < JWKS_REFRESH_MIN_SECONDS
+            if self._jwks is not None and (not refresh or fresh_enough):
+                return self._jwks
+        status, doc = self._fetch_json("GET", self.metadata()["jwks_uri"])
+        if status != 200 or not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+            raise UpstreamUnavailable()
+        # Only public keys usable for signatures; anything else is ignored.
+        keys = [k for k in doc["keys"] if isinstance(k, dict) and k.get("use", "sig") == "sig"
+                and "d" not in k]
+        try:
+            keyset = KeySet.import_key_set({"keys": keys})
+        except (JoseError, ValueError, TypeError) as exc:
+            raise UpstreamResponseInvalid() from exc
+        with self._lock:
+            self._jwks, self._jwks_at = keyset, time.monotonic()
+        return keyset
+
+    # -- the redirect protocol ---------------------------------------------------------
+
+    def begin(self, redirect_uri: str) -> tuple[str, PendingLogin]:
+        meta = self.metadata()
+        state = secrets.token_urlsafe(32)
+        nonce = secrets.token_urlsafe(32)
+        verifier = secrets.token_urlsafe(48)
+        params = {
+            "response_type": "code",
+            "client_id": self.config.client_id,
+            "redirect_uri": redirect_uri,
+            "scope": " ".join(self.config.scopes),
+            "state": state,
+            "nonce": nonce,
+            "code_challenge": create_s256_code_challenge(verifier),
+            "code_challenge_method": "S256",
+        }
+        sep = "&" if "?" in meta["authorization_endpoint"] else "?"
+        url = meta["authorization_endpoint"] + sep + urlencode(params)
+        return url, PendingLogin(state=state, data={"nonce": nonce, "verifier": verifier})
+
+    def complete(
+        self, params: Mapping[str, str], pending: PendingLogin, redirect_uri: str
+    ) -> UpstreamIdentity:
+        meta = self.metadata()
+        if not hmac.compare_digest(str(params.get("state", "")), pending.state):
+            raise UpstreamResponseInvalid()
+        self._check_iss_parameter(params, meta)
+        if params.get("error"):
+            if params["error"] == "access_denied":
+                raise UpstreamRejected("Sign-in was cancelled or refused at "
+                                       f"{self.display_name}.")
+            raise UpstreamRejected()
+        code = params.get("code")
+        if not code:
+            raise UpstreamResponseInvalid()
+        tokens = self._redeem(meta, code, redirect_uri, str(pending.data["verifier"]))
+        claims = self._validate_id_token(tokens.get("id_token"), str(pending.data["nonce"]))
+        attributes = {k: claims[k] for k in STANDARD_CLAIMS if k in claims}
+        access_token = tokens.get("access_token")
+        if meta.get("userinfo_endpoint") and isinstance(access_token, str):
+            attributes.update(self._userinfo(meta["userinfo_endpoint"], access_token,
+                                             claims["sub"]))
+        amr = claims.get("amr")
+        return UpstreamIdentity(
+            connector_id=self.id,
+            subject=claims["sub"],
+            attributes=attributes,
+            acr=self.config.acr,
+            amr=tuple(a for a in amr if isinstance(a, str)) if isinstance(amr, list) else (),
+            connector_data={"upstream_acr": claims.get("acr"), "sid": claims.get("sid")},
+        )
+
+    def _check_iss_parameter(self, params: Mapping[str, str], meta: Mapping[str, Any]) -> None:
+        """RFC 9207 section 2.4: compare ``iss`` exactly; demand it when announced."""
+        iss = params.get("iss")
+        announced = meta.get("authorization_response_iss_parameter_supported") is True
+        if iss is None:
+            if announced or self.config.require_iss_parameter:
+                raise UpstreamResponseInvalid()
+            return
+        if iss != self.config.issuer:
+            raise UpstreamResponseInvalid()
+
+    def _redeem(self, meta: Mapping[str, Any], code: str, redirect_uri: str,
+                verifier: str) -> dict[str, Any]:
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": redirect_uri,
+            "code_verifier": verifier,
+        }
+        methods = meta.get("token_endpoint_auth_methods_supported") or ["client_secret_basic"]
+        auth: tuple[str, str] | None = None
+        if "client_secret_basic" in methods:
+            # RFC 6749 2.3.1: form-encode the id and secret before Basic encoding
+            auth = (quote(self.config.client_id, safe=""),
+                    quote(self.config.client_secret, safe=""))
+        else:
+            form.update(client_id=self.config.client_id, client_secret=self.config.client_secret)
+        status, body = self._fetch_json(
+            "POST", meta["token_endpoint"], data=form, auth=auth,
+            headers={"Accept": "application/json"},
+        )
+        if status >= 500:
+            raise UpstreamUnavailable()
+        if status != 200 or not isinstance(body, dict):
+            raise UpstreamRejected()
+        if str(body.get("token_type", "")).lower() != "bearer":
+            raise UpstreamResponseInvalid()
+        return body
+
+    def _validate_id_token(self, id_token: Any, nonce: str) -> dict[str, Any]:
+        if not isinstance(id_token, str) or id_token.count(".") != 2:
+            raise UpstreamResponseInvalid()
+        algs = list(self.config.id_token_algs)
+        try:
+            token = jwt.decode(id_token, self._keyset(), algorithms=algs)
+        except JoseError:
+            # The upstream may have rotated keys: refetch once (rate-limited) and retry.
+            try:
+                token = jwt.decode(id_token, self._keyset(refresh=True), algorithms=algs)
+            except JoseError as exc:
+                raise UpstreamResponseInvalid() from exc
+        if token.header.get("alg") not in algs:
+            raise UpstreamResponseInvalid()
+        claims = token.claims
+        now = time.time()
+        aud = claims.get("aud")
+        auds = aud if isinstance(aud, list) else [aud]
+        checks = [
+            claims.get("iss") == self.config.issuer,
+            self.config.client_id in auds,
+            len(auds) == 1 or claims.get("azp") == self.config.client_id,
+            "azp" not in claims or claims.get("azp") == self.config.client_id,
+            isinstance(claims.get("exp"), int | float)
+            and claims["exp"] > now - CLOCK_LEEWAY_SECONDS,
+            isinstance(claims.get("iat"), int | float)
+            and claims["iat"] < now + CLOCK_LEEWAY_SECONDS,
+            isinstance(claims.get("nonce"), str)
+            and hmac.compare_digest(claims["nonce"].encode(), nonce.encode()),
+            isinstance(claims.get("sub"), str) and 0 < len(claims["sub"]) <= 255,
+        ]
+        if not all(checks):
+            raise UpstreamResponseInvalid()
+        return dict(claims)
+
+    def _userinfo(self, url: str, access_token: str, sub: str) -> dict[str, Any]:
+        status, body = self._fetch_json(
+            "GET", url, headers={"Authorization": f"Bearer {access_token}",
+                                 "Accept": "application/json"},
+        )
+        if status != 200 or not isinstance(body, dict):
+            raise UpstreamResponseInvalid()
+        if body.get("sub") != sub:
+            raise UpstreamResponseInvalid()
+        return {k: body[k] for k in STANDARD_CLAIMS if k in body}
+

@@ -1,0 +1,1 @@
+"""Consent records, the agency decision API, receipts, the audit ledger, officer views."""

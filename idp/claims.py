@@ -1,0 +1,22 @@
+"""Which claims each scope releases (OpenID Connect Core 1.0 section 5.4)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+SCOPE_CLAIMS: dict[str, tuple[str, ...]] = {
+    "profile": ("name", "family_name", "given_name", "middle_name", "nickname",
+                "preferred_username", "profile", "picture", "website", "gender", "birthdate",
+                "zoneinfo", "locale", "updated_at"),
+    "email": ("email", "email_verified"),
+}
+
+
+def claims_for_scope(attributes: Mapping[str, Any], scope: str) -> dict[str, Any]:
+    released: dict[str, Any] = {}
+    for s in scope.split():
+        for name in SCOPE_CLAIMS.get(s, ()):
+            if name in attributes:
+                released[name] = attributes[name]
+    return released

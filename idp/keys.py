@@ -1,0 +1,151 @@
+"""The hub's signing keys: generated on first start, stored encrypted, parsed once per process.
+
+The JWKS publishes every key that is not past ``retire_after`` (next, current and retired),
+so a rotation never breaks a verifier. The key ring re-reads the table at most every
+``reload_seconds`` (a cheap query) so every worker sees a rotation without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from joserfc.jwk import ECKey, RSAKey
+from sqlalchemy import select
+
+from kernel.crypto import FieldCipher
+from kernel.db import Database, utcnow
+
+from .models import SigningKey
+
+SUPPORTED_ALGS = ("ES256", "RS256")
+
+
+@dataclass(frozen=True)
+class ActiveKey:
+    kid: str
+    alg: str
+    key: ECKey | RSAKey
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    signing: dict[str, ActiveKey]   # alg -> key that signs now
+    jwks: dict[str, Any]
+    fingerprint: tuple[tuple[str, str], ...]
+    next_change: float               # epoch seconds when a key activates or retires
+
+
+def _generate(alg: str) -> ECKey | RSAKey:
+    if alg == "ES256":
+        return ECKey.generate_key("P-256", private=True, auto_kid=True)
+    if alg == "RS256":
+        return RSAKey.generate_key(2048, private=True, auto_kid=True)
+    raise ValueError(f"unsupported signing algorithm {alg}")
+
+
+def _import(alg: str, data: dict[str, Any]) -> ECKey | RSAKey:
+    return ECKey.import_key(data) if alg.startswith("ES") else RSAKey.import_key(data)
+
+
+class KeyRing:
+    def __init__(self, db: Database, cipher: FieldCipher, *, reload_seconds: float = 30) -> None:
+        self._db = db
+        self._cipher = cipher
+        self._reload_seconds = reload_seconds
+        self._lock = threading.Lock()
+        self._snapshot: _Snapshot | None = None
+        self._loaded_at = 0.0
+
+    # -- administration -----------------------------------------------------------------
+
+    def ensure(self, algs: tuple[str, ...] = SUPPORTED_ALGS) -> None:
+        """Create a key for each algorithm that has none yet (first start)."""
+        with self._db.session() as s:
+            have = set(s.scalars(select(SigningKey.alg)))
+        for alg in algs:
+            if alg not in have:
+                self.add(alg, activates_at=utcnow())
+        self.reload(force=True)
+
+    def add(self, alg: str, *, activates_at: datetime) -> SigningKey:
+        key = _generate(alg)
+        public = key.as_dict(private=False)
+        public.update(alg=alg, use="sig")
+        row = SigningKey(
+            kid=key.kid, alg=alg, public_jwk=public,
+            private_jwk_encrypted=self._cipher.encrypt(json.dumps(key.as_dict(private=True))),
+            created_at=utcnow(), activates_at=activates_at,
+        )
+        with self._db.session() as s:
+            s.add(row)
+        return row
+
+    def rotate(self, alg: str, *, lead_time: timedelta, retire_after: timedelta) -> SigningKey:
+        """Publish a new key now that signs after ``lead_time``; keys it replaces stay
+        published for ``retire_after`` beyond that (longer than any token they signed)."""
+        now = utcnow()
+        new = self.add(alg, activates_at=now + lead_time)
+        with self._db.session() as s:
+            for row in s.scalars(select(SigningKey).where(SigningKey.alg == alg,
+                                                          SigningKey.kid != new.kid)):
+                if row.retire_after is None:
+                    row.retire_after = now + lead_time + retire_after
+        self.reload(force=True)
+        return new
+
+    def list(self) -> list[SigningKey]:
+        with self._db.session() as s:
+            return list(s.scalars(select(SigningKey).order_by(SigningKey.created_at)))
+
+    # -- use ------------------------------------------------------------------------------
+
+    def reload(self, *, force: bool = False) -> _Snapshot:
+        now = time.time()
+        snap = self._snapshot
+        if (not force and snap is not None and now - self._loaded_at < self._reload_seconds
+                and now < snap.next_change):
+            return snap
+        with self._lock:
+            with self._db.session() as s:
+                rows = list(s.scalars(select(SigningKey).order_by(SigningKey.activates_at)))
+            fingerprint = tuple((r.kid, str(r.retire_after)) for r in rows)
+            if snap is not None and snap.fingerprint == fingerprint and now < snap.next_change:
+                self._loaded_at = now
+                return snap
+            current = utcnow()
+            published = [r for r in rows if r.retire_after is None or r.retire_after > current]
+            signing: dict[str, ActiveKey] = {}
+            changes: list[float] = []
+            for r in published:
+                if r.activates_at <= current:
+                    # rows are ordered by activation: the latest active key of an alg wins
+                    prev = signing.get(r.alg)
+                    if prev is None or prev.kid != r.kid:
+                        private = json.loads(self._cipher.decrypt(r.private_jwk_encrypted))
+                        signing[r.alg] = ActiveKey(r.kid, r.alg, _import(r.alg, private))
+                else:
+                    changes.append(r.activates_at.timestamp())
+                if r.retire_after is not None:
+                    changes.append(r.retire_after.timestamp())
+            snap = _Snapshot(
+                signing=signing,
+                jwks={"keys": [dict(r.public_jwk) for r in published]},
+                fingerprint=fingerprint,
+                next_change=min(changes, default=float("inf")),
+            )
+            self._snapshot, self._loaded_at = snap, now
+            return snap
+
+    def signing_key(self, alg: str) -> ActiveKey:
+        key = self.reload().signing.get(alg)
+        if key is None:
+            raise LookupError(f"no active signing key for {alg}")
+        return key
+
+    def jwks(self) -> dict[str, Any]:
+        return self.reload().jwks

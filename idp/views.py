@@ -1,0 +1,185 @@
+"""The OpenID provider's HTTP endpoints: a thin Flask adapter over :mod:`idp.provider`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from authlib.common.urls import add_params_to_uri
+from authlib.oauth2.rfc6749.errors import InvalidRequestError, OAuth2Error
+from authlib.oidc.core.errors import LoginRequiredError
+from flask import Blueprint, jsonify, redirect, render_template, request, session, url_for
+from werkzeug.wrappers import Response
+
+from broker.errors import LoginExpired
+from broker.service import Broker
+from broker.session import HubLogin, current_login
+
+from .provider import HubAuthorizationServer, StoredAuthorizationRequest
+
+UNSUPPORTED_PARAMS = {
+    "request": "request_not_supported",
+    "request_uri": "request_uri_not_supported",
+    "registration": "registration_not_supported",
+}
+
+
+def discovery_document(issuer: str) -> dict[str, Any]:
+    """OpenID Connect Discovery 1.0 section 3 / RFC 8414."""
+    return {
+        "issuer": issuer,
+        "authorization_endpoint": f"{issuer}/authorize",
+        "token_endpoint": f"{issuer}/token",
+        "userinfo_endpoint": f"{issuer}/userinfo",
+        "jwks_uri": f"{issuer}/jwks",
+        "scopes_supported": ["openid", "profile", "email"],
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
+        "grant_types_supported": ["authorization_code"],
+        "subject_types_supported": ["pairwise"],
+        "id_token_signing_alg_values_supported": ["ES256", "RS256"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "code_challenge_methods_supported": ["S256"],
+        "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "nonce", "acr",
+                             "amr", "sid", "at_hash", "name", "given_name", "family_name",
+                             "email", "email_verified"],
+        "claims_parameter_supported": False,
+        "request_parameter_supported": False,
+        "request_uri_parameter_supported": False,
+        "authorization_response_iss_parameter_supported": True,
+        "prompt_values_supported": ["none", "login"],
+    }
+
+
+def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprint:
+    bp = Blueprint("idp", __name__, template_folder="templates")
+    hub = server.hub
+    discovery = discovery_document(hub.issuer)
+
+    def with_iss(response: Response) -> Response:
+        location = response.headers.get("Location")
+        if location and "iss=" not in location.split("?", 1)[-1]:
+            response.headers["Location"] = add_params_to_uri(location, {"iss": hub.issuer})
+        return response
+
+    def error_response(oauth_request: Any, error: OAuth2Error) -> Response:
+        if error.redirect_uri:
+            # Redirect only to a URI already validated against the agency (RFC 6749 4.1.2.1).
+            return with_iss(server.handle_error_response(oauth_request, error))
+        return Response(
+            render_template("idp/error.html", error=error.error,
+                            description=error.get_error_description()),
+            status=400, mimetype="text/html",
+        )
+
+    def active_login() -> HubLogin | None:
+        login = current_login(session)
+        if login is not None and not hub.accounts.exists(login.account_id):
+            session.clear()  # the account is gone; its session must not be used again
+            return None
+        return login
+
+    @bp.route("/authorize", methods=["GET", "POST"])
+    def authorize() -> Response:
+        oauth_request = server.create_oauth2_request(None)
+        login = active_login()
+        try:
+            grant = server.get_consent_grant(request=oauth_request, end_user=login)
+            redirect_uri = grant.request.payload.redirect_uri
+            params = grant.request.payload.data
+            for name, code in UNSUPPORTED_PARAMS.items():
+                if params.get(name):
+                    err = InvalidRequestError(f"'{name}' is not supported",
+                                              redirect_uri=redirect_uri,
+                                              state=params.get("state"))
+                    err.error = code
+                    raise err
+            prompts = set((params.get("prompt") or "").split())
+            max_age_raw = params.get("max_age")
+            max_age: int | None = None
+            if max_age_raw is not None:
+                if not str(max_age_raw).isdigit():
+                    raise InvalidRequestError("'max_age' must be a non-negative integer",
+                                              redirect_uri=redirect_uri,
+                                              state=params.get("state"))
+                max_age = int(max_age_raw)
+            needs_login = (
+                login is None
+                or "login" in prompts
+                or (max_age is not None and time.time() - login.auth_time > max_age)
+            )
+            if needs_login and "none" in prompts:
+                raise LoginRequiredError(redirect_uri=redirect_uri, state=params.get("state"))
+        except OAuth2Error as error:
+            return error_response(oauth_request, error)
+        if needs_login:
+            payload = {k: v for k, v in params.items() if isinstance(v, str)}
+            flow = broker.flows(session).start(
+                return_to="/authorize/continue?flow={flow_id}", payload=payload
+            )
+            return redirect(url_for("broker.login_page", flow=flow.id), code=303)
+        assert login is not None
+        return with_iss(server.create_authorization_response(
+            request=oauth_request, grant_user=login, grant=grant
+        ))
+
+    @bp.get("/authorize/continue")
+    def resume() -> Response:
+        """Back from the login: answer the stored authorization request (single use)."""
+        flow = broker.flows(session).finish(request.args.get("flow", ""))
+        login = active_login()
+        if login is None or flow.payload is None or login.auth_time < flow.started_at:
+            raise LoginExpired()
+        oauth_request = StoredAuthorizationRequest(f"{hub.issuer}/authorize", flow.payload)
+        try:
+            grant = server.get_consent_grant(request=oauth_request, end_user=login)
+        except OAuth2Error as error:
+            return error_response(oauth_request, error)
+        return with_iss(server.create_authorization_response(
+            request=oauth_request, grant_user=login, grant=grant
+        ))
+
+    @bp.post("/token")
+    def token() -> Response:
+        return server.create_token_response()  # type: ignore[no-any-return]
+
+    @bp.route("/userinfo", methods=["GET", "POST"])
+    def userinfo() -> Response:
+        """OpenID Connect Core 5.3; bearer token per RFC 6750 2.1, errors per 3.1."""
+        auth = request.headers.get("Authorization", "")
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            resp = jsonify(error="invalid_request", error_description="Bearer token required")
+            resp.status_code = 401
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="civitas"'
+            return resp
+        record = hub.tokens.access_token(value.strip())
+        client = hub.agencies.client(record.client_id) if record else None
+        if record is None or client is None or "openid" not in record.scope.split():
+            resp = jsonify(error="invalid_token",
+                           error_description="The access token is invalid or expired")
+            resp.status_code = 401
+            resp.headers["WWW-Authenticate"] = (
+                'Bearer realm="civitas", error="invalid_token"'
+            )
+            return resp
+        resp = jsonify(hub.user_claims(client, record.account_id, record.scope))
+        resp.headers["Cache-Control"] = "no-store"
+        return resp
+
+    @bp.get("/.well-known/openid-configuration")
+    def openid_configuration() -> Response:
+        resp = jsonify(discovery)
+        resp.headers["Cache-Control"] = "public, max-age=3600"
+        resp.headers["Access-Control-Allow-Origin"] = "*"
+        return resp
+
+    @bp.get("/jwks")
+    def jwks() -> Response:
+        resp = jsonify(hub.keys.jwks())
+        resp.headers["Cache-Control"] = "public, max-age=300"
+        resp.headers["Access-Control-Allow-Origin"] = "*"
+        resp.mimetype = "application/jwk-set+json"
+        return resp
+
+    return bp

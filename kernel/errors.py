@@ -1,0 +1,29 @@
+"""One exception root for the whole hub.
+
+Each package derives its own subclass (``ConnectorError``, ``BrokerError``, ``IdpError``, ...).
+Errors carry the HTTP status and a message that is safe to show to a person; the composition
+root turns them into responses in one place.
+"""
+
+from __future__ import annotations
+
+
+class CivitasError(Exception):
+    """Root of every error the hub raises on purpose."""
+
+    status_code: int = 500
+    #: short, human sentence safe to show on an error page (no internals)
+    public_message: str = "Something went wrong."
+
+    def __init__(self, message: str | None = None, *, status_code: int | None = None) -> None:
+        super().__init__(message or self.public_message)
+        if message is not None:
+            self.public_message = message
+        if status_code is not None:
+            self.status_code = status_code
+
+
+class ConfigError(CivitasError):
+    """Invalid configuration; the message names the offending key."""
+
+    status_code = 500
