@@ -1,0 +1,236 @@
+"""The ``civitas`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import timedelta
+from typing import Any
+
+import click
+
+from config import Settings, load_settings
+from kernel.crypto import FieldCipher
+from kernel.errors import ConfigError
+
+
+def _settings(ctx: click.Context) -> Settings:
+    try:
+        return load_settings(ctx.obj.get("config"))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _hub(ctx: click.Context) -> Any:
+    from .app import build_hub
+
+    return build_hub(_settings(ctx))
+
+
+def _duration(value: str) -> timedelta:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if value[-1] in units:
+            return timedelta(seconds=float(value[:-1]) * units[value[-1]])
+        return timedelta(seconds=float(value))
+    except (ValueError, IndexError) as exc:
+        raise click.BadParameter(f"{value!r} is not a duration like 30s, 10m, 2h or 7d") from exc
+
+
+@click.group()
+@click.option("--config", "config_path", envvar="CIVITAS_CONFIG", type=click.Path(),
+              help="Settings file (YAML). Default: $CIVITAS_CONFIG.")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None) -> None:
+    """Civitas: federated sign-in, consent and audit for government services."""
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config_path
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--threads", default=8, show_default=True, type=int)
+@click.pass_context
+def serve(ctx: click.Context, host: str, port: int, threads: int) -> None:
+    """Run the hub (waitress WSGI server)."""
+    import waitress
+
+    from .app import create_app
+
+    app = create_app(_settings(ctx))
+    click.echo(f"Civitas listening on http://{host}:{port} (issuer {app.extensions['civitas'].settings.issuer})")
+    waitress.serve(app, host=host, port=port, threads=threads, ident="civitas")
+
+
+# -- config ---------------------------------------------------------------------------------
+
+@main.group("config")
+def config_group() -> None:
+    """Settings files."""
+
+
+@config_group.command("check")
+@click.argument("file", type=click.Path())
+def config_check(file: str) -> None:
+    """Validate a settings file (with the environment applied); exit 1 if invalid."""
+    try:
+        settings = load_settings(file)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{file}: valid ({len(settings.upstreams)} upstream(s), "
+               f"{len(settings.agencies)} agency(ies), issuer {settings.issuer})")
+
+
+# -- secrets --------------------------------------------------------------------------------
+
+@main.group("secrets")
+def secrets_group() -> None:
+    """Secrets for a new installation."""
+
+
+@secrets_group.command("generate")
+def secrets_generate() -> None:
+    """Print a fresh encryption key and pairwise secret as environment assignments."""
+    import secrets
+
+    click.echo(f"CIVITAS_ENCRYPTION_KEY={FieldCipher.generate_key()}")
+    click.echo(f"CIVITAS_PAIRWISE_SECRET={secrets.token_urlsafe(48)}")
+
+
+# -- db -------------------------------------------------------------------------------------
+
+@main.group("db")
+def db_group() -> None:
+    """The database schema."""
+
+
+@db_group.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+@click.pass_context
+def db_upgrade(ctx: click.Context, revision: str) -> None:
+    """Apply Alembic migrations."""
+    from kernel.db import Database
+
+    from .migrations import current_revision, upgrade
+
+    db = Database(_settings(ctx).database_url)
+    upgrade(db.engine, revision)
+    click.echo(f"database at revision {current_revision(db.engine)}")
+
+
+# -- agencies -------------------------------------------------------------------------------
+
+@main.group("agency")
+def agency_group() -> None:
+    """Agency sites (OpenID Connect clients)."""
+
+
+@agency_group.command("add")
+@click.option("--client-id", required=True)
+@click.option("--name", required=True)
+@click.option("--redirect-uri", "redirect_uris", multiple=True, required=True,
+              help="Exact redirect URI; repeat for several.")
+@click.option("--scope", "scopes", multiple=True, help="Allowed scope; repeat. Default: "
+              "openid profile email.")
+@click.option("--sector-identifier", default=None,
+              help="Pairwise sector (default: the redirect URIs' host).")
+@click.option("--auth-method", default="client_secret_basic", show_default=True,
+              type=click.Choice(["client_secret_basic", "client_secret_post"]))
+@click.pass_context
+def agency_add(ctx: click.Context, client_id: str, name: str, redirect_uris: tuple[str, ...],
+               scopes: tuple[str, ...], sector_identifier: str | None, auth_method: str) -> None:
+    """Register an agency. Prints its client secret once; only a hash is stored."""
+    from idp.errors import AgencyRegistrationError
+
+    hub = _hub(ctx)
+    try:
+        row, secret = hub.agencies.add(
+            client_id=client_id, name=name, redirect_uris=list(redirect_uris),
+            scopes=list(scopes) or None, sector_identifier=sector_identifier,
+            auth_method=auth_method,
+        )
+    except AgencyRegistrationError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"registered agency {row.client_id}")
+    click.echo(f"client_secret: {secret}")
+    click.echo("Store this secret now: it is not shown again.", err=True)
+
+
+@agency_group.command("list")
+@click.pass_context
+def agency_list(ctx: click.Context) -> None:
+    """List registered agencies."""
+    for row in _hub(ctx).agencies.list():
+        click.echo(f"{row.client_id}\t{row.name}\t{' '.join(row.redirect_uris)}")
+
+
+@agency_group.command("show")
+@click.argument("client_id")
+@click.pass_context
+def agency_show(ctx: click.Context, client_id: str) -> None:
+    """Show one agency as JSON (never its secret)."""
+    row = _hub(ctx).agencies.get(client_id)
+    if row is None:
+        raise click.ClickException(f"no agency with client_id {client_id!r}")
+    click.echo(json.dumps(row.describe(), indent=2))
+
+
+@agency_group.command("remove")
+@click.argument("client_id")
+@click.pass_context
+def agency_remove(ctx: click.Context, client_id: str) -> None:
+    """Remove an agency."""
+    if not _hub(ctx).agencies.remove(client_id):
+        raise click.ClickException(f"no agency with client_id {client_id!r}")
+    click.echo(f"removed agency {client_id}")
+
+
+# -- keys -----------------------------------------------------------------------------------
+
+@main.group("keys")
+def keys_group() -> None:
+    """The hub's signing keys."""
+
+
+@keys_group.command("list")
+@click.pass_context
+def keys_list(ctx: click.Context) -> None:
+    """List signing keys with their life cycle."""
+    hub = _hub(ctx)
+    hub.keys.ensure((hub.settings.signing_alg,))
+    for k in hub.keys.list():
+        retire = k.retire_after.isoformat() if k.retire_after else "-"
+        click.echo(f"{k.kid}\t{k.alg}\tcreated {k.created_at.isoformat()}\t"
+                   f"signs from {k.activates_at.isoformat()}\tretire after {retire}")
+
+
+@keys_group.command("rotate")
+@click.option("--alg", type=click.Choice(["ES256", "RS256"]), default=None,
+              help="Default: the configured signing algorithm.")
+@click.option("--lead-time", default="1h", show_default=True,
+              help="How long the new key is published before it signs.")
+@click.option("--retire-after", default="1d", show_default=True,
+              help="How long replaced keys stay published after the switch.")
+@click.pass_context
+def keys_rotate(ctx: click.Context, alg: str | None, lead_time: str, retire_after: str) -> None:
+    """Create a new signing key (published now, signing after the lead time)."""
+    hub = _hub(ctx)
+    hub.keys.ensure((hub.settings.signing_alg,))
+    row = hub.keys.rotate(alg or hub.settings.signing_alg, lead_time=_duration(lead_time),
+                          retire_after=_duration(retire_after))
+    click.echo(f"new key {row.kid} ({row.alg}) signs from {row.activates_at.isoformat()}")
+
+
+@main.command()
+@click.option("--port", default=8000, show_default=True, type=int, help="Hub port.")
+@click.option("--data-dir", default="var/demo", show_default=True, type=click.Path())
+def demo(port: int, data_dir: str) -> None:
+    """Run the hub with a demo upstream OpenID provider and a demo agency site."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(hub_port=port, data_dir=data_dir))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,441 @@
+"""Start real servers for the test suite: Redis, PostgreSQL, and the upstream OP.
+
+Plain Python (no pytest dependency) so the same helpers can serve fixtures,
+scripts and the demo. Every server:
+
+* listens on 127.0.0.1 only, on a free port,
+* keeps its files and its log inside the given temp directory,
+* runs in its own process group, and is stopped (SIGTERM/SIGINT, then SIGKILL
+  after a timeout) when the context manager exits -- also when start-up fails,
+* on start-up failure raises RuntimeError with the tail of its log.
+
+Use the ``find_*`` helpers to decide whether to skip a test because a server
+binary is genuinely not installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import pwd
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+UPSTREAM_DIR = REPO_ROOT / "demo" / "upstream"
+UPSTREAM_SERVER = UPSTREAM_DIR / "server.mjs"
+
+STOP_TIMEOUT = 10.0  # seconds between the polite signal and SIGKILL
+
+
+# --------------------------------------------------------------------------
+# generic helpers
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"(no log: {exc})"
+    return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
+
+
+def _fail(name: str, log: Path, msg: str) -> RuntimeError:
+    return RuntimeError(f"{name} {msg}; last lines of {log}:\n{_log_tail(log)}")
+
+
+def _unique_path(directory: Path, stem: str, suffix: str = "") -> Path:
+    """directory/stem+suffix, or stem-2, stem-3... if that already exists."""
+    candidate = directory / f"{stem}{suffix}"
+    n = 2
+    while candidate.exists():
+        candidate = directory / f"{stem}-{n}{suffix}"
+        n += 1
+    return candidate
+
+
+def _stop(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT
+) -> None:
+    """Signal the process group we created, then SIGKILL it after `timeout`."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout)
+
+
+@contextlib.contextmanager
+def _process(
+    cmd: list[str],
+    log: Path,
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    stop_signal: int = signal.SIGTERM,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `cmd` with stdout+stderr appended to `log`; always stop it on exit.
+
+    start_new_session puts it (and anything it forks, e.g. under runuser) in a
+    process group of its own, so stopping it reaches every child.
+    """
+    with open(log, "ab") as out:
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise RuntimeError(f"could not start {cmd[0]}: {exc}") from exc
+        try:
+            yield proc
+        finally:
+            _stop(proc, stop_signal)
+
+
+def _wait_until(
+    name: str,
+    proc: subprocess.Popen[bytes],
+    log: Path,
+    ready: Callable[[], bool],
+    timeout: float,
+) -> None:
+    """Poll `ready()` until it is true; fail if the process dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        code = proc.poll()
+        if code is not None:
+            raise _fail(name, log, f"exited with code {code} during start-up")
+        try:
+            if ready():
+                return
+        except Exception as exc:  # noqa: BLE001 - any error just means "not yet"
+            last_error = exc
+        if time.monotonic() > deadline:
+            detail = f" (last check error: {last_error!r})" if last_error else ""
+            raise _fail(name, log, f"not ready after {timeout:.0f}s{detail}")
+        time.sleep(0.1)
+
+
+# --------------------------------------------------------------------------
+# binaries
+
+
+def find_redis_server() -> str | None:
+    return shutil.which("redis-server")
+
+
+def find_postgres_bindir() -> Path | None:
+    """Directory holding initdb and postgres: `pg_config --bindir`, else the
+    newest /usr/lib/postgresql/*/bin (Debian keeps them off PATH)."""
+    candidates: list[Path] = []
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        try:
+            out = subprocess.run(
+                [pg_config, "--bindir"], capture_output=True, text=True, check=True, timeout=10
+            ).stdout.strip()
+            candidates.append(Path(out))
+        except (OSError, subprocess.SubprocessError):
+            pass
+
+    def version_key(p: str) -> tuple[int, ...]:
+        m = re.search(r"/postgresql/(\d+)(?:\.(\d+))?/", p)
+        return tuple(int(x) for x in m.groups() if x) if m else (0,)
+
+    candidates += [
+        Path(p)
+        for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version_key, reverse=True)
+    ]
+    for bindir in candidates:
+        if (bindir / "initdb").is_file() and (bindir / "postgres").is_file():
+            return bindir
+    return None
+
+
+def find_node() -> str | None:
+    return shutil.which("node")
+
+
+# --------------------------------------------------------------------------
+# Redis
+
+
+def _redis_ping(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+        s.sendall(b"PING\r\n")
+        return s.recv(64).startswith(b"+PONG")
+
+
+@contextlib.contextmanager
+def run_redis(tmpdir: str | os.PathLike[str]) -> Iterator[str]:
+    """Yield `redis://127.0.0.1:PORT/0` for a throw-away, non-persistent Redis."""
+    tmpdir = Path(tmpdir)
+    binary = find_redis_server()
+    if not binary:
+        raise RuntimeError("redis-server is not installed (run scripts/ensure-system-deps)")
+    port = free_port()
+    data_dir = _unique_path(tmpdir, "redis")
+    data_dir.mkdir(parents=True)
+    log = data_dir / "redis.log"
+    cmd = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(data_dir),
+        "--daemonize",
+        "no",
+        "--logfile",
+        "",  # log to stdout, i.e. our log file
+    ]
+    with _process(cmd, log) as proc:
+        _wait_until("redis-server", proc, log, lambda: _redis_ping(port), timeout=20)
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+# --------------------------------------------------------------------------
+# PostgreSQL
+
+# Unix socket paths are limited to 107 bytes; leave room for "/.s.PGSQL.NNNNN".
+_MAX_SOCKET_DIR = 80
+
+
+def _run_logged(cmd: list[str], log: Path, name: str, cwd: Path, timeout: float = 120) -> None:
+    with open(log, "ab") as out:
+        out.write(f"\n$ {' '.join(cmd)}\n".encode())
+        out.flush()
+        try:
+            code = subprocess.run(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                timeout=timeout,
+            ).returncode
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise _fail(name, log, f"failed: {exc}") from exc
+    if code != 0:
+        raise _fail(name, log, f"exited with code {code}")
+
+
+@contextlib.contextmanager
+def run_postgres(tmpdir: str | os.PathLike[str]) -> Iterator[str]:
+    """Yield `postgresql+psycopg://civitas:PASSWORD@127.0.0.1:PORT/civitas`.
+
+    A fresh cluster (initdb) with fsync off, TCP on 127.0.0.1 only, and its
+    unix socket in a private directory. The role `civitas` (random password)
+    owns the database `civitas`.
+    """
+    import psycopg  # local import: only needed here
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
+
+    tmpdir = Path(tmpdir)
+    bindir = find_postgres_bindir()
+    if not bindir:
+        raise RuntimeError("PostgreSQL server binaries not found (run scripts/ensure-system-deps)")
+
+    as_root = os.geteuid() == 0
+    # PostgreSQL refuses to run as root: then everything runs as `postgres`.
+    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
+    if as_root:
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            raise RuntimeError("running as root but there is no `postgres` OS user") from None
+
+    def give_to_postgres(path: Path) -> None:
+        if as_root:
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+
+    log = _unique_path(tmpdir, "postgres", ".log")
+    base = _unique_path(tmpdir, "postgres")
+    base.mkdir(parents=True)
+    cleanup_base: Path | None = None  # a fallback dir outside tmpdir, removed at the end
+
+    def usable(directory: Path) -> bool:
+        if len(str(directory / "sock")) > _MAX_SOCKET_DIR:
+            return False
+        if not as_root:
+            return True
+        give_to_postgres(directory)
+        # tmpdir may sit under a 0700 root-owned dir (pytest's tmp_path does):
+        # check that the postgres user can actually reach it.
+        return subprocess.run(prefix + ["test", "-w", str(directory)], timeout=10).returncode == 0
+
+    try:
+        if not usable(base):
+            base = Path(tempfile.mkdtemp(prefix="civitas-pg-"))
+            cleanup_base = base
+            if not usable(base):
+                raise RuntimeError(
+                    f"cannot prepare a PostgreSQL directory usable by postgres: {base}"
+                )
+        data_dir, sock_dir = base / "data", base / "sock"
+        for d in (data_dir, sock_dir):
+            d.mkdir(mode=0o700)
+            give_to_postgres(d)
+
+        _run_logged(
+            prefix
+            + [
+                str(bindir / "initdb"),
+                "-D",
+                str(data_dir),
+                "-U",
+                "postgres",
+                "--auth-local=trust",  # socket dir is private (0700)
+                "--auth-host=scram-sha-256",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+            log,
+            "initdb",
+            cwd=base,  # runuser keeps the cwd, which `postgres` may not be able to enter
+        )
+
+        port = free_port()
+        cmd = prefix + [
+            str(bindir / "postgres"),
+            "-D",
+            str(data_dir),
+            "-p",
+            str(port),
+            "-k",
+            str(sock_dir),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+        ]
+        # SIGINT = "fast" shutdown; SIGTERM ("smart") would wait for clients
+        # (e.g. a pool left open by a test) to disconnect.
+        with _process(cmd, log, cwd=base, stop_signal=signal.SIGINT) as proc:
+            admin = make_conninfo(
+                host=str(sock_dir), port=port, user="postgres", dbname="postgres", connect_timeout=2
+            )
+
+            def admin_ready() -> bool:
+                with psycopg.connect(admin):
+                    return True
+
+            _wait_until("postgres", proc, log, admin_ready, timeout=60)
+
+            password = secrets.token_urlsafe(18)
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute(
+                    sql.SQL("CREATE ROLE civitas LOGIN PASSWORD {}").format(sql.Literal(password))
+                )
+                conn.execute("CREATE DATABASE civitas OWNER civitas")
+
+            def app_ready() -> bool:
+                with psycopg.connect(
+                    host="127.0.0.1",
+                    port=port,
+                    user="civitas",
+                    password=password,
+                    dbname="civitas",
+                    connect_timeout=2,
+                ):
+                    return True
+
+            _wait_until("postgres", proc, log, app_ready, timeout=20)
+            yield f"postgresql+psycopg://civitas:{password}@127.0.0.1:{port}/civitas"
+    finally:
+        if cleanup_base is not None:
+            shutil.rmtree(cleanup_base, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# upstream OpenID Provider (demo/upstream/server.mjs)
+
+
+@contextlib.contextmanager
+def run_upstream_op(
+    tmpdir: str | os.PathLike[str],
+    clients: list[dict[str, Any]],
+    alg: str = "RS256",
+    users: list[dict[str, Any]] | None = None,
+) -> Iterator[str]:
+    """Yield the issuer URL of a fresh oidc-provider OP.
+
+    `clients`: [{client_id, client_secret, redirect_uris, ...extra metadata}].
+    `users`: replaces the built-in alice/bob table (see server.mjs).
+    """
+    tmpdir = Path(tmpdir)
+    node = find_node()
+    if not node:
+        raise RuntimeError("node is not installed (run scripts/ensure-system-deps)")
+    if not (UPSTREAM_DIR / "node_modules" / "oidc-provider").is_dir():
+        raise RuntimeError(f"{UPSTREAM_DIR}/node_modules is missing: run scripts/ensure-node-deps")
+
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    log = _unique_path(tmpdir, "upstream-op", ".log")
+    env = dict(os.environ, PORT="0", CLIENTS=json.dumps(clients), ID_TOKEN_ALG=alg)
+    env.pop("ISSUER", None)
+    if users is not None:
+        env["USERS"] = json.dumps(users)
+    else:
+        env.pop("USERS", None)
+
+    issuer: list[str] = []
+
+    def listening() -> bool:
+        # The OP prints `LISTENING <issuer>` once bound; it shares the log
+        # with stderr, so look for the line rather than read a pipe.
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("LISTENING "):
+                issuer.append(line.split(" ", 1)[1].strip())
+                return True
+        return False
+
+    with _process([node, str(UPSTREAM_SERVER)], log, env=env, cwd=UPSTREAM_DIR) as proc:
+        _wait_until("upstream OP", proc, log, listening, timeout=20)
+        yield issuer[0]
