@@ -1,0 +1,103 @@
+"""Shared fixtures: real servers (upstream OP, Redis, PostgreSQL) and the hub built from a
+config mapping. Servers start once per session, on 127.0.0.1 only, and stop at the end."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from cryptography.fernet import Fernet
+
+from civitas.app import build_hub, create_app
+from config import settings_from_mapping
+from tests import servers
+from tests.flows import AGENCY_ONE, AGENCY_TWO, UPSTREAM_CLIENT_ID, UPSTREAM_SECRET
+
+HUB_PORT = servers.free_port()
+HUB_ISSUER = f"http://127.0.0.1:{HUB_PORT}"
+
+
+@pytest.fixture(scope="session")
+def upstream_issuer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The third-party OpenID provider (npm oidc-provider) the citizen logs in with."""
+    clients = [{
+        "client_id": UPSTREAM_CLIENT_ID,
+        "client_secret": UPSTREAM_SECRET,
+        "redirect_uris": [f"{HUB_ISSUER}/login/{uid}/callback"
+                          for uid in ("op", "op-es", "op-proxy", "op-wrong")],
+    }]
+    with servers.run_upstream_op(tmp_path_factory.mktemp("op"), clients) as issuer:
+        yield issuer
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with servers.run_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with servers.run_postgres(tmp_path_factory.mktemp("pg")) as url:
+        yield url
+
+
+def hub_config(upstream_issuer: str, database_url: str, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "issuer": HUB_ISSUER,
+        "database_url": database_url,
+        "encryption_key": Fernet.generate_key().decode(),
+        "pairwise_secret": secrets.token_urlsafe(32),
+        "upstreams": [{
+            "kind": "oidc", "id": "op", "display_name": "Example ID",
+            "issuer": upstream_issuer, "client_id": UPSTREAM_CLIENT_ID,
+            "client_secret": UPSTREAM_SECRET, "acr": "urn:civitas:acr:ial1:aal1",
+        }],
+        "agencies": [AGENCY_ONE.config(), AGENCY_TWO.config()],
+    }
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture
+def config(upstream_issuer: str, tmp_path: Any) -> dict[str, Any]:
+    return hub_config(upstream_issuer, f"sqlite:///{tmp_path}/civitas.db")
+
+
+@pytest.fixture
+def app(config: dict[str, Any]) -> Any:
+    app = create_app(config)
+    yield app
+    app.extensions["civitas"].db.dispose()
+
+
+@pytest.fixture
+def hub(app: Any) -> Any:
+    return app.extensions["civitas"]
+
+
+@pytest.fixture
+def client(app: Any) -> Any:
+    return app.test_client()
+
+
+@pytest.fixture
+def make_hub(upstream_issuer: str, tmp_path: Any) -> Iterator[Any]:
+    """Build extra hubs (e.g. on PostgreSQL or Redis) that are disposed afterwards."""
+    made: list[Any] = []
+
+    def make(**overrides: Any) -> Any:
+        cfg = hub_config(upstream_issuer, f"sqlite:///{tmp_path}/hub{len(made)}.db",
+                         **overrides)
+        app = create_app(cfg)
+        made.append(app)
+        return app
+
+    yield make
+    for app in made:
+        app.extensions["civitas"].db.dispose()
+
+
+__all__ = ["build_hub", "settings_from_mapping", "HUB_ISSUER"]

@@ -1,0 +1,150 @@
+"""Drive full logins: an agency's authorization request, the hub's pages (Flask test client),
+the real upstream's login form (requests, its own cookie jar), and back."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
+
+import requests
+
+UPSTREAM_CLIENT_ID = "civitas-test-hub"
+UPSTREAM_SECRET = "upstream-secret-" + "x" * 24
+
+
+@dataclass(frozen=True)
+class TestAgency:
+    client_id: str
+    secret: str
+    redirect_uri: str
+    name: str
+
+    def config(self, **extra: Any) -> dict[str, Any]:
+        return {"client_id": self.client_id, "name": self.name,
+                "redirect_uris": [self.redirect_uri], "client_secret": self.secret, **extra}
+
+
+AGENCY_ONE = TestAgency("agency-one", "s1-" + "a" * 40, "https://one.agency.example/cb",
+                        "Agency One")
+AGENCY_TWO = TestAgency("agency-two", "s2-" + "b" * 40, "https://two.agency.example/cb",
+                        "Agency Two")
+
+
+def pkce_pair() -> tuple[str, str]:
+    verifier = secrets.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
+    return verifier, challenge.rstrip(b"=").decode()
+
+
+@dataclass
+class AuthRequest:
+    agency: TestAgency = AGENCY_ONE
+    scope: str = "openid profile email"
+    state: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+    nonce: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+    verifier: str = ""
+    challenge: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.verifier:
+            self.verifier, self.challenge = pkce_pair()
+
+    def params(self) -> dict[str, str]:
+        p = {"response_type": "code", "client_id": self.agency.client_id,
+             "redirect_uri": self.agency.redirect_uri, "scope": self.scope,
+             "state": self.state, "nonce": self.nonce, "code_challenge": self.challenge,
+             "code_challenge_method": "S256"}
+        p.update(self.extra)
+        return {k: v for k, v in p.items() if v is not None}
+
+    def url(self) -> str:
+        return "/authorize?" + urlencode(self.params())
+
+
+def path_of(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.path + ("?" + parts.query if parts.query else "")
+
+
+def query(url: str) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
+
+
+def upstream_login(start_url: str, username: str = "alice",
+                   password: str | None = None,
+                   browser: requests.Session | None = None) -> str:
+    """Log in at the real upstream; return the URL it sends the browser back to."""
+    browser = browser or requests.Session()
+    password = password or f"{username}-password"
+    r = browser.get(start_url, timeout=10)
+    assert r.status_code == 200, r.text[:500]
+    action = re.search(r'<form[^>]*action="([^"]+)"', r.text)
+    assert action, r.text[:500]
+    r = browser.post(urljoin(r.url, html.unescape(action.group(1))),
+                     data={"username": username, "password": password},
+                     allow_redirects=False, timeout=10)
+    # follow the upstream's own redirects until it points back at the hub
+    upstream_origin = "{0.scheme}://{0.netloc}".format(urlsplit(start_url))
+    for _ in range(10):
+        assert r.status_code in (302, 303), (r.status_code, r.text[:500])
+        location = urljoin(r.url, r.headers["Location"])
+        if not location.startswith(upstream_origin):
+            return location
+        r = browser.get(location, allow_redirects=False, timeout=10)
+    raise AssertionError("upstream never redirected back")
+
+
+def start_login(client: Any, auth: AuthRequest, upstream_id: str = "op") -> str:
+    """From the agency's request to the upstream's authorization URL."""
+    r = client.get(auth.url())
+    assert r.status_code == 303, r.data[:500]
+    r = client.get(path_of(r.headers["Location"]))
+    assert r.status_code == 200
+    links = re.findall(r'href="(/login/[^"]+/start\?flow=[^"]+)"', r.get_data(as_text=True))
+    link = next(html.unescape(x) for x in links if f"/login/{upstream_id}/" in x)
+    r = client.get(link)
+    assert r.status_code == 303, r.data[:500]
+    return str(r.headers["Location"])
+
+
+def finish_login(client: Any, callback_url: str) -> Any:
+    """Hand the upstream's callback to the hub and follow to the agency redirect."""
+    r = client.get(path_of(callback_url))
+    if r.status_code != 303:
+        return r
+    return client.get(path_of(r.headers["Location"]))
+
+
+def full_login(client: Any, auth: AuthRequest | None = None, username: str = "alice",
+               upstream_id: str = "op") -> dict[str, str]:
+    """A whole brokered login; returns the parameters the agency receives."""
+    auth = auth or AuthRequest()
+    upstream_url = start_login(client, auth, upstream_id)
+    callback = upstream_login(upstream_url, username)
+    r = finish_login(client, callback)
+    assert r.status_code == 302, r.get_data(as_text=True)[:800]
+    location = r.headers["Location"]
+    assert location.startswith(auth.agency.redirect_uri + "?"), location
+    return query(location)
+
+
+def redeem(client: Any, auth: AuthRequest, code: str, *, method: str = "basic",
+           **overrides: str) -> Any:
+    form = {"grant_type": "authorization_code", "code": code,
+            "redirect_uri": auth.agency.redirect_uri, "code_verifier": auth.verifier}
+    form.update(overrides)
+    form = {k: v for k, v in form.items() if v is not None}
+    headers = {}
+    if method == "basic":
+        cred = base64.b64encode(f"{auth.agency.client_id}:{auth.agency.secret}".encode())
+        headers["Authorization"] = "Basic " + cred.decode()
+    else:
+        form.update(client_id=auth.agency.client_id, client_secret=auth.agency.secret)
+    return client.post("/token", data=form, headers=headers)

@@ -1,0 +1,115 @@
+"""Full brokered logins: agency -> Civitas -> real upstream OP (npm oidc-provider) -> agency."""
+
+from __future__ import annotations
+
+import time
+
+from jose import jwt as jose_jwt
+
+from tests.conftest import HUB_ISSUER
+from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest, full_login, redeem
+
+
+def test_login_issues_code_with_state_and_iss_rfc9207(client):
+    auth = AuthRequest()
+    params = full_login(client, auth)
+    assert params["state"] == auth.state
+    assert params["iss"] == HUB_ISSUER
+    assert len(params["code"]) >= 32
+
+
+def test_token_response_and_id_token_claims(client, hub):
+    auth = AuthRequest()
+    params = full_login(client, auth)
+    r = redeem(client, auth, params["code"])
+    assert r.status_code == 200, r.json
+    body = r.json
+    assert body["token_type"] == "Bearer" and body["expires_in"] > 0
+    assert r.headers["Cache-Control"] == "no-store"
+    jwks = client.get("/jwks").json
+    # python-jose is what many agency apps verify tokens with.
+    claims = jose_jwt.decode(body["id_token"], jwks, algorithms=["ES256"],
+                             audience=AGENCY_ONE.client_id, issuer=HUB_ISSUER,
+                             access_token=body["access_token"])
+    assert claims["nonce"] == auth.nonce
+    assert claims["acr"] == "urn:civitas:acr:ial1:aal1"
+    assert abs(claims["auth_time"] - time.time()) < 120
+    assert claims["exp"] > claims["iat"]
+    assert claims["email"] == "alice@example.org" and claims["name"] == "Alice Example"
+    assert "at_hash" in claims and "sid" in claims
+    header = jose_jwt.get_unverified_header(body["id_token"])
+    assert header["kid"] in {k["kid"] for k in jwks["keys"]}
+    # the sub is pairwise: not the upstream's subject, not the account id
+    assert claims["sub"] != "alice-0001"
+    assert claims["sub"] != _account_id(hub)
+
+
+def _account_id(hub):
+    from sqlalchemy import select
+
+    from broker.models import LinkedIdentity
+
+    with hub.db.session() as s:
+        return s.scalars(select(LinkedIdentity.account_id)).one()
+
+
+def test_userinfo_returns_same_sub_and_scoped_claims(client):
+    auth = AuthRequest(scope="openid email")
+    params = full_login(client, auth)
+    body = redeem(client, auth, params["code"]).json
+    id_claims = jose_jwt.get_unverified_claims(body["id_token"])
+    r = client.get("/userinfo", headers={"Authorization": f"Bearer {body['access_token']}"})
+    assert r.status_code == 200
+    assert r.json["sub"] == id_claims["sub"]
+    assert r.json["email"] == "alice@example.org"
+    assert "name" not in r.json  # profile scope was not asked for
+
+
+def test_pairwise_sub_differs_between_agencies_and_is_stable(client):
+    subs = []
+    for agency in (AGENCY_ONE, AGENCY_TWO, AGENCY_ONE):
+        auth = AuthRequest(agency=agency)
+        browser = client.application.test_client()  # a fresh browser: full upstream login
+        params = full_login(browser, auth)
+        body = redeem(browser, auth, params["code"]).json
+        subs.append(jose_jwt.get_unverified_claims(body["id_token"])["sub"])
+    assert subs[0] != subs[1]
+    assert subs[0] == subs[2]
+
+
+def test_second_agency_uses_hub_session_without_upstream_login(client):
+    full_login(client, AuthRequest(agency=AGENCY_ONE))
+    auth = AuthRequest(agency=AGENCY_TWO)
+    r = client.get(auth.url())
+    assert r.status_code == 302
+    assert r.headers["Location"].startswith(AGENCY_TWO.redirect_uri + "?code=")
+
+
+def test_first_login_creates_one_account_and_returning_login_reuses_it(client, hub):
+    from sqlalchemy import func, select
+
+    from broker.models import ConstituentAccount, LinkedIdentity
+
+    full_login(client, AuthRequest())
+    full_login(hub_client := client.application.test_client(), AuthRequest())
+    with hub.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(ConstituentAccount)) == 1
+        link = s.scalars(select(LinkedIdentity)).one()
+        assert (link.connector_id, link.upstream_subject) == ("op", "alice-0001")
+    full_login(hub_client.application.test_client(), AuthRequest(), username="bob")
+    with hub.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(ConstituentAccount)) == 2
+
+
+def test_attributes_are_encrypted_at_rest(client, hub):
+    from sqlalchemy import select
+
+    from broker.models import AccountAttribute
+
+    full_login(client, AuthRequest())
+    with hub.db.session() as s:
+        rows = s.scalars(select(AccountAttribute)).all()
+    assert {r.name for r in rows} >= {"email", "name"}
+    for row in rows:
+        assert "alice" not in row.value_encrypted.lower()
+        assert row.source_connector == "op" and row.acr == "urn:civitas:acr:ial1:aal1"
