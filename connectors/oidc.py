@@ -21,6 +21,8 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from joserfc import jwt
 from joserfc.errors import JoseError
@@ -60,6 +62,16 @@ class OIDCConfig:
     require_iss_parameter: bool = False
 
 
+def _session() -> requests.Session:
+    """A pooled session; an idempotent GET is retried once on a stale pooled connection."""
+    session = requests.Session()
+    retry = Retry(total=1, connect=1, read=1, status=0, allowed_methods=frozenset({"GET"}),
+                  raise_on_status=False)
+    session.mount("http://", HTTPAdapter(max_retries=retry))
+    session.mount("https://", HTTPAdapter(max_retries=retry))
+    return session
+
+
 class OIDCConnector:
     """One upstream OpenID Provider."""
 
@@ -67,7 +79,7 @@ class OIDCConnector:
         self.config = config
         self.id = config.id
         self.display_name = config.display_name
-        self._http = http or requests.Session()
+        self._http = http or _session()
         self._lock = threading.Lock()
         self._metadata: dict[str, Any] | None = None
         self._metadata_at = 0.0

@@ -1,0 +1,209 @@
+"""The OIDC connector against the real upstream OP and a tampering proxy in front of it."""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode, urlsplit
+
+import pytest
+
+from tests import servers
+from tests.conftest import hub_config
+from tests.flows import (
+    UPSTREAM_CLIENT_ID,
+    UPSTREAM_SECRET,
+    AuthRequest,
+    finish_login,
+    path_of,
+    query,
+    start_login,
+    upstream_login,
+)
+from tests.tamper_proxy import TamperProxy
+
+
+@pytest.fixture(scope="module")
+def proxy(upstream_issuer):
+    with TamperProxy(upstream_issuer).running() as p:
+        yield p
+
+
+@pytest.fixture
+def proxied_client(proxy, upstream_issuer, tmp_path):
+    """A hub whose upstream 'op-proxy' is the real OP seen through the tampering proxy."""
+    from civitas.app import create_app
+
+    def make(mode: str, issuer: str | None = None):
+        proxy.mode = mode
+        cfg = hub_config(upstream_issuer, f"sqlite:///{tmp_path}/p-{mode}.db", upstreams=[{
+            "kind": "oidc", "id": "op-proxy", "display_name": "Proxied ID",
+            "issuer": issuer or proxy.url, "client_id": UPSTREAM_CLIENT_ID,
+            "client_secret": UPSTREAM_SECRET,
+        }])
+        if mode == "pass":
+            cfg["upstreams"][0]["issuer"] = upstream_issuer
+        return create_app(cfg).test_client()
+
+    return make
+
+
+def _assert_error_page(r, status: int, text: str) -> None:
+    assert r.status_code == status, r.get_data(as_text=True)[:600]
+    body = r.get_data(as_text=True)
+    assert text in body
+    assert "Reference" in body or "reference" in body
+    assert r.headers.get("X-Request-Id") and r.headers["X-Request-Id"] in body
+    assert "Traceback" not in body
+    assert "Location" not in r.headers
+
+
+def _callback_for(client, upstream_id="op", username="alice"):
+    url = start_login(client, AuthRequest(), upstream_id)
+    return upstream_login(url, username)
+
+
+def test_replayed_callback_in_another_browser_fails(client, app):
+    callback = _callback_for(client)
+    other_browser = app.test_client()
+    r = other_browser.get(path_of(callback))
+    _assert_error_page(r, 400, "different browser")
+    # the rightful browser still completes its login afterwards
+    r = finish_login(client, callback)
+    assert r.status_code == 302 and "code=" in r.headers["Location"]
+
+
+def test_callback_is_single_use_in_the_same_browser(client):
+    callback = _callback_for(client)
+    r = finish_login(client, callback)
+    assert r.status_code == 302
+    r = client.get(path_of(callback))
+    _assert_error_page(r, 400, "expired")
+
+
+def test_callback_with_unknown_state_fails(client):
+    _callback_for(client)
+    r = client.get("/login/op/callback?code=abc&state=forged")
+    _assert_error_page(r, 400, "expired")
+
+
+def test_rfc9207_wrong_iss_parameter_is_rejected(client, upstream_issuer):
+    callback = _callback_for(client)
+    params = query(callback)
+    params["iss"] = "http://127.0.0.1:1/evil"
+    r = client.get("/login/op/callback?" + urlencode(params))
+    _assert_error_page(r, 502, "could not be verified")
+
+
+def test_rfc9207_missing_iss_rejected_when_upstream_announces_it(client):
+    callback = _callback_for(client)
+    params = query(callback)
+    params.pop("iss")
+    r = client.get("/login/op/callback?" + urlencode(params))
+    _assert_error_page(r, 502, "could not be verified")
+
+
+def test_upstream_access_denied_gives_readable_page(client, upstream_issuer):
+    url = start_login(client, AuthRequest(), "op")
+    state = query(url)["state"]
+    r = client.get("/login/op/callback?" + urlencode(
+        {"error": "access_denied", "state": state, "iss": upstream_issuer}))
+    _assert_error_page(r, 403, "cancelled")
+
+
+def test_tampered_id_token_is_rejected(proxied_client):
+    client = proxied_client("tamper-id-token")
+    r = finish_login(client, _callback_for(client, "op-proxy"))
+    _assert_error_page(r, 502, "could not be verified")
+
+
+def test_unsigned_alg_none_id_token_is_rejected(proxied_client):
+    client = proxied_client("alg-none")
+    r = finish_login(client, _callback_for(client, "op-proxy"))
+    _assert_error_page(r, 502, "could not be verified")
+
+
+def test_userinfo_sub_must_equal_id_token_sub(proxied_client):
+    client = proxied_client("userinfo-sub")
+    r = finish_login(client, _callback_for(client, "op-proxy"))
+    _assert_error_page(r, 502, "could not be verified")
+
+
+def test_id_token_from_another_issuer_is_rejected(proxied_client):
+    """The discovery document names the proxy as issuer; the ID token names the real OP."""
+    client = proxied_client("foreign-issuer")
+    callback = _callback_for(client, "op-proxy")
+    params = query(callback)
+    params.pop("iss", None)
+    r = client.get(urlsplit(callback).path + "?" + urlencode(params))
+    _assert_error_page(r, 502, "could not be verified")
+
+
+def test_discovery_issuer_mismatch_stops_before_redirect(proxied_client):
+    client = proxied_client("wrong-discovery-issuer")
+    r = client.get(AuthRequest().url())
+    r = client.get(path_of(r.headers["Location"]))
+    link = [x for x in r.get_data(as_text=True).split('"') if "/login/op-proxy/start" in x][0]
+    r = client.get(link.replace("&amp;", "&"))
+    _assert_error_page(r, 502, "could not be verified")
+
+
+def test_proxy_passthrough_logs_in(proxied_client):
+    """Control: the same proxy in pass-through mode does not break a good login."""
+    client = proxied_client("pass")
+    r = finish_login(client, _callback_for(client, "op-proxy"))
+    assert r.status_code == 302 and "code=" in r.headers["Location"]
+
+
+def test_upstream_down_gives_502_page_quickly(upstream_issuer, tmp_path):
+    import time
+
+    from civitas.app import create_app
+
+    port = servers.free_port()  # nothing listens there
+    cfg = hub_config(upstream_issuer, f"sqlite:///{tmp_path}/down.db", upstreams=[{
+        "kind": "oidc", "id": "op-down", "display_name": "Down ID",
+        "issuer": f"http://127.0.0.1:{port}", "client_id": "x", "client_secret": "y",
+        "timeout_seconds": 2,
+    }])
+    client = create_app(cfg).test_client()
+    r = client.get(AuthRequest().url())
+    flow = query(r.headers["Location"])["flow"]
+    started = time.monotonic()
+    r = client.get(f"/login/op-down/start?flow={flow}")
+    assert time.monotonic() - started < 5
+    _assert_error_page(r, 502, "could not be reached")
+
+
+def test_unknown_upstream_is_404_page(client):
+    r = client.get(AuthRequest().url())
+    flow = query(r.headers["Location"])["flow"]
+    r = client.get(f"/login/nope/start?flow={flow}")
+    _assert_error_page(r, 404, "does not exist")
+
+
+def test_start_without_flow_is_400_page(client):
+    r = client.get("/login/op/start")
+    _assert_error_page(r, 400, "expired")
+
+
+def test_account_resolution_never_by_email(client, hub, upstream_issuer, tmp_path):
+    """Two different upstream subjects with the same (even verified) email: two accounts."""
+    from sqlalchemy import func, select
+
+    from broker.models import ConstituentAccount
+    from connectors import UpstreamIdentity
+
+    first = hub.accounts.resolve(UpstreamIdentity(
+        connector_id="op", subject="s-1", attributes={"email": "same@example.org",
+                                                     "email_verified": True}, acr="a"))
+    second = hub.accounts.resolve(UpstreamIdentity(
+        connector_id="op", subject="s-2", attributes={"email": "same@example.org",
+                                                     "email_verified": True}, acr="a"))
+    third = hub.accounts.resolve(UpstreamIdentity(
+        connector_id="other", subject="s-1", attributes={}, acr="a"))
+    assert len({first.account_id, second.account_id, third.account_id}) == 3
+    assert first.created and second.created and third.created
+    again = hub.accounts.resolve(UpstreamIdentity(
+        connector_id="op", subject="s-1", attributes={}, acr="a"))
+    assert again.account_id == first.account_id and not again.created
+    with hub.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(ConstituentAccount)) == 3
