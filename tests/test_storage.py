@@ -1,0 +1,185 @@
+"""Storage conformance: the short-lived store (in-process and a real Redis) and the SQL
+storage (SQLite and a real PostgreSQL) behave the same."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from civitas.app import create_app
+from connectors import UpstreamIdentity
+from kernel.store import MemoryStore, RedisStore
+from tests.conftest import hub_config
+from tests.flows import AuthRequest, full_login, redeem
+
+# -- the short-lived store ------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request):
+    if request.param == "memory":
+        return MemoryStore()
+    url = request.getfixturevalue("redis_url")
+    return RedisStore(url, prefix=f"t{secrets.token_hex(4)}:")
+
+
+def test_store_put_get_delete(store):
+    store.put("a", {"x": 1, "y": [1, "two"]}, 30)
+    assert store.get("a") == {"x": 1, "y": [1, "two"]}
+    store.delete("a")
+    assert store.get("a") is None
+    assert store.ping()
+
+
+def test_store_expiry(store):
+    store.put("short", {"v": 1}, 1)
+    assert store.get("short") == {"v": 1}
+    time.sleep(1.2)
+    assert store.get("short") is None
+    assert store.take("short") is None
+
+
+def test_store_put_new_only_once(store):
+    assert store.put_new("once", {"n": 1}, 30) is True
+    assert store.put_new("once", {"n": 2}, 30) is False
+    assert store.get("once") == {"n": 1}
+
+
+def test_store_take_is_atomic_under_contention(store):
+    for round_ in range(5):
+        key = f"code-{round_}"
+        store.put(key, {"round": round_}, 30)
+        barrier = threading.Barrier(16)
+        results = []
+
+        def taker():
+            barrier.wait()
+            results.append(store.take(key))
+
+        threads = [threading.Thread(target=taker) for _ in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        winners = [r for r in results if r is not None]
+        assert winners == [{"round": round_}]
+
+
+def test_store_incr_counts_and_expires(store):
+    assert [store.incr("ctr", 1) for _ in range(3)] == [1, 2, 3]
+    time.sleep(1.2)
+    assert store.incr("ctr", 1) == 1
+
+
+# -- SQL storage ------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/conf.db"
+        return
+    base = request.getfixturevalue("postgres_url")
+    name = "t_" + secrets.token_hex(6)
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    yield base.rsplit("/", 1)[0] + "/" + name
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def sql_hub(upstream_issuer, database_url):
+    app = create_app(hub_config(upstream_issuer, database_url))
+    yield app.extensions["civitas"]
+    app.extensions["civitas"].db.dispose()
+
+
+def test_migrations_match_models(sql_hub):
+    """Alembic's head equals the models: autogenerate finds nothing to do."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from kernel.db import Base
+
+    with sql_hub.db.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+
+
+def test_concurrent_first_logins_create_one_account(sql_hub):
+    identity = UpstreamIdentity(connector_id="op", subject="race-1",
+                                attributes={"email": "r@example.org"}, acr="a")
+    barrier = threading.Barrier(8)
+    results = []
+
+    def login():
+        barrier.wait()
+        results.append(sql_hub.accounts.resolve(identity))
+
+    threads = [threading.Thread(target=login) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({r.account_id for r in results}) == 1
+    assert sum(r.created for r in results) == 1
+    assert sql_hub.accounts.attributes(results[0].account_id) == {"email": "r@example.org"}
+
+
+def test_agency_registry_round_trip(sql_hub):
+    from idp.errors import AgencyRegistrationError
+
+    row, secret = sql_hub.agencies.add(client_id="new-agency", name="New",
+                                        redirect_uris=["https://new.example/cb"])
+    assert len(secret) >= 40 and secret not in row.secret_hash
+    client = sql_hub.agencies.client("new-agency")
+    assert client.check_client_secret(secret) and not client.check_client_secret("x" * 43)
+    assert client.sector_identifier == "new.example"
+    with pytest.raises(AgencyRegistrationError, match="already registered"):
+        sql_hub.agencies.add(client_id="new-agency", name="Again",
+                             redirect_uris=["https://new.example/cb"])
+    assert "new-agency" in {a.client_id for a in sql_hub.agencies.list()}
+    assert sql_hub.agencies.remove("new-agency") and sql_hub.agencies.get("new-agency") is None
+
+
+def test_keys_survive_restart_and_rotation_keeps_old_key_published(sql_hub, upstream_issuer,
+                                                                    database_url):
+    from datetime import timedelta
+
+    before = {k["kid"] for k in sql_hub.keys.jwks()["keys"]}
+    signing_before = sql_hub.keys.signing_key("ES256").kid
+    new = sql_hub.keys.rotate("ES256", lead_time=timedelta(0), retire_after=timedelta(hours=1))
+    after = {k["kid"] for k in sql_hub.keys.jwks()["keys"]}
+    assert before < after and new.kid in after
+    assert sql_hub.keys.signing_key("ES256").kid == new.kid != signing_before
+    # private parts are encrypted at rest
+    with sql_hub.db.engine.connect() as conn:
+        stored = conn.execute(text("select private_jwk_encrypted from signing_keys")).scalars()
+        assert all('"d"' not in s for s in stored)
+
+
+def test_full_login_on_this_database_with_redis(upstream_issuer, database_url, redis_url):
+    app = create_app(hub_config(upstream_issuer, database_url, redis_url=redis_url))
+    try:
+        client = app.test_client()
+        auth = AuthRequest()
+        params = full_login(client, auth)
+        r = redeem(client, auth, params["code"])
+        assert r.status_code == 200 and r.json["id_token"]
+        bearer = {"Authorization": "Bearer " + r.json["access_token"]}
+        assert client.get("/userinfo", headers=bearer).json["email"] == "alice@example.org"
+        assert redeem(client, auth, params["code"]).json["error"] == "invalid_grant"
+        # the reuse revoked the access token issued from that code (RFC 6749 4.1.2)
+        r = client.get("/userinfo", headers=bearer)
+        assert r.status_code == 401 and r.json["error"] == "invalid_token"
+    finally:
+        app.extensions["civitas"].db.dispose()
