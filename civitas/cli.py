@@ -59,7 +59,8 @@ def serve(ctx: click.Context, host: str, port: int, threads: int) -> None:
     from .app import create_app
 
     app = create_app(_settings(ctx))
-    click.echo(f"Civitas listening on http://{host}:{port} (issuer {app.extensions['civitas'].settings.issuer})")
+    issuer = app.extensions["civitas"].settings.issuer
+    click.echo(f"Civitas listening on http://{host}:{port} (issuer {issuer})")
     waitress.serve(app, host=host, port=port, threads=threads, ident="civitas")
 
 

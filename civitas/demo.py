@@ -74,8 +74,9 @@ def start_upstream(port: int, hub_issuer: str, client_secret: str, log_path: Pat
         "redirect_uris": [f"{hub_issuer}/login/demo-id/callback"],
     }]))
     log = log_path.open("ab")
-    proc = subprocess.Popen([node, str(UPSTREAM_DIR / "server.mjs")], cwd=UPSTREAM_DIR,
-                            env=env, stdout=log, stderr=log, start_new_session=True)
+    argv = [node, str(UPSTREAM_DIR / "server.mjs")]  # fixed argv, no shell
+    proc = subprocess.Popen(argv, cwd=UPSTREAM_DIR, env=env, stdout=log,  # noqa: S603
+                            stderr=log, start_new_session=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:

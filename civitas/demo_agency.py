@@ -18,8 +18,8 @@ PAGE = """<!doctype html>
 <style>body{font:1.05rem/1.5 system-ui,sans-serif;max-width:40rem;margin:2rem auto;padding:0 1rem}
 header{background:#2e6b30;color:#fff;padding:.6rem 1rem;border-radius:4px}
 a.button{display:inline-block;background:#2e6b30;color:#fff;padding:.6rem 1.1rem;border-radius:4px;
-text-decoration:none}table{border-collapse:collapse}td,th{border-bottom:1px solid #ddd;padding:.3rem .6rem;
-text-align:left}</style></head>
+text-decoration:none}table{border-collapse:collapse}
+td,th{border-bottom:1px solid #ddd;padding:.3rem .6rem;text-align:left}</style></head>
 <body><header><strong>{{ agency_name }}</strong> — a demo agency site</header>
 <main>
 {% if error %}<h1>Sign-in failed</h1><p role="alert">{{ error }}</p>

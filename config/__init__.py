@@ -1,7 +1,7 @@
 """Typed settings for Civitas: one YAML file plus environment overrides for secrets."""
 
-from .schema import AgencySettings, OIDCUpstreamSettings, Settings, UpstreamSettings
 from .loading import load_settings, settings_from_mapping
+from .schema import AgencySettings, OIDCUpstreamSettings, Settings, UpstreamSettings
 
 __all__ = [
     "AgencySettings",

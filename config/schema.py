@@ -123,7 +123,7 @@ class AgencySettings(BaseModel):
     sector_identifier: str | None = None
     scopes: list[str] = ["openid", "profile", "email"]
     token_endpoint_auth_method: Literal["client_secret_basic", "client_secret_post"] = (
-        "client_secret_basic"
+        "client_secret_basic"  # noqa: S105 (a method name, not a secret)
     )
 
     @field_validator("redirect_uris")

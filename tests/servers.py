@@ -371,7 +371,9 @@ def run_postgres(tmpdir: str | os.PathLike[str]) -> Iterator[str]:
             password = secrets.token_urlsafe(18)
             with psycopg.connect(admin, autocommit=True) as conn:
                 conn.execute(
-                    sql.SQL("CREATE ROLE civitas LOGIN CREATEDB PASSWORD {}").format(sql.Literal(password))
+                    sql.SQL("CREATE ROLE civitas LOGIN CREATEDB PASSWORD {}").format(
+                        sql.Literal(password)
+                    )
                 )
                 conn.execute("CREATE DATABASE civitas OWNER civitas")
 

@@ -56,7 +56,7 @@ def test_store_take_is_atomic_under_contention(store):
         barrier = threading.Barrier(16)
         results = []
 
-        def taker():
+        def taker(barrier=barrier, results=results, key=key):
             barrier.wait()
             results.append(store.take(key))
 
