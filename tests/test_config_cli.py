@@ -1,0 +1,173 @@
+"""Settings validation and the ``civitas`` command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from cryptography.fernet import Fernet
+
+from civitas.cli import main
+from config import load_settings
+from kernel.errors import ConfigError
+
+ENV = {"CIVITAS_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+       "CIVITAS_PAIRWISE_SECRET": "p" * 40}
+
+
+def write(tmp_path, data, name="civitas.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def minimal(tmp_path, **extra):
+    data = {"issuer": "http://127.0.0.1:8000", "database_url": f"sqlite:///{tmp_path}/c.db"}
+    data.update(extra)
+    return data
+
+
+def test_example_file_validates_with_secrets_from_env_and_files(tmp_path, monkeypatch):
+    secret = tmp_path / "dmv"
+    secret.write_text("d" * 40 + "\n")
+    text = open("config/examples/civitas.yaml").read().replace(
+        "/run/secrets/dmv-portal-client-secret", str(secret))
+    path = tmp_path / "example.yaml"
+    path.write_text(text)
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("STATE_ID_CLIENT_SECRET", "state-secret")
+    settings = load_settings(path)
+    assert settings.issuer == "https://login.example.gov"
+    assert settings.upstreams[0].client_secret.get_secret_value() == "state-secret"
+    assert settings.agencies[0].client_secret.get_secret_value() == "d" * 40
+
+
+def test_environment_overrides_file(tmp_path, monkeypatch):
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("CIVITAS_DATABASE_URL", "sqlite:///from-env.db")
+    settings = load_settings(write(tmp_path, minimal(tmp_path)))
+    assert settings.database_url == "sqlite:///from-env.db"
+
+
+@pytest.mark.parametrize("change, key, words", [
+    ({"issuer": "http://gov.example"}, "issuer", "https"),
+    ({"issuer": "https://gov.example/"}, "issuer", "must not end with '/'"),
+    ({"database_url": "mysql://x"}, "database_url", "sqlite:// or postgresql://"),
+    ({"upstreams": [{"kind": "oidc", "id": "x", "display_name": "X",
+                     "issuer": "https://x.example", "client_id": "c"}]},
+     "upstreams[0]", "client_secret is required"),
+    ({"upstreams": [{"kind": "oidc", "id": "x", "display_name": "X", "client_secret": "s",
+                     "issuer": "https://x.example", "client_id": "c",
+                     "id_token_algs": ["none"]}]},
+     "upstreams[0].id_token_algs", "unsafe"),
+    ({"upstreams": [{"kind": "saml", "id": "x"}]}, "upstreams[0]", "kind"),
+    ({"agencies": [{"client_id": "agency", "name": "A", "client_secret": "s" * 40,
+                    "redirect_uris": ["https://a.example/cb#frag"]}]},
+     "agencies[0].redirect_uris", "fragment"),
+    ({"agencies": [{"client_id": "agency", "name": "A", "client_secret": "short",
+                    "redirect_uris": ["https://a.example/cb"]}]},
+     "agencies[0]", "at least 32"),
+    ({"session_lifetime_seconds": 5}, "session_lifetime_seconds", "greater than or equal"),
+    ({"unknown_key": 1}, "unknown_key", "Extra inputs"),
+])
+def test_invalid_settings_name_the_key(tmp_path, monkeypatch, change, key, words):
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, minimal(tmp_path, **change)))
+    message = str(info.value)
+    assert f"  {key}" in message and words in message, message
+
+
+def test_missing_secrets_named(tmp_path, monkeypatch):
+    monkeypatch.delenv("CIVITAS_ENCRYPTION_KEY", raising=False)
+    monkeypatch.delenv("CIVITAS_PAIRWISE_SECRET", raising=False)
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, minimal(tmp_path)))
+    assert "encryption_key: Field required" in str(info.value)
+    assert "pairwise_secret: Field required" in str(info.value)
+
+
+def test_unreadable_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("issuer: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(bad)
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    path = write(tmp_path, minimal(tmp_path))
+    runner = CliRunner()
+
+    def run(*args, ok=True):
+        result = runner.invoke(main, ["--config", str(path), *args], catch_exceptions=False)
+        assert (result.exit_code == 0) is ok, result.output
+        return result
+
+    return run
+
+
+def test_cli_config_check(cli, tmp_path):
+    assert "valid" in cli("config", "check", str(tmp_path / "civitas.yaml")).output
+    bad = write(tmp_path, {"issuer": "ftp://x"}, "bad.yaml")
+    out = cli("config", "check", str(bad), ok=False).output
+    assert "issuer" in out and "https" in out
+
+
+def test_cli_db_upgrade(cli):
+    assert "revision 0001" in cli("db", "upgrade").output
+
+
+def test_cli_agency_lifecycle_prints_secret_once_and_stores_hash(cli, tmp_path):
+    out = cli("agency", "add", "--client-id", "tax-portal", "--name", "Tax Office",
+              "--redirect-uri", "https://tax.example.gov/cb").output
+    secret = out.split("client_secret: ")[1].split()[0]
+    assert len(secret) >= 40
+    shown = json.loads(cli("agency", "show", "tax-portal").output)
+    assert shown["redirect_uris"] == ["https://tax.example.gov/cb"]
+    assert shown["sector_identifier"] == "tax.example.gov"
+    assert secret not in json.dumps(shown)
+    db = (tmp_path / "c.db").read_bytes()
+    assert secret.encode() not in db
+    assert "tax-portal" in cli("agency", "list").output
+    out = cli("agency", "add", "--client-id", "tax-portal", "--name", "Again",
+              "--redirect-uri", "https://tax.example.gov/cb", ok=False).output
+    assert "already registered" in out
+    assert "removed" in cli("agency", "remove", "tax-portal").output
+    assert "no agency" in cli("agency", "show", "tax-portal", ok=False).output
+
+
+@pytest.mark.parametrize("uri", ["javascript:alert(1)", "data:text/html,x",
+                                 "http://agency.example/cb", "https://a.example/cb#x",
+                                 "/relative"])
+def test_cli_agency_add_refuses_bad_redirect_uris(cli, uri):
+    out = cli("agency", "add", "--client-id", "bad-agency", "--name", "Bad",
+              "--redirect-uri", uri, ok=False).output
+    assert "redirect_uris" in out
+
+
+def test_cli_keys_list_and_rotate(cli):
+    first = cli("keys", "list").output.strip().splitlines()
+    assert len(first) == 1 and "ES256" in first[0]
+    out = cli("keys", "rotate", "--lead-time", "0s").output
+    assert "new key" in out
+    listed = cli("keys", "list").output.strip().splitlines()
+    assert len(listed) == 2
+    assert "retire after 20" in listed[0]  # the old key gets a retirement date
+    assert "not a duration" in cli("keys", "rotate", "--lead-time", "soon", ok=False).output
+
+
+def test_cli_secrets_generate(cli):
+    out = cli("secrets", "generate").output
+    key = out.split("CIVITAS_ENCRYPTION_KEY=")[1].split()[0]
+    Fernet(key.encode())
+    assert "CIVITAS_PAIRWISE_SECRET=" in out
