@@ -113,3 +113,62 @@ def test_attributes_are_encrypted_at_rest(client, hub):
     for row in rows:
         assert "alice" not in row.value_encrypted.lower()
         assert row.source_connector == "op" and row.acr == "urn:civitas:acr:ial1:aal1"
+
+
+def _session_cookie(client):
+    cookie = client.get_cookie("civitas_session")
+    return cookie.value if cookie else None
+
+
+def test_session_id_regenerated_at_login_and_old_id_dead(client, app):
+    from tests.flows import finish_login, start_login, upstream_login
+
+    auth = AuthRequest()
+    callback = upstream_login(start_login(client, auth))
+    before = _session_cookie(client)
+    assert before
+    r = finish_login(client, callback)
+    assert r.status_code == 302
+    after = _session_cookie(client)
+    assert after and after != before
+    # the pre-login id no longer names a session: it cannot be used to reach the account
+    attacker = app.test_client()
+    attacker.set_cookie("civitas_session", before, domain="localhost")
+    r = attacker.get("/account")
+    assert r.status_code == 302 and r.headers["Location"].startswith("/login")
+
+
+def test_session_cookie_flags(client):
+    full_login(client, AuthRequest())
+    r = client.get("/account")
+    header = [h for h in r.headers.getlist("Set-Cookie") if h.startswith("civitas_session")]
+    # the account page does not re-set the cookie unless the session changed; log in again
+    r = client.get(AuthRequest(extra={"prompt": "login"}).url())
+    header = [h for h in r.headers.getlist("Set-Cookie") if h.startswith("civitas_session")]
+    assert header, r.headers
+    assert "HttpOnly" in header[0] and "SameSite=Lax" in header[0]
+    assert "Secure" not in header[0]  # the test issuer is loopback http
+
+
+def test_account_page_and_logout(client):
+    full_login(client, AuthRequest())
+    r = client.get("/account")
+    page = r.get_data(as_text=True)
+    assert r.status_code == 200 and "Example ID" in page and "alice@example.org" in page
+    token = page.split('name="csrf" value="')[1].split('"')[0]
+    assert client.post("/logout", data={"csrf": "wrong"}).status_code == 400
+    r = client.post("/logout", data={"csrf": token})
+    assert r.status_code == 303
+    assert client.get("/account").status_code == 302
+    # after logout an agency gets no silent login
+    r = client.get(AuthRequest(extra={"prompt": "none"}).url())
+    assert "error=login_required" in r.headers["Location"]
+
+
+def test_session_cookie_secure_when_issuer_is_https(make_hub):
+    app = make_hub(issuer="https://login.example.gov")
+    client = app.test_client()
+    r = client.get("/login", base_url="https://login.example.gov")
+    assert r.status_code == 302
+    header = next(h for h in r.headers.getlist("Set-Cookie") if h.startswith("civitas_session"))
+    assert "Secure" in header and "HttpOnly" in header and "SameSite=Lax" in header
