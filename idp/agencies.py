@@ -33,7 +33,7 @@ def verify_secret(secret: str, stored: str) -> bool:
 
 
 @dataclass(frozen=True)
-class AgencyClient(ClientMixin):  # type: ignore[misc]
+class AgencyClient(ClientMixin):
     """An immutable view of an agency for one request (Authlib's client model)."""
 
     client_id: str

@@ -98,7 +98,7 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
             max_age_raw = params.get("max_age")
             max_age: int | None = None
             if max_age_raw is not None:
-                if not str(max_age_raw).isdigit():
+                if not (str(max_age_raw).isascii() and str(max_age_raw).isdigit()):
                     raise InvalidRequestError("'max_age' must be a non-negative integer",
                                               redirect_uri=redirect_uri,
                                               state=params.get("state"))

@@ -131,11 +131,11 @@ class RedisStore:
 
     def get(self, key: str) -> JSON | None:
         raw = self._redis.get(self._k(key))
-        return None if raw is None else json.loads(raw)  # type: ignore[arg-type]
+        return None if raw is None else json.loads(raw)
 
     def take(self, key: str) -> JSON | None:
         raw = self._redis.getdel(self._k(key))
-        return None if raw is None else json.loads(raw)  # type: ignore[arg-type]
+        return None if raw is None else json.loads(raw)
 
     def delete(self, *keys: str) -> None:
         if keys:
