@@ -2,8 +2,10 @@
 
 Codes (RFC 6749 4.1.2): single use by an atomic take, bound to client, redirect URI and PKCE
 challenge, 60 s by default. A second redemption of a code is refused and revokes every token
-issued from it: tokens carry the hash of their code, and a reuse marks that hash revoked.
-Only hashes of codes and tokens are used as keys.
+issued from it (RFC 6749 10.5): tokens carry the hash of their code, and a reuse marks that
+hash revoked. The marker that a code was issued is written with the code, so a reuse that
+races the first redemption is still recognised. Only hashes of codes and tokens are used as
+keys.
 """
 
 from __future__ import annotations
@@ -76,20 +78,23 @@ class TokenStore:
     # -- codes ----------------------------------------------------------------------------
 
     def save_code(self, code: str, record: dict[str, Any]) -> None:
-        self._store.put("code:" + digest(code), record, self.code_lifetime)
+        code_hash = digest(code)
+        # Written first and kept as long as any token from the code can live.
+        self._store.put("code-issued:" + code_hash, {"at": int(time.time())},
+                        max(self.code_lifetime, self.access_token_lifetime))
+        self._store.put("code:" + code_hash, record, self.code_lifetime)
 
     def take_code(self, code: str) -> AuthorizationCode | None:
         """Atomically take a code. A second take of a known code revokes its tokens."""
         code_hash = digest(code)
         record = self._store.take("code:" + code_hash)
         if record is None:
-            if self._store.get("code-used:" + code_hash) is not None:
+            if self._store.get("code-issued:" + code_hash) is not None:
+                # A code we issued, presented again (or after expiry): whatever was issued
+                # from it is revoked.
                 self._store.put("code-revoked:" + code_hash, {"at": int(time.time())},
                                 self.access_token_lifetime)
             return None
-        # Remember that this code was redeemed for as long as its tokens can live.
-        self._store.put("code-used:" + code_hash, {"at": int(time.time())},
-                        self.access_token_lifetime)
         record["amr"] = tuple(record.get("amr", ()))
         return AuthorizationCode(code_hash=code_hash, **record)
 

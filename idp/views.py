@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from authlib.common.urls import add_params_to_uri
 from authlib.oauth2.rfc6749.errors import InvalidRequestError, OAuth2Error
@@ -58,7 +59,7 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
 
     def with_iss(response: Response) -> Response:
         location = response.headers.get("Location")
-        if location and "iss=" not in location.split("?", 1)[-1]:
+        if location and "iss" not in parse_qs(urlsplit(location).query):
             response.headers["Location"] = add_params_to_uri(location, {"iss": hub.issuer})
         return response
 
@@ -94,6 +95,15 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
                                               state=params.get("state"))
                     err.error = code
                     raise err
+            if "openid" not in (params.get("scope") or "").split():
+                # Civitas is an OpenID provider: every request is an authentication request.
+                err = InvalidRequestError("The 'openid' scope is required.",
+                                          redirect_uri=redirect_uri, state=params.get("state"))
+                err.error = "invalid_scope"
+                raise err
+            if params.get("response_mode", "query") != "query":
+                raise InvalidRequestError("Only response_mode=query is supported.",
+                                          redirect_uri=redirect_uri, state=params.get("state"))
             prompts = set((params.get("prompt") or "").split())
             max_age_raw = params.get("max_age")
             max_age: int | None = None
@@ -141,6 +151,14 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
 
     @bp.post("/token")
     def token() -> Response:
+        if request.authorization is not None and "client_secret" in request.form:
+            # RFC 6749 2.3: a client MUST NOT use more than one authentication method.
+            resp = jsonify(error="invalid_request",
+                           error_description="Use one client authentication method, not two.")
+            resp.status_code = 400
+            resp.headers["Cache-Control"] = "no-store"
+            resp.headers["Pragma"] = "no-cache"
+            return resp
         return server.create_token_response()  # type: ignore[no-any-return]
 
     @bp.route("/userinfo", methods=["GET", "POST"])

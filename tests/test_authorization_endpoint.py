@@ -1,0 +1,614 @@
+"""The authorization endpoint (/authorize, /authorize/continue), discovery and JWKS.
+
+Every test asserts where the browser is sent: to the agency's registered redirect URI with
+``error``, ``state`` and RFC 9207 ``iss`` exactly once each, or to a hub error page with no
+``Location`` header at all (RFC 6749 4.1.2.1: never redirect to an unvalidated URI).
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import pytest
+from jose import jwt as jose_jwt
+
+from tests.conftest import HUB_ISSUER
+from tests.flows import (
+    AGENCY_ONE,
+    AGENCY_TWO,
+    AuthRequest,
+    full_login,
+    path_of,
+    pkce_pair,
+    redeem,
+    upstream_login,
+)
+from tests.flows import TestAgency as Agency
+
+REGISTERED = AGENCY_ONE.redirect_uri  # https://one.agency.example/cb
+#: every printable ASCII character (RFC 6749 VSCHAR), most of which need URL-encoding
+AWKWARD_STATE = " !\"#$%&'()*+,-./0123456789:;<=>?@AZ[\\]^_`az{|}~"
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def params_for(auth: AuthRequest, **changes: str | None) -> dict[str, str]:
+    """The request's parameters with ``changes`` applied (``None`` removes a parameter)."""
+    params = auth.params()
+    for name, value in changes.items():
+        if value is None:
+            params.pop(name, None)
+        else:
+            params[name] = value
+    return params
+
+
+def authorize(client: Any, auth: AuthRequest, *, post: bool = False,
+              **changes: str | None) -> Any:
+    params = params_for(auth, **changes)
+    if post:
+        return client.post("/authorize", data=params)
+    return client.get("/authorize", query_string=params)
+
+
+def authorize_pairs(client: Any, pairs: list[tuple[str, str]]) -> Any:
+    """GET /authorize with a raw parameter list (to repeat a parameter)."""
+    return client.get("/authorize?" + urlencode(pairs))
+
+
+def redirect_params(response: Any) -> dict[str, list[str]]:
+    return parse_qs(urlsplit(response.headers["Location"]).query, keep_blank_values=True)
+
+
+def assert_lands_on(response: Any, redirect_uri: str) -> dict[str, list[str]]:
+    """A 302 to exactly ``redirect_uri`` (no fragment), with ``iss`` once (RFC 9207 2)."""
+    assert response.status_code == 302, response.get_data(as_text=True)[:800]
+    parts = urlsplit(response.headers["Location"])
+    assert f"{parts.scheme}://{parts.netloc}{parts.path}" == redirect_uri
+    assert parts.fragment == ""
+    params = redirect_params(response)
+    assert params["iss"] == [HUB_ISSUER]
+    return params
+
+
+def assert_error_redirect(response: Any, error: str, state: str | None,
+                          redirect_uri: str = REGISTERED) -> dict[str, list[str]]:
+    params = assert_lands_on(response, redirect_uri)
+    assert params["error"] == [error], params
+    assert params.get("state") == ([state] if state is not None else None)
+    assert "code" not in params
+    return params
+
+
+def assert_code_redirect(response: Any, auth: AuthRequest) -> str:
+    params = assert_lands_on(response, auth.agency.redirect_uri)
+    assert set(params) == {"code", "state", "iss"}, params
+    assert params["state"] == [auth.state]
+    assert len(params["code"]) == 1 and len(params["code"][0]) >= 32
+    return params["code"][0]
+
+
+def assert_error_page(response: Any, error: str) -> str:
+    """The hub's own error page: 400, HTML, no redirect, no link to the agency."""
+    assert response.status_code == 400, (response.status_code, response.headers)
+    assert "Location" not in response.headers
+    assert response.mimetype == "text/html"
+    body = response.get_data(as_text=True)
+    assert f"<code>{error}</code>" in body, body[:1500]
+    assert "agency.example" not in body
+    return body
+
+
+def assert_login_page_redirect(response: Any) -> str:
+    """303 to the hub's own login page for a new flow; returns the flow id."""
+    assert response.status_code == 303, response.get_data(as_text=True)[:800]
+    location = response.headers["Location"]
+    parts = urlsplit(location)
+    assert parts.netloc in ("", urlsplit(HUB_ISSUER).netloc)
+    assert parts.path == "/login"
+    flow = parse_qs(parts.query)["flow"]
+    assert len(flow) == 1 and flow[0]
+    assert "code=" not in location
+    return flow[0]
+
+
+def login_from(client: Any, response: Any, username: str = "alice") -> tuple[Any, str]:
+    """Complete a login started by ``response`` (a 303 to /login); return the response of
+    /authorize/continue and that URL."""
+    flow_id = assert_login_page_redirect(response)
+    page = client.get(f"/login?flow={flow_id}")
+    assert page.status_code == 200
+    links = re.findall(r'href="(/login/op/start\?flow=[^"]+)"', page.get_data(as_text=True))
+    assert links, page.get_data(as_text=True)[:800]
+    started = client.get(html.unescape(links[0]))
+    assert started.status_code == 303
+    callback = upstream_login(started.headers["Location"], username)
+    back = client.get(path_of(callback))
+    assert back.status_code == 303, back.get_data(as_text=True)[:800]
+    continue_url = path_of(back.headers["Location"])
+    assert continue_url == f"/authorize/continue?flow={flow_id}"
+    return client.get(continue_url), continue_url
+
+
+def id_token_claims(client: Any, auth: AuthRequest, code: str) -> dict[str, Any]:
+    r = redeem(client, auth, code)
+    assert r.status_code == 200, r.json
+    body = r.json
+    return jose_jwt.decode(body["id_token"], client.get("/jwks").json, algorithms=["ES256"],
+                           audience=auth.agency.client_id, issuer=HUB_ISSUER,
+                           access_token=body["access_token"])
+
+
+# -- RFC 6749 3.1.2.3 / RFC 9700 4.1.3: redirect URI exact match -----------------------------
+
+REDIRECT_URI_VARIANTS = {
+    "trailing_slash": "https://one.agency.example/cb/",
+    "upper_case_host": "https://ONE.agency.example/cb",
+    "path_prefix_extra": "https://one.agency.example/cb/extra",
+    "added_query": "https://one.agency.example/cb?x=1",
+    "empty_query": "https://one.agency.example/cb?",
+    "added_fragment": "https://one.agency.example/cb#frag",
+    "http_instead_of_https": "http://one.agency.example/cb",
+    "different_port": "https://one.agency.example:8443/cb",
+    "explicit_default_port": "https://one.agency.example:443/cb",
+    "path_case": "https://one.agency.example/CB",
+    "percent_encoded_path": "https://one.agency.example/%63b",
+    "whole_uri_url_encoded": "https%3A%2F%2Fone.agency.example%2Fcb",
+    "dot_segment": "https://one.agency.example/x/../cb",
+    "userinfo": "https://attacker@one.agency.example/cb",
+    "host_suffix": "https://one.agency.example.evil.example/cb",
+    "shorter_prefix": "https://one.agency.example/c",
+    "leading_space": " https://one.agency.example/cb",
+    "other_agency": AGENCY_TWO.redirect_uri,
+    "empty": "",
+}
+
+
+@pytest.mark.parametrize("redirect_uri", REDIRECT_URI_VARIANTS.values(),
+                         ids=REDIRECT_URI_VARIANTS.keys())
+def test_rfc6749_3_1_2_3_redirect_uri_variant_gets_error_page_not_redirect(client, redirect_uri):
+    r = authorize(client, AuthRequest(), redirect_uri=redirect_uri)
+    assert_error_page(r, "invalid_request")
+
+
+def test_rfc6749_3_1_2_3_registered_redirect_uri_is_accepted(client):
+    # Positive control for the variants above: the exact string starts a login.
+    assert_login_page_redirect(authorize(client, AuthRequest(), redirect_uri=REGISTERED))
+
+
+def test_oidc_core_3_1_2_1_missing_redirect_uri_gets_error_page(client):
+    r = authorize(client, AuthRequest(), redirect_uri=None)
+    body = assert_error_page(r, "invalid_request")
+    assert "redirect_uri" in body
+
+
+def test_rfc6749_4_1_2_1_bad_redirect_uri_wins_over_other_errors(client):
+    # Missing PKCE would be redirected, but the redirect URI is checked first.
+    r = authorize(client, AuthRequest(), redirect_uri=REGISTERED + "/", code_challenge=None,
+                  code_challenge_method=None)
+    assert_error_page(r, "invalid_request")
+
+
+def test_rfc6749_4_1_2_1_unknown_client_id_gets_error_page(client):
+    r = authorize(client, AuthRequest(), client_id="no-such-agency")
+    assert_error_page(r, "invalid_client")
+
+
+def test_rfc6749_4_1_2_1_missing_client_id_gets_error_page(client):
+    r = authorize(client, AuthRequest(), client_id=None)
+    assert_error_page(r, "invalid_client")
+
+
+# -- RFC 7636 / RFC 9700 2.1.1: PKCE S256 required ------------------------------------------
+
+
+def test_rfc7636_missing_code_challenge_is_redirected_invalid_request(client):
+    auth = AuthRequest()
+    r = authorize(client, auth, code_challenge=None, code_challenge_method=None)
+    params = assert_error_redirect(r, "invalid_request", auth.state)
+    assert "code_challenge" in params["error_description"][0]
+
+
+def test_rfc9700_2_1_1_plain_code_challenge_method_is_refused(client):
+    auth = AuthRequest()
+    verifier, _ = pkce_pair()
+    r = authorize(client, auth, code_challenge=verifier, code_challenge_method="plain")
+    params = assert_error_redirect(r, "invalid_request", auth.state)
+    assert "S256" in params["error_description"][0]
+
+
+def test_rfc7636_4_3_absent_method_defaults_to_plain_and_is_refused(client):
+    auth = AuthRequest()
+    r = authorize(client, auth, code_challenge_method=None)
+    assert_error_redirect(r, "invalid_request", auth.state)
+
+
+def test_rfc7636_4_3_method_is_case_sensitive(client):
+    auth = AuthRequest()
+    r = authorize(client, auth, code_challenge_method="s256")
+    assert_error_redirect(r, "invalid_request", auth.state)
+
+
+@pytest.mark.parametrize("challenge", [
+    "tooshort",
+    "A" * 42,                      # one below the 43-character minimum
+    "A" * 129,                     # one above the maximum
+    "A" * 43 + "=",                # base64 padding is not base64url-without-padding
+    "A" * 42 + "+",                # '+' is not in the unreserved set
+], ids=["short", "42_chars", "129_chars", "padded", "plus_sign"])
+def test_rfc7636_4_2_malformed_code_challenge_is_invalid_request(client, challenge):
+    auth = AuthRequest()
+    r = authorize(client, auth, code_challenge=challenge)
+    params = assert_error_redirect(r, "invalid_request", auth.state)
+    assert "code_challenge" in params["error_description"][0]
+
+
+def test_rfc7636_two_code_challenges_are_invalid_request(client):
+    auth = AuthRequest()
+    _, other = pkce_pair()
+    pairs = list(auth.params().items()) + [("code_challenge", other)]
+    assert_error_redirect(authorize_pairs(client, pairs), "invalid_request", auth.state)
+
+
+# -- RFC 6749 4.1.2.1: response_type and scope ----------------------------------------------
+
+
+@pytest.mark.parametrize("response_type", ["token", "id_token", "code id_token", "code token",
+                                           "id_token token", "Code", "none"])
+def test_rfc6749_4_1_2_1_unsupported_response_type_is_redirected(client, response_type):
+    auth = AuthRequest()
+    r = authorize(client, auth, response_type=response_type)
+    params = assert_error_redirect(r, "unsupported_response_type", auth.state)
+    # response_type=token must never put anything in a fragment (RFC 9700 2.1.2)
+    assert "access_token" not in params and "id_token" not in params
+
+
+def test_rfc6749_4_1_2_1_missing_response_type_is_unsupported_response_type(client):
+    auth = AuthRequest()
+    r = authorize(client, auth, response_type=None)
+    assert_error_redirect(r, "unsupported_response_type", auth.state)
+
+
+def test_rfc6749_4_1_2_1_unsupported_response_type_with_bad_redirect_uri_gets_page(client):
+    r = authorize(client, AuthRequest(), response_type="token", redirect_uri=REGISTERED + "/")
+    assert_error_page(r, "unsupported_response_type")
+
+
+def test_rfc6749_4_1_2_1_unsupported_response_type_with_unknown_client_gets_page(client):
+    r = authorize(client, AuthRequest(), response_type="token", client_id="no-such-agency")
+    assert_error_page(r, "unsupported_response_type")
+
+
+@pytest.mark.parametrize("scope", ["openid admin", "openid offline_access", "openid phone"])
+def test_rfc6749_4_1_2_1_unknown_scope_is_invalid_scope(client, scope):
+    auth = AuthRequest(scope=scope)
+    assert_error_redirect(authorize(client, auth), "invalid_scope", auth.state)
+
+
+@pytest.mark.parametrize("scope", ["profile email", "", "email"])
+def test_oidc_core_3_1_2_1_openid_scope_is_required(client, scope):
+    auth = AuthRequest(scope=scope)
+    assert_error_redirect(authorize(client, auth), "invalid_scope", auth.state)
+
+
+@pytest.mark.parametrize("mode", ["form_post", "fragment", "jwt"])
+def test_oauth_multiple_response_types_2_1_only_query_response_mode(client, mode):
+    auth = AuthRequest(extra={"response_mode": mode})
+    assert_error_redirect(authorize(client, auth), "invalid_request", auth.state)
+
+
+# -- OpenID Connect Core 3.1.2.1: prompt and max_age ------------------------------------------
+
+
+def test_oidc_core_3_1_2_1_prompt_none_without_session_is_login_required(client):
+    auth = AuthRequest(extra={"prompt": "none"})
+    assert_error_redirect(authorize(client, auth), "login_required", auth.state)
+
+
+def test_oidc_core_3_1_2_1_prompt_none_with_session_issues_code_without_upstream(client):
+    first = full_login(client, AuthRequest())
+    assert first["iss"] == HUB_ISSUER
+    auth = AuthRequest(extra={"prompt": "none"})
+    r = authorize(client, auth)
+    code = assert_code_redirect(r, auth)  # 302 straight to the agency, not /login or the OP
+    claims = id_token_claims(client, auth, code)
+    assert claims["nonce"] == auth.nonce
+
+
+def test_oidc_core_3_1_2_1_prompt_none_with_other_value_is_invalid_request(client):
+    auth = AuthRequest(extra={"prompt": "none login"})
+    assert_error_redirect(authorize(client, auth), "invalid_request", auth.state)
+
+
+def test_oidc_core_3_1_2_1_prompt_login_with_session_forces_login(client):
+    full_login(client, AuthRequest())
+    auth = AuthRequest(extra={"prompt": "login"})
+    r = authorize(client, auth)
+    flow_id = assert_login_page_redirect(r)
+    # The old session cannot be used to skip the new login: the flow is not authenticated.
+    skipped = client.get(f"/authorize/continue?flow={flow_id}")
+    assert skipped.status_code == 400 and "Location" not in skipped.headers
+    # Logging in again completes the same flow with a code.
+    done, _ = login_from(client, r)
+    assert_code_redirect(done, auth)
+
+
+def test_oidc_core_3_1_2_1_max_age_zero_with_session_forces_login(client):
+    full_login(client, AuthRequest())
+    auth = AuthRequest(extra={"max_age": "0"})
+    assert_login_page_redirect(authorize(client, auth))
+
+
+def test_oidc_core_3_1_2_1_max_age_zero_with_prompt_none_is_login_required(client):
+    full_login(client, AuthRequest())
+    auth = AuthRequest(extra={"max_age": "0", "prompt": "none"})
+    assert_error_redirect(authorize(client, auth), "login_required", auth.state)
+
+
+def test_oidc_core_3_1_2_1_max_age_not_exceeded_uses_session(client):
+    full_login(client, AuthRequest())
+    auth = AuthRequest(extra={"max_age": "3600"})
+    assert_code_redirect(authorize(client, auth), auth)
+
+
+@pytest.mark.parametrize("max_age", ["abc", "-1", "1.5", "", " 5", "0x10", "\u00b2", "\u0661"],
+                         ids=["letters", "negative", "decimal", "empty", "space", "hex",
+                              "superscript_two", "arabic_indic_one"])
+def test_oidc_core_3_1_2_1_invalid_max_age_is_invalid_request(client, max_age):
+    auth = AuthRequest(extra={"max_age": max_age})
+    params = assert_error_redirect(authorize(client, auth), "invalid_request", auth.state)
+    assert "max_age" in params["error_description"][0]
+
+
+# -- OpenID Connect Core 6: request objects are not supported ---------------------------------
+
+
+@pytest.mark.parametrize(("name", "value", "error"), [
+    ("request", "eyJhbGciOiJub25lIn0.eyJzdGF0ZSI6IngifQ.", "request_not_supported"),
+    ("request_uri", "https://one.agency.example/request.jwt", "request_uri_not_supported"),
+    ("registration", '{"logo_uri":"https://evil.example/x.png"}', "registration_not_supported"),
+])
+def test_oidc_core_6_request_parameters_are_refused(client, name, value, error):
+    auth = AuthRequest(extra={name: value})
+    assert_error_redirect(authorize(client, auth), error, auth.state)
+
+
+def test_oidc_core_6_request_uri_refused_even_with_session(client):
+    full_login(client, AuthRequest())
+    auth = AuthRequest(extra={"request_uri": "urn:ietf:params:oauth:request_uri:abc"})
+    assert_error_redirect(authorize(client, auth), "request_uri_not_supported", auth.state)
+
+
+# -- RFC 6749 3.1: parameters must not be repeated -------------------------------------------
+
+
+def test_rfc6749_3_1_duplicate_state_is_invalid_request_page(client):
+    # Which state would be echoed is ambiguous, so the hub shows its page, not a redirect.
+    auth = AuthRequest()
+    pairs = list(auth.params().items()) + [("state", "second-state")]
+    body = assert_error_page(authorize_pairs(client, pairs), "invalid_request")
+    assert "state" in body
+
+
+@pytest.mark.parametrize("second", [REGISTERED, "https://evil.example/cb"],
+                         ids=["same_value", "attacker_value"])
+def test_rfc6749_3_1_duplicate_redirect_uri_gets_page_not_redirect(client, second):
+    auth = AuthRequest()
+    pairs = list(auth.params().items()) + [("redirect_uri", second)]
+    assert_error_page(authorize_pairs(client, pairs), "invalid_request")
+
+
+def test_rfc6749_3_1_duplicate_redirect_uri_attacker_first_gets_page(client):
+    auth = AuthRequest()
+    pairs = [("redirect_uri", "https://evil.example/cb")] + list(auth.params().items())
+    assert_error_page(authorize_pairs(client, pairs), "invalid_request")
+
+
+@pytest.mark.parametrize("name", ["client_id", "response_type", "scope"])
+def test_rfc6749_3_1_other_duplicates_are_invalid_request_page(client, name):
+    auth = AuthRequest()
+    pairs = list(auth.params().items()) + [(name, auth.params()[name])]
+    assert_error_page(authorize_pairs(client, pairs), "invalid_request")
+
+
+# -- OpenID Connect Core 3.1.2.1: POST is the same as GET ------------------------------------
+
+
+def test_oidc_core_3_1_2_1_post_without_session_starts_login_and_issues_code(client):
+    auth = AuthRequest()
+    r = authorize(client, auth, post=True)
+    done, _ = login_from(client, r)
+    code = assert_code_redirect(done, auth)
+    assert id_token_claims(client, auth, code)["nonce"] == auth.nonce
+
+
+def test_oidc_core_3_1_2_1_post_with_session_issues_code(client):
+    full_login(client, AuthRequest())
+    auth = AuthRequest(agency=AGENCY_TWO)
+    assert_code_redirect(authorize(client, auth, post=True), auth)
+
+
+@pytest.mark.parametrize(("changes", "error"), [
+    ({"code_challenge": None, "code_challenge_method": None}, "invalid_request"),
+    ({"response_type": "token"}, "unsupported_response_type"),
+    ({"scope": "openid admin"}, "invalid_scope"),
+    ({"prompt": "none"}, "login_required"),
+    ({"request_uri": "https://one.agency.example/r"}, "request_uri_not_supported"),
+], ids=["no_pkce", "response_type", "scope", "prompt_none", "request_uri"])
+def test_oidc_core_3_1_2_1_post_errors_match_get(client, changes, error):
+    auth = AuthRequest()
+    via_get = authorize(client, auth, **changes)
+    via_post = authorize(client, auth, post=True, **changes)
+    assert_error_redirect(via_get, error, auth.state)
+    assert_error_redirect(via_post, error, auth.state)
+    assert redirect_params(via_get)["error"] == redirect_params(via_post)["error"]
+
+
+def test_oidc_core_3_1_2_1_post_bad_redirect_uri_gets_page(client):
+    r = authorize(client, AuthRequest(), post=True, redirect_uri=REGISTERED + "?x=1")
+    assert_error_page(r, "invalid_request")
+
+
+# -- RFC 6749 4.1.2: state echoed exactly; OIDC Core 3.1.3.7: nonce in the ID token ------------
+
+
+def test_rfc6749_4_1_2_state_with_special_characters_echoed_after_login(client):
+    auth = AuthRequest(state=AWKWARD_STATE)
+    r = authorize(client, auth)
+    done, _ = login_from(client, r)
+    assert_code_redirect(done, auth)  # exactly AWKWARD_STATE once, iss once
+
+
+def test_rfc6749_4_1_2_state_with_special_characters_echoed_with_session(client):
+    full_login(client, AuthRequest())
+    auth = AuthRequest(state=AWKWARD_STATE + "iss=x&code=y")
+    assert_code_redirect(authorize(client, auth), auth)
+
+
+def test_rfc6749_4_1_2_1_state_with_special_characters_echoed_on_error(client):
+    state = AWKWARD_STATE + "&iss=https://evil.example&error=none"
+    auth = AuthRequest(state=state)
+    r = authorize(client, auth, code_challenge=None)
+    assert_error_redirect(r, "invalid_request", state)
+
+
+def test_rfc6749_4_1_2_no_state_means_no_state_in_response(client):
+    auth = AuthRequest()
+    r = authorize(client, auth, state=None, code_challenge=None)
+    params = assert_error_redirect(r, "invalid_request", None)
+    assert "state" not in params
+
+
+def test_oidc_core_3_1_3_7_nonce_echoed_in_id_token(client):
+    auth = AuthRequest(nonce="n-" + AWKWARD_STATE)
+    params = full_login(client, auth)
+    assert id_token_claims(client, auth, params["code"])["nonce"] == auth.nonce
+
+
+def test_rfc9207_iss_on_success_and_error_redirects(client):
+    auth = AuthRequest()
+    params = full_login(client, auth)
+    assert params["iss"] == HUB_ISSUER
+    bad = AuthRequest(scope="openid admin")
+    assert_error_redirect(authorize(client, bad), "invalid_scope", bad.state)
+    # exactly once on the session (no login page) path as well
+    auth2 = AuthRequest()
+    assert_code_redirect(authorize(client, auth2), auth2)
+
+
+# -- /authorize/continue: single use -------------------------------------------------------
+
+
+@pytest.mark.parametrize("query", ["?flow=no-such-flow", "?flow=", ""],
+                         ids=["unknown", "empty", "missing"])
+def test_continue_with_unknown_flow_is_readable_400_without_code(client, query):
+    full_login(client, AuthRequest())  # even with a hub session
+    r = client.get("/authorize/continue" + query)
+    assert r.status_code == 400
+    assert "Location" not in r.headers
+    assert r.mimetype == "text/html"
+    assert "This sign-in has expired" in r.get_data(as_text=True)
+
+
+def test_continue_replayed_after_use_issues_no_second_code(client):
+    auth = AuthRequest()
+    done, continue_url = login_from(client, authorize(client, auth))
+    assert_code_redirect(done, auth)
+    replay = client.get(continue_url)
+    assert replay.status_code == 400
+    assert "Location" not in replay.headers
+    assert "This sign-in has expired" in replay.get_data(as_text=True)
+
+
+def test_continue_of_another_browser_is_refused(client, app):
+    auth = AuthRequest()
+    first = authorize(client, auth)
+    flow_id = assert_login_page_redirect(first)
+    other = app.test_client()
+    full_login(other, AuthRequest())  # the other browser has its own hub session
+    r = other.get(f"/authorize/continue?flow={flow_id}")
+    assert r.status_code == 400 and "Location" not in r.headers
+
+
+# -- OpenID Connect Discovery 1.0 / RFC 8414 ------------------------------------------------
+
+
+def test_discovery_3_issuer_is_exact_and_endpoints_start_with_it(client, hub):
+    r = client.get("/.well-known/openid-configuration")
+    assert r.status_code == 200 and r.mimetype == "application/json"
+    doc = r.json
+    assert doc["issuer"] == hub.settings.issuer == HUB_ISSUER
+    assert not doc["issuer"].endswith("/")
+    for name in ("authorization_endpoint", "token_endpoint", "userinfo_endpoint", "jwks_uri"):
+        assert doc[name].startswith(HUB_ISSUER + "/"), (name, doc[name])
+    assert doc["code_challenge_methods_supported"] == ["S256"]
+    assert doc["authorization_response_iss_parameter_supported"] is True
+    assert doc["response_types_supported"] == ["code"]
+    assert doc["request_parameter_supported"] is False
+    assert doc["request_uri_parameter_supported"] is False
+    # the advertised endpoints are really there
+    assert client.get(path_of(doc["jwks_uri"])).status_code == 200
+    assert client.get(path_of(doc["userinfo_endpoint"])).status_code == 401
+    assert client.post(path_of(doc["token_endpoint"])).json["error"] == "unsupported_grant_type"
+    assert_error_page(client.get(path_of(doc["authorization_endpoint"])),
+                      "unsupported_response_type")
+
+
+def test_discovery_4_trailing_slash_is_not_a_second_document(client):
+    r = client.get("/.well-known/openid-configuration/")
+    assert r.status_code == 404
+    assert r.mimetype == "text/html"
+    assert "issuer" not in r.get_data(as_text=True)
+
+
+def test_rfc7517_jwks_keys_are_public_signing_keys(client):
+    r = client.get("/jwks")
+    assert r.status_code == 200
+    assert r.mimetype == "application/jwk-set+json"
+    keys = r.json["keys"]
+    assert keys
+    kids = [k["kid"] for k in keys]
+    assert len(set(kids)) == len(kids)
+    for key in keys:
+        assert key["kid"] and key["alg"] in ("ES256", "RS256") and key["use"] == "sig"
+        assert not {"d", "p", "q", "dp", "dq", "qi", "oth", "k"} & set(key), key
+
+
+# -- RFC 9207 with a registered redirect URI that has a query ---------------------------------
+
+QUERY_AGENCY = Agency("agency-three", "s3-" + "c" * 40,
+                          "https://three.agency.example/cb?dismiss=1", "Agency Three")
+
+
+@pytest.fixture
+def query_agency(hub):
+    hub.agencies.add(client_id=QUERY_AGENCY.client_id, name=QUERY_AGENCY.name,
+                     redirect_uris=[QUERY_AGENCY.redirect_uri], secret=QUERY_AGENCY.secret)
+    return QUERY_AGENCY
+
+
+def test_rfc6749_3_1_2_registered_query_is_kept_and_iss_added_once_on_success(client,
+                                                                              query_agency):
+    full_login(client, AuthRequest())
+    auth = AuthRequest(agency=query_agency)
+    r = client.get(auth.url())
+    assert r.status_code == 302
+    assert r.headers["Location"].startswith(query_agency.redirect_uri + "&code=")
+    params = redirect_params(r)
+    assert params["dismiss"] == ["1"]
+    assert params["state"] == [auth.state] and params["iss"] == [HUB_ISSUER]
+
+
+def test_rfc9207_iss_on_error_redirect_when_registered_uri_has_query(client, query_agency):
+    auth = AuthRequest(agency=query_agency)
+    r = authorize(client, auth, code_challenge=None)
+    assert r.status_code == 302
+    assert r.headers["Location"].startswith(query_agency.redirect_uri + "&error=")
+    params = redirect_params(r)
+    assert params["dismiss"] == ["1"]
+    assert params["error"] == ["invalid_request"] and params["state"] == [auth.state]
+    assert params["iss"] == [HUB_ISSUER]

@@ -1,0 +1,277 @@
+"""Brokered logins in a real headless Chromium: agency site -> Civitas -> upstream OP -> back.
+
+Everything runs on 127.0.0.1: the hub and two demo agency sites (civitas.demo_agency) as real
+waitress servers, the upstream OP (npm oidc-provider) from the session fixture. The tests act
+as a person would: they read headings, links, labels and table rows, and click and type.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from civitas.app import create_app
+from civitas.demo_agency import create_agency_app
+from tests.conftest import HUB_ISSUER, HUB_PORT, hub_config
+from tests.servers import REPO_ROOT, free_port
+
+try:
+    from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+except ImportError:  # pragma: no cover - the dev environment installs it
+    sync_playwright = None  # type: ignore[assignment]
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+STEP_TIMEOUT_MS = 10_000
+SCREENSHOT = REPO_ROOT / "test-results" / "browser-login.png"
+UPSTREAM_NAME = "Example ID"  # display_name of the upstream in tests.conftest.hub_config
+CALLBACK = re.compile(r"/login/op/callback\?")
+
+
+@dataclass(frozen=True)
+class Agency:
+    client_id: str
+    secret: str
+    name: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def config(self) -> dict[str, Any]:
+        # Both sites share the host 127.0.0.1, which is also the default pairwise sector
+        # (OpenID Connect Core 8.1): give each its own sector, as two real agencies would have.
+        return {"client_id": self.client_id, "name": self.name,
+                "redirect_uris": [f"{self.url}/callback"], "client_secret": self.secret,
+                "sector_identifier": f"{self.client_id}.agency.example"}
+
+
+@dataclass(frozen=True)
+class Sites:
+    hub: str
+    upstream: str
+    one: Agency
+    two: Agency
+
+
+def _serve(app: Any, port: int) -> tuple[Any, threading.Thread]:
+    from waitress.server import create_server
+
+    server = create_server(app, host="127.0.0.1", port=port, threads=8)
+    thread = threading.Thread(target=server.run, name=f"waitress-{port}", daemon=True)
+    thread.start()
+    return server, thread
+
+
+@pytest.fixture(scope="module")
+def sites(upstream_issuer: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
+    one = Agency("browser-agency-one", "b1-" + "c" * 40, "Department of Examples",
+                 free_port())
+    two = Agency("browser-agency-two", "b2-" + "d" * 40, "Office of Samples", free_port())
+    db = tmp_path_factory.mktemp("browser-hub") / "civitas.db"
+    hub_app = create_app(hub_config(upstream_issuer, f"sqlite:///{db}",
+                                    agencies=[one.config(), two.config()]))
+    running = [_serve(hub_app, HUB_PORT)]  # first: the agency sites discover it lazily
+    try:
+        for agency in (one, two):
+            app = create_agency_app(issuer=HUB_ISSUER, client_id=agency.client_id,
+                                    client_secret=agency.secret, base_url=agency.url,
+                                    agency_name=agency.name)
+            # Cookies are not isolated by port: without distinct names the two sites on
+            # 127.0.0.1 would overwrite each other's session cookie.
+            app.config["SESSION_COOKIE_NAME"] = f"{agency.client_id}_session"
+            running.append(_serve(app, agency.port))
+        yield Sites(hub=HUB_ISSUER, upstream=upstream_issuer, one=one, two=two)
+    finally:
+        for server, thread in reversed(running):
+            server.close()
+            server.task_dispatcher.shutdown(timeout=2)
+            thread.join(timeout=2)
+        hub_app.extensions["civitas"].db.dispose()
+
+
+@pytest.fixture(scope="module")
+def browser(sites: Sites) -> Iterator[Browser]:
+    """Depends on `sites` so that it closes (and drops its connections) before them."""
+    if sync_playwright is None:
+        pytest.fail("the playwright Python package is missing: install the dev dependencies")
+    if not CHROMIUM.is_file():
+        pytest.fail(f"Chromium is not installed at {CHROMIUM}: run scripts/ensure-system-deps")
+    expect.set_options(timeout=STEP_TIMEOUT_MS)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                     args=CHROMIUM_ARGS, timeout=STEP_TIMEOUT_MS * 2)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def new_context(browser: Browser) -> Iterator[Any]:
+    """Fresh browser contexts (no cookies), closed after the test."""
+    made: list[BrowserContext] = []
+
+    def make() -> BrowserContext:
+        context = browser.new_context()
+        context.set_default_timeout(STEP_TIMEOUT_MS)
+        context.set_default_navigation_timeout(STEP_TIMEOUT_MS)
+        made.append(context)
+        return context
+
+    yield make
+    for context in made:
+        context.close()
+
+
+def _record_requests(page: Page) -> list[str]:
+    urls: list[str] = []
+    page.on("request", lambda request: urls.append(request.url))
+    return urls
+
+
+def _go_to_upstream(page: Page, agency: Agency) -> None:
+    """Agency home -> "Log in" -> the hub's "Sign in" page -> the upstream's login form."""
+    page.goto(agency.url + "/")
+    page.get_by_role("link", name="Log in").click()
+    expect(page.get_by_role("heading", name="Sign in", exact=True)).to_be_visible()
+    page.get_by_role("link", name=re.compile(re.escape(UPSTREAM_NAME))).click()
+    expect(page.get_by_role("heading", name="Sign in to Demo Upstream")).to_be_visible()
+
+
+def _submit_credentials(page: Page, username: str, password: str) -> None:
+    page.get_by_label("Username").fill(username)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Sign in", exact=True).click()
+
+
+def _claim(page: Page, name: str) -> str:
+    """The value in the claims table's row headed `name`."""
+    table = page.get_by_role("table")
+    row = table.get_by_role("row").filter(
+        has=page.get_by_role("rowheader", name=name, exact=True))
+    expect(row).to_have_count(1)
+    return row.get_by_role("cell").inner_text().strip()
+
+
+def _log_in_as_alice(page: Page, agency: Agency) -> None:
+    _go_to_upstream(page, agency)
+    _submit_credentials(page, "alice", "alice-password")
+    expect(page.get_by_role("heading", name="Welcome, Alice Example")).to_be_visible()
+    assert page.url == agency.url + "/"
+
+
+def test_full_brokered_login(sites: Sites, new_context: Any) -> None:
+    context = new_context()
+    page = context.new_page()
+
+    page.goto(sites.one.url + "/")
+    expect(page.get_by_role("heading", name="Online services")).to_be_visible()
+    page.get_by_role("link", name="Log in").click()
+
+    # the hub: choose how to prove who you are
+    expect(page).to_have_url(re.compile("^" + re.escape(sites.hub + "/login?")))
+    expect(page.get_by_role("heading", name="Sign in", exact=True)).to_be_visible()
+    page.get_by_role("link", name=re.compile(re.escape(UPSTREAM_NAME))).click()
+
+    # the upstream's own login form
+    expect(page).to_have_url(re.compile("^" + re.escape(sites.upstream + "/interaction/")))
+    page.get_by_label("Username").fill("alice")
+    page.get_by_label("Password").fill("alice-password")
+    page.get_by_role("button", name="Sign in", exact=True).click()
+
+    # back at the agency, signed in
+    expect(page.get_by_role("heading", name="Welcome, Alice Example")).to_be_visible()
+    assert page.url == sites.one.url + "/"
+    expect(page.get_by_role("table")).to_contain_text("alice@example.org")
+    assert _claim(page, "email") == "alice@example.org"
+    assert _claim(page, "acr") == "urn:civitas:acr:ial1:aal1"
+    assert _claim(page, "iss") == sites.hub
+    assert _claim(page, "sub") not in ("", "alice-0001")
+
+    cookies = {c["name"]: c for c in context.cookies(sites.hub)}
+    hub_cookie = cookies.get("civitas_session")
+    assert hub_cookie is not None, sorted(cookies)
+    assert hub_cookie["httpOnly"] is True
+    assert hub_cookie["sameSite"] == "Lax"
+
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+def test_wrong_password_is_refused_at_the_upstream(sites: Sites, new_context: Any) -> None:
+    page = new_context().new_page()
+    requests = _record_requests(page)
+    _go_to_upstream(page, sites.one)
+    _submit_credentials(page, "alice", "not-her-password")
+
+    expect(page.get_by_role("alert")).to_have_text("Wrong username or password")
+    assert page.url.startswith(sites.upstream + "/interaction/")
+    assert not [u for u in requests if u.startswith(sites.one.url + "/callback")]
+    assert not [u for u in requests if CALLBACK.search(u)]
+
+    # the agency knows nothing about the person, and the hub holds no login either
+    page.goto(sites.one.url + "/")
+    expect(page.get_by_role("heading", name="Online services")).to_be_visible()
+    expect(page.get_by_role("table")).to_have_count(0)
+    page.goto(sites.hub + "/account")
+    expect(page.get_by_role("heading", name="Sign in", exact=True)).to_be_visible()
+
+
+def test_callback_replayed_in_another_browser_is_refused(sites: Sites,
+                                                         new_context: Any) -> None:
+    # Browser A signs in; we note the URL the upstream sent it back to the hub with.
+    # (page.route cannot hold that request back: Playwright does not route redirects.)
+    page_a = new_context().new_page()
+    requests_a = _record_requests(page_a)
+    _log_in_as_alice(page_a, sites.one)
+    callbacks = [u for u in requests_a if CALLBACK.search(u)]
+    assert len(callbacks) == 1, requests_a
+    callback_url = callbacks[0]
+    assert callback_url.startswith(sites.hub + "/login/op/callback?")
+    assert "code=" in callback_url and "state=" in callback_url
+
+    # Browser B replays it: the hub must refuse, readably, and send nothing to the agency.
+    page_b = new_context().new_page()
+    requests_b = _record_requests(page_b)
+    response = page_b.goto(callback_url)
+    assert response is not None and response.status == 400
+    assert page_b.url == callback_url
+    expect(page_b.get_by_role("heading", name="We could not do that")).to_be_visible()
+    expect(page_b.get_by_text(re.compile("expired or was started in a different browser"))
+           ).to_be_visible()
+    assert not [u for u in requests_b if u.startswith(sites.one.url)], requests_b
+    assert not [u for u in requests_b if "code=" in u and u != callback_url], requests_b
+
+
+def test_single_sign_on_across_agencies_with_pairwise_sub(sites: Sites,
+                                                          new_context: Any) -> None:
+    page = new_context().new_page()
+    _log_in_as_alice(page, sites.one)
+    sub_one = _claim(page, "sub")
+
+    requests = _record_requests(page)
+    page.goto(sites.two.url + "/")
+    expect(page.get_by_role("heading", name="Online services")).to_be_visible()
+    page.get_by_role("link", name="Log in").click()
+    expect(page.get_by_role("heading", name="Welcome, Alice Example")).to_be_visible()
+    assert page.url == sites.two.url + "/"
+    expect(page.get_by_role("banner")).to_contain_text(sites.two.name)
+    sub_two = _claim(page, "sub")
+
+    # straight through the hub: neither its "Sign in" page nor the upstream was shown
+    assert not [u for u in requests if u.startswith(sites.upstream)], requests
+    assert not [u for u in requests if u.startswith(sites.hub + "/login")], requests
+    assert [u for u in requests if u.startswith(sites.hub + "/authorize?")]
+
+    assert sub_one and sub_two and sub_one != sub_two
+    assert _claim(page, "email") == "alice@example.org"
