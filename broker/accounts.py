@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -18,7 +19,8 @@ from connectors import UpstreamIdentity
 from kernel.crypto import FieldCipher
 from kernel.db import Database, utcnow
 
-from .models import AccountAttribute, ConstituentAccount, LinkedIdentity
+from .errors import CredentialAlreadyLinked, LastCredential
+from .models import AccountAttribute, AccountEvent, ConstituentAccount, LinkedIdentity
 
 
 @dataclass(frozen=True)
@@ -27,10 +29,25 @@ class ResolvedAccount:
     created: bool
 
 
+@dataclass(frozen=True)
+class AttributeRecord:
+    """One attribute value with its provenance, for the citizen's account page."""
+
+    name: str
+    value: Any
+    source: str
+    acr: str
+    asserted_at: datetime
+    released: bool
+
+
 class AccountDirectory:
-    def __init__(self, db: Database, cipher: FieldCipher) -> None:
+    def __init__(self, db: Database, cipher: FieldCipher,
+                 source_ranking: list[str] | None = None) -> None:
         self._db = db
         self._cipher = cipher
+        #: connector ids, most trusted first: released claims come from the first that has one
+        self._ranking = {c: i for i, c in enumerate(source_ranking or [])}
 
     def resolve(self, identity: UpstreamIdentity) -> ResolvedAccount:
         """Find or create the account for this credential, and record its attributes."""
@@ -57,6 +74,8 @@ class AccountDirectory:
                 account = ConstituentAccount()
                 s.add(account)
                 s.flush()
+                s.add(AccountEvent(account_id=account.id, kind="created",
+                                   connector_id=identity.connector_id, acr=identity.acr, at=now))
                 link = LinkedIdentity(
                     account_id=account.id,
                     connector_id=identity.connector_id,
@@ -96,21 +115,104 @@ class AccountDirectory:
                 row.value_encrypted, row.acr, row.asserted_at = token, identity.acr, now
 
     def exists(self, account_id: str) -> bool:
+        """True while the account exists and has not been deleted."""
         with self._db.session() as s:
-            return s.get(ConstituentAccount, account_id) is not None
+            account = s.get(ConstituentAccount, account_id)
+            return account is not None and account.deleted_at is None
+
+    def link(self, account_id: str, identity: UpstreamIdentity) -> bool:
+        """Link a credential the citizen just proved to their account (never by attribute).
+
+        Returns False if it was already linked to this account. Raises
+        :class:`CredentialAlreadyLinked` if another account holds it.
+        """
+        now = utcnow()
+        try:
+            with self._db.session() as s:
+                account = s.get(ConstituentAccount, account_id)
+                if account is None or account.deleted_at is not None:
+                    raise CredentialAlreadyLinked()
+                link = s.scalars(select(LinkedIdentity).where(
+                    LinkedIdentity.connector_id == identity.connector_id,
+                    LinkedIdentity.upstream_subject == identity.subject,
+                )).one_or_none()
+                if link is not None:
+                    if link.account_id != account_id:
+                        raise CredentialAlreadyLinked()
+                    return False
+                s.add(LinkedIdentity(account_id=account_id, connector_id=identity.connector_id,
+                                     upstream_subject=identity.subject, acr=identity.acr,
+                                     created_at=now, last_login_at=now))
+                s.add(AccountEvent(account_id=account_id, kind="linked",
+                                   connector_id=identity.connector_id, acr=identity.acr, at=now))
+                self._record_attributes(s, account_id, identity, now)
+                return True
+        except IntegrityError as exc:  # linked concurrently by someone else
+            raise CredentialAlreadyLinked() from exc
+
+    def unlink(self, account_id: str, link_id: int) -> LinkedIdentity:
+        """Remove one credential while another remains; its attributes go with it."""
+        with self._db.session() as s:
+            links = list(s.scalars(select(LinkedIdentity).where(
+                LinkedIdentity.account_id == account_id).with_for_update()))
+            target = next((link for link in links if link.id == link_id), None)
+            if target is None:
+                raise LastCredential("That sign-in is not linked to your account.")
+            if len(links) <= 1:
+                raise LastCredential()
+            s.delete(target)
+            for attr in s.scalars(select(AccountAttribute).where(
+                    AccountAttribute.account_id == account_id,
+                    AccountAttribute.source_connector == target.connector_id)):
+                s.delete(attr)
+            s.add(AccountEvent(account_id=account_id, kind="unlinked",
+                               connector_id=target.connector_id, acr=target.acr, at=utcnow()))
+            return target
+
+    def delete(self, account_id: str) -> None:
+        """Right to erasure: remove personal attributes and linked credentials; keep the
+        pseudonymous account id and its events, which audit records refer to."""
+        with self._db.session() as s:
+            account = s.get(ConstituentAccount, account_id)
+            if account is None or account.deleted_at is not None:
+                return
+            for model in (AccountAttribute, LinkedIdentity):
+                for row in s.scalars(select(model).where(model.account_id == account_id)):
+                    s.delete(row)
+            account.deleted_at = utcnow()
+            s.add(AccountEvent(account_id=account_id, kind="deleted", at=account.deleted_at))
+
+    def events(self, account_id: str) -> list[AccountEvent]:
+        with self._db.session() as s:
+            return list(s.scalars(select(AccountEvent).where(
+                AccountEvent.account_id == account_id).order_by(AccountEvent.at.desc(),
+                                                                AccountEvent.id.desc())))
+
+    def _rank(self, record: AccountAttribute) -> tuple[int, float]:
+        # Operator's ranking first; among unranked sources, the most recent assertion.
+        return (self._ranking.get(record.source_connector, len(self._ranking)),
+                -record.asserted_at.timestamp())
+
+    def attribute_records(self, account_id: str) -> list[AttributeRecord]:
+        """Every value of every attribute with its source; ``released`` marks the value
+        agencies get (from the source the operator ranks highest)."""
+        with self._db.session() as s:
+            rows = list(s.scalars(select(AccountAttribute).where(
+                AccountAttribute.account_id == account_id)))
+        rows.sort(key=lambda r: (r.name, self._rank(r)))
+        records: list[AttributeRecord] = []
+        seen: set[str] = set()
+        for r in rows:
+            records.append(AttributeRecord(
+                name=r.name, value=json.loads(self._cipher.decrypt(r.value_encrypted)),
+                source=r.source_connector, acr=r.acr, asserted_at=r.asserted_at,
+                released=r.name not in seen))
+            seen.add(r.name)
+        return records
 
     def attributes(self, account_id: str) -> dict[str, Any]:
-        """The account's attributes, one value per name: the most recently asserted.
-
-        (Ranking sources by operator preference arrives with attribute provenance.)
-        """
-        with self._db.session() as s:
-            rows = s.scalars(
-                select(AccountAttribute)
-                .where(AccountAttribute.account_id == account_id)
-                .order_by(AccountAttribute.asserted_at)
-            ).all()
-        return {r.name: json.loads(self._cipher.decrypt(r.value_encrypted)) for r in rows}
+        """One value per attribute: the one from the highest-ranked source."""
+        return {r.name: r.value for r in self.attribute_records(account_id) if r.released}
 
     def linked_identities(self, account_id: str) -> list[LinkedIdentity]:
         with self._db.session() as s:

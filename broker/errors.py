@@ -17,3 +17,26 @@ class LoginExpired(BrokerError):
 class UnknownUpstream(BrokerError):
     status_code = 404
     public_message = "That sign-in option does not exist."
+
+
+class CredentialAlreadyLinked(BrokerError):
+    status_code = 409
+    public_message = (
+        "That sign-in is already linked to another Civitas account, so it cannot be added to "
+        "this one. Nothing was changed."
+    )
+
+
+class LastCredential(BrokerError):
+    status_code = 409
+    public_message = (
+        "This is the only way you can sign in, so it cannot be removed. To stop using Civitas, "
+        "delete your account instead."
+    )
+
+
+class TooManyAttempts(BrokerError):
+    status_code = 429
+    public_message = (
+        "Too many failed sign-in attempts. Please wait 15 minutes and try again later."
+    )

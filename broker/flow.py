@@ -20,6 +20,7 @@ from flask.sessions import SessionMixin
 from .errors import LoginExpired
 
 FlowState = Literal["choosing", "redirected", "authenticated"]
+
 MAX_FLOWS_PER_SESSION = 8
 
 
@@ -46,6 +47,18 @@ class LoginFlow:
         if self.state != "redirected":
             raise LoginExpired()
         return replace(self, state="authenticated", upstream_state=None, pending=None)
+
+    def authenticate_with_password(self, upstream_id: str) -> LoginFlow:
+        """A password upstream answers in one request: choosing -> authenticated."""
+        if self.state not in ("choosing", "redirected"):
+            raise LoginExpired()
+        return replace(self, state="authenticated", upstream_id=upstream_id,
+                       upstream_state=None, pending=None)
+
+    @property
+    def purpose(self) -> str:
+        """``login`` (sign in, possibly for an agency) or ``link`` (add a credential)."""
+        return str((self.payload or {}).get("purpose", "login"))
 
 
 def _is_local_path(path: str) -> bool:

@@ -22,6 +22,9 @@ class ConstituentAccount(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_account_id)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: set when the citizen deleted the account: personal data and credentials are gone; the
+    #: pseudonymous id stays so audit records that name it keep their meaning
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class LinkedIdentity(Base):
@@ -62,3 +65,20 @@ class AccountAttribute(Base):
     source_connector: Mapped[str] = mapped_column(String(64))
     acr: Mapped[str] = mapped_column(String(255))
     asserted_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class AccountEvent(Base):
+    """Something that happened to an account's credentials: created, linked, unlinked,
+    deleted. Holds no personal data: connector id, assurance and time only."""
+
+    __tablename__ = "account_events"
+    __table_args__ = (Index("ix_account_events_account", "account_id", "at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    account_id: Mapped[str] = mapped_column(
+        ForeignKey("constituent_accounts.id", ondelete="RESTRICT")
+    )
+    kind: Mapped[str] = mapped_column(String(20))
+    connector_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    acr: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

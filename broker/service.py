@@ -7,27 +7,57 @@ from dataclasses import dataclass
 
 from flask.sessions import SessionMixin
 
-from connectors import PendingLogin, RedirectConnector
+from connectors import (
+    PasswordConnector,
+    PendingLogin,
+    RedirectConnector,
+    UpstreamIdentity,
+    UpstreamRejected,
+)
 
 from .accounts import AccountDirectory
 from .errors import LoginExpired, UnknownUpstream
 from .flow import FlowStore, LoginFlow
-from .session import HubLogin, establish_login
+from .ratelimit import AttemptLimiter
+from .session import HubLogin, current_login, establish_login
+
+Connector = RedirectConnector | PasswordConnector
+
+
+@dataclass(frozen=True)
+class LoginOutcome:
+    flow: LoginFlow
+    login: HubLogin
+    #: for a link flow: True when a new credential was added, False when already linked
+    linked: bool | None = None
 
 
 @dataclass
 class Broker:
     issuer: str
-    connectors: Mapping[str, RedirectConnector]
+    connectors: Mapping[str, Connector]
     accounts: AccountDirectory
     flow_lifetime: int
+    limiter: AttemptLimiter
 
     def flows(self, session: SessionMixin) -> FlowStore:
         return FlowStore(session, self.flow_lifetime)
 
-    def connector(self, upstream_id: str) -> RedirectConnector:
+    def connector(self, upstream_id: str) -> Connector:
         connector = self.connectors.get(upstream_id)
         if connector is None:
+            raise UnknownUpstream()
+        return connector
+
+    def redirect_connector(self, upstream_id: str) -> RedirectConnector:
+        connector = self.connector(upstream_id)
+        if not isinstance(connector, RedirectConnector):
+            raise UnknownUpstream()
+        return connector
+
+    def password_connector(self, upstream_id: str) -> PasswordConnector:
+        connector = self.connector(upstream_id)
+        if not isinstance(connector, PasswordConnector):
             raise UnknownUpstream()
         return connector
 
@@ -35,18 +65,27 @@ class Broker:
         """A distinct redirect URI per upstream (mix-up defence, RFC 9700 4.4.2)."""
         return f"{self.issuer}/login/{upstream_id}/callback"
 
+    def start_link(self, session: SessionMixin) -> LoginFlow:
+        """Begin adding a credential to the signed-in citizen's account."""
+        login = current_login(session)
+        if login is None:
+            raise LoginExpired()
+        return self.flows(session).start(
+            return_to="/account", payload={"purpose": "link", "account_id": login.account_id}
+        )
+
     def begin(self, session: SessionMixin, flow_id: str, upstream_id: str) -> str:
-        """Choose an upstream for a flow; return the URL to send the browser to."""
+        """Choose a redirect upstream for a flow; return the URL to send the browser to."""
         flows = self.flows(session)
         flow = flows.get(flow_id)
-        connector = self.connector(upstream_id)
+        connector = self.redirect_connector(upstream_id)
         url, pending = connector.begin(self.callback_uri(upstream_id))
         flows.save(flow.choose(upstream_id, pending.state, dict(pending.data)))
         return url
 
     def complete(self, session: SessionMixin, upstream_id: str,
-                 params: Mapping[str, str]) -> tuple[LoginFlow, HubLogin]:
-        """Handle the upstream callback: validate, resolve the account, log in."""
+                 params: Mapping[str, str]) -> LoginOutcome:
+        """Handle a redirect upstream's callback: validate, then log in or link."""
         flows = self.flows(session)
         flow = flows.by_upstream_state(params.get("state"))
         if flow.upstream_id != upstream_id or flow.upstream_state is None:
@@ -55,10 +94,39 @@ class Broker:
         # Single use: the pending state is consumed before the upstream is even called.
         flow = flow.authenticate()
         flows.save(flow)
-        identity = self.connector(upstream_id).complete(
+        identity = self.redirect_connector(upstream_id).complete(
             params, pending, self.callback_uri(upstream_id)
         )
+        return self._finish(session, flow, identity)
+
+    def password_login(self, session: SessionMixin, flow_id: str, upstream_id: str,
+                       username: str, password: str, address: str) -> LoginOutcome:
+        """A username and password for a password upstream (e.g. an agency directory)."""
+        flows = self.flows(session)
+        flow = flows.get(flow_id)
+        connector = self.password_connector(upstream_id)
+        self.limiter.check(upstream_id, username, address)
+        try:
+            identity = connector.login(username, password)
+        except UpstreamRejected:
+            self.limiter.failed(upstream_id, username, address)
+            raise
+        flow = flow.authenticate_with_password(upstream_id)
+        flows.save(flow)
+        return self._finish(session, flow, identity)
+
+    def _finish(self, session: SessionMixin, flow: LoginFlow,
+                identity: UpstreamIdentity) -> LoginOutcome:
+        if flow.purpose == "link":
+            login = current_login(session)
+            account_id = str((flow.payload or {}).get("account_id", ""))
+            if login is None or login.account_id != account_id:
+                raise LoginExpired()
+            linked = self.accounts.link(account_id, identity)
+            self.flows(session).finish(flow.id)
+            # The session keeps the login it had: linking never raises assurance.
+            return LoginOutcome(flow=flow, login=login, linked=linked)
         resolved = self.accounts.resolve(identity)
         login = establish_login(session, account_id=resolved.account_id, acr=identity.acr,
-                                amr=identity.amr, upstream_id=upstream_id)
-        return flow, login
+                                amr=identity.amr, upstream_id=identity.connector_id)
+        return LoginOutcome(flow=flow, login=login)

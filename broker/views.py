@@ -1,16 +1,51 @@
-"""The broker's pages: choose an upstream, the callback, the account page, hub logout."""
+"""The broker's pages: choose an upstream, the callback, the password form, the account page
+(linked credentials, attribute provenance, linking, unlinking, deletion), hub logout."""
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, redirect, render_template, request, session, url_for
+import hmac
+
+from flask import Blueprint, redirect, render_template, request, session, url_for
 from werkzeug.wrappers import Response
 
-from .service import Broker
-from .session import current_login
+from connectors import PasswordConnector, UpstreamRejected
+
+from .errors import BrokerError
+from .service import Broker, LoginOutcome
+from .session import HubLogin, current_login
+
+NOTICES = {
+    "linked": "The new way to sign in was added to your account.",
+    "already-linked": "That sign-in was already linked to your account.",
+    "unlinked": "That way to sign in was removed from your account.",
+}
+
+
+class FormExpired(BrokerError):
+    status_code = 400
+    public_message = "This form has expired. Please go back, reload the page and try again."
 
 
 def create_blueprint(broker: Broker) -> Blueprint:
     bp = Blueprint("broker", __name__, template_folder="templates")
+
+    def check_csrf() -> None:
+        expected = session.get("csrf")
+        given = request.form.get("csrf", "")
+        if not expected or not hmac.compare_digest(str(expected), given):
+            raise FormExpired()
+
+    def signed_in() -> HubLogin | None:
+        login = current_login(session)
+        if login is not None and not broker.accounts.exists(login.account_id):
+            session.clear()
+            return None
+        return login
+
+    def after_login(outcome: LoginOutcome) -> Response:
+        if outcome.linked is not None:
+            session["notice"] = "linked" if outcome.linked else "already-linked"
+        return redirect(outcome.flow.return_to, code=303)
 
     @bp.get("/login")
     def login_page() -> str | Response:
@@ -25,36 +60,90 @@ def create_blueprint(broker: Broker) -> Blueprint:
         )
 
     @bp.get("/login/<upstream_id>/start")
-    def start(upstream_id: str) -> Response:
-        url = broker.begin(session, request.args.get("flow", ""), upstream_id)
-        return redirect(url, code=303)
+    def start(upstream_id: str) -> str | Response:
+        connector = broker.connector(upstream_id)
+        flow_id = request.args.get("flow", "")
+        if isinstance(connector, PasswordConnector):
+            flow = broker.flows(session).get(flow_id)
+            return render_template("broker/password.html", flow=flow, upstream=connector,
+                                   error=None, username="")
+        return redirect(broker.begin(session, flow_id, upstream_id), code=303)
+
+    @bp.post("/login/<upstream_id>/password")
+    def password(upstream_id: str) -> str | Response | tuple[str, int]:
+        check_csrf()
+        connector = broker.password_connector(upstream_id)
+        flow_id = request.form.get("flow", "")
+        username = request.form.get("username", "")
+        try:
+            outcome = broker.password_login(
+                session, flow_id, upstream_id, username, request.form.get("password", ""),
+                request.remote_addr or "unknown",
+            )
+        except UpstreamRejected as exc:
+            flow = broker.flows(session).get(flow_id)
+            page = render_template("broker/password.html", flow=flow, upstream=connector,
+                                   error=exc.public_message, username=username)
+            return page, exc.status_code
+        return after_login(outcome)
 
     @bp.get("/login/<upstream_id>/callback")
     def callback(upstream_id: str) -> Response:
-        flow, _login = broker.complete(session, upstream_id, request.args.to_dict())
-        return redirect(flow.return_to, code=303)
+        return after_login(broker.complete(session, upstream_id, request.args.to_dict()))
 
     @bp.get("/account")
     def account() -> str | Response:
-        login = current_login(session)
+        login = signed_in()
         if login is None:
             return redirect(url_for("broker.login_page"))
-        identities = broker.accounts.linked_identities(login.account_id)
         names = {c.id: c.display_name for c in broker.connectors.values()}
         return render_template(
-            "broker/account.html", login=login, identities=identities, upstream_names=names,
-            attributes=broker.accounts.attributes(login.account_id),
+            "broker/account.html", login=login, upstream_names=names,
+            identities=broker.accounts.linked_identities(login.account_id),
+            attributes=broker.accounts.attribute_records(login.account_id),
+            events=broker.accounts.events(login.account_id)[:50],
+            notice=NOTICES.get(session.pop("notice", "")),
         )
+
+    @bp.post("/account/link")
+    def link() -> Response:
+        check_csrf()
+        if signed_in() is None:
+            return redirect(url_for("broker.login_page"), code=303)
+        flow = broker.start_link(session)
+        return redirect(url_for("broker.login_page", flow=flow.id), code=303)
+
+    @bp.post("/account/identities/<int:link_id>/unlink")
+    def unlink(link_id: int) -> Response:
+        check_csrf()
+        login = signed_in()
+        if login is None:
+            return redirect(url_for("broker.login_page"), code=303)
+        broker.accounts.unlink(login.account_id, link_id)
+        session["notice"] = "unlinked"
+        return redirect(url_for("broker.account"), code=303)
+
+    @bp.post("/account/delete")
+    def delete() -> Response | tuple[str, int]:
+        check_csrf()
+        login = signed_in()
+        if login is None:
+            return redirect(url_for("broker.login_page"), code=303)
+        if request.form.get("confirm") != "delete":
+            raise BrokerError("To delete your account, tick the box that confirms it.")
+        broker.accounts.delete(login.account_id)
+        session.clear()
+        return redirect(url_for("broker.signed_out", deleted=1), code=303)
 
     @bp.post("/logout")
     def logout() -> Response:
-        if request.form.get("csrf") != session.get("csrf"):
-            abort(400)
+        check_csrf()
         session.clear()
         return redirect(url_for("broker.signed_out"), code=303)
 
     @bp.get("/signed-out")
     def signed_out() -> str:
-        return render_template("broker/signed_out.html")
+        return render_template("broker/signed_out.html",
+                               deleted=request.args.get("deleted") == "1")
 
     return bp

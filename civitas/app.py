@@ -17,6 +17,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
 from broker.accounts import AccountDirectory
+from broker.ratelimit import AttemptLimiter
 from broker.service import Broker
 from broker.session import StoreSessionInterface
 from broker.views import create_blueprint as broker_blueprint
@@ -79,14 +80,16 @@ def build_hub(settings: Settings, *, migrate: bool = True) -> Hub:
         upgrade(db.engine)
     store = open_store(settings.redis_url)
     cipher = FieldCipher(settings.encryption_keys)
-    accounts = AccountDirectory(db, cipher)
+    ranking = settings.attribute_source_ranking or [u.id for u in settings.upstreams]
+    accounts = AccountDirectory(db, cipher, source_ranking=ranking)
     agencies = AgencyRegistry(db, default_alg=settings.signing_alg)
     keys = KeyRing(db, cipher)
     tokens = TokenStore(store, code_lifetime=settings.code_lifetime_seconds,
                         access_token_lifetime=settings.access_token_lifetime_seconds)
     connectors = {u.id: make_connector(u) for u in settings.upstreams}
     broker = Broker(issuer=settings.issuer, connectors=connectors, accounts=accounts,
-                    flow_lifetime=settings.login_flow_lifetime_seconds)
+                    flow_lifetime=settings.login_flow_lifetime_seconds,
+                    limiter=AttemptLimiter(store))
     services = ProviderServices(
         issuer=settings.issuer, agencies=agencies, tokens=tokens, accounts=accounts, keys=keys,
         subjects=PairwiseSubjects(settings.pairwise_secret.get_secret_value()),

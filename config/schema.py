@@ -171,6 +171,9 @@ class Settings(BaseSettings):
     login_flow_lifetime_seconds: Annotated[int, Field(ge=60, le=3600)] = 900
     upstreams: list[UpstreamSettings] = []
     agencies: list[AgencySettings] = []
+    #: upstream ids, most trusted first: when upstreams disagree about an attribute, agencies
+    #: get the value from the first one here (default: the order of ``upstreams``)
+    attribute_source_ranking: list[str] | None = None
 
     @field_validator("issuer")
     @classmethod
@@ -224,6 +227,9 @@ class Settings(BaseSettings):
         dup = {i for i in ids if ids.count(i) > 1}
         if dup:
             raise ValueError(f"upstreams: duplicate id(s) {sorted(dup)}")
+        unknown = set(self.attribute_source_ranking or []) - set(ids)
+        if unknown:
+            raise ValueError(f"attribute_source_ranking: unknown upstream id(s) {sorted(unknown)}")
         cids = [a.client_id for a in self.agencies]
         dup = {i for i in cids if cids.count(i) > 1}
         if dup:

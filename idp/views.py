@@ -173,7 +173,8 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
             return resp
         record = hub.tokens.access_token(value.strip())
         client = hub.agencies.client(record.client_id) if record else None
-        if record is None or client is None or "openid" not in record.scope.split():
+        if (record is None or client is None or "openid" not in record.scope.split()
+                or not hub.accounts.exists(record.account_id)):
             resp = jsonify(error="invalid_token",
                            error_description="The access token is invalid or expired")
             resp.status_code = 401

@@ -34,6 +34,10 @@ class ShortLivedStore(Protocol):
         """Increment a counter, starting its expiry at the first increment."""
         ...
 
+    def count(self, key: str) -> int:
+        """The current value of a counter made by ``incr`` (0 when absent or expired)."""
+        ...
+
     def ping(self) -> bool: ...
 
 
@@ -105,6 +109,11 @@ class MemoryStore:
             self._data[key] = (expires, int(current) + 1)
             return int(current) + 1
 
+    def count(self, key: str) -> int:
+        with self._lock:
+            value = self._live(key)
+        return int(value) if value is not None else 0
+
     def ping(self) -> bool:
         return True
 
@@ -147,6 +156,10 @@ class RedisStore:
         pipe.expire(self._k(key), ttl, nx=True)
         value, _ = pipe.execute()
         return int(value)
+
+    def count(self, key: str) -> int:
+        raw = self._redis.get(self._k(key))
+        return int(raw) if raw is not None else 0
 
     def ping(self) -> bool:
         return bool(self._redis.ping())

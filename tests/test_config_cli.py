@@ -124,7 +124,7 @@ def test_cli_config_check(cli, tmp_path):
 
 
 def test_cli_db_upgrade(cli):
-    assert "revision 0001" in cli("db", "upgrade").output
+    assert "revision 0002" in cli("db", "upgrade").output
 
 
 def test_cli_agency_lifecycle_prints_secret_once_and_stores_hash(cli, tmp_path):

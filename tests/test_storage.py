@@ -183,3 +183,10 @@ def test_full_login_on_this_database_with_redis(upstream_issuer, database_url, r
         assert r.status_code == 401 and r.json["error"] == "invalid_token"
     finally:
         app.extensions["civitas"].db.dispose()
+
+
+def test_store_count_reads_counters(store):
+    assert store.count("nothing") == 0
+    store.incr("c", 30)
+    store.incr("c", 30)
+    assert store.count("c") == 2
