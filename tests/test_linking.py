@@ -1,0 +1,217 @@
+"""Account linking, unlinking, deletion and attribute provenance (broker/), through full
+logins at the real upstream OP. Two connectors ('op' and 'op-es') point at that OP: to the hub
+they are two different credentials, as a state ID and a bank ID would be."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from jose import jwt as jose_jwt
+from sqlalchemy import func, select
+
+from broker.models import AccountAttribute, ConstituentAccount, LinkedIdentity
+from connectors import UpstreamIdentity
+from tests.conftest import hub_config
+from tests.flows import (
+    UPSTREAM_CLIENT_ID,
+    UPSTREAM_SECRET,
+    AuthRequest,
+    full_login,
+    path_of,
+    query,
+    redeem,
+    upstream_login,
+)
+
+LOW, HIGH = "urn:civitas:acr:ial1:aal1", "urn:civitas:acr:ial2:aal2"
+
+
+@pytest.fixture
+def app(upstream_issuer, tmp_path):
+    from civitas.app import create_app
+
+    cfg = hub_config(upstream_issuer, f"sqlite:///{tmp_path}/link.db")
+    cfg["upstreams"].append({
+        "kind": "oidc", "id": "op-es", "display_name": "Bank ID", "issuer": upstream_issuer,
+        "client_id": UPSTREAM_CLIENT_ID, "client_secret": UPSTREAM_SECRET, "acr": HIGH,
+    })
+    cfg["attribute_source_ranking"] = ["op-es", "op"]
+    app = create_app(cfg)
+    yield app
+    app.extensions["civitas"].db.dispose()
+
+
+def csrf(client):
+    page = client.get("/account").get_data(as_text=True)
+    return re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+
+
+def start_link(client, upstream_id="op-es"):
+    """From the account page to the upstream's login URL for linking."""
+    r = client.post("/account/link", data={"csrf": csrf(client)})
+    assert r.status_code == 303, r.get_data(as_text=True)
+    flow = query(r.headers["Location"])["flow"]
+    r = client.get(f"/login/{upstream_id}/start?flow={flow}")
+    assert r.status_code == 303
+    return r.headers["Location"]
+
+
+def account_id(hub, connector_id, subject):
+    with hub.db.session() as s:
+        return s.scalars(select(LinkedIdentity.account_id).where(
+            LinkedIdentity.connector_id == connector_id,
+            LinkedIdentity.upstream_subject == subject)).one_or_none()
+
+
+def count_accounts(hub):
+    with hub.db.session() as s:
+        return s.scalar(select(func.count()).select_from(ConstituentAccount))
+
+
+def test_link_second_credential_and_show_it(client, hub):
+    full_login(client, AuthRequest())
+    callback = upstream_login(start_link(client), "alice")
+    r = client.get(path_of(callback))
+    assert r.status_code == 303 and r.headers["Location"] == "/account"
+    page = client.get("/account").get_data(as_text=True)
+    assert "The new way to sign in was added" in page
+    assert "Example ID" in page and "Bank ID" in page and "Sign-in added" in page
+    assert account_id(hub, "op-es", "alice-0001") == account_id(hub, "op", "alice-0001")
+    assert count_accounts(hub) == 1
+    # afterwards, signing in with the linked credential reaches the same account
+    other = client.application.test_client()
+    full_login(other, AuthRequest(), upstream_id="op-es")
+    assert count_accounts(hub) == 1
+
+
+def test_replayed_link_callback_fails(client, hub):
+    full_login(client, AuthRequest())
+    callback = upstream_login(start_link(client), "alice")
+    assert client.get(path_of(callback)).status_code == 303
+    r = client.get(path_of(callback))
+    assert r.status_code == 400 and "expired" in r.get_data(as_text=True)
+
+
+def test_link_callback_in_another_browser_links_nothing(client, hub):
+    """Login CSRF on linking: a victim's browser fed the attacker's link callback."""
+    full_login(client, AuthRequest(), username="bob")            # the attacker
+    callback = upstream_login(start_link(client), "bob")
+    victim = client.application.test_client()
+    full_login(victim, AuthRequest(), username="alice")
+    r = victim.get(path_of(callback))
+    assert r.status_code == 400
+    assert account_id(hub, "op-es", "bob-0002") is None
+    assert account_id(hub, "op", "alice-0001") != account_id(hub, "op", "bob-0002")
+
+
+def test_credential_of_another_account_cannot_be_linked(client, hub):
+    other = client.application.test_client()
+    full_login(other, AuthRequest(), username="bob", upstream_id="op-es")  # account B
+    full_login(client, AuthRequest(), username="alice")                   # account A
+    callback = upstream_login(start_link(client), "bob")
+    r = client.get(path_of(callback))
+    assert r.status_code == 409
+    assert "already linked to another Civitas account" in r.get_data(as_text=True)
+    assert account_id(hub, "op-es", "bob-0002") != account_id(hub, "op", "alice-0001")
+    with hub.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(LinkedIdentity)) == 2
+
+
+def test_same_email_at_second_upstream_creates_new_account(client, hub):
+    full_login(client, AuthRequest(), username="alice", upstream_id="op")
+    full_login(client.application.test_client(), AuthRequest(), username="alice",
+               upstream_id="op-es")
+    assert count_accounts(hub) == 2
+    assert account_id(hub, "op", "alice-0001") != account_id(hub, "op-es", "alice-0001")
+
+
+def test_linking_never_raises_assurance(client, hub):
+    auth = AuthRequest()
+    params = full_login(client, auth)             # low-assurance upstream
+    callback = upstream_login(start_link(client), "alice")
+    client.get(path_of(callback))                 # high-assurance credential linked
+    auth2 = AuthRequest()
+    r = client.get(auth2.url())                   # SSO with the same hub session
+    params = query(r.headers["Location"])
+    claims = jose_jwt.get_unverified_claims(redeem(client, auth2, params["code"]).json["id_token"])
+    assert claims["acr"] == LOW
+    fresh = client.application.test_client()
+    auth3 = AuthRequest()
+    params = full_login(fresh, auth3, upstream_id="op")
+    claims = jose_jwt.get_unverified_claims(redeem(fresh, auth3, params["code"]).json["id_token"])
+    assert claims["acr"] == LOW
+    auth4 = AuthRequest()
+    params = full_login(client.application.test_client(), auth4, upstream_id="op-es")
+    assert params["code"]
+
+
+def test_unlink_allowed_while_another_remains_but_not_the_last(client, hub):
+    full_login(client, AuthRequest())
+    client.get(path_of(upstream_login(start_link(client), "alice")))
+    with hub.db.session() as s:
+        links = {li.connector_id: li.id for li in s.scalars(select(LinkedIdentity))}
+    r = client.post(f"/account/identities/{links['op-es']}/unlink", data={"csrf": csrf(client)})
+    assert r.status_code == 303
+    page = client.get("/account").get_data(as_text=True)
+    assert "Sign-in removed" in page
+    with hub.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(AccountAttribute).where(
+            AccountAttribute.source_connector == "op-es")) == 0
+    r = client.post(f"/account/identities/{links['op']}/unlink", data={"csrf": csrf(client)})
+    assert r.status_code == 409 and "only way you can sign in" in r.get_data(as_text=True)
+    assert account_id(hub, "op", "alice-0001") is not None
+    # a forged form without the token changes nothing
+    r = client.post(f"/account/identities/{links['op']}/unlink", data={"csrf": "x"})
+    assert r.status_code == 400
+
+
+def test_account_deletion_erases_and_revokes(client, hub):
+    auth = AuthRequest()
+    params = full_login(client, auth)
+    token = redeem(client, auth, params["code"]).json["access_token"]
+    old_account = account_id(hub, "op", "alice-0001")
+    r = client.post("/account/delete", data={"csrf": csrf(client)})
+    assert r.status_code == 400  # the confirmation box was not ticked
+    r = client.post("/account/delete", data={"csrf": csrf(client), "confirm": "delete"})
+    assert r.status_code == 303
+    assert "account is deleted" in client.get(path_of(r.headers["Location"])).get_data(
+        as_text=True)
+    assert client.get("/userinfo", headers={"Authorization": f"Bearer {token}"}
+                      ).status_code == 401
+    assert client.get("/account").status_code == 302
+    with hub.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(AccountAttribute)) == 0
+        assert s.scalar(select(func.count()).select_from(LinkedIdentity)) == 0
+        account = s.get(ConstituentAccount, old_account)
+        assert account is not None and account.deleted_at is not None  # pseudonymous stub
+    kinds = [e.kind for e in hub.accounts.events(old_account)]
+    assert kinds[0] == "deleted" and "created" in kinds
+    # signing in again with the same credential starts a new, empty account
+    full_login(client.application.test_client(), AuthRequest())
+    assert account_id(hub, "op", "alice-0001") not in (None, old_account)
+
+
+def test_attribute_provenance_keeps_both_values_and_releases_ranked_source(client, hub):
+    full_login(client, AuthRequest())
+    aid = account_id(hub, "op", "alice-0001")
+    hub.accounts.link(aid, UpstreamIdentity(
+        connector_id="op-es", subject="alice-bank", acr=HIGH,
+        attributes={"email": "alice@bank.example", "name": "Alice B. Example"}))
+    records = [r for r in hub.accounts.attribute_records(aid) if r.name == "email"]
+    assert {(r.value, r.source, r.released) for r in records} == {
+        ("alice@bank.example", "op-es", True), ("alice@example.org", "op", False)}
+    assert hub.accounts.attributes(aid)["email"] == "alice@bank.example"
+    page = client.get("/account").get_data(as_text=True)
+    assert "alice@bank.example" in page and "alice@example.org" in page and HIGH in page
+    # and the agency gets the ranked value
+    auth = AuthRequest()
+    r = client.get(auth.url())
+    code = query(r.headers["Location"])["code"]
+    claims = jose_jwt.get_unverified_claims(redeem(client, auth, code).json["id_token"])
+    assert claims["email"] == "alice@bank.example"
+
+
+def test_link_requires_sign_in(client):
+    r = client.post("/account/link", data={"csrf": "x"})
+    assert r.status_code == 400  # no session, so no form token: nothing starts
