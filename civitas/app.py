@@ -29,7 +29,7 @@ from idp.agencies import AgencyRegistry
 from idp.keys import KeyRing
 from idp.pairwise import PairwiseSubjects
 from idp.provider import HubAuthorizationServer, ProviderServices
-from idp.tokens import TokenStore
+from idp.tokens import AccessTokens, RefreshTokens, TokenStore
 from idp.views import create_blueprint as idp_blueprint
 from kernel.crypto import FieldCipher
 from kernel.db import Database
@@ -92,6 +92,8 @@ def build_hub(settings: Settings, *, migrate: bool = True) -> Hub:
                     limiter=AttemptLimiter(store))
     services = ProviderServices(
         issuer=settings.issuer, agencies=agencies, tokens=tokens, accounts=accounts, keys=keys,
+        access_tokens=AccessTokens(issuer=settings.issuer, keys=keys, tokens=tokens),
+        refresh_tokens=RefreshTokens(db, tokens, lifetime=settings.refresh_token_lifetime_seconds),
         subjects=PairwiseSubjects(settings.pairwise_secret.get_secret_value()),
         id_token_lifetime=settings.id_token_lifetime_seconds,
     )

@@ -167,6 +167,8 @@ class Settings(BaseSettings):
     code_lifetime_seconds: Annotated[int, Field(ge=5, le=600)] = 60
     access_token_lifetime_seconds: Annotated[int, Field(ge=60, le=24 * 3600)] = 600
     id_token_lifetime_seconds: Annotated[int, Field(ge=60, le=24 * 3600)] = 600
+    #: absolute lifetime of a refresh-token grant; rotation never extends it
+    refresh_token_lifetime_seconds: Annotated[int, Field(ge=300, le=365 * 86400)] = 30 * 86400
     #: how long the login page and an upstream round trip may take
     login_flow_lifetime_seconds: Annotated[int, Field(ge=60, le=3600)] = 900
     upstreams: list[UpstreamSettings] = []

@@ -19,7 +19,7 @@ from .errors import AgencyRegistrationError
 from .models import Agency
 
 AUTH_METHODS = ("client_secret_basic", "client_secret_post")
-SCOPES = ("openid", "profile", "email")
+SCOPES = ("openid", "profile", "email", "offline_access")
 
 
 def hash_secret(secret: str) -> str:
@@ -63,10 +63,15 @@ class AgencyClient(ClientMixin):
         # OpenID Connect Core 3.1.2.1: redirect_uri is REQUIRED; never guess one.
         return None
 
-    def get_allowed_scope(self, scope: str | None) -> str:
+    def get_allowed_scope(self, scope: str | None) -> str | None:
+        """The requested scope, or None (-> invalid_scope) if it asks for any scope this
+        agency is not registered for: refuse rather than silently narrow."""
         if not scope:
             return ""
-        return " ".join(s for s in scope.split() if s in self.scopes)
+        requested = scope.split()
+        if any(s not in self.scopes for s in requested):
+            return None
+        return " ".join(requested)
 
     def check_redirect_uri(self, redirect_uri: str) -> bool:
         # Exact string comparison (RFC 9700 2.1, 4.1.3): no prefix, case, slash or query leeway.
@@ -83,6 +88,8 @@ class AgencyClient(ClientMixin):
         return response_type == "code"
 
     def check_grant_type(self, grant_type: str) -> bool:
+        if grant_type == "refresh_token":
+            return "offline_access" in self.scopes
         return grant_type == "authorization_code"
 
 
@@ -131,7 +138,7 @@ class AgencyRegistry:
             auth_method: str = "client_secret_basic", secret: str | None = None,
             source: str = "cli") -> tuple[Agency, str]:
         """Register an agency; returns the row and the client secret (shown once)."""
-        scopes = scopes or list(SCOPES)
+        scopes = scopes or ["openid", "profile", "email"]
         self._validate(client_id=client_id, name=name, redirect_uris=redirect_uris,
                        scopes=scopes, auth_method=auth_method)
         secret = secret or secrets.token_urlsafe(32)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from joserfc.jwk import ECKey, RSAKey
+from joserfc.jwk import ECKey, KeySet, RSAKey
 from sqlalchemy import select
 
 from kernel.crypto import FieldCipher
@@ -36,6 +36,7 @@ class ActiveKey:
 class _Snapshot:
     signing: dict[str, ActiveKey]   # alg -> key that signs now
     jwks: dict[str, Any]
+    keyset: KeySet                  # the published public keys, parsed once
     fingerprint: tuple[tuple[str, str], ...]
     next_change: float               # epoch seconds when a key activates or retires
 
@@ -132,9 +133,11 @@ class KeyRing:
                     changes.append(r.activates_at.timestamp())
                 if r.retire_after is not None:
                     changes.append(r.retire_after.timestamp())
+            jwks = {"keys": [dict(r.public_jwk) for r in published]}
             snap = _Snapshot(
                 signing=signing,
-                jwks={"keys": [dict(r.public_jwk) for r in published]},
+                jwks=jwks,
+                keyset=KeySet.import_key_set(jwks),  # type: ignore[arg-type]
                 fingerprint=fingerprint,
                 next_change=min(changes, default=float("inf")),
             )
@@ -149,3 +152,7 @@ class KeyRing:
 
     def jwks(self) -> dict[str, Any]:
         return self.reload().jwks
+
+    def public_keyset(self) -> KeySet:
+        """The published keys for verifying what the hub signed (tokens, hints)."""
+        return self.reload().keyset

@@ -60,3 +60,26 @@ class SigningKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     activates_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     retire_after: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class RefreshToken(Base):
+    """A refresh token, stored as a hash. Tokens of one grant form a family: each use
+    rotates to a new token; presenting a used one revokes the family (RFC 9700 4.14.2)."""
+
+    __tablename__ = "refresh_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    grant_id: Mapped[str] = mapped_column(String(32), index=True)
+    client_id: Mapped[str] = mapped_column(String(128), index=True)
+    account_id: Mapped[str] = mapped_column(String(32), index=True)
+    scope: Mapped[str] = mapped_column(String(500))
+    sid: Mapped[str] = mapped_column(String(64))
+    acr: Mapped[str] = mapped_column(String(255))
+    amr: Mapped[list[str]] = mapped_column(JSON)
+    auth_time: Mapped[int] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: absolute end of the family: rotation never extends it
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

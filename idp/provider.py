@@ -16,7 +16,9 @@ from typing import Any
 from authlib.integrations.flask_oauth2 import AuthorizationServer
 from authlib.integrations.flask_oauth2.requests import FlaskOAuth2Request
 from authlib.oauth2.rfc6749 import OAuth2Request, grants
-from authlib.oauth2.rfc6749.errors import InvalidRequestError
+from authlib.oauth2.rfc6749.errors import InvalidRequestError, InvalidScopeError
+from authlib.oauth2.rfc7009 import RevocationEndpoint
+from authlib.oauth2.rfc7662 import IntrospectionEndpoint
 from authlib.oauth2.rfc6749.requests import BasicOAuth2Payload
 from authlib.oauth2.rfc7636 import CodeChallenge
 from authlib.oauth2.rfc9207 import IssuerParameter
@@ -32,7 +34,17 @@ from .agencies import AgencyClient, AgencyRegistry
 from .claims import claims_for_scope
 from .keys import KeyRing
 from .pairwise import PairwiseSubjects
-from .tokens import AuthorizationCode, TokenStore
+from .tokens import (
+    AccessToken,
+    AccessTokens,
+    AuthorizationCode,
+    RefreshGrant,
+    RefreshTokens,
+    TokenStore,
+    new_grant_id,
+)
+
+AUTH_METHODS = ["client_secret_basic", "client_secret_post"]
 
 
 @dataclass
@@ -40,10 +52,45 @@ class ProviderServices:
     issuer: str
     agencies: AgencyRegistry
     tokens: TokenStore
+    access_tokens: AccessTokens
+    refresh_tokens: RefreshTokens
     accounts: AccountDirectory
     keys: KeyRing
     subjects: PairwiseSubjects
     id_token_lifetime: int
+
+    def issue_tokens(self, *, client: AgencyClient, account_id: str, scope: str, grant_id: str,
+                     sid: str, auth_time: int, acr: str, amr: tuple[str, ...],
+                     code_hash: str | None = None, refresh: bool = False,
+                     family_expires_at: int | None = None) -> dict[str, Any]:
+        """The token response body for a grant: a JWT access token and, when the agency
+        may have one and asked for ``offline_access``, a refresh token."""
+        access = self.access_tokens.issue(
+            client_id=client.client_id, alg=client.id_token_signed_response_alg,
+            account_id=account_id, sub=self.subject_for(client, account_id), scope=scope,
+            grant_id=grant_id, sid=sid, auth_time=auth_time, acr=acr, code_hash=code_hash,
+        )
+        body: dict[str, Any] = {"token_type": "Bearer", "access_token": access,
+                                "expires_in": self.tokens.access_token_lifetime, "scope": scope}
+        if refresh and "offline_access" in scope.split() and client.check_grant_type(
+                "refresh_token"):
+            body["refresh_token"] = self.refresh_tokens.issue(
+                grant_id=grant_id, client_id=client.client_id, account_id=account_id,
+                scope=scope, sid=sid, acr=acr, amr=amr, auth_time=auth_time,
+                family_expires_at=family_expires_at,
+            )
+        return body
+
+    def find_token(self, token: str, hint: str | None) -> AccessToken | RefreshGrant | None:
+        """An access or refresh token by its value (RFC 7009 2.1 / RFC 7662 2.1 hint)."""
+        order = ("refresh_token", "access_token") if hint == "refresh_token" else (
+            "access_token", "refresh_token")
+        for kind in order:
+            found = (self.access_tokens.verify(token) if kind == "access_token"
+                     else self.refresh_tokens.find(token))
+            if found is not None and self.accounts.exists(found.account_id):
+                return found
+        return None
 
     def subject_for(self, client: AgencyClient, account_id: str) -> str:
         return self.subjects.subject(client.sector_identifier, account_id)
@@ -88,7 +135,7 @@ class S256Challenge(CodeChallenge):
 
 
 class CodeGrant(grants.AuthorizationCodeGrant):
-    TOKEN_ENDPOINT_AUTH_METHODS = ["client_secret_basic", "client_secret_post"]
+    TOKEN_ENDPOINT_AUTH_METHODS = AUTH_METHODS
 
     @property
     def hub(self) -> ProviderServices:
@@ -147,12 +194,100 @@ class CodeGrant(grants.AuthorizationCodeGrant):
                        expires_in: int | None = None,
                        include_refresh_token: bool = True) -> dict[str, Any]:
         code: AuthorizationCode = self.request.authorization_code
-        token = self.hub.tokens.issue_access_token(
-            client_id=self.request.client.client_id, account_id=user.account_id, scope=scope,
-            code_hash=code.code_hash,
+        return self.hub.issue_tokens(
+            client=self.request.client, account_id=user.account_id, scope=scope,
+            grant_id=new_grant_id(), sid=code.sid, auth_time=code.auth_time, acr=code.acr,
+            amr=code.amr, code_hash=code.code_hash, refresh=include_refresh_token,
         )
-        return {"token_type": "Bearer", "access_token": token,
-                "expires_in": self.hub.tokens.access_token_lifetime, "scope": scope}
+
+
+class RotatingRefreshGrant(grants.RefreshTokenGrant):
+    """RFC 6749 section 6 with rotation (RFC 9700 4.14.2): every use returns a new refresh
+    token of the same grant; the grant's absolute lifetime never grows."""
+
+    TOKEN_ENDPOINT_AUTH_METHODS = AUTH_METHODS
+    INCLUDE_NEW_REFRESH_TOKEN = True
+
+    @property
+    def hub(self) -> ProviderServices:
+        return self.server.hub  # type: ignore[no-any-return]
+
+    def authenticate_refresh_token(self, refresh_token: str) -> RefreshGrant | None:
+        client: AgencyClient = self.request.client
+        # Refuse a wider scope before the token is consumed (RFC 6749 6).
+        current = self.hub.refresh_tokens.find(refresh_token)
+        requested = set((self.request.payload.scope or "").split())
+        if current is not None and not requested <= set(current.scope.split()):
+            raise InvalidScopeError()
+        return self.hub.refresh_tokens.use(refresh_token, client.client_id)
+
+    def authenticate_user(self, refresh_token: RefreshGrant) -> HubLogin | None:
+        if not self.hub.accounts.exists(refresh_token.account_id) or \
+                self.hub.tokens.is_marked_revoked("sid", refresh_token.sid):
+            return None
+        return HubLogin(account_id=refresh_token.account_id, auth_time=refresh_token.auth_time,
+                        acr=refresh_token.acr, amr=refresh_token.amr, upstream_id="",
+                        sid=refresh_token.sid)
+
+    def revoke_old_credential(self, refresh_token: RefreshGrant) -> None:
+        """Nothing to do: the token was consumed atomically when it was checked."""
+
+    def generate_token(self, user: HubLogin, scope: str, grant_type: str | None = None,
+                       expires_in: int | None = None,
+                       include_refresh_token: bool = True) -> dict[str, Any]:
+        grant: RefreshGrant = self.request.refresh_token
+        return self.hub.issue_tokens(
+            client=self.request.client, account_id=user.account_id, scope=scope,
+            grant_id=grant.grant_id, sid=grant.sid, auth_time=grant.auth_time, acr=grant.acr,
+            amr=grant.amr, refresh=True, family_expires_at=grant.expires_at,
+        )
+
+
+class HubRevocation(RevocationEndpoint):
+    """RFC 7009: an agency revokes its own access or refresh tokens."""
+
+    CLIENT_AUTH_METHODS = AUTH_METHODS
+
+    def query_token(self, token_string: str, token_type_hint: str | None
+                    ) -> AccessToken | RefreshGrant | None:
+        return self.server.hub.find_token(token_string, token_type_hint)  # type: ignore
+
+    def revoke_token(self, token: AccessToken | RefreshGrant, request: Any) -> None:
+        hub: ProviderServices = self.server.hub
+        if isinstance(token, AccessToken):
+            hub.tokens.revoke_access_token(token.jti)
+        else:
+            # A refresh token stands for its grant: revoke the grant and its access tokens.
+            hub.refresh_tokens.revoke_grant(token.grant_id)
+
+
+class HubIntrospection(IntrospectionEndpoint):
+    """RFC 7662: answers only the agency a token was issued to; to any other agency every
+    token is simply inactive, so nothing about other agencies' tokens leaks."""
+
+    CLIENT_AUTH_METHODS = AUTH_METHODS
+
+    def query_token(self, token_string: str, token_type_hint: str | None
+                    ) -> AccessToken | RefreshGrant | None:
+        return self.server.hub.find_token(token_string, token_type_hint)  # type: ignore
+
+    def check_permission(self, token: AccessToken | RefreshGrant, client: AgencyClient,
+                         request: Any) -> bool:
+        return token.client_id == client.client_id
+
+    def introspect_token(self, token: AccessToken | RefreshGrant) -> dict[str, Any]:
+        hub: ProviderServices = self.server.hub
+        client = hub.agencies.client(token.client_id)
+        if client is None:
+            return {"active": False}
+        body: dict[str, Any] = {
+            "active": True, "client_id": token.client_id, "scope": token.scope,
+            "sub": hub.subject_for(client, token.account_id), "iss": hub.issuer,
+            "token_type": token.token_type, "exp": token.expires_at,
+        }
+        if isinstance(token, AccessToken):
+            body.update(iat=token.issued_at, jti=token.jti, aud=token.client_id)
+        return body
 
 
 class HubOpenIDCode(OpenIDCode):
@@ -203,8 +338,11 @@ class HubAuthorizationServer(AuthorizationServer):
         self._query_client = hub.agencies.client
         self._save_token = lambda token, request: None  # tokens are stored as they are minted
         self.register_grant(CodeGrant, [S256Challenge(required=True), HubOpenIDCode(hub)])
+        self.register_grant(RotatingRefreshGrant)
+        self.register_endpoint(HubRevocation)
+        self.register_endpoint(HubIntrospection)
         self.register_extension(HubIssuerParameter(hub.issuer))
-        self.scopes_supported = ["openid", "profile", "email"]
+        self.scopes_supported = ["openid", "profile", "email", "offline_access"]
 
     def create_oauth2_request(self, request: Any) -> OAuth2Request:
         if isinstance(request, OAuth2Request):

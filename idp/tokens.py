@@ -1,11 +1,15 @@
-"""Authorization codes and access tokens in the short-lived store.
+"""Authorization codes, access tokens and refresh tokens.
 
-Codes (RFC 6749 4.1.2): single use by an atomic take, bound to client, redirect URI and PKCE
-challenge, 60 s by default. A second redemption of a code is refused and revokes every token
-issued from it (RFC 6749 10.5): tokens carry the hash of their code, and a reuse marks that
-hash revoked. The marker that a code was issued is written with the code, so a reuse that
-races the first redemption is still recognised. Only hashes of codes and tokens are used as
-keys.
+Codes (RFC 6749 4.1.2): single use by an atomic take from the short-lived store, bound to
+client, redirect URI and PKCE challenge, 60 s by default. A second redemption of a code is
+refused and revokes every token issued from it (RFC 6749 10.5): the marker that a code was
+issued is written with the code, so a reuse that races the first redemption is still seen.
+
+Access tokens are JWTs in the RFC 9068 profile (``typ: at+jwt``) so agency APIs can check
+them offline; each has a ``jti`` whose record in the store is what revocation and
+introspection act on. Refresh tokens are opaque, stored hashed in SQL, rotated on every use;
+a used one presented again revokes its whole grant (RFC 9700 4.14.2). Only hashes of codes
+and tokens are ever used as keys.
 """
 
 from __future__ import annotations
@@ -13,14 +17,28 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+import uuid
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Any, cast
 
+from joserfc import jwt
+from joserfc.errors import JoseError
+from sqlalchemy import CursorResult, select, update
+
+from kernel.db import Database, utcnow
 from kernel.store import ShortLivedStore
+
+from .keys import KeyRing
+from .models import RefreshToken
 
 
 def digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
+
+
+def new_grant_id() -> str:
+    return uuid.uuid4().hex
 
 
 @dataclass(frozen=True)
@@ -61,14 +79,40 @@ class AuthorizationCode:
 
 @dataclass(frozen=True)
 class AccessToken:
+    """What the hub knows about an access token it issued (Authlib's TokenMixin)."""
+
+    jti: str
     client_id: str
     account_id: str
+    sub: str
     scope: str
+    issued_at: int
     expires_at: int
-    code_hash: str | None
+    grant_id: str
+    sid: str
+    code_hash: str | None = None
+    token_type: str = "access_token"
+
+    # -- Authlib TokenMixin -----------------------------------------------------------------
+    def check_client(self, client: Any) -> bool:
+        return bool(client.client_id == self.client_id)
+
+    def get_scope(self) -> str:
+        return self.scope
+
+    def get_expires_in(self) -> int:
+        return self.expires_at - self.issued_at
+
+    def is_expired(self) -> bool:
+        return self.expires_at <= time.time()
+
+    def is_revoked(self) -> bool:
+        return False  # a revoked token has no record and is never returned
 
 
 class TokenStore:
+    """Codes, nonces, access-token records and revocation markers in the short-lived store."""
+
     def __init__(self, store: ShortLivedStore, *, code_lifetime: int,
                  access_token_lifetime: int) -> None:
         self._store = store
@@ -90,34 +134,43 @@ class TokenStore:
         record = self._store.take("code:" + code_hash)
         if record is None:
             if self._store.get("code-issued:" + code_hash) is not None:
-                # A code we issued, presented again (or after expiry): whatever was issued
-                # from it is revoked.
-                self._store.put("code-revoked:" + code_hash, {"at": int(time.time())},
-                                self.access_token_lifetime)
+                self.mark_revoked("code", code_hash)
             return None
         record["amr"] = tuple(record.get("amr", ()))
         return AuthorizationCode(code_hash=code_hash, **record)
 
-    # -- access tokens --------------------------------------------------------------------
+    # -- revocation markers ---------------------------------------------------------------
 
-    def issue_access_token(self, *, client_id: str, account_id: str, scope: str,
-                           code_hash: str | None) -> str:
-        token = secrets.token_urlsafe(32)
-        expires_at = int(time.time()) + self.access_token_lifetime
-        self._store.put("at:" + digest(token), {
-            "client_id": client_id, "account_id": account_id, "scope": scope,
-            "expires_at": expires_at, "code_hash": code_hash,
-        }, self.access_token_lifetime)
-        return token
+    def mark_revoked(self, kind: str, value: str) -> None:
+        """Revoke every access token of a code, grant or hub session (``sid``)."""
+        self._store.put(f"revoked-{kind}:{value}", {"at": int(time.time())},
+                        self.access_token_lifetime)
 
-    def access_token(self, token: str) -> AccessToken | None:
-        record = self._store.get("at:" + digest(token))
+    def is_marked_revoked(self, kind: str, value: str | None) -> bool:
+        return bool(value) and self._store.get(f"revoked-{kind}:{value}") is not None
+
+    # -- access token records --------------------------------------------------------------
+
+    def save_access_token(self, token: AccessToken) -> None:
+        self._store.put("at:" + token.jti, {
+            k: getattr(token, k) for k in ("client_id", "account_id", "sub", "scope",
+                                          "issued_at", "expires_at", "grant_id", "sid",
+                                          "code_hash")
+        }, max(1, token.expires_at - int(time.time())))
+
+    def access_token_record(self, jti: str) -> AccessToken | None:
+        record = self._store.get("at:" + jti)
         if record is None or record["expires_at"] <= time.time():
             return None
-        code_hash = record.get("code_hash")
-        if code_hash and self._store.get("code-revoked:" + code_hash) is not None:
+        token = AccessToken(jti=jti, **record)
+        if (self.is_marked_revoked("code", token.code_hash)
+                or self.is_marked_revoked("grant", token.grant_id)
+                or self.is_marked_revoked("sid", token.sid)):
             return None
-        return AccessToken(**record)
+        return token
+
+    def revoke_access_token(self, jti: str) -> None:
+        self._store.delete("at:" + jti)
 
     # -- nonces ---------------------------------------------------------------------------
 
@@ -126,3 +179,160 @@ class TokenStore:
 
     def remember_nonce(self, client_id: str, nonce: str, ttl: int) -> None:
         self._store.put(f"nonce:{client_id}:{digest(nonce)}", {}, ttl)
+
+
+class AccessTokens:
+    """JWT access tokens (RFC 9068) signed with the hub's current key."""
+
+    def __init__(self, *, issuer: str, keys: KeyRing, tokens: TokenStore) -> None:
+        self.issuer = issuer
+        self.keys = keys
+        self.tokens = tokens
+
+    def issue(self, *, client_id: str, alg: str, account_id: str, sub: str, scope: str,
+              grant_id: str, sid: str, auth_time: int, acr: str,
+              code_hash: str | None = None) -> str:
+        now = int(time.time())
+        record = AccessToken(
+            jti=secrets.token_urlsafe(24), client_id=client_id, account_id=account_id,
+            sub=sub, scope=scope, issued_at=now, expires_at=now + self.tokens.access_token_lifetime,
+            grant_id=grant_id, sid=sid, code_hash=code_hash,
+        )
+        key = self.keys.signing_key(alg)
+        claims = {
+            "iss": self.issuer, "sub": sub, "aud": client_id, "client_id": client_id,
+            "iat": now, "exp": record.expires_at, "jti": record.jti, "scope": scope,
+            "auth_time": auth_time, "acr": acr, "sid": sid,
+        }
+        header = {"alg": key.alg, "kid": key.kid, "typ": "at+jwt"}
+        token = jwt.encode(header, claims, key.key, algorithms=[key.alg])
+        self.tokens.save_access_token(record)
+        return token
+
+    def verify(self, token: str) -> AccessToken | None:
+        """The record of a valid, unrevoked access token this hub issued; else None."""
+        if not token or token.count(".") != 2 or len(token) > 8192:
+            return None
+        try:
+            decoded = jwt.decode(token, self.keys.public_keyset(), algorithms=["ES256", "RS256"])
+        except (JoseError, ValueError):
+            return None
+        claims = decoded.claims
+        if (decoded.header.get("typ") != "at+jwt" or claims.get("iss") != self.issuer
+                or not isinstance(claims.get("exp"), int) or claims["exp"] <= time.time()
+                or not isinstance(claims.get("jti"), str)):
+            return None
+        record = self.tokens.access_token_record(claims["jti"])
+        if record is None or record.client_id != claims.get("client_id"):
+            return None
+        return record
+
+
+@dataclass(frozen=True)
+class RefreshGrant:
+    """A refresh token's grant, as Authlib's refresh grant sees it."""
+
+    token_hash: str
+    grant_id: str
+    client_id: str
+    account_id: str
+    scope: str
+    sid: str
+    acr: str
+    amr: tuple[str, ...]
+    auth_time: int
+    expires_at: int
+    token_type: str = "refresh_token"
+
+    def get_scope(self) -> str:
+        return self.scope
+
+    def check_client(self, client: Any) -> bool:
+        return bool(client.client_id == self.client_id)
+
+    def is_expired(self) -> bool:
+        return self.expires_at <= time.time()
+
+    def is_revoked(self) -> bool:
+        return False
+
+
+class RefreshTokens:
+    """Refresh tokens in SQL, hashed, rotated on use, revoked as a family on reuse."""
+
+    def __init__(self, db: Database, tokens: TokenStore, *, lifetime: int) -> None:
+        self._db = db
+        self._tokens = tokens
+        self.lifetime = lifetime
+
+    def issue(self, *, grant_id: str, client_id: str, account_id: str, scope: str, sid: str,
+              acr: str, amr: tuple[str, ...], auth_time: int,
+              family_expires_at: int | None = None) -> str:
+        token = secrets.token_urlsafe(48)
+        now = utcnow()
+        expires = (now + timedelta(seconds=self.lifetime) if family_expires_at is None
+                   else now + timedelta(seconds=family_expires_at - time.time()))
+        with self._db.session() as s:
+            s.add(RefreshToken(token_hash=digest(token), grant_id=grant_id, client_id=client_id,
+                               account_id=account_id, scope=scope, sid=sid, acr=acr,
+                               amr=list(amr), auth_time=auth_time, created_at=now,
+                               expires_at=expires))
+        return token
+
+    def _grant(self, row: RefreshToken) -> RefreshGrant:
+        return RefreshGrant(token_hash=row.token_hash, grant_id=row.grant_id,
+                            client_id=row.client_id, account_id=row.account_id, scope=row.scope,
+                            sid=row.sid, acr=row.acr, amr=tuple(row.amr),
+                            auth_time=row.auth_time, expires_at=int(row.expires_at.timestamp()))
+
+    def find(self, token: str) -> RefreshGrant | None:
+        """A live refresh token (unused, unrevoked, unexpired), without using it."""
+        with self._db.session() as s:
+            row = s.scalars(select(RefreshToken).where(
+                RefreshToken.token_hash == digest(token))).one_or_none()
+            if (row is None or row.used_at is not None or row.revoked_at is not None
+                    or row.expires_at <= utcnow()):
+                return None
+            return self._grant(row)
+
+    def use(self, token: str, client_id: str) -> RefreshGrant | None:
+        """Consume a refresh token atomically (exactly one concurrent use wins).
+
+        Presenting a token that was already used or revoked revokes its whole grant.
+        """
+        token_hash = digest(token)
+        now = utcnow()
+        with self._db.session() as s:
+            row = s.scalars(select(RefreshToken).where(
+                RefreshToken.token_hash == token_hash)).one_or_none()
+            if row is None or row.client_id != client_id:
+                return None
+            claimed = cast(CursorResult[Any], s.execute(
+                update(RefreshToken)
+                .where(RefreshToken.id == row.id, RefreshToken.used_at.is_(None),
+                       RefreshToken.revoked_at.is_(None))
+                .values(used_at=now)
+            )).rowcount
+            grant_id = row.grant_id
+            if claimed == 1 and row.expires_at > now:
+                return self._grant(row)
+        if claimed != 1:
+            self.revoke_grant(grant_id)  # reuse: someone holds a copy of this token
+        return None
+
+    def revoke_grant(self, grant_id: str) -> None:
+        with self._db.session() as s:
+            s.execute(update(RefreshToken).where(RefreshToken.grant_id == grant_id,
+                                                 RefreshToken.revoked_at.is_(None))
+                      .values(revoked_at=utcnow()))
+        self._tokens.mark_revoked("grant", grant_id)
+
+    def revoke_account(self, account_id: str, client_id: str | None = None) -> None:
+        """Revoke every grant of an account (optionally only one agency's)."""
+        with self._db.session() as s:
+            query = select(RefreshToken.grant_id).where(RefreshToken.account_id == account_id)
+            if client_id is not None:
+                query = query.where(RefreshToken.client_id == client_id)
+            grants = set(s.scalars(query))
+        for grant_id in grants:
+            self.revoke_grant(grant_id)

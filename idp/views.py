@@ -31,12 +31,18 @@ def discovery_document(issuer: str) -> dict[str, Any]:
         "issuer": issuer,
         "authorization_endpoint": f"{issuer}/authorize",
         "token_endpoint": f"{issuer}/token",
+        "revocation_endpoint": f"{issuer}/revoke",
+        "introspection_endpoint": f"{issuer}/introspect",
+        "revocation_endpoint_auth_methods_supported": ["client_secret_basic",
+                                                       "client_secret_post"],
+        "introspection_endpoint_auth_methods_supported": ["client_secret_basic",
+                                                          "client_secret_post"],
         "userinfo_endpoint": f"{issuer}/userinfo",
         "jwks_uri": f"{issuer}/jwks",
-        "scopes_supported": ["openid", "profile", "email"],
+        "scopes_supported": ["openid", "profile", "email", "offline_access"],
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],
-        "grant_types_supported": ["authorization_code"],
+        "grant_types_supported": ["authorization_code", "refresh_token"],
         "subject_types_supported": ["pairwise"],
         "id_token_signing_alg_values_supported": ["ES256", "RS256"],
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
@@ -161,6 +167,21 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
             return resp
         return server.create_token_response()  # type: ignore[no-any-return]
 
+    def no_store(response: Response) -> Response:
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["Pragma"] = "no-cache"
+        return response
+
+    @bp.post("/revoke")
+    def revoke() -> Response:
+        """RFC 7009."""
+        return no_store(server.create_endpoint_response("revocation"))
+
+    @bp.post("/introspect")
+    def introspect() -> Response:
+        """RFC 7662."""
+        return no_store(server.create_endpoint_response("introspection"))
+
     @bp.route("/userinfo", methods=["GET", "POST"])
     def userinfo() -> Response:
         """OpenID Connect Core 5.3; bearer token per RFC 6750 2.1, errors per 3.1."""
@@ -171,7 +192,7 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
             resp.status_code = 401
             resp.headers["WWW-Authenticate"] = 'Bearer realm="civitas"'
             return resp
-        record = hub.tokens.access_token(value.strip())
+        record = hub.access_tokens.verify(value.strip())
         client = hub.agencies.client(record.client_id) if record else None
         if (record is None or client is None or "openid" not in record.scope.split()
                 or not hub.accounts.exists(record.account_id)):

@@ -390,20 +390,26 @@ def test_rfc7636_4_6_failed_verifier_burns_the_code(browser):
 @pytest.mark.parametrize(("grant_type", "extra"), [
     ("password", {"username": "alice", "password": "alice-password"}),
     ("client_credentials", {"scope": "openid"}),
-    ("refresh_token", {"refresh_token": "A" * 48}),
     ("implicit", {}),
     ("urn:ietf:params:oauth:grant-type:device_code", {"device_code": "x"}),
     ("urn:ietf:params:oauth:grant-type:jwt-bearer", {"assertion": "e30.e30."}),
     ("AUTHORIZATION_CODE", {}),
     ("", {}),
     (None, {}),
-], ids=["password", "client_credentials", "refresh_token", "implicit", "device_code",
+], ids=["password", "client_credentials", "implicit", "device_code",
         "jwt_bearer", "upper_case", "empty", "missing"])
 def test_rfc6749_5_2_unsupported_grant_type(browser, grant_type, extra):
     auth = AuthRequest()
     code = new_code(browser, auth)
     r = redeem(browser, auth, code, grant_type=grant_type, **extra)
     assert_token_error(r, 400, "unsupported_grant_type")
+
+
+def test_rfc6749_5_2_refresh_grant_for_agency_without_offline_access(browser):
+    auth = AuthRequest()
+    code = new_code(browser, auth)
+    r = redeem(browser, auth, code, grant_type="refresh_token", refresh_token="A" * 48)
+    assert_token_error(r, 400, "unauthorized_client")
 
 
 def test_rfc6749_5_1_no_refresh_token_is_issued(browser, hub):
