@@ -16,7 +16,11 @@ from typing import Any
 from authlib.integrations.flask_oauth2 import AuthorizationServer
 from authlib.integrations.flask_oauth2.requests import FlaskOAuth2Request
 from authlib.oauth2.rfc6749 import OAuth2Request, grants
-from authlib.oauth2.rfc6749.errors import InvalidRequestError, InvalidScopeError
+from authlib.oauth2.rfc6749.errors import (
+    InvalidGrantError,
+    InvalidRequestError,
+    InvalidScopeError,
+)
 from authlib.oauth2.rfc7009 import RevocationEndpoint
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint
 from authlib.oauth2.rfc6749.requests import BasicOAuth2Payload
@@ -236,11 +240,15 @@ class RotatingRefreshGrant(grants.RefreshTokenGrant):
                        expires_in: int | None = None,
                        include_refresh_token: bool = True) -> dict[str, Any]:
         grant: RefreshGrant = self.request.refresh_token
-        return self.hub.issue_tokens(
+        body = self.hub.issue_tokens(
             client=self.request.client, account_id=user.account_id, scope=scope,
             grant_id=grant.grant_id, sid=grant.sid, auth_time=grant.auth_time, acr=grant.acr,
             amr=grant.amr, refresh=True, family_expires_at=grant.expires_at,
         )
+        if self.hub.tokens.is_marked_revoked("grant", grant.grant_id):
+            # a replay of this token raced us and revoked the grant meanwhile
+            raise InvalidGrantError()
+        return body
 
 
 class HubRevocation(RevocationEndpoint):

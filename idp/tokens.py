@@ -285,13 +285,21 @@ class RefreshTokens:
                             sid=row.sid, acr=row.acr, amr=tuple(row.amr),
                             auth_time=row.auth_time, expires_at=int(row.expires_at.timestamp()))
 
+    @staticmethod
+    def _family_revoked(s: Any, grant_id: str) -> bool:
+        """A grant is revoked once any of its tokens is: a token rotated in while the grant
+        was being revoked (a race with a replay) dies with it."""
+        return s.scalar(select(RefreshToken.id).where(
+            RefreshToken.grant_id == grant_id, RefreshToken.revoked_at.is_not(None)
+        ).limit(1)) is not None
+
     def find(self, token: str) -> RefreshGrant | None:
         """A live refresh token (unused, unrevoked, unexpired), without using it."""
         with self._db.session() as s:
             row = s.scalars(select(RefreshToken).where(
                 RefreshToken.token_hash == digest(token))).one_or_none()
             if (row is None or row.used_at is not None or row.revoked_at is not None
-                    or row.expires_at <= utcnow()):
+                    or row.expires_at <= utcnow() or self._family_revoked(s, row.grant_id)):
                 return None
             return self._grant(row)
 
@@ -314,9 +322,10 @@ class RefreshTokens:
                 .values(used_at=now)
             )).rowcount
             grant_id = row.grant_id
-            if claimed == 1 and row.expires_at > now:
+            family_revoked = self._family_revoked(s, grant_id)
+            if claimed == 1 and row.expires_at > now and not family_revoked:
                 return self._grant(row)
-        if claimed != 1:
+        if claimed != 1 or family_revoked:
             self.revoke_grant(grant_id)  # reuse: someone holds a copy of this token
         return None
 

@@ -1,0 +1,209 @@
+"""Token lifecycle: JWT access tokens (RFC 9068), rotating refresh tokens (RFC 6749 6,
+RFC 9700 4.14), revocation (RFC 7009) and introspection (RFC 7662)."""
+
+from __future__ import annotations
+
+import base64
+import threading
+
+import pytest
+from jose import jwt as jose_jwt
+from sqlalchemy import select
+
+from idp.models import RefreshToken
+from tests.conftest import HUB_ISSUER
+from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest, full_login, query, redeem
+
+OFFLINE = ["openid", "profile", "email", "offline_access"]
+
+
+@pytest.fixture
+def app(make_hub):
+    return make_hub(agencies=[AGENCY_ONE.config(scopes=OFFLINE), AGENCY_TWO.config(scopes=OFFLINE)])
+
+
+@pytest.fixture
+def hub(app):
+    return app.extensions["civitas"]
+
+
+def basic(agency):
+    return {"Authorization": "Basic " + base64.b64encode(
+        f"{agency.client_id}:{agency.secret}".encode()).decode()}
+
+
+def tokens(client, agency=AGENCY_ONE, scope="openid email offline_access"):
+    auth = AuthRequest(agency=agency, scope=scope)
+    r = client.get(auth.url())
+    if r.status_code == 303:
+        params = full_login(client, auth)
+    else:
+        params = query(r.headers["Location"])
+    r = redeem(client, auth, params["code"])
+    assert r.status_code == 200, r.json
+    return r.json
+
+
+def refresh(client, token, agency=AGENCY_ONE, **extra):
+    return client.post("/token", data={"grant_type": "refresh_token", "refresh_token": token,
+                                       **extra}, headers=basic(agency))
+
+
+def introspect(client, token, agency=AGENCY_ONE, **extra):
+    return client.post("/introspect", data={"token": token, **extra}, headers=basic(agency))
+
+
+def userinfo(client, access):
+    return client.get("/userinfo", headers={"Authorization": f"Bearer {access}"})
+
+
+def test_rfc9068_access_token_is_a_verifiable_jwt(client):
+    body = tokens(client)
+    jwks = client.get("/jwks").json
+    header = jose_jwt.get_unverified_header(body["access_token"])
+    assert header["typ"] == "at+jwt" and header["kid"]
+    claims = jose_jwt.decode(body["access_token"], jwks, algorithms=["ES256"],
+                             audience=AGENCY_ONE.client_id, issuer=HUB_ISSUER)
+    assert claims["client_id"] == AGENCY_ONE.client_id and claims["jti"]
+    id_claims = jose_jwt.get_unverified_claims(body["id_token"])
+    assert claims["sub"] == id_claims["sub"]  # the agency's pairwise sub
+    assert claims["scope"] == "openid email offline_access"
+
+
+def test_refresh_token_only_with_offline_access(client):
+    assert "refresh_token" in tokens(client)
+    assert "refresh_token" not in tokens(client, scope="openid email")
+
+
+def test_rfc9700_4_14_rotation_and_reuse_revokes_the_grant(client):
+    first = tokens(client)
+    r = refresh(client, first["refresh_token"])
+    assert r.status_code == 200, r.json
+    second = r.json
+    assert second["refresh_token"] != first["refresh_token"]
+    assert userinfo(client, second["access_token"]).status_code == 200
+    # the old refresh token is presented again: an attacker may hold a copy
+    r = refresh(client, first["refresh_token"])
+    assert r.status_code == 400 and r.json["error"] == "invalid_grant"
+    # ... so the whole grant is revoked: the rotated token and its access tokens too
+    r = refresh(client, second["refresh_token"])
+    assert r.status_code == 400 and r.json["error"] == "invalid_grant"
+    assert userinfo(client, second["access_token"]).status_code == 401
+    assert userinfo(client, first["access_token"]).status_code == 401
+    assert introspect(client, second["access_token"]).json == {"active": False}
+
+
+def test_rfc6749_6_wider_scope_refused_without_consuming_token(client):
+    body = tokens(client, scope="openid email offline_access")
+    r = refresh(client, body["refresh_token"], scope="openid email profile offline_access")
+    assert r.status_code == 400 and r.json["error"] == "invalid_scope"
+    r = refresh(client, body["refresh_token"], scope="openid offline_access")
+    assert r.status_code == 200 and r.json["scope"] == "openid offline_access"
+
+
+def test_refresh_token_bound_to_its_client(client):
+    body = tokens(client)
+    r = refresh(client, body["refresh_token"], agency=AGENCY_TWO)
+    assert r.status_code == 400 and r.json["error"] == "invalid_grant"
+    assert refresh(client, body["refresh_token"]).status_code == 200
+
+
+def test_rotation_keeps_absolute_lifetime(client, hub):
+    body = tokens(client)
+    refresh(client, body["refresh_token"])
+    with hub.db.session() as s:
+        rows = s.scalars(select(RefreshToken)).all()
+    assert len(rows) == 2 and len({r.grant_id for r in rows}) == 1
+    assert abs((rows[0].expires_at - rows[1].expires_at).total_seconds()) < 2
+    assert all(len(r.token_hash) == 64 and r.token_hash != body["refresh_token"] for r in rows)
+
+
+def test_concurrent_refresh_has_one_winner(app):
+    client = app.test_client()
+    body = tokens(client)
+    barrier = threading.Barrier(2)
+    results = []
+
+    def go():
+        c = app.test_client()
+        barrier.wait()
+        results.append(refresh(c, body["refresh_token"]))
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    statuses = sorted(r.status_code for r in results)
+    assert statuses in ([200, 400], [400, 400]), statuses  # never two winners
+    # the loser presented a used token: the grant is revoked, the winner's tokens with it
+    for r in results:
+        if r.status_code == 200:
+            assert refresh(client, r.json["refresh_token"]).status_code == 400
+            assert userinfo(client, r.json["access_token"]).status_code == 401
+
+
+def test_rfc7662_introspection_of_own_tokens(client):
+    body = tokens(client)
+    info = introspect(client, body["access_token"]).json
+    assert info["active"] is True and info["client_id"] == AGENCY_ONE.client_id
+    assert info["sub"] == jose_jwt.get_unverified_claims(body["id_token"])["sub"]
+    assert info["token_type"] == "access_token" and info["exp"] > info["iat"]
+    info = introspect(client, body["refresh_token"], token_type_hint="refresh_token").json
+    assert info["active"] is True and info["token_type"] == "refresh_token"
+    assert introspect(client, "garbage").json == {"active": False}
+
+
+def test_rfc7662_another_agency_learns_nothing(client):
+    body = tokens(client)
+    for token in (body["access_token"], body["refresh_token"]):
+        r = introspect(client, token, agency=AGENCY_TWO)
+        assert r.status_code == 200 and r.json == {"active": False}
+
+
+def test_rfc7662_requires_client_authentication(client):
+    body = tokens(client)
+    r = client.post("/introspect", data={"token": body["access_token"]})
+    assert r.status_code == 401 and r.json["error"] == "invalid_client"
+    r = client.post("/introspect", data={"token": body["access_token"]},
+                    headers={"Authorization": "Basic " + base64.b64encode(
+                        f"{AGENCY_ONE.client_id}:wrong".encode()).decode()})
+    assert r.status_code == 401
+
+
+def test_rfc7009_revoke_access_token(client):
+    body = tokens(client)
+    r = client.post("/revoke", data={"token": body["access_token"],
+                                     "token_type_hint": "access_token"}, headers=basic(AGENCY_ONE))
+    assert r.status_code == 200
+    assert userinfo(client, body["access_token"]).status_code == 401
+    assert introspect(client, body["access_token"]).json == {"active": False}
+    # the refresh token is a separate credential and still works
+    assert refresh(client, body["refresh_token"]).status_code == 200
+
+
+def test_rfc7009_revoke_refresh_token_revokes_grant(client):
+    body = tokens(client)
+    r = client.post("/revoke", data={"token": body["refresh_token"]}, headers=basic(AGENCY_ONE))
+    assert r.status_code == 200
+    assert refresh(client, body["refresh_token"]).json["error"] == "invalid_grant"
+    assert userinfo(client, body["access_token"]).status_code == 401
+
+
+def test_rfc7009_unknown_token_is_200_and_foreign_token_untouched(client):
+    r = client.post("/revoke", data={"token": "no-such-token"}, headers=basic(AGENCY_ONE))
+    assert r.status_code == 200
+    body = tokens(client)
+    r = client.post("/revoke", data={"token": body["access_token"]}, headers=basic(AGENCY_TWO))
+    assert r.status_code == 400
+    assert userinfo(client, body["access_token"]).status_code == 200
+    r = client.post("/revoke", data={}, headers=basic(AGENCY_ONE))
+    assert r.status_code == 400 and r.json["error"] == "invalid_request"
+
+
+def test_tampered_access_token_is_refused(client):
+    body = tokens(client)
+    header, payload, sig = body["access_token"].split(".")
+    forged = ".".join([header, payload[:-2] + ("AA" if payload[-2:] != "AA" else "BB"), sig])
+    assert userinfo(client, forged).status_code == 401
+    assert introspect(client, forged).json == {"active": False}
