@@ -91,7 +91,7 @@ class AccessToken:
     grant_id: str
     sid: str
     code_hash: str | None = None
-    token_type: str = "access_token"
+    token_type: str = "access_token"  # noqa: S105 (a token type name)
 
     # -- Authlib TokenMixin -----------------------------------------------------------------
     def check_client(self, client: Any) -> bool:
@@ -242,7 +242,7 @@ class RefreshGrant:
     amr: tuple[str, ...]
     auth_time: int
     expires_at: int
-    token_type: str = "refresh_token"
+    token_type: str = "refresh_token"  # noqa: S105 (a token type name)
 
     def get_scope(self) -> str:
         return self.scope
