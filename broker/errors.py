@@ -40,3 +40,11 @@ class TooManyAttempts(BrokerError):
     public_message = (
         "Too many failed sign-in attempts. Please wait 15 minutes and try again later."
     )
+
+
+class AssuranceNotOffered(BrokerError):
+    status_code = 403
+    public_message = (
+        "The site you came from needs a stronger way to prove who you are than this sign-in "
+        "option provides. Please choose another."
+    )

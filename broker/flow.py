@@ -36,6 +36,11 @@ class LoginFlow:
     pending: dict[str, Any] | None = None
     #: what the flow was started for (e.g. the agency's authorization request parameters)
     payload: dict[str, Any] | None = None
+    #: when set, only upstreams providing one of these assurance levels may be used
+    allowed_acrs: list[str] | None = None
+
+    def allows(self, acr: str) -> bool:
+        return self.allowed_acrs is None or acr in self.allowed_acrs
 
     def choose(self, upstream_id: str, upstream_state: str, pending: dict[str, Any]) -> LoginFlow:
         if self.state not in ("choosing", "redirected"):
@@ -76,13 +81,15 @@ class FlowStore:
         flows = self._session.get("flows")
         return flows if isinstance(flows, dict) else {}
 
-    def start(self, return_to: str, payload: dict[str, Any] | None = None) -> LoginFlow:
+    def start(self, return_to: str, payload: dict[str, Any] | None = None,
+              allowed_acrs: list[str] | None = None) -> LoginFlow:
         """Start a flow. ``return_to`` is a local path; ``{flow_id}`` in it is filled in."""
         if not _is_local_path(return_to):
             raise ValueError("return_to must be a local path")
         flow_id = secrets.token_urlsafe(16)
         flow = LoginFlow(id=flow_id, return_to=return_to.replace("{flow_id}", flow_id),
-                         state="choosing", started_at=int(time.time()), payload=payload)
+                         state="choosing", started_at=int(time.time()), payload=payload,
+                         allowed_acrs=allowed_acrs)
         flows = self._all()
         now = time.time()
         flows = {k: v for k, v in flows.items() if now - v["started_at"] < self._lifetime}

@@ -16,7 +16,7 @@ from connectors import (
 )
 
 from .accounts import AccountDirectory
-from .errors import LoginExpired, UnknownUpstream
+from .errors import AssuranceNotOffered, LoginExpired, UnknownUpstream
 from .flow import FlowStore, LoginFlow
 from .ratelimit import AttemptLimiter
 from .session import HubLogin, current_login, establish_login
@@ -42,6 +42,13 @@ class Broker:
 
     def flows(self, session: SessionMixin) -> FlowStore:
         return FlowStore(session, self.flow_lifetime)
+
+    def offered_acrs(self) -> set[str]:
+        return {c.acr for c in self.connectors.values()}
+
+    def choices(self, flow: LoginFlow) -> list[Connector]:
+        """The upstreams this flow may use (all, or those meeting the requested assurance)."""
+        return [c for c in self.connectors.values() if flow.allows(c.acr)]
 
     def connector(self, upstream_id: str) -> Connector:
         connector = self.connectors.get(upstream_id)
@@ -79,6 +86,8 @@ class Broker:
         flows = self.flows(session)
         flow = flows.get(flow_id)
         connector = self.redirect_connector(upstream_id)
+        if not flow.allows(connector.acr):
+            raise AssuranceNotOffered()
         url, pending = connector.begin(self.callback_uri(upstream_id))
         flows.save(flow.choose(upstream_id, pending.state, dict(pending.data)))
         return url
@@ -105,6 +114,8 @@ class Broker:
         flows = self.flows(session)
         flow = flows.get(flow_id)
         connector = self.password_connector(upstream_id)
+        if not flow.allows(connector.acr):
+            raise AssuranceNotOffered()
         self.limiter.check(upstream_id, username, address)
         try:
             identity = connector.login(username, password)

@@ -55,9 +55,7 @@ def create_blueprint(broker: Broker) -> Blueprint:
             flow = broker.flows(session).start(return_to=url_for("broker.account"))
             return redirect(url_for("broker.login_page", flow=flow.id))
         flow = broker.flows(session).get(flow_id)
-        return render_template(
-            "broker/login.html", flow=flow, upstreams=list(broker.connectors.values())
-        )
+        return render_template("broker/login.html", flow=flow, upstreams=broker.choices(flow))
 
     @bp.get("/login/<upstream_id>/start")
     def start(upstream_id: str) -> str | Response:

@@ -72,6 +72,8 @@ class PendingLogin:
 class RedirectConnector(Protocol):
     id: str
     display_name: str
+    #: the assurance (acr) a login through this upstream provides
+    acr: str
 
     def begin(self, redirect_uri: str) -> tuple[str, PendingLogin]:
         """Return the URL to send the browser to, and what to keep until the callback."""
@@ -88,5 +90,6 @@ class RedirectConnector(Protocol):
 class PasswordConnector(Protocol):
     id: str
     display_name: str
+    acr: str
 
     def login(self, username: str, password: str) -> UpstreamIdentity: ...

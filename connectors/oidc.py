@@ -79,6 +79,7 @@ class OIDCConnector:
         self.config = config
         self.id = config.id
         self.display_name = config.display_name
+        self.acr = config.acr
         self._http = http or _session()
         self._lock = threading.Lock()
         self._metadata: dict[str, Any] | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, String, Text
+from sqlalchemy import JSON, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from kernel.db import Base, UTCDateTime, utcnow
@@ -24,6 +24,13 @@ class Agency(Base):
     token_endpoint_auth_method: Mapped[str] = mapped_column(String(40))
     subject_type: Mapped[str] = mapped_column(String(20), default="pairwise")
     id_token_signed_response_alg: Mapped[str] = mapped_column(String(10), default="ES256")
+    #: RP-Initiated Logout 1.0 section 3.1: where the agency may ask to be sent after logout,
+    #: compared as exact strings
+    post_logout_redirect_uris: Mapped[list[str]] = mapped_column(
+        JSON, default=list, server_default=text("'[]'")
+    )
+    #: Back-Channel Logout 1.0 section 2.2: where the hub POSTs logout tokens
+    backchannel_logout_uri: Mapped[str | None] = mapped_column(String(2000), nullable=True)
     #: ``config`` when declared in the settings file (kept in sync at start), else ``cli``
     source: Mapped[str] = mapped_column(String(20), default="cli")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -39,6 +46,8 @@ class Agency(Base):
             "token_endpoint_auth_method": self.token_endpoint_auth_method,
             "subject_type": self.subject_type,
             "id_token_signed_response_alg": self.id_token_signed_response_alg,
+            "post_logout_redirect_uris": list(self.post_logout_redirect_uris or []),
+            "backchannel_logout_uri": self.backchannel_logout_uri,
             "source": self.source,
             "created_at": self.created_at.isoformat(),
         }
@@ -83,3 +92,27 @@ class RefreshToken(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
     used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class LogoutDelivery(Base):
+    """A logout token waiting to be POSTed to an agency (Back-Channel Logout 1.0 section 2.5).
+
+    Rows outlive a restart. ``next_attempt_at`` is NULL once the row is settled: delivered
+    (``delivered_at`` set) or given up (``last_error`` says why). ``claimed_until`` is the lease
+    of the worker delivering it now, so two workers never post the same row at once.
+    """
+
+    __tablename__ = "logout_deliveries"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    client_id: Mapped[str] = mapped_column(String(128))
+    logout_uri: Mapped[str] = mapped_column(String(2000))
+    #: the signed logout token last minted for this row (re-minted when close to expiry)
+    token: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True,
+                                                             index=True)
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_error: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -18,6 +18,17 @@ from broker.session import HubLogin, current_login
 
 from .provider import HubAuthorizationServer, StoredAuthorizationRequest
 
+class UnmetAuthenticationRequirements(OAuth2Error):  # type: ignore[misc]
+    """OpenID Connect Core 1.0 errata set 2, 3.1.2.6: no upstream can give the requested acr."""
+
+    error = "unmet_authentication_requirements"
+
+
+def requested_acrs(params: Any) -> list[str] | None:
+    values = (params.get("acr_values") or "").split()
+    return values or None
+
+
 UNSUPPORTED_PARAMS = {
     "request": "request_not_supported",
     "request_uri": "request_uri_not_supported",
@@ -25,7 +36,7 @@ UNSUPPORTED_PARAMS = {
 }
 
 
-def discovery_document(issuer: str) -> dict[str, Any]:
+def discovery_document(issuer: str, acr_values: list[str]) -> dict[str, Any]:
     """OpenID Connect Discovery 1.0 section 3 / RFC 8414."""
     return {
         "issuer": issuer,
@@ -55,13 +66,14 @@ def discovery_document(issuer: str) -> dict[str, Any]:
         "request_uri_parameter_supported": False,
         "authorization_response_iss_parameter_supported": True,
         "prompt_values_supported": ["none", "login"],
+        "acr_values_supported": acr_values,
     }
 
 
 def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprint:
     bp = Blueprint("idp", __name__, template_folder="templates")
     hub = server.hub
-    discovery = discovery_document(hub.issuer)
+    discovery = discovery_document(hub.issuer, sorted(broker.offered_acrs()))
 
     def with_iss(response: Response) -> Response:
         location = response.headers.get("Location")
@@ -119,10 +131,17 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
                                               redirect_uri=redirect_uri,
                                               state=params.get("state"))
                 max_age = int(max_age_raw)
+            acrs = requested_acrs(params)
+            if acrs is not None and not set(acrs) & broker.offered_acrs():
+                raise UnmetAuthenticationRequirements(
+                    "No sign-in option offers the requested acr_values.",
+                    redirect_uri=redirect_uri, state=params.get("state"))
             needs_login = (
                 login is None
                 or "login" in prompts
                 or (max_age is not None and time.time() - login.auth_time > max_age)
+                # an existing login of lower assurance is never raised, only redone
+                or (acrs is not None and login.acr not in acrs)
             )
             if needs_login and "none" in prompts:
                 raise LoginRequiredError(redirect_uri=redirect_uri, state=params.get("state"))
@@ -131,7 +150,8 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
         if needs_login:
             payload = {k: v for k, v in params.items() if isinstance(v, str)}
             flow = broker.flows(session).start(
-                return_to="/authorize/continue?flow={flow_id}", payload=payload
+                return_to="/authorize/continue?flow={flow_id}", payload=payload,
+                allowed_acrs=requested_acrs(params)
             )
             return redirect(url_for("broker.login_page", flow=flow.id), code=303)
         assert login is not None
@@ -149,6 +169,12 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
         oauth_request = StoredAuthorizationRequest(f"{hub.issuer}/authorize", flow.payload)
         try:
             grant = server.get_consent_grant(request=oauth_request, end_user=login)
+            acrs = requested_acrs(flow.payload)
+            if acrs is not None and login.acr not in acrs:
+                raise UnmetAuthenticationRequirements(
+                    "The sign-in did not reach the requested assurance.",
+                    redirect_uri=grant.request.payload.redirect_uri,
+                    state=flow.payload.get("state"))
         except OAuth2Error as error:
             return error_response(oauth_request, error)
         return with_iss(server.create_authorization_response(

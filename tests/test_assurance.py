@@ -1,0 +1,98 @@
+"""Assurance: acr_values are honoured or refused, never inflated (OpenID Connect Core
+3.1.2.1, 2; NIST SP 800-63C)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from jose import jwt as jose_jwt
+
+from tests.conftest import HUB_ISSUER, hub_config
+from tests.flows import (
+    UPSTREAM_CLIENT_ID,
+    UPSTREAM_SECRET,
+    AuthRequest,
+    finish_login,
+    full_login,
+    path_of,
+    query,
+    redeem,
+    upstream_login,
+)
+
+LOW, HIGH = "urn:civitas:acr:ial1:aal1", "urn:civitas:acr:ial2:aal2"
+
+
+@pytest.fixture
+def app(upstream_issuer, tmp_path):
+    from civitas.app import create_app
+
+    cfg = hub_config(upstream_issuer, f"sqlite:///{tmp_path}/acr.db")
+    cfg["upstreams"].append({
+        "kind": "oidc", "id": "op-es", "display_name": "Bank ID", "issuer": upstream_issuer,
+        "client_id": UPSTREAM_CLIENT_ID, "client_secret": UPSTREAM_SECRET, "acr": HIGH,
+    })
+    app = create_app(cfg)
+    yield app
+    app.extensions["civitas"].db.dispose()
+
+
+def id_claims(client, auth, params):
+    return jose_jwt.get_unverified_claims(redeem(client, auth, params["code"]).json["id_token"])
+
+
+def test_discovery_lists_offered_acrs(client):
+    doc = client.get("/.well-known/openid-configuration").json
+    assert doc["acr_values_supported"] == sorted([LOW, HIGH])
+    assert doc["issuer"] == HUB_ISSUER
+
+
+def test_high_acr_request_offers_only_high_upstreams(client):
+    auth = AuthRequest(extra={"acr_values": HIGH})
+    r = client.get(auth.url())
+    assert r.status_code == 303
+    page = client.get(path_of(r.headers["Location"])).get_data(as_text=True)
+    assert "Bank ID" in page and "Example ID" not in page
+    flow = query(r.headers["Location"])["flow"]
+    r = client.get(f"/login/op/start?flow={flow}")  # forcing the low upstream anyway
+    assert r.status_code == 403 and "stronger way" in r.get_data(as_text=True)
+    params = full_login(client.application.test_client(), auth, upstream_id="op-es")
+    assert params["code"]
+
+
+def test_acr_claim_says_what_happened(client):
+    auth = AuthRequest(extra={"acr_values": f"{HIGH} {LOW}"})
+    params = full_login(client, auth, upstream_id="op")
+    assert id_claims(client, auth, params)["acr"] == LOW  # acceptable, and not inflated
+
+
+def test_low_session_is_not_raised_but_redone(client):
+    full_login(client, AuthRequest(), upstream_id="op")
+    auth = AuthRequest(extra={"acr_values": HIGH})
+    r = client.get(auth.url())
+    assert r.status_code == 303 and r.headers["Location"].startswith("/login?flow=")
+    url = client.get(path_of(r.headers["Location"]))
+    link = re.search(r'href="(/login/op-es/start\?flow=[^"]+)"', url.get_data(as_text=True))
+    r = client.get(link.group(1).replace("&amp;", "&"))
+    r = finish_login(client, upstream_login(r.headers["Location"]))
+    params = query(r.headers["Location"])
+    assert id_claims(client, auth, params)["acr"] == HIGH
+
+
+def test_prompt_none_with_insufficient_session_is_login_required(client):
+    full_login(client, AuthRequest(), upstream_id="op")
+    auth = AuthRequest(extra={"acr_values": HIGH, "prompt": "none"})
+    r = client.get(auth.url())
+    assert r.status_code == 302
+    params = query(r.headers["Location"])
+    assert params["error"] == "login_required" and params["iss"] == HUB_ISSUER
+
+
+def test_unknown_acr_is_unmet_authentication_requirements(client):
+    auth = AuthRequest(extra={"acr_values": "http://idmanagement.gov/ns/assurance/ial/3"})
+    r = client.get(auth.url())
+    assert r.status_code == 302
+    params = query(r.headers["Location"])
+    assert params["error"] == "unmet_authentication_requirements"
+    assert params["state"] == auth.state and params["iss"] == HUB_ISSUER
