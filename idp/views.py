@@ -18,6 +18,7 @@ from broker.session import HubLogin, current_login
 
 from .provider import HubAuthorizationServer, StoredAuthorizationRequest
 
+
 class UnmetAuthenticationRequirements(OAuth2Error):  # type: ignore[misc]
     """OpenID Connect Core 1.0 errata set 2, 3.1.2.6: no upstream can give the requested acr."""
 
