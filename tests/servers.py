@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import grp
 import json
 import os
 import pwd
@@ -441,3 +442,358 @@ def run_upstream_op(
     with _process([node, str(UPSTREAM_SERVER)], log, env=env, cwd=UPSTREAM_DIR) as proc:
         _wait_until("upstream OP", proc, log, listening, timeout=20)
         yield issuer[0]
+
+
+# --------------------------------------------------------------------------
+# throw-away TLS material (cryptography)
+
+
+def write_test_ca(directory: str | os.PathLike[str], name: str = "Civitas Test CA") -> Path:
+    """Write a self-signed CA as ``<stem>.pem`` (certificate) and ``<stem>.key`` into
+    `directory`; return the certificate path. Good for one test run, nothing else."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path = _unique_path(directory, re.sub(r"[^a-z0-9]+", "-", name.lower()), ".pem")
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path = cert_path.with_suffix(".key")
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ))
+    return cert_path
+
+
+def write_server_cert(
+    directory: str | os.PathLike[str],
+    ca_cert: str | os.PathLike[str],
+    names: tuple[str, ...] = ("localhost", "127.0.0.1"),
+    stem: str = "server",
+) -> tuple[Path, Path]:
+    """Issue a TLS server certificate for `names` (DNS names or IP addresses, as SANs) from
+    the CA written by :func:`write_test_ca`; return (certificate path, key path)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory = Path(directory)
+    ca_cert_path = Path(ca_cert)
+    ca = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
+    ca_key = serialization.load_pem_private_key(
+        ca_cert_path.with_suffix(".key").read_bytes(), password=None
+    )
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = []
+    for n in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            sans.append(x509.DNSName(n))
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path = _unique_path(directory, stem, ".pem")
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path = cert_path.with_suffix(".key")
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ))
+    return cert_path, key_path
+
+
+# --------------------------------------------------------------------------
+# OpenLDAP slapd
+
+LDAP_SUFFIX = "dc=example,dc=org"
+LDAP_SCHEMAS = ("core", "cosine", "inetorgperson", "nis")
+
+
+def find_slapd() -> str | None:
+    """slapd lives in /usr/sbin on Debian, which is not on every user's PATH."""
+    return shutil.which("slapd", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin"]))
+
+
+def _ssha(password: str) -> str:
+    """An RFC 2307 ``{SSHA}`` userPassword value (what slapd's default password-hash writes)."""
+    import base64
+    import hashlib
+
+    salt = secrets.token_bytes(8)
+    digest = hashlib.sha1(password.encode() + salt).digest()
+    return "{SSHA}" + base64.b64encode(digest + salt).decode()
+
+
+#: the test tree: (rdn under the suffix, attributes); userPassword values are cleartext here
+#: and hashed on the way in. Group members are given as rdns and completed with the suffix.
+LDAP_TEST_PEOPLE: dict[str, dict[str, str]] = {
+    "alice": {"password": "alice-ldap-pw", "cn": "Alice Directory", "givenName": "Alice",
+              "sn": "Directory", "mail": "alice@agency.example"},
+    "bob": {"password": "bob-ldap-pw", "cn": "Bob Builder", "givenName": "Bob",
+            "sn": "Builder", "mail": "bob@agency.example"},
+    "st*r(x)\\y": {"password": "star-pw", "cn": "Star Puzzler", "givenName": "Star",
+                   "sn": "Puzzler", "mail": "star@agency.example"},
+}
+#: group cn -> member uids. ``puzzlers`` holds the user whose DN needs escaping in a filter.
+LDAP_TEST_GROUPS: dict[str, tuple[str, ...]] = {
+    "staff": ("alice", "bob"),
+    "admins": ("alice",),
+    "puzzlers": ("st*r(x)\\y",),
+}
+
+
+def _slapd_conf(
+    run_dir: Path, data_dir: Path, admin_dn: str, admin_password: str, svc_dn: str,
+    tls: tuple[Path, Path, Path] | None,
+) -> str:
+    schemas = "\n".join(f"include /etc/ldap/schema/{s}.schema" for s in LDAP_SCHEMAS)
+    tls_lines = ""
+    if tls:
+        ca, cert, key = tls
+        tls_lines = (f"TLSCACertificateFile {ca}\nTLSCertificateFile {cert}\n"
+                     f"TLSCertificateKeyFile {key}\n")
+    people = f"ou=people,{LDAP_SUFFIX}"
+    groups = f"ou=groups,{LDAP_SUFFIX}"
+    return f"""# generated by tests/servers.py:run_slapd
+{schemas}
+pidfile {run_dir}/slapd.pid
+argsfile {run_dir}/slapd.args
+modulepath /usr/lib/ldap
+moduleload back_mdb
+moduleload memberof
+{tls_lines}
+database mdb
+suffix "{LDAP_SUFFIX}"
+rootdn "{admin_dn}"
+rootpw {_ssha(admin_password)}
+directory {data_dir}
+maxsize 16777216
+dbnosync
+index objectClass eq
+index uid eq
+index member eq
+
+overlay memberof
+memberof-group-oc groupOfNames
+memberof-member-ad member
+memberof-memberof-ad memberOf
+memberof-refint TRUE
+
+# Anyone may try to bind (RFC 4513 5.1.3); nobody reads a password hash.
+access to attrs=userPassword
+    by anonymous auth
+    by * none
+# The service account reads people and groups; a person reads their own entry.
+access to dn.subtree="{people}"
+    by dn.exact="{svc_dn}" read
+    by self read
+    by * none
+access to dn.subtree="{groups}"
+    by dn.exact="{svc_dn}" read
+    by * none
+access to *
+    by * none
+"""
+
+
+def _ldap_test_tree(svc_dn: str, svc_password: str) -> list[tuple[str, dict[str, Any]]]:
+    from ldap3.utils.dn import escape_rdn
+
+    def person_dn(uid: str) -> str:
+        return f"uid={escape_rdn(uid)},ou=people,{LDAP_SUFFIX}"
+
+    entries: list[tuple[str, dict[str, Any]]] = [
+        (LDAP_SUFFIX, {"objectClass": ["dcObject", "organization"], "dc": "example",
+                       "o": "Example Agency"}),
+    ]
+    for ou in ("people", "groups", "services"):
+        entries.append((f"ou={ou},{LDAP_SUFFIX}", {"objectClass": ["organizationalUnit"],
+                                                   "ou": ou}))
+    entries.append((svc_dn, {"objectClass": ["applicationProcess", "simpleSecurityObject"],
+                             "cn": "civitas-svc", "userPassword": _ssha(svc_password)}))
+    for uid, attrs in LDAP_TEST_PEOPLE.items():
+        person = {k: v for k, v in attrs.items() if k != "password"}
+        entries.append((person_dn(uid), {
+            "objectClass": ["inetOrgPerson"], "uid": uid,
+            "userPassword": _ssha(attrs["password"]), **person,
+        }))
+    for cn, members in LDAP_TEST_GROUPS.items():
+        entries.append((f"cn={cn},ou=groups,{LDAP_SUFFIX}", {
+            "objectClass": ["groupOfNames"], "cn": cn,
+            "member": [person_dn(uid) for uid in members],
+        }))
+    return entries
+
+
+@contextlib.contextmanager
+def run_slapd(tmpdir: str | os.PathLike[str], *, tls: bool = False) -> Iterator[dict[str, Any]]:
+    """Run a throw-away OpenLDAP slapd holding the test tree; yield how to reach it.
+
+    The mdb database (suffix dc=example,dc=org) is loaded over LDAP by the root DN, so the
+    memberof overlay fills ``memberOf``. With ``tls`` a fresh CA and a certificate for
+    localhost/127.0.0.1 are generated: ``url`` then offers StartTLS and ``ldaps_url`` serves
+    LDAPS; ``ca_file`` verifies both. Yields the keys url, ldaps_url (None without tls),
+    base_dn, admin_dn, admin_password, svc_dn, svc_password, ca_file (None without tls).
+    """
+    import ldap3
+
+    tmpdir = Path(tmpdir)
+    binary = find_slapd()
+    if not binary:
+        raise RuntimeError("slapd is not installed (run scripts/ensure-system-deps)")
+
+    as_root = os.geteuid() == 0
+    # slapd binds its ports as root and then drops to openldap (-u/-g): from then on it
+    # reads its configuration, database and TLS key as that user.
+    if as_root:
+        try:
+            owner = pwd.getpwnam("openldap")
+        except KeyError:
+            raise RuntimeError("running as root but there is no `openldap` OS user") from None
+
+    def give_to_openldap(path: Path) -> None:
+        if as_root:
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+
+    log = _unique_path(tmpdir, "slapd", ".log")
+    base = _unique_path(tmpdir, "slapd")
+    base.mkdir(parents=True)
+    cleanup_base: Path | None = None
+
+    def usable(directory: Path) -> bool:
+        if not as_root:
+            return True
+        give_to_openldap(directory)
+        # tmpdir may sit under a 0700 root-owned dir (pytest's tmp_path does).
+        check = ["runuser", "-u", "openldap", "--", "test", "-w", str(directory)]
+        return subprocess.run(check, timeout=10).returncode == 0
+
+    try:
+        if not usable(base):
+            base = Path(tempfile.mkdtemp(prefix="civitas-slapd-"))
+            cleanup_base = base
+            if not usable(base):
+                raise RuntimeError(f"cannot prepare a slapd directory usable by openldap: {base}")
+        data_dir = base / "data"
+        data_dir.mkdir(mode=0o700)
+        give_to_openldap(data_dir)
+
+        port = free_port()
+        urls = [f"ldap://127.0.0.1:{port}/"]
+        ldaps_url: str | None = None
+        ca_file: Path | None = None
+        tls_files: tuple[Path, Path, Path] | None = None
+        if tls:
+            ca_file = write_test_ca(base, "Civitas LDAP Test CA")
+            cert, key = write_server_cert(base, ca_file, ("localhost", "127.0.0.1"), "slapd")
+            give_to_openldap(key)
+            tls_files = (ca_file, cert, key)
+            ldaps_port = free_port()
+            while ldaps_port == port:
+                ldaps_port = free_port()
+            ldaps_url = f"ldaps://127.0.0.1:{ldaps_port}"
+            urls.append(ldaps_url + "/")
+
+        admin_dn = f"cn=admin,{LDAP_SUFFIX}"
+        admin_password = secrets.token_urlsafe(18)
+        svc_dn = f"cn=civitas-svc,ou=services,{LDAP_SUFFIX}"
+        svc_password = secrets.token_urlsafe(18)
+        conf = base / "slapd.conf"
+        conf.write_text(_slapd_conf(base, data_dir, admin_dn, admin_password, svc_dn, tls_files))
+        conf.chmod(0o640)
+        give_to_openldap(conf)
+
+        # -d 256 (stats): stay in the foreground and log each operation to our log file.
+        cmd = [binary, "-d", "256", "-h", " ".join(urls), "-f", str(conf)]
+        if as_root:
+            cmd += ["-u", "openldap", "-g", grp.getgrgid(owner.pw_gid).gr_name]
+        url = f"ldap://127.0.0.1:{port}"
+
+        def bound_as(dn: str, password: str) -> ldap3.Connection:
+            # A fresh Server each time: ldap3 shuns an address for a few seconds after one
+            # refused connection, which would slow the start-up poll down.
+            server = ldap3.Server("127.0.0.1", port=port, get_info=ldap3.NONE, connect_timeout=2)
+            conn = ldap3.Connection(server, dn, password, receive_timeout=5,
+                                    raise_exceptions=True)
+            conn.bind()
+            return conn
+
+        def admin_ready() -> bool:
+            bound_as(admin_dn, admin_password).unbind()
+            return True
+
+        with _process(cmd, log, cwd=base) as proc:
+            _wait_until("slapd", proc, log, admin_ready, timeout=30)
+            admin = bound_as(admin_dn, admin_password)
+            try:
+                for dn, attrs in _ldap_test_tree(svc_dn, svc_password):
+                    admin.add(dn, attributes=attrs)
+            except ldap3.core.exceptions.LDAPException as exc:
+                raise _fail("slapd", log, f"refused the test tree: {exc}") from exc
+            finally:
+                admin.unbind()
+            bound_as(svc_dn, svc_password).unbind()
+            yield {
+                "url": url,
+                "ldaps_url": ldaps_url,
+                "base_dn": LDAP_SUFFIX,
+                "admin_dn": admin_dn,
+                "admin_password": admin_password,
+                "svc_dn": svc_dn,
+                "svc_password": svc_password,
+                "ca_file": str(ca_file) if ca_file else None,
+            }
+    finally:
+        if cleanup_base is not None:
+            shutil.rmtree(cleanup_base, ignore_errors=True)
