@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
 from flask import Blueprint, redirect, render_template, request, session, url_for
 from werkzeug.wrappers import Response
@@ -26,7 +27,11 @@ class FormExpired(BrokerError):
     public_message = "This form has expired. Please go back, reload the page and try again."
 
 
-def create_blueprint(broker: Broker) -> Blueprint:
+def create_blueprint(broker: Broker, *,
+                     on_logout: Callable[[HubLogin], object] | None = None) -> Blueprint:
+    """``on_logout`` is told of every hub session that ends here (sign-out, account deletion),
+    before the session is cleared: the composition root wires it to the OpenID provider's
+    logout (token revocation, back-channel logout) without broker/ depending on idp/."""
     bp = Blueprint("broker", __name__, template_folder="templates")
 
     def check_csrf() -> None:
@@ -130,12 +135,17 @@ def create_blueprint(broker: Broker) -> Blueprint:
         if request.form.get("confirm") != "delete":
             raise BrokerError("To delete your account, tick the box that confirms it.")
         broker.accounts.delete(login.account_id)
+        if on_logout is not None:
+            on_logout(login)
         session.clear()
         return redirect(url_for("broker.signed_out", deleted=1), code=303)
 
     @bp.post("/logout")
     def logout() -> Response:
         check_csrf()
+        login = current_login(session)
+        if login is not None and on_logout is not None:
+            on_logout(login)
         session.clear()
         return redirect(url_for("broker.signed_out"), code=303)
 

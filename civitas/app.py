@@ -6,6 +6,7 @@ import logging
 import os
 import secrets
 import uuid
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +23,15 @@ from broker.service import Broker
 from broker.session import StoreSessionInterface
 from broker.views import create_blueprint as broker_blueprint
 from config import Settings, settings_from_mapping
-from config.schema import OIDCUpstreamSettings
-from connectors import RedirectConnector
+from config.schema import LDAPUpstreamSettings, UpstreamSettings
+from connectors import PasswordConnector, RedirectConnector
+from connectors.ldap import LDAPConfig, LDAPConnector
 from connectors.oidc import OIDCConfig, OIDCConnector
 from idp.agencies import AgencyRegistry
+from idp.backchannel import LogoutDispatcher
 from idp.keys import KeyRing
+from idp.logout import LogoutService, SessionParticipants
+from idp.logout_views import create_blueprint as logout_blueprint
 from idp.pairwise import PairwiseSubjects
 from idp.provider import HubAuthorizationServer, ProviderServices
 from idp.tokens import AccessTokens, RefreshTokens, TokenStore
@@ -56,9 +61,26 @@ class Hub:
     tokens: TokenStore
     broker: Broker
     server: HubAuthorizationServer
+    logout: LogoutService
+    dispatcher: LogoutDispatcher
 
 
-def make_connector(upstream: OIDCUpstreamSettings) -> RedirectConnector:
+def make_connector(upstream: UpstreamSettings) -> RedirectConnector | PasswordConnector:
+    """One connector per configured upstream, by its ``kind``."""
+    if isinstance(upstream, LDAPUpstreamSettings):
+        return LDAPConnector(LDAPConfig(
+            id=upstream.id, display_name=upstream.display_name, url=upstream.url,
+            start_tls=upstream.start_tls, ca_file=upstream.ca_file, bind_dn=upstream.bind_dn,
+            bind_password=(upstream.bind_password.get_secret_value()
+                           if upstream.bind_password else None),
+            user_dn_template=upstream.user_dn_template, user_base_dn=upstream.user_base_dn,
+            user_filter=upstream.user_filter, subject_attribute=upstream.subject_attribute,
+            attribute_map=tuple(upstream.attribute_map.items()),
+            group_attribute=upstream.group_attribute, group_base_dn=upstream.group_base_dn,
+            group_filter=upstream.group_filter,
+            group_name_attribute=upstream.group_name_attribute, acr=upstream.acr,
+            timeout_seconds=upstream.timeout_seconds, pool_size=upstream.pool_size,
+        ))
     assert upstream.client_secret is not None
     return OIDCConnector(OIDCConfig(
         id=upstream.id, display_name=upstream.display_name, issuer=upstream.issuer,
@@ -96,10 +118,15 @@ def build_hub(settings: Settings, *, migrate: bool = True) -> Hub:
         refresh_tokens=RefreshTokens(db, tokens, lifetime=settings.refresh_token_lifetime_seconds),
         subjects=PairwiseSubjects(settings.pairwise_secret.get_secret_value()),
         id_token_lifetime=settings.id_token_lifetime_seconds,
+        participants=SessionParticipants(store, ttl=settings.session_lifetime_seconds),
     )
     server = HubAuthorizationServer(services)
+    dispatcher = LogoutDispatcher(db, keys, issuer=settings.issuer,
+                                  timeout=settings.backchannel_timeout_seconds)
+    logout = LogoutService(services, services.participants, dispatcher)
     return Hub(settings=settings, db=db, store=store, cipher=cipher, accounts=accounts,
-               agencies=agencies, keys=keys, tokens=tokens, broker=broker, server=server)
+               agencies=agencies, keys=keys, tokens=tokens, broker=broker, server=server,
+               logout=logout, dispatcher=dispatcher)
 
 
 def create_app(config: Settings | Mapping[str, Any] | None = None, *,
@@ -130,8 +157,13 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
     app.session_interface = StoreSessionInterface(
         hub.store, lifetime=settings.session_lifetime_seconds, secure=settings.is_https
     )
-    app.register_blueprint(broker_blueprint(hub.broker))
+    app.register_blueprint(broker_blueprint(hub.broker, on_logout=hub.logout.end_session))
     app.register_blueprint(idp_blueprint(hub.server, hub.broker))
+    app.register_blueprint(logout_blueprint(hub.logout))
+    if settings.backchannel_dispatcher:
+        hub.dispatcher.start()
+        # The thread also stops when the hub's database is disposed (see LogoutDispatcher).
+        weakref.finalize(app, hub.dispatcher.stop)
     _install_request_hooks(app)
     _install_error_pages(app)
     return app

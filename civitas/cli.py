@@ -24,7 +24,10 @@ def _settings(ctx: click.Context) -> Settings:
 def _hub(ctx: click.Context) -> Any:
     from .app import build_hub
 
-    return build_hub(_settings(ctx))
+    try:
+        return build_hub(_settings(ctx))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 def _duration(value: str) -> timedelta:
@@ -58,7 +61,10 @@ def serve(ctx: click.Context, host: str, port: int, threads: int) -> None:
 
     from .app import create_app
 
-    app = create_app(_settings(ctx))
+    try:
+        app = create_app(_settings(ctx))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
     issuer = app.extensions["civitas"].settings.issuer
     click.echo(f"Civitas listening on http://{host}:{port} (issuer {issuer})")
     waitress.serve(app, host=host, port=port, threads=threads, ident="civitas")
@@ -138,9 +144,15 @@ def agency_group() -> None:
               help="Pairwise sector (default: the redirect URIs' host).")
 @click.option("--auth-method", default="client_secret_basic", show_default=True,
               type=click.Choice(["client_secret_basic", "client_secret_post"]))
+@click.option("--post-logout-redirect-uri", "post_logout_redirect_uris", multiple=True,
+              help="Exact URI the agency may ask to return to after logout; repeat for several.")
+@click.option("--backchannel-logout-uri", default=None,
+              help="Where the hub POSTs logout tokens (OpenID Connect Back-Channel Logout).")
 @click.pass_context
 def agency_add(ctx: click.Context, client_id: str, name: str, redirect_uris: tuple[str, ...],
-               scopes: tuple[str, ...], sector_identifier: str | None, auth_method: str) -> None:
+               scopes: tuple[str, ...], sector_identifier: str | None, auth_method: str,
+               post_logout_redirect_uris: tuple[str, ...],
+               backchannel_logout_uri: str | None) -> None:
     """Register an agency. Prints its client secret once; only a hash is stored."""
     from idp.errors import AgencyRegistrationError
 
@@ -149,7 +161,8 @@ def agency_add(ctx: click.Context, client_id: str, name: str, redirect_uris: tup
         row, secret = hub.agencies.add(
             client_id=client_id, name=name, redirect_uris=list(redirect_uris),
             scopes=list(scopes) or None, sector_identifier=sector_identifier,
-            auth_method=auth_method,
+            auth_method=auth_method, post_logout_redirect_uris=list(post_logout_redirect_uris),
+            backchannel_logout_uri=backchannel_logout_uri,
         )
     except AgencyRegistrationError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -185,6 +198,29 @@ def agency_remove(ctx: click.Context, client_id: str) -> None:
     if not _hub(ctx).agencies.remove(client_id):
         raise click.ClickException(f"no agency with client_id {client_id!r}")
     click.echo(f"removed agency {client_id}")
+
+
+# -- logout ---------------------------------------------------------------------------------
+
+@main.group("logout")
+def logout_group() -> None:
+    """Back-channel logout deliveries to agencies."""
+
+
+@logout_group.command("deliver")
+@click.pass_context
+def logout_deliver(ctx: click.Context) -> None:
+    """Run one delivery pass of queued logout tokens (for cron, or when the in-process
+    dispatcher is off); exit 1 if any delivery failed."""
+    hub = _hub(ctx)
+    try:
+        done = hub.dispatcher.deliver_due()
+    finally:
+        hub.db.dispose()
+    click.echo(f"{done.delivered} delivered, {done.retrying} to retry, "
+               f"{done.given_up} given up")
+    if done.retrying or done.given_up:
+        sys.exit(1)
 
 
 # -- keys -----------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for err in exc.errors():
         # pydantic puts the union tag (e.g. 'oidc') into the location; drop it for readability
-        loc = tuple(p for p in err["loc"] if p not in ("oidc", "function-after[_secret()]"))
+        loc = tuple(p for p in err["loc"]
+                    if p not in ("oidc", "ldap", "function-after[_secret()]"))
         msg = err["msg"].removeprefix("Value error, ")
         lines.append(f"  {_loc(loc)}: {msg}")
     return "\n".join(lines)

@@ -105,8 +105,55 @@ class OIDCUpstreamSettings(BaseModel):
         return self
 
 
-# A discriminated union: LDAP and SAML upstreams join it as further ``kind`` values.
-UpstreamSettings = Annotated[OIDCUpstreamSettings, Field(discriminator="kind")]
+class LDAPUpstreamSettings(BaseModel):
+    """An LDAP directory (typically an agency's staff directory): a password-style upstream.
+
+    Either search-then-bind with a service account (``bind_dn`` + ``bind_password`` +
+    ``user_base_dn``) or a direct bind with ``user_dn_template``. The server certificate is
+    always verified (``ca_file``); plain ``ldap://`` without ``start_tls`` only to loopback.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["ldap"]
+    id: Annotated[str, Field(pattern=SLUG)]
+    display_name: Annotated[str, Field(min_length=1, max_length=80)]
+    url: Annotated[str, Field(pattern=r"^ldaps?://")]
+    start_tls: bool = False
+    ca_file: str | None = None
+    bind_dn: str | None = None
+    bind_password: SecretStr | None = None
+    bind_password_env: str | None = None
+    bind_password_file: Path | None = None
+    user_dn_template: str | None = None
+    user_base_dn: str | None = None
+    user_filter: str = "(&(objectClass=inetOrgPerson)(uid={username}))"
+    subject_attribute: str = "entryUUID"
+    #: claim name -> LDAP attribute
+    attribute_map: dict[str, str] = {"name": "cn", "given_name": "givenName",
+                                     "family_name": "sn", "email": "mail",
+                                     "preferred_username": "uid"}
+    group_attribute: str | None = None
+    group_base_dn: str | None = None
+    group_filter: str = "(&(objectClass=groupOfNames)(member={dn}))"
+    group_name_attribute: str = "cn"
+    acr: str = "urn:civitas:acr:ial1:aal1"
+    timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
+    pool_size: Annotated[int, Field(ge=1, le=64)] = 4
+
+    @model_validator(mode="after")
+    def _secret(self) -> LDAPUpstreamSettings:
+        self.bind_password = _resolve_secret(
+            self.bind_password, self.bind_password_env, self.bind_password_file, "bind_password"
+        )
+        self.bind_password_env = None
+        self.bind_password_file = None
+        return self
+
+
+# A discriminated union on ``kind``; SAML upstreams join it later.
+UpstreamSettings = Annotated[OIDCUpstreamSettings | LDAPUpstreamSettings,
+                             Field(discriminator="kind")]
 
 
 class AgencySettings(BaseModel):
@@ -125,13 +172,22 @@ class AgencySettings(BaseModel):
     token_endpoint_auth_method: Literal["client_secret_basic", "client_secret_post"] = (
         "client_secret_basic"  # noqa: S105 (a method name, not a secret)
     )
+    #: RP-Initiated Logout 1.0: where the agency may ask to be sent after logout (exact match)
+    post_logout_redirect_uris: list[str] = []
+    #: Back-Channel Logout 1.0: where the hub POSTs logout tokens (https, or loopback http)
+    backchannel_logout_uri: str | None = None
 
-    @field_validator("redirect_uris")
+    @field_validator("redirect_uris", "post_logout_redirect_uris")
     @classmethod
     def _uris(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError("duplicate redirect URI")
         return [check_redirect_uri(u) for u in v]
+
+    @field_validator("backchannel_logout_uri")
+    @classmethod
+    def _backchannel(cls, v: str | None) -> str | None:
+        return None if v is None else check_url(v, what="backchannel_logout_uri")
 
     @model_validator(mode="after")
     def _secret(self) -> AgencySettings:
@@ -176,6 +232,11 @@ class Settings(BaseSettings):
     #: upstream ids, most trusted first: when upstreams disagree about an attribute, agencies
     #: get the value from the first one here (default: the order of ``upstreams``)
     attribute_source_ranking: list[str] | None = None
+    #: run the back-channel logout delivery thread in this process (Back-Channel Logout 1.0);
+    #: off when deliveries are left to `civitas logout deliver` (cron) or another worker
+    backchannel_dispatcher: bool = True
+    #: how long one POST of a logout token to an agency may take
+    backchannel_timeout_seconds: Annotated[float, Field(gt=0, le=30)] = 5.0
 
     @field_validator("issuer")
     @classmethod

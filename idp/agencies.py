@@ -13,7 +13,7 @@ from authlib.oauth2.rfc6749 import ClientMixin
 from sqlalchemy import select
 
 from kernel.db import Database, utcnow
-from kernel.urls import check_redirect_uri
+from kernel.urls import check_redirect_uri, check_url
 
 from .errors import AgencyRegistrationError
 from .models import Agency
@@ -45,6 +45,8 @@ class AgencyClient(ClientMixin):
     token_endpoint_auth_method: str
     subject_type: str
     id_token_signed_response_alg: str
+    post_logout_redirect_uris: tuple[str, ...] = ()
+    backchannel_logout_uri: str | None = None
 
     @classmethod
     def from_row(cls, row: Agency) -> AgencyClient:
@@ -54,6 +56,8 @@ class AgencyClient(ClientMixin):
             scopes=tuple(row.scopes), token_endpoint_auth_method=row.token_endpoint_auth_method,
             subject_type=row.subject_type,
             id_token_signed_response_alg=row.id_token_signed_response_alg,
+            post_logout_redirect_uris=tuple(row.post_logout_redirect_uris or ()),
+            backchannel_logout_uri=row.backchannel_logout_uri,
         )
 
     def get_client_id(self) -> str:
@@ -77,6 +81,11 @@ class AgencyClient(ClientMixin):
         # Exact string comparison (RFC 9700 2.1, 4.1.3): no prefix, case, slash or query leeway.
         return any(hmac.compare_digest(redirect_uri.encode(), u.encode())
                    for u in self.redirect_uris)
+
+    def check_post_logout_redirect_uri(self, uri: str) -> bool:
+        """RP-Initiated Logout 1.0 section 3: exactly one of the registered values."""
+        return any(hmac.compare_digest(uri.encode(), u.encode())
+                   for u in self.post_logout_redirect_uris)
 
     def check_client_secret(self, client_secret: str) -> bool:
         return verify_secret(client_secret, self.secret_hash)
@@ -109,7 +118,9 @@ class AgencyRegistry:
         self._default_alg = default_alg
 
     def _validate(self, *, client_id: str, name: str, redirect_uris: list[str],
-                  scopes: list[str], auth_method: str) -> None:
+                  scopes: list[str], auth_method: str,
+                  post_logout_redirect_uris: list[str] | None = None,
+                  backchannel_logout_uri: str | None = None) -> None:
         import re
 
         if not re.fullmatch(r"[A-Za-z0-9._~-]{3,128}", client_id):
@@ -132,15 +143,29 @@ class AgencyRegistry:
             )
         if auth_method not in AUTH_METHODS:
             raise AgencyRegistrationError(f"token_endpoint_auth_method: one of {AUTH_METHODS}")
+        for uri in post_logout_redirect_uris or []:
+            try:
+                check_redirect_uri(uri)
+            except ValueError as exc:
+                raise AgencyRegistrationError(f"post_logout_redirect_uris: {exc}") from exc
+        if backchannel_logout_uri is not None:
+            try:
+                check_url(backchannel_logout_uri, what="backchannel_logout_uri")
+            except ValueError as exc:
+                raise AgencyRegistrationError(str(exc)) from exc
 
     def add(self, *, client_id: str, name: str, redirect_uris: list[str],
             scopes: list[str] | None = None, sector_identifier: str | None = None,
             auth_method: str = "client_secret_basic", secret: str | None = None,
-            source: str = "cli") -> tuple[Agency, str]:
+            source: str = "cli", post_logout_redirect_uris: list[str] | None = None,
+            backchannel_logout_uri: str | None = None) -> tuple[Agency, str]:
         """Register an agency; returns the row and the client secret (shown once)."""
         scopes = scopes or ["openid", "profile", "email"]
+        post_logout_redirect_uris = list(dict.fromkeys(post_logout_redirect_uris or []))
         self._validate(client_id=client_id, name=name, redirect_uris=redirect_uris,
-                       scopes=scopes, auth_method=auth_method)
+                       scopes=scopes, auth_method=auth_method,
+                       post_logout_redirect_uris=post_logout_redirect_uris,
+                       backchannel_logout_uri=backchannel_logout_uri)
         secret = secret or secrets.token_urlsafe(32)
         row = Agency(
             client_id=client_id, name=name.strip(), secret_hash=hash_secret(secret),
@@ -148,6 +173,8 @@ class AgencyRegistry:
             sector_identifier=sector_identifier or default_sector(redirect_uris),
             scopes=scopes, token_endpoint_auth_method=auth_method, subject_type="pairwise",
             id_token_signed_response_alg=self._default_alg, source=source,
+            post_logout_redirect_uris=post_logout_redirect_uris,
+            backchannel_logout_uri=backchannel_logout_uri,
         )
         with self._db.session() as s:
             if s.get(Agency, client_id) is not None:
@@ -160,7 +187,9 @@ class AgencyRegistry:
         for a in agencies:
             secret = a.client_secret.get_secret_value()
             self._validate(client_id=a.client_id, name=a.name, redirect_uris=a.redirect_uris,
-                           scopes=a.scopes, auth_method=a.token_endpoint_auth_method)
+                           scopes=a.scopes, auth_method=a.token_endpoint_auth_method,
+                           post_logout_redirect_uris=a.post_logout_redirect_uris,
+                           backchannel_logout_uri=a.backchannel_logout_uri)
             with self._db.session() as s:
                 row = s.get(Agency, a.client_id)
                 if row is None:
@@ -172,12 +201,16 @@ class AgencyRegistry:
                                  sector_identifier=(a.sector_identifier
                                                     or default_sector(a.redirect_uris)),
                                  scopes=list(a.scopes),
-                                 token_endpoint_auth_method=a.token_endpoint_auth_method))
+                                 token_endpoint_auth_method=a.token_endpoint_auth_method,
+                                 post_logout_redirect_uris=list(a.post_logout_redirect_uris),
+                                 backchannel_logout_uri=a.backchannel_logout_uri))
                     continue
                 row.name, row.secret_hash = a.name, hash_secret(secret)
                 row.redirect_uris, row.scopes = list(a.redirect_uris), list(a.scopes)
                 row.token_endpoint_auth_method = a.token_endpoint_auth_method
                 row.sector_identifier = a.sector_identifier or default_sector(a.redirect_uris)
+                row.post_logout_redirect_uris = list(a.post_logout_redirect_uris)
+                row.backchannel_logout_uri = a.backchannel_logout_uri
                 row.updated_at = utcnow()
 
     def get(self, client_id: str) -> Agency | None:

@@ -37,6 +37,7 @@ from broker.session import HubLogin
 from .agencies import AgencyClient, AgencyRegistry
 from .claims import claims_for_scope
 from .keys import KeyRing
+from .logout import SessionParticipants
 from .pairwise import PairwiseSubjects
 from .tokens import (
     AccessToken,
@@ -62,6 +63,7 @@ class ProviderServices:
     keys: KeyRing
     subjects: PairwiseSubjects
     id_token_lifetime: int
+    participants: SessionParticipants
 
     def issue_tokens(self, *, client: AgencyClient, account_id: str, scope: str, grant_id: str,
                      sid: str, auth_time: int, acr: str, amr: tuple[str, ...],
@@ -173,6 +175,7 @@ class CodeGrant(grants.AuthorizationCodeGrant):
             "amr": list(login.amr),
             "sid": login.sid,
         })
+        self.hub.participants.add(login.sid, request.client.client_id)
         if nonce:
             self.hub.tokens.remember_nonce(request.client.client_id, nonce,
                                            self.hub.tokens.code_lifetime)

@@ -1,0 +1,274 @@
+"""OpenID Connect Back-Channel Logout 1.0: logout tokens and their delivery to agencies.
+
+- Logout token (section 2.4): a JWT signed with the hub's current key for the agency's
+  algorithm, header ``typ: logout+jwt`` and ``kid``; claims ``iss aud iat exp jti sub sid``
+  and ``events`` with the back-channel logout event; never a ``nonce`` (2.4, 2.6). It lives
+  two minutes; a retry later than that is sent a freshly signed token (new ``jti``).
+- Delivery (section 2.5): ``POST`` of ``logout_token=...`` as
+  ``application/x-www-form-urlencoded`` with a timeout, redirects not followed. 200 is success
+  and so is 204 (2.8); anything else is retried after 10 s, 30 s, 2 min, 10 min and 1 h, and
+  given up after six attempts (the row stays, with ``last_error``).
+- The queue is the ``logout_deliveries`` table, so a restart loses nothing. A worker claims a
+  row with a conditional ``UPDATE`` (due, and not leased to another worker) and holds a lease
+  while it posts: any number of workers, on SQLite or PostgreSQL, never post a row at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import requests
+from joserfc import jws, jwt
+from joserfc.errors import JoseError
+from requests.adapters import HTTPAdapter
+from sqlalchemy import event, or_, select, update
+
+from kernel.db import Database, utcnow
+
+from .keys import ActiveKey, KeyRing
+from .models import LogoutDelivery
+
+log = logging.getLogger("civitas.backchannel")
+
+EVENT = "http://schemas.openid.net/event/backchannel-logout"
+TOKEN_LIFETIME = 120
+#: a stored token with less validity than this left is signed afresh before it is sent
+REMINT_MARGIN = 30
+#: seconds to wait after the 1st, 2nd, ... failed attempt
+BACKOFF = (10, 30, 120, 600, 3600)
+MAX_ATTEMPTS = len(BACKOFF) + 1
+
+
+def mint_logout_token(key: ActiveKey, *, issuer: str, client_id: str, sub: str, sid: str,
+                      now: int) -> str:
+    """Back-Channel Logout 1.0 section 2.4."""
+    header = {"alg": key.alg, "kid": key.kid, "typ": "logout+jwt"}
+    claims = {
+        "iss": issuer, "aud": client_id, "iat": now, "exp": now + TOKEN_LIFETIME,
+        "jti": secrets.token_urlsafe(16), "sub": sub, "sid": sid,
+        "events": {EVENT: {}},
+    }
+    return jwt.encode(header, claims, key.key, algorithms=[key.alg])
+
+
+@dataclass(frozen=True)
+class LogoutNotice:
+    """What one agency is to be told: the session ``sid`` ended for its subject ``sub``."""
+
+    client_id: str
+    logout_uri: str
+    alg: str
+    sub: str
+    sid: str
+
+
+@dataclass
+class DeliveryPass:
+    """What one call of :meth:`LogoutDispatcher.deliver_due` did."""
+
+    delivered: int = 0
+    retrying: int = 0
+    given_up: int = 0
+
+    @property
+    def attempted(self) -> int:
+        return self.delivered + self.retrying + self.given_up
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    id: int
+    client_id: str
+    logout_uri: str
+    token: str
+    attempts: int
+
+
+class LogoutDispatcher:
+    """The delivery queue: :meth:`enqueue` at logout, :meth:`deliver_due` from a worker."""
+
+    def __init__(self, db: Database, keys: KeyRing, *, issuer: str, timeout: float = 5.0,
+                 workers: int = 8, batch: int = 100) -> None:
+        self._db = db
+        self._keys = keys
+        self._issuer = issuer
+        self.timeout = timeout
+        self._workers = workers
+        self._batch = batch
+        self._http = requests.Session()
+        adapter = HTTPAdapter(pool_maxsize=workers, max_retries=0)
+        self._http.mount("http://", adapter)
+        self._http.mount("https://", adapter)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- queue ------------------------------------------------------------------------------
+
+    def enqueue(self, notices: Sequence[LogoutNotice], now: datetime | None = None) -> int:
+        """Sign a logout token for each notice and queue it, due now. Returns how many."""
+        now = now or utcnow()
+        rows = []
+        for n in notices:
+            try:
+                key = self._keys.signing_key(n.alg)
+            except LookupError:
+                log.error("no %s signing key: agency %s is not sent a logout token", n.alg,
+                          n.client_id)
+                continue
+            token = mint_logout_token(key, issuer=self._issuer, client_id=n.client_id,
+                                      sub=n.sub, sid=n.sid, now=int(now.timestamp()))
+            rows.append(LogoutDelivery(client_id=n.client_id, logout_uri=n.logout_uri,
+                                       token=token, attempts=0, next_attempt_at=now,
+                                       created_at=now))
+        if rows:
+            with self._db.session() as s:
+                s.add_all(rows)
+            self._wake.set()
+        return len(rows)
+
+    def pending(self) -> list[LogoutDelivery]:
+        """Rows not yet delivered nor given up, oldest first (for operators and tests)."""
+        with self._db.session() as s:
+            return list(s.scalars(select(LogoutDelivery)
+                                  .where(LogoutDelivery.next_attempt_at.is_not(None))
+                                  .order_by(LogoutDelivery.id)))
+
+    # -- delivery ---------------------------------------------------------------------------
+
+    def deliver_due(self, now: datetime | None = None) -> DeliveryPass:
+        """One pass: claim the rows that are due, POST them (in parallel), record outcomes."""
+        now = now or utcnow()
+        claimed = self._claim(now)
+        result = DeliveryPass()
+        if not claimed:
+            return result
+        with ThreadPoolExecutor(max_workers=min(self._workers, len(claimed)),
+                                thread_name_prefix="civitas-logout-post") as pool:
+            outcomes = list(pool.map(lambda c: self._attempt(c, now), claimed))
+        for item, (token, error) in zip(claimed, outcomes, strict=True):
+            self._record(item, token, error, now, result)
+        return result
+
+    def _due(self, now: datetime) -> Any:
+        return (LogoutDelivery.next_attempt_at <= now) & or_(
+            LogoutDelivery.claimed_until.is_(None), LogoutDelivery.claimed_until < now)
+
+    def _claim(self, now: datetime) -> list[_Claimed]:
+        lease_until = now + timedelta(seconds=3 * self.timeout + 30)
+        with self._db.session() as s:
+            ids = list(s.scalars(select(LogoutDelivery.id).where(self._due(now))
+                                 .order_by(LogoutDelivery.next_attempt_at)
+                                 .limit(self._batch)))
+        claimed = []
+        for row_id in ids:
+            with self._db.session() as s:
+                # Only one worker's UPDATE matches: the others see the lease already taken.
+                taken = s.execute(update(LogoutDelivery)
+                                  .where(LogoutDelivery.id == row_id, self._due(now))
+                                  .values(claimed_until=lease_until))
+                if taken.rowcount != 1:  # type: ignore[attr-defined]
+                    continue
+                row = s.get(LogoutDelivery, row_id)
+                assert row is not None
+                claimed.append(_Claimed(row.id, row.client_id, row.logout_uri, row.token,
+                                        row.attempts))
+        return claimed
+
+    def _fresh_token(self, token: str, now: datetime) -> str:
+        """The stored token, or the same notice signed afresh when it is about to expire."""
+        compact = jws.extract_compact(token.encode())
+        claims = json.loads(compact.payload)
+        if int(claims["exp"]) - now.timestamp() >= REMINT_MARGIN:
+            return token
+        key = self._keys.signing_key(str(compact.headers()["alg"]))
+        return mint_logout_token(key, issuer=self._issuer, client_id=claims["aud"],
+                                 sub=claims["sub"], sid=claims["sid"], now=int(now.timestamp()))
+
+    def _attempt(self, item: _Claimed, now: datetime) -> tuple[str, str | None]:
+        """POST one logout token; returns the token sent and an error, or None on success."""
+        try:
+            token = self._fresh_token(item.token, now)
+        except (LookupError, ValueError, JoseError) as exc:
+            return item.token, f"cannot sign a logout token: {exc}"
+        try:
+            with self._http.post(item.logout_uri, data={"logout_token": token},
+                                 timeout=self.timeout, allow_redirects=False,
+                                 stream=True) as resp:
+                # Only the status matters (section 2.8); the body is never read.
+                if resp.status_code in (200, 204):
+                    return token, None
+                return token, f"HTTP {resp.status_code}"
+        except requests.RequestException as exc:
+            return token, f"{type(exc).__name__}: {exc}"
+
+    def _record(self, item: _Claimed, token: str, error: str | None, now: datetime,
+                result: DeliveryPass) -> None:
+        with self._db.session() as s:
+            row = s.get(LogoutDelivery, item.id)
+            if row is None:  # removed by an operator meanwhile
+                return
+            row.attempts = item.attempts + 1
+            row.token = token
+            row.claimed_until = None
+            if error is None:
+                row.delivered_at, row.next_attempt_at, row.last_error = utcnow(), None, None
+                result.delivered += 1
+                log.info("logout token delivered to %s", item.client_id)
+            elif row.attempts >= MAX_ATTEMPTS:
+                row.next_attempt_at = None
+                row.last_error = f"gave up after {row.attempts} attempts: {error}"[:500]
+                result.given_up += 1
+                log.error("logout token for %s given up: %s", item.client_id, error)
+            else:
+                row.next_attempt_at = now + timedelta(seconds=BACKOFF[row.attempts - 1])
+                row.last_error = error[:500]
+                result.retrying += 1
+                log.warning("logout token for %s not delivered (attempt %d): %s",
+                            item.client_id, row.attempts, error)
+
+    # -- background worker --------------------------------------------------------------------
+
+    def start(self, interval: float = 1.0) -> None:
+        """Deliver from a daemon thread that wakes every ``interval`` seconds (and at once
+        after an enqueue). It stops with :meth:`stop` or when the database is disposed."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        if not event.contains(self._db.engine, "engine_disposed", self._on_dispose):
+            event.listen(self._db.engine, "engine_disposed", self._on_dispose)
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True,
+                                        name="civitas-backchannel-logout")
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, wait: float = 0) -> None:
+        self._stop.set()
+        self._wake.set()
+        thread = self._thread
+        if wait and thread is not None and thread is not threading.current_thread():
+            thread.join(wait)
+
+    def _on_dispose(self, _engine: Any) -> None:
+        self.stop()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.is_set():
+            try:
+                self.deliver_due()
+            except Exception:  # noqa: BLE001 (a worker loop outlives one bad pass; logged)
+                log.exception("back-channel logout delivery pass failed")
+            self._wake.wait(interval)
+            self._wake.clear()
+

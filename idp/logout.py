@@ -1,0 +1,252 @@
+"""Ending a hub session: OpenID Connect RP-Initiated Logout 1.0 and the session bookkeeping
+behind Back-Channel Logout 1.0.
+
+- Which agencies took part in a hub session is recorded when each is issued a code under the
+  session's ``sid`` (:class:`SessionParticipants`).
+- Ending a session (:meth:`LogoutService.end_session`, from the end-session endpoint or the
+  hub's own sign-out) revokes the tokens issued in it and queues a logout token for every
+  agency that took part and registered a ``backchannel_logout_uri`` (Back-Channel Logout 1.0
+  section 2.7). That includes the agency that asked for the logout: the specification allows
+  it, it makes hub-initiated and agency-initiated logout identical, and an agency that has
+  already ended its own session just ignores the token.
+- An end-session request (RP-Initiated Logout 1.0 section 2) is checked here, free of Flask:
+  ``id_token_hint`` must be an ID token the hub signed (an expired one is fine, section 2),
+  ``client_id`` must agree with its audience, and ``post_logout_redirect_uri`` must be one
+  the agency registered, character for character (section 3). Any failure means no redirect.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from authlib.common.urls import add_params_to_uri
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet
+
+from broker.session import HubLogin
+from kernel.store import ShortLivedStore
+
+from .agencies import AgencyClient
+from .backchannel import LogoutDispatcher, LogoutNotice
+from .errors import IdpError
+from .keys import SUPPORTED_ALGS
+
+if TYPE_CHECKING:
+    from .provider import ProviderServices
+
+log = logging.getLogger("civitas.logout")
+
+MAX_HINT_LENGTH = 8192
+
+
+class InvalidLogoutRequest(IdpError):
+    """RP-Initiated Logout 1.0 section 4: an invalid request is never redirected."""
+
+    status_code = 400
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            "This sign-out request from the agency site is not valid, so you were not sent "
+            f"back to it ({reason}). To sign out of Civitas, use the button on your Civitas "
+            "account page."
+        )
+        self.reason = reason
+
+
+class SessionParticipants:
+    """Which agencies took part in a hub session: ``sid-agencies:<sid>`` -> client ids.
+
+    The entry is renewed for the session lifetime at every code issued under the session.
+    Adding is a read-modify-write under a short lock in the store (``put_new``), so agencies
+    issued codes at the same moment (a portal opening several agency frames) are all kept;
+    ``take`` is the store's atomic take.
+    """
+
+    PREFIX = "sid-agencies:"
+
+    def __init__(self, store: ShortLivedStore, *, ttl: int, lock_wait: float = 1.0) -> None:
+        self._store = store
+        self._ttl = ttl
+        self._lock_wait = lock_wait
+
+    def add(self, sid: str, client_id: str) -> None:
+        if not sid:
+            return
+        with self._locked(sid):
+            record = self._store.get(self.PREFIX + sid) or {}
+            client_ids = [c for c in record.get("client_ids", []) if isinstance(c, str)]
+            if client_id not in client_ids:
+                client_ids.append(client_id)
+            self._store.put(self.PREFIX + sid, {"client_ids": client_ids}, self._ttl)
+
+    def take(self, sid: str) -> list[str]:
+        """The session's agencies, forgotten as they are read (logout happens once)."""
+        record = self._store.take(self.PREFIX + sid) if sid else None
+        if record is None:
+            return []
+        return [c for c in record.get("client_ids", []) if isinstance(c, str)]
+
+    @contextmanager
+    def _locked(self, sid: str) -> Iterator[None]:
+        key = "sid-agencies-lock:" + sid
+        value = {"owner": secrets.token_hex(8)}
+        deadline = time.monotonic() + self._lock_wait
+        acquired = self._store.put_new(key, value, 5)
+        while not acquired and time.monotonic() < deadline:
+            time.sleep(0.005)
+            acquired = self._store.put_new(key, value, 5)
+        if not acquired:
+            # A holder that died leaves the lock for at most 5 s; recording without it risks
+            # losing a concurrent entry, which is better than failing the citizen's login.
+            log.warning("session participants lock not acquired; recording without it")
+        try:
+            yield
+        finally:
+            if acquired:
+                self._store.delete(key)
+
+
+@dataclass(frozen=True)
+class EndSessionRequest:
+    """The parameters of RP-Initiated Logout 1.0 section 2 (``ui_locales`` is accepted and,
+    the hub's pages being in one language, not acted on)."""
+
+    id_token_hint: str | None = None
+    client_id: str | None = None
+    post_logout_redirect_uri: str | None = None
+    state: str | None = None
+    ui_locales: str | None = None
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str]) -> EndSessionRequest:
+        def value(name: str) -> str | None:
+            raw = params.get(name)
+            return raw if isinstance(raw, str) and raw else None
+
+        return cls(id_token_hint=value("id_token_hint"), client_id=value("client_id"),
+                   post_logout_redirect_uri=value("post_logout_redirect_uri"),
+                   state=value("state"), ui_locales=value("ui_locales"))
+
+
+@dataclass(frozen=True)
+class EndSessionPlan:
+    """A checked end-session request: who asked, and where (if anywhere) to go afterwards."""
+
+    request: EndSessionRequest
+    client: AgencyClient | None
+    #: a registered post-logout redirect URI of ``client``, or None: no redirect
+    redirect_uri: str | None
+    #: the ``sid`` of a verified ``id_token_hint``
+    hint_sid: str | None
+
+    def redirect_location(self) -> str | None:
+        """The redirect URI with ``state`` added (RP-Initiated Logout 1.0 section 3)."""
+        if self.redirect_uri is None:
+            return None
+        if self.request.state is None:
+            return self.redirect_uri
+        return str(add_params_to_uri(self.redirect_uri, [("state", self.request.state)]))
+
+    def ends_without_confirmation(self, login: HubLogin) -> bool:
+        """A verified hint naming this very session is proof enough that the agency the
+        citizen is using asked for the logout; anything else is confirmed by the citizen,
+        so a forged cross-site request cannot sign anyone out silently (section 2)."""
+        return self.hint_sid is not None and secrets.compare_digest(self.hint_sid.encode(),
+                                                                    login.sid.encode())
+
+
+class LogoutService:
+    """End-session requests and the ending of hub sessions, free of Flask."""
+
+    def __init__(self, hub: ProviderServices, participants: SessionParticipants,
+                 dispatcher: LogoutDispatcher) -> None:
+        self.hub = hub
+        self.participants = participants
+        self.dispatcher = dispatcher
+
+    # -- RP-Initiated Logout 1.0 ------------------------------------------------------------
+
+    def verify_id_token_hint(self, hint: str) -> dict[str, Any]:
+        """Section 2: a hint the hub signed, with any key it still publishes, and issued by
+        this hub; its expiry is not checked (an expired ID token is a valid hint)."""
+        if len(hint) > MAX_HINT_LENGTH:
+            raise InvalidLogoutRequest("the id_token_hint is too long")
+        try:
+            keyset = KeySet.import_key_set(self.hub.keys.jwks())  # type: ignore[arg-type]
+            token = jwt.decode(hint, keyset, algorithms=list(SUPPORTED_ALGS))
+        except (JoseError, ValueError) as exc:
+            raise InvalidLogoutRequest("the id_token_hint is not an ID token from Civitas"
+                                       ) from exc
+        if token.header.get("typ", "JWT") != "JWT":
+            # e.g. a logout token or an access token: signed by the hub, but no ID token
+            raise InvalidLogoutRequest("the id_token_hint is not an ID token")
+        if token.claims.get("iss") != self.hub.issuer:
+            raise InvalidLogoutRequest("the id_token_hint was issued by someone else")
+        return dict(token.claims)
+
+    def plan(self, request: EndSessionRequest) -> EndSessionPlan:
+        """Check an end-session request; raise :class:`InvalidLogoutRequest` if it fails."""
+        client_id = request.client_id
+        hint_sid: str | None = None
+        if request.id_token_hint is not None:
+            claims = self.verify_id_token_hint(request.id_token_hint)
+            aud = claims.get("aud")
+            audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+            if len(audiences) != 1 or not isinstance(audiences[0], str):
+                raise InvalidLogoutRequest("the id_token_hint must name one agency")
+            if client_id is not None and client_id != audiences[0]:
+                raise InvalidLogoutRequest("client_id is not the audience of id_token_hint")
+            client_id = audiences[0]
+            sid = claims.get("sid")
+            hint_sid = sid if isinstance(sid, str) and sid else None
+        client = None
+        if client_id is not None:
+            client = self.hub.agencies.client(client_id)
+            if client is None:
+                raise InvalidLogoutRequest("the agency is not registered")
+        uri = request.post_logout_redirect_uri
+        if uri is not None:
+            if client is None:
+                raise InvalidLogoutRequest(
+                    "post_logout_redirect_uri needs id_token_hint or client_id")
+            if not client.check_post_logout_redirect_uri(uri):
+                raise InvalidLogoutRequest(
+                    "post_logout_redirect_uri is not registered for this agency")
+        return EndSessionPlan(request=request, client=client, redirect_uri=uri,
+                              hint_sid=hint_sid)
+
+    # -- ending a session ----------------------------------------------------------------------
+
+    def end_session(self, login: HubLogin) -> list[str]:
+        """End the hub session ``login`` belongs to: revoke its tokens and queue a logout
+        token for each agency in it that has a back-channel logout URI. Returns their client
+        ids. The caller clears the browser session (the session store entry goes with it)."""
+        self.revoke_session(login.sid)
+        notices = []
+        for client_id in self.participants.take(login.sid):
+            client = self.hub.agencies.client(client_id)
+            if client is None or not client.backchannel_logout_uri:
+                continue
+            notices.append(LogoutNotice(
+                client_id=client.client_id, logout_uri=client.backchannel_logout_uri,
+                alg=client.id_token_signed_response_alg,
+                sub=self.hub.subject_for(client, login.account_id), sid=login.sid,
+            ))
+        self.dispatcher.enqueue(notices)
+        log.info("hub session ended; %d agency(ies) to be told", len(notices))
+        return [n.client_id for n in notices]
+
+    def revoke_session(self, sid: str) -> None:
+        """Tokens issued in the session stop working. Safe for any value, empty included.
+
+        Uses the token store's ``sid`` revocation marker (kept as long as an access token
+        lives), which access-token and refresh checks already honour."""
+        if sid:
+            self.hub.tokens.mark_revoked("sid", sid)

@@ -1,0 +1,164 @@
+"""Brokered logins with an LDAP directory (a real slapd): the password page, brute-force
+limits, injection attempts, a directory that goes away, and linking to an OIDC account."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from jose import jwt as jose_jwt
+
+from tests import servers
+from tests.conftest import hub_config
+from tests.flows import AuthRequest, full_login, path_of, query, redeem
+
+STAFF = "Agency Staff Directory"
+
+
+@pytest.fixture(scope="module")
+def directory(tmp_path_factory):
+    with servers.run_slapd(tmp_path_factory.mktemp("slapd")) as info:
+        yield info
+
+
+def ldap_upstream(info, **extra):
+    return {"kind": "ldap", "id": "staff", "display_name": STAFF, "url": info["url"],
+            "bind_dn": info["svc_dn"], "bind_password": info["svc_password"],
+            "user_base_dn": f"ou=people,{info['base_dn']}", "group_attribute": "memberOf",
+            "acr": "urn:civitas:acr:ial2:aal1", "timeout_seconds": 2, **extra}
+
+
+@pytest.fixture
+def app(upstream_issuer, directory, tmp_path):
+    from civitas.app import create_app
+
+    cfg = hub_config(upstream_issuer, f"sqlite:///{tmp_path}/ldap.db")
+    cfg["upstreams"].append(ldap_upstream(directory))
+    app = create_app(cfg)
+    yield app
+    app.extensions["civitas"].db.dispose()
+
+
+def password_page(client, auth=None):
+    r = client.get((auth or AuthRequest()).url())
+    r = client.get(path_of(r.headers["Location"]))
+    page = r.get_data(as_text=True)
+    assert f"Sign in with {STAFF}" in page
+    link = re.search(r'href="(/login/staff/start\?flow=[^"]+)"', page).group(1)
+    r = client.get(link.replace("&amp;", "&"))
+    assert r.status_code == 200
+    html = r.get_data(as_text=True)
+    assert '<label for="username">Username</label>' in html
+    assert 'type="password"' in html
+    return {name: re.search(rf'name="{name}" value="([^"]*)"', html).group(1)
+            for name in ("csrf", "flow")}
+
+
+def submit(client, form, username, password, **env):
+    return client.post("/login/staff/password",
+                       data={**form, "username": username, "password": password}, **env)
+
+
+def test_ldap_login_through_the_hub(client):
+    auth = AuthRequest()
+    form = password_page(client, auth)
+    r = submit(client, form, "alice", "alice-ldap-pw")
+    assert r.status_code == 303
+    r = client.get(path_of(r.headers["Location"]))
+    params = query(r.headers["Location"])
+    claims = jose_jwt.get_unverified_claims(redeem(client, auth, params["code"]).json["id_token"])
+    assert claims["name"] == "Alice Directory"
+    assert claims["email"] == "alice@agency.example"
+    assert claims["acr"] == "urn:civitas:acr:ial2:aal1" and claims["amr"] == ["pwd"]
+
+
+def test_wrong_password_and_unknown_user_look_the_same(client):
+    form = password_page(client)
+    wrong = submit(client, form, "alice", "nope")
+    unknown = submit(client, form, "mallory", "nope")
+    assert wrong.status_code == unknown.status_code == 401
+    for r in (wrong, unknown):
+        assert "Wrong username or password." in r.get_data(as_text=True)
+    strip = lambda r: re.sub(r'value="[^"]*"', "", r.get_data(as_text=True))  # noqa: E731
+    assert strip(wrong) == strip(unknown)
+
+
+@pytest.mark.parametrize("username", ["*", "*)(uid=*))(|(uid=*", "alice)(|(uid=*", "al*",
+                                      "alice\x00", "alice,ou=people", "cn=admin"])
+def test_injection_usernames_do_not_log_in(client, username):
+    form = password_page(client)
+    r = submit(client, form, username, "alice-ldap-pw")
+    assert r.status_code == 401 and "Wrong username or password." in r.get_data(as_text=True)
+
+
+def test_user_with_filter_metacharacters_logs_in(client):
+    form = password_page(client)
+    r = submit(client, form, "st*r(x)\\y", "star-pw")
+    assert r.status_code == 303
+
+
+def test_empty_password_is_refused(client):
+    form = password_page(client)
+    r = submit(client, form, "alice", "   ")
+    assert r.status_code == 401
+
+
+def test_per_username_attempt_limit(client):
+    form = password_page(client)
+    for _ in range(5):
+        assert submit(client, form, "alice", "wrong").status_code == 401
+    r = submit(client, form, "alice", "alice-ldap-pw")  # even the right password now
+    assert r.status_code == 429 and "try again later" in r.get_data(as_text=True)
+    # the same limit for a name that does not exist: nothing to enumerate
+    for _ in range(5):
+        submit(client, form, "nobody-here", "wrong")
+    assert submit(client, form, "nobody-here", "x").status_code == 429
+    # another user from another address is not locked out
+    other = client.application.test_client()
+    form2 = password_page(other)
+    r = submit(other, form2, "bob", "bob-ldap-pw", environ_base={"REMOTE_ADDR": "10.9.9.9"})
+    assert r.status_code == 303
+
+
+def test_per_address_attempt_limit(client):
+    form = password_page(client)
+    for i in range(20):
+        assert submit(client, form, f"user{i}", "wrong").status_code == 401
+    assert submit(client, form, "bob", "bob-ldap-pw").status_code == 429
+
+
+def test_password_form_needs_its_csrf_token(client):
+    form = password_page(client)
+    r = submit(client, {**form, "csrf": "forged"}, "alice", "alice-ldap-pw")
+    assert r.status_code == 400
+
+
+def test_directory_stopped_mid_test_gives_clear_error(upstream_issuer, tmp_path):
+    from civitas.app import create_app
+
+    with servers.run_slapd(tmp_path / "short") as info:
+        cfg = hub_config(upstream_issuer, f"sqlite:///{tmp_path}/gone.db")
+        cfg["upstreams"].append(ldap_upstream(info))
+        client = create_app(cfg).test_client()
+        form = password_page(client)
+        assert submit(client, form, "alice", "alice-ldap-pw").status_code == 303
+        client = client.application.test_client()
+        form = password_page(client)
+    r = submit(client, form, "alice", "alice-ldap-pw")  # slapd has stopped
+    body = r.get_data(as_text=True)
+    assert r.status_code == 502 and "could not be reached" in body
+    assert "Traceback" not in body and "reference" in body
+
+
+def test_link_directory_credential_to_oidc_account(client, app):
+    full_login(client, AuthRequest())  # alice via the OIDC upstream
+    page = client.get("/account").get_data(as_text=True)
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    r = client.post("/account/link", data={"csrf": csrf})
+    flow = query(r.headers["Location"])["flow"]
+    r = client.get(f"/login/staff/start?flow={flow}")
+    form = {"csrf": csrf, "flow": flow}
+    r = submit(client, form, "alice", "alice-ldap-pw")
+    assert r.status_code == 303 and r.headers["Location"] == "/account"
+    page = client.get("/account").get_data(as_text=True)
+    assert STAFF in page and "Example ID" in page and "alice@agency.example" in page
