@@ -113,8 +113,13 @@ def current_login(session: SessionMixin) -> HubLogin | None:
 
 def establish_login(session: SessionMixin, *, account_id: str, acr: str, amr: tuple[str, ...],
                     upstream_id: str) -> HubLogin:
+    previous = current_login(session)
+    # A fresh login by the same person keeps the session's ``sid`` so agencies that joined
+    # earlier are still reached by a later logout (Back-Channel Logout 1.0 section 2.1).
+    sid = (previous.sid if previous is not None and previous.account_id == account_id
+           else secrets.token_urlsafe(16))
     login = HubLogin(account_id=account_id, auth_time=int(time.time()), acr=acr, amr=amr,
-                     upstream_id=upstream_id, sid=secrets.token_urlsafe(16))
+                     upstream_id=upstream_id, sid=sid)
     session["login"] = login.to_json()
     if isinstance(session, StoreSession):
         session.regenerate()

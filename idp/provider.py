@@ -193,6 +193,8 @@ class CodeGrant(grants.AuthorizationCodeGrant):
     def authenticate_user(self, authorization_code: AuthorizationCode) -> HubLogin | None:
         if not self.hub.accounts.exists(authorization_code.account_id):
             return None
+        if self.hub.tokens.is_marked_revoked("sid", authorization_code.sid):
+            return None  # the hub session ended between the code and its redemption
         return HubLogin(account_id=authorization_code.account_id,
                         auth_time=authorization_code.auth_time, acr=authorization_code.acr,
                         amr=authorization_code.amr, upstream_id="", sid=authorization_code.sid)
@@ -229,8 +231,10 @@ class RotatingRefreshGrant(grants.RefreshTokenGrant):
         return self.hub.refresh_tokens.use(refresh_token, client.client_id)
 
     def authenticate_user(self, refresh_token: RefreshGrant) -> HubLogin | None:
-        if not self.hub.accounts.exists(refresh_token.account_id) or \
-                self.hub.tokens.is_marked_revoked("sid", refresh_token.sid):
+        # Offline access outlives the hub session on purpose (OpenID Connect Core 11): a
+        # logout ends the session's access tokens, not the agency's refresh grant; deletion
+        # of the account and withdrawal of consent do revoke it.
+        if not self.hub.accounts.exists(refresh_token.account_id):
             return None
         return HubLogin(account_id=refresh_token.account_id, auth_time=refresh_token.auth_time,
                         acr=refresh_token.acr, amr=refresh_token.amr, upstream_id="",
@@ -243,9 +247,11 @@ class RotatingRefreshGrant(grants.RefreshTokenGrant):
                        expires_in: int | None = None,
                        include_refresh_token: bool = True) -> dict[str, Any]:
         grant: RefreshGrant = self.request.refresh_token
+        # after the hub session ended, refreshed tokens are offline tokens: no session id
+        sid = "" if self.hub.tokens.is_marked_revoked("sid", grant.sid) else grant.sid
         body = self.hub.issue_tokens(
             client=self.request.client, account_id=user.account_id, scope=scope,
-            grant_id=grant.grant_id, sid=grant.sid, auth_time=grant.auth_time, acr=grant.acr,
+            grant_id=grant.grant_id, sid=sid, auth_time=grant.auth_time, acr=grant.acr,
             amr=grant.amr, refresh=True, family_expires_at=grant.expires_at,
         )
         if self.hub.tokens.is_marked_revoked("grant", grant.grant_id):

@@ -207,3 +207,28 @@ def test_tampered_access_token_is_refused(client):
     forged = ".".join([header, payload[:-2] + ("AA" if payload[-2:] != "AA" else "BB"), sig])
     assert userinfo(client, forged).status_code == 401
     assert introspect(client, forged).json == {"active": False}
+
+
+def test_hub_logout_ends_session_tokens_but_not_offline_access(client):
+    import re
+
+    body = tokens(client)
+    page = client.get("/account").get_data(as_text=True)
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    assert client.post("/logout", data={"csrf": csrf}).status_code == 303
+    assert userinfo(client, body["access_token"]).status_code == 401
+    r = refresh(client, body["refresh_token"])  # offline access (OIDC Core 11) survives
+    assert r.status_code == 200 and userinfo(client, r.json["access_token"]).status_code == 200
+
+
+def test_code_redeemed_after_logout_is_refused(client):
+    import re
+
+    full_login(client, AuthRequest())
+    auth = AuthRequest()
+    code = query(client.get(auth.url()).headers["Location"])["code"]
+    page = client.get("/account").get_data(as_text=True)
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    client.post("/logout", data={"csrf": csrf})
+    r = redeem(client, auth, code)
+    assert r.status_code == 400 and r.json["error"] == "invalid_grant"
