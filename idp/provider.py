@@ -30,6 +30,7 @@ from authlib.oidc.core import OpenIDCode
 from authlib.oidc.core.util import create_half_hash
 from flask import request as flask_request
 from joserfc import jwt
+from joserfc.errors import JoseError
 
 from broker.accounts import AccountDirectory
 from broker.session import HubLogin
@@ -86,6 +87,20 @@ class ProviderServices:
                 family_expires_at=family_expires_at,
             )
         return body
+
+    def verify_id_token_hint(self, hint: str) -> dict[str, Any] | None:
+        """The claims of an ID token this hub signed (with any key it still publishes), or
+        None. Expiry is not checked: an expired ID token is still a valid hint (OpenID
+        Connect Core 3.1.2.1, RP-Initiated Logout 1.0 section 2)."""
+        if not hint or len(hint) > 16384:
+            return None
+        try:
+            token = jwt.decode(hint, self.keys.public_keyset(), algorithms=["ES256", "RS256"])
+        except (JoseError, ValueError):
+            return None
+        if token.header.get("typ", "JWT") != "JWT" or token.claims.get("iss") != self.issuer:
+            return None  # e.g. an access or logout token: signed here, but no ID token
+        return dict(token.claims)
 
     def find_token(self, token: str, hint: str | None) -> AccessToken | RefreshGrant | None:
         """An access or refresh token by its value (RFC 7009 2.1 / RFC 7662 2.1 hint)."""

@@ -140,8 +140,22 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
                 raise UnmetAuthenticationRequirements(
                     "No sign-in option offers the requested acr_values.",
                     redirect_uri=redirect_uri, state=params.get("state"))
+            hinted_other_person = False
+            if params.get("id_token_hint"):
+                hint = hub.verify_id_token_hint(params["id_token_hint"])
+                client = grant.request.client
+                aud = hint.get("aud") if hint else None
+                if hint is None or client.client_id not in (aud if isinstance(aud, list)
+                                                            else [aud]):
+                    raise InvalidRequestError(
+                        "id_token_hint is not an ID token from this hub for this agency.",
+                        redirect_uri=redirect_uri, state=params.get("state"))
+                # Core 3.1.2.1: the hint names someone other than the signed-in citizen
+                hinted_other_person = login is not None and hint.get("sub") != \
+                    hub.subject_for(client, login.account_id)
             needs_login = (
-                login is None
+                hinted_other_person
+                or login is None
                 or "login" in prompts
                 or (max_age is not None and time.time() - login.auth_time > max_age)
                 # an existing login of lower assurance is never raised, only redone
