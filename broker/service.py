@@ -14,6 +14,7 @@ from connectors import (
     UpstreamIdentity,
     UpstreamRejected,
 )
+from kernel.metrics import LOGINS
 
 from .accounts import AccountDirectory
 from .errors import AssuranceNotOffered, LoginExpired, UnknownUpstream
@@ -121,6 +122,7 @@ class Broker:
             identity = connector.login(username, password)
         except UpstreamRejected:
             self.limiter.failed(upstream_id, username, address)
+            LOGINS.labels(upstream_id, "rejected").inc()
             raise
         flow = flow.authenticate_with_password(upstream_id)
         flows.save(flow)
@@ -137,6 +139,7 @@ class Broker:
             self.flows(session).finish(flow.id)
             # The session keeps the login it had: linking never raises assurance.
             return LoginOutcome(flow=flow, login=login, linked=linked)
+        LOGINS.labels(identity.connector_id, "ok").inc()
         resolved = self.accounts.resolve(identity)
         login = establish_login(session, account_id=resolved.account_id, acr=identity.acr,
                                 amr=identity.amr, upstream_id=identity.connector_id)

@@ -42,6 +42,7 @@ from kernel.errors import CivitasError
 from kernel.store import ShortLivedStore, open_store
 from kernel.urls import is_loopback_host
 
+from . import observability
 from .migrations import upgrade
 
 log = logging.getLogger("civitas")
@@ -166,6 +167,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
         weakref.finalize(app, hub.dispatcher.stop)
     _install_request_hooks(app)
     _install_error_pages(app)
+    observability.install(app)
     return app
 
 

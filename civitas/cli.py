@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import timedelta
 from typing import Any
@@ -50,19 +51,58 @@ def main(ctx: click.Context, config_path: str | None) -> None:
     ctx.obj["config"] = config_path
 
 
+def shared_storage_problems(settings: Settings) -> list[str]:
+    """Why these settings cannot serve from several processes (empty when they can)."""
+    problems = []
+    if settings.database_url.startswith("sqlite"):
+        problems.append("database_url is SQLite; use PostgreSQL (postgresql+psycopg://...)")
+    if not settings.redis_url or settings.redis_url.startswith("memory:"):
+        problems.append("redis_url is not set, so short-lived state (sessions, codes) would "
+                        "stay inside one process; set redis_url to a Redis server")
+    return problems
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--threads", default=8, show_default=True, type=int)
+@click.option("--threads", default=8, show_default=True, type=int,
+              help="Threads per worker process.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Worker processes (gunicorn); more than 1 needs PostgreSQL and Redis.")
+@click.option("--json-logs/--plain-logs", default=True, show_default=True)
 @click.pass_context
-def serve(ctx: click.Context, host: str, port: int, threads: int) -> None:
-    """Run the hub (waitress WSGI server)."""
+def serve(ctx: click.Context, host: str, port: int, threads: int, workers: int,
+          json_logs: bool) -> None:
+    """Run the hub: waitress for one process, gunicorn for several."""
+    settings = _settings(ctx)
+    if workers > 1:
+        import tempfile
+
+        # before prometheus-client is imported: every worker then writes to this directory
+        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR",
+                              tempfile.mkdtemp(prefix="civitas-metrics-"))
+    from .app import create_app
+    from .observability import configure_json_logging
+
+    if json_logs:
+        configure_json_logging()
+    if workers > 1:
+        problems = shared_storage_problems(settings)
+        if problems:
+            raise click.ClickException(
+                f"--workers {workers} needs storage shared by every process:\n  - "
+                + "\n  - ".join(problems))
+        from .gunicorn_app import run_gunicorn
+
+        click.echo(f"Civitas listening on http://{host}:{port} with {workers} workers "
+                   f"(issuer {settings.issuer})")
+        run_gunicorn(ctx.obj.get("config"), host=host, port=port, workers=workers,
+                     threads=threads)
+        return
     import waitress
 
-    from .app import create_app
-
     try:
-        app = create_app(_settings(ctx))
+        app = create_app(settings)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     issuer = app.extensions["civitas"].settings.issuer

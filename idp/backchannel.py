@@ -32,6 +32,7 @@ from requests.adapters import HTTPAdapter
 from sqlalchemy import event, or_, select, update
 
 from kernel.db import Database, utcnow
+from kernel.metrics import DELIVERIES
 
 from .keys import ActiveKey, KeyRing
 from .models import LogoutDelivery
@@ -222,16 +223,19 @@ class LogoutDispatcher:
             if error is None:
                 row.delivered_at, row.next_attempt_at, row.last_error = utcnow(), None, None
                 result.delivered += 1
+                DELIVERIES.labels("backchannel_logout", "delivered").inc()
                 log.info("logout token delivered to %s", item.client_id)
             elif row.attempts >= MAX_ATTEMPTS:
                 row.next_attempt_at = None
                 row.last_error = f"gave up after {row.attempts} attempts: {error}"[:500]
                 result.given_up += 1
+                DELIVERIES.labels("backchannel_logout", "given_up").inc()
                 log.error("logout token for %s given up: %s", item.client_id, error)
             else:
                 row.next_attempt_at = now + timedelta(seconds=BACKOFF[row.attempts - 1])
                 row.last_error = error[:500]
                 result.retrying += 1
+                DELIVERIES.labels("backchannel_logout", "retrying").inc()
                 log.warning("logout token for %s not delivered (attempt %d): %s",
                             item.client_id, row.attempts, error)
 

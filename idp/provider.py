@@ -34,6 +34,7 @@ from joserfc.errors import JoseError
 
 from broker.accounts import AccountDirectory
 from broker.session import HubLogin
+from kernel.metrics import TOKENS
 
 from .agencies import AgencyClient, AgencyRegistry
 from .claims import claims_for_scope
@@ -79,6 +80,8 @@ class ProviderServices:
         )
         body: dict[str, Any] = {"token_type": "Bearer", "access_token": access,
                                 "expires_in": self.tokens.access_token_lifetime, "scope": scope}
+        TOKENS.labels("refresh_token" if family_expires_at is not None
+                      else "authorization_code").inc()
         if refresh and "offline_access" in scope.split() and client.check_grant_type(
                 "refresh_token"):
             body["refresh_token"] = self.refresh_tokens.issue(

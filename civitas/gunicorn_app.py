@@ -1,0 +1,41 @@
+"""Several worker processes under gunicorn; each builds its own app after the fork, so no
+database connection or lock crosses a process boundary."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+
+class HubApplication(BaseApplication):  # type: ignore[misc]
+    def __init__(self, config_path: str | None, options: dict[str, Any]) -> None:
+        self.config_path = config_path
+        self.options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        from config import load_settings
+
+        from .app import create_app
+
+        return create_app(load_settings(self.config_path))
+
+
+def run_gunicorn(config_path: str | None, *, host: str, port: int, workers: int,
+                 threads: int) -> None:
+    # Prometheus multiprocess mode: every worker writes its metrics to this directory
+    # (the CLI sets it before anything imports prometheus-client).
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR",
+                          tempfile.mkdtemp(prefix="civitas-metrics-"))
+    HubApplication(config_path, {
+        "bind": f"{host}:{port}", "workers": workers, "threads": threads,
+        "worker_class": "gthread", "preload_app": False, "accesslog": None,
+        "graceful_timeout": 10, "timeout": 30,
+    }).run()

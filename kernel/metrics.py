@@ -1,0 +1,21 @@
+"""Prometheus metrics shared by every package (prometheus-client).
+
+With several worker processes, set ``PROMETHEUS_MULTIPROC_DIR`` (``civitas serve --workers``
+does) and ``/metrics`` aggregates every worker.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+REQUESTS = Counter("civitas_http_requests_total", "HTTP requests", ["endpoint", "method", "status"])
+LATENCY = Histogram(
+    "civitas_http_request_seconds", "HTTP request latency", ["endpoint"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+LOGINS = Counter("civitas_logins_total", "Completed upstream logins", ["upstream", "outcome"])
+TOKENS = Counter("civitas_tokens_issued_total", "Tokens issued", ["grant_type"])
+CONSENT_DECISIONS = Counter("civitas_consent_decisions_total", "Consent decision API answers",
+                            ["decision"])
+DELIVERIES = Counter("civitas_event_deliveries_total", "Back-channel logout and SET deliveries",
+                     ["kind", "outcome"])

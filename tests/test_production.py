@@ -1,0 +1,149 @@
+"""Production mode: health, readiness, metrics, JSON logs, and several gunicorn workers on a
+real PostgreSQL and Redis serving full brokered logins."""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from urllib.parse import urljoin
+
+import pytest
+import requests
+import yaml
+from click.testing import CliRunner
+from cryptography.fernet import Fernet
+
+from civitas.cli import main
+from civitas.observability import JSONFormatter
+from tests import servers
+from tests.conftest import HUB_ISSUER, HUB_PORT, hub_config
+from tests.flows import AGENCY_ONE, AuthRequest, full_login, query, redeem
+
+
+def test_healthz_and_readyz(client):
+    assert client.get("/healthz").json["status"] == "ok"
+    r = client.get("/readyz")
+    assert r.status_code == 200
+    assert r.json["checks"] == {"database": "ok", "store": "ok", "signing_keys": "ok"}
+
+
+def test_readyz_reports_a_dead_store(make_hub):
+    app = make_hub(redis_url=f"redis://127.0.0.1:{servers.free_port()}/0")
+    r = app.test_client().get("/readyz")
+    assert r.status_code == 503 and r.json["checks"]["store"].startswith("failed")
+    assert r.json["checks"]["database"] == "ok"
+
+
+def test_metrics_count_logins_tokens_and_requests(client):
+    auth = AuthRequest()
+    params = full_login(client, auth)
+    redeem(client, auth, params["code"])
+    text = client.get("/metrics").get_data(as_text=True)
+    assert re.search(r'civitas_logins_total\{outcome="ok",upstream="op"\} [1-9]', text)
+    assert re.search(r'civitas_tokens_issued_total\{grant_type="authorization_code"\} [1-9]',
+                     text)
+    assert 'civitas_http_requests_total{endpoint="/token",method="POST",status="200"}' in text
+    assert 'civitas_http_request_seconds_bucket{endpoint="/authorize"' in text
+
+
+def test_json_logs_carry_the_request_id_shown_on_error_pages(app, client, caplog):
+    caplog.set_level(logging.WARNING, logger="civitas")
+    r = client.get("/login/op/start?flow=nope")
+    assert r.status_code == 400
+    request_id = r.headers["X-Request-Id"]
+    assert request_id in r.get_data(as_text=True)
+    formatter = JSONFormatter()
+    with app.test_request_context():
+        from flask import g
+
+        g.request_id = request_id
+        lines = [json.loads(formatter.format(rec)) for rec in caplog.records]
+    assert any(line["request_id"] == request_id and line["level"] == "warning"
+               for line in lines)
+
+
+def test_several_workers_refuse_embedded_storage(tmp_path, upstream_issuer):
+    cfg = hub_config(upstream_issuer, f"sqlite:///{tmp_path}/x.db")
+    path = tmp_path / "civitas.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(main, ["--config", str(path), "serve", "--workers", "2"])
+    assert result.exit_code != 0
+    assert "database_url is SQLite" in result.output and "redis_url is not set" in result.output
+
+
+@pytest.fixture(scope="module")
+def workers_hub(tmp_path_factory, upstream_issuer, postgres_url, redis_url):
+    """`civitas serve --workers 2` as a real process on PostgreSQL and Redis."""
+    tmp = tmp_path_factory.mktemp("workers")
+    cfg = hub_config(upstream_issuer, postgres_url, redis_url=redis_url,
+                     encryption_key=Fernet.generate_key().decode())
+    path = tmp / "civitas.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    log = (tmp / "hub.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "civitas.cli", "--config", str(path), "serve", "--workers", "2",
+         "--port", str(HUB_PORT)], stdout=log, stderr=subprocess.STDOUT,
+        env=dict(os.environ), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{HUB_ISSUER}/readyz", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.2)
+        else:
+            raise RuntimeError((tmp / "hub.log").read_text()[-3000:])
+        yield HUB_ISSUER
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def browser_login(base: str, auth: AuthRequest) -> dict[str, str]:
+    """A full login over real HTTP: one cookie jar, like a browser."""
+    browser = requests.Session()
+    r = browser.get(base + auth.url(), timeout=10)
+    link = html.unescape(re.search(r'href="(/login/op/start\?flow=[^"]+)"', r.text).group(1))
+    r = browser.get(base + link, timeout=10)
+    action = re.search(r'<form[^>]*action="([^"]+)"', r.text).group(1)
+    r = browser.post(urljoin(r.url, html.unescape(action)),
+                     data={"username": "alice", "password": "alice-password"},
+                     allow_redirects=False, timeout=10)
+    for _ in range(12):
+        location = urljoin(r.url, r.headers["Location"])
+        if location.startswith(auth.agency.redirect_uri):
+            return query(location)
+        r = browser.get(location, allow_redirects=False, timeout=10)
+    raise AssertionError("never reached the agency")
+
+
+def test_two_workers_serve_full_logins(workers_hub):
+    pids = {requests.get(f"{workers_hub}/healthz", timeout=5).json()["pid"] for _ in range(40)}
+    assert len(pids) >= 2, "expected requests to reach both workers"
+    for _ in range(4):
+        auth = AuthRequest()
+        params = browser_login(workers_hub, auth)
+        assert params["iss"] == HUB_ISSUER
+        r = requests.post(f"{workers_hub}/token", timeout=10, auth=(
+            AGENCY_ONE.client_id, AGENCY_ONE.secret), data={
+            "grant_type": "authorization_code", "code": params["code"],
+            "redirect_uri": AGENCY_ONE.redirect_uri, "code_verifier": auth.verifier})
+        assert r.status_code == 200, r.text
+        access = r.json()["access_token"]
+        for _ in range(4):  # any worker knows the token
+            info = requests.get(f"{workers_hub}/userinfo", timeout=5,
+                                headers={"Authorization": f"Bearer {access}"})
+            assert info.status_code == 200 and info.json()["email"] == "alice@example.org"
+    metrics = requests.get(f"{workers_hub}/metrics", timeout=5).text
+    assert re.search(r'civitas_logins_total\{outcome="ok",upstream="op"\} [4-9]', metrics)
