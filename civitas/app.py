@@ -27,7 +27,9 @@ from config.schema import LDAPUpstreamSettings, UpstreamSettings
 from connectors import PasswordConnector, RedirectConnector
 from connectors.ldap import LDAPConfig, LDAPConnector
 from connectors.oidc import OIDCConfig, OIDCConnector
-from idp.agencies import AgencyRegistry
+from idp.admin_api import create_blueprint as admin_api_blueprint
+from idp.agencies import AgencyRegistry, RegistrationPolicy
+from idp.agency_keys import AgencyKeys
 from idp.backchannel import LogoutDispatcher
 from idp.keys import KeyRing
 from idp.logout import LogoutService, SessionParticipants
@@ -37,7 +39,7 @@ from idp.provider import HubAuthorizationServer, ProviderServices
 from idp.tokens import AccessTokens, RefreshTokens, TokenStore
 from idp.views import create_blueprint as idp_blueprint
 from kernel.crypto import FieldCipher
-from kernel.db import Database
+from kernel.db import Database, startup_lock
 from kernel.errors import CivitasError
 from kernel.store import ShortLivedStore, open_store
 from kernel.urls import is_loopback_host
@@ -100,13 +102,17 @@ def build_hub(settings: Settings, *, migrate: bool = True) -> Hub:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
     db = Database(settings.database_url)
     if migrate:
-        upgrade(db.engine)
+        with startup_lock(db.engine):
+            upgrade(db.engine)
     store = open_store(settings.redis_url)
     cipher = FieldCipher(settings.encryption_keys)
     ranking = settings.attribute_source_ranking or [u.id for u in settings.upstreams]
     accounts = AccountDirectory(db, cipher, source_ranking=ranking)
-    agencies = AgencyRegistry(db, default_alg=settings.signing_alg)
     keys = KeyRing(db, cipher)
+    agencies = AgencyRegistry(db, policy=RegistrationPolicy(
+        default_alg=settings.signing_alg, allow_public_subjects=settings.allow_public_subjects,
+        allow_insecure_jwks_uri=settings.allow_insecure_jwks_uri,
+    ), on_signing_alg=keys.ensure)  # an agency's ID token algorithm gets a key when registered
     tokens = TokenStore(store, code_lifetime=settings.code_lifetime_seconds,
                         access_token_lifetime=settings.access_token_lifetime_seconds)
     connectors = {u.id: make_connector(u) for u in settings.upstreams}
@@ -120,6 +126,7 @@ def build_hub(settings: Settings, *, migrate: bool = True) -> Hub:
         subjects=PairwiseSubjects(settings.pairwise_secret.get_secret_value()),
         id_token_lifetime=settings.id_token_lifetime_seconds,
         participants=SessionParticipants(store, ttl=settings.session_lifetime_seconds),
+        agency_keys=AgencyKeys(allow_insecure=settings.allow_insecure_jwks_uri),
     )
     server = HubAuthorizationServer(services)
     dispatcher = LogoutDispatcher(db, keys, issuer=settings.issuer,
@@ -145,8 +152,9 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
         hub = build_hub(settings)
     settings = hub.settings
     _allow_loopback_http(settings.issuer)
-    hub.keys.ensure((settings.signing_alg,))
-    hub.agencies.sync_from_config(settings.agencies)
+    with startup_lock(hub.db.engine):
+        hub.agencies.sync_from_config(settings.agencies)
+        hub.keys.ensure(tuple(sorted({settings.signing_alg} | hub.agencies.signing_algs())))
 
     app = Flask(__name__)
     app.extensions["civitas"] = hub
@@ -161,6 +169,9 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
     app.register_blueprint(broker_blueprint(hub.broker, on_logout=hub.logout.end_session))
     app.register_blueprint(idp_blueprint(hub.server, hub.broker))
     app.register_blueprint(logout_blueprint(hub.logout))
+    admin_token = settings.admin_api_token
+    app.register_blueprint(admin_api_blueprint(
+        hub.agencies, admin_token.get_secret_value() if admin_token else None))
     if settings.backchannel_dispatcher:
         hub.dispatcher.start()
         # The thread also stops when the hub's database is disposed (see LogoutDispatcher).

@@ -183,7 +183,16 @@ def agency_group() -> None:
 @click.option("--sector-identifier", default=None,
               help="Pairwise sector (default: the redirect URIs' host).")
 @click.option("--auth-method", default="client_secret_basic", show_default=True,
-              type=click.Choice(["client_secret_basic", "client_secret_post"]))
+              type=click.Choice(["client_secret_basic", "client_secret_post", "private_key_jwt"]))
+@click.option("--jwks-file", type=click.File("r"), default=None,
+              help="The agency's public keys (JWK set, JSON) for private_key_jwt.")
+@click.option("--jwks-uri", default=None,
+              help="Where the hub fetches the agency's public keys (https) for private_key_jwt.")
+@click.option("--signing-alg", type=click.Choice(["ES256", "RS256", "PS256"]), default=None,
+              help="ID token signing algorithm (id_token_signed_response_alg). Default: the "
+                   "hub's signing_alg.")
+@click.option("--subject-type", type=click.Choice(["pairwise", "public"]), default="pairwise",
+              show_default=True, help="'public' needs allow_public_subjects in the settings.")
 @click.option("--post-logout-redirect-uri", "post_logout_redirect_uris", multiple=True,
               help="Exact URI the agency may ask to return to after logout; repeat for several.")
 @click.option("--backchannel-logout-uri", default=None,
@@ -191,24 +200,34 @@ def agency_group() -> None:
 @click.pass_context
 def agency_add(ctx: click.Context, client_id: str, name: str, redirect_uris: tuple[str, ...],
                scopes: tuple[str, ...], sector_identifier: str | None, auth_method: str,
-               post_logout_redirect_uris: tuple[str, ...],
+               jwks_file: Any, jwks_uri: str | None, signing_alg: str | None,
+               subject_type: str, post_logout_redirect_uris: tuple[str, ...],
                backchannel_logout_uri: str | None) -> None:
-    """Register an agency. Prints its client secret once; only a hash is stored."""
+    """Register an agency. Prints its client secret once (only a hash is stored); a
+    private_key_jwt agency has no secret."""
     from idp.errors import AgencyRegistrationError
 
+    jwks = None
+    if jwks_file is not None:
+        try:
+            jwks = json.load(jwks_file)
+        except ValueError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--jwks-file") from exc
     hub = _hub(ctx)
     try:
         row, secret = hub.agencies.add(
             client_id=client_id, name=name, redirect_uris=list(redirect_uris),
             scopes=list(scopes) or None, sector_identifier=sector_identifier,
             auth_method=auth_method, post_logout_redirect_uris=list(post_logout_redirect_uris),
-            backchannel_logout_uri=backchannel_logout_uri,
+            backchannel_logout_uri=backchannel_logout_uri, jwks=jwks, jwks_uri=jwks_uri,
+            id_token_signed_response_alg=signing_alg, subject_type=subject_type,
         )
     except AgencyRegistrationError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"registered agency {row.client_id}")
-    click.echo(f"client_secret: {secret}")
-    click.echo("Store this secret now: it is not shown again.", err=True)
+    if secret is not None:
+        click.echo(f"client_secret: {secret}")
+        click.echo("Store this secret now: it is not shown again.", err=True)
 
 
 @agency_group.command("list")
@@ -283,7 +302,7 @@ def keys_list(ctx: click.Context) -> None:
 
 
 @keys_group.command("rotate")
-@click.option("--alg", type=click.Choice(["ES256", "RS256"]), default=None,
+@click.option("--alg", type=click.Choice(["ES256", "RS256", "PS256"]), default=None,
               help="Default: the configured signing algorithm.")
 @click.option("--lead-time", default="1h", show_default=True,
               help="How long the new key is published before it signs.")

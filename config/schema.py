@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -169,9 +169,17 @@ class AgencySettings(BaseModel):
     client_secret_file: Path | None = None
     sector_identifier: str | None = None
     scopes: list[str] = ["openid", "profile", "email"]
-    token_endpoint_auth_method: Literal["client_secret_basic", "client_secret_post"] = (
+    token_endpoint_auth_method: Literal["client_secret_basic", "client_secret_post",
+                                        "private_key_jwt"] = (
         "client_secret_basic"  # noqa: S105 (a method name, not a secret)
     )
+    #: public keys for private_key_jwt (RFC 7523 3): an inline JWK set, or where to fetch it
+    jwks: dict[str, Any] | None = None
+    jwks_uri: str | None = None
+    #: default: the hub's ``signing_alg``
+    id_token_signed_response_alg: Literal["ES256", "RS256", "PS256"] | None = None
+    #: ``public`` needs ``allow_public_subjects`` (OpenID Connect Core 8)
+    subject_type: Literal["pairwise", "public"] = "pairwise"
     #: RP-Initiated Logout 1.0: where the agency may ask to be sent after logout (exact match)
     post_logout_redirect_uris: list[str] = []
     #: Back-Channel Logout 1.0: where the hub POSTs logout tokens (https, or loopback http)
@@ -194,13 +202,19 @@ class AgencySettings(BaseModel):
         self.client_secret = _resolve_secret(
             self.client_secret, self.client_secret_env, self.client_secret_file, "client_secret"
         )
+        self.client_secret_env = None
+        self.client_secret_file = None
+        if self.token_endpoint_auth_method == "private_key_jwt":  # noqa: S105 (a method name)
+            if self.client_secret is not None:
+                raise ValueError("client_secret: not used with private_key_jwt")
+            if self.jwks is None and self.jwks_uri is None:
+                raise ValueError("private_key_jwt needs jwks or jwks_uri")
+            return self
         if self.client_secret is None:
             raise ValueError("client_secret is required (give client_secret_env or "
                              "client_secret_file)")
         if len(self.client_secret.get_secret_value()) < 32:
             raise ValueError("client_secret must be at least 32 characters of random data")
-        self.client_secret_env = None
-        self.client_secret_file = None
         return self
 
 
@@ -237,6 +251,12 @@ class Settings(BaseSettings):
     backchannel_dispatcher: bool = True
     #: how long one POST of a logout token to an agency may take
     backchannel_timeout_seconds: Annotated[float, Field(gt=0, le=30)] = 5.0
+    #: bearer token of the agency registration API (/admin/api); unset = the API is off
+    admin_api_token: SecretStr | None = None
+    #: let agencies register ``subject_type: public`` (one ``sub`` per person for all of them)
+    allow_public_subjects: bool = False
+    #: fetch agencies' ``jwks_uri`` over http and from private addresses (development, tests)
+    allow_insecure_jwks_uri: bool = False
 
     @field_validator("issuer")
     @classmethod
@@ -261,6 +281,13 @@ class Settings(BaseSettings):
                 raise ValueError("must be one or more Fernet keys (32 url-safe base64-encoded "
                                  "bytes), comma-separated; make one with "
                                  "`civitas secrets generate`") from exc
+        return v
+
+    @field_validator("admin_api_token")
+    @classmethod
+    def _admin_token(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters of random data")
         return v
 
     @field_validator("pairwise_secret")
@@ -297,6 +324,10 @@ class Settings(BaseSettings):
         dup = {i for i in cids if cids.count(i) > 1}
         if dup:
             raise ValueError(f"agencies: duplicate client_id(s) {sorted(dup)}")
+        public = [a.client_id for a in self.agencies if a.subject_type == "public"]
+        if public and not self.allow_public_subjects:
+            raise ValueError(f"agencies: subject_type 'public' for {public} needs "
+                             "allow_public_subjects: true")
         return self
 
     @property

@@ -1,11 +1,19 @@
-"""Agency registration: validated, stored with a hashed secret; a ClientMixin for Authlib."""
+"""Agency registration: validated, stored with a hashed secret; a ClientMixin for Authlib.
+
+Registration metadata uses the names of RFC 7591 section 2 and OpenID Connect Dynamic Client
+Registration 1.0 section 2 (``jwks``, ``jwks_uri``, ``subject_type``,
+``id_token_signed_response_alg``...). Every refusal names the field at fault.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import re
 import secrets
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -13,13 +21,24 @@ from authlib.oauth2.rfc6749 import ClientMixin
 from sqlalchemy import select
 
 from kernel.db import Database, utcnow
+from kernel.errors import ConfigError
 from kernel.urls import check_redirect_uri, check_url
 
+from .agency_keys import MAX_JWKS_BYTES, agency_keyset, check_jwks_uri
 from .errors import AgencyRegistrationError
 from .models import Agency
 
-AUTH_METHODS = ("client_secret_basic", "client_secret_post")
+SECRET_METHODS = ("client_secret_basic", "client_secret_post")
+#: RFC 7591 2 ``token_endpoint_auth_method`` values; ``private_key_jwt`` is RFC 7523 section 3
+#: / OpenID Connect Core 9 (what login.gov requires of agencies)
+AUTH_METHODS = (*SECRET_METHODS, "private_key_jwt")
 SCOPES = ("openid", "profile", "email", "offline_access")
+#: what the hub signs ID tokens with, per agency (``id_token_signed_response_alg``)
+ID_TOKEN_ALGS = ("ES256", "RS256", "PS256")
+#: OpenID Connect Core 8
+SUBJECT_TYPES = ("pairwise", "public")
+#: the sector every ``public`` agency shares, so they all see one ``sub`` per person
+PUBLIC_SECTOR = "public"
 
 
 def hash_secret(secret: str) -> str:
@@ -29,7 +48,8 @@ def hash_secret(secret: str) -> str:
 
 
 def verify_secret(secret: str, stored: str) -> bool:
-    return hmac.compare_digest(hash_secret(secret).encode(), stored.encode())
+    # An agency without a secret (private_key_jwt) stores "", which nothing matches.
+    return bool(stored) and hmac.compare_digest(hash_secret(secret).encode(), stored.encode())
 
 
 @dataclass(frozen=True)
@@ -47,6 +67,9 @@ class AgencyClient(ClientMixin):
     id_token_signed_response_alg: str
     post_logout_redirect_uris: tuple[str, ...] = ()
     backchannel_logout_uri: str | None = None
+    #: the agency's public keys inline (``private_key_jwt``), or where to fetch them
+    jwks: dict[str, Any] | None = field(default=None, hash=False)
+    jwks_uri: str | None = None
 
     @classmethod
     def from_row(cls, row: Agency) -> AgencyClient:
@@ -58,6 +81,7 @@ class AgencyClient(ClientMixin):
             id_token_signed_response_alg=row.id_token_signed_response_alg,
             post_logout_redirect_uris=tuple(row.post_logout_redirect_uris or ()),
             backchannel_logout_uri=row.backchannel_logout_uri,
+            jwks=row.jwks, jwks_uri=row.jwks_uri,
         )
 
     def get_client_id(self) -> str:
@@ -102,116 +126,244 @@ class AgencyClient(ClientMixin):
         return grant_type == "authorization_code"
 
 
-def default_sector(redirect_uris: list[str]) -> str:
+@dataclass(frozen=True)
+class AgencyMetadata:
+    """What an agency registers; ``None`` for the alg means the hub's default."""
+
+    client_id: str
+    name: str
+    redirect_uris: tuple[str, ...]
+    scopes: tuple[str, ...] = ("openid", "profile", "email")
+    sector_identifier: str | None = None
+    token_endpoint_auth_method: str = "client_secret_basic"  # noqa: S105 (a method name)
+    post_logout_redirect_uris: tuple[str, ...] = ()
+    backchannel_logout_uri: str | None = None
+    jwks: dict[str, Any] | None = field(default=None, hash=False)
+    jwks_uri: str | None = None
+    id_token_signed_response_alg: str | None = None
+    subject_type: str = "pairwise"
+
+
+@dataclass(frozen=True)
+class RegistrationPolicy:
+    """The hub-wide rules registrations are checked against (from the settings)."""
+
+    default_alg: str = "ES256"
+    #: OpenID Connect Core 8: ``public`` subjects let agencies correlate people; off by default
+    allow_public_subjects: bool = False
+    #: http and private addresses for ``jwks_uri`` (development and tests only)
+    allow_insecure_jwks_uri: bool = False
+
+
+def default_sector(redirect_uris: Iterable[str]) -> str:
     """OpenID Connect Core 8.1: without a sector_identifier_uri, the redirect URI host."""
     hosts = {urlsplit(u).hostname or "" for u in redirect_uris}
     if len(hosts) != 1:
         raise AgencyRegistrationError(
-            "redirect URIs on several hosts need an explicit sector identifier"
-        )
+            "sector_identifier", "redirect URIs on several hosts need an explicit one")
     return hosts.pop()
 
 
 class AgencyRegistry:
-    def __init__(self, db: Database, *, default_alg: str = "ES256") -> None:
+    def __init__(self, db: Database, *, default_alg: str = "ES256",
+                 policy: RegistrationPolicy | None = None,
+                 on_signing_alg: Callable[[tuple[str, ...]], None] | None = None) -> None:
         self._db = db
-        self._default_alg = default_alg
+        self.policy = policy or RegistrationPolicy(default_alg=default_alg)
+        #: called with an ID token algorithm an agency uses, so the hub has a key for it
+        self._on_signing_alg = on_signing_alg
 
-    def _validate(self, *, client_id: str, name: str, redirect_uris: list[str],
-                  scopes: list[str], auth_method: str,
-                  post_logout_redirect_uris: list[str] | None = None,
-                  backchannel_logout_uri: str | None = None) -> None:
-        import re
+    # -- validation ---------------------------------------------------------------------
 
-        if not re.fullmatch(r"[A-Za-z0-9._~-]{3,128}", client_id):
+    def check(self, meta: AgencyMetadata) -> AgencyMetadata:
+        """The metadata, normalised, or AgencyRegistrationError naming the field at fault."""
+        if not re.fullmatch(r"[A-Za-z0-9._~-]{3,128}", meta.client_id):
             raise AgencyRegistrationError(
-                "client_id: 3 to 128 characters from A-Z a-z 0-9 . _ ~ -"
-            )
-        if not name.strip():
-            raise AgencyRegistrationError("name: must not be empty")
-        if not redirect_uris:
-            raise AgencyRegistrationError("redirect_uris: at least one is needed")
-        for uri in redirect_uris:
-            try:
-                check_redirect_uri(uri)
-            except ValueError as exc:
-                raise AgencyRegistrationError(f"redirect_uris: {exc}") from exc
-        bad = [s for s in scopes if s not in SCOPES]
-        if bad or "openid" not in scopes:
+                "client_id", "3 to 128 characters from A-Z a-z 0-9 . _ ~ -")
+        name = meta.name.strip()
+        if not name or len(name) > 120:
+            raise AgencyRegistrationError("name", "1 to 120 characters")
+        if not meta.redirect_uris:
+            raise AgencyRegistrationError("redirect_uris", "at least one is needed")
+        if len(set(meta.redirect_uris)) != len(meta.redirect_uris):
+            raise AgencyRegistrationError("redirect_uris", "duplicate redirect URI")
+        for uri in meta.redirect_uris:
+            self._url("redirect_uris", check_redirect_uri, uri)
+        scopes = list(dict.fromkeys(meta.scopes))
+        if any(s not in SCOPES for s in scopes) or "openid" not in scopes:
             raise AgencyRegistrationError(
-                f"scopes: must include 'openid' and only {list(SCOPES)}; got {scopes}"
-            )
-        if auth_method not in AUTH_METHODS:
-            raise AgencyRegistrationError(f"token_endpoint_auth_method: one of {AUTH_METHODS}")
-        for uri in post_logout_redirect_uris or []:
+                "scopes", f"must include 'openid' and only {list(SCOPES)}; got {scopes}")
+        if meta.token_endpoint_auth_method not in AUTH_METHODS:
+            raise AgencyRegistrationError("token_endpoint_auth_method",
+                                          f"one of {list(AUTH_METHODS)}")
+        for uri in meta.post_logout_redirect_uris:
+            self._url("post_logout_redirect_uris", check_redirect_uri, uri)
+        if meta.backchannel_logout_uri is not None:
+            self._url("backchannel_logout_uri", lambda u: check_url(u, what=repr(u)),
+                      meta.backchannel_logout_uri)
+        sector = meta.sector_identifier
+        if sector is None:
+            sector = default_sector(meta.redirect_uris)
+        elif not sector.strip() or len(sector) > 255 or sector == PUBLIC_SECTOR:
+            raise AgencyRegistrationError(
+                "sector_identifier", f"1 to 255 characters, and not {PUBLIC_SECTOR!r}")
+        self._check_keys(meta)
+        alg = meta.id_token_signed_response_alg or self.policy.default_alg
+        if alg not in ID_TOKEN_ALGS:
+            raise AgencyRegistrationError("id_token_signed_response_alg",
+                                          f"one of {list(ID_TOKEN_ALGS)}")
+        if meta.subject_type not in SUBJECT_TYPES:
+            raise AgencyRegistrationError("subject_type", f"one of {list(SUBJECT_TYPES)}")
+        if meta.subject_type == "public" and not self.policy.allow_public_subjects:
+            raise AgencyRegistrationError(
+                "subject_type", "'public' is not allowed on this hub (allow_public_subjects "
+                "is off); use 'pairwise'")
+        return replace(meta, name=name, scopes=tuple(scopes), sector_identifier=sector,
+                       post_logout_redirect_uris=tuple(
+                           dict.fromkeys(meta.post_logout_redirect_uris)),
+                       id_token_signed_response_alg=alg)
+
+    def _check_keys(self, meta: AgencyMetadata) -> None:
+        if meta.jwks is not None and meta.jwks_uri is not None:
+            # RFC 7591 2: the two MUST NOT both be present
+            raise AgencyRegistrationError("jwks", "give jwks or jwks_uri, not both")
+        if meta.token_endpoint_auth_method == "private_key_jwt" and (  # noqa: S105
+                meta.jwks is None and meta.jwks_uri is None):
+            raise AgencyRegistrationError("jwks", "private_key_jwt needs jwks or jwks_uri")
+        if meta.jwks is not None:
+            if len(json.dumps(meta.jwks)) > MAX_JWKS_BYTES:
+                raise AgencyRegistrationError("jwks", f"larger than {MAX_JWKS_BYTES} bytes")
             try:
-                check_redirect_uri(uri)
+                agency_keyset(meta.jwks)
             except ValueError as exc:
-                raise AgencyRegistrationError(f"post_logout_redirect_uris: {exc}") from exc
-        if backchannel_logout_uri is not None:
-            try:
-                check_url(backchannel_logout_uri, what="backchannel_logout_uri")
-            except ValueError as exc:
-                raise AgencyRegistrationError(str(exc)) from exc
+                raise AgencyRegistrationError("jwks", str(exc)) from exc
+        if meta.jwks_uri is not None:
+            insecure = self.policy.allow_insecure_jwks_uri
+            self._url("jwks_uri", lambda u: check_jwks_uri(u, allow_insecure=insecure),
+                      meta.jwks_uri)
+
+    @staticmethod
+    def _url(name: str, check: Callable[[str], str], value: str) -> None:
+        if len(value) > 2000:
+            raise AgencyRegistrationError(name, "longer than 2000 characters")
+        try:
+            check(value)
+        except ValueError as exc:
+            raise AgencyRegistrationError(name, str(exc)) from exc
+
+    # -- changes --------------------------------------------------------------------------
+
+    def _apply(self, row: Agency, meta: AgencyMetadata) -> None:
+        assert meta.sector_identifier is not None and meta.id_token_signed_response_alg
+        row.name, row.redirect_uris = meta.name, list(meta.redirect_uris)
+        row.sector_identifier, row.scopes = meta.sector_identifier, list(meta.scopes)
+        row.token_endpoint_auth_method = meta.token_endpoint_auth_method
+        row.post_logout_redirect_uris = list(meta.post_logout_redirect_uris)
+        row.backchannel_logout_uri = meta.backchannel_logout_uri
+        row.jwks, row.jwks_uri = meta.jwks, meta.jwks_uri
+        row.id_token_signed_response_alg = meta.id_token_signed_response_alg
+        row.subject_type = meta.subject_type
+        row.updated_at = utcnow()
+
+    def _signing_alg_used(self, meta: AgencyMetadata) -> None:
+        if self._on_signing_alg is not None and meta.id_token_signed_response_alg:
+            self._on_signing_alg((meta.id_token_signed_response_alg,))
+
+    @staticmethod
+    def _secret_for(meta: AgencyMetadata, secret: str | None) -> str | None:
+        if meta.token_endpoint_auth_method not in SECRET_METHODS:
+            if secret is not None:
+                raise AgencyRegistrationError(
+                    "client_secret", f"not used with {meta.token_endpoint_auth_method}")
+            return None
+        return secret or secrets.token_urlsafe(32)
+
+    def register(self, meta: AgencyMetadata, *, secret: str | None = None,
+                 source: str = "cli") -> tuple[Agency, str | None]:
+        """Register an agency; returns the row and the client secret (shown once), which is
+        None for ``private_key_jwt`` agencies: they have no secret at all."""
+        meta = self.check(meta)
+        secret = self._secret_for(meta, secret)
+        row = Agency(client_id=meta.client_id, source=source,
+                     secret_hash=hash_secret(secret) if secret else "", created_at=utcnow())
+        self._apply(row, meta)
+        self._signing_alg_used(meta)
+        with self._db.session() as s:
+            if s.get(Agency, meta.client_id) is not None:
+                raise AgencyRegistrationError(
+                    "client_id", f"{meta.client_id!r} is already registered")
+            s.add(row)
+        return row, secret
 
     def add(self, *, client_id: str, name: str, redirect_uris: list[str],
             scopes: list[str] | None = None, sector_identifier: str | None = None,
             auth_method: str = "client_secret_basic", secret: str | None = None,
             source: str = "cli", post_logout_redirect_uris: list[str] | None = None,
-            backchannel_logout_uri: str | None = None) -> tuple[Agency, str]:
-        """Register an agency; returns the row and the client secret (shown once)."""
-        scopes = scopes or ["openid", "profile", "email"]
-        post_logout_redirect_uris = list(dict.fromkeys(post_logout_redirect_uris or []))
-        self._validate(client_id=client_id, name=name, redirect_uris=redirect_uris,
-                       scopes=scopes, auth_method=auth_method,
-                       post_logout_redirect_uris=post_logout_redirect_uris,
-                       backchannel_logout_uri=backchannel_logout_uri)
-        secret = secret or secrets.token_urlsafe(32)
-        row = Agency(
-            client_id=client_id, name=name.strip(), secret_hash=hash_secret(secret),
-            redirect_uris=list(redirect_uris),
-            sector_identifier=sector_identifier or default_sector(redirect_uris),
-            scopes=scopes, token_endpoint_auth_method=auth_method, subject_type="pairwise",
-            id_token_signed_response_alg=self._default_alg, source=source,
-            post_logout_redirect_uris=post_logout_redirect_uris,
-            backchannel_logout_uri=backchannel_logout_uri,
-        )
+            backchannel_logout_uri: str | None = None, jwks: dict[str, Any] | None = None,
+            jwks_uri: str | None = None, id_token_signed_response_alg: str | None = None,
+            subject_type: str = "pairwise") -> tuple[Agency, str | None]:
+        """Register an agency from keyword arguments (CLI, tests); see :meth:`register`."""
+        return self.register(AgencyMetadata(
+            client_id=client_id, name=name, redirect_uris=tuple(redirect_uris),
+            scopes=tuple(scopes or ("openid", "profile", "email")),
+            sector_identifier=sector_identifier, token_endpoint_auth_method=auth_method,
+            post_logout_redirect_uris=tuple(post_logout_redirect_uris or ()),
+            backchannel_logout_uri=backchannel_logout_uri, jwks=jwks, jwks_uri=jwks_uri,
+            id_token_signed_response_alg=id_token_signed_response_alg,
+            subject_type=subject_type,
+        ), secret=secret, source=source)
+
+    def replace(self, meta: AgencyMetadata) -> tuple[Agency, str | None] | None:
+        """Replace a registered agency's metadata (None when it is not registered).
+
+        The client secret is kept; an agency that moves from ``private_key_jwt`` to a secret
+        method gets a new one (returned once), one that moves away from secrets loses its.
+        """
+        meta = self.check(meta)
+        issued: str | None = None
         with self._db.session() as s:
-            if s.get(Agency, client_id) is not None:
-                raise AgencyRegistrationError(f"client_id: {client_id!r} is already registered")
-            s.add(row)
-        return row, secret
+            row = s.get(Agency, meta.client_id)
+            if row is None:
+                return None
+            if meta.token_endpoint_auth_method not in SECRET_METHODS:
+                row.secret_hash = ""
+            elif not row.secret_hash:
+                issued = secrets.token_urlsafe(32)
+                row.secret_hash = hash_secret(issued)
+            self._apply(row, meta)
+        self._signing_alg_used(meta)
+        return row, issued
 
     def sync_from_config(self, agencies: list[Any]) -> None:
-        """Create or update the agencies declared in the settings file."""
-        for a in agencies:
-            secret = a.client_secret.get_secret_value()
-            self._validate(client_id=a.client_id, name=a.name, redirect_uris=a.redirect_uris,
-                           scopes=a.scopes, auth_method=a.token_endpoint_auth_method,
-                           post_logout_redirect_uris=a.post_logout_redirect_uris,
-                           backchannel_logout_uri=a.backchannel_logout_uri)
+        """Create or update the agencies declared in the settings file (at start-up, which
+        then ensures a signing key for every algorithm in :meth:`signing_algs`)."""
+        for i, a in enumerate(agencies):
+            try:
+                meta = self.check(AgencyMetadata(
+                    client_id=a.client_id, name=a.name, redirect_uris=tuple(a.redirect_uris),
+                    scopes=tuple(a.scopes), sector_identifier=a.sector_identifier,
+                    token_endpoint_auth_method=a.token_endpoint_auth_method,
+                    post_logout_redirect_uris=tuple(a.post_logout_redirect_uris),
+                    backchannel_logout_uri=a.backchannel_logout_uri, jwks=a.jwks,
+                    jwks_uri=a.jwks_uri,
+                    id_token_signed_response_alg=a.id_token_signed_response_alg,
+                    subject_type=a.subject_type,
+                ))
+                secret = self._secret_for(
+                    meta, a.client_secret.get_secret_value() if a.client_secret else None)
+            except AgencyRegistrationError as exc:
+                raise ConfigError(f"invalid configuration in settings:\n  agencies[{i}]."
+                                  f"{exc.field}: {exc.problem} (agency {a.client_id!r})"
+                                  ) from exc
             with self._db.session() as s:
                 row = s.get(Agency, a.client_id)
                 if row is None:
-                    s.add(Agency(client_id=a.client_id, source="config",
-                                 id_token_signed_response_alg=self._default_alg,
-                                 subject_type="pairwise", name=a.name,
-                                 secret_hash=hash_secret(secret),
-                                 redirect_uris=list(a.redirect_uris),
-                                 sector_identifier=(a.sector_identifier
-                                                    or default_sector(a.redirect_uris)),
-                                 scopes=list(a.scopes),
-                                 token_endpoint_auth_method=a.token_endpoint_auth_method,
-                                 post_logout_redirect_uris=list(a.post_logout_redirect_uris),
-                                 backchannel_logout_uri=a.backchannel_logout_uri))
-                    continue
-                row.name, row.secret_hash = a.name, hash_secret(secret)
-                row.redirect_uris, row.scopes = list(a.redirect_uris), list(a.scopes)
-                row.token_endpoint_auth_method = a.token_endpoint_auth_method
-                row.sector_identifier = a.sector_identifier or default_sector(a.redirect_uris)
-                row.post_logout_redirect_uris = list(a.post_logout_redirect_uris)
-                row.backchannel_logout_uri = a.backchannel_logout_uri
-                row.updated_at = utcnow()
+                    row = Agency(client_id=a.client_id, source="config", created_at=utcnow())
+                    s.add(row)
+                row.secret_hash = hash_secret(secret) if secret else ""
+                self._apply(row, meta)
+
+    # -- queries ----------------------------------------------------------------------------
 
     def get(self, client_id: str) -> Agency | None:
         with self._db.session() as s:
@@ -224,6 +376,11 @@ class AgencyRegistry:
     def list(self) -> list[Agency]:
         with self._db.session() as s:
             return list(s.scalars(select(Agency).order_by(Agency.client_id)))
+
+    def signing_algs(self) -> set[str]:
+        """Every ID token algorithm some registered agency uses."""
+        with self._db.session() as s:
+            return set(s.scalars(select(Agency.id_token_signed_response_alg).distinct()))
 
     def remove(self, client_id: str) -> bool:
         with self._db.session() as s:

@@ -22,7 +22,9 @@ from kernel.db import Database, utcnow
 
 from .models import SigningKey
 
-SUPPORTED_ALGS = ("ES256", "RS256")
+#: PS256 (RSASSA-PSS, RFC 7518 3.5) gets its own RSA key rather than sharing the RS256 one:
+#: one key, one algorithm
+SUPPORTED_ALGS = ("ES256", "RS256", "PS256")
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class _Snapshot:
 def _generate(alg: str) -> ECKey | RSAKey:
     if alg == "ES256":
         return ECKey.generate_key("P-256", private=True, auto_kid=True)
-    if alg == "RS256":
+    if alg in ("RS256", "PS256"):
         return RSAKey.generate_key(2048, private=True, auto_kid=True)
     raise ValueError(f"unsupported signing algorithm {alg}")
 
@@ -146,6 +148,9 @@ class KeyRing:
 
     def signing_key(self, alg: str) -> ActiveKey:
         key = self.reload().signing.get(alg)
+        if key is None:
+            # a key made for a newly registered agency's algorithm by another process
+            key = self.reload(force=True).signing.get(alg)
         if key is None:
             raise LookupError(f"no active signing key for {alg}")
         return key

@@ -31,7 +31,12 @@ class Agency(Base):
     )
     #: Back-Channel Logout 1.0 section 2.2: where the hub POSTs logout tokens
     backchannel_logout_uri: Mapped[str | None] = mapped_column(String(2000), nullable=True)
-    #: ``config`` when declared in the settings file (kept in sync at start), else ``cli``
+    #: RFC 7591 2: the agency's public keys for ``private_key_jwt`` (RFC 7523 3), inline...
+    jwks: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    #: ...or where the hub fetches them (at most one of the two)
+    jwks_uri: Mapped[str | None] = mapped_column(String(2000), nullable=True)
+    #: ``config`` when declared in the settings file (kept in sync at start), ``api`` when
+    #: registered through the admin API, else ``cli``
     source: Mapped[str] = mapped_column(String(20), default="cli")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -48,8 +53,11 @@ class Agency(Base):
             "id_token_signed_response_alg": self.id_token_signed_response_alg,
             "post_logout_redirect_uris": list(self.post_logout_redirect_uris or []),
             "backchannel_logout_uri": self.backchannel_logout_uri,
+            "jwks": self.jwks,
+            "jwks_uri": self.jwks_uri,
             "source": self.source,
             "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
         }
 
 

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from authlib.integrations.flask_oauth2 import AuthorizationServer
@@ -36,9 +36,12 @@ from broker.accounts import AccountDirectory
 from broker.session import HubLogin
 from kernel.metrics import TOKENS
 
-from .agencies import AgencyClient, AgencyRegistry
+from .agencies import AUTH_METHODS as AGENCY_AUTH_METHODS
+from .agencies import PUBLIC_SECTOR, AgencyClient, AgencyRegistry
+from .agency_keys import AgencyKeys
 from .claims import claims_for_scope
-from .keys import KeyRing
+from .client_auth import PrivateKeyJWT
+from .keys import SUPPORTED_ALGS, KeyRing
 from .logout import SessionParticipants
 from .pairwise import PairwiseSubjects
 from .tokens import (
@@ -51,7 +54,8 @@ from .tokens import (
     new_grant_id,
 )
 
-AUTH_METHODS = ["client_secret_basic", "client_secret_post"]
+#: client authentication at the token, revocation and introspection endpoints
+AUTH_METHODS = list(AGENCY_AUTH_METHODS)
 
 
 @dataclass
@@ -66,6 +70,8 @@ class ProviderServices:
     subjects: PairwiseSubjects
     id_token_lifetime: int
     participants: SessionParticipants
+    #: agencies' public keys for ``private_key_jwt`` (inline or fetched from jwks_uri)
+    agency_keys: AgencyKeys = field(default_factory=AgencyKeys)
 
     def issue_tokens(self, *, client: AgencyClient, account_id: str, scope: str, grant_id: str,
                      sid: str, auth_time: int, acr: str, amr: tuple[str, ...],
@@ -98,7 +104,7 @@ class ProviderServices:
         if not hint or len(hint) > 16384:
             return None
         try:
-            token = jwt.decode(hint, self.keys.public_keyset(), algorithms=["ES256", "RS256"])
+            token = jwt.decode(hint, self.keys.public_keyset(), algorithms=SUPPORTED_ALGS)
         except (JoseError, ValueError):
             return None
         if token.header.get("typ", "JWT") != "JWT" or token.claims.get("iss") != self.issuer:
@@ -117,7 +123,10 @@ class ProviderServices:
         return None
 
     def subject_for(self, client: AgencyClient, account_id: str) -> str:
-        return self.subjects.subject(client.sector_identifier, account_id)
+        """OpenID Connect Core 8: pairwise per sector, or one ``public`` value that every
+        agency registered with ``subject_type: public`` shares."""
+        sector = PUBLIC_SECTOR if client.subject_type == "public" else client.sector_identifier
+        return self.subjects.subject(sector, account_id)
 
     def user_claims(self, client: AgencyClient, account_id: str, scope: str) -> dict[str, Any]:
         claims = claims_for_scope(self.accounts.attributes(account_id), scope)
@@ -376,6 +385,8 @@ class HubAuthorizationServer(AuthorizationServer):
         self.register_grant(RotatingRefreshGrant)
         self.register_endpoint(HubRevocation)
         self.register_endpoint(HubIntrospection)
+        self.register_client_auth_method("private_key_jwt", PrivateKeyJWT(
+            issuer=hub.issuer, tokens=hub.tokens, keys=hub.agency_keys))
         self.register_extension(HubIssuerParameter(hub.issuer))
         self.scopes_supported = ["openid", "profile", "email", "offline_access"]
 

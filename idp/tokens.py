@@ -29,7 +29,7 @@ from sqlalchemy import CursorResult, select, update
 from kernel.db import Database, utcnow
 from kernel.store import ShortLivedStore
 
-from .keys import KeyRing
+from .keys import SUPPORTED_ALGS, KeyRing
 from .models import RefreshToken
 
 
@@ -180,6 +180,14 @@ class TokenStore:
     def remember_nonce(self, client_id: str, nonce: str, ttl: int) -> None:
         self._store.put(f"nonce:{client_id}:{digest(nonce)}", {}, ttl)
 
+    # -- client assertion ids -------------------------------------------------------------
+
+    def use_jti(self, client_id: str, jti: str, ttl: int) -> bool:
+        """Record a client assertion's ``jti`` (RFC 7523 3, item 7): True the first time,
+        False for a replay. Kept ``ttl`` seconds, as long as the assertion could be valid."""
+        return self._store.put_new(f"assertion-jti:{client_id}:{digest(jti)}", {},
+                                   max(1, ttl))
+
 
 class AccessTokens:
     """JWT access tokens (RFC 9068) signed with the hub's current key."""
@@ -214,7 +222,7 @@ class AccessTokens:
         if not token or token.count(".") != 2 or len(token) > 8192:
             return None
         try:
-            decoded = jwt.decode(token, self.keys.public_keyset(), algorithms=["ES256", "RS256"])
+            decoded = jwt.decode(token, self.keys.public_keyset(), algorithms=SUPPORTED_ALGS)
         except (JoseError, ValueError):
             return None
         claims = decoded.claims

@@ -16,7 +16,9 @@ from broker.errors import LoginExpired
 from broker.service import Broker
 from broker.session import HubLogin, current_login
 
-from .provider import HubAuthorizationServer, StoredAuthorizationRequest
+from .agencies import ID_TOKEN_ALGS
+from .agency_keys import ASSERTION_ALGS
+from .provider import AUTH_METHODS, HubAuthorizationServer, StoredAuthorizationRequest
 
 
 class UnmetAuthenticationRequirements(OAuth2Error):  # type: ignore[misc]
@@ -37,7 +39,8 @@ UNSUPPORTED_PARAMS = {
 }
 
 
-def discovery_document(issuer: str, acr_values: list[str]) -> dict[str, Any]:
+def discovery_document(issuer: str, acr_values: list[str], *,
+                       public_subjects: bool = False) -> dict[str, Any]:
     """OpenID Connect Discovery 1.0 section 3 / RFC 8414."""
     return {
         "issuer": issuer,
@@ -45,10 +48,10 @@ def discovery_document(issuer: str, acr_values: list[str]) -> dict[str, Any]:
         "token_endpoint": f"{issuer}/token",
         "revocation_endpoint": f"{issuer}/revoke",
         "introspection_endpoint": f"{issuer}/introspect",
-        "revocation_endpoint_auth_methods_supported": ["client_secret_basic",
-                                                       "client_secret_post"],
-        "introspection_endpoint_auth_methods_supported": ["client_secret_basic",
-                                                          "client_secret_post"],
+        "revocation_endpoint_auth_methods_supported": list(AUTH_METHODS),
+        "revocation_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
+        "introspection_endpoint_auth_methods_supported": list(AUTH_METHODS),
+        "introspection_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
         "userinfo_endpoint": f"{issuer}/userinfo",
         "jwks_uri": f"{issuer}/jwks",
         "end_session_endpoint": f"{issuer}/logout/end-session",
@@ -58,9 +61,10 @@ def discovery_document(issuer: str, acr_values: list[str]) -> dict[str, Any]:
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],
         "grant_types_supported": ["authorization_code", "refresh_token"],
-        "subject_types_supported": ["pairwise"],
-        "id_token_signing_alg_values_supported": ["ES256", "RS256"],
-        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "subject_types_supported": ["pairwise", "public"] if public_subjects else ["pairwise"],
+        "id_token_signing_alg_values_supported": list(ID_TOKEN_ALGS),
+        "token_endpoint_auth_methods_supported": list(AUTH_METHODS),
+        "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
         "code_challenge_methods_supported": ["S256"],
         "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "nonce", "acr",
                              "amr", "sid", "at_hash", "name", "given_name", "family_name",
@@ -77,7 +81,8 @@ def discovery_document(issuer: str, acr_values: list[str]) -> dict[str, Any]:
 def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprint:
     bp = Blueprint("idp", __name__, template_folder="templates")
     hub = server.hub
-    discovery = discovery_document(hub.issuer, sorted(broker.offered_acrs()))
+    discovery = discovery_document(hub.issuer, sorted(broker.offered_acrs()),
+                                   public_subjects=hub.agencies.policy.allow_public_subjects)
 
     def with_iss(response: Response) -> Response:
         location = response.headers.get("Location")
@@ -201,7 +206,8 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
 
     @bp.post("/token")
     def token() -> Response:
-        if request.authorization is not None and "client_secret" in request.form:
+        if request.authorization is not None and (
+                "client_secret" in request.form or "client_assertion" in request.form):
             # RFC 6749 2.3: a client MUST NOT use more than one authentication method.
             resp = jsonify(error="invalid_request",
                            error_description="Use one client authentication method, not two.")

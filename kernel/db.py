@@ -76,3 +76,21 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=15000")
     cursor.close()
+
+
+@contextmanager
+def startup_lock(engine: Engine, key: int = 0x43495649) -> Iterator[None]:
+    """Serialise start-up work (migrations, first keys, settings sync) across processes and
+    hosts that start together. PostgreSQL: a session advisory lock; SQLite: one process."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        try:
+            yield
+        finally:
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            conn.commit()

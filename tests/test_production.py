@@ -88,7 +88,7 @@ def workers_hub(tmp_path_factory, upstream_issuer, postgres_url, redis_url):
     log = (tmp / "hub.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "civitas.cli", "--config", str(path), "serve", "--workers", "2",
-         "--port", str(HUB_PORT)], stdout=log, stderr=subprocess.STDOUT,
+         "--threads", "2", "--port", str(HUB_PORT)], stdout=log, stderr=subprocess.STDOUT,
         env=dict(os.environ), start_new_session=True)
     try:
         deadline = time.monotonic() + 30
@@ -129,7 +129,14 @@ def browser_login(base: str, auth: AuthRequest) -> dict[str, str]:
 
 
 def test_two_workers_serve_full_logins(workers_hub):
-    pids = {requests.get(f"{workers_hub}/healthz", timeout=5).json()["pid"] for _ in range(40)}
+    from concurrent.futures import ThreadPoolExecutor
+
+    def pid(_: int) -> int:
+        return int(requests.get(f"{workers_hub}/healthz", timeout=5).json()["pid"])
+
+    # with 2 threads per worker, 8 concurrent clients spill over to the second worker
+    with ThreadPoolExecutor(8) as pool:
+        pids = set(pool.map(pid, range(200)))
     assert len(pids) >= 2, "expected requests to reach both workers"
     for _ in range(4):
         auth = AuthRequest()

@@ -4,6 +4,8 @@ from alembic import context
 from sqlalchemy import create_engine
 
 import broker.models  # noqa: F401  (registers tables)
+import consent.ledger.models  # noqa: F401
+import consent.models  # noqa: F401
 import idp.models  # noqa: F401
 from kernel.db import Base
 

@@ -1,0 +1,153 @@
+"""HTTP adapter of the decision API: ``/access/v1/...`` (OpenID AuthZEN Authorization API 1.0).
+
+- The agency authenticates through the injected ``authenticate_agency(request)``: a
+  client_credentials access token with the decision scope, or its client credentials. When it
+  answers None: 401 with ``WWW-Authenticate`` (RFC 6750 section 3, RFC 7617).
+- Each agency is rate-limited in fixed windows counted in the short-lived store, so every
+  worker shares the count: 429 with ``Retry-After`` (RFC 6585 section 4).
+- Errors are JSON ``{"error", "error_description"}`` with 400, 401, 404 or 429 (AuthZEN's HTTPS
+  binding: an error is an HTTP status, never a decision). ``X-Request-ID`` is echoed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flask import Blueprint, Request, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response
+
+from kernel.store import ShortLivedStore
+
+from .decisions import InvalidRequest, parse_evaluation, parse_evaluations
+from .errors import ConsentError
+from .openapi import openapi_document
+from .service import ConsentService
+
+#: returns the client_id of the authenticated agency, or None (injected by the provider)
+AgencyAuthenticator = Callable[[Request], str | None]
+
+REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+class ApiError(ConsentError):
+    """An error of the decision API, rendered as JSON by this blueprint only."""
+
+    def __init__(self, status: int, error: str, description: str,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(description, status_code=status)
+        self.error = error
+        self.headers = headers or {}
+
+
+def create_api_blueprint(service: ConsentService, *,
+                         authenticate_agency: AgencyAuthenticator, store: ShortLivedStore,
+                         scope: str, rate_limit: int = 600, rate_window_seconds: int = 60,
+                         token_url: str = "/token",  # noqa: S107 (a URL)
+                         ) -> Blueprint:
+    bp = Blueprint("api", __name__, url_prefix="/access/v1")
+    decisions = service.decisions
+    document = openapi_document(scope=scope, token_url=token_url)
+    challenge = (f'Bearer realm="civitas-consent", scope="{scope}", '
+                 'Basic realm="civitas-consent"')
+
+    @bp.errorhandler(ApiError)
+    def _api_error(error: ApiError) -> Response:
+        response = jsonify(error=error.error, error_description=error.public_message)
+        response.status_code = error.status_code
+        response.headers.update(error.headers)
+        return response
+
+    @bp.errorhandler(HTTPException)
+    def _http_error(error: HTTPException) -> Response:
+        response = jsonify(error="invalid_request",
+                           error_description=error.description or "Request failed.")
+        response.status_code = error.code or 400
+        return response
+
+    @bp.after_request
+    def _headers(response: Response) -> Response:
+        given = request.headers.get("X-Request-ID", "")
+        if REQUEST_ID.match(given):
+            response.headers["X-Request-ID"] = given  # AuthZEN: echo the PEP's request id
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    def agency() -> str:
+        """The authenticated, not rate-limited agency's client_id."""
+        client_id = authenticate_agency(request)
+        if client_id is None:
+            raise ApiError(401, "invalid_client", "Agency authentication is required: a "
+                           f"client_credentials access token with scope '{scope}', or the "
+                           "agency's client id and secret (HTTP Basic).",
+                           {"WWW-Authenticate": challenge})
+        now = int(time.time())
+        window = now // rate_window_seconds
+        count = store.incr(f"consent-api:{client_id}:{window}", rate_window_seconds)
+        if count > rate_limit:
+            retry = rate_window_seconds - now % rate_window_seconds
+            raise ApiError(429, "rate_limited", "Too many requests from this agency; retry "
+                           f"after {retry} seconds.", {"Retry-After": str(retry)})
+        return client_id
+
+    def body() -> Any:
+        raw = request.get_data(cache=False)
+        if not raw.strip():
+            raise ApiError(400, "invalid_request", "The request body must be a JSON object.")
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise ApiError(400, "invalid_request",
+                           f"The request body is not valid JSON: {exc}") from exc
+
+    def request_id() -> str | None:
+        given = request.headers.get("X-Request-ID", "")
+        return given if REQUEST_ID.match(given) else g.get("request_id")
+
+    @bp.get("/openapi.json")
+    def openapi() -> Response:
+        response = jsonify(document)
+        response.headers["Access-Control-Allow-Origin"] = "*"
+        return response
+
+    @bp.post("/evaluation")
+    def evaluation() -> Response:
+        """AuthZEN 1.0 section 6."""
+        client_id = agency()
+        try:
+            query = parse_evaluation(body())
+        except InvalidRequest as exc:
+            raise ApiError(400, "invalid_request", str(exc)) from exc
+        [answer] = decisions.decide(client_id, [query], now=service.clock(),
+                                    request_id=request_id())
+        return jsonify(answer.to_authzen())
+
+    @bp.post("/evaluations")
+    def evaluations() -> Response:
+        """AuthZEN 1.0 section 7."""
+        client_id = agency()
+        try:
+            queries, semantic, single = parse_evaluations(body())
+        except InvalidRequest as exc:
+            raise ApiError(400, "invalid_request", str(exc)) from exc
+        answers = decisions.decide(client_id, queries, now=service.clock(), semantic=semantic,
+                                   request_id=request_id())
+        if single:
+            return jsonify(answers[0].to_authzen())
+        return jsonify(evaluations=[a.to_authzen() for a in answers])
+
+    @bp.get("/receipts/<receipt_id>")
+    def receipt(receipt_id: str) -> Response:
+        """A receipt of one of this agency's own records; any other id is simply not found."""
+        client_id = agency()
+        found = service.receipt(receipt_id)
+        if found is None or found.client_id != client_id:
+            raise ApiError(404, "not_found", "There is no receipt with this id for this "
+                           "agency.")
+        return jsonify(receipt_id=found.id, jws=found.jws, receipt=found.payload)
+
+    return bp

@@ -1,0 +1,223 @@
+"""The decision API's logic, shaped on the OpenID AuthZEN Authorization API 1.0.
+
+An agency (the PEP) asks whether it may ``use`` (action, AuthZEN 1.0 section 5.3) a ``claim``
+(resource, section 5.2) of the citizen it knows by its pairwise ``sub`` (subject, section
+5.1) for a ``purpose`` (context, section 5.4). The hub (the PDP) answers ``decision`` plus a
+context (section 5.5): the reason and, when allowed, the consent record, the receipt and the
+expiry. Single evaluations follow section 6, batches section 7 (defaults at the top level,
+``options.evaluations_semantic``).
+
+Deny by default. Subjects are looked up only among the asking agency's own records, so a
+``sub`` that belongs to another agency gets exactly the answer an unknown one gets. Every
+evaluation is stored (:class:`~consent.models.AgencyDecision`) for the ledger and the
+citizen's data-access history. Flask-free: :mod:`consent.api` is the HTTP adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from kernel.db import Database
+
+from . import history
+from .history import ConsentGrant
+from .models import AgencyDecision, ConsentEvent, ConsentRecord, new_id
+
+SEMANTICS = ("execute_all", "deny_on_first_deny", "permit_on_first_permit")
+MAX_BATCH = 100
+
+#: (member, required fields with their maximum lengths) of the four AuthZEN entities
+ENTITIES: dict[str, dict[str, int]] = {
+    "subject": {"type": 64, "id": 255},
+    "action": {"name": 64},
+    "resource": {"type": 64, "id": 128},
+    "context": {"purpose": 128},
+}
+
+
+class InvalidRequest(ValueError):
+    """The request is not a valid AuthZEN evaluation request; the message says why."""
+
+
+@dataclass(frozen=True)
+class EvaluationQuery:
+    subject_type: str
+    subject_id: str
+    action: str
+    resource_type: str
+    claim: str
+    purpose: str
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    decision: bool
+    reason: str
+    decision_id: str
+    record_id: str | None = None
+    receipt_id: str | None = None
+    expires_at: datetime | None = None
+    lawful_basis: str | None = None
+
+    def to_authzen(self) -> dict[str, Any]:
+        """AuthZEN 1.0 section 6.2: ``decision`` and a ``context`` for the PEP."""
+        context: dict[str, Any] = {"decision_id": self.decision_id, "reason": self.reason}
+        if self.decision:
+            context.update(
+                consent_record_id=self.record_id, receipt_id=self.receipt_id,
+                lawful_basis=self.lawful_basis,
+                expires_at=self.expires_at.isoformat().replace("+00:00", "Z")
+                if self.expires_at is not None else None)
+        return {"decision": self.decision, "context": context}
+
+
+# -- parsing (AuthZEN 1.0 sections 5 to 7) -----------------------------------------------
+
+
+def _entity(name: str, value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{where}{name} must be a JSON object")
+    for field, limit in ENTITIES[name].items():
+        member = value.get(field)
+        if member is None:
+            raise InvalidRequest(f"missing field {where}{name}.{field}")
+        if not isinstance(member, str) or not 1 <= len(member) <= limit:
+            raise InvalidRequest(f"{where}{name}.{field} must be a string of 1 to {limit} "
+                                 "characters")
+    if name != "context" and "properties" in value and not isinstance(value["properties"],
+                                                                       dict):
+        raise InvalidRequest(f"{where}{name}.properties must be a JSON object")
+    return value
+
+
+def _query(entities: Mapping[str, dict[str, Any]]) -> EvaluationQuery:
+    return EvaluationQuery(
+        subject_type=entities["subject"]["type"], subject_id=entities["subject"]["id"],
+        action=entities["action"]["name"], resource_type=entities["resource"]["type"],
+        claim=entities["resource"]["id"], purpose=entities["context"]["purpose"])
+
+
+def parse_evaluation(body: Any) -> EvaluationQuery:
+    """Section 6.1: ``subject``, ``action``, ``resource`` and ``context`` are all needed."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    for name in ENTITIES:
+        if name not in body:
+            raise InvalidRequest(f"missing field {name}")
+    return _query({name: _entity(name, body[name], "") for name in ENTITIES})
+
+
+def parse_evaluations(body: Any) -> tuple[list[EvaluationQuery], str, bool]:
+    """Section 7.1: (queries, semantic, single). Top-level members are defaults an item's own
+    member replaces; without ``evaluations`` (or with an empty one) it is one evaluation."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    defaults = {n: _entity(n, body[n], "") for n in ENTITIES if n in body}
+    options = body.get("options", {})
+    if not isinstance(options, dict):
+        raise InvalidRequest("options must be a JSON object")
+    semantic = options.get("evaluations_semantic", "execute_all")
+    if semantic not in SEMANTICS:
+        raise InvalidRequest(f"options.evaluations_semantic must be one of "
+                             f"{', '.join(SEMANTICS)}")
+    items = body.get("evaluations", [])
+    if not isinstance(items, list):
+        raise InvalidRequest("evaluations must be an array")
+    if len(items) > MAX_BATCH:
+        raise InvalidRequest(f"at most {MAX_BATCH} evaluations per request")
+    if not items:
+        return [parse_evaluation(body)], semantic, True
+    queries = []
+    for index, item in enumerate(items):
+        where = f"evaluations[{index}]."
+        if not isinstance(item, dict):
+            raise InvalidRequest(f"evaluations[{index}] must be a JSON object")
+        merged = dict(defaults)
+        merged.update({n: _entity(n, item[n], where) for n in ENTITIES if n in item})
+        for name in ENTITIES:
+            if name not in merged:
+                raise InvalidRequest(f"missing field {where}{name} (give it in the item or "
+                                     "as a default at the top level)")
+        queries.append(_query(merged))
+    return queries, semantic, False
+
+
+# -- deciding ------------------------------------------------------------------------------
+
+
+def _grant(s: Any, client_id: str, subject: str, now: datetime) -> ConsentGrant | None:
+    record = s.scalars(select(ConsentRecord).where(
+        ConsentRecord.client_id == client_id, ConsentRecord.subject == subject)).one_or_none()
+    if record is None:
+        return None
+    events = list(s.scalars(select(ConsentEvent).where(ConsentEvent.record_id == record.id)
+                            .order_by(ConsentEvent.seq)))
+    return history.state_at(record, events, now)
+
+
+def _evaluate(query: EvaluationQuery, grant: ConsentGrant | None) -> tuple[bool, str]:
+    if query.subject_type != "user":
+        return False, "unsupported_subject_type"
+    if query.resource_type != "claim":
+        return False, "unsupported_resource_type"
+    if query.action != "use":
+        return False, "unsupported_action"
+    return history.evaluate(grant, query.claim, query.purpose)
+
+
+class DecisionPoint:
+    """Answers agencies' evaluations from the consent records and records every answer."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def decide(self, client_id: str, queries: Sequence[EvaluationQuery], *, now: datetime,
+               semantic: str = "execute_all", request_id: str | None = None
+               ) -> list[Evaluation]:
+        """Evaluate in order; ``deny_on_first_deny`` / ``permit_on_first_permit`` stop at the
+        first such answer (AuthZEN 1.0 section 7.1.2), so fewer answers may come back."""
+        answers: list[Evaluation] = []
+        with self._db.session() as s:
+            grants: dict[str, ConsentGrant | None] = {}
+            for query in queries:
+                if query.subject_id not in grants:
+                    grants[query.subject_id] = _grant(s, client_id, query.subject_id, now)
+                grant = grants[query.subject_id]
+                decision, reason = _evaluate(query, grant)
+                answer = Evaluation(decision=decision, reason=reason, decision_id=new_id())
+                if decision and grant is not None:
+                    answer = Evaluation(
+                        decision=True, reason=reason, decision_id=answer.decision_id,
+                        record_id=grant.record_id, receipt_id=grant.receipt_id,
+                        expires_at=grant.expires_at,
+                        lawful_basis=grant.claims[query.claim].lawful_basis)
+                s.add(AgencyDecision(
+                    id=answer.decision_id, at=now, client_id=client_id,
+                    subject=query.subject_id,
+                    account_id=grant.account_id if grant is not None else None,
+                    record_id=grant.record_id if grant is not None else None,
+                    action=query.action, claim=query.claim, purpose=query.purpose,
+                    decision=decision, reason=reason, request_id=request_id))
+                answers.append(answer)
+                if (semantic == "deny_on_first_deny" and not decision) or (
+                        semantic == "permit_on_first_permit" and decision):
+                    break
+        return answers
+
+    def for_account(self, account_id: str, limit: int = 100) -> list[AgencyDecision]:
+        """The citizen's data-access history: every decision about their records."""
+        with self._db.session() as s:
+            return list(s.scalars(select(AgencyDecision).where(
+                AgencyDecision.account_id == account_id).order_by(
+                AgencyDecision.at.desc()).limit(limit)))
+
+    def for_agency(self, client_id: str, limit: int = 100) -> list[AgencyDecision]:
+        with self._db.session() as s:
+            return list(s.scalars(select(AgencyDecision).where(
+                AgencyDecision.client_id == client_id).order_by(
+                AgencyDecision.at.desc()).limit(limit)))

@@ -1,0 +1,132 @@
+"""Consent records, their append-only events, signed receipts and agency decisions.
+
+The shape follows ISO/IEC TS 27560:2023 (consent record information structure): a record
+(id, schema version, PII principal, controller) holds an ordered list of events; each event
+carries its time, type and the state it leaves the record in, plus everything that was in
+force after it (purposes, PII types, lawful basis per purpose, notice version and language,
+collection method, validity). Rows of ``consent_events`` are only ever inserted: a change is
+a new event, so the state at any past moment can be read back (see :mod:`consent.history`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from kernel.db import Base, UTCDateTime, utcnow
+
+#: the record schema this code writes (ISO/IEC TS 27560 "schema version")
+SCHEMA_VERSION = "civitas-consent-record/1 (ISO/IEC TS 27560:2023)"
+
+#: event types; ``state`` uses the same words (a partial withdrawal leaves ``given``)
+EVENT_KINDS = ("given", "refused", "withdrawn", "expired", "renewed")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class ConsentRecord(Base):
+    """One citizen's consent record with one agency (the PII controller)."""
+
+    __tablename__ = "consent_records"
+    __table_args__ = (
+        UniqueConstraint("account_id", "client_id"),
+        Index("ix_consent_records_client_subject", "client_id", "subject"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    schema_version: Mapped[str] = mapped_column(String(80), default=SCHEMA_VERSION)
+    account_id: Mapped[str] = mapped_column(
+        ForeignKey("constituent_accounts.id", ondelete="RESTRICT")
+    )
+    client_id: Mapped[str] = mapped_column(String(128))
+    #: the agency's pairwise ``sub`` for this citizen: the pseudonymous principal id the
+    #: agency knows, and the key the decision API resolves
+    subject: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ConsentEvent(Base):
+    """Something that happened to a record. Inserted, never updated or deleted."""
+
+    __tablename__ = "consent_events"
+    __table_args__ = (UniqueConstraint("record_id", "seq"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    record_id: Mapped[str] = mapped_column(
+        ForeignKey("consent_records.id", ondelete="RESTRICT")
+    )
+    #: 1, 2, 3... within the record; the unique constraint serialises concurrent appends
+    seq: Mapped[int] = mapped_column()
+    kind: Mapped[str] = mapped_column(String(20))
+    #: the record's state after this event
+    state: Mapped[str] = mapped_column(String(20))
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    subject: Mapped[str] = mapped_column(String(255))
+    #: in force after the event: {claim: {"purposes": [...], "lawful_basis": str,
+    #: "required": bool}}
+    claims: Mapped[dict[str, Any]] = mapped_column(JSON)
+    #: optional claims the citizen was shown and left unticked (not asked again)
+    declined: Mapped[list[str]] = mapped_column(JSON)
+    #: the claims this event concerns (granted, refused or withdrawn now)
+    affected: Mapped[list[str]] = mapped_column(JSON)
+    #: collection method: ``web-form``, ``account-page``, ``account-deletion``, ``expiry``...
+    method: Mapped[str] = mapped_column(String(40))
+    notice_version: Mapped[str] = mapped_column(String(64))
+    notice_language: Mapped[str] = mapped_column(String(16))
+    #: the agency's declaration as it stood (name, notice, contact, declared claims)
+    policy: Mapped[dict[str, Any]] = mapped_column(JSON)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    #: the receipt this event produced (grants and withdrawals produce one)
+    receipt_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+
+
+class ConsentReceipt(Base):
+    """A signed Kantara Consent Receipt v1.1, as issued (payload and compact JWS)."""
+
+    __tablename__ = "consent_receipts"
+
+    #: ``consentReceiptID``: a UUIDv4 in its canonical form
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    record_id: Mapped[str] = mapped_column(
+        ForeignKey("consent_records.id", ondelete="RESTRICT"), index=True
+    )
+    event_id: Mapped[int] = mapped_column(
+        ForeignKey("consent_events.id", ondelete="RESTRICT"), unique=True
+    )
+    account_id: Mapped[str] = mapped_column(String(32), index=True)
+    client_id: Mapped[str] = mapped_column(String(128))
+    issued_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    jws: Mapped[str] = mapped_column(Text)
+
+
+class AgencyDecision(Base):
+    """One answer of the decision API to one agency (AuthZEN evaluation), kept for the
+    ledger and the citizen's data-access history. No personal data in clear."""
+
+    __tablename__ = "consent_decisions"
+    __table_args__ = (
+        Index("ix_consent_decisions_client_at", "client_id", "at"),
+        Index("ix_consent_decisions_account_at", "account_id", "at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    client_id: Mapped[str] = mapped_column(String(128))
+    #: the subject id as the agency sent it
+    subject: Mapped[str] = mapped_column(String(255))
+    #: the account it resolved to, when it resolved (never for another agency's subject)
+    account_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    record_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    action: Mapped[str] = mapped_column(String(64))
+    claim: Mapped[str] = mapped_column(String(128))
+    purpose: Mapped[str] = mapped_column(String(128))
+    decision: Mapped[bool] = mapped_column(Boolean())
+    reason: Mapped[str] = mapped_column(String(40))
+    request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
