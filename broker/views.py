@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Blueprint, redirect, render_template, request, session, url_for
 from werkzeug.wrappers import Response
@@ -28,7 +30,8 @@ class FormExpired(BrokerError):
 
 
 def create_blueprint(broker: Broker, *,
-                     on_logout: Callable[[HubLogin], object] | None = None) -> Blueprint:
+                     on_logout: Callable[[HubLogin], object] | None = None,
+                     on_delete: Callable[[str], object] | None = None) -> Blueprint:
     """``on_logout`` is told of every hub session that ends here (sign-out, account deletion),
     before the session is cleared: the composition root wires it to the OpenID provider's
     logout (token revocation, back-channel logout) without broker/ depending on idp/."""
@@ -52,6 +55,20 @@ def create_blueprint(broker: Broker, *,
             session["notice"] = "linked" if outcome.linked else "already-linked"
         return redirect(outcome.flow.return_to, code=303)
 
+    def password_page(flow: Any, connector: PasswordConnector, *, error: str | None,
+                      username: str) -> Response:
+        response = Response(render_template(
+            "broker/password.html", flow=flow, upstream=connector, error=error,
+            username=username), mimetype="text/html")
+        # The form's redirect chain ends at the agency that asked (browsers check form-action
+        # on every redirect after a form post): allow that one validated origin.
+        target = urlsplit(str((flow.payload or {}).get("redirect_uri", "")))
+        extra = f" {target.scheme}://{target.netloc}" if target.scheme in ("http", "https") else ""
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'none'; style-src 'unsafe-inline'; "
+            f"form-action 'self'{extra}; frame-ancestors 'none'; base-uri 'none'")
+        return response
+
     @bp.get("/login")
     def login_page() -> str | Response:
         flow_id = request.args.get("flow")
@@ -68,8 +85,7 @@ def create_blueprint(broker: Broker, *,
         flow_id = request.args.get("flow", "")
         if isinstance(connector, PasswordConnector):
             flow = broker.flows(session).get(flow_id)
-            return render_template("broker/password.html", flow=flow, upstream=connector,
-                                   error=None, username="")
+            return password_page(flow, connector, error=None, username="")
         return redirect(broker.begin(session, flow_id, upstream_id), code=303)
 
     @bp.post("/login/<upstream_id>/password")
@@ -85,9 +101,9 @@ def create_blueprint(broker: Broker, *,
             )
         except UpstreamRejected as exc:
             flow = broker.flows(session).get(flow_id)
-            page = render_template("broker/password.html", flow=flow, upstream=connector,
-                                   error=exc.public_message, username=username)
-            return page, exc.status_code
+            page = password_page(flow, connector, error=exc.public_message, username=username)
+            page.status_code = exc.status_code
+            return page
         return after_login(outcome)
 
     @bp.get("/login/<upstream_id>/callback")
@@ -135,6 +151,8 @@ def create_blueprint(broker: Broker, *,
         if request.form.get("confirm") != "delete":
             raise BrokerError("To delete your account, tick the box that confirms it.")
         broker.accounts.delete(login.account_id)
+        if on_delete is not None:  # e.g. withdraw every consent (the root wires it)
+            on_delete(login.account_id)
         if on_logout is not None:
             on_logout(login)
         session.clear()

@@ -27,10 +27,13 @@ from config.schema import LDAPUpstreamSettings, UpstreamSettings
 from connectors import PasswordConnector, RedirectConnector
 from connectors.ldap import LDAPConfig, LDAPConnector
 from connectors.oidc import OIDCConfig, OIDCConnector
+from consent.service import ConsentService
+from consent.views import create_blueprint as consent_blueprint
 from idp.admin_api import create_blueprint as admin_api_blueprint
 from idp.agencies import AgencyRegistry, RegistrationPolicy
 from idp.agency_keys import AgencyKeys
 from idp.backchannel import LogoutDispatcher
+from idp.consent_step import make_withdrawal_handler
 from idp.keys import KeyRing
 from idp.logout import LogoutService, SessionParticipants
 from idp.logout_views import create_blueprint as logout_blueprint
@@ -45,6 +48,7 @@ from kernel.store import ShortLivedStore, open_store
 from kernel.urls import is_loopback_host
 
 from . import observability
+from .consent_wiring import HubReceiptSigner, agency_authenticator, agency_policies
 from .migrations import upgrade
 
 log = logging.getLogger("civitas")
@@ -66,6 +70,11 @@ class Hub:
     server: HubAuthorizationServer
     logout: LogoutService
     dispatcher: LogoutDispatcher
+
+    @property
+    def consent(self) -> ConsentService:
+        assert self.server.hub.consent is not None
+        return self.server.hub.consent
 
 
 def make_connector(upstream: UpstreamSettings) -> RedirectConnector | PasswordConnector:
@@ -132,6 +141,9 @@ def build_hub(settings: Settings, *, migrate: bool = True) -> Hub:
     dispatcher = LogoutDispatcher(db, keys, issuer=settings.issuer,
                                   timeout=settings.backchannel_timeout_seconds)
     logout = LogoutService(services, services.participants, dispatcher)
+    services.consent = ConsentService(db, HubReceiptSigner(keys, settings.signing_alg),
+                                      on_withdraw=make_withdrawal_handler(services, dispatcher))
+    services.policies = agency_policies(settings)
     return Hub(settings=settings, db=db, store=store, cipher=cipher, accounts=accounts,
                agencies=agencies, keys=keys, tokens=tokens, broker=broker, server=server,
                logout=logout, dispatcher=dispatcher)
@@ -166,9 +178,14 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
     app.session_interface = StoreSessionInterface(
         hub.store, lifetime=settings.session_lifetime_seconds, secure=settings.is_https
     )
-    app.register_blueprint(broker_blueprint(hub.broker, on_logout=hub.logout.end_session))
+    app.register_blueprint(broker_blueprint(
+        hub.broker, on_logout=hub.logout.end_session,
+        on_delete=lambda account_id: hub.consent.withdraw_all(account_id)))
     app.register_blueprint(idp_blueprint(hub.server, hub.broker))
     app.register_blueprint(logout_blueprint(hub.logout))
+    app.register_blueprint(consent_blueprint(
+        hub.consent, authenticate_agency=agency_authenticator(hub.server), store=hub.store,
+        issuer=settings.issuer))
     admin_token = settings.admin_api_token
     app.register_blueprint(admin_api_blueprint(
         hub.agencies, admin_token.get_secret_value() if admin_token else None))

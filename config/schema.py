@@ -156,6 +156,43 @@ UpstreamSettings = Annotated[OIDCUpstreamSettings | LDAPUpstreamSettings,
                              Field(discriminator="kind")]
 
 
+class ClaimDeclaration(BaseModel):
+    """One claim an agency asks for: why (purposes) and on what lawful basis."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    claim: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")]
+    purposes: Annotated[list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")]],
+                        Field(min_length=1)]
+    lawful_basis: Literal["consent", "contract", "legal_obligation", "vital_interests",
+                          "public_task", "legitimate_interests"] = "consent"
+    required: bool = True
+    #: plain words shown to the citizen
+    description: Annotated[str, Field(min_length=1, max_length=300)]
+
+
+class ConsentDeclaration(BaseModel):
+    """What an agency declares for consent: its notice and the claims it asks for."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    notice_url: str
+    notice_version: Annotated[str, Field(min_length=1, max_length=40)]
+    notice_language: str = "en"
+    consent_ttl_days: Annotated[int, Field(ge=1, le=3650)] | None = None
+    jurisdiction: str = "US"
+    purpose_labels: dict[str, str] = {}
+    claims: Annotated[list[ClaimDeclaration], Field(min_length=1)]
+    contact_email: str = ""
+    contact_phone: str = ""
+    contact_address: str = ""
+
+    @field_validator("notice_url")
+    @classmethod
+    def _notice(cls, v: str) -> str:
+        return check_url(v, what="notice_url")
+
+
 class AgencySettings(BaseModel):
     """An agency site (OpenID Connect client) declared in configuration."""
 
@@ -180,6 +217,9 @@ class AgencySettings(BaseModel):
     id_token_signed_response_alg: Literal["ES256", "RS256", "PS256"] | None = None
     #: ``public`` needs ``allow_public_subjects`` (OpenID Connect Core 8)
     subject_type: Literal["pairwise", "public"] = "pairwise"
+    #: the agency's consent declaration; without one each claim of its scopes is asked for
+    #: as required, for "service-delivery", on the basis of consent
+    consent: ConsentDeclaration | None = None
     #: RP-Initiated Logout 1.0: where the agency may ask to be sent after logout (exact match)
     post_logout_redirect_uris: list[str] = []
     #: Back-Channel Logout 1.0: where the hub POSTs logout tokens (https, or loopback http)

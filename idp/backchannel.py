@@ -54,9 +54,10 @@ def mint_logout_token(key: ActiveKey, *, issuer: str, client_id: str, sub: str, 
     header = {"alg": key.alg, "kid": key.kid, "typ": "logout+jwt"}
     claims = {
         "iss": issuer, "aud": client_id, "iat": now, "exp": now + TOKEN_LIFETIME,
-        "jti": secrets.token_urlsafe(16), "sub": sub, "sid": sid,
-        "events": {EVENT: {}},
+        "jti": secrets.token_urlsafe(16), "sub": sub, "events": {EVENT: {}},
     }
+    if sid:  # section 2.4: sid, sub or both; a consent withdrawal ends every session: sub only
+        claims["sid"] = sid
     return jwt.encode(header, claims, key.key, algorithms=[key.alg])
 
 
@@ -192,7 +193,8 @@ class LogoutDispatcher:
             return token
         key = self._keys.signing_key(str(compact.headers()["alg"]))
         return mint_logout_token(key, issuer=self._issuer, client_id=claims["aud"],
-                                 sub=claims["sub"], sid=claims["sid"], now=int(now.timestamp()))
+                                 sub=claims["sub"], sid=claims.get("sid", ""),
+                                 now=int(now.timestamp()))
 
     def _attempt(self, item: _Claimed, now: datetime) -> tuple[str, str | None]:
         """POST one logout token; returns the token sent and an error, or None on success."""

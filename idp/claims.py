@@ -20,3 +20,13 @@ def claims_for_scope(attributes: Mapping[str, Any], scope: str) -> dict[str, Any
             if name in attributes:
                 released[name] = attributes[name]
     return released
+
+
+#: claims released together with the claim that carries their meaning
+COMPANIONS = {"email_verified": "email", "phone_number_verified": "phone_number"}
+
+
+def releasable(claims: Mapping[str, Any], granted: set[str]) -> dict[str, Any]:
+    """Only what the citizen granted this agency (``sub`` always)."""
+    return {k: v for k, v in claims.items()
+            if k == "sub" or k in granted or COMPANIONS.get(k) in granted}

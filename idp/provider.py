@@ -10,8 +10,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from authlib.integrations.flask_oauth2 import AuthorizationServer
 from authlib.integrations.flask_oauth2.requests import FlaskOAuth2Request
@@ -34,12 +36,14 @@ from joserfc.errors import JoseError
 
 from broker.accounts import AccountDirectory
 from broker.session import HubLogin
+from consent.policy import AgencyPolicy
+from consent.service import ConsentService
 from kernel.metrics import TOKENS
 
 from .agencies import AUTH_METHODS as AGENCY_AUTH_METHODS
 from .agencies import PUBLIC_SECTOR, AgencyClient, AgencyRegistry
 from .agency_keys import AgencyKeys
-from .claims import claims_for_scope
+from .claims import claims_for_scope, releasable
 from .client_auth import PrivateKeyJWT
 from .keys import SUPPORTED_ALGS, KeyRing
 from .logout import SessionParticipants
@@ -72,6 +76,19 @@ class ProviderServices:
     participants: SessionParticipants
     #: agencies' public keys for ``private_key_jwt`` (inline or fetched from jwks_uri)
     agency_keys: AgencyKeys = field(default_factory=AgencyKeys)
+    #: consent records; when set, only granted claims are released
+    consent: ConsentService | None = None
+    #: each agency's declaration of the claims it asks for and why
+    policies: Mapping[str, AgencyPolicy] = field(default_factory=dict)
+
+    def policy_for(self, client: AgencyClient) -> AgencyPolicy:
+        from .consent_step import default_policy
+
+        policy = self.policies.get(client.client_id)
+        if policy is None:
+            origin = "{0.scheme}://{0.netloc}/".format(urlsplit(client.redirect_uris[0]))
+            policy = default_policy(client.client_id, client.name, list(client.scopes), origin)
+        return policy
 
     def issue_tokens(self, *, client: AgencyClient, account_id: str, scope: str, grant_id: str,
                      sid: str, auth_time: int, acr: str, amr: tuple[str, ...],
@@ -129,7 +146,11 @@ class ProviderServices:
         return self.subjects.subject(sector, account_id)
 
     def user_claims(self, client: AgencyClient, account_id: str, scope: str) -> dict[str, Any]:
+        """Claims for the ID token and userinfo: those of the scope that the citizen granted
+        this agency (consent), under the agency's ``sub``."""
         claims = claims_for_scope(self.accounts.attributes(account_id), scope)
+        if self.consent is not None:
+            claims = releasable(claims, self.consent.granted_claims(account_id, client.client_id))
         claims["sub"] = self.subject_for(client, account_id)
         return claims
 

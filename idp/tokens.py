@@ -146,6 +146,15 @@ class TokenStore:
         self._store.put(f"revoked-{kind}:{value}", {"at": int(time.time())},
                         self.access_token_lifetime)
 
+    def mark_agency_revoked(self, account_id: str, client_id: str) -> None:
+        """Every access token this agency holds for this citizen, issued until now, dies."""
+        self._store.put(f"revoked-agency:{client_id}:{account_id}", {"at": time.time()},
+                        self.access_token_lifetime)
+
+    def agency_revoked_since(self, account_id: str, client_id: str) -> float | None:
+        marker = self._store.get(f"revoked-agency:{client_id}:{account_id}")
+        return float(marker["at"]) if marker else None
+
     def is_marked_revoked(self, kind: str, value: str | None) -> bool:
         return bool(value) and self._store.get(f"revoked-{kind}:{value}") is not None
 
@@ -166,6 +175,9 @@ class TokenStore:
         if (self.is_marked_revoked("code", token.code_hash)
                 or self.is_marked_revoked("grant", token.grant_id)
                 or self.is_marked_revoked("sid", token.sid)):
+            return None
+        revoked_at = self.agency_revoked_since(token.account_id, token.client_id)
+        if revoked_at is not None and token.issued_at <= revoked_at:
             return None
         return token
 

@@ -8,16 +8,18 @@ from urllib.parse import parse_qs, urlsplit
 
 from authlib.common.urls import add_params_to_uri
 from authlib.oauth2.rfc6749.errors import InvalidRequestError, OAuth2Error
-from authlib.oidc.core.errors import LoginRequiredError
+from authlib.oidc.core.errors import ConsentRequiredError, LoginRequiredError
 from flask import Blueprint, jsonify, redirect, render_template, request, session, url_for
 from werkzeug.wrappers import Response
 
 from broker.errors import LoginExpired
 from broker.service import Broker
 from broker.session import HubLogin, current_login
+from consent.views import read_consent_form, render_consent_page
 
 from .agencies import ID_TOKEN_ALGS
 from .agency_keys import ASSERTION_ALGS
+from .consent_step import park, requested_claims, unpark
 from .provider import AUTH_METHODS, HubAuthorizationServer, StoredAuthorizationRequest
 
 
@@ -178,9 +180,7 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
             )
             return redirect(url_for("broker.login_page", flow=flow.id), code=303)
         assert login is not None
-        return with_iss(server.create_authorization_response(
-            request=oauth_request, grant_user=login, grant=grant
-        ))
+        return finish(oauth_request, grant, login, params)
 
     @bp.get("/authorize/continue")
     def resume() -> Response:
@@ -200,9 +200,97 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
                     state=flow.payload.get("state"))
         except OAuth2Error as error:
             return error_response(oauth_request, error)
+        return finish(oauth_request, grant, login, flow.payload)
+
+    def finish(oauth_request: Any, grant: Any, login: HubLogin, params: Any) -> Response:
+        """Issue the code, unless the citizen must first be asked for consent."""
+        if hub.consent is not None:
+            client = grant.request.client
+            policy = hub.policy_for(client)
+            wanted = requested_claims(grant.request.scope or "", policy)
+            prompts = set((params.get("prompt") or "").split())
+            ask = "consent" in prompts or hub.consent.needs_consent(login.account_id, policy,
+                                                                    wanted)
+            if ask and "consent" not in prompts and notice_only(login.account_id, policy,
+                                                                wanted):
+                # No claim rests on consent (public task, legal obligation...): nothing to
+                # refuse, so the first use is recorded with its notice instead of asked.
+                hub.consent.record_decision(
+                    login.account_id, policy, hub.subject_for(client, login.account_id), (),
+                    requested_claims=wanted, method="notice")
+                ask = False
+            if ask:
+                if "none" in prompts:
+                    return error_response(oauth_request, ConsentRequiredError(
+                        redirect_uri=grant.request.payload.redirect_uri,
+                        state=params.get("state")))
+                pending = park(session, {k: v for k, v in dict(params).items()
+                                         if isinstance(v, str)})
+                return redirect(url_for("idp.consent_page", request=pending.id), code=303)
         return with_iss(server.create_authorization_response(
-            request=oauth_request, grant_user=login, grant=grant
-        ))
+            request=oauth_request, grant_user=login, grant=grant))
+
+    def notice_only(account_id: str, policy: Any, wanted: set[str]) -> bool:
+        assert hub.consent is not None
+        offered = policy.offered(frozenset(wanted))
+        return (bool(offered) and all(c.lawful_basis != "consent" for c in offered)
+                and hub.consent.current(account_id, policy.client_id) is None)
+
+    def pending_consent(request_id: str, *, remove: bool) -> tuple[Any, Any, HubLogin, Any]:
+        login = active_login()
+        pending = unpark(session, request_id, remove=remove)
+        if login is None or pending is None or hub.consent is None:
+            raise LoginExpired()
+        oauth_request = StoredAuthorizationRequest(f"{hub.issuer}/authorize", pending.params)
+        return oauth_request, pending, login, hub.consent
+
+    @bp.get("/authorize/consent")
+    def consent_page() -> Response:
+        request_id = request.args.get("request", "")
+        oauth_request, pending, login, consent = pending_consent(request_id, remove=False)
+        try:
+            grant = server.get_consent_grant(request=oauth_request, end_user=login)
+        except OAuth2Error as error:
+            return error_response(oauth_request, error)
+        client = grant.request.client
+        policy = hub.policy_for(client)
+        response = Response(render_consent_page(
+            policy, requested_claims(grant.request.scope or "", policy),
+            action_url=url_for("idp.consent_submit"), hidden={"request": request_id},
+            previous=consent.current(login.account_id, client.client_id)), mimetype="text/html")
+        # Browsers apply form-action to the redirect that follows the form: allow the
+        # agency's validated redirect origin, nothing else.
+        target = urlsplit(grant.request.payload.redirect_uri)
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'none'; style-src 'unsafe-inline'; "
+            f"form-action 'self' {target.scheme}://{target.netloc}; "
+            "frame-ancestors 'none'; base-uri 'none'")
+        return response
+
+    @bp.post("/authorize/consent")
+    def consent_submit() -> Response:
+        request_id = request.form.get("request", "")
+        oauth_request, pending, login, consent = pending_consent(request_id, remove=False)
+        try:
+            grant = server.get_consent_grant(request=oauth_request, end_user=login)
+        except OAuth2Error as error:
+            unpark(session, request_id, remove=True)
+            return error_response(oauth_request, error)
+        client = grant.request.client
+        policy = hub.policy_for(client)
+        wanted = requested_claims(grant.request.scope or "", policy)
+        answer = read_consent_form(policy, wanted)  # checks the CSRF token first
+        unpark(session, request_id, remove=True)  # single use from here on
+        subject = hub.subject_for(client, login.account_id)
+        if not answer.allow:
+            consent.record_refusal(login.account_id, policy, subject, requested_claims=wanted)
+            # RFC 6749 4.1.2.1: access_denied, to the validated redirect URI
+            return with_iss(server.create_authorization_response(
+                request=oauth_request, grant_user=None, grant=grant))
+        consent.record_decision(login.account_id, policy, subject, answer.optional,
+                                requested_claims=wanted)
+        return with_iss(server.create_authorization_response(
+            request=oauth_request, grant_user=login, grant=grant))
 
     @bp.post("/token")
     def token() -> Response:

@@ -26,8 +26,21 @@ class TestAgency:
     name: str
 
     def config(self, **extra: Any) -> dict[str, Any]:
+        """Settings for this agency. Its claims rest on the agency's public task, so logins
+        are not interrupted by a consent page; tests of consent declare consent agencies."""
         return {"client_id": self.client_id, "name": self.name,
-                "redirect_uris": [self.redirect_uri], "client_secret": self.secret, **extra}
+                "redirect_uris": [self.redirect_uri], "client_secret": self.secret,
+                "consent": PUBLIC_TASK, **extra}
+
+
+PUBLIC_TASK: dict[str, Any] = {
+    "notice_url": "https://agency.example/privacy", "notice_version": "2026-01",
+    "claims": [
+        {"claim": c, "purposes": ["service-delivery"], "lawful_basis": "public_task",
+         "required": True, "description": f"Your {c.replace('_', ' ')}"}
+        for c in ("name", "given_name", "family_name", "email")
+    ],
+}
 
 
 AGENCY_ONE = TestAgency("agency-one", "s1-" + "a" * 40, "https://one.agency.example/cb",
@@ -114,12 +127,30 @@ def start_login(client: Any, auth: AuthRequest, upstream_id: str = "op") -> str:
     return str(r.headers["Location"])
 
 
-def finish_login(client: Any, callback_url: str) -> Any:
-    """Hand the upstream's callback to the hub and follow to the agency redirect."""
+def allow_consent(client: Any, response: Any, *, decision: str = "allow",
+                  optional: tuple[str, ...] | None = None) -> Any:
+    """If the hub asks for consent, answer it (all optional claims ticked unless given)."""
+    if response.status_code != 303 or not response.headers["Location"].startswith(
+            "/authorize/consent"):
+        return response
+    page = client.get(path_of(response.headers["Location"])).get_data(as_text=True)
+    form: dict[str, Any] = {
+        name: html.unescape(value) for name, value in
+        re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', page)}
+    ticks = re.findall(r'<input type="checkbox" name="claim" value="([^"]+)"', page)
+    form["claim"] = list(ticks if optional is None else optional)
+    form["decision"] = decision
+    return client.post("/authorize/consent", data=form)
+
+
+def finish_login(client: Any, callback_url: str, *, consent: bool = True) -> Any:
+    """Hand the upstream's callback to the hub and follow to the agency redirect (answering
+    the consent page with Allow unless ``consent`` is False)."""
     r = client.get(path_of(callback_url))
     if r.status_code != 303:
         return r
-    return client.get(path_of(r.headers["Location"]))
+    r = client.get(path_of(r.headers["Location"]))
+    return allow_consent(client, r) if consent else r
 
 
 def full_login(client: Any, auth: AuthRequest | None = None, username: str = "alice",

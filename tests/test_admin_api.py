@@ -12,7 +12,7 @@ from joserfc import jwt
 from joserfc.jwk import ECKey, KeySet, RSAKey
 
 from tests.conftest import HUB_ISSUER
-from tests.flows import AGENCY_ONE, AuthRequest, full_login, query, redeem
+from tests.flows import AGENCY_ONE, AuthRequest, allow_consent, full_login, query, redeem
 from tests.flows import TestAgency as Agency
 
 TOKEN = "admin-" + "t" * 40
@@ -49,7 +49,7 @@ def assert_refused(r: Any, field: str, error: str = "invalid_client_metadata") -
 def code_for(client: Any, agency: Agency) -> tuple[AuthRequest, str]:
     """A code for ``agency`` from the browser's hub session (one login already done)."""
     auth = AuthRequest(agency=agency)
-    r = client.get(auth.url())
+    r = allow_consent(client, client.get(auth.url()))  # first use: consent
     assert r.status_code == 302, r.get_data(as_text=True)[:500]
     return auth, query(r.headers["Location"])["code"]
 

@@ -20,6 +20,7 @@ from tests.flows import (
     AGENCY_ONE,
     AGENCY_TWO,
     AuthRequest,
+    allow_consent,
     full_login,
     path_of,
     pkce_pair,
@@ -595,7 +596,7 @@ def test_rfc6749_3_1_2_registered_query_is_kept_and_iss_added_once_on_success(cl
                                                                               query_agency):
     full_login(client, AuthRequest())
     auth = AuthRequest(agency=query_agency)
-    r = client.get(auth.url())
+    r = allow_consent(client, client.get(auth.url()))  # a new agency: consent first
     assert r.status_code == 302
     assert r.headers["Location"].startswith(query_agency.redirect_uri + "&code=")
     params = redirect_params(r)

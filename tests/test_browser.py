@@ -19,6 +19,7 @@ import pytest
 from civitas.app import create_app
 from civitas.demo_agency import create_agency_app
 from tests.conftest import HUB_ISSUER, HUB_PORT, hub_config
+from tests.flows import PUBLIC_TASK
 from tests.servers import REPO_ROOT, free_port
 
 try:
@@ -52,9 +53,28 @@ class Agency:
     def config(self) -> dict[str, Any]:
         # Both sites share the host 127.0.0.1, which is also the default pairwise sector
         # (OpenID Connect Core 8.1): give each its own sector, as two real agencies would have.
+        # Agency one asks for consent (email required, name optional); agency two relies on
+        # its public task, so the single-sign-on test goes straight through.
         return {"client_id": self.client_id, "name": self.name,
                 "redirect_uris": [f"{self.url}/callback"], "client_secret": self.secret,
-                "sector_identifier": f"{self.client_id}.agency.example"}
+                "sector_identifier": f"{self.client_id}.agency.example",
+                "consent": BROWSER_CONSENT if self.client_id.endswith("one") else PUBLIC_TASK}
+
+
+BROWSER_CONSENT: dict[str, Any] = {
+    "notice_url": "https://agency.example/privacy", "notice_version": "1",
+    "purpose_labels": {"service": "to run your account"},
+    "claims": [
+        {"claim": "email", "purposes": ["service"], "required": True,
+         "description": "Your email address"},
+        {"claim": "name", "purposes": ["service"], "required": False,
+         "description": "Your full name"},
+        {"claim": "given_name", "purposes": ["service"], "required": False,
+         "description": "Your given name"},
+        {"claim": "family_name", "purposes": ["service"], "required": False,
+         "description": "Your family name"},
+    ],
+}
 
 
 @dataclass(frozen=True)
@@ -163,9 +183,21 @@ def _claim(page: Page, name: str) -> str:
     return row.get_by_role("cell").inner_text().strip()
 
 
+def _allow_if_asked(page: Page, agency: Agency) -> None:
+    """The consent page, when the agency asks for consent: tick every option, Allow."""
+    heading = page.get_by_role("heading", name=f"{agency.name} asks for your information")
+    welcome = page.get_by_role("heading", name=re.compile("^Welcome"))
+    expect(heading.or_(welcome)).to_be_visible()
+    if heading.is_visible():
+        for box in page.get_by_role("checkbox").all():
+            box.check()
+        page.get_by_role("button", name="Allow").click()
+
+
 def _log_in_as_alice(page: Page, agency: Agency) -> None:
     _go_to_upstream(page, agency)
     _submit_credentials(page, "alice", "alice-password")
+    _allow_if_asked(page, agency)
     expect(page.get_by_role("heading", name="Welcome, Alice Example")).to_be_visible()
     assert page.url == agency.url + "/"
 
@@ -188,6 +220,16 @@ def test_full_brokered_login(sites: Sites, new_context: Any) -> None:
     page.get_by_label("Username").fill("alice")
     page.get_by_label("Password").fill("alice-password")
     page.get_by_role("button", name="Sign in", exact=True).click()
+
+    # the hub asks for consent: email is required, the name is optional and unticked
+    expect(page.get_by_role("heading", name=f"{sites.one.name} asks for your information")
+           ).to_be_visible()
+    expect(page.get_by_role("link", name="privacy notice")).to_have_attribute(
+        "href", "https://agency.example/privacy")
+    name_box = page.get_by_role("checkbox", name=re.compile("Your full name"))
+    expect(name_box).not_to_be_checked()
+    name_box.check()
+    page.get_by_role("button", name="Allow").click()
 
     # back at the agency, signed in
     expect(page.get_by_role("heading", name="Welcome, Alice Example")).to_be_visible()

@@ -27,7 +27,7 @@ from idp.agency_keys import AgencyKeys, JWKSUnavailable
 from kernel.errors import ConfigError
 from tests import servers
 from tests.conftest import HUB_ISSUER
-from tests.flows import AGENCY_ONE, AuthRequest, full_login, query
+from tests.flows import AGENCY_ONE, AuthRequest, allow_consent, full_login, query
 from tests.flows import TestAgency as Agency
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -129,7 +129,7 @@ def browser(client: Any, agencies: None) -> Any:
 def new_code(browser: Any, auth: AuthRequest) -> str:
     """A code from the hub session; each request gets a fresh nonce (reuse is refused)."""
     auth.nonce = secrets.token_urlsafe(16)
-    r = browser.get(auth.url())
+    r = allow_consent(browser, browser.get(auth.url()))  # first use: consent
     assert r.status_code == 302, r.get_data(as_text=True)[:500]
     return query(r.headers["Location"])["code"]
 

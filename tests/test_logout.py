@@ -397,9 +397,13 @@ def test_account_deletion_triggers_backchannel_logout(logout_app, endpoints):
     csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
     r = client.post("/account/delete", data={"csrf": csrf, "confirm": "delete"})
     assert r.status_code == 303
-    assert hub.dispatcher.deliver_due().delivered == 2
-    [token] = endpoints.tokens_for(AGENCY_ONE.client_id)
-    assert claims(token)["sub"] == claims(one["id_token"])["sub"]
+    # per agency: the session's logout token, and a subject-wide one because deleting the
+    # account withdrew every consent (Back-Channel Logout 1.0 2.4: sid and/or sub)
+    assert hub.dispatcher.deliver_due().delivered == 4
+    tokens = endpoints.tokens_for(AGENCY_ONE.client_id)
+    assert len(tokens) == 2
+    assert {claims(t)["sub"] for t in tokens} == {claims(one["id_token"])["sub"]}
+    assert sorted("sid" in claims(t) for t in tokens) == [False, True]
 
 
 def test_agency_outside_the_session_or_without_uri_is_not_told(make_hub, endpoints):

@@ -20,6 +20,7 @@ from tests.flows import (
     AGENCY_ONE,
     AGENCY_TWO,
     AuthRequest,
+    allow_consent,
     full_login,
     pkce_pair,
     query,
@@ -52,7 +53,7 @@ def post_agency(hub: Any) -> Agency:
 
 def new_code(browser: Any, auth: AuthRequest) -> str:
     """A fresh code from the hub session (no upstream login)."""
-    r = browser.get(auth.url())
+    r = allow_consent(browser, browser.get(auth.url()))  # first use: consent
     assert r.status_code == 302, r.get_data(as_text=True)[:500]
     assert r.headers["Location"].startswith(auth.agency.redirect_uri + "?code=")
     params = query(r.headers["Location"])

@@ -1,0 +1,71 @@
+"""Wiring the consent package to the OpenID provider: receipt signing with the hub's keys,
+agency policies from settings, and agency authentication for the decision API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from authlib.oauth2.rfc6749.errors import OAuth2Error
+from joserfc import jws
+from joserfc.jwk import ECKey, RSAKey
+
+from config import Settings
+from consent.policy import AgencyContact, AgencyPolicy, ClaimRequest
+from idp.keys import KeyRing
+from idp.provider import AUTH_METHODS, HubAuthorizationServer
+
+
+class HubReceiptSigner:
+    """Consent receipts are JWS signed with the hub's current key (published in the JWKS),
+    typed so a receipt can never pass for a token."""
+
+    def __init__(self, keys: KeyRing, alg: str) -> None:
+        self._keys = keys
+        self._alg = alg
+
+    def sign(self, payload: dict[str, Any]) -> str:
+        import json
+
+        key = self._keys.signing_key(self._alg)
+        signing_key: ECKey | RSAKey = key.key
+        header = {"alg": key.alg, "kid": key.kid, "typ": "kantara-cr+jws"}
+        body = json.dumps(payload, separators=(",", ":"), sort_keys=True)
+        return str(jws.serialize_compact(header, body, signing_key, algorithms=[key.alg]))
+
+    def jwks(self) -> dict[str, Any]:
+        return self._keys.jwks()
+
+
+def agency_policies(settings: Settings) -> dict[str, AgencyPolicy]:
+    policies = {}
+    for agency in settings.agencies:
+        decl = agency.consent
+        if decl is None:
+            continue
+        policies[agency.client_id] = AgencyPolicy(
+            client_id=agency.client_id, name=agency.name,
+            claims=tuple(ClaimRequest(claim=c.claim, purposes=tuple(c.purposes),
+                                      lawful_basis=c.lawful_basis, required=c.required,
+                                      description=c.description) for c in decl.claims),
+            notice_url=decl.notice_url, notice_version=decl.notice_version,
+            notice_language=decl.notice_language, consent_ttl_days=decl.consent_ttl_days,
+            jurisdiction=decl.jurisdiction, purpose_labels=dict(decl.purpose_labels),
+            contact=AgencyContact(email=decl.contact_email, phone=decl.contact_phone,
+                                  street_address=decl.contact_address),
+        )
+    return policies
+
+
+def agency_authenticator(server: HubAuthorizationServer) -> Any:
+    """The decision API authenticates agencies the way the token endpoint does (client
+    secret, or private_key_jwt)."""
+
+    def authenticate(_request: Any) -> str | None:
+        try:
+            client = server.authenticate_client(server.create_oauth2_request(None),
+                                                AUTH_METHODS, "consent")
+        except OAuth2Error:
+            return None
+        return str(client.client_id)
+
+    return authenticate

@@ -1,0 +1,103 @@
+"""Consent in the authorization flow, and what a withdrawal sets off on the provider side.
+
+The consent package keeps the records; this module decides, for one authorization request,
+whether the citizen must be asked (claims not yet granted, an expired grant, a new notice
+version, or ``prompt=consent``), and releases only granted claims. A withdrawal revokes the
+agency's tokens for that citizen and tells the agency by back-channel logout.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from consent.policy import AgencyPolicy, ClaimRequest
+from consent.service import ConsentService, Withdrawal
+
+from .backchannel import LogoutDispatcher, LogoutNotice
+from .claims import COMPANIONS, SCOPE_CLAIMS
+from .provider import ProviderServices
+
+log = logging.getLogger(__name__)
+
+PENDING_LIFETIME = 900
+
+
+def requested_claims(scope: str, policy: AgencyPolicy) -> set[str]:
+    """The declared claims a scope asks for (companion claims ride with their claim)."""
+    names = {n for s in scope.split() for n in SCOPE_CLAIMS.get(s, ())}
+    return {c.claim for c in policy.claims if c.claim in names}
+
+
+def default_policy(client_id: str, name: str, scopes: list[str], notice_url: str) -> AgencyPolicy:
+    """For an agency that declared nothing: each claim of its scopes, required, to deliver
+    the service it was registered for, on the basis of consent."""
+    claims = []
+    for scope in scopes:
+        for claim in SCOPE_CLAIMS.get(scope, ()):
+            if claim in COMPANIONS:
+                continue
+            claims.append(ClaimRequest(
+                claim=claim, purposes=("service-delivery",), lawful_basis="consent",
+                required=True, description=f"Your {claim.replace('_', ' ')}"))
+    return AgencyPolicy(client_id=client_id, name=name, claims=tuple(claims),
+                        notice_url=notice_url, notice_version="unversioned",
+                        purpose_labels={"service-delivery": "to provide the service you use"})
+
+
+@dataclass
+class PendingConsent:
+    """An authorization request waiting for the citizen's answer, kept in the session."""
+
+    id: str
+    params: dict[str, str]
+    started_at: int
+
+
+def park(session: Any, params: dict[str, str]) -> PendingConsent:
+    pending = {k: v for k, v in session.get("consent_requests", {}).items()
+               if time.time() - v["started_at"] < PENDING_LIFETIME}
+    while len(pending) >= 8:
+        pending.pop(min(pending, key=lambda k: pending[k]["started_at"]))
+    item = PendingConsent(id=secrets.token_urlsafe(16), params=params,
+                          started_at=int(time.time()))
+    pending[item.id] = {"params": params, "started_at": item.started_at}
+    session["consent_requests"] = pending
+    return item
+
+
+def unpark(session: Any, request_id: str, *, remove: bool) -> PendingConsent | None:
+    pending = dict(session.get("consent_requests", {}))
+    data = pending.get(request_id)
+    if data is None or time.time() - data["started_at"] >= PENDING_LIFETIME:
+        return None
+    if remove:
+        pending.pop(request_id)
+        session["consent_requests"] = pending
+    return PendingConsent(id=request_id, params=data["params"], started_at=data["started_at"])
+
+
+def make_withdrawal_handler(hub: ProviderServices, dispatcher: LogoutDispatcher
+                            ) -> Callable[[Withdrawal], None]:
+    def on_withdraw(w: Withdrawal) -> None:
+        """Withdrawal takes effect at once: the agency's refresh grants and access tokens for
+        this citizen die, and the agency is told by back-channel logout if it can be."""
+        hub.refresh_tokens.revoke_account(w.account_id, w.client_id)
+        hub.tokens.mark_agency_revoked(w.account_id, w.client_id)
+        client = hub.agencies.client(w.client_id)
+        if client is not None and client.backchannel_logout_uri:
+            dispatcher.enqueue([LogoutNotice(
+                client_id=client.client_id, logout_uri=client.backchannel_logout_uri,
+                alg=client.id_token_signed_response_alg,
+                sub=hub.subject_for(client, w.account_id), sid="")])
+        log.info("consent withdrawn: agency %s tokens revoked", w.client_id)
+
+    return on_withdraw
+
+
+__all__ = ["ConsentService", "PendingConsent", "default_policy", "make_withdrawal_handler",
+           "park", "requested_claims", "unpark"]

@@ -1,0 +1,242 @@
+"""Consent end to end through the hub: the consent page at login, partial consent, deny,
+prompt=none, re-consent after a new notice, the decision API, receipts, and withdrawal that
+takes effect (decisions, tokens, back-channel logout)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
+
+import pytest
+from jose import jws as jose_jws
+from jose import jwt as jose_jwt
+
+from tests.conftest import HUB_ISSUER, hub_config
+from tests.flows import (
+    AGENCY_ONE,
+    AGENCY_TWO,
+    AuthRequest,
+    finish_login,
+    path_of,
+    query,
+    redeem,
+    start_login,
+    upstream_login,
+)
+
+CONSENT = {
+    "notice_url": "https://one.agency.example/privacy", "notice_version": "v1",
+    "purpose_labels": {"benefits": "to decide your benefit claim",
+                       "newsletter": "to send you news about the programme"},
+    "claims": [
+        {"claim": "email", "purposes": ["benefits"], "lawful_basis": "consent",
+         "required": True, "description": "Your email address"},
+        {"claim": "name", "purposes": ["newsletter"], "lawful_basis": "consent",
+         "required": False, "description": "Your full name"},
+    ],
+}
+
+
+class Receiver:
+    """A real agency back-channel endpoint on 127.0.0.1 recording what it receives."""
+
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                receiver.tokens.append(parse_qs(body.decode())["logout_token"][0])
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/backchannel"
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+    r.server.server_close()
+
+
+def make(upstream_issuer, tmp_path, receiver=None, notice_version="v1", name="c.db",
+         **overrides):
+    from civitas.app import create_app
+
+    decl = dict(CONSENT, notice_version=notice_version)
+    extra = {"backchannel_logout_uri": receiver.url} if receiver else {}
+    cfg = hub_config(upstream_issuer, f"sqlite:///{tmp_path}/{name}", agencies=[
+        AGENCY_ONE.config(consent=decl, scopes=["openid", "profile", "email",
+                                                "offline_access"], **extra),
+        AGENCY_TWO.config()], backchannel_dispatcher=False, **overrides)
+    return create_app(cfg)
+
+
+@pytest.fixture
+def app(upstream_issuer, tmp_path, receiver):
+    app = make(upstream_issuer, tmp_path, receiver)
+    yield app
+    app.extensions["civitas"].db.dispose()
+
+
+def to_consent_page(client, auth):
+    callback = upstream_login(start_login(client, auth))
+    r = finish_login(client, callback, consent=False)
+    assert r.status_code == 303 and r.headers["Location"].startswith("/authorize/consent")
+    page = client.get(path_of(r.headers["Location"])).get_data(as_text=True)
+    form = dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', page))
+    return page, form
+
+
+def answer(client, form, decision, claims=()):
+    return client.post("/authorize/consent", data={**form, "decision": decision,
+                                                   "claim": list(claims)})
+
+
+def basic(agency):
+    return {"Authorization": "Basic " + base64.b64encode(
+        f"{agency.client_id}:{agency.secret}".encode()).decode()}
+
+
+def evaluate(client, sub, claim, purpose, agency=AGENCY_ONE):
+    return client.post("/access/v1/evaluation", headers=basic(agency), json={
+        "subject": {"type": "user", "id": sub}, "action": {"name": "use"},
+        "resource": {"type": "claim", "id": claim}, "context": {"purpose": purpose}})
+
+
+def test_consent_page_shows_what_a_citizen_needs(client):
+    page, form = to_consent_page(client, AuthRequest())
+    assert "Agency One" in page and "https://one.agency.example/privacy" in page
+    assert "to decide your benefit claim" in page and "Your email address" in page
+    assert re.search(r'type="checkbox" name="claim" value="name"', page)  # optional
+    assert not re.search(r'type="checkbox" name="claim" value="email"', page)  # required
+    assert "Allow" in page and "Deny" in page and form["csrf"]
+
+
+def test_partial_consent_releases_only_granted_claims(client):
+    auth = AuthRequest()
+    _, form = to_consent_page(client, auth)
+    r = answer(client, form, "allow")  # optional "name" left unticked
+    assert r.status_code == 302
+    params = query(r.headers["Location"])
+    body = redeem(client, auth, params["code"]).json
+    claims = jose_jwt.get_unverified_claims(body["id_token"])
+    assert claims["email"] == "alice@example.org" and "name" not in claims
+    info = client.get("/userinfo", headers={"Authorization": f"Bearer {body['access_token']}"})
+    assert info.json["email"] == "alice@example.org" and "name" not in info.json
+    # the next login of this agency is not interrupted
+    r = client.get(AuthRequest().url())
+    assert r.status_code == 302 and "code" in query(r.headers["Location"])
+
+
+def test_deny_returns_access_denied(client):
+    auth = AuthRequest()
+    _, form = to_consent_page(client, auth)
+    r = answer(client, form, "deny")
+    params = query(r.headers["Location"])
+    assert params["error"] == "access_denied" and params["state"] == auth.state
+    assert params["iss"] == HUB_ISSUER
+
+
+def test_consent_form_needs_csrf_and_is_single_use(client):
+    _, form = to_consent_page(client, AuthRequest())
+    assert answer(client, {**form, "csrf": "forged"}, "allow").status_code == 400
+    assert answer(client, form, "allow").status_code == 302
+    assert answer(client, form, "allow").status_code == 400  # replayed
+
+
+def test_prompt_none_without_consent_is_consent_required(client):
+    auth = AuthRequest(agency=AGENCY_TWO)  # public-task agency: logs the citizen in
+    callback = upstream_login(start_login(client, auth))
+    finish_login(client, callback)
+    auth = AuthRequest(extra={"prompt": "none"})
+    params = query(client.get(auth.url()).headers["Location"])
+    assert params["error"] == "consent_required" and params["state"] == auth.state
+
+
+def test_new_notice_version_asks_again(upstream_issuer, tmp_path, receiver):
+    from cryptography.fernet import Fernet
+
+    same = {"encryption_key": Fernet.generate_key().decode(), "pairwise_secret": "p" * 40}
+    first = make(upstream_issuer, tmp_path, receiver, name="n.db", **same)
+    client = first.test_client()
+    _, form = to_consent_page(client, AuthRequest())
+    assert answer(client, form, "allow").status_code == 302
+    second = make(upstream_issuer, tmp_path, receiver, notice_version="v2", name="n.db", **same)
+    client2 = second.test_client()
+    callback = upstream_login(start_login(client2, AuthRequest()))
+    r = finish_login(client2, callback, consent=False)
+    assert r.headers["Location"].startswith("/authorize/consent")
+
+
+def test_decision_api_and_withdrawal_take_effect(client, app, receiver):
+    hub = app.extensions["civitas"]
+    auth = AuthRequest(scope="openid profile email offline_access")
+    _, form = to_consent_page(client, auth)
+    r = answer(client, form, "allow", claims=["name"])
+    body = redeem(client, auth, query(r.headers["Location"])["code"]).json
+    sub = jose_jwt.get_unverified_claims(body["id_token"])["sub"]
+
+    allowed = evaluate(client, sub, "email", "benefits")
+    assert allowed.status_code == 200 and allowed.json["decision"] is True
+    receipt_id = allowed.json["context"]["receipt_id"]
+    assert evaluate(client, sub, "email", "newsletter").json["decision"] is False
+    assert evaluate(client, sub, "name", "newsletter").json["decision"] is True
+    # another agency's question about this sub is like a question about nobody
+    other = evaluate(client, sub, "email", "benefits", agency=AGENCY_TWO).json
+    nobody = evaluate(client, "no-such-sub", "email", "benefits", agency=AGENCY_TWO).json
+    assert other["decision"] is nobody["decision"] is False
+    assert other["context"]["reason"] == nobody["context"]["reason"]
+
+    # the receipt verifies with the hub's published keys
+    r = client.get(f"/access/v1/receipts/{receipt_id}", headers=basic(AGENCY_ONE))
+    assert r.status_code == 200
+    jws_text = r.json.get("jws") or r.json.get("receipt_jws")
+    payload = json.loads(jose_jws.verify(jws_text, client.get("/jwks").json,
+                                         algorithms=["ES256"]))
+    assert payload["version"] == "KI-CR-v1.1.0"
+
+    # withdraw everything for this agency from the account page
+    page = client.get("/account/consents").get_data(as_text=True)
+    assert "Agency One" in page
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    r = client.post("/account/consents/withdraw",
+                    data={"csrf": csrf, "client_id": AGENCY_ONE.client_id})
+    assert r.status_code in (302, 303)
+    assert evaluate(client, sub, "email", "benefits").json["decision"] is False
+    bearer = {"Authorization": f"Bearer {body['access_token']}"}
+    assert client.get("/userinfo", headers=bearer).status_code == 401
+    r = client.post("/introspect", data={"token": body["access_token"]}, headers=basic(AGENCY_ONE))
+    assert r.json == {"active": False}
+    r = client.post("/token", headers=basic(AGENCY_ONE), data={
+        "grant_type": "refresh_token", "refresh_token": body["refresh_token"]})
+    assert r.status_code == 400 and r.json["error"] == "invalid_grant"
+    assert hub.dispatcher.deliver_due().delivered >= 1
+    logout = jose_jwt.get_unverified_claims(receiver.tokens[-1])
+    assert logout["sub"] == sub and "sid" not in logout and logout["aud"] == AGENCY_ONE.client_id
+
+
+def test_decision_api_refuses_bad_requests(client):
+    r = client.post("/access/v1/evaluation", headers=basic(AGENCY_ONE), data="{not json",
+                    content_type="application/json")
+    assert r.status_code == 400 and r.json["error"]
+    r = client.post("/access/v1/evaluation", json={"subject": {}},
+                    headers={"Authorization": "Basic " + base64.b64encode(
+                        f"{AGENCY_ONE.client_id}:wrong".encode()).decode()})
+    assert r.status_code == 401
+    r = client.post("/access/v1/evaluation", headers=basic(AGENCY_ONE), json={"subject": {}})
+    assert r.status_code == 400
+    assert client.get("/access/v1/openapi.json").json["openapi"].startswith("3.1")
