@@ -193,6 +193,13 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
         hub.dispatcher.start()
         # The thread also stops when the hub's database is disposed (see LogoutDispatcher).
         weakref.finalize(app, hub.dispatcher.stop)
+    if settings.trusted_proxy_hops:
+        # X-Forwarded-For/-Proto/-Host are believed only from this many proxies in front
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        hops = settings.trusted_proxy_hops
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
     _install_request_hooks(app)
     _install_error_pages(app)
     observability.install(app)
@@ -227,6 +234,7 @@ def _install_request_hooks(app: Flask) -> None:
     def _headers(response: Response) -> Response:
         response.headers.setdefault("X-Request-Id", g.get("request_id", ""))
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
         response.headers.setdefault("Referrer-Policy", "no-referrer")
         if response.mimetype == "text/html":
             response.headers.setdefault(

@@ -283,6 +283,8 @@ class Settings(BaseSettings):
     login_flow_lifetime_seconds: Annotated[int, Field(ge=60, le=3600)] = 900
     upstreams: list[UpstreamSettings] = []
     agencies: list[AgencySettings] = []
+    #: reverse proxies in front of the hub whose X-Forwarded-* headers are believed (0: none)
+    trusted_proxy_hops: Annotated[int, Field(ge=0, le=5)] = 0
     #: upstream ids, most trusted first: when upstreams disagree about an attribute, agencies
     #: get the value from the first one here (default: the order of ``upstreams``)
     attribute_source_ranking: list[str] | None = None
