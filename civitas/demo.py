@@ -59,6 +59,25 @@ def demo_settings(hub_port: int, upstream_port: int, agency_port: int,
             "client_id": "demo-agency", "name": "Department of Examples",
             "redirect_uris": [f"http://{HOST}:{agency_port}/callback"],
             "client_secret": values["agency_secret"],
+            "post_logout_redirect_uris": [f"http://{HOST}:{agency_port}/"],
+            "consent": {
+                "notice_url": f"http://{HOST}:{agency_port}/privacy",
+                "notice_version": "2026-11",
+                "purpose_labels": {
+                    "eligibility": "to check that you can use this service",
+                    "letters": "to address letters to you by name",
+                },
+                "claims": [
+                    {"claim": "email", "purposes": ["eligibility"], "required": True,
+                     "description": "Your email address"},
+                    {"claim": "name", "purposes": ["letters"], "required": False,
+                     "description": "Your full name"},
+                    {"claim": "given_name", "purposes": ["letters"], "required": False,
+                     "description": "Your given name"},
+                    {"claim": "family_name", "purposes": ["letters"], "required": False,
+                     "description": "Your family name"},
+                ],
+            },
         }],
     }
 

@@ -22,7 +22,12 @@ text-decoration:none}table{border-collapse:collapse}
 td,th{border-bottom:1px solid #ddd;padding:.3rem .6rem;text-align:left}</style></head>
 <body><header><strong>{{ agency_name }}</strong> — a demo agency site</header>
 <main>
-{% if error %}<h1>Sign-in failed</h1><p role="alert">{{ error }}</p>
+{% if notice %}<h1>Privacy notice (version 2026-11)</h1>
+<p>We use your email address to check that you can use this service, and, if you allow it,
+your name to address letters to you. We keep them while you use the service. You can
+withdraw your consent at any time from your Civitas account.</p>
+<p><a href="{{ url_for('home') }}">Back</a></p>
+{% elif error %}<h1>Sign-in failed</h1><p role="alert">{{ error }}</p>
 <p><a class="button" href="{{ url_for('login') }}">Try again</a></p>
 {% elif claims %}<h1>Welcome, {{ claims.get('name') or 'citizen' }}</h1>
 <p>Civitas told this agency the following about you:</p>
@@ -65,7 +70,11 @@ def create_agency_app(*, issuer: str, client_id: str, client_secret: str, base_u
 
     @app.get("/")
     def home() -> str:
-        return page(claims=session.get("claims"), error=None)
+        return page(claims=session.get("claims"), error=None, notice=False)
+
+    @app.get("/privacy")
+    def privacy() -> str:
+        return page(claims=None, error=None, notice=True)
 
     @app.get("/login")
     def login() -> Response:
@@ -76,7 +85,7 @@ def create_agency_app(*, issuer: str, client_id: str, client_secret: str, base_u
         try:
             token = oauth.civitas.authorize_access_token()
         except OAuthError as exc:
-            return page(claims=None, error=f"{exc.error}: {exc.description or ''}")
+            return page(claims=None, error=f"{exc.error}: {exc.description or ''}", notice=False)
         userinfo = token.get("userinfo") or {}
         claims = {k: userinfo[k] for k in SHOWN_CLAIMS if k in userinfo}
         session["claims"] = claims
