@@ -27,6 +27,8 @@ from config.schema import LDAPUpstreamSettings, UpstreamSettings
 from connectors import PasswordConnector, RedirectConnector
 from connectors.ldap import LDAPConfig, LDAPConnector
 from connectors.oidc import OIDCConfig, OIDCConnector
+from consent.ledger.ledger import Ledger
+from consent.ledger.sealer import LedgerSealer
 from consent.service import ConsentService
 from consent.views import create_blueprint as consent_blueprint
 from idp.admin_api import create_blueprint as admin_api_blueprint
@@ -70,6 +72,7 @@ class Hub:
     server: HubAuthorizationServer
     logout: LogoutService
     dispatcher: LogoutDispatcher
+    ledger: Ledger
 
     @property
     def consent(self) -> ConsentService:
@@ -141,12 +144,14 @@ def build_hub(settings: Settings, *, migrate: bool = True) -> Hub:
     dispatcher = LogoutDispatcher(db, keys, issuer=settings.issuer,
                                   timeout=settings.backchannel_timeout_seconds)
     logout = LogoutService(services, services.participants, dispatcher)
+    ledger = Ledger(db, cipher, origin=urlsplit(settings.issuer).netloc + "/ledger")
     services.consent = ConsentService(db, HubReceiptSigner(keys, settings.signing_alg),
-                                      on_withdraw=make_withdrawal_handler(services, dispatcher))
+                                      on_withdraw=make_withdrawal_handler(services, dispatcher),
+                                      ledger=ledger)
     services.policies = agency_policies(settings)
     return Hub(settings=settings, db=db, store=store, cipher=cipher, accounts=accounts,
                agencies=agencies, keys=keys, tokens=tokens, broker=broker, server=server,
-               logout=logout, dispatcher=dispatcher)
+               logout=logout, dispatcher=dispatcher, ledger=ledger)
 
 
 def create_app(config: Settings | Mapping[str, Any] | None = None, *,
@@ -189,6 +194,11 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
     admin_token = settings.admin_api_token
     app.register_blueprint(admin_api_blueprint(
         hub.agencies, admin_token.get_secret_value() if admin_token else None))
+    if settings.ledger_seal_interval_seconds:
+        # checkpoints on a schedule; `civitas audit checkpoint` signs one on demand
+        sealer = LedgerSealer(hub.ledger, interval=settings.ledger_seal_interval_seconds)
+        sealer.start()
+        weakref.finalize(app, sealer.stop, 0)
     if settings.backchannel_dispatcher:
         hub.dispatcher.start()
         # The thread also stops when the hub's database is disposed (see LogoutDispatcher).

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from config import Settings, load_settings
+from consent.ledger.cli import make_audit_cli
 from kernel.crypto import FieldCipher
 from kernel.errors import ConfigError
 
@@ -326,6 +327,13 @@ def demo(port: int, data_dir: str) -> None:
     from .demo import run_demo
 
     sys.exit(run_demo(hub_port=port, data_dir=data_dir))
+
+
+def _ledger(ctx: click.Context) -> Any:
+    return _hub(ctx).ledger
+
+
+main.add_command(make_audit_cli(_ledger))
 
 
 if __name__ == "__main__":  # pragma: no cover

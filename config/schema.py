@@ -283,6 +283,8 @@ class Settings(BaseSettings):
     login_flow_lifetime_seconds: Annotated[int, Field(ge=60, le=3600)] = 900
     upstreams: list[UpstreamSettings] = []
     agencies: list[AgencySettings] = []
+    #: how often the audit ledger is sealed into a signed checkpoint (0: only on demand)
+    ledger_seal_interval_seconds: Annotated[float, Field(ge=0, le=86400)] = 60.0
     #: reverse proxies in front of the hub whose X-Forwarded-* headers are believed (0: none)
     trusted_proxy_hops: Annotated[int, Field(ge=0, le=5)] = 0
     #: upstream ids, most trusted first: when upstreams disagree about an attribute, agencies

@@ -23,9 +23,11 @@ from typing import Any
 from sqlalchemy import select
 
 from kernel.db import Database
+from kernel.metrics import CONSENT_DECISIONS
 
 from . import history
 from .history import ConsentGrant
+from .ledger.ledger import Ledger
 from .models import AgencyDecision, ConsentEvent, ConsentRecord, new_id
 
 SEMANTICS = ("execute_all", "deny_on_first_deny", "permit_on_first_permit")
@@ -173,8 +175,10 @@ def _evaluate(query: EvaluationQuery, grant: ConsentGrant | None) -> tuple[bool,
 class DecisionPoint:
     """Answers agencies' evaluations from the consent records and records every answer."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, ledger: Ledger | None = None) -> None:
         self._db = db
+        #: every answer is also a ledger entry, in the same transaction
+        self.ledger = ledger
 
     def decide(self, client_id: str, queries: Sequence[EvaluationQuery], *, now: datetime,
                semantic: str = "execute_all", request_id: str | None = None
@@ -203,6 +207,15 @@ class DecisionPoint:
                     record_id=grant.record_id if grant is not None else None,
                     action=query.action, claim=query.claim, purpose=query.purpose,
                     decision=decision, reason=reason, request_id=request_id))
+                CONSENT_DECISIONS.labels("permit" if decision else "deny").inc()
+                if self.ledger is not None:
+                    self.ledger.append("decision.query", {
+                        "decision_id": answer.decision_id, "agency": client_id,
+                        "subject": query.subject_id, "action": query.action,
+                        "claim": query.claim, "purpose": query.purpose,
+                        "decision": decision, "reason": reason,
+                        "record": grant.record_id if grant is not None else None,
+                    }, session=s)
                 answers.append(answer)
                 if (semantic == "deny_on_first_deny" and not decision) or (
                         semantic == "permit_on_first_permit" and decision):

@@ -28,6 +28,7 @@ from . import history
 from .decisions import DecisionPoint
 from .errors import NothingToWithdraw, RequiredClaimWithdrawal
 from .history import ConsentGrant, GrantedClaim
+from .ledger.ledger import Ledger
 from .models import SCHEMA_VERSION, ConsentEvent, ConsentReceipt, ConsentRecord
 from .policy import AgencyPolicy
 from .receipts import ReceiptSigner, build_receipt
@@ -67,13 +68,15 @@ def _ignore(_withdrawal: Withdrawal) -> None:
 class ConsentService:
     def __init__(self, db: Database, signer: ReceiptSigner, *,
                  on_withdraw: WithdrawalHook = _ignore,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+                 clock: Callable[[], datetime] = utcnow, ledger: Ledger | None = None) -> None:
         self._db = db
         self.signer = signer
         self._on_withdraw = on_withdraw
         self.clock = clock
+        #: every consent event is also a ledger entry, committed with it
+        self.ledger = ledger
         #: the agencies' decision API and its record of answers (data-access history)
-        self.decisions = DecisionPoint(db)
+        self.decisions = DecisionPoint(db, ledger)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -207,6 +210,14 @@ class ConsentService:
                                  account_id=record.account_id, client_id=record.client_id,
                                  issued_at=at, payload=payload,
                                  jws=self.signer.sign(payload)))
+        if self.ledger is not None:
+            self.ledger.append(f"consent.{kind}", {
+                "record": record.id, "event": event.seq, "agency": record.client_id,
+                "subject": subject, "state": state,
+                "claims": {k: v.to_json() for k, v in sorted(claims.items())},
+                "declined": sorted(declined), "affected": sorted(affected), "method": method,
+                "notice_version": str(policy["notice_version"]), "receipt": event.receipt_id,
+            }, session=s)
         events.append(event)
         return event
 

@@ -56,6 +56,7 @@ def hub_config(upstream_issuer: str, database_url: str, **overrides: Any) -> dic
             "client_secret": UPSTREAM_SECRET, "acr": "urn:civitas:acr:ial1:aal1",
         }],
         "agencies": [AGENCY_ONE.config(), AGENCY_TWO.config()],
+        "ledger_seal_interval_seconds": 0,  # tests seal on demand
     }
     config.update(overrides)
     return config

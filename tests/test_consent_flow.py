@@ -240,3 +240,38 @@ def test_decision_api_refuses_bad_requests(client):
     r = client.post("/access/v1/evaluation", headers=basic(AGENCY_ONE), json={"subject": {}})
     assert r.status_code == 400
     assert client.get("/access/v1/openapi.json").json["openapi"].startswith("3.1")
+
+
+def test_consent_and_decisions_land_in_the_verifiable_ledger(client, app, tmp_path):
+    """Every consent event and decision is a ledger entry; an export verifies offline."""
+    from click.testing import CliRunner
+
+    from consent.ledger.cli import make_audit_cli
+
+    hub = app.extensions["civitas"]
+    auth = AuthRequest()
+    _, form = to_consent_page(client, auth)
+    r = answer(client, form, "allow", claims=["name"])
+    body = redeem(client, auth, query(r.headers["Location"])["code"]).json
+    sub = jose_jwt.get_unverified_claims(body["id_token"])["sub"]
+    evaluate(client, sub, "email", "benefits")
+    evaluate(client, sub, "email", "newsletter")
+    kinds = [e.kind for e in hub.ledger.entries(None, None, None)]
+    assert kinds.count("consent.given") == 1 and kinds.count("decision.query") == 2
+    for entry in hub.ledger.entries(None, None, None):
+        assert "alice" not in entry.entry.lower()  # no personal data in clear
+
+    audit = make_audit_cli(lambda ctx: hub.ledger)
+    runner = CliRunner()
+    out = tmp_path / "export.jsonl"
+    assert runner.invoke(audit, ["checkpoint"]).exit_code == 0
+    result = runner.invoke(audit, ["export", str(out)])
+    assert result.exit_code == 0, result.output
+    key = runner.invoke(audit, ["pubkey"]).output.strip()
+    result = runner.invoke(audit, ["verify", str(out), "--public-key", key])
+    assert result.exit_code == 0, result.output
+    # one changed byte is found
+    text = out.read_text()
+    out.write_text(text.replace('"benefits"', '"benefitz"', 1))
+    result = runner.invoke(audit, ["verify", str(out), "--public-key", key])
+    assert result.exit_code != 0
