@@ -39,10 +39,13 @@ def test_example_file_validates_with_secrets_from_env_and_files(tmp_path, monkey
     for k, v in ENV.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("STATE_ID_CLIENT_SECRET", "state-secret")
+    monkeypatch.setenv("STAFF_LDAP_PASSWORD", "ldap-secret")
     settings = load_settings(path)
     assert settings.issuer == "https://login.example.gov"
     assert settings.upstreams[0].client_secret.get_secret_value() == "state-secret"
     assert settings.agencies[0].client_secret.get_secret_value() == "d" * 40
+    assert settings.upstreams[1].bind_password.get_secret_value() == "ldap-secret"
+    assert settings.agencies[0].consent.claims[1].required is False
 
 
 def test_environment_overrides_file(tmp_path, monkeypatch):
