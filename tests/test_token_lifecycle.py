@@ -232,3 +232,27 @@ def test_code_redeemed_after_logout_is_refused(client):
     client.post("/logout", data={"csrf": csrf})
     r = redeem(client, auth, code)
     assert r.status_code == 400 and r.json["error"] == "invalid_grant"
+
+
+def test_key_rotation_publishes_before_signing_and_old_tokens_still_verify(client, hub):
+    from datetime import timedelta
+
+    before = tokens(client)
+    old_kid = jose_jwt.get_unverified_header(before["id_token"])["kid"]
+    # with a lead time the new key is published at once but does not sign yet
+    upcoming = hub.keys.rotate("ES256", lead_time=timedelta(hours=1),
+                               retire_after=timedelta(days=1))
+    kids = {k["kid"] for k in client.get("/jwks").json["keys"]}
+    assert {old_kid, upcoming.kid} <= kids
+    during = tokens(client)
+    assert jose_jwt.get_unverified_header(during["id_token"])["kid"] == old_kid
+    # a rotation that takes effect now: new tokens use the new key, old ones still verify
+    current = hub.keys.rotate("ES256", lead_time=timedelta(0), retire_after=timedelta(days=1))
+    after = tokens(client)
+    assert jose_jwt.get_unverified_header(after["id_token"])["kid"] == current.kid
+    jwks = client.get("/jwks").json
+    for body in (before, after):
+        jose_jwt.decode(body["id_token"], jwks, algorithms=["ES256"],
+                        audience=AGENCY_ONE.client_id, issuer=HUB_ISSUER,
+                        access_token=body["access_token"])
+    assert userinfo(client, before["access_token"]).status_code == 200
