@@ -44,6 +44,28 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
+    """A fresh, empty database on SQLite and on the real PostgreSQL: tests that take it run
+    on both (the storage conformance rule)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/conformance.db"
+        return
+    from sqlalchemy import create_engine, text
+
+    base = request.getfixturevalue("postgres_url")
+    name = "t_" + secrets.token_hex(6)
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield base.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 def hub_config(upstream_issuer: str, database_url: str, **overrides: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         "issuer": HUB_ISSUER,

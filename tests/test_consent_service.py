@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import secrets
 import tempfile
 import threading
 from datetime import UTC, datetime, timedelta
@@ -23,7 +22,7 @@ from flask import Flask, render_template, session
 from hypothesis import HealthCheck, settings
 from joserfc import jws
 from joserfc.jwk import ECKey, KeySet
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select
 
 import broker.models  # noqa: F401  (accounts table)
 import consent.models  # noqa: F401
@@ -149,21 +148,6 @@ def env(tmp_path: Path) -> Any:
     e.db.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: Any, tmp_path: Path) -> Any:
-    """A fresh database on SQLite and on a real PostgreSQL (the storage conformance rule)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/conformance.db"
-        return
-    base = request.getfixturevalue("postgres_url")
-    name = "consent_" + secrets.token_hex(6)
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield base.rsplit("/", 1)[0] + "/" + name
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 @pytest.fixture

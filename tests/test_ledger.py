@@ -9,7 +9,6 @@ import base64
 import importlib.util
 import io
 import json
-import secrets
 import struct
 import threading
 from datetime import timedelta
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from cryptography.fernet import Fernet
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select, text
 
 from consent.ledger import Checkpoint, Ledger, LedgerEntry, NoteSigner, NoteVerifier, merkle
 from consent.ledger.errors import LedgerError, NoteError, PersonalDataRefused, VerificationFailed
@@ -212,22 +211,6 @@ def test_checkpoint_note_format_and_wrong_keys():
 # -- the ledger on SQLite and PostgreSQL -------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/ledger.db"
-        return
-    base = request.getfixturevalue("postgres_url")
-    name = "l_" + secrets.token_hex(6)
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    yield base.rsplit("/", 1)[0] + "/" + name
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 def make_db(url):

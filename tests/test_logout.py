@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from jose import jwt as jose_jwt
 from joserfc import jwt as jose_rfc_jwt
 from joserfc.jwk import ECKey
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 
 from civitas.app import create_app
 from civitas.cli import main
@@ -518,20 +518,6 @@ def test_cli_delivers_one_pass(tmp_path, upstream_issuer, endpoints):
     assert len(endpoints.tokens_for(AGENCY_TWO.client_id)) == 1
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/workers.db"
-        return
-    base = request.getfixturevalue("postgres_url")
-    name = "t_" + secrets.token_hex(6)
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield base.rsplit("/", 1)[0] + "/" + name
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 def test_workers_never_deliver_a_row_twice(upstream_issuer, database_url, endpoints):
