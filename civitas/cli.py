@@ -198,12 +198,15 @@ def agency_group() -> None:
               help="Exact URI the agency may ask to return to after logout; repeat for several.")
 @click.option("--backchannel-logout-uri", default=None,
               help="Where the hub POSTs logout tokens (OpenID Connect Back-Channel Logout).")
+@click.option("--event-delivery-uri", default=None,
+              help="Where the hub pushes Security Event Tokens (RFC 8935), e.g. on consent "
+                   "withdrawal.")
 @click.pass_context
 def agency_add(ctx: click.Context, client_id: str, name: str, redirect_uris: tuple[str, ...],
                scopes: tuple[str, ...], sector_identifier: str | None, auth_method: str,
                jwks_file: Any, jwks_uri: str | None, signing_alg: str | None,
                subject_type: str, post_logout_redirect_uris: tuple[str, ...],
-               backchannel_logout_uri: str | None) -> None:
+               backchannel_logout_uri: str | None, event_delivery_uri: str | None) -> None:
     """Register an agency. Prints its client secret once (only a hash is stored); a
     private_key_jwt agency has no secret."""
     from idp.errors import AgencyRegistrationError
@@ -222,6 +225,7 @@ def agency_add(ctx: click.Context, client_id: str, name: str, redirect_uris: tup
             auth_method=auth_method, post_logout_redirect_uris=list(post_logout_redirect_uris),
             backchannel_logout_uri=backchannel_logout_uri, jwks=jwks, jwks_uri=jwks_uri,
             id_token_signed_response_alg=signing_alg, subject_type=subject_type,
+            event_delivery_uri=event_delivery_uri,
         )
     except AgencyRegistrationError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -281,6 +285,38 @@ def logout_deliver(ctx: click.Context) -> None:
                f"{done.given_up} given up")
     if done.retrying or done.given_up:
         sys.exit(1)
+
+
+# -- events ---------------------------------------------------------------------------------
+
+@main.group("events")
+def events_group() -> None:
+    """Deliveries to agencies: back-channel logout tokens and Security Event Tokens."""
+
+
+def _when(value: Any) -> str:
+    return value.isoformat(timespec="seconds") if value is not None else "-"
+
+
+@events_group.command("list")
+@click.option("--pending", "state", flag_value="pending",
+              help="Only deliveries still to be attempted.")
+@click.option("--failed", "state", flag_value="failed",
+              help="Only deliveries given up, or whose last attempt failed.")
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(1))
+@click.pass_context
+def events_list(ctx: click.Context, state: str | None, limit: int) -> None:
+    """List queued and past deliveries, oldest first (tab-separated)."""
+    hub = _hub(ctx)
+    try:
+        rows = hub.dispatcher.deliveries(state or "all", limit=limit)
+    finally:
+        hub.db.dispose()
+    click.echo("id\tkind\tagency\tattempts\tnext attempt\tdelivered at\tlast error")
+    for r in rows:
+        click.echo(f"{r.id}\t{r.kind}\t{r.client_id}\t{r.attempts}\t"
+                   f"{_when(r.next_attempt_at)}\t{_when(r.delivered_at)}\t"
+                   f"{r.last_error or '-'}")
 
 
 # -- keys -----------------------------------------------------------------------------------

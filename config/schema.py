@@ -224,6 +224,8 @@ class AgencySettings(BaseModel):
     post_logout_redirect_uris: list[str] = []
     #: Back-Channel Logout 1.0: where the hub POSTs logout tokens (https, or loopback http)
     backchannel_logout_uri: str | None = None
+    #: RFC 8935: where the hub pushes Security Event Tokens (https, or loopback http)
+    event_delivery_uri: str | None = None
 
     @field_validator("redirect_uris", "post_logout_redirect_uris")
     @classmethod
@@ -236,6 +238,11 @@ class AgencySettings(BaseModel):
     @classmethod
     def _backchannel(cls, v: str | None) -> str | None:
         return None if v is None else check_url(v, what="backchannel_logout_uri")
+
+    @field_validator("event_delivery_uri")
+    @classmethod
+    def _event_delivery(cls, v: str | None) -> str | None:
+        return None if v is None else check_url(v, what="event_delivery_uri")
 
     @model_validator(mode="after")
     def _secret(self) -> AgencySettings:

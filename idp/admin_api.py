@@ -35,8 +35,8 @@ log = logging.getLogger("civitas.admin")
 #: what ``describe()`` shows but a client cannot set: accepted back on PUT and ignored
 READ_ONLY = frozenset({"source", "created_at", "updated_at"})
 STRING_LISTS = ("redirect_uris", "scopes", "post_logout_redirect_uris")
-OPTIONAL_STRINGS = ("sector_identifier", "backchannel_logout_uri", "jwks_uri",
-                    "id_token_signed_response_alg")
+OPTIONAL_STRINGS = ("sector_identifier", "backchannel_logout_uri", "event_delivery_uri",
+                    "jwks_uri", "id_token_signed_response_alg")
 STRINGS = ("client_id", "name", "token_endpoint_auth_method", "subject_type")
 FIELDS = frozenset({*STRING_LISTS, *OPTIONAL_STRINGS, *STRINGS, "jwks"})
 
@@ -95,7 +95,8 @@ def metadata_from_json(body: dict[str, Any], client_id: str) -> AgencyMetadata:
         token_endpoint_auth_method=string("token_endpoint_auth_method",
                                           default="client_secret_basic"),
         post_logout_redirect_uris=strings("post_logout_redirect_uris"),
-        backchannel_logout_uri=optional("backchannel_logout_uri"), jwks=jwks,
+        backchannel_logout_uri=optional("backchannel_logout_uri"),
+        event_delivery_uri=optional("event_delivery_uri"), jwks=jwks,
         jwks_uri=optional("jwks_uri"),
         id_token_signed_response_alg=optional("id_token_signed_response_alg"),
         subject_type=string("subject_type", default="pairwise"),

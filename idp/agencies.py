@@ -67,6 +67,8 @@ class AgencyClient(ClientMixin):
     id_token_signed_response_alg: str
     post_logout_redirect_uris: tuple[str, ...] = ()
     backchannel_logout_uri: str | None = None
+    #: RFC 8935 push delivery of Security Event Tokens
+    event_delivery_uri: str | None = None
     #: the agency's public keys inline (``private_key_jwt``), or where to fetch them
     jwks: dict[str, Any] | None = field(default=None, hash=False)
     jwks_uri: str | None = None
@@ -81,6 +83,7 @@ class AgencyClient(ClientMixin):
             id_token_signed_response_alg=row.id_token_signed_response_alg,
             post_logout_redirect_uris=tuple(row.post_logout_redirect_uris or ()),
             backchannel_logout_uri=row.backchannel_logout_uri,
+            event_delivery_uri=row.event_delivery_uri,
             jwks=row.jwks, jwks_uri=row.jwks_uri,
         )
 
@@ -138,6 +141,7 @@ class AgencyMetadata:
     token_endpoint_auth_method: str = "client_secret_basic"  # noqa: S105 (a method name)
     post_logout_redirect_uris: tuple[str, ...] = ()
     backchannel_logout_uri: str | None = None
+    event_delivery_uri: str | None = None
     jwks: dict[str, Any] | None = field(default=None, hash=False)
     jwks_uri: str | None = None
     id_token_signed_response_alg: str | None = None
@@ -201,6 +205,9 @@ class AgencyRegistry:
         if meta.backchannel_logout_uri is not None:
             self._url("backchannel_logout_uri", lambda u: check_url(u, what=repr(u)),
                       meta.backchannel_logout_uri)
+        if meta.event_delivery_uri is not None:
+            self._url("event_delivery_uri", lambda u: check_url(u, what=repr(u)),
+                      meta.event_delivery_uri)
         sector = meta.sector_identifier
         if sector is None:
             sector = default_sector(meta.redirect_uris)
@@ -260,6 +267,7 @@ class AgencyRegistry:
         row.token_endpoint_auth_method = meta.token_endpoint_auth_method
         row.post_logout_redirect_uris = list(meta.post_logout_redirect_uris)
         row.backchannel_logout_uri = meta.backchannel_logout_uri
+        row.event_delivery_uri = meta.event_delivery_uri
         row.jwks, row.jwks_uri = meta.jwks, meta.jwks_uri
         row.id_token_signed_response_alg = meta.id_token_signed_response_alg
         row.subject_type = meta.subject_type
@@ -301,7 +309,8 @@ class AgencyRegistry:
             source: str = "cli", post_logout_redirect_uris: list[str] | None = None,
             backchannel_logout_uri: str | None = None, jwks: dict[str, Any] | None = None,
             jwks_uri: str | None = None, id_token_signed_response_alg: str | None = None,
-            subject_type: str = "pairwise") -> tuple[Agency, str | None]:
+            subject_type: str = "pairwise", event_delivery_uri: str | None = None
+            ) -> tuple[Agency, str | None]:
         """Register an agency from keyword arguments (CLI, tests); see :meth:`register`."""
         return self.register(AgencyMetadata(
             client_id=client_id, name=name, redirect_uris=tuple(redirect_uris),
@@ -310,7 +319,7 @@ class AgencyRegistry:
             post_logout_redirect_uris=tuple(post_logout_redirect_uris or ()),
             backchannel_logout_uri=backchannel_logout_uri, jwks=jwks, jwks_uri=jwks_uri,
             id_token_signed_response_alg=id_token_signed_response_alg,
-            subject_type=subject_type,
+            subject_type=subject_type, event_delivery_uri=event_delivery_uri,
         ), secret=secret, source=source)
 
     def replace(self, meta: AgencyMetadata) -> tuple[Agency, str | None] | None:
@@ -344,7 +353,8 @@ class AgencyRegistry:
                     scopes=tuple(a.scopes), sector_identifier=a.sector_identifier,
                     token_endpoint_auth_method=a.token_endpoint_auth_method,
                     post_logout_redirect_uris=tuple(a.post_logout_redirect_uris),
-                    backchannel_logout_uri=a.backchannel_logout_uri, jwks=a.jwks,
+                    backchannel_logout_uri=a.backchannel_logout_uri,
+                    event_delivery_uri=a.event_delivery_uri, jwks=a.jwks,
                     jwks_uri=a.jwks_uri,
                     id_token_signed_response_alg=a.id_token_signed_response_alg,
                     subject_type=a.subject_type,

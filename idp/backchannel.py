@@ -8,6 +8,12 @@
   ``application/x-www-form-urlencoded`` with a timeout, redirects not followed. 200 is success
   and so is 204 (2.8); anything else is retried after 10 s, 30 s, 2 min, 10 min and 1 h, and
   given up after six attempts (the row stays, with ``last_error``).
+- Security Event Tokens (RFC 8417) ride the same queue (``kind`` ``security_event``): a
+  consent withdrawal is pushed to the agency's ``event_delivery_uri`` (RFC 8935 push
+  delivery) as the raw SET with ``Content-Type: application/secevent+jwt``; 202 is success
+  (200 and 204 too); a 400 with ``{"err": ...}`` is a permanent failure (RFC 8935 2.3), given
+  up at once; anything else is retried like a logout token. A SET has no ``exp``: it is sent
+  as signed, never re-minted.
 - The queue is the ``logout_deliveries`` table, so a restart loses nothing. A worker claims a
   row with a conditional ``UPDATE`` (due, and not leased to another worker) and holds a lease
   while it posts: any number of workers, on SQLite or PostgreSQL, never post a row at once.
@@ -26,6 +32,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import requests
+import urllib3
 from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from requests.adapters import HTTPAdapter
@@ -47,6 +54,16 @@ REMINT_MARGIN = 30
 BACKOFF = (10, 30, 120, 600, 3600)
 MAX_ATTEMPTS = len(BACKOFF) + 1
 
+LOGOUT_KIND = "backchannel_logout"
+SET_KIND = "security_event"
+KINDS = (LOGOUT_KIND, SET_KIND)
+SET_TYPE = "secevent+jwt"
+CAEP = "https://schemas.openid.net/secevent/caep/event-type/"
+TOKEN_CLAIMS_CHANGE = CAEP + "token-claims-change"
+SESSION_REVOKED = CAEP + "session-revoked"
+#: RFC 8935 2.2: 202 Accepted; 200 and 204 are taken as success too
+SET_SUCCESS = (200, 202, 204)
+
 
 def mint_logout_token(key: ActiveKey, *, issuer: str, client_id: str, sub: str, sid: str,
                       now: int) -> str:
@@ -59,6 +76,41 @@ def mint_logout_token(key: ActiveKey, *, issuer: str, client_id: str, sub: str, 
     if sid:  # section 2.4: sid, sub or both; a consent withdrawal ends every session: sub only
         claims["sid"] = sid
     return jwt.encode(header, claims, key.key, algorithms=[key.alg])
+
+
+def mint_security_event(key: ActiveKey, *, issuer: str, client_id: str, sub: str,
+                        withdrawn: Sequence[str], complete: bool, event_time: int,
+                        now: int) -> str:
+    """A consent withdrawal as a Security Event Token (RFC 8417, OpenID CAEP 1.0).
+
+    A complete withdrawal is a CAEP ``session-revoked`` event; a partial one is
+    ``token-claims-change`` naming the withdrawn claims. The subject is the agency's own
+    ``sub`` as an ``iss_sub`` identifier (RFC 9493 3.2.5). No ``exp`` (RFC 8417 2.2)."""
+    header = {"alg": key.alg, "kid": key.kid, "typ": SET_TYPE}
+    event: dict[str, Any] = {"event_timestamp": event_time}
+    if complete:
+        events = {SESSION_REVOKED: event}
+    else:
+        event["claims"] = {"consent_withdrawn": sorted(withdrawn), "complete": False}
+        events = {TOKEN_CLAIMS_CHANGE: event}
+    claims = {
+        "iss": issuer, "aud": client_id, "iat": now, "jti": secrets.token_urlsafe(16),
+        "sub_id": {"format": "iss_sub", "iss": issuer, "sub": sub}, "events": events,
+    }
+    return jwt.encode(header, claims, key.key, algorithms=[key.alg])
+
+
+@dataclass(frozen=True)
+class SecurityEventNotice:
+    """A consent withdrawal one agency is to be told of by a SET pushed to ``event_uri``."""
+
+    client_id: str
+    event_uri: str
+    alg: str
+    sub: str
+    withdrawn: frozenset[str]
+    complete: bool
+    event_time: int
 
 
 @dataclass(frozen=True)
@@ -88,6 +140,7 @@ class DeliveryPass:
 @dataclass(frozen=True)
 class _Claimed:
     id: int
+    kind: str
     client_id: str
     logout_uri: str
     token: str
@@ -128,9 +181,33 @@ class LogoutDispatcher:
                 continue
             token = mint_logout_token(key, issuer=self._issuer, client_id=n.client_id,
                                       sub=n.sub, sid=n.sid, now=int(now.timestamp()))
-            rows.append(LogoutDelivery(client_id=n.client_id, logout_uri=n.logout_uri,
-                                       token=token, attempts=0, next_attempt_at=now,
-                                       created_at=now))
+            rows.append(LogoutDelivery(kind=LOGOUT_KIND, client_id=n.client_id,
+                                       logout_uri=n.logout_uri, token=token, attempts=0,
+                                       next_attempt_at=now, created_at=now))
+        return self._queue(rows)
+
+    def enqueue_events(self, notices: Sequence[SecurityEventNotice],
+                       now: datetime | None = None) -> int:
+        """Sign a Security Event Token for each notice and queue it, due now."""
+        now = now or utcnow()
+        rows = []
+        for n in notices:
+            try:
+                key = self._keys.signing_key(n.alg)
+            except LookupError:
+                log.error("no %s signing key: agency %s is not sent a security event", n.alg,
+                          n.client_id)
+                continue
+            token = mint_security_event(key, issuer=self._issuer, client_id=n.client_id,
+                                        sub=n.sub, withdrawn=sorted(n.withdrawn),
+                                        complete=n.complete, event_time=n.event_time,
+                                        now=int(now.timestamp()))
+            rows.append(LogoutDelivery(kind=SET_KIND, client_id=n.client_id,
+                                       logout_uri=n.event_uri, token=token, attempts=0,
+                                       next_attempt_at=now, created_at=now))
+        return self._queue(rows)
+
+    def _queue(self, rows: list[LogoutDelivery]) -> int:
         if rows:
             with self._db.session() as s:
                 s.add_all(rows)
@@ -139,10 +216,21 @@ class LogoutDispatcher:
 
     def pending(self) -> list[LogoutDelivery]:
         """Rows not yet delivered nor given up, oldest first (for operators and tests)."""
+        return self.deliveries("pending")
+
+    def deliveries(self, state: str = "all", *, limit: int = 1000) -> list[LogoutDelivery]:
+        """Rows of every kind, oldest first: ``all``, ``pending`` (neither delivered nor given
+        up) or ``failed`` (given up, or pending after a failed attempt)."""
+        query = select(LogoutDelivery)
+        if state == "pending":
+            query = query.where(LogoutDelivery.next_attempt_at.is_not(None))
+        elif state == "failed":
+            query = query.where(LogoutDelivery.delivered_at.is_(None),
+                                LogoutDelivery.last_error.is_not(None))
+        elif state != "all":
+            raise ValueError(f"unknown state {state!r}")
         with self._db.session() as s:
-            return list(s.scalars(select(LogoutDelivery)
-                                  .where(LogoutDelivery.next_attempt_at.is_not(None))
-                                  .order_by(LogoutDelivery.id)))
+            return list(s.scalars(query.order_by(LogoutDelivery.id).limit(limit)))
 
     # -- delivery ---------------------------------------------------------------------------
 
@@ -156,8 +244,8 @@ class LogoutDispatcher:
         with ThreadPoolExecutor(max_workers=min(self._workers, len(claimed)),
                                 thread_name_prefix="civitas-logout-post") as pool:
             outcomes = list(pool.map(lambda c: self._attempt(c, now), claimed))
-        for item, (token, error) in zip(claimed, outcomes, strict=True):
-            self._record(item, token, error, now, result)
+        for item, (token, error, permanent) in zip(claimed, outcomes, strict=True):
+            self._record(item, token, error, now, result, permanent=permanent)
         return result
 
     def _due(self, now: datetime) -> Any:
@@ -181,40 +269,63 @@ class LogoutDispatcher:
                     continue
                 row = s.get(LogoutDelivery, row_id)
                 assert row is not None
-                claimed.append(_Claimed(row.id, row.client_id, row.logout_uri, row.token,
-                                        row.attempts))
+                claimed.append(_Claimed(row.id, row.kind, row.client_id, row.logout_uri,
+                                        row.token, row.attempts))
         return claimed
 
     def _fresh_token(self, token: str, now: datetime) -> str:
         """The stored token, or the same notice signed afresh when it is about to expire."""
         compact = jws.extract_compact(token.encode())
         claims = json.loads(compact.payload)
-        if int(claims["exp"]) - now.timestamp() >= REMINT_MARGIN:
-            return token
+        if "exp" not in claims or int(claims["exp"]) - now.timestamp() >= REMINT_MARGIN:
+            return token  # a SET has no exp (RFC 8417): it stays as signed
         key = self._keys.signing_key(str(compact.headers()["alg"]))
         return mint_logout_token(key, issuer=self._issuer, client_id=claims["aud"],
                                  sub=claims["sub"], sid=claims.get("sid", ""),
                                  now=int(now.timestamp()))
 
-    def _attempt(self, item: _Claimed, now: datetime) -> tuple[str, str | None]:
-        """POST one logout token; returns the token sent and an error, or None on success."""
+    def _attempt(self, item: _Claimed, now: datetime) -> tuple[str, str | None, bool]:
+        """POST one token; returns the token sent, an error (None on success) and whether
+        the failure is permanent (not worth a retry)."""
+        if item.kind == SET_KIND:
+            return (item.token, *self._push_event(item))
         try:
             token = self._fresh_token(item.token, now)
         except (LookupError, ValueError, JoseError) as exc:
-            return item.token, f"cannot sign a logout token: {exc}"
+            return item.token, f"cannot sign a logout token: {exc}", False
+        return (token, self._post_logout(item, token), False)
+
+    def _push_event(self, item: _Claimed) -> tuple[str | None, bool]:
+        """RFC 8935 2.1: POST the SET itself; 2.3: a 400 with ``err`` is final."""
+        try:
+            with self._http.post(item.logout_uri, data=item.token.encode(),
+                                 headers={"Content-Type": "application/secevent+jwt",
+                                          "Accept": "application/json"},
+                                 timeout=self.timeout, allow_redirects=False,
+                                 stream=True) as resp:
+                if resp.status_code in SET_SUCCESS:
+                    return None, False
+                if resp.status_code == 400:
+                    return f"HTTP 400: {_set_error(resp)}", True
+                return f"HTTP {resp.status_code}", False
+        except requests.RequestException as exc:
+            return f"{type(exc).__name__}: {exc}", False
+
+    def _post_logout(self, item: _Claimed, token: str) -> str | None:
         try:
             with self._http.post(item.logout_uri, data={"logout_token": token},
                                  timeout=self.timeout, allow_redirects=False,
                                  stream=True) as resp:
                 # Only the status matters (section 2.8); the body is never read.
                 if resp.status_code in (200, 204):
-                    return token, None
-                return token, f"HTTP {resp.status_code}"
+                    return None
+                return f"HTTP {resp.status_code}"
         except requests.RequestException as exc:
-            return token, f"{type(exc).__name__}: {exc}"
+            return f"{type(exc).__name__}: {exc}"
 
     def _record(self, item: _Claimed, token: str, error: str | None, now: datetime,
-                result: DeliveryPass) -> None:
+                result: DeliveryPass, *, permanent: bool = False) -> None:
+        what = "security event" if item.kind == SET_KIND else "logout token"
         with self._db.session() as s:
             row = s.get(LogoutDelivery, item.id)
             if row is None:  # removed by an operator meanwhile
@@ -225,20 +336,21 @@ class LogoutDispatcher:
             if error is None:
                 row.delivered_at, row.next_attempt_at, row.last_error = utcnow(), None, None
                 result.delivered += 1
-                DELIVERIES.labels("backchannel_logout", "delivered").inc()
-                log.info("logout token delivered to %s", item.client_id)
-            elif row.attempts >= MAX_ATTEMPTS:
+                DELIVERIES.labels(item.kind, "delivered").inc()
+                log.info("%s delivered to %s", what, item.client_id)
+            elif permanent or row.attempts >= MAX_ATTEMPTS:
                 row.next_attempt_at = None
-                row.last_error = f"gave up after {row.attempts} attempts: {error}"[:500]
+                why = "refused" if permanent else f"gave up after {row.attempts} attempts"
+                row.last_error = f"{why}: {error}"[:500]
                 result.given_up += 1
-                DELIVERIES.labels("backchannel_logout", "given_up").inc()
-                log.error("logout token for %s given up: %s", item.client_id, error)
+                DELIVERIES.labels(item.kind, "given_up").inc()
+                log.error("%s for %s given up: %s", what, item.client_id, error)
             else:
                 row.next_attempt_at = now + timedelta(seconds=BACKOFF[row.attempts - 1])
                 row.last_error = error[:500]
                 result.retrying += 1
-                DELIVERIES.labels("backchannel_logout", "retrying").inc()
-                log.warning("logout token for %s not delivered (attempt %d): %s",
+                DELIVERIES.labels(item.kind, "retrying").inc()
+                log.warning("%s for %s not delivered (attempt %d): %s", what,
                             item.client_id, row.attempts, error)
 
     # -- background worker --------------------------------------------------------------------
@@ -278,3 +390,16 @@ class LogoutDispatcher:
             self._wake.wait(interval)
             self._wake.clear()
 
+
+
+def _set_error(resp: requests.Response) -> str:
+    """RFC 8935 2.3: the ``err`` (and ``description``) of a 400, read at most 4 KiB."""
+    try:
+        body = json.loads(resp.raw.read(4096, decode_content=True) or b"{}")
+    except (ValueError, OSError, requests.RequestException, urllib3.exceptions.HTTPError):
+        return "no error object"
+    err = body.get("err") if isinstance(body, dict) else None
+    if not isinstance(err, str):
+        return "no error object"
+    desc = body.get("description")
+    return err + (f" ({desc})" if isinstance(desc, str) else "")

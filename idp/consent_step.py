@@ -3,7 +3,8 @@
 The consent package keeps the records; this module decides, for one authorization request,
 whether the citizen must be asked (claims not yet granted, an expired grant, a new notice
 version, or ``prompt=consent``), and releases only granted claims. A withdrawal revokes the
-agency's tokens for that citizen and tells the agency by back-channel logout.
+agency's tokens for that citizen and tells the agency by back-channel logout and by a
+Security Event Token pushed to its ``event_delivery_uri`` (RFC 8417, RFC 8935).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from consent.policy import AgencyPolicy, ClaimRequest
 from consent.service import ConsentService, Withdrawal
 
-from .backchannel import LogoutDispatcher, LogoutNotice
+from .backchannel import LogoutDispatcher, LogoutNotice, SecurityEventNotice
 from .claims import COMPANIONS, SCOPE_CLAIMS
 from .provider import ProviderServices
 
@@ -94,6 +95,12 @@ def make_withdrawal_handler(hub: ProviderServices, dispatcher: LogoutDispatcher
                 client_id=client.client_id, logout_uri=client.backchannel_logout_uri,
                 alg=client.id_token_signed_response_alg,
                 sub=hub.subject_for(client, w.account_id), sid="")])
+        if client is not None and client.event_delivery_uri:
+            dispatcher.enqueue_events([SecurityEventNotice(
+                client_id=client.client_id, event_uri=client.event_delivery_uri,
+                alg=client.id_token_signed_response_alg,
+                sub=hub.subject_for(client, w.account_id), withdrawn=w.claims,
+                complete=w.complete, event_time=int(w.at.timestamp()))])
         log.info("consent withdrawn: agency %s tokens revoked", w.client_id)
 
     return on_withdraw

@@ -31,6 +31,8 @@ class Agency(Base):
     )
     #: Back-Channel Logout 1.0 section 2.2: where the hub POSTs logout tokens
     backchannel_logout_uri: Mapped[str | None] = mapped_column(String(2000), nullable=True)
+    #: RFC 8935: where the hub pushes Security Event Tokens (consent withdrawn)
+    event_delivery_uri: Mapped[str | None] = mapped_column(String(2000), nullable=True)
     #: RFC 7591 2: the agency's public keys for ``private_key_jwt`` (RFC 7523 3), inline...
     jwks: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     #: ...or where the hub fetches them (at most one of the two)
@@ -53,6 +55,7 @@ class Agency(Base):
             "id_token_signed_response_alg": self.id_token_signed_response_alg,
             "post_logout_redirect_uris": list(self.post_logout_redirect_uris or []),
             "backchannel_logout_uri": self.backchannel_logout_uri,
+            "event_delivery_uri": self.event_delivery_uri,
             "jwks": self.jwks,
             "jwks_uri": self.jwks_uri,
             "source": self.source,
@@ -103,7 +106,9 @@ class RefreshToken(Base):
 
 
 class LogoutDelivery(Base):
-    """A logout token waiting to be POSTed to an agency (Back-Channel Logout 1.0 section 2.5).
+    """A token waiting to be POSTed to an agency: a logout token (Back-Channel Logout 1.0
+    section 2.5, ``kind`` ``backchannel_logout``) or a Security Event Token (RFC 8935 push
+    delivery, ``kind`` ``security_event``); ``logout_uri`` is the endpoint either way.
 
     Rows outlive a restart. ``next_attempt_at`` is NULL once the row is settled: delivered
     (``delivered_at`` set) or given up (``last_error`` says why). ``claimed_until`` is the lease
@@ -113,6 +118,8 @@ class LogoutDelivery(Base):
     __tablename__ = "logout_deliveries"
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32), default="backchannel_logout",
+                                      server_default=text("'backchannel_logout'"))
     client_id: Mapped[str] = mapped_column(String(128))
     logout_uri: Mapped[str] = mapped_column(String(2000))
     #: the signed logout token last minted for this row (re-minted when close to expiry)
