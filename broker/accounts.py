@@ -8,12 +8,14 @@ can assert any email address.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from connectors import UpstreamIdentity
 from kernel.crypto import FieldCipher
@@ -43,9 +45,13 @@ class AttributeRecord:
 
 class AccountDirectory:
     def __init__(self, db: Database, cipher: FieldCipher,
-                 source_ranking: list[str] | None = None) -> None:
+                 source_ranking: list[str] | None = None,
+                 on_event: Callable[[AccountEvent, Session], object] | None = None) -> None:
         self._db = db
         self._cipher = cipher
+        #: told of every account event inside its transaction (the root appends it to the
+        #: audit ledger, so the event and its entry commit or roll back together)
+        self._on_event = on_event
         #: connector ids, most trusted first: released claims come from the first that has one
         self._ranking = {c: i for i, c in enumerate(source_ranking or [])}
 
@@ -74,7 +80,7 @@ class AccountDirectory:
                 account = ConstituentAccount()
                 s.add(account)
                 s.flush()
-                s.add(AccountEvent(account_id=account.id, kind="created",
+                self._event(s, AccountEvent(account_id=account.id, kind="created",
                                    connector_id=identity.connector_id, acr=identity.acr, at=now))
                 link = LinkedIdentity(
                     account_id=account.id,
@@ -114,6 +120,11 @@ class AccountDirectory:
             else:
                 row.value_encrypted, row.acr, row.asserted_at = token, identity.acr, now
 
+    def _event(self, s: Session, event: AccountEvent) -> None:
+        s.add(event)
+        if self._on_event is not None:
+            self._on_event(event, s)
+
     def exists(self, account_id: str) -> bool:
         """True while the account exists and has not been deleted."""
         with self._db.session() as s:
@@ -143,7 +154,7 @@ class AccountDirectory:
                 s.add(LinkedIdentity(account_id=account_id, connector_id=identity.connector_id,
                                      upstream_subject=identity.subject, acr=identity.acr,
                                      created_at=now, last_login_at=now))
-                s.add(AccountEvent(account_id=account_id, kind="linked",
+                self._event(s, AccountEvent(account_id=account_id, kind="linked",
                                    connector_id=identity.connector_id, acr=identity.acr, at=now))
                 self._record_attributes(s, account_id, identity, now)
                 return True
@@ -165,7 +176,7 @@ class AccountDirectory:
                     AccountAttribute.account_id == account_id,
                     AccountAttribute.source_connector == target.connector_id)):
                 s.delete(attr)
-            s.add(AccountEvent(account_id=account_id, kind="unlinked",
+            self._event(s, AccountEvent(account_id=account_id, kind="unlinked",
                                connector_id=target.connector_id, acr=target.acr, at=utcnow()))
             return target
 
@@ -180,7 +191,8 @@ class AccountDirectory:
                 for row in s.scalars(select(model).where(model.account_id == account_id)):
                     s.delete(row)
             account.deleted_at = utcnow()
-            s.add(AccountEvent(account_id=account_id, kind="deleted", at=account.deleted_at))
+            self._event(s, AccountEvent(account_id=account_id, kind="deleted",
+                                        at=account.deleted_at))
 
     def events(self, account_id: str) -> list[AccountEvent]:
         with self._db.session() as s:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import secrets
@@ -18,6 +19,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
 from broker.accounts import AccountDirectory
+from broker.models import AccountEvent
 from broker.ratelimit import AttemptLimiter
 from broker.service import Broker
 from broker.session import StoreSessionInterface
@@ -27,7 +29,7 @@ from config.schema import LDAPUpstreamSettings, UpstreamSettings
 from connectors import PasswordConnector, RedirectConnector
 from connectors.ldap import LDAPConfig, LDAPConnector
 from connectors.oidc import OIDCConfig, OIDCConnector
-from consent.ledger.ledger import Ledger
+from consent.ledger.ledger import Ledger, hashed_id
 from consent.ledger.sealer import LedgerSealer
 from consent.service import ConsentService
 from consent.views import create_blueprint as consent_blueprint
@@ -119,7 +121,18 @@ def build_hub(settings: Settings, *, migrate: bool = True) -> Hub:
     store = open_store(settings.redis_url)
     cipher = FieldCipher(settings.encryption_keys)
     ranking = settings.attribute_source_ranking or [u.id for u in settings.upstreams]
-    accounts = AccountDirectory(db, cipher, source_ranking=ranking)
+    ledger = Ledger(db, cipher, origin=urlsplit(settings.issuer).netloc + "/ledger")
+    account_key = hmac.new(settings.pairwise_secret.get_secret_value().encode(),
+                           b"civitas ledger account ids", "sha256").digest()
+
+    def account_event_to_ledger(event: AccountEvent, session: Any) -> None:
+        ledger.append(f"account.{event.kind}", {
+            "account": hashed_id(account_key, event.account_id),
+            "connector": event.connector_id, "acr": event.acr,
+        }, session=session)
+
+    accounts = AccountDirectory(db, cipher, source_ranking=ranking,
+                                on_event=account_event_to_ledger)
     keys = KeyRing(db, cipher)
     agencies = AgencyRegistry(db, policy=RegistrationPolicy(
         default_alg=settings.signing_alg, allow_public_subjects=settings.allow_public_subjects,
@@ -144,7 +157,6 @@ def build_hub(settings: Settings, *, migrate: bool = True) -> Hub:
     dispatcher = LogoutDispatcher(db, keys, issuer=settings.issuer,
                                   timeout=settings.backchannel_timeout_seconds)
     logout = LogoutService(services, services.participants, dispatcher)
-    ledger = Ledger(db, cipher, origin=urlsplit(settings.issuer).netloc + "/ledger")
     services.consent = ConsentService(db, HubReceiptSigner(keys, settings.signing_alg),
                                       on_withdraw=make_withdrawal_handler(services, dispatcher),
                                       ledger=ledger)
@@ -190,7 +202,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
     app.register_blueprint(logout_blueprint(hub.logout))
     app.register_blueprint(consent_blueprint(
         hub.consent, authenticate_agency=agency_authenticator(hub.server), store=hub.store,
-        issuer=settings.issuer))
+        issuer=settings.issuer, describe_agency=_agency_policy(hub)))
     admin_token = settings.admin_api_token
     app.register_blueprint(admin_api_blueprint(
         hub.agencies, admin_token.get_secret_value() if admin_token else None))
@@ -214,6 +226,14 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
     _install_error_pages(app)
     observability.install(app)
     return app
+
+
+def _agency_policy(hub: Hub) -> Any:
+    def describe(client_id: str) -> Any:
+        client = hub.agencies.client(client_id)
+        return hub.server.hub.policy_for(client) if client is not None else None
+
+    return describe
 
 
 def _allow_loopback_http(issuer: str) -> None:

@@ -222,12 +222,14 @@ class DecisionPoint:
                     break
         return answers
 
-    def for_account(self, account_id: str, limit: int = 100) -> list[AgencyDecision]:
-        """The citizen's data-access history: every decision about their records."""
+    def for_account(self, account_id: str, limit: int = 100,
+                    offset: int = 0) -> list[AgencyDecision]:
+        """The citizen's data-access history: every decision about their records, newest
+        first (ties broken by id, so pages are stable)."""
         with self._db.session() as s:
             return list(s.scalars(select(AgencyDecision).where(
                 AgencyDecision.account_id == account_id).order_by(
-                AgencyDecision.at.desc()).limit(limit)))
+                AgencyDecision.at.desc(), AgencyDecision.id.desc()).offset(offset).limit(limit)))
 
     def for_agency(self, client_id: str, limit: int = 100) -> list[AgencyDecision]:
         with self._db.session() as s:

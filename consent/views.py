@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,10 @@ NOTICES = {
 }
 EVENT_WORDS = {"given": "Consent given", "renewed": "Consent renewed",
                "withdrawn": "Consent withdrawn"}
+
+
+#: decisions per page of the citizen's data-access history
+HISTORY_PAGE = 25
 
 
 def check_csrf() -> None:
@@ -143,7 +147,9 @@ def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuth
                      rate_limit: int = 600, rate_window_seconds: int = 60,
                      login_url: str = "/login",
                      token_url: str = "/token",  # noqa: S107 (a URL, not a secret)
-                     issuer: str | None = None) -> Blueprint:
+                     issuer: str | None = None,
+                     describe_agency: Callable[[str], AgencyPolicy | None] | None = None
+                     ) -> Blueprint:
     """The ``consent`` blueprint: account pages, templates and the decision API (nested as
     ``consent.api``), plus the AuthZEN PDP metadata (``issuer`` is its
     ``policy_decision_point``; the request's host when None)."""
@@ -174,6 +180,30 @@ def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuth
         if found is None or found.account_id != owner:
             raise ReceiptNotFound()
         return found
+
+    @bp.get("/account/history")
+    def data_access_history() -> str | Response:
+        """Who used (or asked to use) the citizen's data, newest first, in plain words (the
+        Estonian Data Tracker is the model)."""
+        owner = account_id()
+        if owner is None:
+            return redirect(login_url)
+        page = max(1, request.args.get("page", 1, type=int) or 1)
+        rows = service.decisions.for_account(owner, limit=HISTORY_PAGE + 1,
+                                             offset=(page - 1) * HISTORY_PAGE)
+        items = []
+        for row in rows[:HISTORY_PAGE]:
+            policy = describe_agency(row.client_id) if describe_agency else None
+            claim = policy.claim(row.claim) if policy is not None else None
+            items.append({
+                "at": row.at, "agency": policy.name if policy is not None else row.client_id,
+                "what": claim.description if claim is not None else row.claim,
+                "why": (policy.purpose_labels.get(row.purpose, row.purpose)
+                        if policy is not None else row.purpose),
+                "allowed": row.decision,
+            })
+        return render_template("consent/history.html", items=items, page=page,
+                               more=len(rows) > HISTORY_PAGE)
 
     @bp.get("/account/consents")
     def consents() -> str | Response:

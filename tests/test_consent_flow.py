@@ -275,3 +275,24 @@ def test_consent_and_decisions_land_in_the_verifiable_ledger(client, app, tmp_pa
     out.write_text(text.replace('"benefits"', '"benefitz"', 1))
     result = runner.invoke(audit, ["verify", str(out), "--public-key", key])
     assert result.exit_code != 0
+
+
+def test_citizen_sees_who_used_their_data(client):
+    auth = AuthRequest()
+    _, form = to_consent_page(client, auth)
+    r = answer(client, form, "allow")  # name (newsletter) left unticked
+    body = redeem(client, auth, query(r.headers["Location"])["code"]).json
+    sub = jose_jwt.get_unverified_claims(body["id_token"])["sub"]
+    evaluate(client, sub, "email", "benefits")
+    for _ in range(26):
+        evaluate(client, sub, "name", "newsletter")
+    page = client.get("/account/history").get_data(as_text=True)
+    rows = re.findall(r"<tr><td>.*?</tr>", page, re.S)
+    assert len(rows) == 25 and "Older" in page  # paginated, newest first
+    assert "Agency One" in rows[0] and "Your full name" in rows[0] and "Refused" in rows[0]
+    assert "to send you news about the programme" in rows[0]
+    older = client.get("/account/history?page=2").get_data(as_text=True)
+    assert "Your email address" in older and "Allowed" in older
+    assert "to decide your benefit claim" in older
+    other = client.application.test_client()
+    assert other.get("/account/history").status_code == 302  # signed-out: to the login

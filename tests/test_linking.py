@@ -215,3 +215,17 @@ def test_attribute_provenance_keeps_both_values_and_releases_ranked_source(clien
 def test_link_requires_sign_in(client):
     r = client.post("/account/link", data={"csrf": "x"})
     assert r.status_code == 400  # no session, so no form token: nothing starts
+
+
+def test_account_events_are_ledger_entries_without_personal_data(client, hub):
+    full_login(client, AuthRequest())
+    client.get(path_of(upstream_login(start_link(client), "alice")))
+    aid = account_id(hub, "op", "alice-0001")
+    r = client.post("/account/delete", data={"csrf": csrf(client), "confirm": "delete"})
+    assert r.status_code == 303
+    entries = list(hub.ledger.entries(None, None, None))
+    kinds = [e.kind for e in entries]
+    for kind in ("account.created", "account.linked", "account.deleted"):
+        assert kind in kinds, kinds
+    for e in entries:  # pseudonymous: neither the account id nor the person appears
+        assert aid not in e.entry and "alice" not in e.entry.lower()
