@@ -131,6 +131,13 @@ class AccountDirectory:
             account = s.get(ConstituentAccount, account_id)
             return account is not None and account.deleted_at is None
 
+    def account_for_credential(self, connector_id: str, upstream_subject: str) -> str | None:
+        """The account a linked credential belongs to (an officer's lookup), if any."""
+        with self._db.session() as s:
+            return s.scalars(select(LinkedIdentity.account_id).where(
+                LinkedIdentity.connector_id == connector_id,
+                LinkedIdentity.upstream_subject == upstream_subject)).one_or_none()
+
     def link(self, account_id: str, identity: UpstreamIdentity) -> bool:
         """Link a credential the citizen just proved to their account (never by attribute).
 

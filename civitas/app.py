@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import secrets
@@ -31,6 +30,8 @@ from connectors.ldap import LDAPConfig, LDAPConnector
 from connectors.oidc import OIDCConfig, OIDCConnector
 from consent.ledger.ledger import Ledger, hashed_id
 from consent.ledger.sealer import LedgerSealer
+from consent.officer_views import create_officer_blueprint
+from consent.officers import OfficerRule, OfficerWorkspace, pseudonym_key
 from consent.service import ConsentService
 from consent.views import create_blueprint as consent_blueprint
 from idp.admin_api import create_blueprint as admin_api_blueprint
@@ -122,8 +123,7 @@ def build_hub(settings: Settings, *, migrate: bool = True) -> Hub:
     cipher = FieldCipher(settings.encryption_keys)
     ranking = settings.attribute_source_ranking or [u.id for u in settings.upstreams]
     ledger = Ledger(db, cipher, origin=urlsplit(settings.issuer).netloc + "/ledger")
-    account_key = hmac.new(settings.pairwise_secret.get_secret_value().encode(),
-                           b"civitas ledger account ids", "sha256").digest()
+    account_key = pseudonym_key(settings.pairwise_secret.get_secret_value())
 
     def account_event_to_ledger(event: AccountEvent, session: Any) -> None:
         ledger.append(f"account.{event.kind}", {
@@ -203,6 +203,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
     app.register_blueprint(consent_blueprint(
         hub.consent, authenticate_agency=agency_authenticator(hub.server), store=hub.store,
         issuer=settings.issuer, describe_agency=_agency_policy(hub)))
+    app.register_blueprint(_officer_blueprint(hub))
     admin_token = settings.admin_api_token
     app.register_blueprint(admin_api_blueprint(
         hub.agencies, admin_token.get_secret_value() if admin_token else None))
@@ -234,6 +235,28 @@ def _agency_policy(hub: Hub) -> Any:
         return hub.server.hub.policy_for(client) if client is not None else None
 
     return describe
+
+
+def _officer_blueprint(hub: Hub) -> Any:
+    """The privacy officer's workspace (/officer/), for holders of ``officer_role``."""
+    settings = hub.settings
+    provider = hub.server.hub
+
+    def policy_of(client_id: str) -> tuple[Any, bool] | None:
+        client = hub.agencies.client(client_id)
+        if client is None:
+            return None
+        return provider.policy_for(client), client_id in provider.policies
+
+    key = pseudonym_key(settings.pairwise_secret.get_secret_value())
+    workspace = OfficerWorkspace(hub.db, hub.ledger, pseudonym_key=key,
+                                 account_for_credential=hub.accounts.account_for_credential)
+    return create_officer_blueprint(
+        workspace, rules=[OfficerRule(r.upstream, r.attribute, r.value)
+                          for r in settings.officer_role],
+        attributes_of=hub.accounts.attribute_records, account_exists=hub.accounts.exists,
+        agencies=lambda: [(a.client_id, a.name) for a in hub.agencies.list()],
+        policy_of=policy_of)
 
 
 def _allow_loopback_http(issuer: str) -> None:

@@ -265,6 +265,17 @@ class AgencySettings(BaseModel):
         return self
 
 
+class OfficerRoleSettings(BaseModel):
+    """Who is a privacy officer: holders of ``value`` in ``attribute`` as asserted by the
+    upstream ``upstream``, while their hub login came through that upstream."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    upstream: Annotated[str, Field(pattern=SLUG)]
+    attribute: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,100}$")] = "groups"
+    value: Annotated[str, Field(min_length=1, max_length=255)]
+
+
 class Settings(BaseSettings):
     """Everything the hub needs to start. Environment variables ``CIVITAS_<KEY>`` override the
     file for top-level keys (``CIVITAS_DATABASE_URL``, ``CIVITAS_ENCRYPTION_KEY``...)."""
@@ -308,6 +319,8 @@ class Settings(BaseSettings):
     allow_public_subjects: bool = False
     #: fetch agencies' ``jwks_uri`` over http and from private addresses (development, tests)
     allow_insecure_jwks_uri: bool = False
+    #: who may use the privacy-officer workspace (/officer/); any rule that matches grants it
+    officer_role: list[OfficerRoleSettings] = []
 
     @field_validator("issuer")
     @classmethod
@@ -371,6 +384,9 @@ class Settings(BaseSettings):
         unknown = set(self.attribute_source_ranking or []) - set(ids)
         if unknown:
             raise ValueError(f"attribute_source_ranking: unknown upstream id(s) {sorted(unknown)}")
+        unknown = {r.upstream for r in self.officer_role} - set(ids)
+        if unknown:
+            raise ValueError(f"officer_role: unknown upstream id(s) {sorted(unknown)}")
         cids = [a.client_id for a in self.agencies]
         dup = {i for i in cids if cids.count(i) > 1}
         if dup:
