@@ -137,7 +137,9 @@ def build_hub(settings: Settings, *, migrate: bool = True) -> Hub:
     agencies = AgencyRegistry(db, policy=RegistrationPolicy(
         default_alg=settings.signing_alg, allow_public_subjects=settings.allow_public_subjects,
         allow_insecure_jwks_uri=settings.allow_insecure_jwks_uri,
-    ), on_signing_alg=keys.ensure)  # an agency's ID token algorithm gets a key when registered
+    ),
+        on_signing_alg=keys.ensure,  # an agency's ID token algorithm gets a key when registered
+        on_change=lambda kind, data, s: ledger.append(kind, data, session=s))
     tokens = TokenStore(store, code_lifetime=settings.code_lifetime_seconds,
                         access_token_lifetime=settings.access_token_lifetime_seconds)
     connectors = {u.id: make_connector(u) for u in settings.upstreams}

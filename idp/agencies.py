@@ -168,12 +168,21 @@ def default_sector(redirect_uris: Iterable[str]) -> str:
     return hosts.pop()
 
 
+def _stable(described: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in described.items() if k not in ("created_at", "updated_at")}
+
+
 class AgencyRegistry:
     def __init__(self, db: Database, *, default_alg: str = "ES256",
                  policy: RegistrationPolicy | None = None,
-                 on_signing_alg: Callable[[tuple[str, ...]], None] | None = None) -> None:
+                 on_signing_alg: Callable[[tuple[str, ...]], None] | None = None,
+                 on_change: Callable[[str, dict[str, Any], Any], object] | None = None
+                 ) -> None:
         self._db = db
         self.policy = policy or RegistrationPolicy(default_alg=default_alg)
+        #: told of every registration, change and removal inside its transaction (the root
+        #: appends it to the audit ledger): kind, the registration without secrets, session
+        self._on_change = on_change
         #: called with an ID token algorithm an agency uses, so the hub has a key for it
         self._on_signing_alg = on_signing_alg
 
@@ -277,6 +286,15 @@ class AgencyRegistry:
         if self._on_signing_alg is not None and meta.id_token_signed_response_alg:
             self._on_signing_alg((meta.id_token_signed_response_alg,))
 
+    def _changed(self, kind: str, row: Agency, s: Any) -> None:
+        if self._on_change is not None:
+            described = row.describe()
+            for volatile in ("created_at", "updated_at"):
+                described.pop(volatile, None)
+            # an agency's name is no personal data, but the ledger guards the member "name"
+            described["agency_name"] = described.pop("name", None)
+            self._on_change(kind, described, s)
+
     @staticmethod
     def _secret_for(meta: AgencyMetadata, secret: str | None) -> str | None:
         if meta.token_endpoint_auth_method not in SECRET_METHODS:
@@ -301,6 +319,7 @@ class AgencyRegistry:
                 raise AgencyRegistrationError(
                     "client_id", f"{meta.client_id!r} is already registered")
             s.add(row)
+            self._changed("agency.registered", row, s)
         return row, secret
 
     def add(self, *, client_id: str, name: str, redirect_uris: list[str],
@@ -340,6 +359,7 @@ class AgencyRegistry:
                 issued = secrets.token_urlsafe(32)
                 row.secret_hash = hash_secret(issued)
             self._apply(row, meta)
+            self._changed("agency.changed", row, s)
         self._signing_alg_used(meta)
         return row, issued
 
@@ -367,11 +387,18 @@ class AgencyRegistry:
                                   ) from exc
             with self._db.session() as s:
                 row = s.get(Agency, a.client_id)
+                before = None
                 if row is None:
                     row = Agency(client_id=a.client_id, source="config", created_at=utcnow())
                     s.add(row)
+                else:
+                    before = (row.secret_hash, _stable(row.describe()))
                 row.secret_hash = hash_secret(secret) if secret else ""
                 self._apply(row, meta)
+                if before is None:
+                    self._changed("agency.registered", row, s)
+                elif before != (row.secret_hash, _stable(row.describe())):
+                    self._changed("agency.changed", row, s)
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -397,5 +424,6 @@ class AgencyRegistry:
             row = s.get(Agency, client_id)
             if row is None:
                 return False
+            self._changed("agency.removed", row, s)
             s.delete(row)
             return True

@@ -259,3 +259,21 @@ def test_public_subject_type_refused_unless_allowed_then_shared(make_hub):
         r = client.get("/userinfo", headers={"Authorization": f"Bearer {body['access_token']}"})
         assert r.json["sub"] == subs[-1]
     assert subs[0] == subs[1] != subs[2]
+
+
+def test_registration_changes_are_ledger_entries(app, hub, client):
+    """Every registration, change and removal of an agency is an audit ledger entry."""
+    before = len(list(hub.ledger.entries(None, None, None)))
+    _, secret = hub.agencies.add(client_id="ledger-agency", name="Ledger Agency",
+                     redirect_uris=["https://ledger.agency.example/cb"])
+    from idp.agencies import AgencyMetadata
+
+    hub.agencies.replace(AgencyMetadata(
+        client_id="ledger-agency", name="Ledger Agency (renamed)",
+        redirect_uris=("https://ledger.agency.example/cb",), scopes=("openid",)))
+    hub.agencies.remove("ledger-agency")
+    entries = list(hub.ledger.entries(None, None, None))[before:]
+    assert [e.kind for e in entries] == ["agency.registered", "agency.changed",
+                                         "agency.removed"]
+    assert "renamed" in entries[1].entry
+    assert all(secret not in e.entry and "secret_hash" not in e.entry for e in entries)
