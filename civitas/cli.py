@@ -369,7 +369,31 @@ def _ledger(ctx: click.Context) -> Any:
     return _hub(ctx).ledger
 
 
-main.add_command(make_audit_cli(_ledger))
+audit_group = make_audit_cli(_ledger)
+main.add_command(audit_group)
+
+
+@audit_group.command("reconcile")
+@click.option("--from", "since", type=click.DateTime(), default=None)
+@click.option("--to", "until", type=click.DateTime(), default=None)
+@click.pass_context
+def audit_reconcile(ctx: click.Context, since: Any, until: Any) -> None:
+    """Check that consent events and decisions match ledger entries one to one."""
+    from datetime import UTC
+
+    from consent.reconcile import reconcile
+
+    hub = _hub(ctx)
+    report = reconcile(hub.db, hub.ledger, since and since.replace(tzinfo=UTC),
+                       until and until.replace(tzinfo=UTC))
+    click.echo(f"{report.records} record(s), {report.entries} ledger entr(y/ies)")
+    for item in report.missing_in_ledger:
+        click.echo(f"missing in ledger: {item}")
+    for item in report.unmatched_entries:
+        click.echo(f"ledger entry without its record: {item}")
+    if not report.ok:
+        raise SystemExit(1)
+    click.echo("one to one: ok")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -296,3 +296,25 @@ def test_citizen_sees_who_used_their_data(client):
     assert "to decide your benefit claim" in older
     other = client.application.test_client()
     assert other.get("/account/history").status_code == 302  # signed-out: to the login
+
+
+def test_records_and_ledger_match_one_to_one(client, app):
+    from sqlalchemy import delete
+
+    from consent.ledger.models import LedgerEntry
+    from consent.reconcile import reconcile
+
+    hub = app.extensions["civitas"]
+    auth = AuthRequest()
+    _, form = to_consent_page(client, auth)
+    r = answer(client, form, "allow")
+    body = redeem(client, auth, query(r.headers["Location"])["code"]).json
+    sub = jose_jwt.get_unverified_claims(body["id_token"])["sub"]
+    evaluate(client, sub, "email", "benefits")
+    report = reconcile(hub.db, hub.ledger, None, None)
+    assert report.ok and report.records == report.entries == 2
+    # an entry removed behind the hub's back is named
+    with hub.db.session() as s:
+        s.execute(delete(LedgerEntry).where(LedgerEntry.kind == "decision.query"))
+    report = reconcile(hub.db, hub.ledger, None, None)
+    assert not report.ok and report.missing_in_ledger[0].startswith("decision:")
