@@ -15,10 +15,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from flask import Blueprint, g, jsonify, redirect, render_template, request, session, url_for
+from markupsafe import Markup
 from werkzeug.wrappers import Response
 
 from broker.session import current_login
 
+from .charts import activity, svg_chart
 from .errors import ConsentError
 from .officers import (
     CSV_COLUMNS,
@@ -143,6 +145,21 @@ def create_officer_blueprint(
         if request.args.get("format") == "json":
             return jsonify(record)
         return render_template("officer/art30.html", record=record)
+
+    @bp.get("/activity")
+    def activity_page() -> str:
+        """Grants, withdrawals and decisions per agency per day (last 30 days)."""
+        charts = []
+        for client_id, name in agencies():
+            rows = activity(workspace.db, client_id)
+            charts.append({
+                "name": name, "client_id": client_id,
+                # svg_chart escapes the only text it is given (the title); the rest is numbers
+                "svg": Markup(svg_chart(rows, title=f"{name}: activity, last 30 days")),  # noqa: S704
+                "totals": {k: sum(getattr(r, k) for r in rows)
+                           for k in ("granted", "withdrawn", "decisions")},
+            })
+        return render_template("officer/activity.html", charts=charts)
 
     return bp
 

@@ -217,6 +217,10 @@ def csv_safe(value: Any) -> str:
 class OfficerWorkspace:
     """Searches and reports over the consent store, each citizen lookup ledgered."""
 
+    @property
+    def db(self) -> Database:
+        return self._db
+
     def __init__(self, db: Database, ledger: Ledger | None, *, pseudonym_key: bytes,
                  account_for_credential: Callable[[str, str], str | None]) -> None:
         self._db = db

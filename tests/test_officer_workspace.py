@@ -37,7 +37,8 @@ CONSENT = {
     ],
 }
 PAGES = ["/officer/", "/officer/decisions.csv", "/officer/decisions.json",
-         "/officer/agencies/agency-one/art30", "/officer/agencies/agency-one/art30?format=json"]
+         "/officer/agencies/agency-one/art30", "/officer/agencies/agency-one/art30?format=json",
+         "/officer/activity"]
 
 
 @pytest.fixture(scope="module")
@@ -349,3 +350,13 @@ def test_record_of_processing(world, officer):
     assert two["lawful_bases"] == ["public_task"] and two["retention"] == "until withdrawn"
     assert {c["claim"] for c in two["claims"]} == {"name", "given_name", "family_name", "email"}
     assert client.get("/officer/agencies/nope/art30").status_code == 404
+
+
+def test_activity_charts_per_agency(world, officer):
+    client, _ = officer
+    r = client.get("/officer/activity")
+    assert r.status_code == 200
+    body = r.get_data(as_text=True)
+    assert body.count("<svg") >= 2 and "Agency One" in body
+    assert re.search(r"[1-9][0-9]* decision quer", body)  # the decisions made above
+    assert "<script" not in body
