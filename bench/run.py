@@ -1,0 +1,608 @@
+"""Civitas load benchmarks against a running hub in production mode, with oidc-provider as
+the peer where an equivalent request exists.
+
+    .venv/bin/python bench/run.py [--workers 2] [--duration 10] [--scenarios 1,2,3,4,5,6]
+                                  [--connections 16] [--mint 3000]
+
+Starts (on 127.0.0.1, free ports, in a temporary directory) PostgreSQL, Redis, the upstream
+OP the citizen logs in with, the peer (npm oidc-provider, ES256 ID tokens, same grants) and the
+hub with ``civitas serve --workers N``; logs in once through the real upstream, mints codes and
+refresh tokens ahead over HTTP, runs every scenario with wrk (bench/wrk.lua) for at most
+``--duration`` seconds, prints one table and the RSS of every hub worker, and stops everything.
+Run bench/setup first (installs wrk). See bench/README.md for what is comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import html
+import json
+import os
+import queue
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import quote, urlencode, urljoin
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import requests  # noqa: E402
+import yaml  # noqa: E402
+from cryptography.fernet import Fernet  # noqa: E402
+
+from tests import servers  # noqa: E402
+from tests.flows import (  # noqa: E402
+    AGENCY_ONE,
+    AGENCY_TWO,
+    UPSTREAM_CLIENT_ID,
+    UPSTREAM_SECRET,
+    AuthRequest,
+    TestAgency,
+    pkce_pair,
+    query,
+    upstream_login,
+)
+
+WRK_LUA = ROOT / "bench" / "wrk.lua"
+PEER_MJS = ROOT / "bench" / "peer.mjs"
+#: a peer-only client with opaque access tokens: oidc-provider serves userinfo only for those
+OPAQUE = TestAgency("agency-opaque", "s3-" + "c" * 40, "https://opaque.agency.example/cb",
+                    "Opaque")
+
+
+@contextlib.contextmanager
+def run_peer(tmpdir: Path, clients: list[dict], opaque: list[str]):
+    """bench/peer.mjs (oidc-provider) on a free port; yields its issuer."""
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    log = tmpdir / "peer.log"
+    env = dict(os.environ, NODE_ENV="production", CLIENTS=json.dumps(clients),
+               OPAQUE_CLIENTS=json.dumps(opaque))
+    issuer: list[str] = []
+
+    def listening() -> bool:
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("LISTENING "):
+                issuer.append(line.split(" ", 1)[1].strip())
+                return True
+        return False
+
+    with servers._process([shutil.which("node") or "node", str(PEER_MJS)], log, env=env,
+                          cwd=ROOT / "bench") as proc:
+        servers._wait_until("peer", proc, log, listening, timeout=20)
+        yield issuer[0]
+SCOPES = ["openid", "profile", "email", "offline_access"]
+
+
+def basic(client_id: str, secret: str) -> str:
+    return "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()
+
+
+def follow(browser: requests.Session, url: str, stop_prefix: str, hops: int = 12) -> dict:
+    """GET url and follow redirects until one points at `stop_prefix`; its query."""
+    r = browser.get(url, allow_redirects=False, timeout=15)
+    for _ in range(hops):
+        if r.status_code not in (301, 302, 303, 307):
+            raise RuntimeError(f"{r.url}: {r.status_code} {r.text[:300]}")
+        location = urljoin(r.url, r.headers["Location"])
+        if location.startswith(stop_prefix):
+            return query(location)
+        r = browser.get(location, allow_redirects=False, timeout=15)
+    raise RuntimeError("too many redirects")
+
+
+# -- the hub ---------------------------------------------------------------------------------
+
+class Hub:
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.browser = requests.Session()
+
+    def login(self) -> None:
+        """A full brokered login over real HTTP (like a browser): leaves a hub session."""
+        auth = AuthRequest(AGENCY_ONE)
+        r = self.browser.get(self.base + auth.url(), timeout=15)
+        link = html.unescape(re.search(r'href="(/login/op/start\?flow=[^"]+)"', r.text).group(1))
+        r = self.browser.get(self.base + link, allow_redirects=False, timeout=15)
+        callback = upstream_login(r.headers["Location"], "alice")
+        r = self.browser.get(callback, allow_redirects=False, timeout=15)
+        follow_from = urljoin(r.url, r.headers["Location"])
+        params = follow(self.browser, follow_from, AGENCY_ONE.redirect_uri)
+        assert "code" in params, params
+
+    def code(self, agency=AGENCY_ONE, scope: str = "openid profile email") -> tuple[str, str]:
+        auth = AuthRequest(agency, scope=scope)
+        params = follow(self.browser, self.base + auth.url(), agency.redirect_uri)
+        return params["code"], auth.verifier
+
+    def exchange(self, code: str, verifier: str, agency=AGENCY_ONE) -> dict:
+        r = requests.post(self.base + "/token", timeout=15, headers={
+            "Authorization": basic(agency.client_id, agency.secret)}, data={
+            "grant_type": "authorization_code", "code": code,
+            "redirect_uri": agency.redirect_uri, "code_verifier": verifier})
+        r.raise_for_status()
+        return r.json()
+
+    def cookie(self) -> str:
+        return "; ".join(f"{c.name}={c.value}" for c in self.browser.cookies)
+
+
+# -- the peer (oidc-provider) ----------------------------------------------------------------
+
+class Peer:
+    def __init__(self, issuer: str) -> None:
+        self.base = issuer
+        self.browser = requests.Session()
+        self.meta = requests.get(issuer + "/.well-known/openid-configuration", timeout=10).json()
+
+    def path(self, key: str) -> str:
+        return self.meta[key][len(self.base):]
+
+    def auth_url(self, agency, scope: str, prompt: str | None = None) -> tuple[str, str]:
+        verifier, challenge = pkce_pair()
+        p = {"response_type": "code", "client_id": agency.client_id,
+             "redirect_uri": agency.redirect_uri, "scope": scope,
+             "state": secrets.token_urlsafe(8), "nonce": secrets.token_urlsafe(8),
+             "code_challenge": challenge, "code_challenge_method": "S256"}
+        if prompt:
+            p["prompt"] = prompt
+        return self.meta["authorization_endpoint"] + "?" + urlencode(p), verifier
+
+    def login(self) -> None:
+        """peer.mjs signs alice in at any interaction; then the second agency's grant, so
+        that later authorizations need no interaction."""
+        self.code(AGENCY_ONE)
+        self.code(AGENCY_TWO)
+
+    def code(self, agency=AGENCY_ONE, scope: str = "openid profile email") -> tuple[str, str]:
+        # oidc-provider keeps offline_access only with prompt=consent (Core 11.)
+        prompt = "consent" if "offline_access" in scope else None
+        url, verifier = self.auth_url(agency, scope, prompt)
+        return follow(self.browser, url, agency.redirect_uri)["code"], verifier
+
+    def exchange(self, code: str, verifier: str, agency=AGENCY_ONE) -> dict:
+        r = requests.post(self.meta["token_endpoint"], timeout=15, headers={
+            "Authorization": basic(agency.client_id, agency.secret)}, data={
+            "grant_type": "authorization_code", "code": code,
+            "redirect_uri": agency.redirect_uri, "code_verifier": verifier})
+        r.raise_for_status()
+        return r.json()
+
+    def cookie(self) -> str:
+        # only the session cookies (path /), not the per-interaction ones
+        return "; ".join(f"{c.name}={c.value}" for c in self.browser.cookies
+                         if c.path == "/" and c.name.startswith("_session"))
+
+
+# -- minting ahead and running wrk -----------------------------------------------------------
+
+def mint(fn, count: int, budget: float, pool: int = 16) -> list:
+    """Call fn() up to `count` times from `pool` threads within `budget` seconds."""
+    deadline = time.monotonic() + budget
+    out: list = []
+
+    def one(_: int):
+        if time.monotonic() > deadline:
+            return None
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - counted, the run goes on
+            return exc
+
+    with ThreadPoolExecutor(pool) as ex:
+        results = list(ex.map(one, range(count)))
+    errors = [r for r in results if isinstance(r, Exception)]
+    if errors:
+        print(f"  (minting: {len(errors)} failures, first: {errors[0]!r})", flush=True)
+    out = [r for r in results if r is not None and not isinstance(r, Exception)]
+    print(f"  minted {len(out)} in {time.monotonic() - deadline + budget:.1f}s", flush=True)
+    return out
+
+
+def write_lists(workdir: Path, name: str, bodies: list[str], threads: int) -> str:
+    prefix = workdir / name
+    for i in range(threads):
+        (Path(f"{prefix}.{i}")).write_text("\n".join(bodies[i::threads]) + "\n")
+    return str(prefix)
+
+
+class Runner:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+
+    hub_base = ""
+    hub_pid = 0
+
+    def wrk(self, base: str, env: dict[str, str], duration: float | None = None) -> dict:
+        duration = duration or self.args.duration
+        cpu0 = hub_cpu_seconds(self.hub_pid) if base == self.hub_base else None
+        cmd = ["wrk", "-t", str(self.args.threads), "-c", str(self.args.connections),
+               "-d", f"{max(1, int(duration))}s", "--timeout", "5s", "-s", str(WRK_LUA), base]
+        proc = subprocess.run(cmd, env=dict(os.environ, **env), capture_output=True, text=True,
+                              timeout=duration + 60)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH ")), None)
+        if line is None:
+            raise RuntimeError(f"wrk failed: {proc.stdout[-800:]} {proc.stderr[-800:]}")
+        r = json.loads(line[6:])
+        err = next((x for x in proc.stdout.splitlines() if x.startswith("FIRST_ERROR ")), None)
+        if err:
+            r["first_error"] = err[12:]
+            print(f"  first error response: {err[12:]}", flush=True)
+        if r.get("exhausted_after_us"):  # every thread used up its list before the end
+            r["duration_us"] = min(r["duration_us"], r["exhausted_after_us"])
+        if cpu0 is not None:
+            r["hub_cpu_s"] = hub_cpu_seconds(self.hub_pid) - cpu0
+            r["hub_cores_busy"] = r["hub_cpu_s"] / max(r["duration_us"] / 1e6, 1e-9)
+        secs = r["duration_us"] / 1e6
+        r["rps"] = r["requests"] / secs if secs else 0.0
+        r["good_rps"] = r["good"] / secs if secs else 0.0
+        return r
+
+
+def fmt_row(name: str, r: dict | None, peer: dict | None, workers: int, unit: float = 1,
+            note: str = "") -> str:
+    if r is None:
+        return (f"{name:<44} {'-':>8} {'-':>9} {'-':>7} {'-':>7} {'-':>9} {'-':>6} {'-':>8} "
+                f"{'-':>6}  {note}")
+    rps = r["good_rps"] * unit
+    peer_rps = peer["good_rps"] * unit if peer else None
+    ratio = f"{rps / peer_rps:.2f}" if peer_rps else "-"
+    per_core = f"{(rps / workers) / peer_rps:.2f}" if peer_rps else "-"
+    extra = f" ({r['non2xx']} errors)" if r["non2xx"] else ""
+    if r.get("exhausted_after_us"):
+        extra += f" [list used up after {r['exhausted_after_us'] / 1e6:.1f}s]"
+    if peer and peer.get("exhausted_after_us"):
+        extra += f" [peer list used up after {peer['exhausted_after_us'] / 1e6:.1f}s]"
+    cores = f"{r['hub_cores_busy']:.2f}" if "hub_cores_busy" in r else "-"
+    return (f"{name:<44} {r['requests']:>8} {rps:>9.0f} {r['p50_us'] / 1000:>7.2f} "
+            f"{r['p99_us'] / 1000:>7.2f} {(f'{peer_rps:.0f}' if peer_rps else '-'):>9} "
+            f"{ratio:>6} {per_core:>8} {cores:>6}  {note}{extra}")
+
+
+def rss_of_children(pid: int) -> list[tuple[int, float]]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid != pid:
+                continue
+            rss = next(int(x.split()[1]) for x in (d / "status").read_text().splitlines()
+                       if x.startswith("VmRSS:"))
+            out.append((int(d.name), rss / 1024))
+        except (OSError, StopIteration, ValueError, IndexError):
+            continue
+    return sorted(out)
+
+
+def hub_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of the gunicorn master and its workers so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(d.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def rss_of(pid: int) -> float:
+    for x in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if x.startswith("VmRSS:"):
+            return int(x.split()[1]) / 1024
+    return 0.0
+
+
+# -- main ------------------------------------------------------------------------------------
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--hub-threads", type=int, default=8, help="threads per hub worker")
+    ap.add_argument("--duration", type=float, default=10, help="seconds per scenario (max)")
+    ap.add_argument("--scenarios", default="1,2,3,4,5,6")
+    ap.add_argument("--threads", type=int, default=2, help="wrk threads")
+    ap.add_argument("--connections", type=int, default=16, help="wrk connections")
+    ap.add_argument("--mint", type=int, default=20000,
+                    help="codes / refresh tokens minted ahead per single-use scenario")
+    ap.add_argument("--mint-budget", type=float, default=None,
+                    help="seconds allowed for minting one list")
+    ap.add_argument("--consent-agencies", type=int, default=60,
+                    help="agencies the decision load is spread over (600 requests/min each)")
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = ap.parse_args()
+    if args.mint_budget is None:
+        args.mint_budget = min(40.0, 2.5 * args.duration)
+    wanted = {s.strip() for s in args.scenarios.split(",") if s.strip()}
+    if not shutil.which("wrk"):
+        print("wrk is not installed: run bench/setup", file=sys.stderr)
+        return 2
+
+    workdir = Path(tempfile.mkdtemp(prefix="civitas-bench-"))
+    runner = Runner(args, workdir)
+    hub_port = servers.free_port()
+    base = f"http://127.0.0.1:{hub_port}"
+    agencies = [AGENCY_ONE, AGENCY_TWO]
+    # The decision API allows each agency 600 requests a minute (consent/__init__.py, not a
+    # setting): the decision load is spread over this many agencies, as many agencies would.
+    deciders = [TestAgency(f"bench-{i:03d}", secrets.token_urlsafe(24),
+                           f"https://bench-{i:03d}.agency.example/cb", f"Bench agency {i}")
+                for i in range(args.consent_agencies if "6" in wanted else 0)]
+    with contextlib.ExitStack() as stack:
+        print("starting PostgreSQL, Redis, upstream OP, peer ...", flush=True)
+        pg = stack.enter_context(servers.run_postgres(workdir / "pg"))
+        redis = stack.enter_context(servers.run_redis(workdir / "redis"))
+        os.environ.setdefault("NODE_ENV", "production")
+        upstream = stack.enter_context(servers.run_upstream_op(workdir / "op", [{
+            "client_id": UPSTREAM_CLIENT_ID, "client_secret": UPSTREAM_SECRET,
+            "redirect_uris": [f"{base}/login/op/callback"]}]))
+        peer_issuer = None
+        if not args.no_peer:
+            peer_issuer = stack.enter_context(run_peer(workdir / "peer", [{
+                "client_id": a.client_id, "client_secret": a.secret,
+                "redirect_uris": [a.redirect_uri]} for a in agencies + [OPAQUE]],
+                [OPAQUE.client_id]))
+        config = {
+            "issuer": base, "database_url": pg, "redis_url": redis,
+            "encryption_key": Fernet.generate_key().decode(),
+            "pairwise_secret": secrets.token_urlsafe(32),
+            "upstreams": [{"kind": "oidc", "id": "op", "display_name": "Example ID",
+                           "issuer": upstream, "client_id": UPSTREAM_CLIENT_ID,
+                           "client_secret": UPSTREAM_SECRET, "acr": "urn:civitas:acr:ial1:aal1"}],
+            "agencies": [a.config(scopes=SCOPES) for a in agencies + deciders],
+        }
+        cfg_path = workdir / "civitas.yaml"
+        cfg_path.write_text(yaml.safe_dump(config))
+        cfg_path.chmod(0o600)
+        log = (workdir / "hub.log").open("wb")
+        print(f"starting the hub: civitas serve --workers {args.workers} "
+              f"--threads {args.hub_threads} on {base}", flush=True)
+        hub_proc = subprocess.Popen(
+            [sys.executable, "-m", "civitas.cli", "--config", str(cfg_path), "serve",
+             "--workers", str(args.workers), "--threads", str(args.hub_threads),
+             "--port", str(hub_port)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            start_new_session=True)
+        stack.callback(log.close)
+        stack.callback(servers._stop, hub_proc)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(base + "/readyz", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if hub_proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("hub did not start:\n"
+                                   + (workdir / "hub.log").read_text()[-3000:])
+            time.sleep(0.2)
+
+        runner.hub_base, runner.hub_pid = base, hub_proc.pid
+        hub = Hub(base)
+        hub.login()
+        hub.code(AGENCY_TWO)  # first use by agency two: its notice is recorded once
+        peer = Peer(peer_issuer) if peer_issuer else None
+        if peer:
+            peer.login()
+        # Concurrent interactions (prompt=consent) on one oidc-provider session spoil it, so
+        # the peer's lists are minted through 16 sessions, each used by one thread at a time.
+        peer_sessions: queue.Queue = queue.Queue()
+        if peer:
+            peer_sessions.put(peer)
+            for _ in range(15):
+                extra = Peer(peer_issuer)
+                extra.login()
+                peer_sessions.put(extra)
+
+        @contextlib.contextmanager
+        def borrowed(side):
+            if side is hub:
+                yield hub
+                return
+            s = peer_sessions.get()
+            try:
+                yield s
+            finally:
+                peer_sessions.put(s)
+
+        print("logged in at the hub" + (" and at the peer" if peer else ""), flush=True)
+
+        rows: list[str] = []
+        results: dict = {}
+        auth_one = basic(AGENCY_ONE.client_id, AGENCY_ONE.secret)
+        auth_two = basic(AGENCY_TWO.client_id, AGENCY_TWO.secret)
+        form = "application/x-www-form-urlencoded"
+
+        def list_run(target, name, bodies, path, auth):
+            prefix = write_lists(workdir, f"{name}-{target}", bodies, args.threads)
+            return runner.wrk(target_base[target], {
+                "BENCH_MODE": "list", "BENCH_METHOD": "POST", "BENCH_PATH": path,
+                "BENCH_CTYPE": form, "BENCH_AUTH": auth, "BENCH_LIST": prefix})
+
+        target_base = {"hub": base, "peer": peer_issuer}
+        peer_token = peer.path("token_endpoint") if peer else ""
+
+        # 5 (and 1): refresh_token grant with rotation
+        if wanted & {"1", "5"}:
+            def refresh_list(side):
+                def one():
+                    with borrowed(side) as s:
+                        code, verifier = s.code(AGENCY_ONE, " ".join(SCOPES))
+                    rt = side.exchange(code, verifier)["refresh_token"]
+                    return "grant_type=refresh_token&refresh_token=" + quote(rt, safe="")
+                return mint(one, args.mint, args.mint_budget)
+            print("scenario 5: minting refresh tokens ...", flush=True)
+            bodies = refresh_list(hub)
+            results["5"] = list_run("hub", "refresh", bodies, "/token", auth_one)
+            if peer:
+                bodies = refresh_list(peer)
+                results["5p"] = list_run("peer", "refresh", bodies, peer_token, auth_one)
+            row5 = ("token endpoint, refresh_token grant (rotation)", results["5"],
+                    results.get("5p"))
+            if "1" in wanted:
+                rows.append(fmt_row("1 token endpoint, client_credentials", None, None,
+                                    args.workers, note="Civitas has no client_credentials "
+                                    "grant: substituted by refresh_token rotation, row 5"))
+                rows.append(fmt_row("1*" + row5[0], row5[1], row5[2], args.workers,
+                                    note="(substitute, same run as 5)"))
+
+        # 2: authorization-code exchange with PKCE, codes minted ahead (they live 60 s)
+        if "2" in wanted:
+            def code_list(side):
+                def one():
+                    with borrowed(side) as s:
+                        code, verifier = s.code(AGENCY_ONE)
+                    return (f"grant_type=authorization_code&code={quote(code, safe='')}"
+                            f"&redirect_uri={quote(AGENCY_ONE.redirect_uri, safe='')}"
+                            f"&code_verifier={verifier}")
+                return mint(one, args.mint, min(args.mint_budget, 40))
+            print("scenario 2: minting codes ...", flush=True)
+            results["2"] = list_run("hub", "code", code_list(hub), "/token", auth_one)
+            if peer:
+                results["2p"] = list_run("peer", "code", code_list(peer), peer_token, auth_one)
+            rows.append(fmt_row("2 token endpoint, code exchange + PKCE", results["2"],
+                                results.get("2p"), args.workers))
+
+        # 3: SSO login of a second agency with a hub session: authorize + token
+        if "3" in wanted:
+            print("scenario 3: SSO of a second agency ...", flush=True)
+            verifier, challenge = pkce_pair()
+
+            def sso_env(side, authz_path, token_path):
+                q = urlencode({"response_type": "code", "client_id": AGENCY_TWO.client_id,
+                               "redirect_uri": AGENCY_TWO.redirect_uri,
+                               "scope": "openid profile email", "code_challenge": challenge,
+                               "code_challenge_method": "S256"})
+                return {"BENCH_MODE": "sso", "BENCH_COOKIE": side.cookie(),
+                        "BENCH_AUTHZ": f"{authz_path}?{q}&state=s{{N}}&nonce=n{{N}}",
+                        "BENCH_TOKEN": token_path, "BENCH_TOKEN_AUTH": auth_two,
+                        "BENCH_TOKEN_BODY": (
+                            "grant_type=authorization_code&code={CODE}&redirect_uri="
+                            f"{quote(AGENCY_TWO.redirect_uri, safe='')}&code_verifier={verifier}")}
+            results["3"] = runner.wrk(base, sso_env(hub, "/authorize", "/token"))
+            if peer:
+                results["3p"] = runner.wrk(peer_issuer, sso_env(
+                    peer, peer.path("authorization_endpoint"), peer_token))
+            rows.append(fmt_row("3 SSO 2nd agency: logins/s (authorize+token)",
+                                results["3"], results.get("3p"), args.workers,
+                                note="latency per request"))
+
+        # 4: userinfo and introspection
+        if "4" in wanted:
+            print("scenario 4: userinfo, introspection ...", flush=True)
+            at = hub.exchange(*hub.code(AGENCY_ONE))["access_token"]
+            results["4u"] = runner.wrk(base, {"BENCH_MODE": "static", "BENCH_PATH": "/userinfo",
+                                              "BENCH_AUTH": f"Bearer {at}"})
+            results["4i"] = runner.wrk(base, {
+                "BENCH_MODE": "static", "BENCH_METHOD": "POST", "BENCH_PATH": "/introspect",
+                "BENCH_CTYPE": form, "BENCH_AUTH": auth_one,
+                "BENCH_BODY": "token=" + quote(at, safe="")})
+            if peer:
+                pat = peer.exchange(*peer.code(OPAQUE), agency=OPAQUE)["access_token"]
+                results["4up"] = runner.wrk(peer_issuer, {
+                    "BENCH_MODE": "static", "BENCH_PATH": peer.path("userinfo_endpoint"),
+                    "BENCH_AUTH": f"Bearer {pat}"})
+                results["4ip"] = runner.wrk(peer_issuer, {
+                    "BENCH_MODE": "static", "BENCH_METHOD": "POST",
+                    "BENCH_PATH": peer.path("introspection_endpoint"), "BENCH_CTYPE": form,
+                    "BENCH_AUTH": basic(OPAQUE.client_id, OPAQUE.secret),
+                    "BENCH_BODY": "token=" + quote(pat, safe="")})
+            rows.append(fmt_row("4a userinfo", results["4u"], results.get("4up"), args.workers,
+                                note="peer: opaque access token"))
+            rows.append(fmt_row("4b introspection", results["4i"], results.get("4ip"),
+                                args.workers, note="peer: opaque access token"))
+
+        if {"1", "5"} & wanted and "5" in wanted:
+            rows.append(fmt_row("5 token endpoint, refresh_token grant", results["5"],
+                                results.get("5p"), args.workers))
+
+        # 6: consent decision API, single and batch
+        if "6" in wanted:
+            print(f"scenario 6: consent decisions (spread over {len(deciders)} agencies) ...",
+                  flush=True)
+
+            def subject_of(agency):
+                tokens = hub.exchange(*hub.code(agency), agency=agency)
+                return agency, requests.get(base + "/userinfo", timeout=10, headers={
+                    "Authorization": f"Bearer {tokens['access_token']}"}).json()["sub"]
+
+            with ThreadPoolExecutor(8) as ex:
+                subjects = list(ex.map(subject_of, deciders))
+            claims = ["name", "given_name", "family_name", "email"]
+            singles, batches = [], []
+            for agency, sub in subjects:
+                auth = basic(agency.client_id, agency.secret)
+                one = {"subject": {"type": "user", "id": sub}, "action": {"name": "use"},
+                       "resource": {"type": "claim", "id": "email"},
+                       "context": {"purpose": "service-delivery"}}
+                batch = {"subject": one["subject"], "action": one["action"],
+                         "context": one["context"],
+                         "evaluations": [{"resource": {"type": "claim", "id": c}}
+                                         for c in claims * 5]}
+                singles.append(f"{auth}\t{json.dumps(one)}")
+                batches.append(f"{auth}\t{json.dumps(batch)}")
+            agency, _ = subjects[0]
+            for path, line in (("/access/v1/evaluation", singles[0]),
+                               ("/access/v1/evaluations", batches[0])):
+                auth, body = line.split("\t", 1)
+                check = requests.post(base + path, data=body, timeout=10, headers={
+                    "Authorization": auth, "Content-Type": "application/json"})
+                print(f"  {path}: {check.status_code} {check.text[:90]}")
+            env = {"BENCH_MODE": "cycle", "BENCH_METHOD": "POST",
+                   "BENCH_CTYPE": "application/json"}
+            results["6s"] = runner.wrk(base, dict(env, BENCH_PATH="/access/v1/evaluation",
+                                                  BENCH_LIST=write_lists(
+                                                      workdir, "single", singles, args.threads)))
+            results["6b"] = runner.wrk(base, dict(env, BENCH_PATH="/access/v1/evaluations",
+                                                  BENCH_LIST=write_lists(
+                                                      workdir, "batch", batches, args.threads)))
+            rows.append(fmt_row("6a consent decision, single", results["6s"], None,
+                                args.workers, note="no peer"))
+            rows.append(fmt_row("6b consent decisions, batch of 20: requests", results["6b"],
+                                None, args.workers))
+            rows.append(fmt_row("6b   same, as decisions/s", results["6b"], None, args.workers,
+                                unit=20, note="req/s x 20"))
+
+        workers_rss = rss_of_children(hub_proc.pid)
+        print()
+        print(f"Civitas hub: {args.workers} workers x {args.hub_threads} threads (gunicorn), "
+              f"PostgreSQL + Redis; wrk -t{args.threads} -c{args.connections}, "
+              f"{args.duration:g}s per scenario; peer: oidc-provider (1 node process), ES256")
+        print(f"{'scenario':<44} {'requests':>8} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+              f"{'peer r/s':>9} {'ratio':>6} {'per-core':>8} {'hubCPU':>6}")
+        for row in rows:
+            print(row)
+        print("(req/s counts successful responses only; 'per-core' = (hub req/s / workers) / "
+              "peer req/s, the peer being one single-threaded node process; hubCPU = cores "
+              "the hub's processes kept busy, from /proc)")
+        print()
+        print(f"hub master pid {hub_proc.pid}: RSS {rss_of(hub_proc.pid):.1f} MB")
+        for pid, mb in workers_rss:
+            print(f"hub worker pid {pid}: RSS {mb:.1f} MB"
+                  + ("" if mb < 120 else "  (over the 120 MB target)"))
+        (workdir / "results.json").write_text(json.dumps(results, indent=1))
+    if args.keep:
+        print(f"kept {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+-- One wrk script for every scenario of bench/run.py, driven by environment variables:
+--   BENCH_MODE     static | list | sso
+--   BENCH_METHOD   GET or POST (static, list)
+--   BENCH_PATH     request path (static, list)
+--   BENCH_BODY     request body (static)
+--   BENCH_CTYPE    Content-Type of the body
+--   BENCH_AUTH     value of the Authorization header (optional)
+--   BENCH_COOKIE   value of the Cookie header (sso)
+--   BENCH_LIST     (list) file prefix: thread i reads "<prefix>.<i>", one body per line;
+--                  every line is used once (codes and refresh tokens are single use) and
+--                  the thread stops when its lines run out
+--   (cycle) like list, but lines are "Authorization<TAB>body" used round robin
+--   BENCH_AUTHZ    (sso) the authorization path with query, "{N}" replaced by a unique value
+--   BENCH_TOKEN    (sso) token path; BENCH_TOKEN_BODY with "{CODE}" replaced by the code
+-- done() prints one line "BENCH {json}" that run.py reads.
+local counter = 0
+local threads = {}
+
+function setup(thread)
+  thread:set("tid", counter)
+  table.insert(threads, thread)
+  counter = counter + 1
+end
+
+local mode = os.getenv("BENCH_MODE") or "static"
+local method = os.getenv("BENCH_METHOD") or "GET"
+local path = os.getenv("BENCH_PATH") or "/"
+local headers = {}
+if os.getenv("BENCH_CTYPE") then headers["Content-Type"] = os.getenv("BENCH_CTYPE") end
+if os.getenv("BENCH_AUTH") then headers["Authorization"] = os.getenv("BENCH_AUTH") end
+if os.getenv("BENCH_COOKIE") then headers["Cookie"] = os.getenv("BENCH_COOKIE") end
+
+local lines, pos = {}, 0
+start_ns, end_ns = 0, 0
+
+local function now_ns()  -- wall clock; wrk's Lua has none, so ask date(1) (twice per thread)
+  local f = io.popen("date +%s%N")
+  local v = tonumber(f:read("*l"))
+  f:close()
+  return v
+end
+local codes, serial = {}, 0
+ok, logins = 0, 0
+
+function init(args)
+  if mode == "list" or mode == "cycle" then
+    local f = io.open(os.getenv("BENCH_LIST") .. "." .. tid, "r")
+    if f then
+      for line in f:lines() do table.insert(lines, line) end
+      f:close()
+    end
+  end
+  math.randomseed(os.time() + tid * 7919)
+  start_ns = now_ns()
+end
+
+local static_req = nil
+
+function request()
+  if mode == "static" then
+    if not static_req then
+      static_req = wrk.format(method, path, headers, os.getenv("BENCH_BODY"))
+    end
+    return static_req
+  elseif mode == "list" then
+    pos = pos + 1
+    if pos > #lines then
+      if end_ns == 0 then end_ns = now_ns() end
+      wrk.thread:stop()
+      pos = #lines
+      return wrk.format(method, path, headers, lines[#lines] or "")
+    end
+    return wrk.format(method, path, headers, lines[pos])
+  elseif mode == "cycle" then  -- lines "Authorization<TAB>body", used round robin
+    pos = pos % #lines + 1
+    local auth, body = string.match(lines[pos], "^([^\t]*)\t(.*)$")
+    local h = {["Content-Type"] = headers["Content-Type"], ["Authorization"] = auth}
+    return wrk.format(method, path, h, body)
+  else -- sso: exchange a code we got back, else ask for a new one
+    if #codes > 0 then
+      local code = table.remove(codes)
+      local body = string.gsub(os.getenv("BENCH_TOKEN_BODY"), "{CODE}", code)
+      local h = {["Content-Type"] = "application/x-www-form-urlencoded",
+                 ["Authorization"] = os.getenv("BENCH_TOKEN_AUTH")}
+      return wrk.format("POST", os.getenv("BENCH_TOKEN"), h, body)
+    end
+    serial = serial + 1
+    local n = string.format("%d-%d-%d", tid, serial, math.random(1, 1000000000))
+    local p = string.gsub(os.getenv("BENCH_AUTHZ"), "{N}", n)
+    return wrk.format("GET", p, {["Cookie"] = os.getenv("BENCH_COOKIE")}, nil)
+  end
+end
+
+if mode == "sso" then
+  function response(status, hdrs, body)
+    local location = hdrs["Location"] or hdrs["location"]
+    if location then
+      local code = string.match(location, "[?&]code=([^&]+)")
+      if code then table.insert(codes, code) end
+    elseif status == 200 then
+      logins = logins + 1
+    end
+  end
+else
+  function response(status, hdrs, body)
+    if status < 300 then ok = ok + 1
+    elseif first_error == nil then first_error = status .. " " .. string.sub(body or "", 1, 160) end
+  end
+end
+
+function done(summary, latency, requests)
+  for _, t in ipairs(threads) do
+    local e = t:get("first_error")
+    if e then io.write("FIRST_ERROR " .. e .. "\n") break end
+  end
+  local good, completed = 0, 0
+  local first, last, all_ended = nil, 0, true
+  for _, t in ipairs(threads) do
+    local s, e = t:get("start_ns") or 0, t:get("end_ns") or 0
+    if first == nil or s < first then first = s end
+    if e == 0 then all_ended = false elseif e > last then last = e end
+    if mode == "sso" then good = good + (t:get("logins") or 0)
+    else good = good + (t:get("ok") or 0) end
+  end
+  io.write(string.format(
+    'BENCH {"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, ' ..
+    '"mean_us": %.1f, "non2xx": %d, "socket_errors": %d, "good": %d, ' ..
+    '"exhausted_after_us": %d}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    latency.mean, summary.errors.status,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    good, (all_ended and mode == "list") and math.floor((last - first) / 1000) or 0))
+end
