@@ -84,6 +84,16 @@ def hub_config(upstream_issuer: str, database_url: str, **overrides: Any) -> dic
     return config
 
 
+LOW_ACR, HIGH_ACR = "urn:civitas:acr:ial1:aal1", "urn:civitas:acr:ial2:aal2"
+
+
+def bank_id_upstream(upstream_issuer: str) -> dict[str, Any]:
+    """A second upstream ('op-es', "Bank ID", high assurance) at the same real OP: to the hub
+    a different credential, as a state ID and a bank ID would be."""
+    return {"kind": "oidc", "id": "op-es", "display_name": "Bank ID", "issuer": upstream_issuer,
+            "client_id": UPSTREAM_CLIENT_ID, "client_secret": UPSTREAM_SECRET, "acr": HIGH_ACR}
+
+
 @pytest.fixture
 def config(upstream_issuer: str, tmp_path: Any) -> dict[str, Any]:
     return hub_config(upstream_issuer, f"sqlite:///{tmp_path}/civitas.db")

@@ -8,10 +8,8 @@ import re
 import pytest
 from jose import jwt as jose_jwt
 
-from tests.conftest import HUB_ISSUER, hub_config
+from tests.conftest import HIGH_ACR, HUB_ISSUER, LOW_ACR, bank_id_upstream, hub_config
 from tests.flows import (
-    UPSTREAM_CLIENT_ID,
-    UPSTREAM_SECRET,
     AuthRequest,
     finish_login,
     full_login,
@@ -21,7 +19,7 @@ from tests.flows import (
     upstream_login,
 )
 
-LOW, HIGH = "urn:civitas:acr:ial1:aal1", "urn:civitas:acr:ial2:aal2"
+LOW, HIGH = LOW_ACR, HIGH_ACR
 
 
 @pytest.fixture
@@ -29,10 +27,7 @@ def app(upstream_issuer, tmp_path):
     from civitas.app import create_app
 
     cfg = hub_config(upstream_issuer, f"sqlite:///{tmp_path}/acr.db")
-    cfg["upstreams"].append({
-        "kind": "oidc", "id": "op-es", "display_name": "Bank ID", "issuer": upstream_issuer,
-        "client_id": UPSTREAM_CLIENT_ID, "client_secret": UPSTREAM_SECRET, "acr": HIGH,
-    })
+    cfg["upstreams"].append(bank_id_upstream(upstream_issuer))
     app = create_app(cfg)
     yield app
     app.extensions["civitas"].db.dispose()

@@ -12,10 +12,8 @@ from sqlalchemy import func, select
 
 from broker.models import AccountAttribute, ConstituentAccount, LinkedIdentity
 from connectors import UpstreamIdentity
-from tests.conftest import hub_config
+from tests.conftest import HIGH_ACR, LOW_ACR, bank_id_upstream, hub_config
 from tests.flows import (
-    UPSTREAM_CLIENT_ID,
-    UPSTREAM_SECRET,
     AuthRequest,
     full_login,
     path_of,
@@ -24,7 +22,7 @@ from tests.flows import (
     upstream_login,
 )
 
-LOW, HIGH = "urn:civitas:acr:ial1:aal1", "urn:civitas:acr:ial2:aal2"
+LOW, HIGH = LOW_ACR, HIGH_ACR
 
 
 @pytest.fixture
@@ -32,10 +30,7 @@ def app(upstream_issuer, tmp_path):
     from civitas.app import create_app
 
     cfg = hub_config(upstream_issuer, f"sqlite:///{tmp_path}/link.db")
-    cfg["upstreams"].append({
-        "kind": "oidc", "id": "op-es", "display_name": "Bank ID", "issuer": upstream_issuer,
-        "client_id": UPSTREAM_CLIENT_ID, "client_secret": UPSTREAM_SECRET, "acr": HIGH,
-    })
+    cfg["upstreams"].append(bank_id_upstream(upstream_issuer))
     cfg["attribute_source_ranking"] = ["op-es", "op"]
     app = create_app(cfg)
     yield app
