@@ -12,6 +12,7 @@ import hmac
 import json
 import re
 import secrets
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -168,6 +169,10 @@ def default_sector(redirect_uris: Iterable[str]) -> str:
     return hosts.pop()
 
 
+#: how long another process's change to an agency may take to be seen here
+CLIENT_CACHE_SECONDS = 5.0
+
+
 def _stable(described: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in described.items() if k not in ("created_at", "updated_at")}
 
@@ -183,6 +188,10 @@ class AgencyRegistry:
         #: told of every registration, change and removal inside its transaction (the root
         #: appends it to the audit ledger): kind, the registration without secrets, session
         self._on_change = on_change
+        #: client_id -> (read at, client): every token and decision request authenticates
+        #: an agency, so lookups are cached briefly; changes made here clear the entry at
+        #: once, changes made by another process are seen within CLIENT_CACHE_SECONDS
+        self._clients: dict[str, tuple[float, AgencyClient | None]] = {}
         #: called with an ID token algorithm an agency uses, so the hub has a key for it
         self._on_signing_alg = on_signing_alg
 
@@ -287,6 +296,7 @@ class AgencyRegistry:
             self._on_signing_alg((meta.id_token_signed_response_alg,))
 
     def _changed(self, kind: str, row: Agency, s: Any) -> None:
+        self._clients.pop(row.client_id, None)
         if self._on_change is not None:
             described = row.describe()
             for volatile in ("created_at", "updated_at"):
@@ -360,6 +370,7 @@ class AgencyRegistry:
                 row.secret_hash = hash_secret(issued)
             self._apply(row, meta)
             self._changed("agency.changed", row, s)
+        self._clients.pop(meta.client_id, None)  # again after commit: no stale re-read
         self._signing_alg_used(meta)
         return row, issued
 
@@ -407,8 +418,16 @@ class AgencyRegistry:
             return s.get(Agency, client_id)
 
     def client(self, client_id: str) -> AgencyClient | None:
+        now = time.monotonic()
+        cached = self._clients.get(client_id)
+        if cached is not None and now - cached[0] < CLIENT_CACHE_SECONDS:
+            return cached[1]
         row = self.get(client_id)
-        return AgencyClient.from_row(row) if row is not None else None
+        found = AgencyClient.from_row(row) if row is not None else None
+        if len(self._clients) > 10_000:
+            self._clients.clear()
+        self._clients[client_id] = (now, found)
+        return found
 
     def list(self) -> list[Agency]:
         with self._db.session() as s:
@@ -426,4 +445,5 @@ class AgencyRegistry:
                 return False
             self._changed("agency.removed", row, s)
             s.delete(row)
-            return True
+        self._clients.pop(client_id, None)  # again after commit: no stale re-read
+        return True
