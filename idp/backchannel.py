@@ -25,7 +25,7 @@ import json
 import logging
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -170,41 +170,39 @@ class LogoutDispatcher:
 
     def enqueue(self, notices: Sequence[LogoutNotice], now: datetime | None = None) -> int:
         """Sign a logout token for each notice and queue it, due now. Returns how many."""
-        now = now or utcnow()
-        rows = []
-        for n in notices:
-            try:
-                key = self._keys.signing_key(n.alg)
-            except LookupError:
-                log.error("no %s signing key: agency %s is not sent a logout token", n.alg,
-                          n.client_id)
-                continue
-            token = mint_logout_token(key, issuer=self._issuer, client_id=n.client_id,
-                                      sub=n.sub, sid=n.sid, now=int(now.timestamp()))
-            rows.append(LogoutDelivery(kind=LOGOUT_KIND, client_id=n.client_id,
-                                       logout_uri=n.logout_uri, token=token, attempts=0,
-                                       next_attempt_at=now, created_at=now))
-        return self._queue(rows)
+        return self._sign_and_queue(
+            LOGOUT_KIND, "a logout token", notices, now,
+            lambda key, n, at: (n.logout_uri, mint_logout_token(
+                key, issuer=self._issuer, client_id=n.client_id, sub=n.sub, sid=n.sid,
+                now=at)))
 
     def enqueue_events(self, notices: Sequence[SecurityEventNotice],
                        now: datetime | None = None) -> int:
         """Sign a Security Event Token for each notice and queue it, due now."""
+        return self._sign_and_queue(
+            SET_KIND, "a security event", notices, now,
+            lambda key, n, at: (n.event_uri, mint_security_event(
+                key, issuer=self._issuer, client_id=n.client_id, sub=n.sub,
+                withdrawn=sorted(n.withdrawn), complete=n.complete, event_time=n.event_time,
+                now=at)))
+
+    def _sign_and_queue(self, kind: str, what: str, notices: Sequence[Any],
+                        now: datetime | None,
+                        mint: Callable[[ActiveKey, Any, int], tuple[str, str]]) -> int:
+        """One row per notice: signed with the agency's algorithm's current key, due now."""
         now = now or utcnow()
         rows = []
         for n in notices:
             try:
                 key = self._keys.signing_key(n.alg)
             except LookupError:
-                log.error("no %s signing key: agency %s is not sent a security event", n.alg,
-                          n.client_id)
+                log.error("no %s signing key: agency %s is not sent %s", n.alg, n.client_id,
+                          what)
                 continue
-            token = mint_security_event(key, issuer=self._issuer, client_id=n.client_id,
-                                        sub=n.sub, withdrawn=sorted(n.withdrawn),
-                                        complete=n.complete, event_time=n.event_time,
-                                        now=int(now.timestamp()))
-            rows.append(LogoutDelivery(kind=SET_KIND, client_id=n.client_id,
-                                       logout_uri=n.event_uri, token=token, attempts=0,
-                                       next_attempt_at=now, created_at=now))
+            uri, token = mint(key, n, int(now.timestamp()))
+            rows.append(LogoutDelivery(kind=kind, client_id=n.client_id, logout_uri=uri,
+                                       token=token, attempts=0, next_attempt_at=now,
+                                       created_at=now))
         return self._queue(rows)
 
     def _queue(self, rows: list[LogoutDelivery]) -> int:

@@ -52,6 +52,24 @@ def free_port() -> int:
         return port
 
 
+def _give_to(user: str) -> Callable[[Path], None]:
+    """When running as root: a function that hands a path to the service's OS user (the
+    service drops to that user and must own its files)."""
+    try:
+        owner = pwd.getpwnam(user)
+    except KeyError:
+        raise RuntimeError(f"running as root but there is no `{user}` OS user") from None
+
+    def give(path: Path) -> None:
+        os.chown(path, owner.pw_uid, owner.pw_gid)
+
+    return give
+
+
+def _keep(path: Path) -> None:
+    """Not root: files already belong to the user the service runs as."""
+
+
 def _log_tail(path: Path, lines: int = 30) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -281,15 +299,7 @@ def run_postgres(tmpdir: str | os.PathLike[str]) -> Iterator[str]:
     as_root = os.geteuid() == 0
     # PostgreSQL refuses to run as root: then everything runs as `postgres`.
     prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
-    if as_root:
-        try:
-            owner = pwd.getpwnam("postgres")
-        except KeyError:
-            raise RuntimeError("running as root but there is no `postgres` OS user") from None
-
-    def give_to_postgres(path: Path) -> None:
-        if as_root:
-            os.chown(path, owner.pw_uid, owner.pw_gid)
+    give_to_postgres = _give_to("postgres") if as_root else _keep
 
     log = _unique_path(tmpdir, "postgres", ".log")
     base = _unique_path(tmpdir, "postgres")
@@ -696,15 +706,8 @@ def run_slapd(tmpdir: str | os.PathLike[str], *, tls: bool = False) -> Iterator[
     as_root = os.geteuid() == 0
     # slapd binds its ports as root and then drops to openldap (-u/-g): from then on it
     # reads its configuration, database and TLS key as that user.
-    if as_root:
-        try:
-            owner = pwd.getpwnam("openldap")
-        except KeyError:
-            raise RuntimeError("running as root but there is no `openldap` OS user") from None
-
-    def give_to_openldap(path: Path) -> None:
-        if as_root:
-            os.chown(path, owner.pw_uid, owner.pw_gid)
+    owner = pwd.getpwnam("openldap") if as_root else None
+    give_to_openldap = _give_to("openldap") if as_root else _keep
 
     log = _unique_path(tmpdir, "slapd", ".log")
     base = _unique_path(tmpdir, "slapd")
@@ -756,7 +759,7 @@ def run_slapd(tmpdir: str | os.PathLike[str], *, tls: bool = False) -> Iterator[
 
         # -d 256 (stats): stay in the foreground and log each operation to our log file.
         cmd = [binary, "-d", "256", "-h", " ".join(urls), "-f", str(conf)]
-        if as_root:
+        if owner is not None:  # root: bind the ports, then drop to openldap
             cmd += ["-u", "openldap", "-g", grp.getgrgid(owner.pw_gid).gr_name]
         url = f"ldap://127.0.0.1:{port}"
 
