@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Flask, g, render_template, session
+from flask import Flask, g, jsonify, render_template, request, session
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
@@ -49,6 +49,7 @@ from idp.views import create_blueprint as idp_blueprint
 from kernel.crypto import FieldCipher
 from kernel.db import Database, startup_lock
 from kernel.errors import CivitasError
+from kernel.ratelimit import Limit, RateLimited, RateLimiter
 from kernel.store import ShortLivedStore, open_store
 from kernel.urls import is_loopback_host
 
@@ -154,6 +155,8 @@ def build_hub(settings: Settings, *, migrate: bool = True) -> Hub:
         id_token_lifetime=settings.id_token_lifetime_seconds,
         participants=SessionParticipants(store, ttl=settings.session_lifetime_seconds),
         agency_keys=AgencyKeys(allow_insecure=settings.allow_insecure_jwks_uri),
+        limiter=RateLimiter(store, window_seconds=settings.rate_limits.window_seconds),
+        agency_limit=settings.rate_limits.token_per_agency,
     )
     server = HubAuthorizationServer(services)
     dispatcher = LogoutDispatcher(db, keys, issuer=settings.issuer,
@@ -204,6 +207,9 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
     app.register_blueprint(logout_blueprint(hub.logout))
     app.register_blueprint(consent_blueprint(
         hub.consent, authenticate_agency=agency_authenticator(hub.server), store=hub.store,
+        rate_limit=settings.rate_limits.decision_per_agency,
+        rate_limit_per_address=settings.rate_limits.decision_per_address,
+        rate_window_seconds=settings.rate_limits.window_seconds,
         issuer=settings.issuer, describe_agency=_agency_policy(hub)))
     app.register_blueprint(_officer_blueprint(hub))
     admin_token = settings.admin_api_token
@@ -226,6 +232,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
             app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
     _install_request_hooks(app)
+    _install_address_limits(app, hub)
     _install_error_pages(app)
     observability.install(app)
     return app
@@ -299,6 +306,47 @@ def _install_request_hooks(app: Flask) -> None:
             )
             response.headers.setdefault("Cache-Control", "no-store")
         return response
+
+
+#: endpoint -> (limit group, answer in JSON); the decision API counts its own (with the agency)
+_ADDRESS_LIMITED = {
+    "idp.token": ("token", True), "idp.revoke": ("token", True),
+    "idp.introspect": ("token", True),
+    "idp.authorize": ("login", False), "idp.resume": ("login", False),
+    "broker.login_page": ("login", False), "broker.start": ("login", False),
+    "broker.password": ("login", False), "broker.callback": ("login", False),
+}
+
+
+def _install_address_limits(app: Flask, hub: Hub) -> None:
+    """Per client address limits, counted before any other work (RFC 6585 section 4). The
+    address is the peer's, or the one the trusted proxies give (``trusted_proxy_hops``)."""
+    limits = hub.settings.rate_limits
+    per_group = {"token": limits.token_per_address, "login": limits.login_per_address}
+    limiter = RateLimiter(hub.store, window_seconds=limits.window_seconds)
+
+    @app.before_request
+    def _per_address() -> Response | tuple[str, int, dict[str, str]] | None:
+        endpoint = request.endpoint or ""
+        if endpoint not in _ADDRESS_LIMITED:
+            return None
+        group, as_json = _ADDRESS_LIMITED[endpoint]
+        try:
+            limiter.hit([Limit(f"{group}:addr:{request.remote_addr}", per_group[group])])
+        except RateLimited as exc:
+            message = ("Too many requests from your network address; please wait "
+                       f"{exc.retry_after} seconds and try again.")
+            headers = {"Retry-After": str(exc.retry_after)}
+            log.warning("request %s: %s limit per address reached for %s", g.get("request_id"),
+                        group, request.remote_addr)
+            if as_json:
+                response = jsonify(error="rate_limited", error_description=message)
+                response.status_code = 429
+                response.headers.update(headers)
+                response.headers["Cache-Control"] = "no-store"
+                return response
+            return render_template("error.html", status=429, message=message), 429, headers
+        return None
 
 
 def _install_error_pages(app: Flask) -> None:

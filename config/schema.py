@@ -276,6 +276,30 @@ class OfficerRoleSettings(BaseModel):
     value: Annotated[str, Field(min_length=1, max_length=255)]
 
 
+_PerWindow = Annotated[int, Field(ge=0, le=10_000_000)]
+
+
+class RateLimitSettings(BaseModel):
+    """Requests per window (0: no limit), counted in the short-lived store so that every
+    worker and host shares one count. Agency limits count authenticated requests only, so no
+    one can spend an agency's budget by naming its client_id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    window_seconds: Annotated[int, Field(ge=1, le=3600)] = 60
+    #: /token, /introspect and /revoke, per authenticated agency
+    token_per_agency: _PerWindow = 12_000
+    #: /token, /introspect and /revoke, per client address (counted before authentication)
+    token_per_address: _PerWindow = 3_000
+    #: the consent decision API, per authenticated agency
+    decision_per_agency: _PerWindow = 30_000
+    #: the consent decision API, per client address
+    decision_per_address: _PerWindow = 30_000
+    #: /authorize and the login pages, per client address (failed passwords have their own,
+    #: much lower limits per username and address)
+    login_per_address: _PerWindow = 600
+
+
 class Settings(BaseSettings):
     """Everything the hub needs to start. Environment variables ``CIVITAS_<KEY>`` override the
     file for top-level keys (``CIVITAS_DATABASE_URL``, ``CIVITAS_ENCRYPTION_KEY``...)."""
@@ -303,6 +327,7 @@ class Settings(BaseSettings):
     agencies: list[AgencySettings] = []
     #: how often the audit ledger is sealed into a signed checkpoint (0: only on demand)
     ledger_seal_interval_seconds: Annotated[float, Field(ge=0, le=86400)] = 60.0
+    rate_limits: RateLimitSettings = RateLimitSettings()
     #: reverse proxies in front of the hub whose X-Forwarded-* headers are believed (0: none)
     trusted_proxy_hops: Annotated[int, Field(ge=0, le=5)] = 0
     #: upstream ids, most trusted first: when upstreams disagree about an attribute, agencies

@@ -3,8 +3,9 @@
 - The agency authenticates through the injected ``authenticate_agency(request)``: a
   client_credentials access token with the decision scope, or its client credentials. When it
   answers None: 401 with ``WWW-Authenticate`` (RFC 6750 section 3, RFC 7617).
-- Each agency is rate-limited in fixed windows counted in the short-lived store, so every
-  worker shares the count: 429 with ``Retry-After`` (RFC 6585 section 4).
+- Each agency, and each client address, is rate-limited in fixed windows counted in the
+  short-lived store (one round trip for both), so every worker shares the count: 429 with
+  ``Retry-After`` (RFC 6585 section 4). A limit of 0 is no limit.
 - Errors are JSON ``{"error", "error_description"}`` with 400, 401, 404 or 429 (AuthZEN's HTTPS
   binding: an error is an HTTP status, never a decision). ``X-Request-ID`` is echoed.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +21,7 @@ from flask import Blueprint, Request, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
+from kernel.ratelimit import Limit, RateLimited, RateLimiter
 from kernel.store import ShortLivedStore
 
 from .decisions import InvalidRequest, parse_evaluation, parse_evaluations
@@ -47,9 +48,11 @@ class ApiError(ConsentError):
 def create_api_blueprint(service: ConsentService, *,
                          authenticate_agency: AgencyAuthenticator, store: ShortLivedStore,
                          scope: str, rate_limit: int = 600, rate_window_seconds: int = 60,
+                         rate_limit_per_address: int = 0,
                          token_url: str = "/token",  # noqa: S107 (a URL)
                          ) -> Blueprint:
     bp = Blueprint("api", __name__, url_prefix="/access/v1")
+    limiter = RateLimiter(store, window_seconds=rate_window_seconds)
     decisions = service.decisions
     document = openapi_document(scope=scope, token_url=token_url)
     challenge = (f'Bearer realm="civitas-consent", scope="{scope}", '
@@ -85,13 +88,14 @@ def create_api_blueprint(service: ConsentService, *,
                            f"client_credentials access token with scope '{scope}', or the "
                            "agency's client id and secret (HTTP Basic).",
                            {"WWW-Authenticate": challenge})
-        now = int(time.time())
-        window = now // rate_window_seconds
-        count = store.incr(f"consent-api:{client_id}:{window}", rate_window_seconds)
-        if count > rate_limit:
-            retry = rate_window_seconds - now % rate_window_seconds
-            raise ApiError(429, "rate_limited", "Too many requests from this agency; retry "
-                           f"after {retry} seconds.", {"Retry-After": str(retry)})
+        try:
+            limiter.hit([Limit(f"decision:agency:{client_id}", rate_limit),
+                         Limit(f"decision:addr:{request.remote_addr}", rate_limit_per_address)])
+        except RateLimited as exc:
+            who = "agency" if ":agency:" in exc.key else "address"
+            raise ApiError(429, "rate_limited", f"Too many requests from this {who}; retry "
+                           f"after {exc.retry_after} seconds.",
+                           {"Retry-After": str(exc.retry_after)}) from exc
         return client_id
 
     def body() -> Any:

@@ -145,6 +145,7 @@ def _grant_view(grant: ConsentGrant) -> dict[str, Any]:
 def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuthenticator,
                      store: ShortLivedStore, decision_scope: str = "consent.decisions",
                      rate_limit: int = 600, rate_window_seconds: int = 60,
+                     rate_limit_per_address: int = 0,
                      login_url: str = "/login",
                      token_url: str = "/token",  # noqa: S107 (a URL, not a secret)
                      issuer: str | None = None,
@@ -157,7 +158,7 @@ def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuth
     bp.register_blueprint(create_api_blueprint(
         service, authenticate_agency=authenticate_agency, store=store,
         scope=decision_scope, rate_limit=rate_limit, rate_window_seconds=rate_window_seconds,
-        token_url=token_url))
+        rate_limit_per_address=rate_limit_per_address, token_url=token_url))
 
     @bp.get("/.well-known/authzen-configuration")
     def authzen_configuration() -> Response:

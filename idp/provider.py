@@ -22,6 +22,7 @@ from authlib.oauth2.rfc6749.errors import (
     InvalidGrantError,
     InvalidRequestError,
     InvalidScopeError,
+    OAuth2Error,
 )
 from authlib.oauth2.rfc6749.requests import BasicOAuth2Payload
 from authlib.oauth2.rfc7009 import RevocationEndpoint
@@ -39,6 +40,7 @@ from broker.session import HubLogin
 from consent.policy import AgencyPolicy
 from consent.service import ConsentService
 from kernel.metrics import TOKENS
+from kernel.ratelimit import Limit, RateLimited, RateLimiter
 
 from .agencies import AUTH_METHODS as AGENCY_AUTH_METHODS
 from .agencies import PUBLIC_SECTOR, AgencyClient, AgencyRegistry
@@ -80,6 +82,10 @@ class ProviderServices:
     consent: ConsentService | None = None
     #: each agency's declaration of the claims it asks for and why
     policies: Mapping[str, AgencyPolicy] = field(default_factory=dict)
+    #: counts authenticated requests per agency at the token, revocation and introspection
+    #: endpoints (``agency_limit`` per window; None or 0: no limit)
+    limiter: RateLimiter | None = None
+    agency_limit: int = 0
 
     def policy_for(self, client: AgencyClient) -> AgencyPolicy:
         from .consent_step import default_policy
@@ -396,6 +402,26 @@ class HubIssuerParameter(IssuerParameter):
         return self.issuer
 
 
+class RateLimitedError(OAuth2Error):
+    """RFC 6585 section 4: 429 with ``Retry-After``. OAuth has no error code for it; the
+    body follows RFC 6749 5.2's shape so that client libraries show the description."""
+
+    error = "rate_limited"
+    status_code = 429
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(description="Too many requests from this agency; retry after "
+                                     f"{retry_after} seconds.")
+        self.retry_after = retry_after
+
+    def get_headers(self) -> list[tuple[str, str]]:
+        return [*super().get_headers(), ("Retry-After", str(self.retry_after))]
+
+
+#: endpoints whose authenticated requests count against the agency's limit
+LIMITED_ENDPOINTS = frozenset({"token", "revocation", "introspection"})
+
+
 class HubAuthorizationServer(AuthorizationServer):
     def __init__(self, hub: ProviderServices) -> None:
         super().__init__()
@@ -410,6 +436,17 @@ class HubAuthorizationServer(AuthorizationServer):
             issuer=hub.issuer, tokens=hub.tokens, keys=hub.agency_keys))
         self.register_extension(HubIssuerParameter(hub.issuer))
         self.scopes_supported = ["openid", "profile", "email", "offline_access"]
+
+    def authenticate_client(self, request: OAuth2Request, methods: list[str],
+                            endpoint: str = "token") -> AgencyClient:
+        client: AgencyClient = super().authenticate_client(request, methods, endpoint)
+        limiter = self.hub.limiter
+        if limiter is not None and endpoint in LIMITED_ENDPOINTS:
+            try:
+                limiter.hit([Limit(f"token:agency:{client.client_id}", self.hub.agency_limit)])
+            except RateLimited as exc:
+                raise RateLimitedError(exc.retry_after) from exc
+        return client
 
     def create_oauth2_request(self, request: Any) -> OAuth2Request:
         if isinstance(request, OAuth2Request):

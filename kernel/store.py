@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 JSON = dict[str, Any]
@@ -32,6 +33,10 @@ class ShortLivedStore(Protocol):
 
     def incr(self, key: str, ttl: int) -> int:
         """Increment a counter, starting its expiry at the first increment."""
+        ...
+
+    def incr_many(self, keys: Sequence[str], ttl: int) -> list[int]:
+        """``incr`` of several counters in one round trip (rate limits)."""
         ...
 
     def count(self, key: str) -> int:
@@ -109,6 +114,9 @@ class MemoryStore:
             self._data[key] = (expires, int(current) + 1)
             return int(current) + 1
 
+    def incr_many(self, keys: Sequence[str], ttl: int) -> list[int]:
+        return [self.incr(key, ttl) for key in keys]
+
     def count(self, key: str) -> int:
         with self._lock:
             value = self._live(key)
@@ -151,11 +159,17 @@ class RedisStore:
             self._redis.delete(*(self._k(k) for k in keys))
 
     def incr(self, key: str, ttl: int) -> int:
-        pipe = self._redis.pipeline()
-        pipe.incr(self._k(key))
-        pipe.expire(self._k(key), ttl, nx=True)
-        value, _ = pipe.execute()
-        return int(value)
+        return self.incr_many([key], ttl)[0]
+
+    def incr_many(self, keys: Sequence[str], ttl: int) -> list[int]:
+        # INCR then EXPIRE NX: the window starts at the first increment. No MULTI: each
+        # counter's two commands need no isolation from other clients' increments.
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.incr(self._k(key))
+            pipe.expire(self._k(key), ttl, nx=True)
+        values = pipe.execute()
+        return [int(v) for v in values[::2]]
 
     def count(self, key: str) -> int:
         raw = self._redis.get(self._k(key))

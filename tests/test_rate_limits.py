@@ -1,0 +1,164 @@
+"""Rate limits per client address and per agency (issue 7) on the token, decision and login
+endpoints: 429 with Retry-After (RFC 6585 section 4), counted in the shared store."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+
+from kernel.ratelimit import Limit, RateLimited, RateLimiter
+from kernel.store import MemoryStore, RedisStore
+from tests.flows import AGENCY_ONE, AGENCY_TWO
+
+#: a well-formed code exchange with a code that does not exist: invalid_grant
+REFRESH = {"grant_type": "authorization_code", "code": "not-a-code",
+           "redirect_uri": AGENCY_ONE.redirect_uri, "code_verifier": "v" * 43}
+
+
+def basic(agency: Any, secret: str | None = None) -> dict[str, str]:
+    cred = f"{agency.client_id}:{secret or agency.secret}".encode()
+    return {"Authorization": "Basic " + base64.b64encode(cred).decode()}
+
+
+def limited_hub(make_hub: Any, **limits: int) -> Any:
+    base = {"token_per_agency": 0, "token_per_address": 0, "decision_per_agency": 0,
+            "decision_per_address": 0, "login_per_address": 0}
+    return make_hub(rate_limits={**base, **limits})
+
+
+def from_address(app: Any, address: str) -> Any:
+    client = app.test_client()
+    client.environ_base["REMOTE_ADDR"] = address
+    return client
+
+
+def assert_limited_json(r: Any) -> None:
+    assert r.status_code == 429, r.get_data(as_text=True)
+    assert r.is_json and r.json["error"] == "rate_limited", r.json
+    assert "retry after" in r.json["error_description"].lower() or \
+        "wait" in r.json["error_description"]
+    assert 1 <= int(r.headers["Retry-After"]) <= 60
+    assert r.headers["Cache-Control"] == "no-store"
+
+
+def test_token_endpoint_limit_per_address_answers_429_and_spares_other_addresses(make_hub):
+    app = limited_hub(make_hub, token_per_address=3)
+    one = from_address(app, "192.0.2.10")
+    for _ in range(3):
+        r = one.post("/token", data=REFRESH, headers=basic(AGENCY_ONE))
+        assert r.status_code == 400 and r.json["error"] == "invalid_grant"
+    assert_limited_json(one.post("/token", data=REFRESH, headers=basic(AGENCY_ONE)))
+    # introspection and revocation share the token endpoints' allowance
+    assert_limited_json(one.post("/introspect", data={"token": "x"}, headers=basic(AGENCY_ONE)))
+    other = from_address(app, "192.0.2.11")
+    r = other.post("/token", data=REFRESH, headers=basic(AGENCY_ONE))
+    assert r.status_code == 400 and r.json["error"] == "invalid_grant"
+
+
+def test_token_endpoint_limit_per_agency_counts_only_authenticated_requests(make_hub):
+    app = limited_hub(make_hub, token_per_agency=2)
+    client = app.test_client()
+    # Someone who only knows agency one's client_id cannot spend its allowance.
+    for _ in range(5):
+        r = client.post("/token", data=REFRESH, headers=basic(AGENCY_ONE, "wrong-secret"))
+        assert r.status_code == 401 and r.json["error"] == "invalid_client"
+    for _ in range(2):
+        r = client.post("/token", data=REFRESH, headers=basic(AGENCY_ONE))
+        assert r.status_code == 400 and r.json["error"] == "invalid_grant"
+    r = client.post("/token", data=REFRESH, headers=basic(AGENCY_ONE))
+    assert_limited_json(r)
+    assert "agency" in r.json["error_description"]
+    r = client.post("/revoke", data={"token": "x"}, headers=basic(AGENCY_ONE))
+    assert_limited_json(r)
+    # agency two has its own allowance
+    r = client.post("/token", data=REFRESH, headers=basic(AGENCY_TWO))
+    assert r.status_code == 400 and r.json["error"] == "invalid_grant"
+
+
+def test_login_pages_limit_per_address_shows_a_readable_page(make_hub):
+    app = limited_hub(make_hub, login_per_address=2)
+    client = from_address(app, "198.51.100.7")
+    assert client.get("/login").status_code == 302
+    assert client.get("/authorize?client_id=agency-one").status_code == 400  # no redirect_uri
+    r = client.get("/login")
+    assert r.status_code == 429 and r.mimetype == "text/html"
+    assert 1 <= int(r.headers["Retry-After"]) <= 60
+    page = r.get_data(as_text=True)
+    assert "Too many requests from your network address" in page
+    assert from_address(app, "198.51.100.8").get("/login").status_code == 302
+
+
+EVALUATION = {"subject": {"type": "user", "id": "nobody"}, "action": {"name": "use"},
+              "resource": {"type": "claim", "id": "email"},
+              "context": {"purpose": "service-delivery"}}
+
+
+def test_decision_api_limits_per_agency_and_per_address(make_hub):
+    app = limited_hub(make_hub, decision_per_agency=2, decision_per_address=3)
+    client = from_address(app, "203.0.113.5")
+    for _ in range(2):
+        r = client.post("/access/v1/evaluation", json=EVALUATION, headers=basic(AGENCY_ONE))
+        assert r.status_code == 200 and r.json["decision"] is False
+    r = client.post("/access/v1/evaluation", json=EVALUATION, headers=basic(AGENCY_ONE))
+    assert_limited_json(r)
+    assert "this agency" in r.json["error_description"]
+    # agency two from the same address: the address allowance (3) is spent by the 4th
+    r = client.post("/access/v1/evaluation", json=EVALUATION, headers=basic(AGENCY_TWO))
+    assert_limited_json(r)
+    assert "this address" in r.json["error_description"]
+    other = from_address(app, "203.0.113.6")
+    r = other.post("/access/v1/evaluation", json=EVALUATION, headers=basic(AGENCY_TWO))
+    assert r.status_code == 200
+
+
+def test_forwarded_addresses_count_only_behind_a_trusted_proxy(make_hub):
+    """X-Forwarded-For picks the counted address only with trusted_proxy_hops (else anyone
+    could reset their own counter by inventing addresses)."""
+    limits = {"token_per_address": 1}
+    direct = limited_hub(make_hub, **limits).test_client()
+    direct.post("/token", data=REFRESH, headers={**basic(AGENCY_ONE),
+                                                 "X-Forwarded-For": "192.0.2.1"})
+    r = direct.post("/token", data=REFRESH, headers={**basic(AGENCY_ONE),
+                                                     "X-Forwarded-For": "192.0.2.2"})
+    assert_limited_json(r)
+
+    proxied = make_hub(trusted_proxy_hops=1, rate_limits={
+        "token_per_address": 1, "token_per_agency": 0}).test_client()
+    for address in ("192.0.2.1", "192.0.2.2"):
+        r = proxied.post("/token", data=REFRESH, headers={**basic(AGENCY_ONE),
+                                                          "X-Forwarded-For": address})
+        assert r.status_code == 400, r.get_data(as_text=True)
+    r = proxied.post("/token", data=REFRESH, headers={**basic(AGENCY_ONE),
+                                                      "X-Forwarded-For": "192.0.2.1"})
+    assert_limited_json(r)
+
+
+def test_zero_means_no_limit(make_hub):
+    app = limited_hub(make_hub)
+    client = app.test_client()
+    for _ in range(30):
+        assert client.post("/token", data=REFRESH,
+                           headers=basic(AGENCY_ONE)).status_code == 400
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request):
+    if request.param == "memory":
+        return MemoryStore()
+    return RedisStore(request.getfixturevalue("redis_url"), prefix="rl-test:")
+
+
+def test_limiter_windows_are_shared_and_restart(store):
+    now = [1_000_020.0]
+    first = RateLimiter(store, window_seconds=60, clock=lambda: now[0])
+    second = RateLimiter(store, window_seconds=60, clock=lambda: now[0])  # another worker
+    first.hit([Limit("k", 2), Limit("j", 0)])
+    second.hit([Limit("k", 2)])
+    with pytest.raises(RateLimited) as exc:
+        first.hit([Limit("k", 2)])
+    assert exc.value.key == "k" and exc.value.retry_after == 60 - 1_000_020 % 60
+    now[0] += 60  # the next window
+    first.hit([Limit("k", 2)])
+    assert store.incr_many(["a", "b", "a"], 60) == [1, 1, 2]
