@@ -38,4 +38,7 @@ def run_gunicorn(config_path: str | None, *, host: str, port: int, workers: int,
         "bind": f"{host}:{port}", "workers": workers, "threads": threads,
         "worker_class": "gthread", "preload_app": False, "accesslog": None,
         "graceful_timeout": 10, "timeout": 30,
+        # Only `trusted_proxy_hops` (ProxyFix in the app) decides which X-Forwarded-* to
+        # believe; gunicorn's own defaults would believe them from 127.0.0.1 regardless.
+        "forwarded_allow_ips": "", "secure_scheme_headers": {},
     }).run()

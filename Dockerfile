@@ -1,0 +1,56 @@
+# syntax=docker/dockerfile:1
+# Civitas hub image: `civitas db upgrade`, then `civitas serve` (gunicorn, several workers)
+# on PostgreSQL and Redis. Operators' guide: deploy/README.md. Build: docker build -t civitas .
+#
+# No secret, key or settings file is baked in: settings come from a mounted YAML file
+# ($CIVITAS_CONFIG) and CIVITAS_* variables; secrets from files through CIVITAS_*_FILE
+# (see deploy/docker-entrypoint.sh) or the *_file keys of the settings file.
+
+# --- build: install the project and its runtime dependencies into a virtualenv -------------
+FROM python:3.11-slim-bookworm AS build
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN python -m venv /opt/civitas
+
+WORKDIR /src
+# pyproject.toml names README.md as the package's readme: the build needs it
+COPY pyproject.toml README.md ./
+COPY kernel/ kernel/
+COPY config/ config/
+COPY connectors/ connectors/
+COPY broker/ broker/
+COPY idp/ idp/
+COPY consent/ consent/
+COPY civitas/ civitas/
+# runtime dependencies only (no [test] extra); the wheels need no compiler
+RUN /opt/civitas/bin/pip install .
+
+# --- runtime: the virtualenv, the entry point, an unprivileged user ------------------------
+FROM python:3.11-slim-bookworm
+
+RUN groupadd --system --gid 10001 civitas \
+    && useradd --system --uid 10001 --gid civitas --no-create-home \
+       --home-dir /nonexistent --shell /usr/sbin/nologin civitas
+
+COPY --from=build /opt/civitas /opt/civitas
+COPY --chmod=0755 deploy/docker-entrypoint.sh /usr/local/bin/civitas-entrypoint
+
+ENV PATH=/opt/civitas/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    CIVITAS_CONFIG=/etc/civitas/civitas.yaml
+
+# The settings file is mounted at /etc/civitas/civitas.yaml (read-only). The hub writes only
+# to /tmp (gunicorn's worker heartbeats, the metrics of each worker).
+WORKDIR /opt/civitas
+USER 10001:10001
+EXPOSE 8000
+
+# liveness of the worker processes; /readyz also checks the database, Redis and the keys
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status == 200 else 1)"]
+
+ENTRYPOINT ["civitas-entrypoint"]
+CMD ["civitas", "serve", "--host", "0.0.0.0", "--port", "8000", "--workers", "4", "--threads", "8"]
