@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from .models import ConsentEvent, ConsentRecord
 from .policy import AgencyPolicy, ClaimRequest
@@ -167,7 +167,21 @@ def merged_grant(previous: ConsentGrant | None, policy: AgencyPolicy,
     return claims, declined, affected
 
 
-def evaluate(grant: ConsentGrant | None, claim: str, purpose: str) -> tuple[bool, str]:
+class Evaluable(Protocol):
+    """What :func:`evaluate` reads of a grant (a :class:`ConsentGrant`, or the decision
+    API's lighter read of the last event)."""
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def claims(self) -> Mapping[str, GrantedClaim]: ...
+
+    @property
+    def valid(self) -> bool: ...
+
+
+def evaluate(grant: Evaluable | None, claim: str, purpose: str) -> tuple[bool, str]:
     """Deny by default: (decision, reason) for using ``claim`` for ``purpose``."""
     if grant is None:
         return False, "no_consent"

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, func, select, text, update
+from sqlalchemy import Connection, Table, bindparam, delete, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -165,8 +165,9 @@ class Ledger:
         return LedgerEntry(seq=key[0], **values)
 
     def append_many(self, items: Iterable[tuple[str, Mapping[str, Any]]], *,
-                    session: Session | None = None) -> int:
-        """Append several entries in one transaction (imports, back-fills, benchmarks)."""
+                    session: Session | Connection | None = None) -> int:
+        """Append several entries in one multi-row INSERT, inside the caller's transaction
+        (an ORM session or a Core connection) when given, else in one of its own."""
         rows = []
         for kind, data in items:
             at = utcnow()
