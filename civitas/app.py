@@ -35,7 +35,7 @@ from consent.officers import OfficerRule, OfficerWorkspace, pseudonym_key
 from consent.service import ConsentService
 from consent.views import create_blueprint as consent_blueprint
 from idp.admin_api import create_blueprint as admin_api_blueprint
-from idp.agencies import AgencyRegistry, RegistrationPolicy
+from idp.agencies import SERVICE_SCOPES, AgencyRegistry, RegistrationPolicy
 from idp.agency_keys import AgencyKeys
 from idp.backchannel import LogoutDispatcher
 from idp.consent_step import make_withdrawal_handler
@@ -206,7 +206,8 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
     app.register_blueprint(idp_blueprint(hub.server, hub.broker))
     app.register_blueprint(logout_blueprint(hub.logout))
     app.register_blueprint(consent_blueprint(
-        hub.consent, authenticate_agency=agency_authenticator(hub.server), store=hub.store,
+        hub.consent, authenticate_agency=agency_authenticator(hub.server, DECISION_SCOPE),
+        decision_scope=DECISION_SCOPE, store=hub.store,
         rate_limit=settings.rate_limits.decision_per_agency,
         rate_limit_per_address=settings.rate_limits.decision_per_address,
         rate_window_seconds=settings.rate_limits.window_seconds,
@@ -316,6 +317,9 @@ _ADDRESS_LIMITED = {
     "broker.login_page": ("login", False), "broker.start": ("login", False),
     "broker.password": ("login", False), "broker.callback": ("login", False),
 }
+
+
+DECISION_SCOPE = SERVICE_SCOPES[0]
 
 
 def _install_address_limits(app: Flask, hub: Hub) -> None:

@@ -56,11 +56,22 @@ def agency_policies(settings: Settings) -> dict[str, AgencyPolicy]:
     return policies
 
 
-def agency_authenticator(server: HubAuthorizationServer) -> Any:
-    """The decision API authenticates agencies the way the token endpoint does (client
-    secret, or private_key_jwt)."""
+def agency_authenticator(server: HubAuthorizationServer, scope: str) -> Any:
+    """The decision API authenticates an agency by a client_credentials access token with
+    ``scope`` (RFC 6750 2.1), or the way the token endpoint does (client secret, or
+    private_key_jwt). A bearer token that is not such a token is refused, never retried as
+    client credentials."""
+    services = server.hub
 
-    def authenticate(_request: Any) -> str | None:
+    def authenticate(request: Any) -> str | None:
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            record = services.access_tokens.verify(value.strip())
+            if (record is None or not record.for_client_itself
+                    or scope not in record.scope.split()
+                    or services.agencies.client(record.client_id) is None):
+                return None
+            return record.client_id
         try:
             client = server.authenticate_client(server.create_oauth2_request(None),
                                                 AUTH_METHODS, "consent")

@@ -74,7 +74,7 @@ periodic job: expiry takes effect at its time anyway, this writes the ``expired`
 HTTP (register once)::
 
     app.register_blueprint(create_blueprint(
-        consent, authenticate_agency=fn, store=hub.store, decision_scope="consent.decide",
+        consent, authenticate_agency=fn, store=hub.store, decision_scope="consent.decisions",
         rate_limit=600, rate_window_seconds=60, login_url="/login",
         token_url=f"{issuer}/token", issuer=issuer))
 

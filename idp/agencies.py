@@ -34,6 +34,9 @@ SECRET_METHODS = ("client_secret_basic", "client_secret_post")
 #: / OpenID Connect Core 9 (what login.gov requires of agencies)
 AUTH_METHODS = (*SECRET_METHODS, "private_key_jwt")
 SCOPES = ("openid", "profile", "email", "offline_access")
+#: scopes of the hub's own APIs, for the agency itself (client_credentials, RFC 6749 4.4);
+#: every agency may have them, none of them reaches a citizen's data without a decision
+SERVICE_SCOPES = ("consent.decisions",)
 #: what the hub signs ID tokens with, per agency (``id_token_signed_response_alg``)
 ID_TOKEN_ALGS = ("ES256", "RS256", "PS256")
 #: OpenID Connect Core 8
@@ -127,7 +130,8 @@ class AgencyClient(ClientMixin):
     def check_grant_type(self, grant_type: str) -> bool:
         if grant_type == "refresh_token":
             return "offline_access" in self.scopes
-        return grant_type == "authorization_code"
+        # every agency is a confidential client (RFC 6749 4.4: client_credentials needs one)
+        return grant_type in ("authorization_code", "client_credentials")
 
 
 @dataclass(frozen=True)

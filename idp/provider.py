@@ -23,6 +23,7 @@ from authlib.oauth2.rfc6749.errors import (
     InvalidRequestError,
     InvalidScopeError,
     OAuth2Error,
+    UnauthorizedClientError,
 )
 from authlib.oauth2.rfc6749.requests import BasicOAuth2Payload
 from authlib.oauth2.rfc7009 import RevocationEndpoint
@@ -43,7 +44,7 @@ from kernel.metrics import TOKENS
 from kernel.ratelimit import Limit, RateLimited, RateLimiter
 
 from .agencies import AUTH_METHODS as AGENCY_AUTH_METHODS
-from .agencies import PUBLIC_SECTOR, AgencyClient, AgencyRegistry
+from .agencies import PUBLIC_SECTOR, SERVICE_SCOPES, AgencyClient, AgencyRegistry
 from .agency_keys import AgencyKeys
 from .claims import claims_for_scope, releasable
 from .client_auth import PrivateKeyJWT
@@ -120,6 +121,15 @@ class ProviderServices:
             )
         return body
 
+    def issue_client_token(self, client: AgencyClient, scope: str) -> dict[str, Any]:
+        """The token response of the client_credentials grant: an access token for the
+        agency itself (no refresh token, no ID token: RFC 6749 4.4.3)."""
+        access = self.access_tokens.issue_for_client(
+            client_id=client.client_id, alg=client.id_token_signed_response_alg, scope=scope)
+        TOKENS.labels("client_credentials").inc()
+        return {"token_type": "Bearer", "access_token": access,
+                "expires_in": self.tokens.access_token_lifetime, "scope": scope}
+
     def verify_id_token_hint(self, hint: str) -> dict[str, Any] | None:
         """The claims of an ID token this hub signed (with any key it still publishes), or
         None. Expiry is not checked: an expired ID token is still a valid hint (OpenID
@@ -141,7 +151,11 @@ class ProviderServices:
         for kind in order:
             found = (self.access_tokens.verify(token) if kind == "access_token"
                      else self.refresh_tokens.find(token))
-            if found is not None and self.accounts.exists(found.account_id):
+            if found is None:
+                continue
+            if isinstance(found, AccessToken) and found.for_client_itself:
+                return found  # client_credentials: no citizen whose deletion ends it
+            if self.accounts.exists(found.account_id):
                 return found
         return None
 
@@ -314,6 +328,35 @@ class RotatingRefreshGrant(grants.RefreshTokenGrant):
         return body
 
 
+class AgencyCredentialsGrant(grants.ClientCredentialsGrant):
+    """RFC 6749 4.4: an agency's access token for the hub's own APIs (the consent decision
+    API), never for a citizen's data: only ``SERVICE_SCOPES`` (the default when ``scope`` is
+    absent, RFC 6749 3.3), no refresh token (4.4.3), no ID token."""
+
+    TOKEN_ENDPOINT_AUTH_METHODS = AUTH_METHODS
+
+    @property
+    def hub(self) -> ProviderServices:
+        return self.server.hub  # type: ignore[no-any-return]
+
+    def validate_token_request(self) -> None:
+        client: AgencyClient = self.authenticate_token_endpoint_client()
+        if not client.check_grant_type(self.GRANT_TYPE):
+            raise UnauthorizedClientError(
+                f"The client is not authorized to use 'grant_type={self.GRANT_TYPE}'")
+        raw = self.request.payload.scope
+        requested = (raw if raw is not None else " ".join(SERVICE_SCOPES)).split()
+        if not requested or any(s not in SERVICE_SCOPES for s in requested):
+            raise InvalidScopeError("The client_credentials grant gives only these scopes: "
+                                    f"{' '.join(SERVICE_SCOPES)}.")
+        self.request.client = client
+        self.granted_scope = " ".join(dict.fromkeys(requested))
+
+    def create_token_response(self) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
+        body = self.hub.issue_client_token(self.request.client, self.granted_scope)
+        return 200, body, self.TOKEN_RESPONSE_HEADER
+
+
 class HubRevocation(RevocationEndpoint):
     """RFC 7009: an agency revokes its own access or refresh tokens."""
 
@@ -351,6 +394,12 @@ class HubIntrospection(IntrospectionEndpoint):
         client = hub.agencies.client(token.client_id)
         if client is None:
             return {"active": False}
+        if isinstance(token, AccessToken) and token.for_client_itself:
+            # RFC 9068 2.2: the agency's own token; its sub is its client_id
+            return {"active": True, "client_id": token.client_id, "scope": token.scope,
+                    "sub": token.client_id, "iss": hub.issuer, "aud": hub.issuer,
+                    "token_type": token.token_type, "exp": token.expires_at,
+                    "iat": token.issued_at, "jti": token.jti}
         body: dict[str, Any] = {
             "active": True, "client_id": token.client_id, "scope": token.scope,
             "sub": hub.subject_for(client, token.account_id), "iss": hub.issuer,
@@ -430,6 +479,7 @@ class HubAuthorizationServer(AuthorizationServer):
         self._save_token = lambda token, request: None  # tokens are stored as they are minted
         self.register_grant(CodeGrant, [S256Challenge(required=True), HubOpenIDCode(hub)])
         self.register_grant(RotatingRefreshGrant)
+        self.register_grant(AgencyCredentialsGrant)
         self.register_endpoint(HubRevocation)
         self.register_endpoint(HubIntrospection)
         self.register_client_auth_method("private_key_jwt", PrivateKeyJWT(

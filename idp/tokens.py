@@ -93,6 +93,11 @@ class AccessToken:
     code_hash: str | None = None
     token_type: str = "access_token"  # noqa: S105 (a token type name)
 
+    @property
+    def for_client_itself(self) -> bool:
+        """Issued by client_credentials: no citizen behind it (``account_id`` is empty)."""
+        return not self.account_id
+
     # -- Authlib TokenMixin -----------------------------------------------------------------
     def check_client(self, client: Any) -> bool:
         return bool(client.client_id == self.client_id)
@@ -172,12 +177,14 @@ class TokenStore:
         if record is None or record["expires_at"] <= time.time():
             return None
         token = AccessToken(jti=jti, **record)
-        if (self.is_marked_revoked("code", token.code_hash)
-                or self.is_marked_revoked("grant", token.grant_id)
-                or self.is_marked_revoked("sid", token.sid)):
+        # every way it can have been revoked, in one round trip
+        marks = [f"revoked-{kind}:{value}" for kind, value in (
+            ("code", token.code_hash), ("grant", token.grant_id), ("sid", token.sid)) if value]
+        *revoked, agency = self._store.get_many(
+            [*marks, f"revoked-agency:{token.client_id}:{token.account_id}"])
+        if any(mark is not None for mark in revoked):
             return None
-        revoked_at = self.agency_revoked_since(token.account_id, token.client_id)
-        if revoked_at is not None and token.issued_at <= revoked_at:
+        if agency is not None and token.issued_at <= float(agency["at"]):
             return None
         return token
 
@@ -224,6 +231,24 @@ class AccessTokens:
             "iat": now, "exp": record.expires_at, "jti": record.jti, "scope": scope,
             "auth_time": auth_time, "acr": acr, "sid": sid,
         }
+        header = {"alg": key.alg, "kid": key.kid, "typ": "at+jwt"}
+        token = jwt.encode(header, claims, key.key, algorithms=[key.alg])
+        self.tokens.save_access_token(record)
+        return token
+
+    def issue_for_client(self, *, client_id: str, alg: str, scope: str) -> str:
+        """RFC 9068 2.2 for a grant without a resource owner (client_credentials): ``sub``
+        is the agency's client_id, there is no account, session or authentication time."""
+        now = int(time.time())
+        record = AccessToken(
+            jti=secrets.token_urlsafe(24), client_id=client_id, account_id="", sub=client_id,
+            scope=scope, issued_at=now, expires_at=now + self.tokens.access_token_lifetime,
+            grant_id="", sid="",
+        )
+        key = self.keys.signing_key(alg)
+        claims = {"iss": self.issuer, "sub": client_id, "aud": self.issuer,
+                  "client_id": client_id, "iat": now, "exp": record.expires_at,
+                  "jti": record.jti, "scope": scope}
         header = {"alg": key.alg, "kid": key.kid, "typ": "at+jwt"}
         token = jwt.encode(header, claims, key.key, algorithms=[key.alg])
         self.tokens.save_access_token(record)

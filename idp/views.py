@@ -17,7 +17,7 @@ from broker.service import Broker
 from broker.session import HubLogin, current_login
 from consent.views import read_consent_form, render_consent_page
 
-from .agencies import ID_TOKEN_ALGS
+from .agencies import ID_TOKEN_ALGS, SERVICE_SCOPES
 from .agency_keys import ASSERTION_ALGS
 from .consent_step import park, requested_claims, unpark
 from .provider import AUTH_METHODS, HubAuthorizationServer, StoredAuthorizationRequest
@@ -59,10 +59,12 @@ def discovery_document(issuer: str, acr_values: list[str], *,
         "end_session_endpoint": f"{issuer}/logout/end-session",
         "backchannel_logout_supported": True,
         "backchannel_logout_session_supported": True,
-        "scopes_supported": ["openid", "profile", "email", "offline_access"],
+        "scopes_supported": ["openid", "profile", "email", "offline_access",
+                             *SERVICE_SCOPES],
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],
-        "grant_types_supported": ["authorization_code", "refresh_token"],
+        "grant_types_supported": ["authorization_code", "refresh_token",
+                                  "client_credentials"],
         "subject_types_supported": ["pairwise", "public"] if public_subjects else ["pairwise"],
         "id_token_signing_alg_values_supported": list(ID_TOKEN_ALGS),
         "token_endpoint_auth_methods_supported": list(AUTH_METHODS),

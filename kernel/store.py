@@ -25,6 +25,10 @@ class ShortLivedStore(Protocol):
 
     def get(self, key: str) -> JSON | None: ...
 
+    def get_many(self, keys: Sequence[str]) -> list[JSON | None]:
+        """``get`` of several keys in one round trip, in order."""
+        ...
+
     def take(self, key: str) -> JSON | None:
         """Atomically read and delete; exactly one concurrent caller gets the value."""
         ...
@@ -92,6 +96,9 @@ class MemoryStore:
             raw = self._live(key)
         return None if raw is None else json.loads(raw)
 
+    def get_many(self, keys: Sequence[str]) -> list[JSON | None]:
+        return [self.get(key) for key in keys]
+
     def take(self, key: str) -> JSON | None:
         with self._lock:
             raw = self._live(key)
@@ -149,6 +156,12 @@ class RedisStore:
     def get(self, key: str) -> JSON | None:
         raw = self._redis.get(self._k(key))
         return None if raw is None else json.loads(raw)
+
+    def get_many(self, keys: Sequence[str]) -> list[JSON | None]:
+        if not keys:
+            return []
+        raws = self._redis.mget([self._k(k) for k in keys])
+        return [None if raw is None else json.loads(raw) for raw in raws]
 
     def take(self, key: str) -> JSON | None:
         raw = self._redis.getdel(self._k(key))

@@ -174,6 +174,12 @@ def test_openid_client_full_flow_with_refresh_and_logout(hub_url: str, node: str
     rp(node, "revoke", token=new["refresh_token"])
     assert rp(node, "introspect", token=new["refresh_token"])["introspection"]["active"] is False
 
+    # 5b. client_credentials (RFC 6749 4.4) for the consent decision API
+    service = rp(node, "clientCredentials", scope="consent.decisions")["tokens"]
+    assert service["scope"] == "consent.decisions" and service["refresh_token"] is None
+    own = rp(node, "introspect", token=service["access_token"])["introspection"]
+    assert own["active"] is True and own["sub"] == AGENCY_ONE.client_id
+
     # 6. RP-initiated logout: the hub ends the session and returns to the agency with state
     assert silent_authorize(browser, hub_url).get("code"), "the hub session should be alive"
     logout_url = rp(node, "logout", id_token=tokens["id_token"],

@@ -390,20 +390,28 @@ def test_rfc7636_4_6_failed_verifier_burns_the_code(browser):
 
 @pytest.mark.parametrize(("grant_type", "extra"), [
     ("password", {"username": "alice", "password": "alice-password"}),
-    ("client_credentials", {"scope": "openid"}),
     ("implicit", {}),
     ("urn:ietf:params:oauth:grant-type:device_code", {"device_code": "x"}),
     ("urn:ietf:params:oauth:grant-type:jwt-bearer", {"assertion": "e30.e30."}),
     ("AUTHORIZATION_CODE", {}),
     ("", {}),
     (None, {}),
-], ids=["password", "client_credentials", "implicit", "device_code",
+], ids=["password", "implicit", "device_code",
         "jwt_bearer", "upper_case", "empty", "missing"])
 def test_rfc6749_5_2_unsupported_grant_type(browser, grant_type, extra):
     auth = AuthRequest()
     code = new_code(browser, auth)
     r = redeem(browser, auth, code, grant_type=grant_type, **extra)
     assert_token_error(r, 400, "unsupported_grant_type")
+
+
+def test_rfc6749_4_4_client_credentials_never_gives_a_citizen_scope(browser):
+    """client_credentials exists for the hub's own APIs (tests/test_client_credentials.py);
+    asking it for OpenID scopes is invalid_scope, not a token."""
+    auth = AuthRequest()
+    code = new_code(browser, auth)
+    r = redeem(browser, auth, code, grant_type="client_credentials", scope="openid")
+    assert_token_error(r, 400, "invalid_scope")
 
 
 def test_rfc6749_5_2_refresh_grant_for_agency_without_offline_access(browser):

@@ -57,6 +57,13 @@ const steps = {
     return tokenOutput(await client.refreshTokenGrant(config, input.refresh_token))
   },
 
+  async clientCredentials (config, input) {
+    const tokens = await client.clientCredentialsGrant(config, { scope: input.scope })
+    return { tokens: { access_token: tokens.access_token, scope: tokens.scope,
+                       token_type: tokens.token_type, expires_in: tokens.expires_in,
+                       refresh_token: tokens.refresh_token ?? null } }
+  },
+
   async introspect (config, input) {
     return { introspection: await client.tokenIntrospection(config, input.token) }
   },
