@@ -4,7 +4,8 @@
 //     for every client except those named in OPAQUE_CLIENTS (opaque tokens, which
 //     oidc-provider requires for userinfo);
 //   * authorization_code with PKCE S256 required, refresh_token with rotation on every use,
-//     client_secret_basic, introspection and revocation enabled;
+//     client_credentials (scope `api`, a JWT access token for the resource server, as the
+//     hub's `consent.decisions`), client_secret_basic, introspection and revocation enabled;
 //   * storage: an unbounded in-memory adapter (the default one is an LRU of 1,000 entries,
 //     too small for codes minted ahead);
 //   * sign-in: any interaction logs in `alice-0001` and grants what was asked, without a page
@@ -76,7 +77,7 @@ async function main() {
     adapter: MapAdapter,
     clients: CLIENTS.map(({ client_id, client_secret, redirect_uris }) => ({
       client_id, client_secret, redirect_uris,
-      grant_types: ['authorization_code', 'refresh_token'],
+      grant_types: ['authorization_code', 'refresh_token', 'client_credentials'],
       response_types: ['code'],
       id_token_signed_response_alg: 'ES256',
       token_endpoint_auth_method: 'client_secret_basic',
@@ -93,6 +94,7 @@ async function main() {
     rotateRefreshToken: true,
     features: {
       devInteractions: { enabled: false },
+      clientCredentials: { enabled: true },
       userinfo: { enabled: true },
       introspection: { enabled: true },
       revocation: { enabled: true },
