@@ -116,7 +116,7 @@ def build_hub(settings: Settings, *, migrate: bool = True) -> Hub:
         path = settings.database_url.removeprefix("sqlite:///")
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-    db = Database(settings.database_url)
+    db = Database(settings.database_url, pool_size=settings.database_pool_size)
     if migrate:
         with startup_lock(db.engine):
             upgrade(db.engine)
@@ -378,6 +378,39 @@ def _install_error_pages(app: Flask) -> None:
         return page(status, messages.get(status, error.description or "Request failed."))
 
     @app.errorhandler(Exception)
-    def _unexpected(error: Exception) -> tuple[str, int]:
+    def _unexpected(error: Exception) -> Any:
+        if _is_unavailable(error):
+            # the database or Redis is unreachable (or just restarted): nothing was done
+            # that could be half done (each unit of work is one transaction), so say
+            # "try again" (RFC 9110 15.6.4), to machines in JSON and to people in a page
+            log.error("request %s: storage unavailable: %s: %s", g.get("request_id"),
+                      type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            headers = {"Retry-After": "5", "Cache-Control": "no-store"}
+            message = "The service is briefly unavailable. Please try again in a moment."
+            if request.path.startswith(_JSON_PATHS):
+                response = jsonify(error="temporarily_unavailable",
+                                   error_description=message)
+                response.status_code = 503
+                response.headers.update(headers)
+                return response
+            return render_template("error.html", status=503, message=message), 503, headers
         log.exception("request %s failed with an unexpected error", g.get("request_id"))
         return page(500, "Something went wrong on our side. Please try again later.")
+
+
+#: endpoints whose clients are programs: errors in JSON
+_JSON_PATHS = ("/token", "/introspect", "/revoke", "/userinfo", "/access/", "/admin/api",
+               "/jwks", "/.well-known/")
+
+
+def _is_unavailable(error: BaseException) -> bool:
+    """A lost or refused connection to PostgreSQL or Redis (not a bug in a query)."""
+    import redis
+    from sqlalchemy import exc as sa_exc
+
+    if isinstance(error, sa_exc.DBAPIError):
+        return bool(error.connection_invalidated) or isinstance(
+            error, sa_exc.OperationalError | sa_exc.InterfaceError)
+    if isinstance(error, sa_exc.DisconnectionError | sa_exc.TimeoutError):
+        return True
+    return isinstance(error, redis.ConnectionError | redis.TimeoutError)

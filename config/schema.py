@@ -308,6 +308,9 @@ class Settings(BaseSettings):
 
     issuer: str
     database_url: str = "sqlite:///var/civitas.db"
+    #: PostgreSQL connections each process keeps open (as many again on bursts); at least
+    #: the threads per worker of `civitas serve`
+    database_pool_size: Annotated[int, Field(ge=1, le=200)] = 10
     #: ``None`` (or ``memory://``) keeps short-lived state in this process
     redis_url: str | None = None
     #: Fernet keys, newest first, comma-separated in the environment

@@ -51,9 +51,18 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/conformance.db"
         return
+    yield from fresh_pg_database(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def pg_database_url(postgres_url: str) -> Iterator[str]:
+    """A fresh, empty database on the real PostgreSQL only."""
+    yield from fresh_pg_database(postgres_url)
+
+
+def fresh_pg_database(base: str) -> Iterator[str]:
     from sqlalchemy import create_engine, text
 
-    base = request.getfixturevalue("postgres_url")
     name = "t_" + secrets.token_hex(6)
     admin = create_engine(base, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
