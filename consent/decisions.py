@@ -156,10 +156,12 @@ _EVENTS = cast(Table, ConsentEvent.__table__)
 _DECISIONS = cast(Table, AgencyDecision.__table__)
 
 
-def _latest_event_query() -> Select[Any]:
-    """The asking agency's record for a subject with its last event at or before ``now``,
-    and the newest receipt up to then: one indexed round trip (records by (client_id,
-    subject), events by (record_id, seq) read backwards), whatever the history's length."""
+def _latest_event_query(key: str) -> Select[Any]:
+    """An agency's record, found by ``client_id`` and ``key`` (the citizen's ``subject`` at
+    that agency, or their ``account_id``), with its last event at or before ``now`` and the
+    newest receipt up to then: one indexed round trip (records by (client_id, subject) or
+    (account_id, client_id), events by (record_id, seq) read backwards), whatever the
+    history's length."""
     r, e = _RECORDS.c, _EVENTS.c
     earlier = _EVENTS.alias("receipted")
     receipt = (select(earlier.c.receipt_id)
@@ -169,12 +171,12 @@ def _latest_event_query() -> Select[Any]:
     return (select(r.id, r.account_id, e.state, e.claims, e.expires_at,
                    receipt.label("receipt_id"))
             .select_from(_RECORDS.join(_EVENTS, e.record_id == r.id))
-            .where(r.client_id == bindparam("client_id"), r.subject == bindparam("subject"),
+            .where(r.client_id == bindparam("client_id"), r[key] == bindparam("key"),
                    e.at <= bindparam("now"))
             .order_by(e.seq.desc()).limit(1))
 
 
-_LATEST = _latest_event_query()
+_LATEST = {key: _latest_event_query(key) for key in ("subject", "account_id")}
 
 
 @dataclass(frozen=True)
@@ -194,9 +196,13 @@ class _Latest:
         return self.state in history.VALID_STATES
 
 
-def _latest(conn: Connection, client_id: str, subject: str, now: datetime) -> _Latest | None:
-    row = conn.execute(_LATEST, {"client_id": client_id, "subject": subject,
-                                 "now": now}).first()
+def latest_state(conn: Connection, client_id: str, now: datetime, *,
+                 subject: str | None = None, account_id: str | None = None) -> _Latest | None:
+    """The agency's record of one citizen (by ``subject`` or ``account_id``) as it stands at
+    ``now``, or None when there is none (or no event yet)."""
+    key, value = ("subject", subject) if subject is not None else ("account_id", account_id)
+    row = conn.execute(_LATEST[key], {"client_id": client_id, "key": value,
+                                      "now": now}).first()
     if row is None:
         return None
     state, expires_at = row.state, row.expires_at
@@ -243,7 +249,8 @@ class DecisionPoint:
             grants: dict[str, _Latest | None] = {}
             for query in queries:
                 if query.subject_id not in grants:
-                    grants[query.subject_id] = _latest(conn, client_id, query.subject_id, now)
+                    grants[query.subject_id] = latest_state(conn, client_id, now,
+                                                            subject=query.subject_id)
                 grant = grants[query.subject_id]
                 decision, reason = _evaluate(query, grant)
                 decision_id = new_id()

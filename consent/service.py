@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from kernel.db import Database, utcnow
 
 from . import history
-from .decisions import DecisionPoint
+from .decisions import DecisionPoint, latest_state
 from .errors import NothingToWithdraw, RequiredClaimWithdrawal
 from .history import ConsentGrant, GrantedClaim
 from .ledger.ledger import Ledger
@@ -121,9 +121,11 @@ class ConsentService:
 
     def granted_claims(self, account_id: str, client_id: str,
                        now: datetime | None = None) -> set[str]:
-        """The claims this agency may receive now (ID token, access token, userinfo)."""
-        grant = self.current(account_id, client_id, now)
-        return set(grant.claims) if grant is not None and grant.valid else set()
+        """The claims this agency may receive now (ID token, access token, userinfo): one
+        indexed read of the record's last event (the same rules as :meth:`current`)."""
+        with self._db.reader() as conn:
+            state = latest_state(conn, client_id, now or self.clock(), account_id=account_id)
+        return set(state.claims) if state is not None and state.valid else set()
 
     def history(self, account_id: str, client_id: str) -> list[ConsentEvent]:
         with self._db.session() as s:

@@ -165,10 +165,13 @@ class ProviderServices:
         sector = PUBLIC_SECTOR if client.subject_type == "public" else client.sector_identifier
         return self.subjects.subject(sector, account_id)
 
-    def user_claims(self, client: AgencyClient, account_id: str, scope: str) -> dict[str, Any]:
+    def user_claims(self, client: AgencyClient, account_id: str, scope: str,
+                    attributes: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Claims for the ID token and userinfo: those of the scope that the citizen granted
         this agency (consent), under the agency's ``sub``."""
-        claims = claims_for_scope(self.accounts.attributes(account_id), scope)
+        if attributes is None:
+            attributes = self.accounts.attributes(account_id)
+        claims = claims_for_scope(attributes, scope)
         if self.consent is not None:
             claims = releasable(claims, self.consent.granted_claims(account_id, client.client_id))
         claims["sub"] = self.subject_for(client, account_id)

@@ -334,8 +334,10 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
             return resp
         record = hub.access_tokens.verify(value.strip())
         client = hub.agencies.client(record.client_id) if record else None
-        if (record is None or client is None or "openid" not in record.scope.split()
-                or not hub.accounts.exists(record.account_id)):
+        attributes = None
+        if record is not None and client is not None and "openid" in record.scope.split():
+            attributes = hub.accounts.live_attributes(record.account_id)  # None: deleted
+        if record is None or client is None or attributes is None:
             resp = jsonify(error="invalid_token",
                            error_description="The access token is invalid or expired")
             resp.status_code = 401
@@ -343,7 +345,7 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
                 'Bearer realm="civitas", error="invalid_token"'
             )
             return resp
-        resp = jsonify(hub.user_claims(client, record.account_id, record.scope))
+        resp = jsonify(hub.user_claims(client, record.account_id, record.scope, attributes))
         resp.headers["Cache-Control"] = "no-store"
         return resp
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import DateTime, MetaData, TypeDecorator, create_engine, event
 from sqlalchemy import exc as exc_mod
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 NAMING = {
@@ -81,6 +81,13 @@ class Database:
         """A unit of work: commits on success, rolls back on any error."""
         with self._factory() as session, session.begin():
             yield session
+
+    @contextmanager
+    def reader(self) -> Iterator[Connection]:
+        """A connection for reads that need no transaction of their own (each statement sees
+        what is committed when it runs): no BEGIN and ROLLBACK round trips around them."""
+        with self.engine.connect() as conn:
+            yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
     def dispose(self) -> None:
         self.engine.dispose()
