@@ -127,9 +127,10 @@ class AccountDirectory:
 
     def exists(self, account_id: str) -> bool:
         """True while the account exists and has not been deleted."""
-        with self._db.session() as s:
-            account = s.get(ConstituentAccount, account_id)
-            return account is not None and account.deleted_at is None
+        accounts = cast(Table, ConstituentAccount.__table__)
+        with self._db.reader() as conn:
+            return conn.execute(select(accounts.c.id).where(
+                accounts.c.id == account_id, accounts.c.deleted_at.is_(None))).first() is not None
 
     def account_for_credential(self, connector_id: str, upstream_subject: str) -> str | None:
         """The account a linked credential belongs to (an officer's lookup), if any."""
@@ -231,7 +232,7 @@ class AccountDirectory:
 
     def attributes(self, account_id: str) -> dict[str, Any]:
         """One value per attribute: the one from the highest-ranked source."""
-        return {r.name: r.value for r in self.attribute_records(account_id) if r.released}
+        return self.live_attributes(account_id) or {}
 
     def live_attributes(self, account_id: str) -> dict[str, Any] | None:
         """:meth:`attributes` of an account that exists and is not deleted, else None: the

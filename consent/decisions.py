@@ -168,8 +168,8 @@ def _latest_event_query(key: str) -> Select[Any]:
                .where(earlier.c.record_id == r.id, earlier.c.receipt_id.is_not(None),
                       earlier.c.at <= bindparam("now"))
                .order_by(earlier.c.seq.desc()).limit(1).scalar_subquery())
-    return (select(r.id, r.account_id, e.state, e.claims, e.expires_at,
-                   receipt.label("receipt_id"))
+    return (select(r.id, r.account_id, e.state, e.claims, e.expires_at, e.notice_version,
+                   e.declined, receipt.label("receipt_id"))
             .select_from(_RECORDS.join(_EVENTS, e.record_id == r.id))
             .where(r.client_id == bindparam("client_id"), r[key] == bindparam("key"),
                    e.at <= bindparam("now"))
@@ -180,7 +180,7 @@ _LATEST = {key: _latest_event_query(key) for key in ("subject", "account_id")}
 
 
 @dataclass(frozen=True)
-class _Latest:
+class LatestState:
     """A record's state for a decision at ``now``: :func:`history.state_at` reduced to what
     an answer needs (same rules: expiry at its time, no claims unless valid)."""
 
@@ -190,6 +190,8 @@ class _Latest:
     claims: Mapping[str, GrantedClaim]
     receipt_id: str | None
     expires_at: datetime | None
+    notice_version: str
+    declined: frozenset[str]
 
     @property
     def valid(self) -> bool:
@@ -197,7 +199,7 @@ class _Latest:
 
 
 def latest_state(conn: Connection, client_id: str, now: datetime, *,
-                 subject: str | None = None, account_id: str | None = None) -> _Latest | None:
+                 subject: str | None = None, account_id: str | None = None) -> LatestState | None:
     """The agency's record of one citizen (by ``subject`` or ``account_id``) as it stands at
     ``now``, or None when there is none (or no event yet)."""
     key, value = ("subject", subject) if subject is not None else ("account_id", account_id)
@@ -211,11 +213,12 @@ def latest_state(conn: Connection, client_id: str, now: datetime, *,
         state = "expired"
     elif state in history.VALID_STATES:
         claims = {name: GrantedClaim.from_json(name, data) for name, data in row.claims.items()}
-    return _Latest(record_id=row.id, account_id=row.account_id, state=state, claims=claims,
-                   receipt_id=row.receipt_id, expires_at=expires_at)
+    return LatestState(record_id=row.id, account_id=row.account_id, state=state, claims=claims,
+                   receipt_id=row.receipt_id, expires_at=expires_at,
+                   notice_version=row.notice_version, declined=frozenset(row.declined))
 
 
-def _evaluate(query: EvaluationQuery, grant: _Latest | None) -> tuple[bool, str]:
+def _evaluate(query: EvaluationQuery, grant: LatestState | None) -> tuple[bool, str]:
     if query.subject_type != "user":
         return False, "unsupported_subject_type"
     if query.resource_type != "claim":
@@ -246,7 +249,7 @@ class DecisionPoint:
         rows: list[dict[str, Any]] = []
         entries: list[tuple[str, dict[str, Any]]] = []
         with self._db.engine.begin() as conn:
-            grants: dict[str, _Latest | None] = {}
+            grants: dict[str, LatestState | None] = {}
             for query in queries:
                 if query.subject_id not in grants:
                     grants[query.subject_id] = latest_state(conn, client_id, now,

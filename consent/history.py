@@ -117,7 +117,7 @@ def state_at(record: ConsentRecord, events: Sequence[ConsentEvent],
     )
 
 
-def needs_consent(grant: ConsentGrant | None, policy: AgencyPolicy,
+def needs_consent(grant: Askable | None, policy: AgencyPolicy,
                   requested: Iterable[str] | None) -> bool:
     """True when the consent page must be shown before the agency gets an answer.
 
@@ -179,6 +179,16 @@ class Evaluable(Protocol):
 
     @property
     def valid(self) -> bool: ...
+
+
+class Askable(Evaluable, Protocol):
+    """What :func:`needs_consent` reads of a grant besides :class:`Evaluable`."""
+
+    @property
+    def notice_version(self) -> str: ...
+
+    @property
+    def declined(self) -> frozenset[str]: ...
 
 
 def evaluate(grant: Evaluable | None, claim: str, purpose: str) -> tuple[bool, str]:

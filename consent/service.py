@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from kernel.db import Database, utcnow
 
 from . import history
-from .decisions import DecisionPoint, latest_state
+from .decisions import DecisionPoint, LatestState, latest_state
 from .errors import NothingToWithdraw, RequiredClaimWithdrawal
 from .history import ConsentGrant, GrantedClaim
 from .ledger.ledger import Ledger
@@ -116,15 +116,21 @@ class ConsentService:
                       requested_claims: Iterable[str] | None,
                       now: datetime | None = None) -> bool:
         """Must the consent page be shown? (see :func:`consent.history.needs_consent`)."""
-        return history.needs_consent(self.current(account_id, policy.client_id, now), policy,
+        return history.needs_consent(self.latest(account_id, policy.client_id, now), policy,
                                      requested_claims)
+
+    def latest(self, account_id: str, client_id: str,
+               now: datetime | None = None) -> LatestState | None:
+        """The record's state now, in one indexed read: what answers need (granted claims,
+        validity, notice version, declined claims), not the whole history."""
+        with self._db.reader() as conn:
+            return latest_state(conn, client_id, now or self.clock(), account_id=account_id)
 
     def granted_claims(self, account_id: str, client_id: str,
                        now: datetime | None = None) -> set[str]:
         """The claims this agency may receive now (ID token, access token, userinfo): one
         indexed read of the record's last event (the same rules as :meth:`current`)."""
-        with self._db.reader() as conn:
-            state = latest_state(conn, client_id, now or self.clock(), account_id=account_id)
+        state = self.latest(account_id, client_id, now)
         return set(state.claims) if state is not None and state.valid else set()
 
     def history(self, account_id: str, client_id: str) -> list[ConsentEvent]:

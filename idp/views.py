@@ -236,7 +236,7 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
         assert hub.consent is not None
         offered = policy.offered(frozenset(wanted))
         return (bool(offered) and all(c.lawful_basis != "consent" for c in offered)
-                and hub.consent.current(account_id, policy.client_id) is None)
+                and hub.consent.latest(account_id, policy.client_id) is None)
 
     def pending_consent(request_id: str, *, remove: bool) -> tuple[Any, Any, HubLogin, Any]:
         login = active_login()

@@ -14,6 +14,7 @@ the check would catch its loss. bench/decision_scale.py measures the latency its
 from __future__ import annotations
 
 import base64
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -94,7 +95,7 @@ def reads(statements: list[Statement]) -> list[Statement]:
 
 
 def touches(statement: Statement, table: str) -> bool:
-    return f"FROM {table}" in statement.sql or f"UPDATE {table}" in statement.sql
+    return re.search(rf"\b(FROM|JOIN|UPDATE)\s+{table}\b", statement.sql) is not None
 
 
 def decision_statements(loaded: Loaded) -> list[Statement]:

@@ -14,8 +14,12 @@ fault and names its line:
 * a consistency proof that fails, or a tree that disagrees with a checkpoint the auditor
   kept from before (``trusted``): history rewritten after that checkpoint.
 
-The hot loop works on runs of entry lines with one list comprehension per step (slice, hash,
-compare) and falls back to a line-by-line parse only to explain a fault.
+The hot loop (:mod:`.scan`) works on runs of entry lines with one list comprehension per step
+(slice, hash, compare) and falls back to a line-by-line parse only to explain a fault. A large
+file is verified by several processes at once, each taking a range of its bytes
+(:func:`.scan.scan_chunk`); this process folds their subtree roots into the tree in file order
+and checks the other lines itself, and when a worker's fast checks fail it verifies from that
+line on by itself, so a fault is named exactly as a sequential pass names it.
 """
 
 from __future__ import annotations
@@ -24,20 +28,17 @@ import base64
 import binascii
 import hashlib
 import json
-import re
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import IO, Any
 
 from . import merkle
 from .errors import NoteError, VerificationFailed
 from .export import ENTRY_PREFIX, FORMAT
 from .note import Checkpoint, NoteVerifier
-
-_SEP = b'","index":'
-_ENTRY_AT = b',"entry":'
-_METAS = re.compile(rb'(?:\d+,"seq":\d+\n)*\d+,"seq":\d+')
-_BLOCK = 1 << 20
+from .scan import BLOCK, ENTRY_AT, Run, entry_leaves, plan_chunks, scan_chunk
 
 
 @dataclass
@@ -50,6 +51,7 @@ class VerifyReport:
     consistency_proofs: int = 0
     trusted_checked: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    workers: int = 1  # processes that hashed the entries
 
 
 @dataclass
@@ -83,21 +85,44 @@ class ExportVerifier:
         self._before_last: _Signed | None = None
         self._ended = False
 
+    @property
+    def trusted_sizes(self) -> tuple[int, ...]:
+        """Tree sizes the entries must be checked at (the trusted checkpoints')."""
+        return tuple(sorted(self._trusted))
+
     # -- driving -----------------------------------------------------------------------------
 
     def feed(self, lines: list[bytes]) -> None:
         """Verify complete lines (without their newlines)."""
+        is_entry = list(map(bytes.startswith, lines, repeat(ENTRY_PREFIX)))
         i, n = 0, len(lines)
         while i < n:
-            if lines[i].startswith(ENTRY_PREFIX):
-                j = i + 1
-                while j < n and lines[j].startswith(ENTRY_PREFIX):
-                    j += 1
-                self._entries(lines[i:j])
+            if is_entry[i]:
+                try:
+                    j = is_entry.index(False, i)
+                except ValueError:
+                    j = n
+                self._entries(lines[i:j] if j - i < n else lines)
                 i = j
             else:
                 self._other(lines[i])
                 i += 1
+
+    def absorb(self, run: Run) -> bool:
+        """Take a run of entries a worker verified (:func:`.scan.scan_chunk`); False, and
+        nothing done, if it does not continue the tree here: the caller then feeds the lines
+        from ``run.offset`` on to name the fault."""
+        size = self._edge.size
+        if (self._header is None or self._ended or run.first != size
+                or (self._stops and self._stops[0] < size + run.count)):
+            return False
+        for level, node in run.nodes:
+            self._edge.push(level, node)
+        self._line += run.count
+        self.report.entries += run.count
+        if self._stops and self._stops[0] == self._edge.size:
+            self._check_trusted_inside(self._stops.pop(0))
+        return True
 
     def finish(self) -> VerifyReport:
         if self._header is None:
@@ -128,26 +153,10 @@ class ExportVerifier:
         first_line = self._line + 1
         lo = self._edge.size
         count = len(lines)
-        try:
-            at = [line.index(_ENTRY_AT, 98) for line in lines]
-        except ValueError:
+        leaves = entry_leaves(lines, lo)
+        if leaves is None:
             self._explain(lines, first_line)
-            raise AssertionError("unreachable") from None  # pragma: no cover
-        metas = b"\n".join([line[98:p] for line, p in zip(lines, at, strict=True)])
-        indices = [m.partition(b",")[0] for m in metas.split(b"\n")]
-        sha = hashlib.sha256
-        leaves = [sha(b"\x00" + line[p + 9:-1]).digest() for line, p in zip(lines, at,
-                                                                            strict=True)]
-        try:
-            claimed = binascii.unhexlify(b"".join([line[24:88] for line in lines]))
-        except (binascii.Error, ValueError):
-            claimed = b""
-        if (b"".join([line[88:98] for line in lines]) != _SEP * count
-                or not _METAS.fullmatch(metas)
-                or indices != [b"%d" % i for i in range(lo, lo + count)]
-                or claimed != b"".join(leaves)
-                or b"".join([line[-1:] for line in lines]) != b"}" * count):
-            self._explain(lines, first_line)
+            raise AssertionError("unreachable")  # pragma: no cover
         for level, start in merkle.aligned_blocks(lo, lo + count):
             block = leaves[start - lo:start - lo + (1 << level)]
             self._edge.push(level, block[0] if level == 0 else merkle.perfect_root(block))
@@ -167,7 +176,7 @@ class ExportVerifier:
             if not isinstance(idx, int) or idx != index + offset:
                 raise VerificationFailed(where, f"entry index {idx} where {index + offset} was "
                                          "expected: an entry was removed, inserted or moved")
-            p = line.find(_ENTRY_AT, 98)
+            p = line.find(ENTRY_AT, 98)
             text = line[p + 9:-1] if p > 0 else b""
             if not isinstance(leaf, str) or hashlib.sha256(b"\x00" + text).hexdigest() != leaf:
                 raise VerificationFailed(where, f"entry {idx} was altered: its text does not "
@@ -320,17 +329,51 @@ class ExportVerifier:
 
 
 def verify_export(stream: IO[bytes], public_key: str, *, trusted: Sequence[str] = (),
-                  progress: Callable[[int], None] | None = None) -> VerifyReport:
+                  progress: Callable[[int], None] | None = None,
+                  workers: int | None = None) -> VerifyReport:
     """Verify an export read from ``stream``; raises :class:`VerificationFailed`.
-    ``progress(bytes_read)`` is called after each block."""
+    ``progress(bytes_read)`` is called after each block. A regular file of
+    :data:`.scan.PARALLEL_FROM` bytes or more is verified by ``workers`` processes (default:
+    one per CPU this process may use); ``workers=1`` keeps to this process."""
     try:
         key = NoteVerifier.parse(public_key)
     except NoteError as exc:
         raise VerificationFailed(0, f"public key: {exc}") from None
     verifier = ExportVerifier(key, trusted)
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    plan = plan_chunks(stream, workers, verifier.trusted_sizes)
+    if plan is None:
+        _feed(verifier, stream, progress, 0)
+        return verifier.finish()
+    context, tasks = plan
+    base = tasks[0].start
+    verifier.report.workers = workers
+    with context.Pool(workers) as pool:
+        for task, chunk in zip(tasks, pool.imap(scan_chunk, tasks), strict=True):
+            fault = chunk.fault
+            for event in chunk.events:
+                if isinstance(event, Run):
+                    if not verifier.absorb(event):
+                        fault = event.offset
+                        break
+                else:
+                    verifier.feed([event])
+            if fault is not None:
+                pool.terminate()
+                stream.seek(fault)
+                _feed(verifier, stream, progress, fault - base)
+                return verifier.finish()
+            if progress is not None:
+                progress(task.end - base)
+    return verifier.finish()
+
+
+def _feed(verifier: ExportVerifier, stream: IO[bytes], progress: Callable[[int], None] | None,
+          done: int) -> None:
+    """Verify the rest of ``stream`` in this process, a block at a time."""
     rest = b""
-    done = 0
-    while block := stream.read(_BLOCK):
+    while block := stream.read(BLOCK):
         done += len(block)
         lines = (rest + block).split(b"\n")
         rest = lines.pop()
@@ -339,4 +382,3 @@ def verify_export(stream: IO[bytes], public_key: str, *, trusted: Sequence[str] 
             progress(done)
     if rest:
         verifier.feed([rest])
-    return verifier.finish()
