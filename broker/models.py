@@ -52,8 +52,8 @@ class AccountAttribute(Base):
 
     __tablename__ = "account_attributes"
     __table_args__ = (
+        # also the index of lookups by account (it leads with account_id; migration 0009)
         UniqueConstraint("account_id", "name", "source_connector"),
-        Index("ix_account_attributes_account", "account_id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
