@@ -3,6 +3,7 @@ config mapping. Servers start once per session, on 127.0.0.1 only, and stop at t
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -51,19 +52,23 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/conformance.db"
         return
-    yield from fresh_pg_database(request.getfixturevalue("postgres_url"))
+    with fresh_pg_database(request.getfixturevalue("postgres_url")) as url:
+        yield url
 
 
 @pytest.fixture
 def pg_database_url(postgres_url: str) -> Iterator[str]:
     """A fresh, empty database on the real PostgreSQL only."""
-    yield from fresh_pg_database(postgres_url)
+    with fresh_pg_database(postgres_url) as url:
+        yield url
 
 
-def fresh_pg_database(base: str) -> Iterator[str]:
+@contextlib.contextmanager
+def fresh_pg_database(base: str, prefix: str = "t_") -> Iterator[str]:
+    """A new database on the server of ``base`` (a URL), dropped afterwards."""
     from sqlalchemy import create_engine, text
 
-    name = "t_" + secrets.token_hex(6)
+    name = prefix + secrets.token_hex(6)
     admin = create_engine(base, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))

@@ -66,6 +66,14 @@ def _give_to(user: str) -> Callable[[Path], None]:
     return give
 
 
+def _writable_as(user: str, directory: Path) -> bool:
+    """Give ``directory`` to ``user`` and check that ``user`` can write it: a tmpdir may sit
+    under a 0700 root-owned dir (pytest's tmp_path does)."""
+    _give_to(user)(directory)
+    check = ["runuser", "-u", user, "--", "test", "-w", str(directory)]
+    return subprocess.run(check, timeout=10).returncode == 0
+
+
 def _keep(path: Path) -> None:
     """Not root: files already belong to the user the service runs as."""
 
@@ -715,12 +723,7 @@ def run_slapd(tmpdir: str | os.PathLike[str], *, tls: bool = False) -> Iterator[
     cleanup_base: Path | None = None
 
     def usable(directory: Path) -> bool:
-        if not as_root:
-            return True
-        give_to_openldap(directory)
-        # tmpdir may sit under a 0700 root-owned dir (pytest's tmp_path does).
-        check = ["runuser", "-u", "openldap", "--", "test", "-w", str(directory)]
-        return subprocess.run(check, timeout=10).returncode == 0
+        return not as_root or _writable_as("openldap", directory)
 
     try:
         if not usable(base):
@@ -862,7 +865,6 @@ def run_nginx(
 
     as_root = os.geteuid() == 0
     worker_user = "www-data" if as_root else None
-    give_to_workers = _give_to("www-data") if as_root else _keep
 
     base = _unique_path(tmpdir, "nginx")
     base.mkdir(parents=True)
@@ -871,12 +873,7 @@ def run_nginx(
     cleanup_temp: Path | None = None
 
     def usable(directory: Path) -> bool:
-        if not as_root:
-            return True
-        give_to_workers(directory)
-        # tmpdir may sit under a 0700 root-owned dir (pytest's tmp_path does).
-        check = ["runuser", "-u", "www-data", "--", "test", "-w", str(directory)]
-        return subprocess.run(check, timeout=10).returncode == 0
+        return not as_root or _writable_as("www-data", directory)
 
     try:
         temp_dir.mkdir()

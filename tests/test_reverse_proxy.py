@@ -42,7 +42,7 @@ from requests.adapters import HTTPAdapter
 
 from civitas.cli import main
 from tests import servers
-from tests.conftest import hub_config
+from tests.conftest import fresh_pg_database, hub_config
 from tests.flows import AGENCY_ONE, UPSTREAM_CLIENT_ID, UPSTREAM_SECRET, AuthRequest, query
 
 REPO = servers.REPO_ROOT
@@ -410,22 +410,6 @@ def render_nginx_conf(*, https_port: int, http_port: int, hub_port: int, cert: P
     return text
 
 
-@contextlib.contextmanager
-def fresh_database(postgres_url: str) -> Iterator[str]:
-    from sqlalchemy import create_engine, text
-
-    name = "proxy_" + secrets.token_hex(6)
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield postgres_url.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 def distinct_ports(n: int) -> list[int]:
     ports: set[int] = set()
     while len(ports) < n:
@@ -478,7 +462,7 @@ def proxied(tmp_path_factory: pytest.TempPathFactory, postgres_url: str,
                    "redirect_uris": [f"{issuer}/login/op/callback"]}]
     with contextlib.ExitStack() as stack:
         op_issuer = stack.enter_context(servers.run_upstream_op(tmp, op_clients))
-        db_url = stack.enter_context(fresh_database(postgres_url))
+        db_url = stack.enter_context(fresh_pg_database(postgres_url, "proxy_"))
         settings = hub_config(op_issuer, db_url, issuer=issuer, redis_url=redis_url,
                               trusted_proxy_hops=1, admin_api_token=ADMIN_TOKEN)
         hub_log = stack.enter_context(servers.run_hub(tmp, settings, hub_port, workers=2))
@@ -609,7 +593,7 @@ def unproxied(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     tmp = tmp_path_factory.mktemp("unproxied")
     port = servers.free_port()
     workers = 1 if request.param == "waitress" else 2
-    with fresh_database(postgres_url) as db_url:
+    with fresh_pg_database(postgres_url, "proxy_") as db_url:
         settings = hub_config("http://127.0.0.1:9", db_url, upstreams=[],
                               issuer=f"http://127.0.0.1:{port}", redis_url=redis_url,
                               trusted_proxy_hops=0, admin_api_token=ADMIN_TOKEN)
