@@ -21,6 +21,7 @@ import html
 import json
 import os
 import queue
+import random
 import re
 import secrets
 import shutil
@@ -311,6 +312,25 @@ def rss_of(pid: int) -> float:
 
 # -- main ------------------------------------------------------------------------------------
 
+def load_citizens(config: dict, accounts: int, events: int) -> list[tuple[str, str]]:
+    """Scenario 6 on a populated database: add bench/load_data.py's 50 agencies to the
+    hub's settings, load the citizens (COPY, rows the real code writes), VACUUM ANALYZE,
+    and return (client_id, subject) pairs of loaded records to ask about."""
+    from bench.load_data import analyze, bench_agencies, load, start_hub
+    from config import settings_from_mapping
+
+    config["agencies"] = config["agencies"] + bench_agencies(50)
+    app = start_hub(settings_from_mapping(config))
+    hub = app.extensions["civitas"]
+    print(f"loading {accounts:,} citizens and ~{events:,} consent events ...", flush=True)
+    result = load(hub, accounts=accounts, events=events, seed=7,
+                  progress=lambda line: print(line, flush=True))
+    analyze(hub)
+    print(result.report(), flush=True)
+    hub.db.dispose()
+    return result.sample
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--workers", type=int, default=2)
@@ -325,6 +345,11 @@ def main() -> int:
                     help="seconds allowed for minting one list")
     ap.add_argument("--consent-agencies", type=int, default=8,
                     help="agencies the decision load is spread over")
+    ap.add_argument("--load-accounts", type=int, default=0,
+                    help="scenario 6: load this many citizens first (bench/load_data.py), "
+                         "e.g. 1000000, and spread the decisions over them")
+    ap.add_argument("--load-events", type=int, default=None,
+                    help="consent events to load with them (default: 10 per citizen)")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args()
@@ -372,6 +397,10 @@ def main() -> int:
                             "decision_per_agency": 0, "decision_per_address": 0,
                             "login_per_address": 0},
         }
+        loaded_sample: list[tuple[str, str]] = []
+        if args.load_accounts and "6" in wanted:
+            loaded_sample = load_citizens(config, args.load_accounts,
+                                          args.load_events or 10 * args.load_accounts)
         cfg_path = workdir / "civitas.yaml"
         cfg_path.write_text(yaml.safe_dump(config))
         cfg_path.chmod(0o600)
@@ -555,6 +584,17 @@ def main() -> int:
 
             with ThreadPoolExecutor(8) as ex:
                 subjects = list(ex.map(subject_of, deciders))
+            if loaded_sample:
+                # the loaded citizens: many agencies, records of every shape, and as many
+                # subjects that no agency knows (deny without a record)
+                secrets_of = {a["client_id"]: a["client_secret"] for a in config["agencies"]
+                              if "client_secret" in a}
+                rng = random.Random(11)
+                picked = rng.sample(loaded_sample, min(2000, len(loaded_sample)))
+                subjects = [(TestAgency(cid, secrets_of[cid], "", cid), sub)
+                            for cid, sub in picked]
+                subjects += [(agency, secrets.token_urlsafe(32)) for agency, _ in
+                             subjects[:len(subjects)]]
             claims = ["name", "given_name", "family_name", "email"]
             singles, batches = [], []
             for agency, sub in subjects:
