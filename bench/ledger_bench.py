@@ -1,7 +1,7 @@
 """Ledger throughput: append, seal, export and offline verify, with verify's peak memory.
 
     .venv/bin/python bench/ledger_bench.py [--entries N] [--threads T] [--single S]
-                                           [--database-url URL] [--keep DIR]
+                                           [--database-url URL] [--keep DIR] [--workers W]
 
 Appends go through the real :class:`consent.ledger.Ledger` into SQLite (or ``--database-url``):
 ``S`` single appends, each its own transaction, from ``T`` threads (the decision API's
@@ -10,6 +10,8 @@ entry rides in its own commit); then the rest of the ``N`` entries in batches of
 fill the ledger quickly. The sealer then seals everything (checkpoints every 100,000 entries),
 the export writes JSON Lines, and verification runs in a child process so its peak RSS is its
 own; a second verify of a smaller window shows that memory does not grow with the export.
+Verify runs twice on the full export: in one process, then with ``W`` worker processes (default:
+one per CPU), which is what ``civitas audit verify`` does with a large file.
 """
 
 from __future__ import annotations
@@ -36,14 +38,15 @@ from kernel.db import Base, Database, utcnow  # noqa: E402
 TABLES = ["ledger_entries", "ledger_checkpoints", "ledger_nodes", "ledger_keys"]
 
 VERIFY = """
-import sys, time
+import resource, sys, time
 from consent.ledger.verify import verify_export
 t = time.perf_counter()
 with open(sys.argv[1], "rb") as f:
-    report = verify_export(f, open(sys.argv[2]).read().strip())
+    report = verify_export(f, open(sys.argv[2]).read().strip(), workers=int(sys.argv[3]) or None)
 elapsed = time.perf_counter() - t
 status = open("/proc/self/status").read().split("VmHWM:")[1].split()[0]
-print(report.entries, elapsed, int(status) / 1024)
+worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(report.entries, elapsed, int(status) / 1024, report.workers, worker)
 """
 
 
@@ -56,13 +59,28 @@ def rate(n: int, seconds: float) -> str:
     return f"{n / seconds:>12,.0f} entries/s  ({n:,} in {seconds:.1f} s)"
 
 
-def verify_child(path: Path, key_file: Path) -> tuple[int, float, float]:
-    """Verify in a fresh interpreter: entries, seconds, and that process's own peak RSS
-    in MiB (VmHWM: getrusage's maxrss would carry the forking parent's over the exec)."""
-    out = subprocess.run([sys.executable, "-c", VERIFY, str(path), str(key_file)],
+def verify_child(path: Path, key_file: Path, workers: int = 0
+                 ) -> tuple[int, float, float, int, float]:
+    """Verify in a fresh interpreter: entries, seconds, that process's own peak RSS in MiB
+    (VmHWM: getrusage's maxrss would carry the forking parent's over the exec), how many
+    processes hashed, and the largest worker's peak RSS (pages it shares with the parent it
+    was forked from included)."""
+    out = subprocess.run([sys.executable, "-c", VERIFY, str(path), str(key_file), str(workers)],
                          check=True, capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout.split()
-    return int(out[0]), float(out[1]), float(out[2])
+    return int(out[0]), float(out[1]), float(out[2]), int(out[3]), float(out[4])
+
+
+def verify_all(full: Path, tenth: Path, key_file: Path, workers: int) -> None:
+    small, small_s, small_rss, _, _ = verify_child(tenth, key_file, 1)
+    count, seconds, rss, _, _ = verify_child(full, key_file, 1)
+    print(f"{'verify, one process:':<35}{rate(count, seconds)}")
+    print(f"{'verify peak RSS, one process:':<35}{rss:,.1f} MiB for {count:,} entries, "
+          f"{small_rss:,.1f} MiB for {small:,} entries (in {small_s:.1f} s)")
+    count, seconds, rss, used, worker_rss = verify_child(full, key_file, workers)
+    print(f"{f'verify, {used} processes:':<35}{rate(count, seconds)}")
+    print(f"{f'verify peak RSS, {used} processes:':<35}{rss:,.1f} MiB, largest worker "
+          f"{worker_rss:,.1f} MiB")
 
 
 def main() -> None:
@@ -73,7 +91,18 @@ def main() -> None:
                         help="single-transaction appends to time (default 10,000)")
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--keep", default=None, help="directory to keep the files in")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="verify processes for the second full verify (default: one per CPU)")
+    parser.add_argument("--verify-only", metavar="DIR", default=None,
+                        help="only verify the files a run with --keep DIR left there")
     args = parser.parse_args()
+    if args.verify_only:
+        kept = Path(args.verify_only)
+        print(f"ledger bench: verify only, {os.cpu_count()} CPUs, Python "
+              f"{sys.version.split()[0]}")
+        verify_all(kept / "export.jsonl", kept / "export-window.jsonl", kept / "pubkey.txt",
+                   args.workers)
+        return
     work = Path(args.keep or tempfile.mkdtemp(prefix="ledger-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     url = args.database_url or f"sqlite:///{work}/ledger.db"
@@ -144,11 +173,7 @@ def main() -> None:
         export_ledger(ledger, out, since=since or utcnow() - timedelta(0))
 
     # 6. verify offline, in child processes
-    small, small_s, small_rss = verify_child(tenth, key_file)
-    count, seconds, rss = verify_child(full, key_file)
-    print(f"verify:                            {rate(count, seconds)}")
-    print(f"verify peak RSS:                   {rss:,.1f} MiB for {count:,} entries, "
-          f"{small_rss:,.1f} MiB for {small:,} entries (in {small_s:.1f} s)")
+    verify_all(full, tenth, key_file, args.workers)
     db.dispose()
     if not args.keep:
         for f in work.iterdir():

@@ -642,3 +642,181 @@ def test_background_sealer_signs_on_a_schedule(sqlite_ledger):
     finally:
         sealer.stop()
     assert sealer.last.size == 6 == sqlite_ledger.latest_checkpoint().size
+
+
+# -- the fast path and the parallel verifier ----------------------------------------------------
+
+
+def test_span_is_a_compact_range_that_starts_anywhere():
+    import random
+
+    from consent.ledger.scan import Span
+
+    rng = random.Random(9162)
+    hashes = [merkle.leaf_hash(b"%d" % i) for i in range(300)]
+    for _ in range(200):
+        begin = rng.randrange(0, 200)
+        end = rng.randrange(begin, 300)
+        span = Span(begin)
+        at = begin
+        while at < end:  # in pieces of any size, as blocks of lines arrive
+            step = rng.randrange(1, 40)
+            span.extend(hashes[at:min(end, at + step)])
+            at = min(end, at + step)
+        assert span.end == end
+        assert span.nodes == [(level, merkle.perfect_root(hashes[s:s + (1 << level)]))
+                              for level, s in merkle.aligned_blocks(begin, end)]
+        whole, joined = merkle.CompactRange(), merkle.CompactRange()
+        joined.extend(hashes[:begin])
+        for level, node in span.nodes:
+            joined.push(level, node)
+        whole.extend(hashes[:end])
+        assert joined.root() == whole.root()
+
+
+def entry_line(index, seq, text, leaf=None):
+    leaf = merkle.leaf_hash(text).hex().encode() if leaf is None else leaf
+    return b'{"type":"entry","leaf":"%s","index":%d,"seq":%d,"entry":%s}' % (leaf, index, seq,
+                                                                              text)
+
+
+def test_entry_leaves_accepts_exactly_the_export_layout():
+    from consent.ledger.scan import entry_leaves
+
+    texts = [b'{"data":{"n":%d},"kind":"decision.query"}' % i for i in range(95, 105)]
+    lines = [entry_line(95 + i, 7 * i + 1, t) for i, t in enumerate(texts)]  # 99 -> 100
+    assert entry_leaves(lines, 95) == [merkle.leaf_hash(t) for t in texts]
+    assert entry_leaves(lines, 94) is None
+    line = lines[6]  # index 101
+    for bad in [line.replace(b'"index":101', b'"index":0101'),
+                line.replace(b'"seq":43', b'"seq":-43'),
+                line.replace(b'"seq":43', b'"seq":'),
+                line.replace(b'"seq":43', b'"seq":4a'),
+                line[:-1] + b" ",
+                line.replace(b'"leaf":"', b'"leaf":"A', 1)[:-1],
+                line.replace(b'"leaf":"%s' % line[24:26], b'"leaf":"%s' % line[24:26].upper()),
+                line.replace(b'{"type":"entry"', b'{"type": "entry"'),
+                line.replace(b',"entry":', b',"entry": '),
+                line.replace(b'"n":101', b'"n":102')]:
+        assert bad != line
+        assert entry_leaves(lines[:6] + [bad] + lines[7:], 95) is None, bad
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Send even a small file through the worker processes, in chunks of a few lines."""
+    from consent.ledger import scan
+
+    monkeypatch.setattr(scan, "PARALLEL_FROM", 0)
+    monkeypatch.setattr(scan, "CHUNK", 1500)
+    monkeypatch.setattr(scan, "BLOCK", 700)
+
+
+def verdicts(tmp_path, lines, key, **kwargs):
+    """Verify ``lines`` in this process and with two workers; both outcomes, which must be
+    the same report or the same failure."""
+    path = tmp_path / "export.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    outcomes = []
+    for workers in (1, 2):
+        try:
+            with open(path, "rb") as f:
+                report = verify_export(f, key, workers=workers, **kwargs)
+            assert report.workers == workers
+            report.workers = 1
+            outcomes.append(report)
+        except VerificationFailed as exc:
+            outcomes.append((exc.line, str(exc)))
+    assert outcomes[0] == outcomes[1]
+    return outcomes[0]
+
+
+@pytest.mark.parametrize("start", ["fork", "forkserver"])
+def test_workers_hash_every_entry_of_a_sound_file(tmp_path, sqlite_ledger, small_chunks,
+                                                  monkeypatch, start):
+    import multiprocessing
+
+    from consent.ledger import scan
+    from consent.ledger.verify import ExportVerifier
+
+    monkeypatch.setattr(scan, "_context", lambda: multiprocessing.get_context(start))
+    in_parent = []
+    monkeypatch.setattr(ExportVerifier, "_run", lambda self, lines: in_parent.append(lines))
+    total = sealed_in_batches(sqlite_ledger)
+    path = tmp_path / "whole.jsonl"
+    path.write_bytes(b"\n".join(exported(sqlite_ledger)))
+    seen = []
+    with open(path, "rb") as f:
+        report = verify_export(f, sqlite_ledger.public_key(), workers=2, progress=seen.append)
+    assert report.entries == total and report.workers == 2 and report.checkpoints == 5
+    assert in_parent == []  # no fallback to this process
+    assert seen == sorted(seen) and seen[-1] == path.stat().st_size and len(seen) > 20
+
+
+def test_workers_verify_like_one_process(tmp_path, sqlite_ledger, small_chunks):
+    sealed_in_batches(sqlite_ledger)
+    key = sqlite_ledger.public_key()
+    lines = exported(sqlite_ledger)
+    report = verify_export(io.BytesIO(b"\n".join(lines)), key)
+    assert verdicts(tmp_path, lines, key) == report
+
+    target = line_of(lines, b"pairwise-000100")
+    cp_line = line_of(lines, b'"type":"checkpoint","size":129')
+    text_ = lines[target][lines[target].index(b',"entry":') + 9:-1].replace(b"000100", b"000999")
+    impostor = NoteSigner(ORIGIN, NoteSigner.generate_private_key())
+    cases = {
+        "changed": lambda ls: ls[target].replace(b"pairwise-000100", b"pairwise-000101"),
+        "leaf": lambda ls: ls[target].replace(b'"leaf":"', b'"leaf":"0', 1).replace(
+            b'","index"', b'"index"', 1),
+        "index": lambda ls: ls[target].replace(b'"index":100', b'"index":1000'),
+        "deep": lambda ls: entry_line(100, 101, text_),
+        "forged": lambda ls: json.dumps({"type": "checkpoint", "size": 129, "note":
+            impostor.sign(Checkpoint(ORIGIN, 129, bytes(32)).body())}).encode(),
+        "garbage": lambda ls: b"not json",
+    }
+    for name, change in cases.items():
+        at = cp_line if name == "forged" else target
+        changed = list(lines)
+        changed[at] = change(changed)
+        line, message = verdicts(tmp_path, changed, key)
+        assert line == at + 1 or (name == "deep" and line == cp_line + 1), (name, message)
+    assert verdicts(tmp_path, lines[:target] + lines[target + 1:], key)[0] == target + 1
+    swapped = list(lines)
+    swapped[target], swapped[target + 1] = swapped[target + 1], swapped[target]
+    assert verdicts(tmp_path, swapped, key)[0] == target + 1
+    assert "truncated" in verdicts(tmp_path, lines[:cp_line], key)[1]
+    blank = lines[:target] + [b""] + lines[target:]
+    assert verdicts(tmp_path, blank, key)[0] == target + 1
+
+
+def test_workers_check_trusted_checkpoints_inside_their_range(tmp_path, sqlite_ledger,
+                                                              small_chunks):
+    sqlite_ledger.append_many(("decision.query", decision(i)) for i in range(77))
+    kept = sqlite_ledger.seal()
+    sqlite_ledger.append_many(("decision.query", decision(i)) for i in range(77, 300))
+    sqlite_ledger.seal()
+    key = sqlite_ledger.public_key()
+    lines = exported(sqlite_ledger)
+    report = verdicts(tmp_path, lines, key, trusted=[kept.note])
+    assert report.trusted_checked == [77] and report.entries == 300
+    # the hub's key signed another tree of 77 leaves: the roots must be checked at 77
+    fork = sqlite_ledger.signer().sign(Checkpoint(ORIGIN, 77, bytes(32)).body())
+    line, message = verdicts(tmp_path, lines, key, trusted=[fork])
+    assert line == line_of(lines, b'"index":76,') + 1
+    assert "do not match the trusted checkpoint" in message
+
+
+def test_workers_take_long_lines_and_a_file_without_its_last_newline(tmp_path, sqlite_ledger,
+                                                                    small_chunks):
+    sqlite_ledger.append_many(("decision.query", decision(i, request="r" * (i % 5) * 900))
+                              for i in range(60))
+    sqlite_ledger.seal()
+    key = sqlite_ledger.public_key()
+    lines = exported(sqlite_ledger)
+    assert max(map(len, lines)) > 3600 and lines[-1] == b""
+    assert verdicts(tmp_path, lines, key).entries == 60
+    assert verdicts(tmp_path, lines[:-1], key).entries == 60
+    long_one = max(range(len(lines)), key=lambda i: len(lines[i]))
+    changed = list(lines)
+    changed[long_one] = changed[long_one].replace(b"rrrr", b"rrrR", 1)
+    assert "was altered" in verdicts(tmp_path, changed, key)[1]

@@ -29,16 +29,29 @@ import binascii
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
+from multiprocessing.pool import AsyncResult, Pool
 from typing import IO, Any
 
 from . import merkle
 from .errors import NoteError, VerificationFailed
 from .export import ENTRY_PREFIX, FORMAT
 from .note import Checkpoint, NoteVerifier
-from .scan import BLOCK, ENTRY_AT, Run, entry_leaves, plan_chunks, scan_chunk
+from .scan import (
+    BLOCK,
+    ENTRY_AT,
+    Chunk,
+    ChunkTask,
+    Run,
+    Span,
+    entry_leaves,
+    freeze_imports,
+    plan_chunks,
+    scan_chunk,
+)
 
 
 @dataclass
@@ -157,9 +170,10 @@ class ExportVerifier:
         if leaves is None:
             self._explain(lines, first_line)
             raise AssertionError("unreachable")  # pragma: no cover
-        for level, start in merkle.aligned_blocks(lo, lo + count):
-            block = leaves[start - lo:start - lo + (1 << level)]
-            self._edge.push(level, block[0] if level == 0 else merkle.perfect_root(block))
+        span = Span(lo)
+        span.extend(leaves)
+        for level, node in span.nodes:
+            self._edge.push(level, node)
         self._line += count
         self.report.entries += count
 
@@ -349,8 +363,8 @@ def verify_export(stream: IO[bytes], public_key: str, *, trusted: Sequence[str] 
     context, tasks = plan
     base = tasks[0].start
     verifier.report.workers = workers
-    with context.Pool(workers) as pool:
-        for task, chunk in zip(tasks, pool.imap(scan_chunk, tasks), strict=True):
+    with context.Pool(workers, initializer=freeze_imports) as pool:
+        for task, chunk in _in_order(pool, tasks, 2 * workers):
             fault = chunk.fault
             for event in chunk.events:
                 if isinstance(event, Run):
@@ -367,6 +381,21 @@ def verify_export(stream: IO[bytes], public_key: str, *, trusted: Sequence[str] 
             if progress is not None:
                 progress(task.end - base)
     return verifier.finish()
+
+
+def _in_order(pool: Pool, tasks: list[ChunkTask], ahead: int
+              ) -> Iterator[tuple[ChunkTask, Chunk]]:
+    """The workers' results in file order, with at most ``ahead`` chunks handed out before
+    their turn: memory stays bounded even when this process is the slower one."""
+    queue: deque[tuple[ChunkTask, AsyncResult[Chunk]]] = deque()
+    for task in tasks:
+        queue.append((task, pool.apply_async(scan_chunk, (task,))))
+        if len(queue) >= ahead:
+            first, result = queue.popleft()
+            yield first, result.get()
+    while queue:
+        first, result = queue.popleft()
+        yield first, result.get()
 
 
 def _feed(verifier: ExportVerifier, stream: IO[bytes], progress: Callable[[int], None] | None,
