@@ -53,4 +53,4 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status == 200 else 1)"]
 
 ENTRYPOINT ["civitas-entrypoint"]
-CMD ["civitas", "serve", "--host", "0.0.0.0", "--port", "8000", "--workers", "4", "--threads", "8"]
+CMD ["civitas", "serve", "--host", "0.0.0.0", "--port", "8000", "--workers", "4", "--threads", "4"]

@@ -334,7 +334,7 @@ def load_citizens(config: dict, accounts: int, events: int) -> list[tuple[str, s
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--hub-threads", type=int, default=8, help="threads per hub worker")
+    ap.add_argument("--hub-threads", type=int, default=4, help="threads per hub worker")
     ap.add_argument("--duration", type=float, default=10, help="seconds per scenario (max)")
     ap.add_argument("--scenarios", default="1,2,3,4,5,6")
     ap.add_argument("--threads", type=int, default=2, help="wrk threads")
