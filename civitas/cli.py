@@ -77,22 +77,25 @@ def serve(ctx: click.Context, host: str, port: int, threads: int, workers: int,
     """Run the hub: waitress for one process, gunicorn for several."""
     settings = _settings(ctx)
     if workers > 1:
-        import tempfile
+        problems = shared_storage_problems(settings)
+        if problems:
+            raise click.ClickException(
+                f"--workers {workers} needs storage shared by every process:\n  - "
+                + "\n  - ".join(problems))
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            # prometheus-client chooses where metrics live when it is first imported, which
+            # importing this package has already done: start again with the directory set,
+            # so that every worker writes there and /metrics adds them all up
+            import tempfile
 
-        # before prometheus-client is imported: every worker then writes to this directory
-        os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR",
-                              tempfile.mkdtemp(prefix="civitas-metrics-"))
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="civitas-metrics-")
+            os.execv(sys.executable, [sys.executable, "-m", "civitas.cli", *sys.argv[1:]])  # noqa: S606 (this program again)
     from .app import create_app
     from .observability import configure_json_logging
 
     if json_logs:
         configure_json_logging()
     if workers > 1:
-        problems = shared_storage_problems(settings)
-        if problems:
-            raise click.ClickException(
-                f"--workers {workers} needs storage shared by every process:\n  - "
-                + "\n  - ".join(problems))
         from .gunicorn_app import run_gunicorn
 
         click.echo(f"Civitas listening on http://{host}:{port} with {workers} workers "

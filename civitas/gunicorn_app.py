@@ -49,8 +49,9 @@ def limit_malloc_arenas(_server: Any = None, _worker: Any = None) -> None:
 
 def run_gunicorn(config_path: str | None, *, host: str, port: int, workers: int,
                  threads: int) -> None:
-    # Prometheus multiprocess mode: every worker writes its metrics to this directory
-    # (the CLI sets it before anything imports prometheus-client).
+    # Prometheus multiprocess mode: every worker writes its metrics to this directory, which
+    # must be set before prometheus-client is imported (`civitas serve` re-executes itself
+    # with it; a caller that imports this module itself sets it first).
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR",
                           tempfile.mkdtemp(prefix="civitas-metrics-"))
     HubApplication(config_path, {

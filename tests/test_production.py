@@ -89,7 +89,9 @@ def workers_hub(tmp_path_factory, upstream_issuer, postgres_url, redis_url):
     proc = subprocess.Popen(
         [sys.executable, "-m", "civitas.cli", "--config", str(path), "serve", "--workers", "2",
          "--threads", "2", "--port", str(HUB_PORT)], stdout=log, stderr=subprocess.STDOUT,
-        env=dict(os.environ), start_new_session=True)
+        # as an operator starts it: no metrics directory chosen beforehand
+        env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
+        start_new_session=True)
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -128,15 +130,19 @@ def browser_login(base: str, auth: AuthRequest) -> dict[str, str]:
     raise AssertionError("never reached the agency")
 
 
-def test_two_workers_serve_full_logins(workers_hub):
+def test_two_workers_serve_full_logins_and_consent_decisions(workers_hub):
     from concurrent.futures import ThreadPoolExecutor
 
     def pid(_: int) -> int:
         return int(requests.get(f"{workers_hub}/healthz", timeout=5).json()["pid"])
 
-    # with 2 threads per worker, 8 concurrent clients spill over to the second worker
+    # with 2 threads per worker, 8 concurrent clients spill over to the second worker once
+    # it has started (/readyz answers as soon as the first one has)
+    pids: set[int] = set()
+    deadline = time.monotonic() + 60
     with ThreadPoolExecutor(8) as pool:
-        pids = set(pool.map(pid, range(200)))
+        while len(pids) < 2 and time.monotonic() < deadline:
+            pids |= set(pool.map(pid, range(100)))
     assert len(pids) >= 2, "expected requests to reach both workers"
     for _ in range(4):
         auth = AuthRequest()
@@ -152,5 +158,28 @@ def test_two_workers_serve_full_logins(workers_hub):
             info = requests.get(f"{workers_hub}/userinfo", timeout=5,
                                 headers={"Authorization": f"Bearer {access}"})
             assert info.status_code == 200 and info.json()["email"] == "alice@example.org"
+        sub = info.json()["sub"]
+
+    # the consent decision API across workers: a client_credentials token minted by one
+    # worker is honoured by every worker, and every answer is the same
+    token = requests.post(f"{workers_hub}/token", timeout=10, auth=(
+        AGENCY_ONE.client_id, AGENCY_ONE.secret), data={
+        "grant_type": "client_credentials"}).json()["access_token"]
+    evaluation = {"subject": {"type": "user", "id": sub}, "action": {"name": "use"},
+                  "resource": {"type": "claim", "id": "email"},
+                  "context": {"purpose": "service-delivery"}}
+
+    def decide(_: int) -> tuple[int, bool, str]:
+        r = requests.post(f"{workers_hub}/access/v1/evaluation", json=evaluation, timeout=10,
+                          headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200, r.text
+        return r.json()["decision"], r.json()["context"]["reason"], r.headers["X-Request-Id"]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(decide, range(40)))
+    assert {(d, reason) for d, reason, _ in answers} == {(True, "consented")}
     metrics = requests.get(f"{workers_hub}/metrics", timeout=5).text
-    assert re.search(r'civitas_logins_total\{outcome="ok",upstream="op"\} [4-9]', metrics)
+    assert re.search(r'civitas_logins_total\{outcome="ok",upstream="op"\} [4-9]', metrics), \
+        [line for line in metrics.splitlines() if "logins" in line]
+    assert re.search(r'civitas_consent_decisions_total\{decision="permit"\} (4\d|[5-9]\d)',
+                     metrics), metrics
