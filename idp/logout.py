@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,56 +55,35 @@ class InvalidLogoutRequest(IdpError):
 
 
 class SessionParticipants:
-    """Which agencies took part in a hub session: ``sid-agencies:<sid>`` -> client ids.
+    """Which agencies took part in a hub session: the set ``sid-members:<sid>`` of client ids.
 
-    The entry is renewed for the session lifetime at every code issued under the session.
-    Adding is a read-modify-write under a short lock in the store (``put_new``), so agencies
-    issued codes at the same moment (a portal opening several agency frames) are all kept;
-    ``take`` is the store's atomic take.
+    Adding is the store's atomic set-add (one round trip; agencies issued codes at the same
+    moment, a portal opening several agency frames, are all kept) and renews the entry for
+    the session lifetime; ``take`` reads and deletes it atomically (logout happens once).
     """
 
-    PREFIX = "sid-agencies:"
+    PREFIX = "sid-members:"
+    #: where releases before the set lived (a JSON list under a lock), read on take until
+    #: those sessions have expired
+    LEGACY_PREFIX = "sid-agencies:"
 
-    def __init__(self, store: ShortLivedStore, *, ttl: int, lock_wait: float = 1.0) -> None:
+    def __init__(self, store: ShortLivedStore, *, ttl: int) -> None:
         self._store = store
         self._ttl = ttl
-        self._lock_wait = lock_wait
 
     def add(self, sid: str, client_id: str) -> None:
-        if not sid:
-            return
-        with self._locked(sid):
-            record = self._store.get(self.PREFIX + sid) or {}
-            client_ids = [c for c in record.get("client_ids", []) if isinstance(c, str)]
-            if client_id not in client_ids:
-                client_ids.append(client_id)
-            self._store.put(self.PREFIX + sid, {"client_ids": client_ids}, self._ttl)
+        if sid:
+            self._store.add_member(self.PREFIX + sid, client_id, self._ttl)
 
     def take(self, sid: str) -> list[str]:
-        """The session's agencies, forgotten as they are read (logout happens once)."""
-        record = self._store.take(self.PREFIX + sid) if sid else None
-        if record is None:
+        """The session's agencies, forgotten as they are read."""
+        if not sid:
             return []
-        return [c for c in record.get("client_ids", []) if isinstance(c, str)]
-
-    @contextmanager
-    def _locked(self, sid: str) -> Iterator[None]:
-        key = "sid-agencies-lock:" + sid
-        value = {"owner": secrets.token_hex(8)}
-        deadline = time.monotonic() + self._lock_wait
-        acquired = self._store.put_new(key, value, 5)
-        while not acquired and time.monotonic() < deadline:
-            time.sleep(0.005)
-            acquired = self._store.put_new(key, value, 5)
-        if not acquired:
-            # A holder that died leaves the lock for at most 5 s; recording without it risks
-            # losing a concurrent entry, which is better than failing the citizen's login.
-            log.warning("session participants lock not acquired; recording without it")
-        try:
-            yield
-        finally:
-            if acquired:
-                self._store.delete(key)
+        found = self._store.take_members(self.PREFIX + sid)
+        legacy = self._store.take(self.LEGACY_PREFIX + sid)
+        if legacy is not None:
+            found |= {c for c in legacy.get("client_ids", []) if isinstance(c, str)}
+        return sorted(found)
 
 
 @dataclass(frozen=True)

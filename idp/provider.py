@@ -247,9 +247,6 @@ class CodeGrant(grants.AuthorizationCodeGrant):
             "sid": login.sid,
         })
         self.hub.participants.add(login.sid, request.client.client_id)
-        if nonce:
-            self.hub.tokens.remember_nonce(request.client.client_id, nonce,
-                                           self.hub.tokens.code_lifetime)
 
     def query_authorization_code(self, code: str, client: AgencyClient
                                  ) -> AuthorizationCode | None:
@@ -419,7 +416,13 @@ class HubOpenIDCode(OpenIDCode):
         self.hub = hub
 
     def exists_nonce(self, nonce: str, request: OAuth2Request) -> bool:
-        return self.hub.tokens.nonce_seen(request.payload.client_id, nonce)
+        # Authlib asks twice per authorization request (consent grant, then response):
+        # the answer cannot change in between, so it is read once per request
+        seen = getattr(request, "_civitas_nonce_seen", None)
+        if seen is None:
+            seen = self.hub.tokens.nonce_seen(request.payload.client_id, nonce)
+            request._civitas_nonce_seen = seen  # noqa: SLF001
+        return bool(seen)
 
     def encode_id_token(self, token: dict[str, Any], request: OAuth2Request) -> str:
         client: AgencyClient = request.client

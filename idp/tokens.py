@@ -127,11 +127,18 @@ class TokenStore:
     # -- codes ----------------------------------------------------------------------------
 
     def save_code(self, code: str, record: dict[str, Any]) -> None:
+        """The code's record and its "issued" marker (kept as long as any token from the
+        code can live, so a replay can revoke them), and its nonce when it has one, in one
+        round trip."""
         code_hash = digest(code)
-        # Written first and kept as long as any token from the code can live.
-        self._store.put("code-issued:" + code_hash, {"at": int(time.time())},
-                        max(self.code_lifetime, self.access_token_lifetime))
-        self._store.put("code:" + code_hash, record, self.code_lifetime)
+        items: list[tuple[str, dict[str, Any], int]] = [
+            ("code-issued:" + code_hash, {"at": int(time.time())},
+             max(self.code_lifetime, self.access_token_lifetime)),
+            ("code:" + code_hash, record, self.code_lifetime)]
+        if record.get("nonce"):
+            items.append((self._nonce_key(record["client_id"], record["nonce"]), {},
+                          self.code_lifetime))
+        self._store.put_many(items)
 
     def take_code(self, code: str) -> AuthorizationCode | None:
         """Atomically take a code. A second take of a known code revokes its tokens."""
@@ -194,10 +201,11 @@ class TokenStore:
     # -- nonces ---------------------------------------------------------------------------
 
     def nonce_seen(self, client_id: str, nonce: str) -> bool:
-        return self._store.get(f"nonce:{client_id}:{digest(nonce)}") is not None
+        return self._store.get(self._nonce_key(client_id, nonce)) is not None
 
-    def remember_nonce(self, client_id: str, nonce: str, ttl: int) -> None:
-        self._store.put(f"nonce:{client_id}:{digest(nonce)}", {}, ttl)
+    @staticmethod
+    def _nonce_key(client_id: str, nonce: str) -> str:
+        return f"nonce:{client_id}:{digest(nonce)}"
 
     # -- client assertion ids -------------------------------------------------------------
 

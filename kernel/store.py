@@ -23,6 +23,18 @@ class ShortLivedStore(Protocol):
         """Store only if the key is absent; True when stored."""
         ...
 
+    def put_many(self, items: Sequence[tuple[str, JSON, int]]) -> None:
+        """``put`` of several (key, value, ttl) in one round trip."""
+        ...
+
+    def add_member(self, key: str, member: str, ttl: int) -> None:
+        """Add ``member`` to the set at ``key`` (atomic), renewing its expiry to ``ttl``."""
+        ...
+
+    def take_members(self, key: str) -> set[str]:
+        """Atomically read and delete the set at ``key`` (empty when absent)."""
+        ...
+
     def get(self, key: str) -> JSON | None: ...
 
     def get_many(self, keys: Sequence[str]) -> list[JSON | None]:
@@ -82,6 +94,25 @@ class MemoryStore:
         with self._lock:
             self._sweep()
             self._data[key] = (self._clock() + ttl, json.dumps(value))
+
+    def put_many(self, items: Sequence[tuple[str, JSON, int]]) -> None:
+        for key, value, ttl in items:
+            self.put(key, value, ttl)
+
+    def add_member(self, key: str, member: str, ttl: int) -> None:
+        with self._lock:
+            self._sweep()
+            current = self._live(key)
+            members = set(current) if isinstance(current, frozenset) else set()
+            self._data[key] = (self._clock() + ttl, frozenset(members | {member}))
+
+    def take_members(self, key: str) -> set[str]:
+        with self._lock:
+            current = self._live(key)
+            if current is None:
+                return set()
+            del self._data[key]
+        return set(current) if isinstance(current, frozenset) else set()
 
     def put_new(self, key: str, value: JSON, ttl: int) -> bool:
         with self._lock:
@@ -149,6 +180,25 @@ class RedisStore:
 
     def put(self, key: str, value: JSON, ttl: int) -> None:
         self._redis.set(self._k(key), json.dumps(value), ex=ttl)
+
+    def put_many(self, items: Sequence[tuple[str, JSON, int]]) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for key, value, ttl in items:
+            pipe.set(self._k(key), json.dumps(value), ex=ttl)
+        pipe.execute()
+
+    def add_member(self, key: str, member: str, ttl: int) -> None:
+        pipe = self._redis.pipeline(transaction=True)  # MULTI: never a set without expiry
+        pipe.sadd(self._k(key), member)
+        pipe.expire(self._k(key), ttl)
+        pipe.execute()
+
+    def take_members(self, key: str) -> set[str]:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.smembers(self._k(key))
+        pipe.delete(self._k(key))
+        members, _ = pipe.execute()
+        return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
 
     def put_new(self, key: str, value: JSON, ttl: int) -> bool:
         return bool(self._redis.set(self._k(key), json.dumps(value), ex=ttl, nx=True))

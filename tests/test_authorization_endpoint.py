@@ -490,6 +490,20 @@ def test_oidc_core_3_1_3_7_nonce_echoed_in_id_token(client):
     assert id_token_claims(client, auth, params["code"])["nonce"] == auth.nonce
 
 
+def test_a_nonce_is_used_once_per_agency_while_its_code_lives(client):
+    """OpenID Connect Core 15.5.2 (nonce against replay): the hub refuses a second
+    authorization request of the same agency with a nonce it has just issued a code for;
+    another nonce, or another agency with that nonce, goes through."""
+    first = AuthRequest(nonce="once-" + "n" * 20)
+    full_login(client, first)
+    again = AuthRequest(nonce=first.nonce)
+    assert_error_redirect(authorize(client, again), "invalid_request", again.state)
+    fresh = AuthRequest()
+    assert "code" in redirect_params(authorize(client, fresh))
+    other = AuthRequest(agency=AGENCY_TWO, nonce=first.nonce)
+    assert "code" in redirect_params(authorize(client, other))
+
+
 def test_rfc9207_iss_on_success_and_error_redirects(client):
     auth = AuthRequest()
     params = full_login(client, auth)

@@ -595,3 +595,12 @@ def test_participants_recorded_concurrently_are_all_kept(store):
         t.join()
     assert sorted(participants.take("sid-x")) == sorted(f"agency-{i}" for i in range(8))
     assert participants.take("sid-x") == []
+
+
+def test_participants_recorded_before_the_set_are_still_logged_out(store):
+    """Sessions from a release that kept a JSON list (under a lock) until they expire."""
+    participants = SessionParticipants(store, ttl=60)
+    store.put(SessionParticipants.LEGACY_PREFIX + "sid-old", {"client_ids": ["agency-a"]}, 60)
+    participants.add("sid-old", "agency-b")
+    assert participants.take("sid-old") == ["agency-a", "agency-b"]
+    assert participants.take("sid-old") == []
