@@ -159,13 +159,10 @@ class TokenStore:
                         self.access_token_lifetime)
 
     def mark_agency_revoked(self, account_id: str, client_id: str) -> None:
-        """Every access token this agency holds for this citizen, issued until now, dies."""
+        """Every access token this agency holds for this citizen, issued until now, dies
+        (read back by :meth:`access_token_record`)."""
         self._store.put(f"revoked-agency:{client_id}:{account_id}", {"at": time.time()},
                         self.access_token_lifetime)
-
-    def agency_revoked_since(self, account_id: str, client_id: str) -> float | None:
-        marker = self._store.get(f"revoked-agency:{client_id}:{account_id}")
-        return float(marker["at"]) if marker else None
 
     def is_marked_revoked(self, kind: str, value: str | None) -> bool:
         return bool(value) and self._store.get(f"revoked-{kind}:{value}") is not None
