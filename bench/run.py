@@ -67,19 +67,11 @@ def run_peer(tmpdir: Path, clients: list[dict], opaque: list[str]):
     log = tmpdir / "peer.log"
     env = dict(os.environ, NODE_ENV="production", CLIENTS=json.dumps(clients),
                OPAQUE_CLIENTS=json.dumps(opaque))
-    issuer: list[str] = []
-
-    def listening() -> bool:
-        for line in log.read_text(errors="replace").splitlines():
-            if line.startswith("LISTENING "):
-                issuer.append(line.split(" ", 1)[1].strip())
-                return True
-        return False
-
     with servers._process([shutil.which("node") or "node", str(PEER_MJS)], log, env=env,
                           cwd=ROOT / "bench") as proc:
-        servers._wait_until("peer", proc, log, listening, timeout=20)
-        yield issuer[0]
+        servers._wait_until("peer", proc, log,
+                            lambda: servers.announced_issuer(log) is not None, timeout=20)
+        yield str(servers.announced_issuer(log))
 SCOPES = ["openid", "profile", "email", "offline_access"]
 
 

@@ -446,20 +446,19 @@ def run_upstream_op(
     else:
         env.pop("USERS", None)
 
-    issuer: list[str] = []
-
-    def listening() -> bool:
-        # The OP prints `LISTENING <issuer>` once bound; it shares the log
-        # with stderr, so look for the line rather than read a pipe.
-        for line in log.read_text(errors="replace").splitlines():
-            if line.startswith("LISTENING "):
-                issuer.append(line.split(" ", 1)[1].strip())
-                return True
-        return False
-
     with _process([node, str(UPSTREAM_SERVER)], log, env=env, cwd=UPSTREAM_DIR) as proc:
-        _wait_until("upstream OP", proc, log, listening, timeout=20)
-        yield issuer[0]
+        _wait_until("upstream OP", proc, log, lambda: announced_issuer(log) is not None,
+                    timeout=20)
+        yield str(announced_issuer(log))
+
+
+def announced_issuer(log: Path) -> str | None:
+    """The issuer a node OP prints as `LISTENING <issuer>` once bound (it shares the log
+    with stderr, so the line is looked for rather than a pipe read)."""
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("LISTENING "):
+            return line.split(" ", 1)[1].strip()
+    return None
 
 
 # --------------------------------------------------------------------------

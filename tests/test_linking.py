@@ -26,15 +26,12 @@ LOW, HIGH = LOW_ACR, HIGH_ACR
 
 
 @pytest.fixture
-def app(upstream_issuer, tmp_path):
-    from civitas.app import create_app
-
+def config(upstream_issuer, tmp_path):
+    """Two upstreams (the conftest's ``app`` builds the hub from this)."""
     cfg = hub_config(upstream_issuer, f"sqlite:///{tmp_path}/link.db")
     cfg["upstreams"].append(bank_id_upstream(upstream_issuer))
     cfg["attribute_source_ranking"] = ["op-es", "op"]
-    app = create_app(cfg)
-    yield app
-    app.extensions["civitas"].db.dispose()
+    return cfg
 
 
 def csrf(client):
