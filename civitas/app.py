@@ -327,7 +327,8 @@ def _install_address_limits(app: Flask, hub: Hub) -> None:
     address is the peer's, or the one the trusted proxies give (``trusted_proxy_hops``)."""
     limits = hub.settings.rate_limits
     per_group = {"token": limits.token_per_address, "login": limits.login_per_address}
-    limiter = RateLimiter(hub.store, window_seconds=limits.window_seconds)
+    limiter = hub.server.hub.limiter  # the provider's: one window setting, one store
+    assert limiter is not None
 
     @app.before_request
     def _per_address() -> Response | tuple[str, int, dict[str, str]] | None:
