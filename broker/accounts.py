@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Row, Table, select
+from sqlalchemy import Row, Table, bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -23,6 +23,17 @@ from kernel.db import Database, utcnow
 
 from .errors import CredentialAlreadyLinked, LastCredential
 from .models import AccountAttribute, AccountEvent, ConstituentAccount, LinkedIdentity
+
+_ACCOUNTS = cast(Table, ConstituentAccount.__table__)
+_ATTRIBUTES = cast(Table, AccountAttribute.__table__)
+# The reads of every token, userinfo and login request, built once: SQLAlchemy then reuses
+# their compiled form without building and hashing a new statement each time.
+_EXISTS = select(_ACCOUNTS.c.id).where(_ACCOUNTS.c.id == bindparam("account_id"),
+                                       _ACCOUNTS.c.deleted_at.is_(None))
+_LIVE_ATTRIBUTES = (select(_ACCOUNTS.c.deleted_at, _ATTRIBUTES)
+                    .select_from(_ACCOUNTS.outerjoin(
+                        _ATTRIBUTES, _ATTRIBUTES.c.account_id == _ACCOUNTS.c.id))
+                    .where(_ACCOUNTS.c.id == bindparam("account_id")))
 
 
 @dataclass(frozen=True)
@@ -127,10 +138,8 @@ class AccountDirectory:
 
     def exists(self, account_id: str) -> bool:
         """True while the account exists and has not been deleted."""
-        accounts = cast(Table, ConstituentAccount.__table__)
         with self._db.reader() as conn:
-            return conn.execute(select(accounts.c.id).where(
-                accounts.c.id == account_id, accounts.c.deleted_at.is_(None))).first() is not None
+            return conn.execute(_EXISTS, {"account_id": account_id}).first() is not None
 
     def account_for_credential(self, connector_id: str, upstream_subject: str) -> str | None:
         """The account a linked credential belongs to (an officer's lookup), if any."""
@@ -237,14 +246,8 @@ class AccountDirectory:
     def live_attributes(self, account_id: str) -> dict[str, Any] | None:
         """:meth:`attributes` of an account that exists and is not deleted, else None: the
         account and its attributes in one read (userinfo's path)."""
-        accounts = cast(Table, ConstituentAccount.__table__)
-        attributes = cast(Table, AccountAttribute.__table__)
-        query = (select(accounts.c.deleted_at, attributes)
-                 .select_from(accounts.outerjoin(
-                     attributes, attributes.c.account_id == accounts.c.id))
-                 .where(accounts.c.id == account_id))
         with self._db.reader() as conn:
-            rows = conn.execute(query).all()
+            rows = conn.execute(_LIVE_ATTRIBUTES, {"account_id": account_id}).all()
         if not rows or rows[0].deleted_at is not None:
             return None
         best: dict[str, tuple[tuple[int, float], Any]] = {}

@@ -43,13 +43,32 @@ def _key(sid: str) -> str:
     return "session:" + hashlib.sha256(sid.encode()).hexdigest()
 
 
+class NoBrowserSession(StoreSession):
+    """The session of an endpoint whose callers are programs (token, userinfo, the decision
+    API, ...): a browser's cookie is neither read there nor acted on, which saves a store
+    round trip per request and keeps ambient browser credentials out of those endpoints."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def refuse(_self: Any) -> None:
+            raise RuntimeError("this endpoint has no browser session to write to")
+
+        self.on_update = refuse
+
+
 class StoreSessionInterface(SessionInterface):
-    def __init__(self, store: ShortLivedStore, *, lifetime: int, secure: bool) -> None:
+    def __init__(self, store: ShortLivedStore, *, lifetime: int, secure: bool,
+                 sessionless: tuple[str, ...] = ()) -> None:
         self.store = store
         self.lifetime = lifetime
         self.secure = secure
+        #: path prefixes of endpoints for programs, which get a :class:`NoBrowserSession`
+        self.sessionless = sessionless
 
     def open_session(self, app: Flask, request: Request) -> StoreSession:
+        if self.sessionless and request.path.startswith(self.sessionless):
+            return NoBrowserSession()
         sid = request.cookies.get(COOKIE_NAME)
         if sid and 20 <= len(sid) <= 100:
             data = self.store.get(_key(sid))
@@ -59,6 +78,8 @@ class StoreSessionInterface(SessionInterface):
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
         assert isinstance(session, StoreSession)
+        if isinstance(session, NoBrowserSession):
+            return
         if not session:
             if session.sid is not None and session.modified:
                 self.store.delete(_key(session.sid))

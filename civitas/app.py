@@ -198,8 +198,8 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
         PREFERRED_URL_SCHEME="https" if settings.is_https else "http",
     )
     app.session_interface = StoreSessionInterface(
-        hub.store, lifetime=settings.session_lifetime_seconds, secure=settings.is_https
-    )
+        hub.store, lifetime=settings.session_lifetime_seconds, secure=settings.is_https,
+        sessionless=_PROGRAM_PATHS)
     app.register_blueprint(broker_blueprint(
         hub.broker, on_logout=hub.logout.end_session,
         on_delete=lambda account_id: hub.consent.withdraw_all(account_id)))
@@ -402,6 +402,8 @@ def _install_error_pages(app: Flask) -> None:
 #: endpoints whose clients are programs: errors in JSON
 _JSON_PATHS = ("/token", "/introspect", "/revoke", "/userinfo", "/access/", "/admin/api",
                "/jwks", "/.well-known/")
+#: endpoints no browser session takes part in (they authenticate clients or bearer tokens)
+_PROGRAM_PATHS = (*_JSON_PATHS, "/healthz", "/readyz", "/metrics")
 
 
 def _is_unavailable(error: BaseException) -> bool:

@@ -259,10 +259,14 @@ class CodeGrant(grants.AuthorizationCodeGrant):
         """Nothing to do: the code was taken atomically when it was queried."""
 
     def authenticate_user(self, authorization_code: AuthorizationCode) -> HubLogin | None:
-        if not self.hub.accounts.exists(authorization_code.account_id):
+        # The account must still exist; its attributes come in the same read, and the ID
+        # token of this request is made from them (encode_id_token), not read again.
+        attributes = self.hub.accounts.live_attributes(authorization_code.account_id)
+        if attributes is None:
             return None
         if self.hub.tokens.is_marked_revoked("sid", authorization_code.sid):
             return None  # the hub session ended between the code and its redemption
+        self.request.civitas_attributes = attributes
         return HubLogin(account_id=authorization_code.account_id,
                         auth_time=authorization_code.auth_time, acr=authorization_code.acr,
                         amr=authorization_code.amr, upstream_id="", sid=authorization_code.sid)
@@ -429,7 +433,9 @@ class HubOpenIDCode(OpenIDCode):
         code: AuthorizationCode = request.authorization_code
         key = self.hub.keys.signing_key(client.id_token_signed_response_alg)
         now = int(time.time())
-        claims: dict[str, Any] = self.hub.user_claims(client, code.account_id, token["scope"])
+        claims: dict[str, Any] = self.hub.user_claims(
+            client, code.account_id, token["scope"],
+            attributes=getattr(request, "civitas_attributes", None))
         claims.update({
             "iss": self.hub.issuer,
             "aud": client.client_id,

@@ -506,3 +506,42 @@ def test_rfc6750_2_userinfo_token_in_query_string_is_not_accepted(browser, acces
     r = browser.get("/userinfo", query_string={"access_token": access_token})
     assert r.status_code == 401
     assert r.headers["WWW-Authenticate"] == 'Bearer realm="civitas"'
+
+
+# -- the account and the browser session at the token endpoint ---------------------------------
+
+
+def test_rfc6749_5_2_code_of_an_account_deleted_before_redemption_is_invalid_grant(browser, hub):
+    auth = AuthRequest()
+    code = new_code(browser, auth)
+    hub.accounts.delete(hub.accounts.account_for_credential("op", "alice-0001"))
+    assert_token_error(redeem(browser, auth, code), 400, "invalid_grant")
+
+
+def test_program_endpoints_neither_read_nor_write_the_browser_session(browser, hub, monkeypatch):
+    """A browser's cookie sent to /token, /userinfo, the decision API or /jwks is not looked
+    up (no store read) and no session cookie comes back; the session itself still works."""
+    reads: list[str] = []
+    real_get = hub.store.get
+    monkeypatch.setattr(hub.store, "get",
+                        lambda key: reads.append(key) or real_get(key))  # type: ignore[func-returns-value]
+    auth = AuthRequest()
+    code = new_code(browser, auth)
+    assert any(k.startswith("session:") for k in reads)  # /authorize reads it
+    reads.clear()
+    r = redeem(browser, auth, code)
+    token = assert_token_ok(r, auth, hub)["access_token"]
+    for response in (r, userinfo(browser, token), browser.get("/jwks"),
+                     browser.post("/access/v1/evaluation", json={})):
+        assert "Set-Cookie" not in response.headers
+    assert userinfo(browser, token).status_code == 200
+    assert not [k for k in reads if k.startswith("session:")]
+    assert browser.get("/account").status_code == 200  # still signed in
+
+
+def test_no_browser_session_refuses_writes():
+    from broker.session import NoBrowserSession
+
+    session = NoBrowserSession()
+    with pytest.raises(RuntimeError):
+        session["login"] = {"account_id": "x"}
