@@ -55,6 +55,7 @@ from civitas.migrations import upgrade  # noqa: E402
 from config import Settings, load_settings, settings_from_mapping  # noqa: E402
 from consent.decisions import EvaluationQuery  # noqa: E402
 from consent.errors import ConsentError  # noqa: E402
+from consent.history import VALID_STATES  # noqa: E402
 from consent.models import AgencyDecision, ConsentEvent, ConsentRecord  # noqa: E402
 from consent.policy import AgencyPolicy  # noqa: E402
 from consent.service import ConsentService  # noqa: E402
@@ -72,7 +73,7 @@ COLUMNS = {
                            "asserted_at"),
     "account_events": ("account_id", "kind", "connector_id", "acr", "at"),
     "consent_records": ("id", "schema_version", "account_id", "client_id", "subject",
-                        "created_at"),
+                        "created_at", "expires_at"),
     "consent_events": ("record_id", "seq", "kind", "state", "at", "subject", "claims",
                        "declined", "affected", "method", "notice_version", "notice_language",
                        "policy", "expires_at", "receipt_id"),
@@ -326,9 +327,13 @@ def generate(hub: Hub, templates: Templates, accounts: int, records: float,
             subject = subject_for(templates.clients[client_id], account_id)
             start = now - history.span - timedelta(seconds=rng.randrange(
                 int((HISTORY - history.span).total_seconds())))
+            last = history.events[-1]  # the record's validity: consent.history.expiry_of
+            valid_until = ("\\N" if last.expires_offset is None
+                           or last.kind_state.split("\t")[1] not in VALID_STATES
+                           else _ts(start + last.offset + last.expires_offset))
             rows["consent_records"].append(
                 f"{record_id}\tcivitas-consent-record/1 (ISO/IEC TS 27560:2023)\t{account_id}\t"
-                f"{client_id}\t{subject}\t{_ts(start)}\n")
+                f"{client_id}\t{subject}\t{_ts(start)}\t{valid_until}\n")
             for e in history.events:
                 at = start + e.offset
                 expires = "\\N" if e.expires_offset is None else _ts(at + e.expires_offset)

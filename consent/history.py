@@ -18,6 +18,12 @@ from .policy import AgencyPolicy, ClaimRequest
 
 VALID_STATES = ("given", "renewed")
 
+
+def expiry_of(last: ConsentEvent) -> datetime | None:
+    """When the grant a record's last event left stops being valid (None: not a valid grant,
+    or one without an end): :attr:`ConsentRecord.expires_at`."""
+    return last.expires_at if last.state in VALID_STATES else None
+
 #: decision reasons (the ``reason`` of an AuthZEN decision context)
 REASONS = (
     "consented", "no_consent", "claim_not_consented", "purpose_not_consented", "withdrawn",

@@ -37,6 +37,7 @@ class ConsentRecord(Base):
     __table_args__ = (
         UniqueConstraint("account_id", "client_id"),
         Index("ix_consent_records_client_subject", "client_id", "subject"),
+        Index("ix_consent_records_expires_at", "expires_at"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -49,6 +50,10 @@ class ConsentRecord(Base):
     #: agency knows, and the key the decision API resolves
     subject: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: when the grant the record now holds stops being valid; None unless its last event left
+    #: a valid grant with an end. Derived from that event (every append sets it) so that the
+    #: expiry job finds the grants due through an index instead of grouping every event.
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class ConsentEvent(Base):

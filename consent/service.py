@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -27,7 +27,7 @@ from kernel.db import Database, utcnow
 from . import history
 from .decisions import DecisionPoint, LatestState, latest_state
 from .errors import NothingToWithdraw, RequiredClaimWithdrawal
-from .history import ConsentGrant, GrantedClaim
+from .history import ConsentGrant, GrantedClaim, expiry_of
 from .ledger.ledger import Ledger
 from .models import SCHEMA_VERSION, ConsentEvent, ConsentReceipt, ConsentRecord
 from .policy import AgencyPolicy
@@ -208,6 +208,7 @@ class ConsentService:
         if receipt_claims is not None:
             event.receipt_id = str(uuid.uuid4())
         s.add(event)
+        record.expires_at = expiry_of(event)
         s.flush()
         if receipt_claims is not None and event.receipt_id is not None:
             payload = build_receipt(
@@ -373,19 +374,19 @@ class ConsentService:
         job; expiry takes effect at its time whether or not this has run)."""
         at = now or self.clock()
         with self._db.session() as s:
-            latest = (select(ConsentEvent.record_id, func.max(ConsentEvent.seq).label("seq"))
-                      .group_by(ConsentEvent.record_id).subquery())
-            due = list(s.scalars(
-                select(ConsentEvent.record_id)
-                .join(latest, (ConsentEvent.record_id == latest.c.record_id)
-                      & (ConsentEvent.seq == latest.c.seq))
-                .where(ConsentEvent.state.in_(history.VALID_STATES),
-                       ConsentEvent.expires_at.is_not(None), ConsentEvent.expires_at <= at)))
+            due = list(s.scalars(select(ConsentRecord.id).where(
+                ConsentRecord.expires_at.is_not(None), ConsentRecord.expires_at <= at)))
+        expired = 0
         for record_id in due:
-            def work(s: Session, record_id: str = record_id) -> None:
+            def work(s: Session, record_id: str = record_id) -> bool:
                 record = s.get(ConsentRecord, record_id, with_for_update=True)
                 assert record is not None
-                self._expire_if_due(s, record, self._events(s, record_id), at)
+                events = self._events(s, record_id)
+                count = len(events)
+                self._expire_if_due(s, record, events, at)
+                # (a record changed since it was found is left as its events say)
+                record.expires_at = expiry_of(events[-1]) if events else None
+                return len(events) > count
 
-            self._retrying(work)
-        return len(due)
+            expired += self._retrying(work)
+        return expired

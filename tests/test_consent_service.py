@@ -30,7 +30,7 @@ from broker.models import ConstituentAccount
 from broker.session import HubLogin
 from consent.decisions import EvaluationQuery
 from consent.errors import FormExpired, NothingToWithdraw, RequiredClaimWithdrawal
-from consent.models import AgencyDecision, ConsentEvent
+from consent.models import AgencyDecision, ConsentEvent, ConsentRecord
 from consent.openapi import openapi_document
 from consent.policy import AgencyContact, AgencyPolicy, ClaimRequest
 from consent.receipts import receipt_schema
@@ -239,6 +239,64 @@ def test_refusal_leaves_a_valid_grant_and_a_first_refusal_denies(env: Env) -> No
     refused = svc.record_refusal(bob, ONE, "b", now=T0)
     assert refused.state == "refused" and not refused.claims
     assert svc.needs_consent(bob, ONE, None, now=T0)
+
+
+def record_validity(db: Database, account_id: str, client_id: str) -> datetime | None:
+    with db.session() as s:
+        return s.scalars(select(ConsentRecord.expires_at).where(
+            ConsentRecord.account_id == account_id,
+            ConsentRecord.client_id == client_id)).one()
+
+
+def test_expiry_job_finds_only_valid_grants_past_their_end(any_env: Env) -> None:
+    """The record carries its grant's end (consent_records.expires_at) from every append: a
+    grant withdrawn, renewed or without an end is never picked up, and an expired one once."""
+    env = any_env
+    svc, alice, bob = env.service, env.alice.id, env.bob.id
+    svc.record_decision(alice, ONE, "s", set(), now=T0)
+    svc.record_decision(bob, ONE, "b", set(), now=T0)
+    svc.record_decision(bob, TWO, "b2", set(), now=T0)  # TWO's grants do not end
+    assert record_validity(env.db, alice, "agency-one") == T0 + timedelta(days=30)
+    assert record_validity(env.db, bob, TWO.client_id) is None
+    svc.withdraw(bob, "agency-one", now=T0 + timedelta(days=1))
+    assert record_validity(env.db, bob, "agency-one") is None
+    renewed_at = T0 + timedelta(days=20)
+    svc.record_decision(alice, ONE, "s", set(), now=renewed_at)
+    assert record_validity(env.db, alice, "agency-one") == renewed_at + timedelta(days=30)
+
+    assert svc.expire_due(now=T0 + timedelta(days=40)) == 0  # alice renewed, bob withdrew
+    assert svc.expire_due(now=renewed_at + timedelta(days=31)) == 1
+    assert record_validity(env.db, alice, "agency-one") is None
+    assert svc.expire_due(now=renewed_at + timedelta(days=400)) == 0
+    assert [e.kind for e in svc.history(alice, "agency-one")] == ["given", "renewed", "expired"]
+    assert [e.kind for e in svc.history(bob, "agency-one")] == ["given", "withdrawn"]
+
+
+def test_migration_0010_fills_each_records_validity_from_its_last_event(
+        database_url: str) -> None:
+    from alembic import command
+
+    from civitas.migrations import alembic_config, upgrade
+
+    db = Database(database_url)
+    try:
+        upgrade(db.engine)
+        service = ConsentService(db, FakeSigner())
+        with db.session() as s:
+            alice, bob = ConstituentAccount(), ConstituentAccount()
+            s.add_all([alice, bob])
+        service.record_decision(alice.id, ONE, "s", set(), now=T0)
+        service.record_decision(bob.id, ONE, "b", set(), now=T0)
+        service.withdraw(bob.id, "agency-one", now=T0 + timedelta(days=1))
+        service.record_decision(bob.id, TWO, "b2", set(), now=T0)
+        command.downgrade(alembic_config(db.engine), "0009")
+        upgrade(db.engine)
+        assert record_validity(db, alice.id, "agency-one") == T0 + timedelta(days=30)
+        assert record_validity(db, bob.id, "agency-one") is None
+        assert record_validity(db, bob.id, TWO.client_id) is None
+        assert service.expire_due(now=T0 + timedelta(days=31)) == 1
+    finally:
+        db.dispose()
 
 
 def test_a_new_notice_version_asks_again(env: Env) -> None:

@@ -19,6 +19,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -45,6 +46,8 @@ INDEXES = {
     "account_attributes(account_id)": (
         "token", "account_attributes", (
             "uq_account_attributes_account_id_name_source_connector",)),
+    "ix_consent_records_expires_at": (
+        "expiry", "consent_records", ("ix_consent_records_expires_at",)),
 }
 
 
@@ -172,12 +175,27 @@ def test_the_token_and_userinfo_paths_read_through_indexes(loaded: Loaded) -> No
     assert seq_scans(loaded, statements) == []
 
 
+def expiry_statements(loaded: Loaded) -> list[Statement]:
+    """The SQL of the expiry job on a day when no grant is due (the usual run: every grant
+    due earlier has been expired by an earlier run)."""
+    with capture_sql(loaded.hub.db.engine) as seen:
+        assert loaded.hub.consent.expire_due(now=datetime(2001, 1, 1, tzinfo=UTC)) == 0
+    return seen
+
+
+def test_the_expiry_job_reads_only_the_grants_due(loaded: Loaded) -> None:
+    statements = expiry_statements(loaded)
+    assert any(touches(s, "consent_records") for s in statements)
+    assert not any(touches(s, "consent_events") for s in statements)  # no grouping of events
+    assert seq_scans(loaded, statements) == []
+
+
 @pytest.mark.parametrize("index", sorted(INDEXES))
 def test_losing_an_index_is_caught(loaded: Loaded, index: str) -> None:
     """Without the index the same statement scans its table: the check is not vacuous."""
     path, table, indexes = INDEXES[index]
-    statements = decision_statements(loaded) if path == "decision" else token_statements(
-        loaded)
+    statements = {"decision": decision_statements, "token": token_statements,
+                  "expiry": expiry_statements}[path](loaded)
     needing = [s for s in reads(statements) if touches(s, table)]
     assert needing
     with loaded.hub.db.engine.connect() as conn:
@@ -205,3 +223,16 @@ def test_the_loader_writes_what_the_service_reads(loaded: Loaded) -> None:
     assert loaded.hub.server.hub.subject_for(client, account_id) == subject
     assert loaded.hub.consent.current(account_id, client_id) is not None
     assert set(loaded.hub.accounts.attributes(account_id)) >= {"email", "name"}
+
+
+def test_loaded_records_carry_the_validity_of_their_last_event(loaded: Loaded) -> None:
+    """consent_records.expires_at is what consent.history.expiry_of gives for the record's
+    last event (the rule the service and migration 0010 follow), for every loaded record."""
+    with loaded.hub.db.engine.connect() as conn:
+        expiring, wrong = conn.execute(text("""
+            SELECT count(r.expires_at), count(*) FILTER (WHERE r.expires_at IS DISTINCT FROM (
+                SELECT e.expires_at FROM consent_events e
+                WHERE e.record_id = r.id AND e.state IN ('given', 'renewed')
+                  AND e.seq = (SELECT max(l.seq) FROM consent_events l WHERE l.record_id = r.id)))
+            FROM consent_records r""")).one()
+    assert expiring > 0 and wrong == 0
