@@ -57,6 +57,7 @@ from .tokens import (
     AuthorizationCode,
     RefreshGrant,
     RefreshTokens,
+    ScopeWidened,
     TokenStore,
     new_grant_id,
 )
@@ -296,11 +297,12 @@ class RotatingRefreshGrant(grants.RefreshTokenGrant):
     def authenticate_refresh_token(self, refresh_token: str) -> RefreshGrant | None:
         client: AgencyClient = self.request.client
         # Refuse a wider scope before the token is consumed (RFC 6749 6).
-        current = self.hub.refresh_tokens.find(refresh_token)
-        requested = set((self.request.payload.scope or "").split())
-        if current is not None and not requested <= set(current.scope.split()):
-            raise InvalidScopeError()
-        return self.hub.refresh_tokens.use(refresh_token, client.client_id)
+        try:
+            return self.hub.refresh_tokens.use(
+                refresh_token, client.client_id,
+                scope_within=set((self.request.payload.scope or "").split()))
+        except ScopeWidened:
+            raise InvalidScopeError() from None
 
     def authenticate_user(self, refresh_token: RefreshGrant) -> HubLogin | None:
         # Offline access outlives the hub session on purpose (OpenID Connect Core 11): a

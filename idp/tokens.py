@@ -24,7 +24,8 @@ from typing import Any, cast
 
 from joserfc import jwt
 from joserfc.errors import JoseError
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import CursorResult, bindparam, exists, select, update
+from sqlalchemy.orm import aliased
 
 from kernel.db import Database, utcnow
 from kernel.store import ShortLivedStore
@@ -307,6 +308,17 @@ class RefreshGrant:
         return False
 
 
+class ScopeWidened(ValueError):
+    """A refresh request asked for more than its token's scope (RFC 6749 6)."""
+
+
+_OTHER = aliased(RefreshToken)
+#: a refresh token by its hash, and whether any token of its grant has been revoked
+_TOKEN_WITH_FAMILY = select(RefreshToken, exists().where(
+    _OTHER.grant_id == RefreshToken.grant_id, _OTHER.revoked_at.is_not(None)
+).label("family_revoked")).where(RefreshToken.token_hash == bindparam("token_hash"))
+
+
 class RefreshTokens:
     """Refresh tokens in SQL, hashed, rotated on use, revoked as a family on reuse."""
 
@@ -353,18 +365,28 @@ class RefreshTokens:
                 return None
             return self._grant(row)
 
-    def use(self, token: str, client_id: str) -> RefreshGrant | None:
-        """Consume a refresh token atomically (exactly one concurrent use wins).
+    def use(self, token: str, client_id: str,
+            scope_within: set[str] | None = None) -> RefreshGrant | None:
+        """Consume a refresh token atomically (exactly one concurrent use wins): one read of
+        the token with its grant's revocation, one conditional update.
 
-        Presenting a token that was already used or revoked revokes its whole grant.
+        Presenting a token that was already used or revoked revokes its whole grant. With
+        ``scope_within``, a live token whose scope does not cover it raises
+        :class:`ScopeWidened` and stays unused (RFC 6749 6).
         """
         token_hash = digest(token)
         now = utcnow()
         with self._db.session() as s:
-            row = s.scalars(select(RefreshToken).where(
-                RefreshToken.token_hash == token_hash)).one_or_none()
-            if row is None or row.client_id != client_id:
+            found = s.execute(_TOKEN_WITH_FAMILY, {"token_hash": token_hash}).one_or_none()
+            if found is None or found[0].client_id != client_id:
                 return None
+            row, family_revoked = found
+            live = (row.used_at is None and row.revoked_at is None and row.expires_at > now
+                    and not family_revoked)
+            if live and scope_within is not None and not scope_within <= set(row.scope.split()):
+                raise ScopeWidened()
+            # A revocation of the grant committed since the read sets this token's
+            # revoked_at too, so the update then claims nothing: treated as reuse below.
             claimed = cast(CursorResult[Any], s.execute(
                 update(RefreshToken)
                 .where(RefreshToken.id == row.id, RefreshToken.used_at.is_(None),
@@ -372,7 +394,6 @@ class RefreshTokens:
                 .values(used_at=now)
             )).rowcount
             grant_id = row.grant_id
-            family_revoked = self._family_revoked(s, grant_id)
             if claimed == 1 and row.expires_at > now and not family_revoked:
                 return self._grant(row)
         if claimed != 1 or family_revoked:

@@ -10,7 +10,9 @@ import pytest
 from jose import jwt as jose_jwt
 from sqlalchemy import select
 
+from connectors import UpstreamIdentity
 from idp.models import RefreshToken
+from idp.tokens import ScopeWidened
 from tests.conftest import HUB_ISSUER
 from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest, full_login, query, redeem
 
@@ -256,3 +258,28 @@ def test_key_rotation_publishes_before_signing_and_old_tokens_still_verify(clien
                         audience=AGENCY_ONE.client_id, issuer=HUB_ISSUER,
                         access_token=body["access_token"])
     assert userinfo(client, before["access_token"]).status_code == 200
+
+
+def test_rfc9700_4_14_token_rotated_in_while_its_grant_was_revoked_is_dead(hub):
+    """A token written after its grant was revoked (a rotation racing a replay) is refused,
+    and a wider scope leaves a live token unused (RFC 6749 6)."""
+    tokens = hub.server.hub.refresh_tokens
+    account = hub.accounts.resolve(UpstreamIdentity(
+        connector_id="op", subject="rotation-race", acr="urn:civitas:acr:ial1:aal1",
+        attributes={})).account_id
+    grant = dict(client_id=AGENCY_ONE.client_id, account_id=account, scope="openid email",
+                 sid="s", acr="a", amr=("pwd",), auth_time=0)
+    live = tokens.issue(grant_id="g-live", **grant)
+    with pytest.raises(ScopeWidened):
+        tokens.use(live, AGENCY_ONE.client_id, scope_within={"openid", "email", "profile"})
+    assert tokens.use(live, AGENCY_TWO.client_id) is None  # another agency's: nothing used
+    assert tokens.use(live, AGENCY_ONE.client_id, scope_within={"openid"}) is not None
+
+    first = tokens.issue(grant_id="g-raced", **grant)
+    tokens.revoke_grant("g-raced")
+    late = tokens.issue(grant_id="g-raced", **grant)  # rotated in after the revocation
+    assert tokens.use(late, AGENCY_ONE.client_id) is None
+    assert tokens.use(first, AGENCY_ONE.client_id) is None
+    with hub.db.session() as s:
+        rows = s.scalars(select(RefreshToken).where(RefreshToken.grant_id == "g-raced")).all()
+    assert len(rows) == 2 and all(r.revoked_at is not None for r in rows)
