@@ -179,3 +179,43 @@ def test_cli_secrets_generate(cli):
     key = out.split("CIVITAS_ENCRYPTION_KEY=")[1].split()[0]
     Fernet(key.encode())
     assert "CIVITAS_PAIRWISE_SECRET=" in out
+
+
+def test_cli_audit_seal_is_a_sealer_process_that_stops_on_sigterm(cli, tmp_path):
+    """`civitas audit seal --every S` signs checkpoints of what workers append (they run with
+    ledger_seal_interval_seconds: 0) until SIGTERM, then exits cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from civitas.app import create_app
+
+    cli("db", "upgrade")
+    path = write(tmp_path, minimal(tmp_path, ledger_seal_interval_seconds=0))
+    app = create_app(load_settings(path))
+    ledger = app.extensions["civitas"].ledger
+    ledger.append_many(("decision.query", {"n": i}) for i in range(7))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "civitas.cli", "--config", str(path), "audit", "seal",
+         "--every", "0.1", "--settle", "0", "--heartbeat", str(tmp_path / "alive")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env={**os.environ, **ENV})
+    try:
+        deadline = time.monotonic() + 60
+        while ledger.latest_checkpoint() is None or ledger.latest_checkpoint().size < 7:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.05)
+        ledger.append("decision.query", {"n": 7})
+        while ledger.latest_checkpoint().size < 8:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        app.extensions["civitas"].db.dispose()
+    assert proc.returncode == 0, out
+    assert time.time() - (tmp_path / "alive").stat().st_mtime < 30
+    assert "checkpoint signed at size 7" in out and "checkpoint signed at size 8" in out
+    assert out.rstrip().endswith("sealer stopped")

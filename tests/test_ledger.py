@@ -820,3 +820,20 @@ def test_workers_take_long_lines_and_a_file_without_its_last_newline(tmp_path, s
     changed = list(lines)
     changed[long_one] = changed[long_one].replace(b"rrrr", b"rrrR", 1)
     assert "was altered" in verdicts(tmp_path, changed, key)[1]
+
+
+def test_sealer_reports_a_failed_round_as_unhealthy(tmp_path, cipher):
+    """A round that cannot reach its tables is logged and retried, and `healthy` says so
+    (what `civitas audit seal --heartbeat` reports to a health check)."""
+    from consent.ledger import LedgerSealer
+
+    db = make_db(f"sqlite:///{tmp_path}/sealer.db")
+    try:
+        sealer = LedgerSealer(Ledger(db, cipher, origin=ORIGIN), interval=1)
+        assert sealer.healthy is None
+        assert sealer.run_once() is not None and sealer.healthy  # the empty tree is signed
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE ledger_checkpoints")
+        assert sealer.run_once() is None and sealer.healthy is False
+    finally:
+        db.dispose()

@@ -233,7 +233,7 @@ def _default(value: str) -> str:
 def test_compose_file_keeps_its_promises():
     compose = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
-    assert set(services) == {"hub", "postgres", "redis"}
+    assert set(services) == {"hub", "sealer", "postgres", "redis"}
     assert services["postgres"]["image"] == "postgres:15"
     assert services["redis"]["image"] == "redis:7"
     for name, service in services.items():
@@ -265,6 +265,19 @@ def test_compose_file_keeps_its_promises():
     port = hub["command"][hub["command"].index("--port") + 1]
     assert any(_default(p).endswith(f":{port}") for p in hub["ports"])
     assert f"127.0.0.1:{port}/" in " ".join(hub["healthcheck"]["test"])
+    # one sealer process signs the ledger's checkpoints, from the hub's image and settings,
+    # and the hub's workers leave sealing to it; its health check reads its heartbeat file
+    sealer = services["sealer"]
+    check_civitas_command(sealer["command"])
+    assert sealer["command"][1:3] == ["audit", "seal"] and "ports" not in sealer
+    assert sealer["image"] == hub["image"] and sealer["volumes"] == hub["volumes"]
+    assert sealer["depends_on"] == {"hub": {"condition": "service_healthy"}}
+    for service in (hub, sealer):
+        assert service["environment"]["CIVITAS_LEDGER_SEAL_INTERVAL_SECONDS"] == "0"
+    heartbeat = sealer["command"][sealer["command"].index("--heartbeat") + 1]
+    assert heartbeat.startswith("/tmp/") and heartbeat in " ".join(sealer["healthcheck"]["test"])
+    assert {k: v for k, v in sealer["environment"].items() if k.endswith("_FILE")} == {
+        k: v for k, v in hub["environment"].items() if k.endswith("_FILE")}
     # the settings file points at the compose services and trusts exactly one proxy
     settings = yaml.safe_load(DEPLOY_SETTINGS.read_text())
     assert "@postgres:5432/" in settings["database_url"]

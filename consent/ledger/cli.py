@@ -1,4 +1,4 @@
-"""``civitas audit ...``: checkpoint, public key, export, offline verify.
+"""``civitas audit ...``: checkpoint, a sealer process, public key, export, offline verify.
 
 The composition root adds the group: ``main.add_command(make_audit_cli(get_ledger))`` where
 ``get_ledger(ctx)`` builds the :class:`~consent.ledger.Ledger` from the settings. ``verify``
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
@@ -56,6 +56,43 @@ def make_audit_cli(get_ledger: Callable[[click.Context], Ledger]) -> click.Group
             click.echo(ledger.checkpoint().note, nl=False)
         except LedgerError as exc:
             raise click.ClickException(str(exc)) from exc
+
+    @audit_group.command("seal")
+    @click.option("--every", type=click.FloatRange(min=0.01, max=86400), required=True,
+                  metavar="SECONDS", help="Seal and sign a checkpoint this often.")
+    @click.option("--settle", type=click.FloatRange(min=0, max=3600), default=2.0,
+                  show_default=True, metavar="SECONDS",
+                  help="Leave entries younger than this to the next round.")
+    @click.option("--heartbeat", type=click.Path(dir_okay=False, writable=True), default=None,
+                  help="Touch this file after every round that completed (for a health "
+                       "check: a file older than a few rounds means sealing is failing).")
+    @click.pass_context
+    def seal(ctx: click.Context, every: float, settle: float, heartbeat: str | None) -> None:
+        """Run the sealer in this process until stopped (SIGTERM or Ctrl-C): the hub's
+        workers then set ``ledger_seal_interval_seconds: 0`` and do no sealing at all."""
+        import signal
+        import threading
+
+        from .sealer import LedgerSealer
+
+        sealer = LedgerSealer(get_ledger(ctx), interval=every, settle=timedelta(seconds=settle))
+        stop = threading.Event()
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        click.echo(f"sealing every {every:g} s; stop with SIGTERM or Ctrl-C")
+        try:
+            while True:
+                made = sealer.run_once()  # failures are logged and retried next round
+                if made is not None:
+                    click.echo(f"checkpoint signed at size {made.size}")
+                if heartbeat is not None and sealer.healthy:
+                    Path(heartbeat).touch()
+                if stop.wait(every):
+                    break
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        click.echo("sealer stopped")
 
     @audit_group.command("pubkey")
     @click.pass_context

@@ -30,6 +30,8 @@ class LedgerSealer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last: SignedCheckpoint | None = None
+        #: whether the last round completed (None before the first)
+        self.healthy: bool | None = None
 
     def run_once(self) -> SignedCheckpoint | None:
         """One round; a failure is logged and retried next round, never raised."""
@@ -37,7 +39,9 @@ class LedgerSealer:
             made = self.ledger.seal_all(settle=self.settle)
         except (SQLAlchemyError, LedgerError) as exc:
             log.warning("ledger sealing failed, will retry: %s", exc)
+            self.healthy = False
             return None
+        self.healthy = True
         if made is not None:
             self.last = made
             log.info("ledger checkpoint signed at size %d", made.size)
