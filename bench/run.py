@@ -233,8 +233,14 @@ class Runner:
         if r.get("exhausted_after_us"):  # every thread used up its list before the end
             r["duration_us"] = min(r["duration_us"], r["exhausted_after_us"])
         if cpu0 is not None:
-            r["hub_cpu_s"] = hub_cpu_seconds(self.hub_pid) - cpu0
-            r["hub_cores_busy"] = r["hub_cpu_s"] / max(r["duration_us"] / 1e6, 1e-9)
+            cpu1 = hub_cpu_seconds(self.hub_pid)
+            seconds = max(r["duration_us"] / 1e6, 1e-9)
+            r["hub_cpu_s"] = sum(cpu1.values()) - sum(cpu0.values())
+            r["hub_cores_busy"] = r["hub_cpu_s"] / seconds
+            # how evenly the workers shared the load: keep-alive connections stay with the
+            # worker that accepted them
+            r["worker_cores_busy"] = [round((cpu1[p] - cpu0.get(p, 0.0)) / seconds, 2)
+                                      for p in sorted(cpu1) if p != self.hub_pid]
         secs = r["duration_us"] / 1e6
         r["rps"] = r["requests"] / secs if secs else 0.0
         r["good_rps"] = r["good"] / secs if secs else 0.0
@@ -256,6 +262,8 @@ def fmt_row(name: str, r: dict | None, peer: dict | None, workers: int, unit: fl
     if peer and peer.get("exhausted_after_us"):
         extra += f" [peer list used up after {peer['exhausted_after_us'] / 1e6:.1f}s]"
     cores = f"{r['hub_cores_busy']:.2f}" if "hub_cores_busy" in r else "-"
+    if r.get("worker_cores_busy"):
+        note = f"workers {'+'.join(f'{c:.2f}' for c in r['worker_cores_busy'])}; {note}"
     return (f"{name:<44} {r['requests']:>8} {rps:>9.0f} {r['p50_us'] / 1000:>7.2f} "
             f"{r['p99_us'] / 1000:>7.2f} {(f'{peer_rps:.0f}' if peer_rps else '-'):>9} "
             f"{ratio:>6} {per_core:>8} {cores:>6}  {note}{extra}")
@@ -279,10 +287,10 @@ def rss_of_children(pid: int) -> list[tuple[int, float]]:
     return sorted(out)
 
 
-def hub_cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of the gunicorn master and its workers so far."""
+def hub_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU time (user + system) so far of the gunicorn master and of each worker, by pid."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    found: dict[int, float] = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -291,8 +299,8 @@ def hub_cpu_seconds(pid: int) -> float:
         except OSError:
             continue
         if int(d.name) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+            found[int(d.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return found
 
 
 def rss_of(pid: int) -> float:
@@ -462,6 +470,19 @@ def main() -> int:
 
         target_base = {"hub": base, "peer": peer_issuer}
         peer_token = peer.path("token_endpoint") if peer else ""
+
+        # 0: the floor: the cheapest request each server answers (its JWKS document, no
+        # storage, no signature): what the web stack alone costs per request
+        if "0" in wanted:
+            print("scenario 0: JWKS document (the web stack's floor) ...", flush=True)
+            results["0"] = runner.wrk(base, {"BENCH_MODE": "static", "BENCH_METHOD": "GET",
+                                             "BENCH_PATH": "/jwks"})
+            if peer:
+                results["0p"] = runner.wrk(peer_issuer, {
+                    "BENCH_MODE": "static", "BENCH_METHOD": "GET",
+                    "BENCH_PATH": peer.path("jwks_uri")})
+            rows.append(fmt_row("0 JWKS document (floor)", results["0"], results.get("0p"),
+                                args.workers, note="no storage, no signing"))
 
         # 1: client_credentials (nothing minted: every request is the same)
         if "1" in wanted:
