@@ -35,7 +35,12 @@ from consent.officers import OfficerRule, OfficerWorkspace, pseudonym_key
 from consent.service import ConsentService
 from consent.views import create_blueprint as consent_blueprint
 from idp.admin_api import create_blueprint as admin_api_blueprint
-from idp.agencies import SERVICE_SCOPES, AgencyRegistry, RegistrationPolicy
+from idp.agencies import (
+    SERVICE_SCOPES,
+    AgencyRegistry,
+    RegistrationPolicy,
+    shared_sector_notice,
+)
 from idp.agency_keys import AgencyKeys
 from idp.backchannel import LogoutDispatcher
 from idp.consent_step import make_withdrawal_handler
@@ -189,6 +194,8 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
     with startup_lock(hub.db.engine):
         hub.agencies.sync_from_config(settings.agencies)
         hub.keys.ensure(tuple(sorted({settings.signing_alg} | hub.agencies.signing_algs())))
+    for host, client_ids in hub.agencies.shared_host_sectors().items():
+        log.warning("privacy: %s", shared_sector_notice(host, client_ids))
 
     app = Flask(__name__)
     app.extensions["civitas"] = hub

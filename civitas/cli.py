@@ -12,6 +12,7 @@ import click
 
 from config import Settings, load_settings
 from consent.ledger.cli import make_audit_cli
+from idp.agencies import shared_host_sectors, shared_sector_notice
 from kernel.crypto import FieldCipher
 from kernel.errors import ConfigError
 
@@ -131,6 +132,14 @@ def config_check(file: str) -> None:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"{file}: valid ({len(settings.upstreams)} upstream(s), "
                f"{len(settings.agencies)} agency(ies), issuer {settings.issuer})")
+    _privacy_notices(shared_host_sectors(
+        (a.client_id, a.redirect_uris, a.sector_identifier, a.subject_type)
+        for a in settings.agencies))
+
+
+def _privacy_notices(shared: dict[str, list[str]]) -> None:
+    for host, client_ids in shared.items():
+        click.echo(f"privacy notice: {shared_sector_notice(host, client_ids)}", err=True)
 
 
 # -- secrets --------------------------------------------------------------------------------
@@ -242,8 +251,10 @@ def agency_add(ctx: click.Context, client_id: str, name: str, redirect_uris: tup
 @click.pass_context
 def agency_list(ctx: click.Context) -> None:
     """List registered agencies."""
-    for row in _hub(ctx).agencies.list():
+    agencies = _hub(ctx).agencies
+    for row in agencies.list():
         click.echo(f"{row.client_id}\t{row.name}\t{' '.join(row.redirect_uris)}")
+    _privacy_notices(agencies.shared_host_sectors())
 
 
 @agency_group.command("show")

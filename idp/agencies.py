@@ -13,7 +13,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -171,6 +171,37 @@ def default_sector(redirect_uris: Iterable[str]) -> str:
         raise AgencyRegistrationError(
             "sector_identifier", "redirect URIs on several hosts need an explicit one")
     return hosts.pop()
+
+
+#: agencies by the host whose default pairwise sector they share (:func:`shared_host_sectors`)
+SharedSectors = dict[str, list[str]]
+
+
+def shared_host_sectors(agencies: Iterable[tuple[str, Sequence[str], str | None, str]]
+                        ) -> SharedSectors:
+    """Pairwise agencies that would see the same ``sub`` for each citizen only because their
+    redirect URIs are on one host (OpenID Connect Core 8.1's default sector), by host:
+    ``agencies`` are (client_id, redirect_uris, sector_identifier or None, subject_type).
+
+    Two organisations behind one portal host can then link their records of a person, which
+    pairwise identifiers exist to prevent (NIST SP 800-63C 6.3.2). A ``sector_identifier``
+    other than the host is a deliberate grouping and is not reported."""
+    by_sector: dict[str, list[str]] = {}
+    for client_id, redirect_uris, sector, subject_type in agencies:
+        hosts = {urlsplit(u).hostname or "" for u in redirect_uris}
+        if subject_type != "pairwise" or len(hosts) != 1:
+            continue
+        host = hosts.pop()
+        if sector in (None, host):
+            by_sector.setdefault(host, []).append(client_id)
+    return {host: sorted(ids) for host, ids in sorted(by_sector.items()) if len(ids) > 1}
+
+
+def shared_sector_notice(host: str, client_ids: Sequence[str]) -> str:
+    return (f"agencies {', '.join(client_ids)} share the pairwise sector {host!r} (their "
+            "redirect URIs' host): each citizen has the same `sub` at all of them, so they "
+            "can link their records. If they are different organisations, give each its own "
+            "`sector_identifier`.")
 
 
 #: how long another process's change to an agency may take to be seen here
@@ -436,6 +467,11 @@ class AgencyRegistry:
     def list(self) -> list[Agency]:
         with self._db.session() as s:
             return list(s.scalars(select(Agency).order_by(Agency.client_id)))
+
+    def shared_host_sectors(self) -> SharedSectors:
+        """:func:`shared_host_sectors` of the registered agencies."""
+        return shared_host_sectors((row.client_id, row.redirect_uris, row.sector_identifier,
+                                    row.subject_type) for row in self.list())
 
     def signing_algs(self) -> set[str]:
         """Every ID token algorithm some registered agency uses."""

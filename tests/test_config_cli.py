@@ -219,3 +219,56 @@ def test_cli_audit_seal_is_a_sealer_process_that_stops_on_sigterm(cli, tmp_path)
     assert time.time() - (tmp_path / "alive").stat().st_mtime < 30
     assert "checkpoint signed at size 7" in out and "checkpoint signed at size 8" in out
     assert out.rstrip().endswith("sealer stopped")
+
+
+# -- pairwise sectors (OpenID Connect Core 8.1, NIST SP 800-63C 6.3.2) -----------------------
+
+
+def test_agencies_sharing_a_host_sector_are_reported():
+    from idp.agencies import shared_host_sectors
+
+    portal = ["https://portal.gov.example/tax/cb"], ["https://portal.gov.example/dmv/cb"]
+    assert shared_host_sectors([
+        ("tax", portal[0], None, "pairwise"), ("dmv", portal[1], None, "pairwise"),
+        ("health", ["https://health.example/cb"], None, "pairwise"),
+    ]) == {"portal.gov.example": ["dmv", "tax"]}
+    # an explicit sector other than the host is a deliberate grouping or separation
+    assert shared_host_sectors([
+        ("tax", portal[0], "urn:sector:tax", "pairwise"),
+        ("dmv", portal[1], "urn:sector:dmv", "pairwise"),
+        ("tax-batch", portal[0], "urn:sector:tax", "pairwise"),
+    ]) == {}
+    # registered agencies carry the host as their sector: the same finding
+    assert shared_host_sectors([
+        ("tax", portal[0], "portal.gov.example", "pairwise"),
+        ("dmv", portal[1], None, "pairwise"),
+        ("open-data", portal[1], None, "public"),  # public subjects are shared anyway
+    ]) == {"portal.gov.example": ["dmv", "tax"]}
+
+
+def agency_on(host: str, client_id: str, **extra):
+    return {"client_id": client_id, "name": client_id.upper(), "client_secret": "s" * 40,
+            "redirect_uris": [f"https://{host}/{client_id}/cb"], **extra}
+
+
+def test_config_check_and_start_up_give_the_shared_sector_notice(tmp_path, monkeypatch, caplog):
+    from civitas.app import create_app
+
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    path = write(tmp_path, minimal(tmp_path, ledger_seal_interval_seconds=0, agencies=[
+        agency_on("portal.gov.example", "tax"), agency_on("portal.gov.example", "dmv"),
+        agency_on("portal.gov.example", "stats", sector_identifier="urn:sector:stats")]))
+    result = CliRunner().invoke(main, ["config", "check", str(path)])
+    assert result.exit_code == 0, result.output  # a notice, not an error
+    assert "valid (0 upstream(s), 3 agency(ies)" in result.stdout
+    assert "privacy notice: agencies dmv, tax share the pairwise sector 'portal.gov.example'" \
+        in result.stderr and "stats" not in result.stderr
+    with caplog.at_level("WARNING", logger="civitas"):
+        app = create_app(load_settings(path))
+    app.extensions["civitas"].db.dispose()
+    assert [r.getMessage() for r in caplog.records if "pairwise sector" in r.getMessage()] == [
+        "privacy: agencies dmv, tax share the pairwise sector 'portal.gov.example' (their "
+        "redirect URIs' host): each citizen has the same `sub` at all of them, so they can "
+        "link their records. If they are different organisations, give each its own "
+        "`sector_identifier`."]
