@@ -4,6 +4,7 @@ database connection or lock crosses a process boundary."""
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from typing import Any
 
@@ -61,5 +62,13 @@ def run_gunicorn(config_path: str | None, *, host: str, port: int, workers: int,
         # Only `trusted_proxy_hops` (ProxyFix in the app) decides which X-Forwarded-* to
         # believe; gunicorn's own defaults would believe them from 127.0.0.1 regardless.
         "forwarded_allow_ips": "", "secure_scheme_headers": {},
+        # Each worker listens on its own SO_REUSEPORT socket and the kernel spreads new
+        # connections over them. With one shared socket the first worker to wake takes
+        # them, and long-lived keep-alive connections (a proxy's upstream pool, a load
+        # generator) could all sit in one worker while the others idle: measured at half
+        # the throughput (bench/README.md). The cost: connections still waiting in a worker's
+        # accept queue when that worker exits are reset (clients retry; workers are not
+        # recycled here, so that is a crash or a shutdown).
+        "reuse_port": hasattr(socket, "SO_REUSEPORT"),
         "post_fork": limit_malloc_arenas,
     }).run()

@@ -183,3 +183,41 @@ def test_two_workers_serve_full_logins_and_consent_decisions(workers_hub):
         [line for line in metrics.splitlines() if "logins" in line]
     assert re.search(r'civitas_consent_decisions_total\{decision="permit"\} (4\d|[5-9]\d)',
                      metrics), metrics
+
+
+def test_each_worker_listens_on_its_own_socket_so_kept_alive_connections_spread(workers_hub):
+    """With one shared listening socket the first worker to wake accepts new connections,
+    and a proxy's pool of kept-alive connections could all land in one worker while the
+    other idles (bench/README.md). Each worker has its own SO_REUSEPORT socket instead, and
+    the kernel spreads connections over them."""
+    import http.client
+    from concurrent.futures import ThreadPoolExecutor
+
+    port = int(workers_hub.rsplit(":", 1)[1])
+    deadline = time.monotonic() + 60
+    while True:  # both workers up: two listeners, each held by one process
+        listing = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True,
+                                 text=True, timeout=10, check=True).stdout.splitlines()
+        owners = [re.findall(r"pid=(\d+)", line) for line in listing]
+        if len(owners) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert [len(pids) for pids in owners] == [1, 1], listing
+    assert owners[0] != owners[1]
+
+    def worker_of_new_connection(_: int) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", "/healthz")  # keep-alive: the connection stays in its worker
+            first = int(json.loads(conn.getresponse().read())["pid"])
+            conn.request("GET", "/healthz")
+            assert int(json.loads(conn.getresponse().read())["pid"]) == first
+            return first
+        finally:
+            conn.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        seen = list(pool.map(worker_of_new_connection, range(40)))
+    counts = sorted(seen.count(pid) for pid in set(seen))
+    assert {str(pid) for pid in seen} == {pids[0] for pids in owners}
+    assert len(counts) == 2 and counts[0] >= 6, counts  # P(fewer) < 1e-5 for a fair spread
