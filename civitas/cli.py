@@ -97,7 +97,13 @@ def serve(ctx: click.Context, host: str, port: int, threads: int, workers: int,
     if json_logs:
         configure_json_logging()
     if workers > 1:
-        from .gunicorn_app import run_gunicorn
+        from .gunicorn_app import address_in_use, run_gunicorn
+
+        problem = address_in_use(host, port)
+        if problem is not None:
+            raise click.ClickException(
+                f"cannot listen on {host}:{port}: {problem}. Another program (or another "
+                "Civitas) is listening there: stop it, or choose another --port.")
 
         click.echo(f"Civitas listening on http://{host}:{port} with {workers} workers "
                    f"(issuer {settings.issuer})")

@@ -48,6 +48,21 @@ def limit_malloc_arenas(_server: Any = None, _worker: Any = None) -> None:
         pass
 
 
+def address_in_use(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on, if it cannot. Each worker binds its own
+    SO_REUSEPORT socket, and such sockets share a port with any other process of the same
+    user that set the option too: a forgotten hub on the same port would silently get half
+    the connections. A probe without the option fails where anyone already listens."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (TIME_WAIT is fine)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 def run_gunicorn(config_path: str | None, *, host: str, port: int, workers: int,
                  threads: int) -> None:
     # Prometheus multiprocess mode: every worker writes its metrics to this directory, which

@@ -221,3 +221,25 @@ def test_each_worker_listens_on_its_own_socket_so_kept_alive_connections_spread(
     counts = sorted(seen.count(pid) for pid in set(seen))
     assert {str(pid) for pid in seen} == {pids[0] for pids in owners}
     assert len(counts) == 2 and counts[0] >= 6, counts  # P(fewer) < 1e-5 for a fair spread
+
+
+def test_several_workers_refuse_a_port_someone_listens_on(tmp_path, upstream_issuer,
+                                                         postgres_url, redis_url):
+    """Workers' SO_REUSEPORT sockets would share a port with another such listener (a
+    forgotten hub): `serve` refuses to start instead, and says why."""
+    import socket
+
+    cfg = hub_config(upstream_issuer, postgres_url, redis_url=redis_url)
+    path = tmp_path / "civitas.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "civitas.cli", "--config", str(path), "serve",
+             "--workers", "2", "--port", str(port)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+    assert "Listening at" not in done.stdout + done.stderr  # no worker was started
