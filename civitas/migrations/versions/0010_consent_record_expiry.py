@@ -21,13 +21,19 @@ def upgrade() -> None:
     # table would trip the foreign keys that point at it)
     op.add_column("consent_records",
                   sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True))
-    # the last event's validity, where it left a valid grant (consent.history.expiry_of)
+    # the last event's validity, where it left a valid grant with an end
+    # (consent.history.expiry_of); only those rows are written, the others stay NULL
     op.execute("""
         UPDATE consent_records SET expires_at = (
             SELECT e.expires_at FROM consent_events e
-            WHERE e.record_id = consent_records.id AND e.state IN ('given', 'renewed')
+            WHERE e.record_id = consent_records.id
               AND e.seq = (SELECT max(l.seq) FROM consent_events l
                            WHERE l.record_id = consent_records.id))
+        WHERE id IN (
+            SELECT e.record_id FROM consent_events e
+            WHERE e.expires_at IS NOT NULL AND e.state IN ('given', 'renewed')
+              AND e.seq = (SELECT max(l.seq) FROM consent_events l
+                           WHERE l.record_id = e.record_id))
     """)
     op.create_index("ix_consent_records_expires_at", "consent_records", ["expires_at"])
 
