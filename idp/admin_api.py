@@ -26,7 +26,7 @@ from flask import Blueprint, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
-from .agencies import AgencyMetadata, AgencyRegistry
+from .agencies import AgencyMetadata, AgencyRegistry, shared_sector_notice
 from .errors import AgencyRegistrationError
 from .models import Agency
 
@@ -148,6 +148,16 @@ def create_blueprint(agencies: AgencyRegistry, token: str | None) -> Blueprint:
             return _error(400, "invalid_request", "The body must be a JSON object.")
         return body
 
+    def with_privacy_notices(body: dict[str, Any], client_id: str) -> dict[str, Any]:
+        """Tell the registrant (and the log) when this agency now shares its pairwise
+        sector with others only through its redirect URIs' host (an extra member, which
+        RFC 7591 3.2.1 allows and clients ignore)."""
+        notices = [shared_sector_notice(host, ids)
+                   for host, ids in agencies.shared_host_sectors().items() if client_id in ids]
+        for notice in notices:
+            log.warning("admin API: privacy: %s", notice)
+        return {**body, "civitas_privacy_notices": notices} if notices else body
+
     def unknown(client_id: str) -> Response:
         return _error(404, "not_found", f"No agency has client_id {client_id!r}.")
 
@@ -173,7 +183,7 @@ def create_blueprint(agencies: AgencyRegistry, token: str | None) -> Blueprint:
         except AgencyRegistrationError as exc:
             return _refused(exc)
         log.info("admin API: agency %s registered", row.client_id)
-        resp = _answer(_described(row, secret), 201)
+        resp = _answer(with_privacy_notices(_described(row, secret), row.client_id), 201)
         resp.headers["Location"] = f"{request.url_root.rstrip('/')}{bp.url_prefix}" \
                                    f"/agencies/{row.client_id}"
         return resp
@@ -200,7 +210,7 @@ def create_blueprint(agencies: AgencyRegistry, token: str | None) -> Blueprint:
         if changed is None:  # removed meanwhile
             return unknown(client_id)
         log.info("admin API: agency %s updated", client_id)
-        return _answer(_described(*changed))
+        return _answer(with_privacy_notices(_described(*changed), client_id))
 
     @bp.delete("/agencies/<client_id>")
     def remove(client_id: str) -> Response:

@@ -277,3 +277,25 @@ def test_registration_changes_are_ledger_entries(app, hub, client):
                                          "agency.removed"]
     assert "renamed" in entries[1].entry
     assert all(secret not in e.entry and "secret_hash" not in e.entry for e in entries)
+
+
+def test_registration_on_a_shared_host_carries_the_privacy_notice(client):
+    """OpenID Connect Core 8.1: agencies whose redirect URIs share a host share the default
+    pairwise sector (the same `sub` per citizen); the registrant is told, and an explicit
+    sector_identifier settles it."""
+    def on_portal(client_id: str, **extra: Any) -> dict[str, Any]:
+        return registration(client_id, redirect_uris=[
+            f"https://portal.gov.example/{client_id}/cb"], **extra)
+
+    first = post(client, on_portal("tax"))
+    assert first.status_code == 201 and "civitas_privacy_notices" not in first.json
+    second = post(client, on_portal("dmv"))
+    assert second.status_code == 201, second.json
+    [notice] = second.json["civitas_privacy_notices"]
+    assert notice.startswith("agencies dmv, tax share the pairwise sector "
+                             "'portal.gov.example'") and "sector_identifier" in notice
+    settled = client.put(f"{API}/dmv", headers=AUTH,
+                         json=on_portal("dmv", sector_identifier="urn:sector:dmv"))
+    assert settled.status_code == 200, settled.json
+    assert "civitas_privacy_notices" not in settled.json
+    assert settled.json["sector_identifier"] == "urn:sector:dmv"
