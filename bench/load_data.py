@@ -115,7 +115,9 @@ def bench_agencies(count: int) -> list[dict[str, Any]]:
             "consent": {"notice_url": f"https://a{i:03d}.agency.example/privacy",
                         "notice_version": f"2026-{1 + i % 12:02d}", "claims": claims,
                         "consent_ttl_days": 365 if i % 5 == 0 else None,
-                        "contact_email": f"privacy@a{i:03d}.agency.example"},
+                        "contact_email": f"privacy@a{i:03d}.agency.example",
+                        "contact_phone": f"+1 555 01{i % 100:02d}",
+                        "contact_address": f"{i} Bench Street, Springfield"},
         })
     return agencies
 

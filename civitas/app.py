@@ -59,7 +59,12 @@ from kernel.store import ShortLivedStore, open_store
 from kernel.urls import is_loopback_host
 
 from . import observability
-from .consent_wiring import HubReceiptSigner, agency_authenticator, agency_policies
+from .consent_wiring import (
+    HubReceiptSigner,
+    agency_authenticator,
+    agency_policies,
+    receipt_contact_notices,
+)
 from .migrations import upgrade
 
 log = logging.getLogger("civitas")
@@ -196,6 +201,8 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
         hub.keys.ensure(tuple(sorted({settings.signing_alg} | hub.agencies.signing_algs())))
     for host, client_ids in hub.agencies.shared_host_sectors().items():
         log.warning("privacy: %s", shared_sector_notice(host, client_ids))
+    for notice in receipt_contact_notices(hub.server.hub.policies):
+        log.warning("privacy: %s", notice)
 
     app = Flask(__name__)
     app.extensions["civitas"] = hub

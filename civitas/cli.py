@@ -141,6 +141,10 @@ def config_check(file: str) -> None:
     _privacy_notices(shared_host_sectors(
         (a.client_id, a.redirect_uris, a.sector_identifier, a.subject_type)
         for a in settings.agencies))
+    from .consent_wiring import agency_policies, receipt_contact_notices
+
+    for notice in receipt_contact_notices(agency_policies(settings)):
+        click.echo(f"privacy notice: {notice}", err=True)
 
 
 def _privacy_notices(shared: dict[str, list[str]]) -> None:

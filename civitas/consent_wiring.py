@@ -3,6 +3,7 @@ agency policies from settings, and agency authentication for the decision API.""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from authlib.oauth2.rfc6749.errors import OAuth2Error
@@ -54,6 +55,21 @@ def agency_policies(settings: Settings) -> dict[str, AgencyPolicy]:
                                   street_address=decl.contact_address),
         )
     return policies
+
+
+def receipt_contact_notices(policies: Mapping[str, AgencyPolicy]) -> list[str]:
+    """One line per agency whose consent receipts would not say how to reach its privacy
+    office (:meth:`AgencyPolicy.receipt_contact_gaps`), naming the settings to add."""
+    setting = {"email": "contact_email", "phone": "contact_phone", "address": "contact_address"}
+    notices = []
+    for client_id, policy in sorted(policies.items()):
+        gaps = policy.receipt_contact_gaps()
+        if gaps:
+            notices.append(
+                f"agency {client_id!r}: its consent receipts give no {', '.join(gaps)} for "
+                "its privacy office (Kantara Consent Receipt 1.1 asks for them): set "
+                + ", ".join(f"consent.{setting[g]}" for g in gaps))
+    return notices
 
 
 def agency_authenticator(server: HubAuthorizationServer, scope: str) -> Any:

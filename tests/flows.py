@@ -35,6 +35,8 @@ class TestAgency:
 
 PUBLIC_TASK: dict[str, Any] = {
     "notice_url": "https://agency.example/privacy", "notice_version": "2026-01",
+    "contact_email": "privacy@agency.example", "contact_phone": "+1 555 0100",
+    "contact_address": "1 Example Plaza, Springfield",
     "claims": [
         {"claim": c, "purposes": ["service-delivery"], "lawful_basis": "public_task",
          "required": True, "description": f"Your {c.replace('_', ' ')}"}

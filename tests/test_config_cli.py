@@ -272,3 +272,36 @@ def test_config_check_and_start_up_give_the_shared_sector_notice(tmp_path, monke
         "redirect URIs' host): each citizen has the same `sub` at all of them, so they can "
         "link their records. If they are different organisations, give each its own "
         "`sector_identifier`."]
+
+
+def test_config_check_names_agencies_whose_receipts_lack_a_privacy_contact(tmp_path, monkeypatch):
+    """Kantara Consent Receipt 1.1: a receipt names how to reach the PII controller (email,
+    phone, address); an agency that declares consent without them gets a notice."""
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    consent = {"notice_url": "https://x.example/privacy", "notice_version": "1", "claims": [
+        {"claim": "email", "purposes": ["contact"], "description": "Your email"}]}
+    path = write(tmp_path, minimal(tmp_path, agencies=[
+        agency_on("tax.example", "tax", consent={**consent, "contact_email": "p@tax.example"}),
+        agency_on("dmv.example", "dmv", consent={
+            **consent, "contact_email": "p@dmv.example", "contact_phone": "+1 555 0101",
+            "contact_address": "1 Road"}),
+        agency_on("parks.example", "parks")]))  # no consent declaration: no receipts
+    result = CliRunner().invoke(main, ["config", "check", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        "privacy notice: agency 'tax': its consent receipts give no phone, address for its "
+        "privacy office (Kantara Consent Receipt 1.1 asks for them): set "
+        "consent.contact_phone, consent.contact_address"]
+
+
+def test_the_example_settings_give_no_privacy_notice(tmp_path, monkeypatch):
+    secret = tmp_path / "dmv"
+    secret.write_text("d" * 40 + "\n")
+    path = tmp_path / "example.yaml"
+    path.write_text(open("config/examples/civitas.yaml").read().replace(
+        "/run/secrets/dmv-portal-client-secret", str(secret)))
+    for k, v in {**ENV, "STATE_ID_CLIENT_SECRET": "s", "STAFF_LDAP_PASSWORD": "l"}.items():
+        monkeypatch.setenv(k, v)
+    result = CliRunner().invoke(main, ["config", "check", str(path)])
+    assert result.exit_code == 0 and result.stderr == "", result.output
