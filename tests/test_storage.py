@@ -35,6 +35,18 @@ def test_store_put_get_delete(store):
     assert store.ping()
 
 
+def test_redis_replies_are_parsed_by_hiredis(redis_url):
+    """The compiled parser the dependency pins (redis[hiredis]) is the one in use."""
+    store = RedisStore(redis_url, prefix=f"t{secrets.token_hex(4)}:")
+    store.put("a", {"x": 1}, 30)
+    assert store.get("a") == {"x": 1}
+    connection = store._redis.connection_pool.get_connection()  # noqa: SLF001
+    try:
+        assert "Hiredis" in type(connection._parser).__name__  # noqa: SLF001
+    finally:
+        store._redis.connection_pool.release(connection)  # noqa: SLF001
+
+
 def test_store_expiry(store):
     store.put("short", {"v": 1}, 1)
     assert store.get("short") == {"v": 1}
