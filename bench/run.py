@@ -79,6 +79,16 @@ def basic(client_id: str, secret: str) -> str:
     return "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()
 
 
+def exchange_code(token_url: str, code: str, verifier: str, agency) -> dict:
+    """An authorization-code exchange with PKCE, client_secret_basic (hub and peer alike)."""
+    r = requests.post(token_url, timeout=15, headers={
+        "Authorization": basic(agency.client_id, agency.secret)}, data={
+        "grant_type": "authorization_code", "code": code,
+        "redirect_uri": agency.redirect_uri, "code_verifier": verifier})
+    r.raise_for_status()
+    return r.json()
+
+
 def follow(browser: requests.Session, url: str, stop_prefix: str, hops: int = 12) -> dict:
     """GET url and follow redirects until one points at `stop_prefix`; its query."""
     r = browser.get(url, allow_redirects=False, timeout=15)
@@ -117,12 +127,7 @@ class Hub:
         return params["code"], auth.verifier
 
     def exchange(self, code: str, verifier: str, agency=AGENCY_ONE) -> dict:
-        r = requests.post(self.base + "/token", timeout=15, headers={
-            "Authorization": basic(agency.client_id, agency.secret)}, data={
-            "grant_type": "authorization_code", "code": code,
-            "redirect_uri": agency.redirect_uri, "code_verifier": verifier})
-        r.raise_for_status()
-        return r.json()
+        return exchange_code(self.base + "/token", code, verifier, agency)
 
     def cookie(self) -> str:
         return "; ".join(f"{c.name}={c.value}" for c in self.browser.cookies)
@@ -162,12 +167,7 @@ class Peer:
         return follow(self.browser, url, agency.redirect_uri)["code"], verifier
 
     def exchange(self, code: str, verifier: str, agency=AGENCY_ONE) -> dict:
-        r = requests.post(self.meta["token_endpoint"], timeout=15, headers={
-            "Authorization": basic(agency.client_id, agency.secret)}, data={
-            "grant_type": "authorization_code", "code": code,
-            "redirect_uri": agency.redirect_uri, "code_verifier": verifier})
-        r.raise_for_status()
-        return r.json()
+        return exchange_code(self.meta["token_endpoint"], code, verifier, agency)
 
     def cookie(self) -> str:
         # only the session cookies (path /), not the per-interaction ones

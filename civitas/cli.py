@@ -138,18 +138,17 @@ def config_check(file: str) -> None:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"{file}: valid ({len(settings.upstreams)} upstream(s), "
                f"{len(settings.agencies)} agency(ies), issuer {settings.issuer})")
-    _privacy_notices(shared_host_sectors(
-        (a.client_id, a.redirect_uris, a.sector_identifier, a.subject_type)
-        for a in settings.agencies))
     from .consent_wiring import agency_policies, receipt_contact_notices
 
-    for notice in receipt_contact_notices(agency_policies(settings)):
+    _privacy_notices(shared_host_sectors(
+        (a.client_id, a.redirect_uris, a.sector_identifier, a.subject_type)
+        for a in settings.agencies), receipt_contact_notices(agency_policies(settings)))
+
+
+def _privacy_notices(shared: dict[str, list[str]], others: list[str] | None = None) -> None:
+    notices = [shared_sector_notice(host, ids) for host, ids in shared.items()]
+    for notice in notices + (others or []):
         click.echo(f"privacy notice: {notice}", err=True)
-
-
-def _privacy_notices(shared: dict[str, list[str]]) -> None:
-    for host, client_ids in shared.items():
-        click.echo(f"privacy notice: {shared_sector_notice(host, client_ids)}", err=True)
 
 
 # -- secrets --------------------------------------------------------------------------------

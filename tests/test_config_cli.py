@@ -219,6 +219,14 @@ def test_cli_audit_seal_is_a_sealer_process_that_stops_on_sigterm(cli, tmp_path)
     assert time.time() - (tmp_path / "alive").stat().st_mtime < 30
     assert "checkpoint signed at size 7" in out and "checkpoint signed at size 8" in out
     assert out.rstrip().endswith("sealer stopped")
+    # a heartbeat that cannot be written is refused at once, with the reason
+    refused = subprocess.run(
+        [sys.executable, "-m", "civitas.cli", "--config", str(path), "audit", "seal",
+         "--every", "1", "--heartbeat", str(tmp_path / "no-such-dir" / "alive")],
+        capture_output=True, text=True, timeout=60, env={**os.environ, **ENV})
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "Invalid value for --heartbeat: cannot write" in refused.stderr
+    assert "Traceback" not in refused.stderr
 
 
 # -- pairwise sectors (OpenID Connect Core 8.1, NIST SP 800-63C 6.3.2) -----------------------

@@ -75,6 +75,12 @@ def make_audit_cli(get_ledger: Callable[[click.Context], Ledger]) -> click.Group
 
         from .sealer import LedgerSealer
 
+        if heartbeat is not None:
+            try:  # an unwritable heartbeat is a usage error now, not a crash in a later round
+                Path(heartbeat).touch()
+            except OSError as exc:
+                raise click.BadParameter(f"cannot write {heartbeat}: {exc.strerror}",
+                                         param_hint="--heartbeat") from exc
         sealer = LedgerSealer(get_ledger(ctx), interval=every, settle=timedelta(seconds=settle))
         stop = threading.Event()
         previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
