@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/ledger_bench.py [--entries N] [--threads T] [--single S]
                                            [--database-url URL] [--keep DIR] [--workers W]
+                                           [--hashlib] [--verify-only DIR]
 
 Appends go through the real :class:`consent.ledger.Ledger` into SQLite (or ``--database-url``):
 ``S`` single appends, each its own transaction, from ``T`` threads (the decision API's
@@ -39,7 +40,13 @@ TABLES = ["ledger_entries", "ledger_checkpoints", "ledger_nodes", "ledger_keys"]
 
 VERIFY = """
 import resource, sys, time
+from consent.ledger import hashing, scan
 from consent.ledger.verify import verify_export
+if sys.argv[4] == "hashlib":  # the fallback, as where the compiled core is not built
+    scan.leaf_hashes, scan.perfect_root = hashing.py_leaf_hashes, hashing.py_perfect_root
+    hashing.perfect_root = hashing.py_perfect_root
+elif not hashing.COMPILED:
+    sys.exit("the compiled hashing core is not built (consent/ledger/_hashing.c)")
 t = time.perf_counter()
 with open(sys.argv[1], "rb") as f:
     report = verify_export(f, open(sys.argv[2]).read().strip(), workers=int(sys.argv[3]) or None)
@@ -59,25 +66,27 @@ def rate(n: int, seconds: float) -> str:
     return f"{n / seconds:>12,.0f} entries/s  ({n:,} in {seconds:.1f} s)"
 
 
-def verify_child(path: Path, key_file: Path, workers: int = 0
+def verify_child(path: Path, key_file: Path, workers: int = 0, hashing: str = "compiled"
                  ) -> tuple[int, float, float, int, float]:
     """Verify in a fresh interpreter: entries, seconds, that process's own peak RSS in MiB
     (VmHWM: getrusage's maxrss would carry the forking parent's over the exec), how many
     processes hashed, and the largest worker's peak RSS (pages it shares with the parent it
     was forked from included)."""
-    out = subprocess.run([sys.executable, "-c", VERIFY, str(path), str(key_file), str(workers)],
+    out = subprocess.run([sys.executable, "-c", VERIFY, str(path), str(key_file), str(workers),
+                          hashing],
                          check=True, capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout.split()
     return int(out[0]), float(out[1]), float(out[2]), int(out[3]), float(out[4])
 
 
-def verify_all(full: Path, tenth: Path, key_file: Path, workers: int) -> None:
-    small, small_s, small_rss, _, _ = verify_child(tenth, key_file, 1)
-    count, seconds, rss, _, _ = verify_child(full, key_file, 1)
+def verify_all(full: Path, tenth: Path, key_file: Path, workers: int, hashing: str) -> None:
+    small, small_s, small_rss, _, _ = verify_child(tenth, key_file, 1, hashing)
+    count, seconds, rss, _, _ = verify_child(full, key_file, 1, hashing)
+    print(f"verify hashes with {'the compiled core' if hashing == 'compiled' else 'hashlib'}")
     print(f"{'verify, one process:':<35}{rate(count, seconds)}")
     print(f"{'verify peak RSS, one process:':<35}{rss:,.1f} MiB for {count:,} entries, "
           f"{small_rss:,.1f} MiB for {small:,} entries (in {small_s:.1f} s)")
-    count, seconds, rss, used, worker_rss = verify_child(full, key_file, workers)
+    count, seconds, rss, used, worker_rss = verify_child(full, key_file, workers, hashing)
     print(f"{f'verify, {used} processes:':<35}{rate(count, seconds)}")
     print(f"{f'verify peak RSS, {used} processes:':<35}{rss:,.1f} MiB, largest worker "
           f"{worker_rss:,.1f} MiB")
@@ -93,6 +102,8 @@ def main() -> None:
     parser.add_argument("--keep", default=None, help="directory to keep the files in")
     parser.add_argument("--workers", type=int, default=0,
                         help="verify processes for the second full verify (default: one per CPU)")
+    parser.add_argument("--hashlib", action="store_true",
+                        help="verify with the hashlib fallback instead of the compiled core")
     parser.add_argument("--verify-only", metavar="DIR", default=None,
                         help="only verify the files a run with --keep DIR left there")
     args = parser.parse_args()
@@ -101,7 +112,7 @@ def main() -> None:
         print(f"ledger bench: verify only, {os.cpu_count()} CPUs, Python "
               f"{sys.version.split()[0]}")
         verify_all(kept / "export.jsonl", kept / "export-window.jsonl", kept / "pubkey.txt",
-                   args.workers)
+                   args.workers, "hashlib" if args.hashlib else "compiled")
         return
     work = Path(args.keep or tempfile.mkdtemp(prefix="ledger-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -173,7 +184,7 @@ def main() -> None:
         export_ledger(ledger, out, since=since or utcnow() - timedelta(0))
 
     # 6. verify offline, in child processes
-    verify_all(full, tenth, key_file, args.workers)
+    verify_all(full, tenth, key_file, args.workers, "hashlib" if args.hashlib else "compiled")
     db.dispose()
     if not args.keep:
         for f in work.iterdir():

@@ -491,7 +491,7 @@ def test_export_round_trip(sqlite_ledger):
     assert entry["index"] == 0 and entry["entry"]["kind"] == "decision.query"
 
 
-def test_tamper_cases_are_named_by_line(sqlite_ledger):
+def test_tamper_cases_are_named_by_line(sqlite_ledger, either_hashing):
     sealed_in_batches(sqlite_ledger)
     key = sqlite_ledger.public_key()
     lines = exported(sqlite_ledger)
@@ -647,7 +647,7 @@ def test_background_sealer_signs_on_a_schedule(sqlite_ledger):
 # -- the fast path and the parallel verifier ----------------------------------------------------
 
 
-def test_span_is_a_compact_range_that_starts_anywhere():
+def test_span_is_a_compact_range_that_starts_anywhere(either_hashing):
     import random
 
     from consent.ledger.scan import Span
@@ -680,7 +680,7 @@ def entry_line(index, seq, text, leaf=None):
                                                                               text)
 
 
-def test_entry_leaves_accepts_exactly_the_export_layout():
+def test_entry_leaves_accepts_exactly_the_export_layout(either_hashing):
     from consent.ledger.scan import entry_leaves
 
     texts = [b'{"data":{"n":%d},"kind":"decision.query"}' % i for i in range(95, 105)]
@@ -700,6 +700,18 @@ def test_entry_leaves_accepts_exactly_the_export_layout():
                 line.replace(b'"n":101', b'"n":102')]:
         assert bad != line
         assert entry_leaves(lines[:6] + [bad] + lines[7:], 95) is None, bad
+
+
+@pytest.fixture(params=["default", "hashlib"])
+def either_hashing(request, monkeypatch):
+    """Run the scan on the compiled hashing core (where built) and on its hashlib fallback."""
+    from consent.ledger import hashing, scan
+
+    if request.param == "hashlib":
+        monkeypatch.setattr(scan, "leaf_hashes", hashing.py_leaf_hashes)
+        monkeypatch.setattr(scan, "perfect_root", hashing.py_perfect_root)
+        monkeypatch.setattr(hashing, "perfect_root", hashing.py_perfect_root)
+    return request.param
 
 
 @pytest.fixture
@@ -753,7 +765,8 @@ def test_workers_hash_every_entry_of_a_sound_file(tmp_path, sqlite_ledger, small
     assert seen == sorted(seen) and seen[-1] == path.stat().st_size and len(seen) > 20
 
 
-def test_workers_verify_like_one_process(tmp_path, sqlite_ledger, small_chunks):
+def test_workers_verify_like_one_process(tmp_path, sqlite_ledger, small_chunks,
+                                        either_hashing):
     sealed_in_batches(sqlite_ledger)
     key = sqlite_ledger.public_key()
     lines = exported(sqlite_ledger)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 
+from . import hashing
+
 HASH_SIZE = 32
 #: MTH({}): the hash of an empty string (2.1.1)
 EMPTY_ROOT = hashlib.sha256(b"").digest()
@@ -43,15 +45,8 @@ def split_point(n: int) -> int:
 
 
 def perfect_root(leaf_hashes: Sequence[bytes]) -> bytes:
-    """MTH of a perfect subtree (``len`` a power of two), one level at a time."""
-    level = list(leaf_hashes)
-    if not level or len(level) & (len(level) - 1):
-        raise ValueError("a perfect subtree has a power-of-two number of leaves")
-    sha = hashlib.sha256
-    while len(level) > 1:
-        pairs = iter(level)
-        level = [sha(b"\x01" + a + b).digest() for a, b in zip(pairs, pairs, strict=True)]
-    return level[0]
+    """MTH of a perfect subtree (``len`` a power of two); ValueError otherwise."""
+    return hashing.perfect_root(leaf_hashes)
 
 
 def aligned_blocks(lo: int, hi: int) -> list[tuple[int, int]]:

@@ -1,9 +1,10 @@
 """The hot loop of offline verification: entry lines to leaf hashes to subtree roots.
 
 An export's entry lines are nearly all of its bytes, and verifying them costs two SHA-256 per
-entry (the leaf, RFC 9162 2.1.1, and on average one interior node). In CPython each hash is
-one C call of about half a microsecond, so everything else done per line has to stay a few
-C calls too: a block is split once, each step is one list comprehension over its lines, and
+entry (the leaf, RFC 9162 2.1.1, and on average one interior node). Both are done a list at a
+time (:mod:`.hashing`: one C call per block where the compiled core is built), so everything
+else done per line has to stay a few C calls too: a block is split once, each step is one
+list comprehension over its lines, and
 the layout of every line is checked by comparing one joined slice of all the lines with the
 text the export would have written (:func:`entry_leaves`). Anything unexpected makes the fast
 check fail as a whole; the caller then reruns the lines one by one to name the first bad one
@@ -35,16 +36,13 @@ from typing import IO
 
 from . import merkle
 from .export import ENTRY_PREFIX
+from .hashing import leaf_hashes, perfect_root
 
 ENTRY_AT = b',"entry":'
 #: an entry line up to its ``seq`` value, as :mod:`.export` writes it
 _HEAD = b'{"type":"entry","leaf":"%s","index":%d,"seq":'
 _HEAD_SIZE = len(_HEAD) - 4 + 64  # without the index digits
 _INDEX_AT = len(ENTRY_PREFIX) + 64 + len(b'","index":')
-#: SHA-256 with the leaf and node prefixes (RFC 9162 2.1.1) absorbed: a copy of one of these
-#: costs less than a new hash object (no algorithm lookup), and saves a concatenation
-_LEAF = hashlib.sha256(b"\x00")
-_NODE = hashlib.sha256(b"\x01")
 BLOCK = 1 << 19
 #: files smaller than this are verified in the calling process alone
 PARALLEL_FROM = 16 << 20
@@ -56,7 +54,6 @@ def entry_leaves(lines: Sequence[bytes], first: int) -> list[bytes] | None:
     """The leaf hashes of ``lines`` if each is an entry line laid out exactly as the export
     writes it (:func:`.export.export_ledger`), with leaf indices ``first``, ``first + 1``, ...
     and a ``leaf`` that is the hash of its ``entry`` text; ``None`` if any line is not."""
-    leaf = _LEAF.copy
     leaves: list[bytes] = []
     done, count = 0, len(lines)
     while done < count:  # one pass per number of digits of the index
@@ -68,8 +65,7 @@ def entry_leaves(lines: Sequence[bytes], first: int) -> list[bytes] | None:
         at = [line.find(ENTRY_AT, r) for line in part]
         if -1 in at:
             return None
-        got = [(h := leaf()).update(line[p + 9:-1]) or h.digest()  # type: ignore[func-returns-value]
-               for line, p in zip(part, at, strict=True)]
+        got = leaf_hashes([line[p + 9:-1] for line, p in zip(part, at, strict=True)])
         args: list[object] = [None] * (2 * n)
         args[0::2] = map(hexlify, got)
         args[1::2] = range(lo, lo + n)
@@ -106,14 +102,8 @@ class Span:
 
     def extend(self, leaves: Sequence[bytes]) -> None:
         lo = self.end
-        node = _NODE.copy
         for level, start in merkle.aligned_blocks(lo, lo + len(leaves)):
-            nodes = leaves[start - lo:start - lo + (1 << level)]
-            while len(nodes) > 1:  # merkle.perfect_root, one level at a time
-                pairs = iter(nodes)
-                nodes = [(h := node()).update(a + b) or h.digest()  # type: ignore[func-returns-value]
-                         for a, b in zip(pairs, pairs, strict=True)]
-            self._push(level, nodes[0])
+            self._push(level, perfect_root(leaves[start - lo:start - lo + (1 << level)]))
 
     def _push(self, level: int, node: bytes) -> None:
         index = self.end >> level
