@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import uuid
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -65,6 +64,7 @@ from .consent_wiring import (
     agency_policies,
     receipt_contact_notices,
 )
+from .envelope import REQUEST_ID, ResponseEnvelope, new_request_id
 from .migrations import upgrade
 
 log = logging.getLogger("civitas")
@@ -291,10 +291,21 @@ def _allow_loopback_http(issuer: str) -> None:
         os.environ["AUTHLIB_INSECURE_TRANSPORT"] = "1"
 
 
+def _request_id_now() -> str:
+    """``g.request_id``, from the envelope: also for errors raised before the request's own
+    hooks ran (a session store that is down fails while the request is being opened)."""
+    if "request_id" not in g:
+        g.request_id = request.environ.get(REQUEST_ID) or new_request_id()
+    return str(g.request_id)
+
+
 def _install_request_hooks(app: Flask) -> None:
+    # the id, the start time and the headers of every response come from the envelope
+    app.wsgi_app = ResponseEnvelope(app.wsgi_app)  # type: ignore[method-assign]
+
     @app.before_request
     def _request_id() -> None:
-        g.request_id = uuid.uuid4().hex[:16]
+        _request_id_now()
 
     @app.context_processor
     def _csrf() -> dict[str, Any]:
@@ -306,21 +317,6 @@ def _install_request_hooks(app: Flask) -> None:
             return str(token)
 
         return {"csrf_token": csrf_token}
-
-    @app.after_request
-    def _headers(response: Response) -> Response:
-        response.headers.setdefault("X-Request-Id", g.get("request_id", ""))
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        if response.mimetype == "text/html":
-            response.headers.setdefault(
-                "Content-Security-Policy",
-                "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
-                "frame-ancestors 'none'; base-uri 'none'",
-            )
-            response.headers.setdefault("Cache-Control", "no-store")
-        return response
 
 
 #: endpoint -> (limit group, answer in JSON); the decision API counts its own (with the agency)
@@ -356,7 +352,7 @@ def _install_address_limits(app: Flask, hub: Hub) -> None:
             message = ("Too many requests from your network address; please wait "
                        f"{exc.retry_after} seconds and try again.")
             headers = {"Retry-After": str(exc.retry_after)}
-            log.warning("request %s: %s limit per address reached for %s", g.get("request_id"),
+            log.warning("request %s: %s limit per address reached for %s", _request_id_now(),
                         group, request.remote_addr)
             if as_json:
                 response = jsonify(error="rate_limited", error_description=message)
@@ -372,17 +368,23 @@ def _install_error_pages(app: Flask) -> None:
     """The one place that turns errors into pages for people."""
 
     def page(status: int, message: str) -> tuple[str, int]:
+        _request_id_now()  # the page quotes it
         return render_template("error.html", status=status, message=message), status
 
     @app.errorhandler(CivitasError)
     def _civitas_error(error: CivitasError) -> tuple[str, int]:
         level = logging.ERROR if error.status_code >= 500 else logging.WARNING
-        log.log(level, "request %s failed: %s: %s", g.get("request_id"),
+        log.log(level, "request %s failed: %s: %s", _request_id_now(),
                 type(error).__name__, error, exc_info=error.status_code >= 500)
         return page(error.status_code, error.public_message)
 
     @app.errorhandler(HTTPException)
-    def _http_error(error: HTTPException) -> tuple[str, int]:
+    def _http_error(error: HTTPException) -> Any:
+        original = getattr(error, "original_exception", None)
+        if original is not None and _is_unavailable(original):
+            # raised while the request was being opened (the session store is down): Flask
+            # hands it over as a 500, but it is the same "try again" as in a view
+            return unavailable(original)
         status = error.code or 500
         messages = {
             400: "The request was not understood.",
@@ -392,24 +394,26 @@ def _install_error_pages(app: Flask) -> None:
         }
         return page(status, messages.get(status, error.description or "Request failed."))
 
+    def unavailable(error: BaseException) -> Any:
+        # the database or Redis is unreachable (or just restarted): nothing was done that
+        # could be half done (each unit of work is one transaction), so say "try again"
+        # (RFC 9110 15.6.4), to machines in JSON and to people in a page
+        log.error("request %s: storage unavailable: %s: %s", _request_id_now(),
+                  type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        headers = {"Retry-After": "5", "Cache-Control": "no-store"}
+        message = "The service is briefly unavailable. Please try again in a moment."
+        if request.path.startswith(_JSON_PATHS):
+            response = jsonify(error="temporarily_unavailable", error_description=message)
+            response.status_code = 503
+            response.headers.update(headers)
+            return response
+        return render_template("error.html", status=503, message=message), 503, headers
+
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Any:
         if _is_unavailable(error):
-            # the database or Redis is unreachable (or just restarted): nothing was done
-            # that could be half done (each unit of work is one transaction), so say
-            # "try again" (RFC 9110 15.6.4), to machines in JSON and to people in a page
-            log.error("request %s: storage unavailable: %s: %s", g.get("request_id"),
-                      type(error).__name__, str(error).splitlines()[0] if str(error) else "")
-            headers = {"Retry-After": "5", "Cache-Control": "no-store"}
-            message = "The service is briefly unavailable. Please try again in a moment."
-            if request.path.startswith(_JSON_PATHS):
-                response = jsonify(error="temporarily_unavailable",
-                                   error_description=message)
-                response.status_code = 503
-                response.headers.update(headers)
-                return response
-            return render_template("error.html", status=503, message=message), 503, headers
-        log.exception("request %s failed with an unexpected error", g.get("request_id"))
+            return unavailable(error)
+        log.exception("request %s failed with an unexpected error", _request_id_now())
         return page(500, "Something went wrong on our side. Please try again later.")
 
 

@@ -15,6 +15,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from kernel.metrics import LATENCY, REQUESTS
 
+from .envelope import STARTED
+
 
 class JSONFormatter(logging.Formatter):
     """One JSON object per line, with the request id when there is a request."""
@@ -48,17 +50,24 @@ def configure_json_logging(level: int = logging.INFO) -> None:
 def install(app: Flask) -> None:
     hub = app.extensions["civitas"]
 
-    @app.before_request
-    def _start_timer() -> None:
-        g.started = time.perf_counter()
+    # the labelled series, looked up once each: ``labels()`` takes a lock and builds a key
+    requests: dict[tuple[str, str, int], Any] = {}
+    latency: dict[str, Any] = {}
 
     @app.after_request
     def _record(response: Response) -> Response:
         endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        REQUESTS.labels(endpoint, request.method, str(response.status_code)).inc()
-        started = g.get("started")
+        key = (endpoint, request.method, response.status_code)
+        counter = requests.get(key)
+        if counter is None:
+            counter = requests.setdefault(key, REQUESTS.labels(endpoint, key[1], str(key[2])))
+        counter.inc()
+        started = request.environ.get(STARTED)  # set by the envelope (civitas.envelope)
         if started is not None:
-            LATENCY.labels(endpoint).observe(time.perf_counter() - started)
+            histogram = latency.get(endpoint)
+            if histogram is None:
+                histogram = latency.setdefault(endpoint, LATENCY.labels(endpoint))
+            histogram.observe(time.perf_counter() - started)
         return response
 
     @app.get("/healthz")

@@ -68,6 +68,51 @@ def test_json_logs_carry_the_request_id_shown_on_error_pages(app, client, caplog
                for line in lines)
 
 
+def test_every_response_carries_its_id_and_the_security_headers(client):
+    """The envelope (civitas/envelope.py) adds them to views, Authlib's answers, error pages
+    and redirects alike; HTML also gets the CSP and no-store; a header a view chose stays."""
+    answers = {
+        "json": client.get("/jwks"),
+        "oauth error": client.post("/token", data={"grant_type": "password"}),
+        "page": client.get("/"),
+        "missing page": client.get("/no/such/page"),
+        "redirect": client.get(AuthRequest().url()),
+    }
+    ids = set()
+    for name, r in answers.items():
+        assert re.fullmatch(r"[0-9a-f]{16}", r.headers.get("X-Request-Id", "")), name
+        ids.add(r.headers["X-Request-Id"])
+        assert r.headers["X-Content-Type-Options"] == "nosniff", name
+        assert r.headers["X-Frame-Options"] == "DENY", name
+        assert r.headers["Referrer-Policy"] == "no-referrer", name
+        assert len(r.headers.getlist("X-Frame-Options")) == 1, name
+        html_page = r.mimetype == "text/html"
+        assert ("Content-Security-Policy" in r.headers) == html_page, name
+    assert len(ids) == len(answers)
+    assert answers["missing page"].status_code == 404
+    assert answers["missing page"].headers["Cache-Control"] == "no-store"
+    assert answers["missing page"].headers["X-Request-Id"] in answers["missing page"].get_data(
+        as_text=True)
+    assert answers["json"].headers["Cache-Control"].startswith("public")  # the view's own
+    assert answers["oauth error"].json["error"] == "unsupported_grant_type"
+
+
+def test_a_store_outage_while_opening_the_session_is_a_503_with_its_request_id(make_hub,
+                                                                            caplog):
+    """With the session store down, opening the request's session fails before any hook
+    ran; the 503 page, its header and the log line still name one request id."""
+    caplog.set_level(logging.ERROR, logger="civitas")
+    app = make_hub(redis_url=f"redis://127.0.0.1:{servers.free_port()}/0")
+    client = app.test_client()
+    client.set_cookie("civitas_session", "a" * 43)  # a session id to look up
+    r = client.get("/account")
+    assert r.status_code == 503 and r.mimetype == "text/html"
+    request_id = r.headers["X-Request-Id"]
+    assert re.fullmatch(r"[0-9a-f]{16}", request_id)
+    assert request_id in r.get_data(as_text=True)
+    assert any(request_id in rec.getMessage() for rec in caplog.records)
+
+
 def test_several_workers_refuse_embedded_storage(tmp_path, upstream_issuer):
     cfg = hub_config(upstream_issuer, f"sqlite:///{tmp_path}/x.db")
     path = tmp_path / "civitas.yaml"
