@@ -4,9 +4,9 @@ An export's entry lines are nearly all of its bytes, and verifying them costs tw
 entry (the leaf, RFC 9162 2.1.1, and on average one interior node). Both are done a list at a
 time (:mod:`.hashing`: one C call per block where the compiled core is built), so everything
 else done per line has to stay a few C calls too: a block is split once, each step is one
-list comprehension over its lines, and
-the layout of every line is checked by comparing one joined slice of all the lines with the
-text the export would have written (:func:`entry_leaves`). Anything unexpected makes the fast
+list comprehension over its lines, and the layout of every line is checked by comparing one
+joined slice of all the lines with the text the export would have written
+(:func:`entry_leaves`). Anything unexpected makes the fast
 check fail as a whole; the caller then reruns the lines one by one to name the first bad one
 (:meth:`.verify.ExportVerifier.feed`).
 
