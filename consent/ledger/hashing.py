@@ -4,7 +4,7 @@ subtree. Offline verification spends nearly all its time here (:mod:`.scan`).
 The compiled core (``_hashing.c``, built by ``pip install`` where a C compiler, OpenSSL's
 headers and Python's are present) loops over a whole list in C with one OpenSSL context;
 without it the same functions run on :mod:`hashlib`, with the same results and errors, about
-1.6 times slower per entry (bench/README.md). ``COMPILED`` tells which one is in use.
+1.5 times slower per entry (bench/README.md). ``COMPILED`` tells which one is in use.
 """
 
 from __future__ import annotations
