@@ -1,7 +1,7 @@
 """Civitas load benchmarks against a running hub in production mode, with oidc-provider as
 the peer where an equivalent request exists.
 
-    .venv/bin/python bench/run.py [--workers 2] [--duration 10] [--scenarios 1,2,3,4,5,6]
+    .venv/bin/python bench/run.py [--workers 2] [--duration 10] [--scenarios 1,2,3,4,5,6,F]
                                   [--connections 16] [--mint 3000]
 
 Starts (on 127.0.0.1, free ports, in a temporary directory) PostgreSQL, Redis, the upstream
@@ -62,7 +62,7 @@ OPAQUE = TestAgency("agency-opaque", "s3-" + "c" * 40, "https://opaque.agency.ex
 
 @contextlib.contextmanager
 def run_peer(tmpdir: Path, clients: list[dict], opaque: list[str]):
-    """bench/peer.mjs (oidc-provider) on a free port; yields its issuer."""
+    """bench/peer.mjs (oidc-provider) on a free port; yields its issuer and pid."""
     tmpdir.mkdir(parents=True, exist_ok=True)
     log = tmpdir / "peer.log"
     env = dict(os.environ, NODE_ENV="production", CLIENTS=json.dumps(clients),
@@ -71,7 +71,7 @@ def run_peer(tmpdir: Path, clients: list[dict], opaque: list[str]):
                           cwd=ROOT / "bench") as proc:
         servers._wait_until("peer", proc, log,
                             lambda: servers.announced_issuer(log) is not None, timeout=20)
-        yield str(servers.announced_issuer(log))
+        yield str(servers.announced_issuer(log)), proc.pid
 SCOPES = ["openid", "profile", "email", "offline_access"]
 
 
@@ -211,13 +211,16 @@ class Runner:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
         self.workdir = workdir
+        #: base URL -> pid of a process (with its children) whose CPU a run measures
+        self.cpu_of: dict[str, int] = {}
 
     hub_base = ""
     hub_pid = 0
 
     def wrk(self, base: str, env: dict[str, str], duration: float | None = None) -> dict:
         duration = duration or self.args.duration
-        cpu0 = hub_cpu_seconds(self.hub_pid) if base == self.hub_base else None
+        cpu_pid = self.hub_pid if base == self.hub_base else self.cpu_of.get(base)
+        cpu0 = hub_cpu_seconds(cpu_pid) if cpu_pid else None
         cmd = ["wrk", "-t", str(self.args.threads), "-c", str(self.args.connections),
                "-d", f"{max(1, int(duration))}s", "--timeout", "5s", "-s", str(WRK_LUA), base]
         proc = subprocess.run(cmd, env=dict(os.environ, **env), capture_output=True, text=True,
@@ -233,14 +236,14 @@ class Runner:
         if r.get("exhausted_after_us"):  # every thread used up its list before the end
             r["duration_us"] = min(r["duration_us"], r["exhausted_after_us"])
         if cpu0 is not None:
-            cpu1 = hub_cpu_seconds(self.hub_pid)
+            cpu1 = hub_cpu_seconds(cpu_pid)
             seconds = max(r["duration_us"] / 1e6, 1e-9)
             r["hub_cpu_s"] = sum(cpu1.values()) - sum(cpu0.values())
             r["hub_cores_busy"] = r["hub_cpu_s"] / seconds
             # how evenly the workers shared the load: keep-alive connections stay with the
             # worker that accepted them
             r["worker_cores_busy"] = [round((cpu1[p] - cpu0.get(p, 0.0)) / seconds, 2)
-                                      for p in sorted(cpu1) if p != self.hub_pid]
+                                      for p in sorted(cpu1) if p != cpu_pid]
         secs = r["duration_us"] / 1e6
         r["rps"] = r["requests"] / secs if secs else 0.0
         r["good_rps"] = r["good"] / secs if secs else 0.0
@@ -251,7 +254,7 @@ def fmt_row(name: str, r: dict | None, peer: dict | None, workers: int, unit: fl
             note: str = "") -> str:
     if r is None:
         return (f"{name:<44} {'-':>8} {'-':>9} {'-':>7} {'-':>7} {'-':>9} {'-':>6} {'-':>8} "
-                f"{'-':>6}  {note}")
+                f"{'-':>7} {'-':>6} {'-':>7}  {note}")
     rps = r["good_rps"] * unit
     peer_rps = peer["good_rps"] * unit if peer else None
     ratio = f"{rps / peer_rps:.2f}" if peer_rps else "-"
@@ -262,11 +265,17 @@ def fmt_row(name: str, r: dict | None, peer: dict | None, workers: int, unit: fl
     if peer and peer.get("exhausted_after_us"):
         extra += f" [peer list used up after {peer['exhausted_after_us'] / 1e6:.1f}s]"
     cores = f"{r['hub_cores_busy']:.2f}" if "hub_cores_busy" in r else "-"
+    peer_cores = f"{peer['hub_cores_busy']:.2f}" if peer and "hub_cores_busy" in peer else "-"
+    # requests per CPU-second at each side, from the CPU each really used (node uses more
+    # than one core: its garbage collector and libuv run on threads of their own)
+    per_cpu = "-"
+    if peer_rps and r.get("hub_cores_busy") and peer.get("hub_cores_busy"):
+        per_cpu = f"{(rps / r['hub_cores_busy']) / (peer_rps / peer['hub_cores_busy']):.2f}"
     if r.get("worker_cores_busy"):
         note = f"workers {'+'.join(f'{c:.2f}' for c in r['worker_cores_busy'])}; {note}"
     return (f"{name:<44} {r['requests']:>8} {rps:>9.0f} {r['p50_us'] / 1000:>7.2f} "
             f"{r['p99_us'] / 1000:>7.2f} {(f'{peer_rps:.0f}' if peer_rps else '-'):>9} "
-            f"{ratio:>6} {per_core:>8} {cores:>6}  {note}{extra}")
+            f"{ratio:>6} {per_core:>8} {per_cpu:>7} {cores:>6} {peer_cores:>7}  {note}{extra}")
 
 
 def rss_of_children(pid: int) -> list[tuple[int, float]]:
@@ -308,6 +317,52 @@ def rss_of(pid: int) -> float:
         if x.startswith("VmRSS:"):
             return int(x.split()[1]) / 1024
     return 0.0
+
+
+def floor_servers() -> list[str]:
+    """The hub's own server, and granian (a Rust HTTP server) when it is installed."""
+    import importlib.util
+    return ["gunicorn"] + (["granian"] if importlib.util.find_spec("granian") else [])
+
+
+@contextlib.contextmanager
+def run_floor(server: str, workdir: Path, redis_url: str, workers: int, threads: int):
+    """bench/floor_app.py under `server` with the hub's worker and thread counts."""
+    port = servers.free_port()
+    if server == "gunicorn":  # the settings civitas/gunicorn_app.py gives the hub
+        cmd = [sys.executable, "-m", "gunicorn", "--workers", str(workers),
+               "--worker-class", "gthread", "--threads", str(threads), "--reuse-port",
+               "--bind", f"127.0.0.1:{port}", "--log-level", "warning", "floor_app:app"]
+    else:
+        cmd = [sys.executable, "-m", "granian", "--interface", "wsgi", "--workers",
+               str(workers), "--blocking-threads", str(threads), "--host", "127.0.0.1",
+               "--port", str(port), "--log-level", "warning", "floor_app:app"]
+    env = dict(os.environ, FLOOR_CLIENT_ID=AGENCY_ONE.client_id,
+               FLOOR_CLIENT_SECRET=AGENCY_ONE.secret, FLOOR_REDIS_URL=redis_url,
+               MALLOC_ARENA_MAX="2", PYTHONPATH=str(ROOT / "bench"))
+    log = (workdir / f"floor-{server}.log").open("wb")
+    proc = subprocess.Popen(cmd, cwd=ROOT / "bench", env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                r = requests.post(base + "/", data={"grant_type": "client_credentials"},
+                                  auth=(AGENCY_ONE.client_id, AGENCY_ONE.secret), timeout=1)
+                if r.status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{server} did not start: "
+                                   + (workdir / f"floor-{server}.log").read_text()[-2000:])
+            time.sleep(0.2)
+        time.sleep(1)  # every worker up, not only the first to answer
+        yield base, proc.pid
+    finally:
+        servers._stop(proc)
+        log.close()
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -380,10 +435,11 @@ def main() -> int:
             "redirect_uris": [f"{base}/login/op/callback"]}]))
         peer_issuer = None
         if not args.no_peer:
-            peer_issuer = stack.enter_context(run_peer(workdir / "peer", [{
+            peer_issuer, peer_pid = stack.enter_context(run_peer(workdir / "peer", [{
                 "client_id": a.client_id, "client_secret": a.secret,
                 "redirect_uris": [a.redirect_uri]} for a in agencies + [OPAQUE]],
                 [OPAQUE.client_id]))
+            runner.cpu_of[peer_issuer] = peer_pid
         config = {
             "issuer": base, "database_url": pg, "redis_url": redis,
             "encryption_key": Fernet.generate_key().decode(),
@@ -498,6 +554,24 @@ def main() -> int:
                     "BENCH_BODY": "grant_type=client_credentials&scope=api"})
             rows.append(fmt_row("1 token endpoint, client_credentials", results["1"],
                                 results.get("1p"), args.workers, note="JWT access token"))
+
+        # F: the ceiling for Python: bench/floor_app.py, a bare WSGI client_credentials endpoint
+        # (no framework, no OAuth library), under the hub's server and, if installed, granian
+        if "F" in wanted:
+            for server in floor_servers():
+                print(f"scenario F: the floor token endpoint under {server} ...", flush=True)
+                with run_floor(server, workdir, redis, args.workers, args.hub_threads) as (
+                        floor_base, floor_pid):
+                    runner.cpu_of[floor_base] = floor_pid
+                    results["F" + server] = runner.wrk(floor_base, {
+                        "BENCH_MODE": "static", "BENCH_METHOD": "POST", "BENCH_PATH": "/",
+                        "BENCH_CTYPE": form, "BENCH_AUTH": auth_one,
+                        "BENCH_BODY": "grant_type=client_credentials&scope=consent.decisions"})
+                    rss = [mb for _, mb in rss_of_children(floor_pid)]
+                rows.append(fmt_row(f"F floor token endpoint ({server})", results["F" + server],
+                                    results.get("1p"), args.workers,
+                                    note="bench/floor_app.py, not the hub; worker RSS "
+                                         + "/".join(f"{mb:.0f}" for mb in rss) + " MB"))
 
         # 5: refresh_token grant with rotation
         if "5" in wanted:
@@ -649,12 +723,14 @@ def main() -> int:
               f"PostgreSQL + Redis; wrk -t{args.threads} -c{args.connections}, "
               f"{args.duration:g}s per scenario; peer: oidc-provider (1 node process), ES256")
         print(f"{'scenario':<44} {'requests':>8} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
-              f"{'peer r/s':>9} {'ratio':>6} {'per-core':>8} {'hubCPU':>6}")
+              f"{'peer r/s':>9} {'ratio':>6} {'per-core':>8} {'per-CPU':>7} {'hubCPU':>6} "
+              f"{'peerCPU':>7}")
         for row in rows:
             print(row)
         print("(req/s counts successful responses only; 'per-core' = (hub req/s / workers) / "
-              "peer req/s, the peer being one single-threaded node process; hubCPU = cores "
-              "the hub's processes kept busy, from /proc)")
+              "peer req/s, the peer being one node process; 'per-CPU' = (hub req/s / hubCPU) / "
+              "(peer req/s / peerCPU); hubCPU = cores the hub's processes kept busy, peerCPU "
+              "the peer's, from /proc; PostgreSQL's and Redis's CPU is in neither)")
         print()
         print(f"hub master pid {hub_proc.pid}: RSS {rss_of(hub_proc.pid):.1f} MB")
         for pid, mb in workers_rss:
