@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # Civitas hub image: `civitas db upgrade`, then `civitas serve` (gunicorn, several workers)
 # on PostgreSQL and Redis. Operators' guide: deploy/README.md. Build: docker build -t civitas .
 #
@@ -31,9 +30,10 @@ COPY idp/ idp/
 COPY consent/ consent/
 COPY civitas/ civitas/
 # runtime dependencies only (no [test] extra); the import check fails the build if the
-# hashing core was skipped
+# hashing core was skipped. It runs from / : in /src, the source tree (without the built
+# module) would shadow the installed package and the check would always fail.
 RUN /opt/civitas/bin/pip install . \
-    && /opt/civitas/bin/python -c "import consent.ledger._hashing"
+    && cd / && /opt/civitas/bin/python -c "import consent.ledger._hashing"
 
 # --- runtime: the virtualenv, the entry point, an unprivileged user ------------------------
 FROM python:3.11-slim-bookworm
@@ -43,7 +43,10 @@ RUN groupadd --system --gid 10001 civitas \
        --home-dir /nonexistent --shell /usr/sbin/nologin civitas
 
 COPY --from=build /opt/civitas /opt/civitas
-COPY --chmod=0755 deploy/docker-entrypoint.sh /usr/local/bin/civitas-entrypoint
+# plain COPY + chmod (not COPY --chmod, which needs BuildKit): the image builds with the
+# classic builder, BuildKit, podman or buildah, and offline (no dockerfile frontend to pull)
+COPY deploy/docker-entrypoint.sh /usr/local/bin/civitas-entrypoint
+RUN chmod 0755 /usr/local/bin/civitas-entrypoint
 
 ENV PATH=/opt/civitas/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -105,10 +105,10 @@ def serve(ctx: click.Context, host: str, port: int, threads: int, workers: int,
                 f"cannot listen on {host}:{port}: {problem}. Another program (or another "
                 "Civitas) is listening there: stop it, or choose another --port.")
 
-        click.echo(f"Civitas listening on http://{host}:{port} with {workers} workers "
-                   f"(issuer {settings.issuer})")
+        _announce(f"Civitas listening on http://{host}:{port} with {workers} workers "
+                  f"(issuer {settings.issuer})", json_logs)
         run_gunicorn(ctx.obj.get("config"), host=host, port=port, workers=workers,
-                     threads=threads)
+                     threads=threads, json_logs=json_logs)
         return
     import waitress
 
@@ -117,8 +117,18 @@ def serve(ctx: click.Context, host: str, port: int, threads: int, workers: int,
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     issuer = app.extensions["civitas"].settings.issuer
-    click.echo(f"Civitas listening on http://{host}:{port} (issuer {issuer})")
+    _announce(f"Civitas listening on http://{host}:{port} (issuer {issuer})", json_logs)
     waitress.serve(app, host=host, port=port, threads=threads, ident="civitas")
+
+
+def _announce(message: str, json_logs: bool) -> None:
+    """Where the hub listens: a log line (JSON, like every other) or, with plain logs, text."""
+    if json_logs:
+        import logging
+
+        logging.getLogger("civitas").info(message)
+    else:
+        click.echo(message)
 
 
 # -- config ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import tempfile
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger
 
 
 class HubApplication(BaseApplication):  # type: ignore[misc]
@@ -20,6 +21,12 @@ class HubApplication(BaseApplication):  # type: ignore[misc]
     def load_config(self) -> None:
         for key, value in self.options.items():
             self.cfg.set(key, value)
+        # gunicorn 25.1+ opens a control socket ($XDG_RUNTIME_DIR or ~/.gunicorn/gunicorn.ctl)
+        # through which the same user can resize or stop the server. The hub does not use it,
+        # it writes under a home directory (which a read-only container does not have: an
+        # error line at every start) and it is one more way in: off.
+        if "control_socket_disable" in self.cfg.settings:
+            self.cfg.set("control_socket_disable", True)
 
     def load(self) -> Any:
         from config import load_settings
@@ -27,6 +34,19 @@ class HubApplication(BaseApplication):  # type: ignore[misc]
         from .app import create_app
 
         return create_app(load_settings(self.config_path))
+
+
+class JSONLogger(Logger):  # type: ignore[misc]
+    """gunicorn's own lines (start, workers booting, a worker that timed out or died) as one
+    JSON object per line, like the hub's, so that a log pipeline can parse every line."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        from .observability import JSONFormatter
+
+        for log in (self.error_log, self.access_log):
+            for handler in log.handlers:
+                handler.setFormatter(JSONFormatter())
 
 
 #: glibc mallopt parameter: how many malloc arenas threads may spread over
@@ -64,7 +84,7 @@ def address_in_use(host: str, port: int) -> str | None:
 
 
 def run_gunicorn(config_path: str | None, *, host: str, port: int, workers: int,
-                 threads: int) -> None:
+                 threads: int, json_logs: bool = True) -> None:
     # Prometheus multiprocess mode: every worker writes its metrics to this directory, which
     # must be set before prometheus-client is imported (`civitas serve` re-executes itself
     # with it; a caller that imports this module itself sets it first).
@@ -86,4 +106,5 @@ def run_gunicorn(config_path: str | None, *, host: str, port: int, workers: int,
         # recycled here, so that is a crash or a shutdown).
         "reuse_port": hasattr(socket, "SO_REUSEPORT"),
         "post_fork": limit_malloc_arenas,
+        **({"logger_class": JSONLogger} if json_logs else {}),
     }).run()

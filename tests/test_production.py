@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 from urllib.parse import urljoin
 
 import pytest
@@ -122,6 +123,10 @@ def test_several_workers_refuse_embedded_storage(tmp_path, upstream_issuer):
     assert "database_url is SQLite" in result.output and "redis_url is not set" in result.output
 
 
+#: the log file and home directory of the `workers_hub` process
+WORKERS_HUB_FILES: dict[str, Path] = {}
+
+
 @pytest.fixture(scope="module")
 def workers_hub(tmp_path_factory, upstream_issuer, postgres_url, redis_url):
     """`civitas serve --workers 2` as a real process on PostgreSQL and Redis."""
@@ -131,12 +136,17 @@ def workers_hub(tmp_path_factory, upstream_issuer, postgres_url, redis_url):
     path = tmp / "civitas.yaml"
     path.write_text(yaml.safe_dump(cfg))
     log = (tmp / "hub.log").open("wb")
+    (tmp / "home").mkdir()
     proc = subprocess.Popen(
         [sys.executable, "-m", "civitas.cli", "--config", str(path), "serve", "--workers", "2",
          "--threads", "2", "--port", str(HUB_PORT)], stdout=log, stderr=subprocess.STDOUT,
-        # as an operator starts it: no metrics directory chosen beforehand
-        env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
+        # as an operator starts it: no metrics directory chosen beforehand; a home directory
+        # of its own, to see what it writes there
+        env={**{k: v for k, v in os.environ.items()
+                if k not in ("PROMETHEUS_MULTIPROC_DIR", "XDG_RUNTIME_DIR")},
+             "HOME": str(tmp / "home")},
         start_new_session=True)
+    WORKERS_HUB_FILES["log"], WORKERS_HUB_FILES["home"] = tmp / "hub.log", tmp / "home"
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -228,6 +238,27 @@ def test_two_workers_serve_full_logins_and_consent_decisions(workers_hub):
         [line for line in metrics.splitlines() if "logins" in line]
     assert re.search(r'civitas_consent_decisions_total\{decision="permit"\} (4\d|[5-9]\d)',
                      metrics), metrics
+
+
+def test_every_line_the_workers_log_is_json_and_nothing_is_written_in_home(workers_hub):
+    """What `civitas serve --workers 2` writes, gunicorn's own lines included (its start, each
+    worker booting), is one JSON object per line; and gunicorn's control socket, which would
+    be created under the home directory (a read-only container has none), is off."""
+    requests.get(f"{workers_hub}/readyz", timeout=5)
+    lines = [line for line in WORKERS_HUB_FILES["log"].read_text().splitlines() if line.strip()]
+    entries = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            raise AssertionError(f"not a JSON log line: {line!r}") from None
+        assert isinstance(entry, dict) and {"time", "level", "logger", "message"} <= set(entry)
+        entries.append(entry)
+    assert any(e["logger"] == "gunicorn.error" and "Booting worker" in e["message"]
+               for e in entries), entries[:10]
+    assert any(e["message"].startswith("Civitas listening on http://") for e in entries)
+    assert not any("Control server" in e["message"] for e in entries)
+    assert list(WORKERS_HUB_FILES["home"].iterdir()) == []
 
 
 def test_each_worker_listens_on_its_own_socket_so_kept_alive_connections_spread(workers_hub):
