@@ -406,6 +406,9 @@ def main() -> int:
     ap.add_argument("--load-events", type=int, default=None,
                     help="consent events to load with them (default: 10 per citizen)")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--server", choices=["gunicorn", "granian"], default="gunicorn",
+                    help="the hub's HTTP server: `civitas serve` (gunicorn, production) or, "
+                         "as an experiment, the same app under granian (bench/setup installs it)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args()
     if args.mint_budget is None:
@@ -461,13 +464,30 @@ def main() -> int:
         cfg_path.write_text(yaml.safe_dump(config))
         cfg_path.chmod(0o600)
         log = (workdir / "hub.log").open("wb")
-        print(f"starting the hub: civitas serve --workers {args.workers} "
-              f"--threads {args.hub_threads} on {base}", flush=True)
-        hub_proc = subprocess.Popen(
-            [sys.executable, "-m", "civitas.cli", "--config", str(cfg_path), "serve",
-             "--workers", str(args.workers), "--threads", str(args.hub_threads),
-             "--port", str(hub_port)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-            start_new_session=True)
+        hub_env = dict(os.environ)
+        if args.server == "gunicorn":
+            print(f"starting the hub: civitas serve --workers {args.workers} "
+                  f"--threads {args.hub_threads} on {base}", flush=True)
+            hub_cmd = [sys.executable, "-m", "civitas.cli", "--config", str(cfg_path), "serve",
+                       "--workers", str(args.workers), "--threads", str(args.hub_threads),
+                       "--port", str(hub_port)]
+        else:  # an experiment: the same app under granian (bench/README.md, fifth session)
+            print(f"starting the hub under granian: {args.workers} workers x "
+                  f"{args.hub_threads} blocking threads on {base}", flush=True)
+            subprocess.run([sys.executable, "-m", "civitas.cli", "--config", str(cfg_path),
+                            "db", "upgrade"], check=True, cwd=ROOT, capture_output=True)
+            hub_cmd = [sys.executable, "-m", "granian", "--interface", "wsgi",
+                       "--workers", str(args.workers), "--blocking-threads",
+                       str(args.hub_threads), "--host", "127.0.0.1", "--port", str(hub_port),
+                       "--log-level", "warning", "--working-dir", str(ROOT / "bench"),
+                       "granian_hub:app"]
+            metrics_dir = workdir / "metrics"
+            metrics_dir.mkdir()
+            hub_env.update(CIVITAS_CONFIG=str(cfg_path), MALLOC_ARENA_MAX="2",
+                           PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "bench")]),
+                           PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+        hub_proc = subprocess.Popen(hub_cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                    env=hub_env, start_new_session=True)
         stack.callback(log.close)
         stack.callback(servers._stop, hub_proc)
         deadline = time.monotonic() + 60
@@ -719,7 +739,8 @@ def main() -> int:
 
         workers_rss = rss_of_children(hub_proc.pid)
         print()
-        print(f"Civitas hub: {args.workers} workers x {args.hub_threads} threads (gunicorn), "
+        print(f"Civitas hub: {args.workers} workers x {args.hub_threads} threads "
+              f"({args.server}), "
               f"PostgreSQL + Redis; wrk -t{args.threads} -c{args.connections}, "
               f"{args.duration:g}s per scenario; peer: oidc-provider (1 node process), ES256")
         print(f"{'scenario':<44} {'requests':>8} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} "

@@ -65,7 +65,6 @@ from .consent_wiring import (
     receipt_contact_notices,
 )
 from .envelope import REQUEST_ID, ResponseEnvelope, new_request_id
-from .migrations import upgrade
 
 log = logging.getLogger("civitas")
 
@@ -128,6 +127,10 @@ def build_hub(settings: Settings, *, migrate: bool = True) -> Hub:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
     db = Database(settings.database_url, pool_size=settings.database_pool_size)
     if migrate:
+        # imported here: Alembic (and Mako) is ~11 MB of memory that a gunicorn worker, whose
+        # schema `civitas serve` brought up to date before starting it, never loads
+        from .migrations import upgrade
+
         with startup_lock(db.engine):
             upgrade(db.engine)
     store = open_store(settings.redis_url)
@@ -182,8 +185,9 @@ def build_hub(settings: Settings, *, migrate: bool = True) -> Hub:
 
 
 def create_app(config: Settings | Mapping[str, Any] | None = None, *,
-               hub: Hub | None = None) -> Flask:
-    """Build the Flask app. ``config`` is a Settings object or a plain mapping (tests)."""
+               hub: Hub | None = None, migrate: bool = True) -> Flask:
+    """Build the Flask app. ``config`` is a Settings object or a plain mapping (tests).
+    ``migrate=False`` when the schema is known to be up to date (see ``build_hub``)."""
     if hub is None:
         if config is None:
             from config import load_settings
@@ -193,7 +197,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
             settings = config
         else:
             settings = settings_from_mapping(config)
-        hub = build_hub(settings)
+        hub = build_hub(settings, migrate=migrate)
     settings = hub.settings
     _allow_loopback_http(settings.issuer)
     with startup_lock(hub.db.engine):

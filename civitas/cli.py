@@ -97,7 +97,12 @@ def serve(ctx: click.Context, host: str, port: int, threads: int, workers: int,
     if json_logs:
         configure_json_logging()
     if workers > 1:
-        from .gunicorn_app import address_in_use, run_gunicorn
+        from .gunicorn_app import (
+            SchemaUpgradeFailed,
+            address_in_use,
+            run_gunicorn,
+            upgrade_schema,
+        )
 
         problem = address_in_use(host, port)
         if problem is not None:
@@ -105,6 +110,11 @@ def serve(ctx: click.Context, host: str, port: int, threads: int, workers: int,
                 f"cannot listen on {host}:{port}: {problem}. Another program (or another "
                 "Civitas) is listening there: stop it, or choose another --port.")
 
+        try:
+            _announce(f"schema: {upgrade_schema(ctx.obj.get('config'))}", json_logs)
+        except SchemaUpgradeFailed as exc:
+            raise click.ClickException(
+                f"the database schema could not be upgraded:\n{exc}") from exc
         _announce(f"Civitas listening on http://{host}:{port} with {workers} workers "
                   f"(issuer {settings.issuer})", json_logs)
         run_gunicorn(ctx.obj.get("config"), host=host, port=port, workers=workers,

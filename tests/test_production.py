@@ -319,3 +319,43 @@ def test_several_workers_refuse_a_port_someone_listens_on(tmp_path, upstream_iss
     assert done.returncode == 1, done.stdout + done.stderr
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
     assert "Listening at" not in done.stdout + done.stderr  # no worker was started
+
+
+def test_several_workers_stop_before_any_worker_when_the_schema_cannot_be_upgraded(
+        tmp_path, upstream_issuer, redis_url):
+    """`serve --workers N` upgrades the schema once, before gunicorn starts; when that fails
+    (here: nobody listens at the database's address) it exits 1 and says why, and no worker
+    is started."""
+    cfg = hub_config(upstream_issuer, f"postgresql+psycopg://civitas:x@127.0.0.1:"
+                     f"{servers.free_port()}/civitas", redis_url=redis_url)
+    path = tmp_path / "civitas.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    done = subprocess.run(
+        [sys.executable, "-m", "civitas.cli", "--config", str(path), "serve", "--workers", "2",
+         "--port", str(servers.free_port())], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "the database schema could not be upgraded" in done.stderr
+    assert "Connection refused" in done.stderr
+    assert "Booting worker" not in done.stdout + done.stderr
+
+
+def test_a_gunicorn_worker_loads_the_app_without_alembic(tmp_path, upstream_issuer,
+                                                          postgres_url, redis_url):
+    """The workers of `serve --workers N` build the app on a schema the master brought up to
+    date (in a child process), so neither they nor the master import Alembic and Mako: about
+    11 MB of RSS per worker (bench/README.md)."""
+    cfg = hub_config(upstream_issuer, postgres_url, redis_url=redis_url)
+    path = tmp_path / "civitas.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    from civitas.gunicorn_app import upgrade_schema
+
+    assert re.fullmatch(r"database at revision \w+", upgrade_schema(str(path)))
+    probe = ("import sys; from civitas.gunicorn_app import HubApplication; "
+             f"app = HubApplication({str(path)!r}, {{}}).load(); "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('alembic', 'mako')))"
+             "; print(type(app).__name__)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(
+                              tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]", "Flask"], done.stdout + done.stderr
