@@ -340,11 +340,11 @@ def test_several_workers_stop_before_any_worker_when_the_schema_cannot_be_upgrad
 
 
 def test_a_gunicorn_worker_loads_the_app_without_alembic(tmp_path, upstream_issuer,
-                                                          postgres_url, redis_url):
+                                                          pg_database_url, redis_url):
     """The workers of `serve --workers N` build the app on a schema the master brought up to
     date (in a child process), so neither they nor the master import Alembic and Mako: about
     11 MB of RSS per worker (bench/README.md)."""
-    cfg = hub_config(upstream_issuer, postgres_url, redis_url=redis_url)
+    cfg = hub_config(upstream_issuer, pg_database_url, redis_url=redis_url)
     path = tmp_path / "civitas.yaml"
     path.write_text(yaml.safe_dump(cfg))
     from civitas.gunicorn_app import upgrade_schema
