@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from datetime import timedelta
@@ -134,8 +135,6 @@ def serve(ctx: click.Context, host: str, port: int, threads: int, workers: int,
 def _announce(message: str, json_logs: bool) -> None:
     """Where the hub listens: a log line (JSON, like every other) or, with plain logs, text."""
     if json_logs:
-        import logging
-
         logging.getLogger("civitas").info(message)
     else:
         click.echo(message)
@@ -199,12 +198,15 @@ def db_group() -> None:
 @click.pass_context
 def db_upgrade(ctx: click.Context, revision: str) -> None:
     """Apply Alembic migrations."""
-    from kernel.db import Database
+    from kernel.db import Database, startup_lock
 
     from .migrations import current_revision, upgrade
 
     db = Database(_settings(ctx).database_url)
-    upgrade(db.engine, revision)
+    # the lock every start-up takes: hosts (or containers) that start together, each running
+    # this before `civitas serve`, migrate one after the other, not at the same time
+    with startup_lock(db.engine):
+        upgrade(db.engine, revision)
     click.echo(f"database at revision {current_revision(db.engine)}")
 
 

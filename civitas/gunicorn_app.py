@@ -35,7 +35,8 @@ class HubApplication(BaseApplication):  # type: ignore[misc]
 
         from .app import create_app
 
-        # `civitas serve` upgraded the schema before starting gunicorn (run_gunicorn)
+        # `civitas serve` brought the schema up to date before starting gunicorn
+        # (upgrade_schema), so the workers neither migrate nor import Alembic
         return create_app(load_settings(self.config_path), migrate=False)
 
 

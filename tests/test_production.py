@@ -359,3 +359,31 @@ def test_a_gunicorn_worker_loads_the_app_without_alembic(tmp_path, upstream_issu
                               tmp_path)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["[]", "Flask"], done.stdout + done.stderr
+
+
+def test_db_upgrade_waits_for_the_start_up_lock(tmp_path, upstream_issuer, pg_database_url):
+    """`civitas db upgrade` (run by `serve --workers N` and by the container's entry point on
+    every host) takes the start-up lock, so hosts that start together migrate one at a time."""
+    from sqlalchemy import create_engine, text
+
+    from kernel.db import startup_lock
+
+    cfg = hub_config(upstream_issuer, pg_database_url)
+    path = tmp_path / "civitas.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    engine = create_engine(pg_database_url)
+    try:
+        with startup_lock(engine):  # another host, starting
+            upgrade = subprocess.Popen(
+                [sys.executable, "-m", "civitas.cli", "--config", str(path), "db", "upgrade"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            with pytest.raises(subprocess.TimeoutExpired):
+                upgrade.wait(3)
+            with engine.connect() as conn:  # it has not touched the schema
+                assert conn.execute(text(
+                    "SELECT to_regclass('alembic_version')")).scalar() is None
+        out, err = upgrade.communicate(timeout=60)
+        assert upgrade.returncode == 0, err
+        assert re.fullmatch(r"database at revision \w+", out.strip())
+    finally:
+        engine.dispose()
