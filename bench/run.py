@@ -221,6 +221,7 @@ class Runner:
         duration = duration or self.args.duration
         cpu_pid = self.hub_pid if base == self.hub_base else self.cpu_of.get(base)
         cpu0 = hub_cpu_seconds(cpu_pid) if cpu_pid else None
+        storage0 = storage_cpu_seconds()
         cmd = ["wrk", "-t", str(self.args.threads), "-c", str(self.args.connections),
                "-d", f"{max(1, int(duration))}s", "--timeout", "5s", "-s", str(WRK_LUA), base]
         proc = subprocess.run(cmd, env=dict(os.environ, **env), capture_output=True, text=True,
@@ -244,6 +245,8 @@ class Runner:
             # worker that accepted them
             r["worker_cores_busy"] = [round((cpu1[p] - cpu0.get(p, 0.0)) / seconds, 2)
                                       for p in sorted(cpu1) if p != cpu_pid]
+            # PostgreSQL (postmaster and backends) and Redis: the machine's other tenant
+            r["storage_cores_busy"] = (storage_cpu_seconds() - storage0) / seconds
         secs = r["duration_us"] / 1e6
         r["rps"] = r["requests"] / secs if secs else 0.0
         r["good_rps"] = r["good"] / secs if secs else 0.0
@@ -272,7 +275,8 @@ def fmt_row(name: str, r: dict | None, peer: dict | None, workers: int, unit: fl
     if peer_rps and r.get("hub_cores_busy") and peer.get("hub_cores_busy"):
         per_cpu = f"{(rps / r['hub_cores_busy']) / (peer_rps / peer['hub_cores_busy']):.2f}"
     if r.get("worker_cores_busy"):
-        note = f"workers {'+'.join(f'{c:.2f}' for c in r['worker_cores_busy'])}; {note}"
+        note = (f"workers {'+'.join(f'{c:.2f}' for c in r['worker_cores_busy'])}, "
+                f"storage {r.get('storage_cores_busy', 0):.2f}; {note}")
     return (f"{name:<44} {r['requests']:>8} {rps:>9.0f} {r['p50_us'] / 1000:>7.2f} "
             f"{r['p99_us'] / 1000:>7.2f} {(f'{peer_rps:.0f}' if peer_rps else '-'):>9} "
             f"{ratio:>6} {per_core:>8} {per_cpu:>7} {cores:>6} {peer_cores:>7}  {note}{extra}")
@@ -310,6 +314,34 @@ def hub_cpu_seconds(pid: int) -> dict[int, float]:
         if int(d.name) == pid or int(fields[1]) == pid:
             found[int(d.name)] = (int(fields[11]) + int(fields[12])) / tick
     return found
+
+
+def storage_cpu_seconds() -> float:
+    """CPU time so far of this run's PostgreSQL (runuser, postmaster, backends) and Redis:
+    the processes this script started for them, and all their descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    procs: dict[int, tuple[int, float, bytes]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        procs[int(d.name)] = (int(fields[1]),
+                              (int(fields[11]) + int(fields[12])) / tick, cmdline)
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    todo = [pid for pid in children.get(os.getpid(), [])
+            if b"postgres" in procs[pid][2] or b"redis-server" in procs[pid][2]]
+    total = 0.0
+    while todo:
+        pid = todo.pop()
+        total += procs[pid][1]
+        todo.extend(children.get(pid, []))
+    return total
 
 
 def rss_of(pid: int) -> float:
@@ -406,6 +438,10 @@ def main() -> int:
     ap.add_argument("--load-events", type=int, default=None,
                     help="consent events to load with them (default: 10 per citizen)")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--decision-rate", type=float, default=0,
+                    help="scenario 6: send decisions at this rate (decisions/s: single "
+                         "evaluations at this many requests/s, batches of 20 at 1/20 of it) "
+                         "instead of as fast as the hub answers; the latency at that load")
     ap.add_argument("--server", choices=["gunicorn", "granian"], default="gunicorn",
                     help="the hub's HTTP server: `civitas serve` (gunicorn, production) or, "
                          "as an experiment, the same app under granian (bench/setup installs it)")
@@ -724,14 +760,24 @@ def main() -> int:
                 print(f"  {path}: {check.status_code} {check.text[:90]}")
             env = {"BENCH_MODE": "cycle", "BENCH_METHOD": "POST",
                    "BENCH_CTYPE": "application/json"}
+
+            def paced(requests_per_second: float) -> dict[str, str]:
+                if not args.decision_rate:
+                    return {}
+                return {"BENCH_THREAD_RATE": f"{requests_per_second / args.threads:.3f}"}
+
             results["6s"] = runner.wrk(base, dict(env, BENCH_PATH="/access/v1/evaluation",
                                                   BENCH_LIST=write_lists(
-                                                      workdir, "single", singles, args.threads)))
+                                                      workdir, "single", singles, args.threads),
+                                                  **paced(args.decision_rate)))
             results["6b"] = runner.wrk(base, dict(env, BENCH_PATH="/access/v1/evaluations",
                                                   BENCH_LIST=write_lists(
-                                                      workdir, "batch", batches, args.threads)))
+                                                      workdir, "batch", batches, args.threads),
+                                                  **paced(args.decision_rate / 20)))
+            pace = (f"; paced at {args.decision_rate:g} requests/s (batches: "
+                    f"{args.decision_rate / 20:g})" if args.decision_rate else "")
             rows.append(fmt_row("6a consent decision, single", results["6s"], None,
-                                args.workers, note="no peer"))
+                                args.workers, note="no peer" + pace))
             rows.append(fmt_row("6b consent decisions, batch of 20: requests", results["6b"],
                                 None, args.workers))
             rows.append(fmt_row("6b   same, as decisions/s", results["6b"], None, args.workers,

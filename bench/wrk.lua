@@ -12,6 +12,9 @@
 --   (cycle) like list, but lines are "Authorization<TAB>body" used round robin
 --   BENCH_AUTHZ    (sso) the authorization path with query, "{N}" replaced by a unique value
 --   BENCH_TOKEN    (sso) token path; BENCH_TOKEN_BODY with "{CODE}" replaced by the code
+--   BENCH_THREAD_RATE  (optional) requests/s each wrk thread sends at most, paced on a fixed
+--                  schedule (an open load: the latency at a given rate, not at saturation);
+--                  a thread that falls behind sends at once until it is on schedule again
 -- done() prints one line "BENCH {json}" that run.py reads.
 local counter = 0
 local threads = {}
@@ -55,6 +58,29 @@ function init(args)
 end
 
 local static_req = nil
+
+-- pacing: wrk calls delay() before each request and waits that many milliseconds
+local thread_rate = tonumber(os.getenv("BENCH_THREAD_RATE") or "0")
+if thread_rate > 0 then
+  local ffi = require("ffi")
+  ffi.cdef[[
+    struct civitas_timespec { long tv_sec; long tv_nsec; };
+    int clock_gettime(int clk_id, struct civitas_timespec *tp);
+  ]]
+  local ts = ffi.new("struct civitas_timespec")
+  local function now_ms()
+    ffi.C.clock_gettime(1, ts)  -- CLOCK_MONOTONIC
+    return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
+  end
+  local interval, next_at = 1000 / thread_rate, nil
+  function delay()
+    local now = now_ms()
+    if next_at == nil or next_at < now - 1000 then next_at = now end  -- start, or a stall
+    local slot = next_at
+    next_at = next_at + interval
+    return math.max(0, math.floor(slot - now))
+  end
+end
 
 function request()
   if mode == "static" then
