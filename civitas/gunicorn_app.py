@@ -94,7 +94,9 @@ class SchemaUpgradeFailed(RuntimeError):
 def upgrade_schema(config_path: str | None) -> str:
     """Bring the database schema up to date once, before any worker starts, in a child
     process (`civitas db upgrade`): the master never imports Alembic, so the workers forked
-    from it do not carry it (~11 MB of RSS each) and do not run migrations themselves."""
+    from it do not carry it (~11 MB of RSS each) and do not run migrations themselves. No
+    timeout: a migration of a large table may rightly take minutes, and the operator sees the
+    hub not yet listening; a database that does not answer fails the connection instead."""
     argv = [sys.executable, "-m", "civitas.cli",
             *(["--config", config_path] if config_path else []), "db", "upgrade"]
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)  # noqa: S603 (this program)

@@ -17,6 +17,9 @@ from kernel.metrics import LATENCY, REQUESTS
 
 from .envelope import STARTED
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
+                      "PATCH"})
+
 
 class JSONFormatter(logging.Formatter):
     """One JSON object per line, with the request id when there is a request."""
@@ -57,7 +60,10 @@ def install(app: Flask) -> None:
     @app.after_request
     def _record(response: Response) -> Response:
         endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        key = (endpoint, request.method, response.status_code)
+        # the method is the client's word: any token makes a new series (and an entry in the
+        # cache above), so only the standard methods are labelled by name (RFC 9110 9.3)
+        method = request.method if request.method in _METHODS else "OTHER"
+        key = (endpoint, method, response.status_code)
         counter = requests.get(key)
         if counter is None:
             counter = requests.setdefault(key, REQUESTS.labels(endpoint, key[1], str(key[2])))

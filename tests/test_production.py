@@ -53,6 +53,19 @@ def test_metrics_count_logins_tokens_and_requests(client):
     assert 'civitas_http_request_seconds_bucket{endpoint="/authorize"' in text
 
 
+def test_metrics_label_unknown_methods_as_other(client):
+    """A client chooses the method: made-up ones must not each open a new series."""
+    for i in range(5):
+        assert client.open("/nowhere", method=f"MADEUP{i}").status_code in (404, 405)
+    client.open("/token", method="BREW")
+    text = client.get("/metrics").get_data(as_text=True)
+    assert "MADEUP" not in text and "BREW" not in text
+    assert re.search(r'civitas_http_requests_total\{endpoint="unmatched",method="OTHER",'
+                     r'status="404"\} 5\.0', text), text
+    # a known path with a method it does not take is refused before routing: "unmatched"
+    assert 'civitas_http_requests_total{endpoint="unmatched",method="OTHER",status="405"}' in text
+
+
 def test_json_logs_carry_the_request_id_shown_on_error_pages(app, client, caplog):
     caplog.set_level(logging.WARNING, logger="civitas")
     r = client.get("/login/op/start?flow=nope")
