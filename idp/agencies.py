@@ -449,6 +449,10 @@ class AgencyRegistry:
     # -- queries ----------------------------------------------------------------------------
 
     def get(self, client_id: str) -> Agency | None:
+        if "\x00" in client_id:
+            # no registered id has one (PostgreSQL text cannot hold it, and the driver
+            # refuses to send it): unknown, not a server error
+            return None
         with self._db.session() as s:
             return s.get(Agency, client_id)
 

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import json
+
 import pytest
+
+from civitas.app import create_app
+from tests.conftest import hub_config
+from tests.flows import AGENCY_ONE
 
 ENDPOINTS = [
     ("GET", "/authorize?client_id=%00&redirect_uri=%ff"), ("GET", "/authorize/continue"),
@@ -32,3 +39,49 @@ def test_garbage_never_reaches_a_server_error(client, method, url):
         assert r.status_code < 500, (method, url, headers.keys(), r.status_code)
         if r.mimetype == "text/html" and r.status_code >= 400:
             assert "Traceback" not in r.get_data(as_text=True)
+
+
+def _basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_nul_characters_are_refused_on_postgresql_too(upstream_issuer, pg_database_url):
+    """PostgreSQL text cannot hold U+0000 and its driver refuses to send one, so a NUL that
+    reached a query was a 500 there (never on SQLite): in a client id (HTTP Basic, a form, a
+    query), in an AuthZEN field. Each is now an unknown client or a 400."""
+    app = create_app(hub_config(upstream_issuer, pg_database_url))
+    client = app.test_client()
+    agency = _basic(AGENCY_ONE.client_id, AGENCY_ONE.secret)
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    evaluation = json.dumps({"subject": {"type": "user", "id": "a\x00"},
+                             "action": {"name": "use"},
+                             "resource": {"type": "claim", "id": "email"},
+                             "context": {"purpose": "p\x00"}})
+    try:
+        for method, url in ENDPOINTS:
+            path = url.split("?")[0]
+            sent = [
+                (f"{path}?client_id=a%00&flow=%00&state=%00&page=%00&id_token_hint=%00", {},
+                 None),
+                (path, form, "client_id=a%00&token=%00&code=%00&refresh_token=%00&csrf=%00"
+                 "&grant_type=client_credentials&username=%00&password=%00"),
+                (path, {**_basic("a\x00", "b\x00"), **form}, "grant_type=client_credentials"),
+                (path, {**agency, **form}, "grant_type=client_credentials&scope=%00&token=%00"),
+                (path, {**agency, "Content-Type": "application/json"}, evaluation),
+                (path, {"Authorization": "Bearer a\x00b"}, None),
+            ]
+            for where, headers, body in sent:
+                r = client.open(where, method=method, headers=headers, data=body)
+                assert r.status_code < 500, (method, where, list(headers), body,
+                                             r.status_code)
+        for path in ("/access/v1/evaluation", "/access/v1/evaluations"):
+            r = client.post(path, headers={**agency, "Content-Type": "application/json"},
+                            data=evaluation)
+            assert r.status_code == 400
+            assert r.json["error_description"] == ("subject.id must not contain control "
+                                                   "characters")
+        r = client.post("/token", headers={**_basic("a\x00", "b"), **form},
+                        data="grant_type=client_credentials")
+        assert r.status_code == 401 and r.json["error"] == "invalid_client"
+    finally:
+        app.extensions["civitas"].db.dispose()
