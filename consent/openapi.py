@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .decisions import ENTITIES, MAX_BATCH, SEMANTICS
+from .decisions import ENTITIES, MAX_BATCH, NO_CONTROL_CHARACTERS, SEMANTICS
 from .history import REASONS
 from .receipts import receipt_schema
 
@@ -26,7 +26,8 @@ DESCRIPTIONS = {
 
 def _entity(name: str) -> dict[str, Any]:
     properties: dict[str, Any] = {
-        field: {"type": "string", "minLength": 1, "maxLength": limit}
+        field: {"type": "string", "minLength": 1, "maxLength": limit,
+                "pattern": NO_CONTROL_CHARACTERS}
         for field, limit in ENTITIES[name].items()
     }
     for field, example in EXAMPLES[name].items():

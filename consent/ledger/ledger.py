@@ -169,16 +169,24 @@ class Ledger:
             raise LedgerError("the database did not report the entry's seq")
         return LedgerEntry(seq=key[0], **values)
 
-    def append_many(self, items: Iterable[tuple[str, Mapping[str, Any]]], *,
-                    session: Session | Connection | None = None) -> int:
-        """Append several entries in one multi-row INSERT, inside the caller's transaction
-        (an ORM session or a Core connection) when given, else in one of its own."""
+    @staticmethod
+    def entry_rows(items: Iterable[tuple[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+        """The rows :meth:`append_many` inserts (``kind``, ``entry``, ``leaf_hash``,
+        ``created_at``), for a caller that writes them in a statement of its own (the
+        decision API, together with its decision rows)."""
         rows = []
         for kind, data in items:
             at = utcnow()
             text_ = entry_text(kind, at, data)
             rows.append({"kind": kind, "entry": text_.decode(),
                          "leaf_hash": merkle.leaf_hash(text_), "created_at": at})
+        return rows
+
+    def append_many(self, items: Iterable[tuple[str, Mapping[str, Any]]], *,
+                    session: Session | Connection | None = None) -> int:
+        """Append several entries in one multi-row INSERT, inside the caller's transaction
+        (an ORM session or a Core connection) when given, else in one of its own."""
+        rows = self.entry_rows(items)
         if not rows:
             return 0
         if session is not None:
