@@ -24,7 +24,9 @@ import queue
 import random
 import re
 import secrets
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -213,6 +215,8 @@ class Runner:
         self.workdir = workdir
         #: base URL -> pid of a process (with its children) whose CPU a run measures
         self.cpu_of: dict[str, int] = {}
+        #: every wrk run: (its environment, its command), for --hold
+        self.sent: list[tuple[dict[str, str], list[str]]] = []
 
     hub_base = ""
     hub_pid = 0
@@ -224,6 +228,7 @@ class Runner:
         storage0 = storage_cpu_seconds()
         cmd = ["wrk", "-t", str(self.args.threads), "-c", str(self.args.connections),
                "-d", f"{max(1, int(duration))}s", "--timeout", "5s", "-s", str(WRK_LUA), base]
+        self.sent.append((env, cmd))
         proc = subprocess.run(cmd, env=dict(os.environ, **env), capture_output=True, text=True,
                               timeout=duration + 60)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH ")), None)
@@ -251,6 +256,23 @@ class Runner:
         r["rps"] = r["requests"] / secs if secs else 0.0
         r["good_rps"] = r["good"] / secs if secs else 0.0
         return r
+
+
+def hold(runner: Runner, workdir: Path, hub_pid: int) -> None:
+    """``--hold``: one shell script per wrk run of this bench, to send that load again."""
+    print(f"\nholding (Ctrl-C or SIGTERM to stop); hub master pid {hub_pid}, workers "
+          f"{' '.join(str(pid) for pid, _ in rss_of_children(hub_pid))}", flush=True)
+    for number, (env, cmd) in enumerate(runner.sent, 1):
+        script = workdir / f"wrk-{number}.sh"
+        script.write_text("#!/bin/sh\n" + "".join(
+            f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
+            + "exec " + " ".join(shlex.quote(c) for c in cmd) + ' "$@"\n')
+        print(f"  sh {script}    # {env.get('BENCH_PATH', env.get('BENCH_MODE', ''))}",
+              flush=True)
+    stop = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    signal.sigwait(stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop)
 
 
 def fmt_row(name: str, r: dict | None, peer: dict | None, workers: int, unit: float = 1,
@@ -446,6 +468,10 @@ def main() -> int:
                     help="the hub's HTTP server: `civitas serve` (gunicorn, production) or, "
                          "as an experiment, the same app under granian (bench/setup installs it)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--hold", action="store_true",
+                    help="after the scenarios, keep everything running (and print how to send "
+                         "each scenario's load again with wrk) until interrupted: for "
+                         "profiling and experiments")
     args = ap.parse_args()
     if args.mint_budget is None:
         args.mint_budget = min(40.0, 2.5 * args.duration)
@@ -783,6 +809,8 @@ def main() -> int:
             rows.append(fmt_row("6b   same, as decisions/s", results["6b"], None, args.workers,
                                 unit=20, note="req/s x 20"))
 
+        if args.hold:
+            hold(runner, workdir, hub_proc.pid)
         workers_rss = rss_of_children(hub_proc.pid)
         print()
         print(f"Civitas hub: {args.workers} workers x {args.hub_threads} threads "

@@ -149,10 +149,12 @@ function done(summary, latency, requests)
     else good = good + (t:get("ok") or 0) end
   end
   io.write(string.format(
-    'BENCH {"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, ' ..
+    'BENCH {"requests": %d, "duration_us": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d, ' ..
+    '"p999_us": %d, "max_us": %d, ' ..
     '"mean_us": %.1f, "non2xx": %d, "socket_errors": %d, "good": %d, ' ..
     '"exhausted_after_us": %d}\n',
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency:percentile(99.9), latency.max,
     latency.mean, summary.errors.status,
     summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
     good, (all_ended and mode == "list") and math.floor((last - first) / 1000) or 0))
