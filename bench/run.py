@@ -809,8 +809,6 @@ def main() -> int:
             rows.append(fmt_row("6b   same, as decisions/s", results["6b"], None, args.workers,
                                 unit=20, note="req/s x 20"))
 
-        if args.hold:
-            hold(runner, workdir, hub_proc.pid)
         workers_rss = rss_of_children(hub_proc.pid)
         print()
         print(f"Civitas hub: {args.workers} workers x {args.hub_threads} threads "
@@ -832,6 +830,8 @@ def main() -> int:
             print(f"hub worker pid {pid}: RSS {mb:.1f} MB"
                   + ("" if mb < 120 else "  (over the 120 MB target)"))
         (workdir / "results.json").write_text(json.dumps(results, indent=1))
+        if args.hold:
+            hold(runner, workdir, hub_proc.pid)
     if args.keep:
         print(f"kept {workdir}")
     else:

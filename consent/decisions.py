@@ -29,7 +29,7 @@ from kernel.metrics import CONSENT_DECISIONS
 
 from . import history
 from .history import GrantedClaim
-from .ledger.ledger import Ledger
+from .ledger.ledger import Ledger, looks_like_email
 from .models import AgencyDecision, ConsentEvent, ConsentRecord, new_id
 
 SEMANTICS = ("execute_all", "deny_on_first_deny", "permit_on_first_permit")
@@ -46,7 +46,9 @@ ENTITIES: dict[str, dict[str, int]] = {
 
 #: C0 controls and DEL: no identifier, claim name or purpose has them (and PostgreSQL text
 #: cannot hold NUL at all)
-NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f]*$"
+#: the OpenAPI pattern of every AuthZEN field: no control characters, and not an e-mail
+#: address (:func:`~consent.ledger.ledger.looks_like_email`)
+FIELD_PATTERN = r"^(?![^@\s]+@[^@\s]+\.[^@\s]+$)[^\x00-\x1f\x7f]*$"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -101,6 +103,10 @@ def _entity(name: str, value: Any, where: str) -> dict[str, Any]:
                                  "characters")
         if _CONTROL.search(member):
             raise InvalidRequest(f"{where}{name}.{field} must not contain control characters")
+        if looks_like_email(member):
+            # every request is recorded, and the records hold no personal data in clear
+            raise InvalidRequest(f"{where}{name}.{field} looks like an e-mail address; "
+                                 "send the pairwise subject identifier the hub issued")
     if name != "context" and "properties" in value and not isinstance(value["properties"],
                                                                        dict):
         raise InvalidRequest(f"{where}{name}.properties must be a JSON object")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .decisions import ENTITIES, MAX_BATCH, NO_CONTROL_CHARACTERS, SEMANTICS
+from .decisions import ENTITIES, FIELD_PATTERN, MAX_BATCH, SEMANTICS
 from .history import REASONS
 from .receipts import receipt_schema
 
@@ -27,7 +27,7 @@ DESCRIPTIONS = {
 def _entity(name: str) -> dict[str, Any]:
     properties: dict[str, Any] = {
         field: {"type": "string", "minLength": 1, "maxLength": limit,
-                "pattern": NO_CONTROL_CHARACTERS}
+                "pattern": FIELD_PATTERN}
         for field, limit in ENTITIES[name].items()
     }
     for field, example in EXAMPLES[name].items():

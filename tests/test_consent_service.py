@@ -563,6 +563,15 @@ def test_batch_evaluations(env: Env) -> None:
         "evaluations_semantic": "all"}}).encode(), "evaluations_semantic"),
     ("/access/v1/evaluations", json.dumps({**evaluation("s", "e", "p"),
                                            "evaluations": [{}] * 101}).encode(), "at most"),
+    # every request is recorded (decision row, ledger entry): no personal data in clear
+    ("/access/v1/evaluation", json.dumps(evaluation("alice@example.org", "email", "p"))
+     .encode(), "subject.id looks like an e-mail address"),
+    ("/access/v1/evaluations", json.dumps({**evaluation("s", "e", "p"), "evaluations": [
+        {"context": {"purpose": "write to a@b.example"}},
+        {"context": {"purpose": "a@b.example"}}]}).encode(),
+     "evaluations[1].context.purpose looks like an e-mail address"),
+    ("/access/v1/evaluation", json.dumps(evaluation("s", "email", "p\u0000")).encode(),
+     "context.purpose must not contain control characters"),
 ])
 def test_malformed_requests_are_400_with_a_clear_error(env: Env, path: str, body: bytes,
                                                        message: str) -> None:

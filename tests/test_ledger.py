@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from cryptography.fernet import Fernet
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select, text
 
 from consent.ledger import Checkpoint, Ledger, LedgerEntry, NoteSigner, NoteVerifier, merkle
@@ -850,3 +852,41 @@ def test_sealer_reports_a_failed_round_as_unhealthy(tmp_path, cipher):
         assert sealer.run_once() is None and sealer.healthy is False
     finally:
         db.dispose()
+
+
+_NAMES = st.text(st.characters(max_codepoint=127), max_size=12)
+_VALUES = st.one_of(st.text(), st.booleans(), st.none(),
+                    st.integers(-(2**53 - 1), 2**53 - 1), st.emails(),
+                    st.sampled_from(["\ud800", "a\udfff", "\u2028\u2029", "\x7f", "\x00\x1f\"\\",
+                                     "\U0001f600\ue000"]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(_NAMES, _VALUES, max_size=10))
+def test_flat_entries_take_a_shortcut_to_the_same_bytes_and_answers(data):
+    """entry_text writes one-level entries with json's C encoder: the bytes, and what is
+    refused (personal data, lone surrogates), must be those of the general path."""
+    from consent.ledger import ledger as ledger_module
+
+    at = ledger_now()
+
+    def general():
+        ledger_module._check_pseudonymous(data)
+        try:
+            return canonicalize({"kind": "decision.query", "data": data,
+                                 "time": at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")})
+        except CanonicalizationError as exc:
+            raise LedgerError(str(exc)) from exc
+
+    def outcome(run):
+        try:
+            return run()
+        except PersonalDataRefused as exc:
+            return ("refused", str(exc))
+        except LedgerError:
+            return "not I-JSON"
+
+    if not isinstance(outcome(general), tuple):  # not refused: the shortcut is taken
+        assert ledger_module._flat(data)
+    assert outcome(lambda: ledger_module.entry_text("decision.query", at, data)) == outcome(
+        general)

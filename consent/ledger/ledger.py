@@ -26,6 +26,7 @@ correctness does not depend on it.
 from __future__ import annotations
 
 import hmac
+import json
 import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping
@@ -42,7 +43,7 @@ from kernel.db import Database, utcnow
 
 from . import merkle
 from .errors import LedgerError, PersonalDataRefused
-from .jcs import CanonicalizationError, canonicalize
+from .jcs import MAX_SAFE_INTEGER, CanonicalizationError, canonicalize
 from .models import LedgerCheckpoint, LedgerEntry, LedgerKey, LedgerNode
 from .note import Checkpoint, NoteSigner, NoteVerifier, check_key_name
 
@@ -91,6 +92,11 @@ def hashed_id(key: bytes, value: str) -> str:
     return hmac.new(key, value.encode(), "sha256").hexdigest()
 
 
+def looks_like_email(value: str) -> bool:
+    """Whether a string value would be refused as an e-mail address (personal data)."""
+    return "@" in value and _EMAIL.match(value) is not None
+
+
 def _check_pseudonymous(data: Any, path: str = "data") -> None:
     """A safety net, not a guarantee: refuse a member named like an OIDC personal claim
     whose value is a scalar (``"email": "a@b.example"``), and string values that look like
@@ -110,14 +116,55 @@ def _check_pseudonymous(data: Any, path: str = "data") -> None:
         raise PersonalDataRefused(f"ledger entry value at {path} looks like an e-mail address")
 
 
+#: RFC 8785 for what :func:`_flat` accepts: with ASCII member names, code point order is
+#: UTF-16 code unit order (3.2.3); strings are escaped as JSON.stringify escapes them (see
+#: :mod:`.jcs`); true, false, null and safe integers print the same in both
+_FLAT_ENCODER = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"),
+                                 allow_nan=False)
+
+
+def _flat(data: Mapping[str, Any]) -> bool:
+    """Whether ``data`` is one level of ASCII names and string, boolean, null or safe
+    integer values (every decision entry, most others): those need neither the general
+    canonical writer nor the recursive check. Also the pseudonymity check for them, with
+    the same answers (and messages) as :func:`_check_pseudonymous`."""
+    for key, value in data.items():
+        if type(key) is not str or not key.isascii():
+            return False
+        kind = type(value)
+        if kind is str:
+            if key.lower() in PERSONAL_DATA_NAMES:
+                raise PersonalDataRefused(f"ledger entry member data.{key} is personal data; "
+                                          "pass a pairwise or hashed id instead")
+            if looks_like_email(value):
+                raise PersonalDataRefused(f"ledger entry value at data.{key} looks like an "
+                                          "e-mail address")
+        elif kind is int:
+            if not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+                return False
+            if key.lower() in PERSONAL_DATA_NAMES:
+                raise PersonalDataRefused(f"ledger entry member data.{key} is personal data; "
+                                          "pass a pairwise or hashed id instead")
+        elif kind is not bool and value is not None:
+            return False
+    return True
+
+
 def entry_text(kind: str, at: datetime, data: Mapping[str, Any]) -> bytes:
     """The canonical entry: ``{"data": ..., "kind": ..., "time": ...}`` (RFC 8785)."""
     if not _KIND.match(kind) or len(kind) > 64:
         raise LedgerError(f"ledger entry kind {kind!r} is not a lowercase dotted name")
-    _check_pseudonymous(data)
     time = at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    entry = {"kind": kind, "time": time, "data": data}
+    if type(data) is dict and _flat(data):
+        try:
+            return _FLAT_ENCODER.encode(entry).encode()
+        except UnicodeEncodeError as exc:
+            raise LedgerError("ledger entry is not I-JSON: string holds a lone surrogate "
+                              "(not valid Unicode)") from exc
+    _check_pseudonymous(data)
     try:
-        return canonicalize({"kind": kind, "time": time, "data": data})
+        return canonicalize(entry)
     except CanonicalizationError as exc:
         raise LedgerError(f"ledger entry is not I-JSON: {exc}") from exc
 
