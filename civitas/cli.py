@@ -92,7 +92,7 @@ def serve(ctx: click.Context, host: str, port: int, threads: int, workers: int,
 
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="civitas-metrics-")
             os.execv(sys.executable, [sys.executable, "-m", "civitas.cli", *sys.argv[1:]])  # noqa: S606 (this program again)
-    from .app import create_app
+    from .app import create_app, freeze_heap
     from .observability import configure_json_logging
 
     if json_logs:
@@ -128,6 +128,7 @@ def serve(ctx: click.Context, host: str, port: int, threads: int, workers: int,
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     issuer = app.extensions["civitas"].settings.issuer
+    freeze_heap()
     _announce(f"Civitas listening on http://{host}:{port} (issuer {issuer})", json_logs)
     waitress.serve(app, host=host, port=port, threads=threads, ident="civitas")
 

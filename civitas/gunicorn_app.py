@@ -33,11 +33,13 @@ class HubApplication(BaseApplication):  # type: ignore[misc]
     def load(self) -> Any:
         from config import load_settings
 
-        from .app import create_app
+        from .app import create_app, freeze_heap
 
         # `civitas serve` brought the schema up to date before starting gunicorn
         # (upgrade_schema), so the workers neither migrate nor import Alembic
-        return create_app(load_settings(self.config_path), migrate=False)
+        app = create_app(load_settings(self.config_path), migrate=False)
+        freeze_heap()
+        return app
 
 
 class JSONLogger(Logger):  # type: ignore[misc]
