@@ -312,6 +312,33 @@ def test_each_worker_listens_on_its_own_socket_so_kept_alive_connections_spread(
     assert len(counts) == 2 and counts[0] >= 6, counts  # P(fewer) < 1e-5 for a fair spread
 
 
+def test_connections_that_send_nothing_hold_no_worker_thread(workers_hub):
+    """Connections opened ahead of use (a browser's preconnect, a proxy's pool) wait for
+    their first bytes in the worker's poller, not in one of its threads (gunicorn's gthread
+    worker waits up to 5 s in a thread: 20 of them took both threads of both workers, and
+    requests on other connections waited). One that stays silent is closed after the
+    keep-alive time, like an idle kept-alive connection."""
+    import http.client
+    import socket
+
+    port = int(workers_hub.rsplit(":", 1)[1])
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
+    try:
+        time.sleep(0.5)  # every worker has accepted its share
+        for _ in range(6):  # new connections, spread over both workers by the kernel
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3)
+            try:
+                conn.request("GET", "/healthz")
+                assert conn.getresponse().status == 200
+            finally:
+                conn.close()
+        for sock in idle:  # closed by the hub, not left open
+            assert sock.recv(1) == b""
+    finally:
+        for sock in idle:
+            sock.close()
+
+
 def test_several_workers_refuse_a_port_someone_listens_on(tmp_path, upstream_issuer,
                                                          postgres_url, redis_url):
     """Workers' SO_REUSEPORT sockets would share a port with another such listener (a
