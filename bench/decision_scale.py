@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -219,10 +220,11 @@ def plans(hub: Hub, decider: Decider, sample: list[tuple[str, str]]) -> list[Exp
             decider.one(*sample[0])
         decider.one(*decider.absent())
     statements = [s for s in seen if s.sql.lstrip().split()[0].upper() in (
-        "SELECT", "INSERT", "UPDATE", "DELETE")]
+        "SELECT", "INSERT", "UPDATE", "DELETE", "WITH")]
     with hub.db.engine.connect() as conn:
         # an INSERT again would hit its own primary key: its plan is a plain Insert anyway
-        return [explain(conn, s, analyze=not s.sql.lstrip().upper().startswith("INSERT"))
+        # (the decision rows and ledger entries are one WITH ... INSERT statement)
+        return [explain(conn, s, analyze=re.search(r"\bINSERT\b", s.sql, re.I) is None)
                 for s in statements]
 
 
