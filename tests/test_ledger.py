@@ -890,3 +890,22 @@ def test_flat_entries_take_a_shortcut_to_the_same_bytes_and_answers(data):
         assert ledger_module._flat(data)
     assert outcome(lambda: ledger_module.entry_text("decision.query", at, data)) == outcome(
         general)
+
+
+def test_a_paced_seal_rests_after_each_chunk_and_seals_the_same(ledger, monkeypatch):
+    """The background sealer rests between chunks (as long as each took), so that the
+    requests of the worker it shares get the interpreter and the cores; what it seals and
+    signs is the same."""
+    from consent.ledger import ledger as ledger_module
+
+    rests: list[float] = []
+    monkeypatch.setattr(ledger_module.time, "sleep", rests.append)
+    count = 2 * ledger_module.SEAL_CHUNK + 5
+    ledger.append_many(("decision.query", decision(i)) for i in range(count))
+    cp = ledger.seal_all(pace=1.0)
+    assert cp.size == count
+    assert len(rests) == 3 and all(r > 0 for r in rests)
+    edge = merkle.CompactRange()
+    edge.extend(e.leaf_hash for e in sorted(ledger.entries(), key=lambda e: e.leaf_index))
+    assert edge.root() == cp.root_hash
+    assert ledger.seal_all(pace=1.0) is None and len(rests) == 3  # nothing left: no rest

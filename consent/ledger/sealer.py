@@ -21,12 +21,16 @@ log = logging.getLogger(__name__)
 
 class LedgerSealer:
     def __init__(self, ledger: Ledger, *, interval: float = 10.0,
-                 settle: timedelta = timedelta(seconds=2)) -> None:
+                 settle: timedelta = timedelta(seconds=2), pace: float = 1.0) -> None:
         if interval <= 0:
             raise ValueError("the sealing interval must be positive")
         self.ledger = ledger
         self.interval = interval
         self.settle = settle
+        #: after each chunk of entries, rest as long as it took (``Ledger.seal``): the
+        #: sealer then takes at most about half of one core's time, in short bursts, and
+        #: requests in its worker seldom wait for it
+        self.pace = pace
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last: SignedCheckpoint | None = None
@@ -36,7 +40,7 @@ class LedgerSealer:
     def run_once(self) -> SignedCheckpoint | None:
         """One round; a failure is logged and retried next round, never raised."""
         try:
-            made = self.ledger.seal_all(settle=self.settle)
+            made = self.ledger.seal_all(settle=self.settle, pace=self.pace)
         except (SQLAlchemyError, LedgerError) as exc:
             log.warning("ledger sealing failed, will retry: %s", exc)
             self.healthy = False
