@@ -314,8 +314,11 @@ class DecisionPoint:
                     for row in rows])
                 if self.ledger is not None:
                     self.ledger.append_many(entries, session=conn)
-        for answer in answers:
-            CONSENT_DECISIONS.labels("permit" if answer.decision else "deny").inc()
+        permits = sum(answer.decision for answer in answers)
+        if permits:
+            CONSENT_DECISIONS.labels("permit").inc(permits)
+        if permits < len(answers):
+            CONSENT_DECISIONS.labels("deny").inc(len(answers) - permits)
         return answers
 
     @staticmethod

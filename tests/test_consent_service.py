@@ -802,3 +802,15 @@ def test_migration_matches_models_and_downgrades(database_url: str) -> None:
             "consent_records", "consent_events", "consent_receipts", "consent_decisions"}
     finally:
         db.dispose()
+
+
+def test_ids_are_random_version_4_uuids() -> None:
+    import uuid
+
+    from consent.models import new_id
+
+    ids = {new_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    for value in ids:
+        parsed = uuid.UUID(value)
+        assert parsed.hex == value and parsed.version == 4 and parsed.variant == uuid.RFC_4122
