@@ -44,10 +44,9 @@ ENTITIES: dict[str, dict[str, int]] = {
 }
 
 
-#: C0 controls and DEL: no identifier, claim name or purpose has them (and PostgreSQL text
-#: cannot hold NUL at all)
-#: the OpenAPI pattern of every AuthZEN field: no control characters, and not an e-mail
-#: address (:func:`~consent.ledger.ledger.looks_like_email`)
+#: the OpenAPI pattern of every AuthZEN field: no C0 control character or DEL (no identifier,
+#: claim name or purpose has one, and PostgreSQL text cannot hold NUL at all), and not an
+#: e-mail address (:func:`~consent.ledger.ledger.looks_like_email`)
 FIELD_PATTERN = r"^(?![^@\s]+@[^@\s]+\.[^@\s]+$)[^\x00-\x1f\x7f]*$"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -300,14 +299,14 @@ class DecisionPoint:
         process) one transaction with a multi-row INSERT each."""
         if self._db.engine.dialect.name == "postgresql":
             with self._db.reader() as conn:
-                answers, rows, entries = self._evaluate(conn, client_id, queries, now=now,
+                answers, rows, entries = self._answer_all(conn, client_id, queries, now=now,
                                                         semantic=semantic)
                 ledger_rows = self.ledger.entry_rows(entries) if self.ledger else []
                 conn.exec_driver_sql(*_record_pg(rows, ledger_rows, client_id=client_id,
                                                  now=now, request_id=request_id))
         else:
             with self._db.engine.begin() as conn:
-                answers, rows, entries = self._evaluate(conn, client_id, queries, now=now,
+                answers, rows, entries = self._answer_all(conn, client_id, queries, now=now,
                                                         semantic=semantic)
                 conn.execute(_DECISIONS.insert(), [
                     dict(row, at=now, client_id=client_id, request_id=request_id)
@@ -322,7 +321,7 @@ class DecisionPoint:
         return answers
 
     @staticmethod
-    def _evaluate(conn: Connection, client_id: str, queries: Sequence[EvaluationQuery], *,
+    def _answer_all(conn: Connection, client_id: str, queries: Sequence[EvaluationQuery], *,
                   now: datetime, semantic: str
                   ) -> tuple[list[Evaluation], list[dict[str, Any]],
                              list[tuple[str, dict[str, Any]]]]:

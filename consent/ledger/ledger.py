@@ -133,19 +133,15 @@ def _flat(data: Mapping[str, Any]) -> bool:
         if type(key) is not str or not key.isascii():
             return False
         kind = type(value)
-        if kind is str:
+        if kind is int and not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+            return False
+        if kind is str or kind is int:
             if key.lower() in PERSONAL_DATA_NAMES:
                 raise PersonalDataRefused(f"ledger entry member data.{key} is personal data; "
                                           "pass a pairwise or hashed id instead")
-            if looks_like_email(value):
+            if kind is str and looks_like_email(value):
                 raise PersonalDataRefused(f"ledger entry value at data.{key} looks like an "
                                           "e-mail address")
-        elif kind is int:
-            if not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
-                return False
-            if key.lower() in PERSONAL_DATA_NAMES:
-                raise PersonalDataRefused(f"ledger entry member data.{key} is personal data; "
-                                          "pass a pairwise or hashed id instead")
         elif kind is not bool and value is not None:
             return False
     return True
@@ -155,8 +151,8 @@ def entry_text(kind: str, at: datetime, data: Mapping[str, Any]) -> bytes:
     """The canonical entry: ``{"data": ..., "kind": ..., "time": ...}`` (RFC 8785)."""
     if not _KIND.match(kind) or len(kind) > 64:
         raise LedgerError(f"ledger entry kind {kind!r} is not a lowercase dotted name")
-    time = at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    entry = {"kind": kind, "time": time, "data": data}
+    stamp = at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    entry = {"kind": kind, "time": stamp, "data": data}
     if type(data) is dict and _flat(data):
         try:
             return _FLAT_ENCODER.encode(entry).encode()
