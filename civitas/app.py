@@ -431,6 +431,17 @@ def _install_error_pages(app: Flask) -> None:
     def _unexpected(error: Exception) -> Any:
         if _is_unavailable(error):
             return unavailable(error)
+        if _holds_nul(error):
+            # the views refuse NUL where they read input (client ids, AuthZEN fields); this
+            # is the net under them: a NUL can only have come from the request, and the
+            # transaction it was in has rolled back
+            log.warning("request %s: a NUL character reached the database", _request_id_now())
+            message = "The request contains a NUL character, which no field may hold."
+            if request.path.startswith(_JSON_PATHS):
+                response = jsonify(error="invalid_request", error_description=message)
+                response.status_code = 400
+                return response
+            return page(400, message)
         log.exception("request %s failed with an unexpected error", _request_id_now())
         return page(500, "Something went wrong on our side. Please try again later.")
 
@@ -440,6 +451,13 @@ _JSON_PATHS = ("/token", "/introspect", "/revoke", "/userinfo", "/access/", "/ad
                "/jwks", "/.well-known/")
 #: endpoints no browser session takes part in (they authenticate clients or bearer tokens)
 _PROGRAM_PATHS = (*_JSON_PATHS, "/healthz", "/readyz", "/metrics")
+
+
+def _holds_nul(error: BaseException) -> bool:
+    """PostgreSQL text cannot hold U+0000, and psycopg refuses to send it (a DataError)."""
+    from sqlalchemy import exc as sa_exc
+
+    return isinstance(error, sa_exc.DataError) and "NUL (0x00)" in str(error.orig)
 
 
 def _is_unavailable(error: BaseException) -> bool:

@@ -29,7 +29,7 @@ from kernel.metrics import CONSENT_DECISIONS
 
 from . import history
 from .history import GrantedClaim
-from .ledger.ledger import Ledger, looks_like_email
+from .ledger.ledger import EMAIL_PATTERN, Ledger, looks_like_email
 from .models import AgencyDecision, ConsentEvent, ConsentRecord, new_id
 
 SEMANTICS = ("execute_all", "deny_on_first_deny", "permit_on_first_permit")
@@ -47,7 +47,7 @@ ENTITIES: dict[str, dict[str, int]] = {
 #: the OpenAPI pattern of every AuthZEN field: no C0 control character or DEL (no identifier,
 #: claim name or purpose has one, and PostgreSQL text cannot hold NUL at all), and not an
 #: e-mail address (:func:`~consent.ledger.ledger.looks_like_email`)
-FIELD_PATTERN = r"^(?![^@\s]+@[^@\s]+\.[^@\s]+$)[^\x00-\x1f\x7f]*$"
+FIELD_PATTERN = rf"^(?!{EMAIL_PATTERN}$)[^\x00-\x1f\x7f]*$"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -280,6 +280,7 @@ class DecisionPoint:
 
     def __init__(self, db: Database, ledger: Ledger | None = None) -> None:
         self._db = db
+        self._postgresql = db.engine.dialect.name == "postgresql"
         #: every answer is also a ledger entry, in the same transaction
         self.ledger = ledger
 
@@ -297,7 +298,7 @@ class DecisionPoint:
         five (BEGIN, read, two INSERTs, COMMIT), which is what the latency under load is
         made of on this, the hub's hottest write path. Elsewhere (SQLite, in the same
         process) one transaction with a multi-row INSERT each."""
-        if self._db.engine.dialect.name == "postgresql":
+        if self._postgresql:
             with self._db.reader() as conn:
                 answers, rows, entries = self._answer_all(conn, client_id, queries, now=now,
                                                         semantic=semantic)

@@ -85,3 +85,38 @@ def test_nul_characters_are_refused_on_postgresql_too(upstream_issuer, pg_databa
         assert r.status_code == 401 and r.json["error"] == "invalid_client"
     finally:
         app.extensions["civitas"].db.dispose()
+
+
+def test_a_nul_that_reaches_postgresql_anywhere_is_a_400_not_a_500(upstream_issuer,
+                                                                  pg_database_url):
+    """The net under the views' own checks: a view that passes a NUL from the request to a
+    query (none of the hub's do now; these two are added for the test) gets a 400, in JSON
+    for programs and as a page for people, not a server error."""
+    from flask import jsonify, request
+    from sqlalchemy import select
+
+    from idp.models import Agency
+
+    app = create_app(hub_config(upstream_issuer, pg_database_url))
+    hub = app.extensions["civitas"]
+
+    def lookup():
+        with hub.db.session() as s:
+            found = s.scalar(select(Agency.client_id).where(
+                Agency.name == request.args["name"]))
+        return jsonify(found=found)
+
+    app.add_url_rule("/access/v1/test-lookup", "test_lookup_json", lookup)
+    app.add_url_rule("/test-lookup", "test_lookup_page", lookup)
+    client = app.test_client()
+    try:
+        assert client.get("/access/v1/test-lookup?name=Agency").json == {"found": None}
+        r = client.get("/access/v1/test-lookup?name=a%00b")
+        assert r.status_code == 400 and r.json["error"] == "invalid_request"
+        assert "NUL" in r.json["error_description"]
+        r = client.get("/test-lookup?name=a%00b")
+        assert r.status_code == 400 and r.mimetype == "text/html"
+        assert "NUL character" in r.get_data(as_text=True)
+        assert client.get("/access/v1/test-lookup?name=x").status_code == 200  # pool is fine
+    finally:
+        hub.db.dispose()

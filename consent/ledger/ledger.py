@@ -63,7 +63,9 @@ PERSONAL_DATA_NAMES = frozenset({
     "email", "phone_number", "address", "birthdate", "picture", "profile", "website",
     "street_address", "postal_code", "locality", "national_id", "ssn", "password",
 })
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+#: what looks like an e-mail address (also in the decision API's OpenAPI pattern)
+EMAIL_PATTERN = r"[^@\s]+@[^@\s]+\.[^@\s]+"
+_EMAIL = re.compile(f"^{EMAIL_PATTERN}$")
 
 #: perfect subtrees of at least 2**NODE_LEVEL leaves are stored (n / 2**(NODE_LEVEL-1) rows
 #: for n leaves); smaller ones are recomputed from at most 2**NODE_LEVEL leaf hashes
@@ -113,7 +115,7 @@ def _check_pseudonymous(data: Any, path: str = "data") -> None:
     elif isinstance(data, list | tuple):
         for i, value in enumerate(data):
             _check_pseudonymous(value, f"{path}[{i}]")
-    elif isinstance(data, str) and _EMAIL.match(data):
+    elif isinstance(data, str) and looks_like_email(data):
         raise PersonalDataRefused(f"ledger entry value at {path} looks like an e-mail address")
 
 
