@@ -3,7 +3,9 @@ database connection or lock crosses a process boundary."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
 import selectors
 import socket
@@ -47,6 +49,75 @@ class HubApplication(BaseApplication):  # type: ignore[misc]
         return app
 
 
+class _Slot(ctypes.Structure):
+    _fields_ = [("conns", ctypes.c_long), ("seen", ctypes.c_double)]
+
+
+class ConnectionBoard:
+    """How many connections each worker holds, in memory the master maps before it forks
+    (so every worker shares it), for :class:`BalancedWorker`. The master gives each worker a
+    slot as it forks it and clears the slot when the worker exits; a worker writes only its
+    own slot. ``seen`` is when the worker's loop last ran (``time.monotonic()``, one clock
+    for every process of the machine): a slot not seen for ``STALE`` seconds is a worker
+    that is stopping, hung or not yet started, and is left out."""
+
+    SLOTS = 256
+    STALE = 2.0
+
+    def __init__(self) -> None:
+        size = ctypes.sizeof(ctypes.c_long) + ctypes.sizeof(_Slot) * self.SLOTS
+        self._map = mmap.mmap(-1, size)  # anonymous and shared: forked workers see it
+        #: one past the highest slot ever given out: what a worker looks through
+        self._top = ctypes.c_long.from_buffer(self._map)
+        self.slots = (_Slot * self.SLOTS).from_buffer(self._map, ctypes.sizeof(ctypes.c_long))
+
+    def assign(self, taken: set[int]) -> int | None:
+        for index in range(self.SLOTS):
+            if index not in taken:
+                self.clear(index)
+                self._top.value = max(self._top.value, index + 1)
+                return index
+        return None
+
+    def clear(self, index: int) -> None:
+        self.slots[index].conns, self.slots[index].seen = 0, 0.0
+
+    def publish(self, index: int, conns: int, now: float) -> None:
+        self.slots[index].conns, self.slots[index].seen = conns, now
+
+    def fewest_elsewhere(self, index: int, now: float) -> int | None:
+        """The fewest connections any other live worker holds (None: no other)."""
+        fewest = None
+        slots = self.slots
+        for other in range(self._top.value):
+            slot = slots[other]
+            if other != index and now - slot.seen < self.STALE and (
+                    fewest is None or slot.conns < fewest):
+                fewest = slot.conns
+        return fewest
+
+
+#: made by the master at its first fork (:func:`assign_board_slot`), inherited by workers
+_BOARD: ConnectionBoard | None = None
+
+
+def assign_board_slot(server: Any, worker: Any) -> None:
+    """gunicorn's ``pre_fork`` hook, in the master: the worker about to be forked gets a
+    slot no live worker holds."""
+    global _BOARD  # noqa: PLW0603 (one board per master, made where it forks)
+    if _BOARD is None:
+        _BOARD = ConnectionBoard()
+    taken = {getattr(w, "board_slot", None) for w in server.WORKERS.values()}
+    worker.board_slot = _BOARD.assign({index for index in taken if index is not None})
+
+
+def clear_board_slot(_server: Any, worker: Any) -> None:
+    """gunicorn's ``child_exit`` hook, in the master: a dead worker holds no connections."""
+    index = getattr(worker, "board_slot", None)
+    if _BOARD is not None and index is not None:
+        _BOARD.clear(index)
+
+
 class WaitForDataWorker(ThreadWorker):  # type: ignore[misc]
     """gunicorn's gthread worker, except that a new connection waits in the worker's poller
     until its first bytes arrive, as a kept-alive one does, instead of in one of the
@@ -71,12 +142,70 @@ class WaitForDataWorker(ThreadWorker):  # type: ignore[misc]
                              partial(self.on_pending_socket_readable, conn))
 
 
+class BalancedWorker(WaitForDataWorker):
+    """Workers share one listening socket, and a worker accepts a new connection only while
+    it holds no more connections than the least-loaded other worker (least connections,
+    as a load balancer would do it), so kept-alive connections end up spread evenly: at any
+    time no worker holds more than one connection more than another.
+
+    Why not the alternatives: with one shared socket and no rule, the first worker to wake
+    takes the new connections, and a proxy's pool of kept-alive connections could all sit in
+    one worker while the other idles (half the throughput, bench/README.md); with one
+    SO_REUSEPORT socket per worker the kernel spreads connections by a hash of their
+    addresses, which for a few long-lived connections is seldom even (8 connections on 2
+    workers: 4/4 in 27% of cases; a worker at 0.85 of a core and one at 0.27, p99 63 ms under
+    the decision bench), and connections waiting in a worker's own accept queue are reset
+    when that worker exits. A worker that is not to accept leaves the socket out of its
+    poller and looks again every ``RECHECK`` seconds; a worker whose loop has not run for
+    ``ConnectionBoard.STALE`` seconds (stopping, hung, not yet started) does not count, so
+    a stuck worker cannot stop the others from accepting."""
+
+    RECHECK = 0.02
+
+    def _board_slot(self) -> int | None:
+        return getattr(self, "board_slot", None) if _BOARD is not None else None
+
+    def _my_turn(self) -> bool:
+        index = self._board_slot()
+        if index is None:
+            return True
+        now = time.monotonic()
+        assert _BOARD is not None
+        _BOARD.publish(index, self.nr_conns, now)
+        fewest = _BOARD.fewest_elsewhere(index, now)
+        return fewest is None or self.nr_conns <= fewest
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        super().set_accept_enabled(enabled and self.alive and self._my_turn())
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        if self.alive:
+            self.set_accept_enabled(self.nr_conns < self.worker_connections)
+            if not self._accepting:
+                timeout = min(timeout, self.RECHECK)
+        elif (index := self._board_slot()) is not None:
+            assert _BOARD is not None
+            _BOARD.clear(index)  # stopping: the others must not wait for this worker
+        super().wait_for_and_dispatch_events(timeout)
+
+    def accept(self, listener: Any) -> None:
+        # the board may have changed since the poller said the socket was readable
+        if not self._my_turn():
+            super().set_accept_enabled(False)
+            return
+        super().accept(listener)
+        if (index := self._board_slot()) is not None:
+            assert _BOARD is not None
+            _BOARD.publish(index, self.nr_conns, time.monotonic())
+
+
 def worker_class() -> str:
-    """:class:`WaitForDataWorker` where gunicorn's gthread worker has the pending-connection
+    """:class:`BalancedWorker` where gunicorn's gthread worker has the pending-connection
     handling it builds on (gunicorn 25+), else gthread itself."""
     if all(hasattr(ThreadWorker, name) for name in (
-            "on_pending_socket_readable", "murder_pending", "enqueue_req")):
-        return f"{__name__}.WaitForDataWorker"
+            "on_pending_socket_readable", "murder_pending", "enqueue_req",
+            "set_accept_enabled", "wait_for_and_dispatch_events")):
+        return f"{__name__}.BalancedWorker"
     return "gthread"
 
 
@@ -113,10 +242,11 @@ def limit_malloc_arenas(_server: Any = None, _worker: Any = None) -> None:
 
 
 def address_in_use(host: str, port: int) -> str | None:
-    """Why ``host:port`` cannot be listened on, if it cannot. Each worker binds its own
-    SO_REUSEPORT socket, and such sockets share a port with any other process of the same
-    user that set the option too: a forgotten hub on the same port would silently get half
-    the connections. A probe without the option fails where anyone already listens."""
+    """Why ``host:port`` cannot be listened on, if it cannot: said at once and plainly,
+    where gunicorn would retry for five seconds and then say "Can't connect". (Where the
+    workers fall back to SO_REUSEPORT sockets, such sockets would also share the port with
+    any other process of the same user that set the option: a forgotten hub would silently
+    get half the connections. A probe without the option fails where anyone listens.)"""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (TIME_WAIT is fine)
@@ -155,21 +285,22 @@ def run_gunicorn(config_path: str | None, *, host: str, port: int, workers: int,
     # with it; a caller that imports this module itself sets it first).
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR",
                           tempfile.mkdtemp(prefix="civitas-metrics-"))
+    worker = worker_class()
+    balanced = worker.endswith(".BalancedWorker")
     HubApplication(config_path, {
         "bind": f"{host}:{port}", "workers": workers, "threads": threads,
-        "worker_class": worker_class(), "preload_app": False, "accesslog": None,
+        "worker_class": worker, "preload_app": False, "accesslog": None,
         "graceful_timeout": 10, "timeout": 30,
         # Only `trusted_proxy_hops` (ProxyFix in the app) decides which X-Forwarded-* to
         # believe; gunicorn's own defaults would believe them from 127.0.0.1 regardless.
         "forwarded_allow_ips": "", "secure_scheme_headers": {},
-        # Each worker listens on its own SO_REUSEPORT socket and the kernel spreads new
-        # connections over them. With one shared socket the first worker to wake takes
-        # them, and long-lived keep-alive connections (a proxy's upstream pool, a load
-        # generator) could all sit in one worker while the others idle: measured at half
-        # the throughput (bench/README.md). The cost: connections still waiting in a worker's
-        # accept queue when that worker exits are reset (clients retry; workers are not
-        # recycled here, so that is a crash or a shutdown).
-        "reuse_port": hasattr(socket, "SO_REUSEPORT"),
+        # One listening socket shared by the workers, each of which takes a new connection
+        # only while it holds no more than the others (BalancedWorker: why, and the
+        # figures). Where that worker cannot be used (an older gunicorn), one SO_REUSEPORT
+        # socket per worker, spread by the kernel's hash, is better than a shared socket
+        # that the first worker to wake empties.
+        "reuse_port": balanced is False and hasattr(socket, "SO_REUSEPORT"),
+        "pre_fork": assign_board_slot, "child_exit": clear_board_slot,
         "post_fork": limit_malloc_arenas,
         **({"logger_class": JSONLogger} if json_logs else {}),
     }).run()
