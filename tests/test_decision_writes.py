@@ -80,6 +80,9 @@ def test_each_answer_is_one_row_and_one_ledger_entry_with_the_same_facts(hub):
         assert entry.leaf_hash == merkle.leaf_hash(entry.entry.encode())
         assert entry.created_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ") == json.loads(
             entry.entry)["time"]
+    # one request's entries are written together, at one time (the batch's four, then one)
+    assert len({e.created_at for e in stored[:4]}) == 1
+    assert stored[4].created_at >= stored[0].created_at
     ids = [a["context"]["decision_id"] for a in answers] + [unknown["context"]["decision_id"]]
     assert sorted(rows) == sorted(ids) and [e["data"]["decision_id"] for e in entries] == ids
     for answer, claim in zip(answers, CLAIMS, strict=True):

@@ -151,9 +151,16 @@ def _flat(data: Mapping[str, Any]) -> bool:
 
 def entry_text(kind: str, at: datetime, data: Mapping[str, Any]) -> bytes:
     """The canonical entry: ``{"data": ..., "kind": ..., "time": ...}`` (RFC 8785)."""
+    return _entry_text(kind, _stamp(at), data)
+
+
+def _stamp(at: datetime) -> str:
+    return at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _entry_text(kind: str, stamp: str, data: Mapping[str, Any]) -> bytes:
     if not _KIND.match(kind) or len(kind) > 64:
         raise LedgerError(f"ledger entry kind {kind!r} is not a lowercase dotted name")
-    stamp = at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     entry = {"kind": kind, "time": stamp, "data": data}
     if type(data) is dict and _flat(data):
         try:
@@ -231,9 +238,10 @@ class Ledger:
         ``created_at``), for a caller that writes them in a statement of its own (the
         decision API, together with its decision rows)."""
         rows = []
+        at = utcnow()  # written together, so one time for all (and one clock read)
+        stamp = _stamp(at)
         for kind, data in items:
-            at = utcnow()
-            text_ = entry_text(kind, at, data)
+            text_ = _entry_text(kind, stamp, data)
             rows.append({"kind": kind, "entry": text_.decode(),
                          "leaf_hash": merkle.leaf_hash(text_), "created_at": at})
         return rows
