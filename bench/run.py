@@ -209,6 +209,21 @@ def write_lists(workdir: Path, name: str, bodies: list[str], threads: int) -> st
     return str(prefix)
 
 
+def wait_for_no_connections(base: str, within: float = 5.0) -> None:
+    """Until the hub holds no connection from this bench's own setup (sessions kept alive
+    until the hub's keep-alive time runs out): a worker takes new connections while it holds
+    no more than the others, so a setup connection still open in one worker when wrk
+    connects would leave that worker one wrk connection short for the whole run."""
+    port = base.rsplit(":", 1)[1]
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        listing = subprocess.run(["ss", "-Htn", "state", "established", f"sport = :{port}"],
+                                 capture_output=True, text=True, timeout=10, check=False)
+        if listing.returncode != 0 or not listing.stdout.strip():
+            return
+        time.sleep(0.05)
+
+
 class Runner:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
@@ -224,6 +239,8 @@ class Runner:
     def wrk(self, base: str, env: dict[str, str], duration: float | None = None) -> dict:
         duration = duration or self.args.duration
         cpu_pid = self.hub_pid if base == self.hub_base else self.cpu_of.get(base)
+        if base == self.hub_base:
+            wait_for_no_connections(base)
         cpu0 = hub_cpu_seconds(cpu_pid) if cpu_pid else None
         storage0 = storage_cpu_seconds()
         cmd = ["wrk", "-t", str(self.args.threads), "-c", str(self.args.connections),
