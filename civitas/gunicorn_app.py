@@ -222,6 +222,10 @@ class JSONLogger(Logger):  # type: ignore[misc]
                 handler.setFormatter(JSONFormatter())
 
 
+#: how long a worker keeps an idle connection open (gunicorn's default, said here so that a
+#: proxy in front can be set to close its idle connections first: deploy/nginx.conf)
+KEEPALIVE_SECONDS = 2
+
 #: glibc mallopt parameter: how many malloc arenas threads may spread over
 _M_ARENA_MAX = -8
 
@@ -290,7 +294,7 @@ def run_gunicorn(config_path: str | None, *, host: str, port: int, workers: int,
     HubApplication(config_path, {
         "bind": f"{host}:{port}", "workers": workers, "threads": threads,
         "worker_class": worker, "preload_app": False, "accesslog": None,
-        "graceful_timeout": 10, "timeout": 30,
+        "graceful_timeout": 10, "timeout": 30, "keepalive": KEEPALIVE_SECONDS,
         # Only `trusted_proxy_hops` (ProxyFix in the app) decides which X-Forwarded-* to
         # believe; gunicorn's own defaults would believe them from 127.0.0.1 regardless.
         "forwarded_allow_ips": "", "secure_scheme_headers": {},

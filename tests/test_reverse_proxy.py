@@ -396,6 +396,20 @@ def test_entrypoint_refuses_a_missing_or_doubled_secret(tmp_path, secret_env):
     assert doubled.returncode == 1 and "give only one of PGPASSWORD" in doubled.stderr
 
 
+def test_nginx_closes_idle_hub_connections_before_the_hub_does():
+    """A request nginx sends on a kept-alive connection that the hub is closing at that
+    moment fails, and nginx retries no POST (/token, the decision API) elsewhere: a 502 for
+    the client. So nginx's idle time for its connections to the hub must be shorter than
+    the hub's own (RFC 9112 section 9.6: either side may close an idle connection)."""
+    from civitas.gunicorn_app import KEEPALIVE_SECONDS
+
+    upstream = re.search(r"upstream civitas_hub \{(.*?)\}", NGINX_CONF.read_text(), re.S)
+    assert upstream is not None
+    timeout = re.search(r"^\s*keepalive_timeout\s+(\d+)s;", upstream.group(1), re.M)
+    assert timeout is not None, "the upstream block sets no keepalive_timeout (nginx: 60 s)"
+    assert int(timeout.group(1)) < KEEPALIVE_SECONDS
+
+
 # -- a real nginx in front of a real hub --------------------------------------------------
 
 
