@@ -274,6 +274,19 @@ def test_every_line_the_workers_log_is_json_and_nothing_is_written_in_home(worke
     assert list(WORKERS_HUB_FILES["home"].iterdir()) == []
 
 
+def wait_for_both_workers(port: int) -> None:
+    """Until the master and both workers hold the listening socket, and both workers' loops
+    have run since (a worker not seen yet is left out of the balance, as it should be)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        listing = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True,
+                                 text=True, timeout=10, check=True).stdout
+        if len(set(re.findall(r"pid=(\d+)", listing))) >= 3:
+            break
+        time.sleep(0.2)
+    time.sleep(2.5)
+
+
 def test_kept_alive_connections_spread_evenly_over_the_workers(workers_hub):
     """A proxy's pool of kept-alive connections must not sit in one worker while the other
     idles. With one shared socket and no rule, the first worker to wake takes them; with one
@@ -287,14 +300,7 @@ def test_kept_alive_connections_spread_evenly_over_the_workers(workers_hub):
     listing = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True,
                              text=True, timeout=10, check=True).stdout.splitlines()
     assert len(listing) == 1, listing  # one listening socket, shared by master and workers
-    workers = set(re.findall(r"pid=(\d+)", listing[0]))
-    deadline = time.monotonic() + 60
-    while len(workers) < 3 and time.monotonic() < deadline:  # the master and two workers
-        time.sleep(0.2)
-        workers = set(re.findall(r"pid=(\d+)", subprocess.run(
-            ["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True, timeout=10,
-            check=True).stdout))
-    time.sleep(2.5)  # both workers' loops have run since (a worker not yet seen is left out)
+    wait_for_both_workers(port)
 
     def ask(conn: http.client.HTTPConnection) -> int:
         conn.request("GET", "/healthz")
@@ -321,6 +327,52 @@ def test_kept_alive_connections_spread_evenly_over_the_workers(workers_hub):
                     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
                     held.append(conn)
                     assert ask(conn) == mine
+    finally:
+        for conn in held:
+            conn.close()
+
+
+def test_a_worker_that_dies_does_not_hold_up_new_connections(workers_hub):
+    """A worker takes a new connection only while it holds no more than the others; a
+    worker that was killed holds none, whatever it last wrote on the board: the master
+    clears its slot when it reaps it (and gives it, empty, to the worker it starts in its
+    place), so the surviving worker accepts at once instead of waiting until the dead
+    worker's slot went stale, and the new worker gets connections again."""
+    import http.client
+    import signal
+
+    port = int(workers_hub.rsplit(":", 1)[1])
+    wait_for_both_workers(port)
+
+    def ask(conn: http.client.HTTPConnection) -> int:
+        conn.request("GET", "/healthz")
+        return int(json.loads(conn.getresponse().read())["pid"])
+
+    held: list[http.client.HTTPConnection] = []
+    try:
+        for _ in range(3):  # 2 in one worker, 1 in the other
+            held.append(http.client.HTTPConnection("127.0.0.1", port, timeout=10))
+            ask(held[-1])
+        pids = [ask(conn) for conn in held]
+        victim = min(set(pids), key=pids.count)  # the one with fewer connections
+        survivor = max(set(pids), key=pids.count)
+        assert pids.count(survivor) == 2 and pids.count(victim) == 1, pids
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(0.3)  # the master reaps it and clears its slot
+        started = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        held.append(conn)
+        assert ask(conn) == survivor
+        assert time.monotonic() - started < 1.0  # not held until the dead slot went stale
+        deadline = time.monotonic() + 60
+        replacement = None
+        while replacement is None and time.monotonic() < deadline:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            held.append(conn)
+            pid = ask(conn)
+            replacement = pid if pid not in (survivor, victim) else None
+            time.sleep(0.1)
+        assert replacement is not None, "no worker was started in the dead one's place"
     finally:
         for conn in held:
             conn.close()
