@@ -485,6 +485,10 @@ def main() -> int:
     ap.add_argument("--server", choices=["gunicorn", "granian"], default="gunicorn",
                     help="the hub's HTTP server: `civitas serve` (gunicorn, production) or, "
                          "as an experiment, the same app under granian (bench/setup installs it)")
+    ap.add_argument("--sealer", choices=["workers", "process"], default="workers",
+                    help="who seals the audit ledger: the hub's workers (the default "
+                         "settings), or one `civitas audit seal --every 60` process beside "
+                         "them, as compose.yaml runs it (its CPU is counted in neither column)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--hold", action="store_true",
                     help="after the scenarios, keep everything running (and print how to send "
@@ -569,6 +573,8 @@ def main() -> int:
             hub_env.update(CIVITAS_CONFIG=str(cfg_path), MALLOC_ARENA_MAX="2",
                            PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "bench")]),
                            PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+        if args.sealer == "process":
+            hub_env["CIVITAS_LEDGER_SEAL_INTERVAL_SECONDS"] = "0"
         hub_proc = subprocess.Popen(hub_cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                     env=hub_env, start_new_session=True)
         stack.callback(log.close)
@@ -584,6 +590,14 @@ def main() -> int:
                 raise RuntimeError("hub did not start:\n"
                                    + (workdir / "hub.log").read_text()[-3000:])
             time.sleep(0.2)
+        if args.sealer == "process":  # the schema is up to date now: the hub is ready
+            sealer_log = (workdir / "sealer.log").open("wb")
+            sealer = subprocess.Popen(
+                [sys.executable, "-m", "civitas.cli", "--config", str(cfg_path), "audit",
+                 "seal", "--every", "60"], stdout=sealer_log, stderr=subprocess.STDOUT,
+                cwd=ROOT, start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            stack.callback(sealer_log.close)
+            stack.callback(servers._stop, sealer)
 
         runner.hub_base, runner.hub_pid = base, hub_proc.pid
         hub = Hub(base)
