@@ -11,6 +11,7 @@ import io
 import json
 import struct
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -909,3 +910,31 @@ def test_a_paced_seal_rests_after_each_chunk_and_seals_the_same(ledger, monkeypa
     edge.extend(e.leaf_hash for e in sorted(ledger.entries(), key=lambda e: e.leaf_index))
     assert edge.root() == cp.root_hash
     assert ledger.seal_all(pace=1.0) is None and len(rests) == 3  # nothing left: no rest
+
+
+def test_a_paced_seal_stops_resting_once_its_time_is_up(ledger, monkeypatch):
+    """The background sealer rests between chunks only for part of its interval: a round
+    that has not finished by then goes on at full speed, so that sealing keeps up with the
+    rate entries come in at, and the backlog does not grow from round to round."""
+    from consent.ledger import ledger as ledger_module
+    from consent.ledger.sealer import LedgerSealer
+
+    rests: list[float] = []
+    monkeypatch.setattr(ledger_module.time, "sleep", rests.append)
+    count = 3 * ledger_module.SEAL_CHUNK
+    ledger.append_many(("decision.query", decision(i)) for i in range(count))
+    cp = ledger.seal_all(pace=3.0, pace_until=time.monotonic() - 1)  # time already up
+    assert cp.size == count and rests == []
+    ledger.append_many(("decision.query", decision(i)) for i in range(count))
+    cp = ledger.seal_all(pace=3.0, pace_until=time.monotonic() + 3600)
+    assert cp.size == 2 * count and len(rests) == 3
+
+    # the sealer rests for the first three quarters of its interval, then no more
+    calls: list[dict[str, object]] = []
+    monkeypatch.setattr(ledger, "seal_all", lambda **kwargs: calls.append(kwargs))
+    sealer = LedgerSealer(ledger, interval=60)
+    before = time.monotonic()
+    sealer.run_once()
+    [kwargs] = calls
+    assert kwargs["pace"] == 3.0
+    assert before + 45 <= kwargs["pace_until"] <= time.monotonic() + 45

@@ -366,14 +366,15 @@ class Ledger:
     # -- sealing ---------------------------------------------------------------------------
 
     def seal(self, *, settle: timedelta = timedelta(0), limit: int | None = None,
-             pace: float = 0.0) -> SignedCheckpoint | None:
+             pace: float = 0.0, pace_until: float | None = None) -> SignedCheckpoint | None:
         """Seal up to ``limit`` (default ``seal_batch``) committed entries older than
         ``settle`` and sign a checkpoint over them. Returns it, or None if there was
         nothing to seal (the first call on an empty ledger signs the empty tree).
 
-        ``pace``: after each chunk, wait ``pace`` times as long as the chunk took. The
-        background sealer shares a worker (its interpreter lock) and the machine with the
-        requests; unpaced, a round of 300,000 entries kept both busy for seconds at a time."""
+        ``pace``: after each chunk, wait ``pace`` times as long as the chunk took, until
+        ``pace_until`` (a ``time.monotonic()`` time; None: always). The background sealer
+        shares a worker (its interpreter lock) and the machine with the requests; unpaced,
+        a round of 300,000 entries kept both busy for seconds at a time."""
         signer = self.signer()
         limit = limit or self.seal_batch
         with self._lock, self._db.session() as s:
@@ -424,7 +425,7 @@ class Ledger:
                     s.execute(_NODES.insert(), nodes)
                     nodes.clear()
                 sealed += len(rows)
-                if pace:
+                if pace and (pace_until is None or time.monotonic() < pace_until):
                     time.sleep(pace * (time.monotonic() - started))
             if not sealed and last is not None:
                 return None
@@ -435,11 +436,11 @@ class Ledger:
             s.add(row)
         return _signed(row)
 
-    def seal_all(self, *, settle: timedelta = timedelta(0),
-                 pace: float = 0.0) -> SignedCheckpoint | None:
+    def seal_all(self, *, settle: timedelta = timedelta(0), pace: float = 0.0,
+                 pace_until: float | None = None) -> SignedCheckpoint | None:
         """Seal in batches until nothing is left; the last checkpoint signed, if any."""
         latest = None
-        while (made := self.seal(settle=settle, pace=pace)) is not None:
+        while (made := self.seal(settle=settle, pace=pace, pace_until=pace_until)) is not None:
             latest = made
         return latest
 
