@@ -144,9 +144,9 @@ class WaitForDataWorker(ThreadWorker):  # type: ignore[misc]
 
 class BalancedWorker(WaitForDataWorker):
     """Workers share one listening socket, and a worker accepts a new connection only while
-    it holds no more connections than the least-loaded other worker (least connections,
-    as a load balancer would do it), so kept-alive connections end up spread evenly: at any
-    time no worker holds more than one connection more than another.
+    it holds no more connections than every other worker (least connections, as a load
+    balancer would do it): new connections go to whichever worker holds fewest, so a
+    proxy's pool of kept-alive connections ends up spread evenly.
 
     Why not the alternatives: with one shared socket and no rule, the first worker to wake
     takes the new connections, and a proxy's pool of kept-alive connections could all sit in
@@ -162,29 +162,34 @@ class BalancedWorker(WaitForDataWorker):
 
     RECHECK = 0.02
 
-    def _board_slot(self) -> int | None:
-        return getattr(self, "board_slot", None) if _BOARD is not None else None
+    def _publish(self) -> tuple[ConnectionBoard, int, float] | None:
+        """Write this worker's count on the board: (board, its slot, now), or None when
+        there is no board (a single worker, more workers than slots)."""
+        index = getattr(self, "board_slot", None)
+        if _BOARD is None or index is None:
+            return None
+        now = time.monotonic()
+        _BOARD.publish(index, self.nr_conns, now)
+        return _BOARD, index, now
 
     def _my_turn(self) -> bool:
-        index = self._board_slot()
-        if index is None:
+        published = self._publish()
+        if published is None:
             return True
-        now = time.monotonic()
-        assert _BOARD is not None
-        _BOARD.publish(index, self.nr_conns, now)
-        fewest = _BOARD.fewest_elsewhere(index, now)
+        board, index, now = published
+        fewest = board.fewest_elsewhere(index, now)
         return fewest is None or self.nr_conns <= fewest
 
     def set_accept_enabled(self, enabled: bool) -> None:
         super().set_accept_enabled(enabled and self.alive and self._my_turn())
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        index = getattr(self, "board_slot", None)
         if self.alive:
             self.set_accept_enabled(self.nr_conns < self.worker_connections)
             if not self._accepting:
                 timeout = min(timeout, self.RECHECK)
-        elif (index := self._board_slot()) is not None:
-            assert _BOARD is not None
+        elif _BOARD is not None and index is not None:
             _BOARD.clear(index)  # stopping: the others must not wait for this worker
         super().wait_for_and_dispatch_events(timeout)
 
@@ -194,9 +199,7 @@ class BalancedWorker(WaitForDataWorker):
             super().set_accept_enabled(False)
             return
         super().accept(listener)
-        if (index := self._board_slot()) is not None:
-            assert _BOARD is not None
-            _BOARD.publish(index, self.nr_conns, time.monotonic())
+        self._publish()
 
 
 def worker_class() -> str:

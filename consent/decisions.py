@@ -220,11 +220,10 @@ FROM json_to_recordset(%(entries)s::json) AS l(
 def _record_pg(rows: list[dict[str, Any]], ledger_rows: list[dict[str, Any]], *,
                client_id: str, now: datetime, request_id: str | None
                ) -> tuple[str, dict[str, Any]]:
-    stamps: dict[datetime, str] = {}  # entry_rows gives one time to all: format it once
+    # entry_rows gives all of a request's entries one time: format each time once
+    stamps = {at: at.isoformat() for at in {row["created_at"] for row in ledger_rows}}
     entries = [{"kind": row["kind"], "entry": row["entry"], "leaf_hash": row["leaf_hash"].hex(),
-                "created_at": stamps.get(row["created_at"])
-                or stamps.setdefault(row["created_at"], row["created_at"].isoformat())}
-               for row in ledger_rows]
+                "created_at": stamps[row["created_at"]]} for row in ledger_rows]
     return _RECORD_PG, {"at": now, "client_id": client_id, "request_id": request_id,
                         "decisions": json.dumps(rows), "entries": json.dumps(entries)}
 

@@ -292,8 +292,8 @@ def test_kept_alive_connections_spread_evenly_over_the_workers(workers_hub):
     idles. With one shared socket and no rule, the first worker to wake takes them; with one
     SO_REUSEPORT socket per worker the kernel's hash seldom splits a few connections evenly
     (8 on 2 workers: 4/4 in 27% of cases). The workers share one socket and each accepts
-    only while it holds no more connections than the other (BalancedWorker): at any time
-    neither holds more than one connection more than the other."""
+    only while it holds no more connections than the other (BalancedWorker): a new
+    connection goes to whichever holds fewer."""
     import http.client
 
     port = int(workers_hub.rsplit(":", 1)[1])
