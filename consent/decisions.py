@@ -30,7 +30,7 @@ from kernel.metrics import CONSENT_DECISIONS
 from . import history
 from .history import GrantedClaim
 from .ledger.ledger import EMAIL_PATTERN, Ledger, looks_like_email
-from .models import AgencyDecision, ConsentEvent, ConsentRecord, new_id
+from .models import AgencyDecision, ConsentEvent, ConsentRecord, new_time_ordered_id
 
 SEMANTICS = ("execute_all", "deny_on_first_deny", "permit_on_first_permit")
 MAX_BATCH = 100
@@ -339,7 +339,7 @@ class DecisionPoint:
                                                         subject=query.subject_id)
             grant = grants[query.subject_id]
             decision, reason = _evaluate(query, grant)
-            decision_id = new_id()
+            decision_id = new_time_ordered_id()
             if decision and grant is not None:
                 answer = Evaluation(
                     decision=True, reason=reason, decision_id=decision_id,

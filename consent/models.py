@@ -11,6 +11,7 @@ a new event, so the state at any past moment can be read back (see :mod:`consent
 from __future__ import annotations
 
 import os
+import time
 from datetime import datetime
 from typing import Any
 
@@ -33,6 +34,23 @@ def new_id() -> str:
     raw[6] = (raw[6] & 0x0F) | 0x40  # version 4 (RFC 9562 5.4)
     raw[8] = (raw[8] & 0x3F) | 0x80  # variant 10
     return raw.hex()
+
+
+def new_time_ordered_id() -> str:
+    """A version 7 UUID (RFC 9562 section 5.7) as 32 hex digits: the Unix time in
+    milliseconds, then 74 random bits, so that ids made later sort later. For the decision
+    log, the hub's fastest-growing table (a row per evaluation, thousands a second): each
+    new row goes to the right-hand end of its primary key's index instead of a random page
+    of it. With 5 million rows, 19.7 µs per row inserted against 27.3 for random ids, and an
+    index 23% smaller (``bench/id_order.py``). The time it shows is the decision's own,
+    which the row and the agency know anyway."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")  # 80 bits, 74 of them used
+    value = ((ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76  # version 7
+             | ((rand >> 62) & 0xFFF) << 64  # rand_a
+             | 0b10 << 62  # variant 10
+             | rand & 0x3FFF_FFFF_FFFF_FFFF)  # rand_b
+    return f"{value:032x}"
 
 
 class ConsentRecord(Base):
@@ -126,7 +144,8 @@ class AgencyDecision(Base):
         Index("ix_consent_decisions_account_at", "account_id", "at"),
     )
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True,
+                                    default=new_time_ordered_id)
     at: Mapped[datetime] = mapped_column(UTCDateTime())
     client_id: Mapped[str] = mapped_column(String(128))
     #: the subject id as the agency sent it

@@ -814,3 +814,31 @@ def test_ids_are_random_version_4_uuids() -> None:
     for value in ids:
         parsed = uuid.UUID(value)
         assert parsed.hex == value and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+
+
+def test_decision_ids_are_version_7_uuids_that_sort_by_time() -> None:
+    """RFC 9562 section 5.7: 48 bits of Unix time in ms, version 7, variant 10, random
+    bits; ids made in a later millisecond sort after earlier ones (so new decision rows go
+    to the end of the primary key's index)."""
+    import time
+    import uuid
+
+    from consent.models import new_time_ordered_id
+
+    before = time.time_ns() // 1_000_000
+    first = [new_time_ordered_id() for _ in range(1000)]
+    time.sleep(0.002)
+    later = [new_time_ordered_id() for _ in range(1000)]
+    after = time.time_ns() // 1_000_000
+    assert len(set(first + later)) == 2000
+    for value in first + later:
+        parsed = uuid.UUID(value)
+        assert parsed.hex == value and parsed.version == 7 and parsed.variant == uuid.RFC_4122
+        assert before <= parsed.int >> 80 <= after
+    assert max(first) < min(later)
+    # rand_a (12 bits) and rand_b (62 bits) are random: each of those bits varies
+    random_bits = 0xFFF << 64 | (1 << 62) - 1
+    varying = 0
+    for value in later:
+        varying |= (uuid.UUID(value).int ^ uuid.UUID(later[0]).int) & random_bits
+    assert varying == random_bits
