@@ -4,6 +4,7 @@ real PostgreSQL and Redis serving full brokered logins."""
 from __future__ import annotations
 
 import html
+import http.client
 import json
 import logging
 import os
@@ -287,6 +288,12 @@ def wait_for_both_workers(port: int) -> None:
     time.sleep(2.5)
 
 
+def worker_pid(conn: http.client.HTTPConnection) -> int:
+    """Which worker answers on this (kept-alive) connection."""
+    conn.request("GET", "/healthz")
+    return int(json.loads(conn.getresponse().read())["pid"])
+
+
 def test_kept_alive_connections_spread_evenly_over_the_workers(workers_hub):
     """A proxy's pool of kept-alive connections must not sit in one worker while the other
     idles. With one shared socket and no rule, the first worker to wake takes them; with one
@@ -294,17 +301,11 @@ def test_kept_alive_connections_spread_evenly_over_the_workers(workers_hub):
     (8 on 2 workers: 4/4 in 27% of cases). The workers share one socket and each accepts
     only while it holds no more connections than the other (BalancedWorker): a new
     connection goes to whichever holds fewer."""
-    import http.client
-
     port = int(workers_hub.rsplit(":", 1)[1])
     listing = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True,
                              text=True, timeout=10, check=True).stdout.splitlines()
     assert len(listing) == 1, listing  # one listening socket, shared by master and workers
     wait_for_both_workers(port)
-
-    def ask(conn: http.client.HTTPConnection) -> int:
-        conn.request("GET", "/healthz")
-        return int(json.loads(conn.getresponse().read())["pid"])
 
     held: list[http.client.HTTPConnection] = []
     try:
@@ -312,9 +313,9 @@ def test_kept_alive_connections_spread_evenly_over_the_workers(workers_hub):
             for _ in range(8):  # opened one after another, as a pool fills
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
                 held.append(conn)
-                ask(conn)
-            seen = [ask(conn) for conn in held]  # kept alive: each stays in its worker
-            assert seen == [ask(conn) for conn in held]
+                worker_pid(conn)
+            seen = [worker_pid(conn) for conn in held]  # kept alive: each stays in its worker
+            assert seen == [worker_pid(conn) for conn in held]
             counts = sorted(seen.count(pid) for pid in set(seen))
             assert counts == [4 * (rounds + 1)] * 2, (rounds, counts)
             if rounds == 1:  # connections closed in one worker are refilled there first
@@ -326,7 +327,7 @@ def test_kept_alive_connections_spread_evenly_over_the_workers(workers_hub):
                 for _ in range(6):
                     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
                     held.append(conn)
-                    assert ask(conn) == mine
+                    assert worker_pid(conn) == mine
     finally:
         for conn in held:
             conn.close()
@@ -338,22 +339,17 @@ def test_a_worker_that_dies_does_not_hold_up_new_connections(workers_hub):
     clears its slot when it reaps it (and gives it, empty, to the worker it starts in its
     place), so the surviving worker accepts at once instead of waiting until the dead
     worker's slot went stale, and the new worker gets connections again."""
-    import http.client
     import signal
 
     port = int(workers_hub.rsplit(":", 1)[1])
     wait_for_both_workers(port)
 
-    def ask(conn: http.client.HTTPConnection) -> int:
-        conn.request("GET", "/healthz")
-        return int(json.loads(conn.getresponse().read())["pid"])
-
     held: list[http.client.HTTPConnection] = []
     try:
         for _ in range(3):  # 2 in one worker, 1 in the other
             held.append(http.client.HTTPConnection("127.0.0.1", port, timeout=10))
-            ask(held[-1])
-        pids = [ask(conn) for conn in held]
+            worker_pid(held[-1])
+        pids = [worker_pid(conn) for conn in held]
         victim = min(set(pids), key=pids.count)  # the one with fewer connections
         survivor = max(set(pids), key=pids.count)
         assert pids.count(survivor) == 2 and pids.count(victim) == 1, pids
@@ -362,14 +358,14 @@ def test_a_worker_that_dies_does_not_hold_up_new_connections(workers_hub):
         started = time.monotonic()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         held.append(conn)
-        assert ask(conn) == survivor
+        assert worker_pid(conn) == survivor
         assert time.monotonic() - started < 1.0  # not held until the dead slot went stale
         deadline = time.monotonic() + 60
         replacement = None
         while replacement is None and time.monotonic() < deadline:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
             held.append(conn)
-            pid = ask(conn)
+            pid = worker_pid(conn)
             replacement = pid if pid not in (survivor, victim) else None
             time.sleep(0.1)
         assert replacement is not None, "no worker was started in the dead one's place"
