@@ -837,8 +837,10 @@ def main() -> int:
                               key=lambda r: r["p99_us"])
                 middle = dict(runs[len(runs) // 2])
                 if len(runs) > 1:
-                    middle["runs_note"] = (f"median of {len(runs)} runs by p99; p99s " + ", ".join(
-                        f"{r['p99_us'] / 1000:.1f}" for r in runs) + " ms; ")
+                    middle["runs_note"] = (
+                        f"median of {len(runs)} runs by p99; p99s " + ", ".join(
+                            f"{r['p99_us'] / 1000:.1f}" for r in runs) + " ms, hub cores "
+                        + ", ".join(f"{r.get('hub_cores_busy', 0):.2f}" for r in runs) + "; ")
                 return middle
 
             if "6a" in halves:
