@@ -323,7 +323,7 @@ def test_kept_alive_connections_spread_evenly_over_the_workers(workers_hub):
                 for conn in [c for c, pid in zip(held, seen, strict=True) if pid == mine][:6]:
                     conn.close()
                     held.remove(conn)
-                time.sleep(0.3)
+                time.sleep(1.0)  # the worker sees them closed and says so on the board
                 for _ in range(6):
                     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
                     held.append(conn)
@@ -354,7 +354,13 @@ def test_a_worker_that_dies_does_not_hold_up_new_connections(workers_hub):
         survivor = max(set(pids), key=pids.count)
         assert pids.count(survivor) == 2 and pids.count(victim) == 1, pids
         os.kill(victim, signal.SIGKILL)
-        time.sleep(0.3)  # the master reaps it and clears its slot
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until the master has reaped it (and cleared
+            try:                            # its slot): a zombie still answers signal 0
+                os.kill(victim, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.02)
         started = time.monotonic()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         held.append(conn)
