@@ -209,6 +209,13 @@ def write_lists(workdir: Path, name: str, bodies: list[str], threads: int) -> st
     return str(prefix)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def wait_for_no_connections(base: str, within: float = 5.0) -> None:
     """Until the hub holds no connection from this bench's own setup (sessions kept alive
     until the hub's keep-alive time runs out): a worker takes new connections while it holds
@@ -482,7 +489,7 @@ def main() -> int:
                     help="scenario 6: send decisions at this rate (decisions/s: single "
                          "evaluations at this many requests/s, batches of 20 at 1/20 of it) "
                          "instead of as fast as the hub answers; the latency at that load")
-    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+    ap.add_argument("--repeat", type=positive_int, default=1, metavar="N",
                     help="scenario 6: run each half N times against the same hub and report "
                          "the run with the median p99, with every run's p99 in its note (one "
                          "run's p99 can be off by a factor of two on a shared machine)")

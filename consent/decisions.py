@@ -303,14 +303,14 @@ class DecisionPoint:
         if self._postgresql:
             with self._db.reader() as conn:
                 answers, rows, entries = self._answer_all(conn, client_id, queries, now=now,
-                                                        semantic=semantic)
+                                                          semantic=semantic)
                 ledger_rows = self.ledger.entry_rows(entries) if self.ledger else []
                 conn.exec_driver_sql(*_record_pg(rows, ledger_rows, client_id=client_id,
                                                  now=now, request_id=request_id))
         else:
             with self._db.engine.begin() as conn:
                 answers, rows, entries = self._answer_all(conn, client_id, queries, now=now,
-                                                        semantic=semantic)
+                                                          semantic=semantic)
                 conn.execute(_DECISIONS.insert(), [
                     dict(row, at=now, client_id=client_id, request_id=request_id)
                     for row in rows])
@@ -325,9 +325,9 @@ class DecisionPoint:
 
     @staticmethod
     def _answer_all(conn: Connection, client_id: str, queries: Sequence[EvaluationQuery], *,
-                  now: datetime, semantic: str
-                  ) -> tuple[list[Evaluation], list[dict[str, Any]],
-                             list[tuple[str, dict[str, Any]]]]:
+                    now: datetime, semantic: str
+                    ) -> tuple[list[Evaluation], list[dict[str, Any]],
+                               list[tuple[str, dict[str, Any]]]]:
         """(answers, decision rows without the columns every row shares, ledger entries)."""
         answers: list[Evaluation] = []
         rows: list[dict[str, Any]] = []

@@ -29,7 +29,7 @@ EVENT_KINDS = ("given", "refused", "withdrawn", "expired", "renewed")
 
 def new_id() -> str:
     """A random (version 4) UUID as 32 hex digits, as ``uuid.uuid4().hex`` gives it, at a
-    quarter of its cost: a batch of decisions makes two per evaluation."""
+    quarter of its cost (consent records; decisions take :func:`new_time_ordered_id`)."""
     raw = bytearray(os.urandom(16))
     raw[6] = (raw[6] & 0x0F) | 0x40  # version 4 (RFC 9562 5.4)
     raw[8] = (raw[8] & 0x3F) | 0x80  # variant 10

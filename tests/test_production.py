@@ -285,6 +285,8 @@ def wait_for_both_workers(port: int) -> None:
         if len(set(re.findall(r"pid=(\d+)", listing))) >= 3:
             break
         time.sleep(0.2)
+    else:
+        raise AssertionError(f"the master and two workers do not all listen: {listing}")
     time.sleep(2.5)
 
 
