@@ -3,6 +3,7 @@ real PostgreSQL and Redis serving full brokered logins."""
 
 from __future__ import annotations
 
+import contextlib
 import html
 import http.client
 import json
@@ -12,6 +13,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urljoin
 
@@ -141,37 +143,38 @@ def test_several_workers_refuse_embedded_storage(tmp_path, upstream_issuer):
 WORKERS_HUB_FILES: dict[str, Path] = {}
 
 
-@pytest.fixture(scope="module")
-def workers_hub(tmp_path_factory, upstream_issuer, postgres_url, redis_url):
-    """`civitas serve --workers 2` as a real process on PostgreSQL and Redis."""
-    tmp = tmp_path_factory.mktemp("workers")
-    cfg = hub_config(upstream_issuer, postgres_url, redis_url=redis_url,
+@contextlib.contextmanager
+def serving(tmp: Path, upstream_issuer: str, postgres_url: str, redis_url: str, *, port: int,
+            workers: int, threads: int) -> Iterator[str]:
+    """`civitas serve --workers W --threads T` as a real process on PostgreSQL and Redis,
+    started as an operator starts it: no metrics directory chosen beforehand, a home
+    directory of its own (to see what it writes there). Yields its address."""
+    issuer = f"http://127.0.0.1:{port}"
+    cfg = hub_config(upstream_issuer, postgres_url, redis_url=redis_url, issuer=issuer,
                      encryption_key=Fernet.generate_key().decode())
     path = tmp / "civitas.yaml"
     path.write_text(yaml.safe_dump(cfg))
     log = (tmp / "hub.log").open("wb")
     (tmp / "home").mkdir()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "civitas.cli", "--config", str(path), "serve", "--workers", "2",
-         "--threads", "2", "--port", str(HUB_PORT)], stdout=log, stderr=subprocess.STDOUT,
-        # as an operator starts it: no metrics directory chosen beforehand; a home directory
-        # of its own, to see what it writes there
+        [sys.executable, "-m", "civitas.cli", "--config", str(path), "serve", "--workers",
+         str(workers), "--threads", str(threads), "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT,
         env={**{k: v for k, v in os.environ.items()
                 if k not in ("PROMETHEUS_MULTIPROC_DIR", "XDG_RUNTIME_DIR")},
              "HOME": str(tmp / "home")},
         start_new_session=True)
-    WORKERS_HUB_FILES["log"], WORKERS_HUB_FILES["home"] = tmp / "hub.log", tmp / "home"
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                if requests.get(f"{HUB_ISSUER}/readyz", timeout=1).status_code == 200:
+                if requests.get(f"{issuer}/readyz", timeout=1).status_code == 200:
                     break
             except requests.RequestException:
                 time.sleep(0.2)
         else:
             raise RuntimeError((tmp / "hub.log").read_text()[-3000:])
-        yield HUB_ISSUER
+        yield issuer
     finally:
         proc.terminate()
         try:
@@ -179,6 +182,16 @@ def workers_hub(tmp_path_factory, upstream_issuer, postgres_url, redis_url):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def workers_hub(tmp_path_factory, upstream_issuer, postgres_url, redis_url):
+    """`civitas serve --workers 2 --threads 2` on PostgreSQL and Redis."""
+    tmp = tmp_path_factory.mktemp("workers")
+    WORKERS_HUB_FILES["log"], WORKERS_HUB_FILES["home"] = tmp / "hub.log", tmp / "home"
+    with serving(tmp, upstream_issuer, postgres_url, redis_url, port=HUB_PORT, workers=2,
+                 threads=2) as issuer:
+        yield issuer
 
 
 def browser_login(base: str, auth: AuthRequest) -> dict[str, str]:
@@ -380,6 +393,29 @@ def test_a_worker_that_dies_does_not_hold_up_new_connections(workers_hub):
     finally:
         for conn in held:
             conn.close()
+
+
+def test_pipelined_requests_are_all_answered_in_order(workers_hub):
+    """RFC 9112 9.3.2: a client may send requests without waiting for each response; the
+    server answers them in order. 600 on one connection, in one write: the worker reads
+    ahead, handles the requests it holds one after another, then waits for the rest on the
+    socket (finish_request hands a connection with bytes read ahead straight back)."""
+    import socket
+
+    port = int(workers_hub.rsplit(":", 1)[1])
+    count = 600
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"".join(b"GET /healthz?n=%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % i
+                              for i in range(count)))
+        received = b""
+        while received.count(b"HTTP/1.1 ") < count or not received.endswith(b"}\n"):
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {received.count(b'HTTP/1.1 ')} responses"
+            received += chunk
+    statuses = re.findall(rb"HTTP/1.1 (\d{3}) ", received)
+    assert statuses == [b"200"] * count
+    pids = set(re.findall(rb'"pid":\s*(\d+)', received))
+    assert len(pids) == 1  # one connection, one worker
 
 
 def test_connections_that_send_nothing_hold_no_worker_thread(workers_hub):
