@@ -3,7 +3,6 @@ real PostgreSQL and Redis serving full brokered logins."""
 
 from __future__ import annotations
 
-import contextlib
 import html
 import http.client
 import json
@@ -13,7 +12,6 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urljoin
 
@@ -143,38 +141,37 @@ def test_several_workers_refuse_embedded_storage(tmp_path, upstream_issuer):
 WORKERS_HUB_FILES: dict[str, Path] = {}
 
 
-@contextlib.contextmanager
-def serving(tmp: Path, upstream_issuer: str, postgres_url: str, redis_url: str, *, port: int,
-            workers: int, threads: int) -> Iterator[str]:
-    """`civitas serve --workers W --threads T` as a real process on PostgreSQL and Redis,
-    started as an operator starts it: no metrics directory chosen beforehand, a home
-    directory of its own (to see what it writes there). Yields its address."""
-    issuer = f"http://127.0.0.1:{port}"
-    cfg = hub_config(upstream_issuer, postgres_url, redis_url=redis_url, issuer=issuer,
+@pytest.fixture(scope="module")
+def workers_hub(tmp_path_factory, upstream_issuer, postgres_url, redis_url):
+    """`civitas serve --workers 2` as a real process on PostgreSQL and Redis."""
+    tmp = tmp_path_factory.mktemp("workers")
+    cfg = hub_config(upstream_issuer, postgres_url, redis_url=redis_url,
                      encryption_key=Fernet.generate_key().decode())
     path = tmp / "civitas.yaml"
     path.write_text(yaml.safe_dump(cfg))
     log = (tmp / "hub.log").open("wb")
     (tmp / "home").mkdir()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "civitas.cli", "--config", str(path), "serve", "--workers",
-         str(workers), "--threads", str(threads), "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "civitas.cli", "--config", str(path), "serve", "--workers", "2",
+         "--threads", "2", "--port", str(HUB_PORT)], stdout=log, stderr=subprocess.STDOUT,
+        # as an operator starts it: no metrics directory chosen beforehand; a home directory
+        # of its own, to see what it writes there
         env={**{k: v for k, v in os.environ.items()
                 if k not in ("PROMETHEUS_MULTIPROC_DIR", "XDG_RUNTIME_DIR")},
              "HOME": str(tmp / "home")},
         start_new_session=True)
+    WORKERS_HUB_FILES["log"], WORKERS_HUB_FILES["home"] = tmp / "hub.log", tmp / "home"
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                if requests.get(f"{issuer}/readyz", timeout=1).status_code == 200:
+                if requests.get(f"{HUB_ISSUER}/readyz", timeout=1).status_code == 200:
                     break
             except requests.RequestException:
                 time.sleep(0.2)
         else:
             raise RuntimeError((tmp / "hub.log").read_text()[-3000:])
-        yield issuer
+        yield HUB_ISSUER
     finally:
         proc.terminate()
         try:
@@ -182,16 +179,6 @@ def serving(tmp: Path, upstream_issuer: str, postgres_url: str, redis_url: str, 
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
-
-
-@pytest.fixture(scope="module")
-def workers_hub(tmp_path_factory, upstream_issuer, postgres_url, redis_url):
-    """`civitas serve --workers 2 --threads 2` on PostgreSQL and Redis."""
-    tmp = tmp_path_factory.mktemp("workers")
-    WORKERS_HUB_FILES["log"], WORKERS_HUB_FILES["home"] = tmp / "hub.log", tmp / "home"
-    with serving(tmp, upstream_issuer, postgres_url, redis_url, port=HUB_PORT, workers=2,
-                 threads=2) as issuer:
-        yield issuer
 
 
 def browser_login(base: str, auth: AuthRequest) -> dict[str, str]:
