@@ -168,6 +168,8 @@ def main() -> int:
     ap.add_argument("--entries", type=int, default=200_000)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
+    if args.entries < BATCH or args.rounds < 1:
+        ap.error(f"--entries must be at least {BATCH} and --rounds at least 1")
     work = batches(args.entries)
     print(f"{len(work) * BATCH} decision entries, inserted {BATCH} per statement, "
           f"sealed {CHUNK} per chunk; per entry: wall and backend CPU in us, WAL in bytes")
