@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -75,9 +76,30 @@ def fresh_pg_database(base: str, prefix: str = "t_") -> Iterator[str]:
     try:
         yield base.rsplit("/", 1)[0] + "/" + name
     finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        try:
+            drop_database(admin, name)
+        finally:
+            admin.dispose()
+
+
+def drop_database(admin: Any, name: str, attempts: int = 40) -> None:
+    """DROP DATABASE ... WITH (FORCE) ends the test's own connections, but not an autovacuum
+    worker's (a superuser's process: "must be a member of the role whose process is being
+    terminated", SQLSTATE 42501) which the hub's writes may have brought in; such a worker
+    is done within moments, so try again for up to 10 s."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    for attempt in range(attempts):
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            return
+        except DBAPIError as exc:
+            state = getattr(exc.orig, "sqlstate", None)
+            if state not in ("42501", "55006") or attempt == attempts - 1:
+                raise
+            time.sleep(0.25)
 
 
 def hub_config(upstream_issuer: str, database_url: str, **overrides: Any) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from bench.load_data import TABLES, Templates, analyze, bench_settings, build_te
 from bench.load_data import start_hub as start_bench_hub
 from civitas.app import Hub
 from config import settings_from_mapping
+from tests.conftest import drop_database
 from tests.flows import pkce_pair
 
 ACCOUNTS, EVENTS = 4_000, 40_000
@@ -82,9 +83,10 @@ def loaded(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
                      result.sample, templates)
     finally:
         hub.db.dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        try:
+            drop_database(admin, name)
+        finally:
+            admin.dispose()
 
 
 def basic(client_id: str, secret: str) -> dict[str, str]:
