@@ -73,12 +73,10 @@ def loaded(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     hub: Hub = app.extensions["civitas"]
     try:
         templates = build_templates(hub, tmp_path_factory.mktemp("templates"))
-        started = time.perf_counter()
         result = load(hub, accounts=ACCOUNTS, events=EVENTS, templates=templates, seed=3,
                       batch_accounts=2_000)
         analyze(hub)
         assert result.counts["consent_events"] > EVENTS // 2, result.counts
-        assert time.perf_counter() - started < 60, result.report()
         yield Loaded(app, hub, {a["client_id"]: a["client_secret"] for a in mapping["agencies"]},
                      result.sample, templates)
     finally:
