@@ -299,6 +299,41 @@ def hold(runner: Runner, workdir: Path, hub_pid: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, stop)
 
 
+def soak(runner: Runner, minutes: float, hub_pid: int) -> None:
+    """``--soak``: the hub's repeatable loads (not the single-use lists, whose codes and
+    refresh tokens are spent) sent again in turn for ``minutes``, each worker's RSS after
+    every run: does memory stay flat under a long load, and under the 120 MB target?"""
+    repeatable = [env for env, cmd in runner.sent
+                  if cmd[-1] == runner.hub_base and env.get("BENCH_MODE") != "list"]
+    if not repeatable:
+        print("--soak: no repeatable scenario ran (1, 3, 4 and 6 are; 2 and 5 spend lists)")
+        return
+    before = rss_of_children(hub_pid)
+    print(f"\nsoak: {len(repeatable)} loads in turn for {minutes:g} min; worker RSS in MB "
+          f"(pids {' '.join(str(pid) for pid, _ in before)}) before: "
+          + " ".join(f"{mb:.1f}" for _, mb in before), flush=True)
+    print(f"{'at s':>6}  {'load':<24} {'req/s':>8} {'errors':>6}  worker RSS MB")
+    started, sent, rounds = time.monotonic(), 0, []
+    while time.monotonic() - started < minutes * 60:
+        env = repeatable[len(rounds) % len(repeatable)]
+        r = runner.wrk(runner.hub_base, env)
+        rss = rss_of_children(hub_pid)
+        sent += r["requests"]
+        rounds.append(rss)
+        pids = "" if [p for p, _ in rss] == [p for p, _ in before] else "  (worker pids changed)"
+        print(f"{time.monotonic() - started:6.0f}  "
+              f"{env.get('BENCH_PATH', env.get('BENCH_MODE', '')):<24} "
+              f"{r['good_rps']:8.0f} {r['non2xx']:6d}  "
+              + " ".join(f"{mb:6.1f}" for _, mb in rss) + pids, flush=True)
+    runner.sent = runner.sent[:len(runner.sent) - len(rounds)]  # --hold: the scenarios' runs
+    first, last = rounds[min(len(repeatable), len(rounds)) - 1], rounds[-1]
+    peak = max(mb for rss in rounds for _, mb in rss)
+    print(f"soak: {sent:,} requests in {len(rounds)} runs; worker RSS after the first turn "
+          + " ".join(f"{mb:.1f}" for _, mb in first) + ", at the end "
+          + " ".join(f"{mb:.1f}" for _, mb in last) + f", peak {peak:.1f} MB"
+          + ("" if peak < 120 else " (over the 120 MB target)"), flush=True)
+
+
 def fmt_row(name: str, r: dict | None, peer: dict | None, workers: int, unit: float = 1,
             note: str = "") -> str:
     if r is None:
@@ -505,7 +540,13 @@ def main() -> int:
                     help="after the scenarios, keep everything running (and print how to send "
                          "each scenario's load again with wrk) until interrupted: for "
                          "profiling and experiments")
+    ap.add_argument("--soak", type=float, default=0, metavar="MINUTES",
+                    help="after the scenarios, send the hub's repeatable loads (scenarios "
+                         "0, 1, 3, 4, 6) again in turn for MINUTES (at most 600) and print "
+                         "each worker's RSS after every run; access tokens then live 24 h")
     args = ap.parse_args()
+    if not 0 <= args.soak <= 600:
+        ap.error("--soak: 0 to 600 minutes")
     if args.mint_budget is None:
         args.mint_budget = min(40.0, 2.5 * args.duration)
     wanted = {s.strip() for s in args.scenarios.split(",") if s.strip()}
@@ -554,6 +595,8 @@ def main() -> int:
                             "decision_per_agency": 0, "decision_per_address": 0,
                             "login_per_address": 0},
         }
+        if args.soak:  # scenario 4's access token is sent again for the whole soak
+            config["access_token_lifetime_seconds"] = 24 * 3600
         loaded_sample: list[tuple[str, str]] = []
         if args.load_accounts and "6" in wanted:
             loaded_sample = load_citizens(config, args.load_accounts,
@@ -898,6 +941,8 @@ def main() -> int:
             print(f"hub worker pid {pid}: RSS {mb:.1f} MB"
                   + ("" if mb < 120 else "  (over the 120 MB target)"))
         (workdir / "results.json").write_text(json.dumps(results, indent=1))
+        if args.soak:
+            soak(runner, args.soak, hub_proc.pid)
         if args.hold:
             hold(runner, workdir, hub_proc.pid)
     if args.keep:
