@@ -26,7 +26,6 @@ from broker.views import create_blueprint as broker_blueprint
 from config import Settings, settings_from_mapping
 from config.schema import LDAPUpstreamSettings, UpstreamSettings
 from connectors import PasswordConnector, RedirectConnector
-from connectors.ldap import LDAPConfig, LDAPConnector
 from connectors.oidc import OIDCConfig, OIDCConnector
 from consent.ledger.ledger import Ledger, hashed_id
 from consent.ledger.sealer import LedgerSealer
@@ -97,6 +96,10 @@ class Hub:
 def make_connector(upstream: UpstreamSettings) -> RedirectConnector | PasswordConnector:
     """One connector per configured upstream, by its ``kind``."""
     if isinstance(upstream, LDAPUpstreamSettings):
+        # imported only where an LDAP upstream is configured: ldap3 adds about 5 MB to
+        # every worker's RSS (bench/README.md, ninth session)
+        from connectors.ldap import LDAPConfig, LDAPConnector
+
         return LDAPConnector(LDAPConfig(
             id=upstream.id, display_name=upstream.display_name, url=upstream.url,
             start_tls=upstream.start_tls, ca_file=upstream.ca_file, bind_dn=upstream.bind_dn,
