@@ -306,7 +306,7 @@ def soak(runner: Runner, minutes: float, hub_pid: int) -> None:
     repeatable = [env for env, cmd in runner.sent
                   if cmd[-1] == runner.hub_base and env.get("BENCH_MODE") != "list"]
     if not repeatable:
-        print("--soak: no repeatable scenario ran (1, 3, 4 and 6 are; 2 and 5 spend lists)")
+        print("--soak: no repeatable scenario ran (0, 1, 3, 4 and 6 are; 2 and 5 spend lists)")
         return
     before = rss_of_children(hub_pid)
     print(f"\nsoak: {len(repeatable)} loads in turn for {minutes:g} min; worker RSS in MB "
@@ -883,8 +883,14 @@ def main() -> int:
 
             def repeated(run_env: dict[str, str]) -> dict:
                 """The run with the median p99 of ``--repeat`` runs, every p99 noted."""
-                runs = sorted((runner.wrk(base, run_env) for _ in range(args.repeat)),
-                              key=lambda r: r["p99_us"])
+                runs = []
+                for number in range(1, args.repeat + 1):
+                    runs.append(runner.wrk(base, run_env))
+                    if args.repeat > 1:  # in order, to set beside what else ran meanwhile
+                        print(f"  run {number}/{args.repeat} ended {time.strftime('%H:%M:%S')}"
+                              f": p99 {runs[-1]['p99_us'] / 1000:.1f} ms, hub cores "
+                              f"{runs[-1].get('hub_cores_busy', 0):.2f}", flush=True)
+                runs.sort(key=lambda r: r["p99_us"])
                 middle = dict(runs[len(runs) // 2])
                 if len(runs) > 1:
                     middle["runs_note"] = (
