@@ -44,11 +44,40 @@ STOP_TIMEOUT = 10.0  # seconds between the polite signal and SIGKILL
 # generic helpers
 
 
+#: ports this process has handed out, not handed out twice
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (Linux default 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, from below the kernel's
+    ephemeral range where there is room: a port from that range (what binding port 0 gives)
+    may meanwhile become the local port of one of the suite's own outgoing connections, and
+    a server started on it later fails with "Address already in use" (a module fixture that
+    starts minutes after its port was chosen met exactly that)."""
+    low = _ephemeral_low()
+    for _ in range(50 if low > 11_000 else 0):
+        port = 10_000 + secrets.randbelow(low - 10_000)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+        port = s.getsockname()[1]
+        _HANDED_OUT.add(port)
         return port
 
 
