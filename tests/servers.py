@@ -76,7 +76,7 @@ def free_port() -> int:
         return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        port = int(s.getsockname()[1])
         _HANDED_OUT.add(port)
         return port
 
