@@ -303,7 +303,8 @@ def soak(runner: Runner, minutes: float, hub_pid: int) -> None:
     """``--soak``: the hub's repeatable loads (not the single-use lists, whose codes and
     refresh tokens are spent) sent again in turn for ``minutes``, each worker's RSS after
     every run: does memory stay flat under a long load, and under the 120 MB target?"""
-    repeatable = [env for env, cmd in runner.sent
+    scenario_runs = list(runner.sent)  # what --hold offers afterwards: not the soak's runs
+    repeatable = [env for env, cmd in scenario_runs
                   if cmd[-1] == runner.hub_base and env.get("BENCH_MODE") != "list"]
     if not repeatable:
         print("--soak: no repeatable scenario ran (0, 1, 3, 4 and 6 are; 2 and 5 spend lists)")
@@ -325,7 +326,7 @@ def soak(runner: Runner, minutes: float, hub_pid: int) -> None:
               f"{env.get('BENCH_PATH', env.get('BENCH_MODE', '')):<24} "
               f"{r['good_rps']:8.0f} {r['non2xx']:6d}  "
               + " ".join(f"{mb:6.1f}" for _, mb in rss) + pids, flush=True)
-    runner.sent = runner.sent[:len(runner.sent) - len(rounds)]  # --hold: the scenarios' runs
+    runner.sent = scenario_runs
     first, last = rounds[min(len(repeatable), len(rounds)) - 1], rounds[-1]
     peak = max(mb for rss in rounds for _, mb in rss)
     print(f"soak: {sent:,} requests in {len(rounds)} runs; worker RSS after the first turn "

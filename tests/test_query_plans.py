@@ -23,14 +23,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 from bench.decision_scale import Statement, absent_subject, capture_sql, explain
 from bench.load_data import TABLES, Templates, analyze, bench_settings, build_templates, load
 from bench.load_data import start_hub as start_bench_hub
 from civitas.app import Hub
 from config import settings_from_mapping
-from tests.conftest import drop_database
+from tests.conftest import fresh_pg_database
 from tests.flows import pkce_pair
 
 ACCOUNTS, EVENTS = 4_000, 40_000
@@ -63,28 +63,20 @@ class Loaded:
 
 @pytest.fixture(scope="module")
 def loaded(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loaded]:
-    name = "plans_" + secrets.token_hex(4)
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = postgres_url.rsplit("/", 1)[0] + "/" + name
-    mapping = bench_settings(url, agencies=5)
-    app = start_bench_hub(settings_from_mapping(mapping))
-    hub: Hub = app.extensions["civitas"]
-    try:
-        templates = build_templates(hub, tmp_path_factory.mktemp("templates"))
-        result = load(hub, accounts=ACCOUNTS, events=EVENTS, templates=templates, seed=3,
-                      batch_accounts=2_000)
-        analyze(hub)
-        assert result.counts["consent_events"] > EVENTS // 2, result.counts
-        yield Loaded(app, hub, {a["client_id"]: a["client_secret"] for a in mapping["agencies"]},
-                     result.sample, templates)
-    finally:
-        hub.db.dispose()
+    with fresh_pg_database(postgres_url, "plans_") as url:
+        mapping = bench_settings(url, agencies=5)
+        app = start_bench_hub(settings_from_mapping(mapping))
+        hub: Hub = app.extensions["civitas"]
         try:
-            drop_database(admin, name)
+            templates = build_templates(hub, tmp_path_factory.mktemp("templates"))
+            result = load(hub, accounts=ACCOUNTS, events=EVENTS, templates=templates, seed=3,
+                          batch_accounts=2_000)
+            analyze(hub)
+            assert result.counts["consent_events"] > EVENTS // 2, result.counts
+            yield Loaded(app, hub, {a["client_id"]: a["client_secret"]
+                                    for a in mapping["agencies"]}, result.sample, templates)
         finally:
-            admin.dispose()
+            hub.db.dispose()
 
 
 def basic(client_id: str, secret: str) -> dict[str, str]:
