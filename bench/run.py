@@ -7,7 +7,7 @@ the peer where an equivalent request exists.
 Starts (on 127.0.0.1, free ports, in a temporary directory) PostgreSQL, Redis, the upstream
 OP the citizen logs in with, the peer (npm oidc-provider, ES256 ID tokens, same grants) and the
 hub with ``civitas serve --workers N``; logs in once through the real upstream, mints codes and
-refresh tokens ahead over HTTP, runs every scenario with wrk (bench/wrk.lua) for at most
+refresh-token grants ahead over HTTP, runs every scenario with wrk (bench/wrk.lua) for at most
 ``--duration`` seconds, prints one table and the RSS of every hub worker, and stops everything.
 Run bench/setup first (installs wrk). See bench/README.md for what is comparable.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import glob
 import html
 import json
 import os
@@ -209,6 +210,11 @@ def write_lists(workdir: Path, name: str, bodies: list[str], threads: int) -> st
     return str(prefix)
 
 
+def live_grants(prefix: str) -> int:
+    """How many refresh tokens a chain run's files hold (wrk.lua writes them back)."""
+    return sum(len(Path(name).read_text().split()) for name in glob.glob(prefix + ".*"))
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -300,14 +306,14 @@ def hold(runner: Runner, workdir: Path, hub_pid: int) -> None:
 
 
 def soak(runner: Runner, minutes: float, hub_pid: int) -> None:
-    """``--soak``: the hub's repeatable loads (not the single-use lists, whose codes and
-    refresh tokens are spent) sent again in turn for ``minutes``, each worker's RSS after
+    """``--soak``: the hub's repeatable loads (not scenario 2's list of single-use codes,
+    which is spent; scenario 5 goes on with the grants' newest refresh tokens) sent again in turn for ``minutes``, each worker's RSS after
     every run: does memory stay flat under a long load, and under the 120 MB target?"""
     scenario_runs = list(runner.sent)  # what --hold offers afterwards: not the soak's runs
     repeatable = [env for env, cmd in scenario_runs
                   if cmd[-1] == runner.hub_base and env.get("BENCH_MODE") != "list"]
     if not repeatable:
-        print("--soak: no repeatable scenario ran (0, 1, 3, 4 and 6 are; 2 and 5 spend lists)")
+        print("--soak: no repeatable scenario ran (0, 1, 3, 4, 5 and 6 are; 2 spends a list)")
         return
     before = rss_of_children(hub_pid)
     print(f"\nsoak: {len(repeatable)} loads in turn for {minutes:g} min; worker RSS in MB "
@@ -322,8 +328,12 @@ def soak(runner: Runner, minutes: float, hub_pid: int) -> None:
         sent += r["requests"]
         rounds.append(rss)
         pids = "" if [p for p, _ in rss] == [p for p, _ in before] else "  (worker pids changed)"
+        if env.get("BENCH_MODE") == "chain":
+            pids += f"  ({live_grants(env['BENCH_LIST'])} grants live)"
+        label = env.get("BENCH_PATH", env.get("BENCH_MODE", "")) + (
+            " refresh" if env.get("BENCH_MODE") == "chain" else "")
         print(f"{time.monotonic() - started:6.0f}  "
-              f"{env.get('BENCH_PATH', env.get('BENCH_MODE', '')):<24} "
+              f"{label:<24} "
               f"{r['good_rps']:8.0f} {r['non2xx']:6d}  "
               + " ".join(f"{mb:6.1f}" for _, mb in rss) + pids, flush=True)
     runner.sent = scenario_runs
@@ -510,7 +520,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="wrk threads")
     ap.add_argument("--connections", type=int, default=16, help="wrk connections")
     ap.add_argument("--mint", type=int, default=20000,
-                    help="codes / refresh tokens minted ahead per single-use scenario")
+                    help="scenario 2: single-use codes minted ahead")
+    ap.add_argument("--refresh-grants", type=positive_int, default=512,
+                    help="scenario 5: grants minted ahead, each refreshed again and again "
+                         "(a token in flight when a run ends is lost: up to --connections "
+                         "grants per run)")
     ap.add_argument("--mint-budget", type=float, default=None,
                     help="seconds allowed for minting one list")
     ap.add_argument("--consent-agencies", type=int, default=8,
@@ -543,7 +557,7 @@ def main() -> int:
                          "profiling and experiments")
     ap.add_argument("--soak", type=float, default=0, metavar="MINUTES",
                     help="after the scenarios, send the hub's repeatable loads (scenarios "
-                         "0, 1, 3, 4, 6) again in turn for MINUTES (at most 600) and print "
+                         "0, 1, 3, 4, 5, 6) again in turn for MINUTES (at most 600) and print "
                          "each worker's RSS after every run; access tokens then live 24 h")
     args = ap.parse_args()
     if not 0 <= args.soak <= 600:
@@ -745,21 +759,33 @@ def main() -> int:
                                     note="bench/floor_app.py, not the hub; worker RSS "
                                          + "/".join(f"{mb:.0f}" for mb in rss) + " MB"))
 
-        # 5: refresh_token grant with rotation
+        # 5: refresh_token grant with rotation: a pool of grants, each answer's new refresh
+        # token sent again later (wrk.lua's chain mode), so the run is as long as the others
+        # and the grants' histories grow as a client's do
         if "5" in wanted:
-            def refresh_list(side):
+            def refresh_grants(side):
                 def one():
                     with borrowed(side) as s:
                         code, verifier = s.code(AGENCY_ONE, " ".join(SCOPES))
-                    rt = side.exchange(code, verifier)["refresh_token"]
-                    return "grant_type=refresh_token&refresh_token=" + quote(rt, safe="")
-                return mint(one, args.mint, args.mint_budget)
+                    return side.exchange(code, verifier)["refresh_token"]
+                return mint(one, args.refresh_grants, args.mint_budget)
+
+            def chain_run(target, grants, path):
+                if len(grants) < 2 * args.connections:
+                    raise SystemExit(f"scenario 5: only {len(grants)} grants minted, fewer "
+                                     f"than 2 per connection")
+                prefix = write_lists(workdir, f"refresh-{target}", grants, args.threads)
+                result = runner.wrk(target_base[target], {
+                    "BENCH_MODE": "chain", "BENCH_METHOD": "POST", "BENCH_PATH": path,
+                    "BENCH_CTYPE": form, "BENCH_AUTH": auth_one,
+                    "BENCH_CHAIN_BODY": "grant_type=refresh_token&refresh_token={TOKEN}",
+                    "BENCH_LIST": prefix})
+                result["grants"] = f"{len(grants)}->{live_grants(prefix)}"
+                return result
             print("scenario 5: minting refresh tokens ...", flush=True)
-            bodies = refresh_list(hub)
-            results["5"] = list_run("hub", "refresh", bodies, "/token", auth_one)
+            results["5"] = chain_run("hub", refresh_grants(hub), "/token")
             if peer:
-                bodies = refresh_list(peer)
-                results["5p"] = list_run("peer", "refresh", bodies, peer_token, auth_one)
+                results["5p"] = chain_run("peer", refresh_grants(peer), peer_token)
 
         # 2: authorization-code exchange with PKCE, codes minted ahead (they live 60 s)
         if "2" in wanted:
@@ -829,7 +855,11 @@ def main() -> int:
 
         if "5" in wanted:
             rows.append(fmt_row("5 token endpoint, refresh_token grant", results["5"],
-                                results.get("5p"), args.workers))
+                                results.get("5p"), args.workers, note=(
+                                    f"grants refreshed in turn (minted->live after): hub "
+                                    f"{results['5']['grants']}" + (
+                                        f", peer {results['5p']['grants']}"
+                                        if "5p" in results else ""))))
 
         # 6: consent decision API, single and batch
         if "6" in wanted:

@@ -1,5 +1,5 @@
 -- One wrk script for every scenario of bench/run.py, driven by environment variables:
---   BENCH_MODE     static | list | sso
+--   BENCH_MODE     static | list | cycle | chain | sso
 --   BENCH_METHOD   GET or POST (static, list)
 --   BENCH_PATH     request path (static, list)
 --   BENCH_BODY     request body (static)
@@ -10,6 +10,13 @@
 --                  every line is used once (codes and refresh tokens are single use) and
 --                  the thread stops when its lines run out
 --   (cycle) like list, but lines are "Authorization<TAB>body" used round robin
+--   (chain) like list, one refresh token per line: each is sent once as
+--                  BENCH_CHAIN_BODY with "{TOKEN}" replaced by it (URL-encoded), and the
+--                  refresh_token of the 200 answer joins the back of the thread's queue
+--                  (rotation, RFC 9700 4.14.2): the same grants are refreshed over and over,
+--                  nothing is minted during the run. done() writes each thread's queue back
+--                  to its file, so the next run (--repeat, --soak) goes on with live tokens;
+--                  a token in flight when wrk stops is lost (its grant drops out)
 --   BENCH_AUTHZ    (sso) the authorization path with query, "{N}" replaced by a unique value
 --   BENCH_TOKEN    (sso) token path; BENCH_TOKEN_BODY with "{CODE}" replaced by the code
 --   BENCH_THREAD_RATE  (optional) requests/s each wrk thread sends at most, paced on a fixed
@@ -34,6 +41,7 @@ if os.getenv("BENCH_AUTH") then headers["Authorization"] = os.getenv("BENCH_AUTH
 if os.getenv("BENCH_COOKIE") then headers["Cookie"] = os.getenv("BENCH_COOKIE") end
 
 local lines, pos = {}, 0
+chain, head, tail = {}, 1, 0  -- (chain) the thread's queue: chain[head..tail]
 start_ns, end_ns = 0, 0
 
 local function now_ns()  -- wall clock; wrk's Lua has none, so ask date(1) (twice per thread)
@@ -52,12 +60,27 @@ function init(args)
       for line in f:lines() do table.insert(lines, line) end
       f:close()
     end
+  elseif mode == "chain" then
+    local f = io.open(os.getenv("BENCH_LIST") .. "." .. tid, "r")
+    if f then
+      for line in f:lines() do
+        if line ~= "" then tail = tail + 1; chain[tail] = line end
+      end
+      f:close()
+    end
   end
   math.randomseed(os.time() + tid * 7919)
   start_ns = now_ns()
 end
 
 local static_req = nil
+
+local chain_template = os.getenv("BENCH_CHAIN_BODY") or "{TOKEN}"
+function chain_body(token)
+  local encoded = string.gsub(token, "[^%w%-%._~]", function(c)
+    return string.format("%%%02X", string.byte(c)) end)
+  return (string.gsub(chain_template, "{TOKEN}", function() return encoded end))
+end
 
 -- pacing: wrk calls delay() before each request and waits that many milliseconds
 local thread_rate = tonumber(os.getenv("BENCH_THREAD_RATE") or "0")
@@ -102,6 +125,16 @@ function request()
     local auth, body = string.match(lines[pos], "^([^\t]*)\t(.*)$")
     local h = {["Content-Type"] = headers["Content-Type"], ["Authorization"] = auth}
     return wrk.format(method, path, h, body)
+  elseif mode == "chain" then
+    if head > tail then  -- every grant is in flight or lost: stop (an unknown token is harmless)
+      if end_ns == 0 then end_ns = now_ns() end
+      wrk.thread:stop()
+      return wrk.format(method, path, headers, chain_body("unknown"))
+    end
+    local token = chain[head]
+    chain[head] = nil
+    head = head + 1
+    return wrk.format(method, path, headers, chain_body(token))
   else -- sso: exchange a code we got back, else ask for a new one
     if #codes > 0 then
       local code = table.remove(codes)
@@ -127,6 +160,17 @@ if mode == "sso" then
       logins = logins + 1
     end
   end
+elseif mode == "chain" then
+  function response(status, hdrs, body)
+    local token = status == 200 and string.match(body or "", '"refresh_token"%s*:%s*"([^"]+)"')
+    if token then
+      ok = ok + 1
+      tail = tail + 1
+      chain[tail] = token
+    elseif first_error == nil then
+      first_error = status .. " " .. string.sub(body or "", 1, 160)
+    end
+  end
 else
   function response(status, hdrs, body)
     if status < 300 then ok = ok + 1
@@ -135,6 +179,14 @@ else
 end
 
 function done(summary, latency, requests)
+  if mode == "chain" then  -- the live tokens, for the next run
+    for _, t in ipairs(threads) do
+      local q, h, tl = t:get("chain"), t:get("head"), t:get("tail")
+      local f = io.open(os.getenv("BENCH_LIST") .. "." .. t:get("tid"), "w")
+      for i = h, tl do f:write(q[i], "\n") end
+      f:close()
+    end
+  end
   for _, t in ipairs(threads) do
     local e = t:get("first_error")
     if e then io.write("FIRST_ERROR " .. e .. "\n") break end
@@ -157,5 +209,5 @@ function done(summary, latency, requests)
     latency:percentile(99), latency:percentile(99.9), latency.max,
     latency.mean, summary.errors.status,
     summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
-    good, (all_ended and mode == "list") and math.floor((last - first) / 1000) or 0))
+    good, (all_ended and (mode == "list" or mode == "chain")) and math.floor((last - first) / 1000) or 0))
 end
