@@ -19,17 +19,19 @@ import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import text
 
-from bench.decision_scale import Statement, absent_subject, capture_sql, explain
+from bench.decision_scale import Statement, absent_subject, capture_sql, explain, plan_nodes
 from bench.load_data import TABLES, Templates, analyze, bench_settings, build_templates, load
 from bench.load_data import start_hub as start_bench_hub
 from civitas.app import Hub
 from config import settings_from_mapping
+from idp.models import RefreshToken
+from idp.tokens import digest, new_grant_id
 from tests.conftest import fresh_pg_database
 from tests.flows import pkce_pair
 
@@ -165,6 +167,65 @@ def test_the_token_and_userinfo_paths_read_through_indexes(loaded: Loaded) -> No
                   "consent_events"):
         assert any(touches(s, table) for s in statements), f"no read of {table} captured"
     assert seq_scans(loaded, statements) == []
+
+
+#: used tokens of one grant: a client refreshing every 5 minutes leaves this many in 10 days
+HISTORY = 3_000
+
+
+def refresh_statements(loaded: Loaded) -> list[Statement]:
+    """The SQL of a refresh of a grant that has already rotated HISTORY times."""
+    hub = loaded.hub
+    with hub.db.engine.connect() as conn:
+        account_id = conn.execute(text(
+            "SELECT account_id FROM consent_records WHERE client_id = :c LIMIT 1"),
+            {"c": AGENCY}).scalar_one()
+    refresh = hub.server.hub.refresh_tokens
+    grant = {"grant_id": new_grant_id(), "client_id": AGENCY, "account_id": account_id,
+             "scope": "openid profile offline_access", "sid": secrets.token_hex(8),
+             "acr": "urn:civitas:acr:ial1:aal1", "auth_time": int(time.time())}
+    live = refresh.issue(**grant, amr=("pwd",))
+    now = datetime.now(UTC)
+    with hub.db.engine.begin() as conn:
+        conn.execute(RefreshToken.__table__.insert(), [
+            dict(grant, token_hash=digest(secrets.token_urlsafe(16)), amr=["pwd"],
+                 created_at=now, expires_at=now + timedelta(days=20), used_at=now)
+            for _ in range(HISTORY)])
+    with hub.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("ANALYZE refresh_tokens"))
+    client = loaded.app.test_client()
+    with capture_sql(hub.db.engine) as seen:
+        r = client.post("/token", headers=basic(AGENCY, loaded.secrets[AGENCY]), data={
+            "grant_type": "refresh_token", "refresh_token": live})
+        assert r.status_code == 200, r.get_data(as_text=True)
+    return seen
+
+
+def refresh_rows_read(conn: Any, statements: list[Statement]) -> int:
+    """Rows of refresh_tokens the refresh's reads visit (returned or filtered out)."""
+    lookups = [s for s in reads(statements)
+               if touches(s, "refresh_tokens") and s.sql.lstrip().upper().startswith("SELECT")]
+    assert lookups, "no read of refresh_tokens captured"
+    return sum(int(node.get("Actual Rows", 0) * node.get("Actual Loops", 1))
+               + int(node.get("Rows Removed by Filter", 0))
+               + int(node.get("Rows Removed by Index Recheck", 0))
+               for s in lookups for node in plan_nodes(explain(conn, s, analyze=True).plan)
+               if node.get("Relation Name") == "refresh_tokens")
+
+
+def test_reuse_detection_reads_no_more_as_a_grant_rotates(loaded: Loaded) -> None:
+    """RFC 9700 4.14.2: each use asks whether any token of the grant was revoked. Only the
+    revoked rows are read (ix_refresh_tokens_revoked_grant), not the grant's whole history;
+    without that index the same lookup visits every token the grant rotated through."""
+    statements = refresh_statements(loaded)
+    with loaded.hub.db.engine.connect() as conn:
+        assert refresh_rows_read(conn, statements) <= 2
+    with loaded.hub.db.engine.connect() as conn:
+        with conn.begin() as transaction:
+            conn.execute(text('DROP INDEX "ix_refresh_tokens_revoked_grant"'))
+            without = refresh_rows_read(conn, statements)
+            transaction.rollback()
+    assert without > HISTORY
 
 
 def expiry_statements(loaded: Loaded) -> list[Statement]:

@@ -1,0 +1,140 @@
+"""The refresh_token grant as a grant's history grows, and the plan of its lookup.
+
+    .venv/bin/python bench/refresh_scale.py [--lengths 1,1000,10000,100000] [--uses 300]
+        [--grants 200]
+
+Each use of a refresh token rotates it (RFC 9700 4.14.2): the used token stays in
+``refresh_tokens`` so that presenting it again revokes the grant, and the grant's new token
+is one row more. A client that refreshes every five minutes for the 30 days a grant lives
+(the default) leaves 8,640 rows behind; the bench's scenario 5 leaves thousands per grant a
+minute. Reuse detection asks, on every use, whether any token of the grant was revoked.
+
+Starts PostgreSQL (tests/servers.py, a temporary cluster) and the hub in-process on it
+(migrations as in production). Then ``--grants`` background grants are given histories of
+the given length (their used tokens COPYed in as the hub writes them), so that the table
+holds ``grants x length`` rows, and one grant with that history is measured: ``--uses``
+calls of ``RefreshTokens.use`` (read the token and whether its grant is revoked, claim it)
+each followed by ``issue`` (the rotated token), timed in-process. It prints p50/p99 per
+length, the ratio of the longest to the shortest, and the plan of the lookup
+(EXPLAIN ANALYZE, BUFFERS) at the longest: the rows it reads should not grow with the
+history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import psycopg  # noqa: E402
+from sqlalchemy import text  # noqa: E402
+
+from bench.load_data import bench_settings, conninfo, start_hub  # noqa: E402
+from civitas.app import Hub  # noqa: E402
+from config import settings_from_mapping  # noqa: E402
+from idp.tokens import _TOKEN_WITH_FAMILY, digest, new_grant_id  # noqa: E402
+from kernel.db import utcnow  # noqa: E402
+from tests import servers  # noqa: E402
+
+COLUMNS = ("token_hash", "grant_id", "client_id", "account_id", "scope", "sid", "acr", "amr",
+           "auth_time", "created_at", "expires_at", "used_at")
+
+
+def add_history(hub: Hub, grant_ids: list[str], length: int, serial: list[int]) -> None:
+    """``length`` used tokens more for every grant, as the hub leaves them (COPY)."""
+    now = utcnow()
+    expires = now + timedelta(days=30)
+    with psycopg.connect(conninfo(hub.settings.database_url)) as conn, conn.cursor() as cur:
+        with cur.copy(f"COPY refresh_tokens ({', '.join(COLUMNS)}) FROM STDIN") as copy:
+            for grant_id in grant_ids:
+                for _ in range(length):
+                    serial[0] += 1
+                    copy.write_row((digest(f"used-{serial[0]}"), grant_id, "agency-one",
+                                    "a" * 32, "openid profile offline_access", "s" * 43,
+                                    "urn:civitas:acr:basic", json.dumps(["pwd"]), 1_700_000_000,
+                                    now, expires, now))
+        conn.commit()
+    with psycopg.connect(conninfo(hub.settings.database_url), autocommit=True) as conn:
+        conn.execute("VACUUM (ANALYZE) refresh_tokens")
+
+
+def measure(hub: Hub, grant_id: str, uses: int) -> list[float]:
+    tokens = hub.server.hub.refresh_tokens
+    issue = dict(grant_id=grant_id, client_id="agency-one", account_id="a" * 32,
+                 scope="openid profile offline_access", sid="s" * 43,
+                 acr="urn:civitas:acr:basic", amr=("pwd",), auth_time=1_700_000_000)
+    token = tokens.issue(**issue)
+    times = []
+    for _ in range(uses):
+        started = time.perf_counter()
+        if tokens.use(token, "agency-one") is None:
+            raise SystemExit("a live token was refused")
+        token = tokens.issue(**issue)
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lengths", default="1,1000,10000,100000",
+                    help="history lengths (used tokens per grant) to measure at, ascending")
+    ap.add_argument("--uses", type=int, default=300, help="timed uses per length")
+    ap.add_argument("--grants", type=int, default=20,
+                    help="other grants with the same history beside the measured one")
+    args = ap.parse_args(argv)
+    lengths = [int(n) for n in args.lengths.split(",")]
+    rows: list[tuple[int, int, float, float]] = []
+    with tempfile.TemporaryDirectory(prefix="civitas-refresh-") as workdir, \
+            servers.run_postgres(Path(workdir) / "pg") as url:
+        app = start_hub(settings_from_mapping(bench_settings(url, 2)))
+        hub: Hub = app.extensions["civitas"]
+        measured = new_grant_id()
+        others = [new_grant_id() for _ in range(args.grants)]
+        have, serial = 0, [0]
+        plan = ""
+        for length in lengths:
+            print(f"history of {length:,} used tokens per grant ...", flush=True)
+            add_history(hub, [measured, *others], length - have, serial)
+            have = length
+            measure(hub, measured, 20)  # warm up: connections, statement caches
+            times = measure(hub, measured, args.uses)
+            with hub.db.engine.connect() as conn:
+                table = conn.execute(text("SELECT count(*) FROM refresh_tokens")).scalar_one()
+                live = conn.execute(text(
+                    "SELECT token_hash FROM refresh_tokens WHERE grant_id = :g "
+                    "AND used_at IS NULL ORDER BY id DESC LIMIT 1"), {"g": measured}).scalar_one()
+                compiled = _TOKEN_WITH_FAMILY.compile(conn)
+                params = dict(compiled.params, token_hash=live)
+                sql = str(compiled) % {k: f"'{v}'" for k, v in params.items()} \
+                    if "%(" in str(compiled) else str(compiled)
+                plan = "\n".join(r[0] for r in conn.exec_driver_sql(
+                    "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + sql))
+            rows.append((length, table, pct(times, 0.5), pct(times, 0.99)))
+            print(f"  {table:,} rows: use + rotate p50 {rows[-1][2]:.2f} ms, "
+                  f"p99 {rows[-1][3]:.2f} ms", flush=True)
+        hub.db.dispose()
+    print("\nrefresh (use + rotate, in-process), ms:")
+    print(f"{'history/grant':>14} {'table rows':>11} {'p50':>7} {'p99':>7}")
+    for length, table, p50, p99 in rows:
+        print(f"{length:>14,} {table:>11,} {p50:7.2f} {p99:7.2f}")
+    print(f"longest / shortest: p50 x{rows[-1][2] / rows[0][2]:.2f}, "
+          f"p99 x{rows[-1][3] / rows[0][3]:.2f}")
+    print("\nthe lookup's plan at the longest history:\n" + plan)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
