@@ -306,9 +306,10 @@ def hold(runner: Runner, workdir: Path, hub_pid: int) -> None:
 
 
 def soak(runner: Runner, minutes: float, hub_pid: int) -> None:
-    """``--soak``: the hub's repeatable loads (not scenario 2's list of single-use codes,
-    which is spent; scenario 5 goes on with the grants' newest refresh tokens) sent again in turn for ``minutes``, each worker's RSS after
-    every run: does memory stay flat under a long load, and under the 120 MB target?"""
+    """``--soak``: the hub's repeatable loads sent again in turn for ``minutes``, each
+    worker's RSS after every run: does memory stay flat under a long load, and under the
+    120 MB target? Not scenario 2 (its single-use codes are spent); scenario 5 goes on with
+    the grants' newest refresh tokens."""
     scenario_runs = list(runner.sent)  # what --hold offers afterwards: not the soak's runs
     repeatable = [env for env, cmd in scenario_runs
                   if cmd[-1] == runner.hub_base and env.get("BENCH_MODE") != "list"]
