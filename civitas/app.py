@@ -65,6 +65,7 @@ from .consent_wiring import (
     receipt_contact_notices,
 )
 from .envelope import REQUEST_ID, ResponseEnvelope, new_request_id
+from .housekeeping import Housekeeper
 
 log = logging.getLogger("civitas")
 
@@ -256,6 +257,10 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
         sealer = LedgerSealer(hub.ledger, interval=settings.ledger_seal_interval_seconds)
         sealer.start()
         weakref.finalize(app, sealer.stop, 0)
+    if settings.housekeeping_interval_seconds:
+        housekeeper = Housekeeper(hub, interval=settings.housekeeping_interval_seconds)
+        housekeeper.start()
+        weakref.finalize(app, housekeeper.stop, 0)
     if settings.backchannel_dispatcher:
         hub.dispatcher.start()
         # The thread also stops when the hub's database is disposed (see LogoutDispatcher).

@@ -211,6 +211,31 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
     click.echo(f"database at revision {current_revision(db.engine)}")
 
 
+# -- housekeeping ---------------------------------------------------------------------------
+
+@main.command("housekeeping")
+@click.pass_context
+def housekeeping(ctx: click.Context) -> None:
+    """Run the hub's housekeeping once: consent grants past their validity get their
+    `expired` event, and the tokens of refresh grants that ended are deleted. Workers do it
+    every `housekeeping_interval_seconds`; set that to 0 and run this from cron instead.
+    Exit 1 if a job failed (the log says why)."""
+    from .housekeeping import run_once
+
+    hub = _hub(ctx)
+    try:
+        done = run_once(hub)
+    finally:
+        hub.db.dispose()
+    def shown(count: int | None) -> str:
+        return "(failed)" if count is None else str(count)
+
+    click.echo(f"consent grants expired: {shown(done.consents_expired)}; "
+               f"refresh tokens purged: {shown(done.refresh_tokens_purged)}")
+    if not done.ok:
+        sys.exit(1)
+
+
 # -- agencies -------------------------------------------------------------------------------
 
 @main.group("agency")

@@ -330,6 +330,10 @@ class Settings(BaseSettings):
     agencies: list[AgencySettings] = []
     #: how often the audit ledger is sealed into a signed checkpoint (0: only on demand)
     ledger_seal_interval_seconds: Annotated[float, Field(ge=0, le=86400)] = 60.0
+    #: how often each worker runs housekeeping (civitas/housekeeping.py: consent grants past
+    #: their validity get their ``expired`` event, tokens of ended refresh grants are
+    #: deleted); 0: only `civitas housekeeping` (cron)
+    housekeeping_interval_seconds: Annotated[float, Field(ge=0, le=86400)] = 3600.0
     rate_limits: RateLimitSettings = RateLimitSettings()
     #: reverse proxies in front of the hub whose X-Forwarded-* headers are believed (0: none)
     trusted_proxy_hops: Annotated[int, Field(ge=0, le=5)] = 0

@@ -94,6 +94,8 @@ class RefreshToken(Base):
         Index("ix_refresh_tokens_revoked_grant", "grant_id",
               postgresql_where=text("revoked_at IS NOT NULL"),
               sqlite_where=text("revoked_at IS NOT NULL")),
+        # the housekeeping purge finds the tokens of ended grants (RefreshTokens.purge_expired)
+        Index("ix_refresh_tokens_expires_at", "expires_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)

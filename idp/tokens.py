@@ -19,12 +19,12 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from joserfc import jwt
 from joserfc.errors import JoseError
-from sqlalchemy import CursorResult, bindparam, exists, select, update
+from sqlalchemy import CursorResult, bindparam, delete, exists, select, update
 from sqlalchemy.orm import aliased
 
 from kernel.db import Database, utcnow
@@ -399,6 +399,27 @@ class RefreshTokens:
         if claimed != 1 or family_revoked:
             self.revoke_grant(grant_id)  # reuse: someone holds a copy of this token
         return None
+
+    def purge_expired(self, *, before: datetime, batch: int = 5000) -> int:
+        """Delete the tokens of grants that ended before ``before``; how many were deleted.
+
+        Every rotation leaves a row (the used token, kept so that presenting it again revokes
+        the grant), so without this the table only grows. A token past its grant's end is
+        refused whether or not its row is there. Pass a ``before`` at least one access-token
+        lifetime in the past: until then, replaying a used token still revokes the access
+        tokens the grant issued last. ``batch`` rows per transaction, so that no lock or
+        transaction grows with the backlog."""
+        purged = 0
+        while True:
+            with self._db.session() as s:
+                done = cast(CursorResult[Any], s.execute(
+                    delete(RefreshToken).where(RefreshToken.id.in_(
+                        select(RefreshToken.id).where(RefreshToken.expires_at < before)
+                        .limit(batch)))
+                    .execution_options(synchronize_session=False))).rowcount
+            purged += done
+            if done < batch:
+                return purged
 
     def revoke_grant(self, grant_id: str) -> None:
         with self._db.session() as s:

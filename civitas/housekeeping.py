@@ -1,0 +1,92 @@
+"""Periodic housekeeping of a running hub: the jobs that keep its tables true and bounded.
+
+- consent grants whose validity has passed get their ``expired`` event (and its ledger
+  entry), so that histories, receipts and officers' searches show the expiry; a grant stops
+  being valid at its time whether or not this has run;
+- refresh tokens of grants that ended more than one access-token lifetime ago are deleted:
+  each rotation leaves a row, and without this ``refresh_tokens`` only grows.
+
+Each job is idempotent and safe to run in several workers or hosts at once (consent expiry
+locks each record; the purge deletes in small batches), so every worker may run it on its
+schedule (``housekeeping_interval_seconds``) and ``civitas housekeeping`` runs it once, for
+cron when the schedule is off. A failing job is logged and tried again next round.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from kernel.db import utcnow
+
+if TYPE_CHECKING:
+    from .app import Hub
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Round:
+    """What one round did; None where the job failed (logged)."""
+
+    consents_expired: int | None
+    refresh_tokens_purged: int | None
+
+    @property
+    def ok(self) -> bool:
+        return None not in (self.consents_expired, self.refresh_tokens_purged)
+
+
+def run_once(hub: Hub) -> Round:
+    """One round of every job; a failing job is logged, and the others still run."""
+    expired = purged = None
+    try:
+        expired = hub.consent.expire_due()
+    except Exception:  # noqa: BLE001 - logged; the schedule must go on
+        log.exception("consent expiry failed, will retry next round")
+    try:
+        # a replay of a used token still revokes the access tokens of its grant until
+        # the last of them has expired (RefreshTokens.purge_expired)
+        before = utcnow() - timedelta(seconds=hub.settings.access_token_lifetime_seconds)
+        purged = hub.server.hub.refresh_tokens.purge_expired(before=before)
+    except Exception:  # noqa: BLE001 - logged; the schedule must go on
+        log.exception("refresh token purge failed, will retry next round")
+    if expired or purged:
+        log.info("housekeeping: %s consent grants expired, %s refresh tokens purged",
+                 expired, purged)
+    return Round(expired, purged)
+
+
+class Housekeeper:
+    """:func:`run_once` every ``interval`` seconds in a thread of this process."""
+
+    def __init__(self, hub: Hub, *, interval: float) -> None:
+        if interval <= 0:
+            raise ValueError("the housekeeping interval must be positive")
+        self.hub = hub
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> Round:
+        return run_once(self.hub)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="housekeeping", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.run_once()

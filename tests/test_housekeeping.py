@@ -1,0 +1,121 @@
+"""Housekeeping (civitas/housekeeping.py): refresh tokens of ended grants are deleted, grants
+past their validity get their ``expired`` event, on each worker's schedule or once from the
+``civitas housekeeping`` command."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from sqlalchemy import func, select
+
+from civitas.app import create_app
+from civitas.cli import main
+from civitas.housekeeping import run_once
+from connectors import UpstreamIdentity
+from idp.models import RefreshToken
+from kernel.db import utcnow
+from tests.conftest import hub_config
+from tests.flows import AGENCY_ONE, AGENCY_TWO, PUBLIC_TASK
+
+#: consent-based (the citizen's consent, valid for 30 days) and public-task claims
+CONSENTED = dict(PUBLIC_TASK, consent_ttl_days=30, claims=[
+    dict(claim, lawful_basis="consent", required=False) for claim in PUBLIC_TASK["claims"]])
+GRANT = dict(client_id=AGENCY_ONE.client_id, scope="openid email offline_access", sid="s",
+             acr="urn:civitas:acr:ial1:aal1", amr=("pwd",), auth_time=0)
+
+
+def citizen(hub, subject: str) -> str:
+    return hub.accounts.resolve(UpstreamIdentity(
+        connector_id="op", subject=subject, acr="urn:civitas:acr:ial1:aal1",
+        attributes={})).account_id
+
+
+def rows_of(hub, grant_id: str) -> int:
+    with hub.db.session() as s:
+        return s.scalar(select(func.count()).select_from(RefreshToken).where(
+            RefreshToken.grant_id == grant_id))
+
+
+def test_purge_deletes_the_tokens_of_ended_grants_and_nothing_else(make_hub):
+    hub = make_hub(agencies=[AGENCY_ONE.config()]).extensions["civitas"]
+    tokens = hub.server.hub.refresh_tokens
+    account = citizen(hub, "purge")
+    grant = dict(GRANT, account_id=account)
+    ended_an_hour_ago = time.time() - 3600
+    for _ in range(7):  # a grant that rotated 6 times and ended an hour ago, one row revoked
+        tokens.issue(grant_id="ended", family_expires_at=ended_an_hour_ago, **grant)
+    tokens.revoke_grant("ended")
+    recent = tokens.issue(grant_id="recent", family_expires_at=time.time() - 60, **grant)
+    live = tokens.issue(grant_id="live", **grant)
+    assert tokens.use(live, AGENCY_ONE.client_id) is not None
+    live = tokens.issue(grant_id="live", **grant)  # rotated: one used row, one live
+
+    # ended before the cut-off (ten minutes ago): gone, three rows per transaction
+    assert tokens.purge_expired(before=utcnow() - timedelta(minutes=10), batch=3) == 7
+    assert (rows_of(hub, "ended"), rows_of(hub, "recent"), rows_of(hub, "live")) == (0, 1, 2)
+    assert tokens.purge_expired(before=utcnow() - timedelta(minutes=10), batch=3) == 0
+    # what is left works as before: the live grant refreshes, the ended one is refused
+    assert tokens.use(live, AGENCY_ONE.client_id) is not None
+    assert tokens.use(recent, AGENCY_ONE.client_id) is None
+
+
+def test_each_worker_runs_housekeeping_on_its_schedule(make_hub):
+    app = make_hub(agencies=[AGENCY_ONE.config(consent=CONSENTED), AGENCY_TWO.config()],
+                   housekeeping_interval_seconds=0.2)
+    hub = app.extensions["civitas"]
+    account = citizen(hub, "schedule")
+    policy = hub.server.hub.policy_for(hub.agencies.client(AGENCY_ONE.client_id))
+    hub.consent.record_decision(account, policy, "sub-one", {"email"},
+                                now=utcnow() - timedelta(days=31))
+    # the access-token lifetime (600 s) past the grant's end: past the purge's cut-off
+    hub.server.hub.refresh_tokens.issue(grant_id="ended", account_id=account,
+                                        family_expires_at=time.time() - 700, **GRANT)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        states = [e.state for e in hub.consent.history(account, AGENCY_ONE.client_id)]
+        if states[-1] == "expired" and rows_of(hub, "ended") == 0:
+            break
+        time.sleep(0.1)
+    assert states == ["given", "expired"]
+    assert rows_of(hub, "ended") == 0
+
+
+def test_a_failing_job_is_logged_and_the_other_still_runs(make_hub, monkeypatch, caplog):
+    hub = make_hub(agencies=[AGENCY_ONE.config()]).extensions["civitas"]
+    hub.server.hub.refresh_tokens.issue(grant_id="ended", account_id=citizen(hub, "fail"),
+                                        family_expires_at=time.time() - 700, **GRANT)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the consent tables are unreachable")
+
+    monkeypatch.setattr(hub.consent, "expire_due", broken)
+    done = run_once(hub)
+    assert (done.consents_expired, done.refresh_tokens_purged, done.ok) == (None, 1, False)
+    assert "consent expiry failed" in caplog.text and "unreachable" in caplog.text
+
+
+@pytest.fixture
+def cli_hub(upstream_issuer, tmp_path):
+    """A hub, and the settings file the command reads for it."""
+    config = hub_config(upstream_issuer, f"sqlite:///{tmp_path}/cli.db",
+                        agencies=[AGENCY_ONE.config()])
+    path = tmp_path / "civitas.yaml"
+    path.write_text(yaml.safe_dump(config))
+    hub = create_app(config).extensions["civitas"]
+    yield hub, path
+    hub.db.dispose()
+
+
+def test_the_command_runs_housekeeping_once(cli_hub):
+    hub, path = cli_hub
+    hub.server.hub.refresh_tokens.issue(grant_id="ended", account_id=citizen(hub, "cli"),
+                                        family_expires_at=time.time() - 700, **GRANT)
+    result = CliRunner().invoke(main, ["--config", str(path), "housekeeping"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "consent grants expired: 0; refresh tokens purged: 1" in result.output
+    assert rows_of(hub, "ended") == 0
