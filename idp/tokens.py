@@ -24,8 +24,7 @@ from typing import Any, cast
 
 from joserfc import jwt
 from joserfc.errors import JoseError
-from sqlalchemy import CursorResult, bindparam, delete, exists, select, update
-from sqlalchemy.orm import aliased
+from sqlalchemy import CursorResult, Table, bindparam, delete, exists, insert, select, update
 
 from kernel.db import Database, utcnow
 from kernel.store import ShortLivedStore
@@ -312,11 +311,18 @@ class ScopeWidened(ValueError):
     """A refresh request asked for more than its token's scope (RFC 6749 6)."""
 
 
-_OTHER = aliased(RefreshToken)
-#: a refresh token by its hash, and whether any token of its grant has been revoked
-_TOKEN_WITH_FAMILY = select(RefreshToken, exists().where(
-    _OTHER.grant_id == RefreshToken.grant_id, _OTHER.revoked_at.is_not(None)
-).label("family_revoked")).where(RefreshToken.token_hash == bindparam("token_hash"))
+_TOKENS = cast(Table, RefreshToken.__table__)
+_FAMILY = _TOKENS.alias("family")
+#: a refresh token by its hash, and whether any token of its grant has been revoked (through
+#: the partial index ix_refresh_tokens_revoked_grant: the revoked rows only)
+_TOKEN_WITH_FAMILY = select(_TOKENS, exists().where(
+    _FAMILY.c.grant_id == _TOKENS.c.grant_id, _FAMILY.c.revoked_at.is_not(None)
+).label("family_revoked")).where(_TOKENS.c.token_hash == bindparam("token_hash"))
+#: the use of a token: exactly one concurrent use matches
+_CLAIM = (update(_TOKENS)
+          .where(_TOKENS.c.id == bindparam("row_id"), _TOKENS.c.used_at.is_(None),
+                 _TOKENS.c.revoked_at.is_(None))
+          .values(used_at=bindparam("now")))
 
 
 class RefreshTokens:
@@ -334,14 +340,16 @@ class RefreshTokens:
         now = utcnow()
         expires = (now + timedelta(seconds=self.lifetime) if family_expires_at is None
                    else now + timedelta(seconds=family_expires_at - time.time()))
-        with self._db.session() as s:
-            s.add(RefreshToken(token_hash=digest(token), grant_id=grant_id, client_id=client_id,
-                               account_id=account_id, scope=scope, sid=sid, acr=acr,
-                               amr=list(amr), auth_time=auth_time, created_at=now,
-                               expires_at=expires))
+        # one INSERT is atomic on its own: no transaction round trips around it
+        with self._db.reader() as conn:
+            conn.execute(insert(_TOKENS), {
+                "token_hash": digest(token), "grant_id": grant_id, "client_id": client_id,
+                "account_id": account_id, "scope": scope, "sid": sid, "acr": acr,
+                "amr": list(amr), "auth_time": auth_time, "created_at": now,
+                "expires_at": expires})
         return token
 
-    def _grant(self, row: RefreshToken) -> RefreshGrant:
+    def _grant(self, row: Any) -> RefreshGrant:
         return RefreshGrant(token_hash=row.token_hash, grant_id=row.grant_id,
                             client_id=row.client_id, account_id=row.account_id, scope=row.scope,
                             sid=row.sid, acr=row.acr, amr=tuple(row.amr),
@@ -376,28 +384,26 @@ class RefreshTokens:
         """
         token_hash = digest(token)
         now = utcnow()
-        with self._db.session() as s:
-            found = s.execute(_TOKEN_WITH_FAMILY, {"token_hash": token_hash}).one_or_none()
-            if found is None or found[0].client_id != client_id:
+        # Two statements, each atomic, outside a transaction: the claim is an UPDATE that
+        # matches only while the token is unused and unrevoked, so whatever commits between
+        # the read and the claim (a concurrent use, a revocation of the grant) makes it
+        # claim nothing, which is then treated as reuse below. A transaction around both
+        # (READ COMMITTED) would see the same: each statement sees what is committed.
+        with self._db.reader() as conn:
+            row = conn.execute(_TOKEN_WITH_FAMILY, {"token_hash": token_hash}).first()
+            if row is None or row.client_id != client_id:
                 return None
-            row, family_revoked = found
+            family_revoked = bool(row.family_revoked)
             live = (row.used_at is None and row.revoked_at is None and row.expires_at > now
                     and not family_revoked)
             if live and scope_within is not None and not scope_within <= set(row.scope.split()):
                 raise ScopeWidened()
-            # A revocation of the grant committed since the read sets this token's
-            # revoked_at too, so the update then claims nothing: treated as reuse below.
-            claimed = cast(CursorResult[Any], s.execute(
-                update(RefreshToken)
-                .where(RefreshToken.id == row.id, RefreshToken.used_at.is_(None),
-                       RefreshToken.revoked_at.is_(None))
-                .values(used_at=now)
-            )).rowcount
-            grant_id = row.grant_id
-            if claimed == 1 and row.expires_at > now and not family_revoked:
-                return self._grant(row)
+            claimed = cast(CursorResult[Any], conn.execute(
+                _CLAIM, {"row_id": row.id, "now": now})).rowcount
+        if claimed == 1 and row.expires_at > now and not family_revoked:
+            return self._grant(row)
         if claimed != 1 or family_revoked:
-            self.revoke_grant(grant_id)  # reuse: someone holds a copy of this token
+            self.revoke_grant(row.grant_id)  # reuse: someone holds a copy of this token
         return None
 
     def purge_expired(self, *, before: datetime, batch: int = 5000) -> int:

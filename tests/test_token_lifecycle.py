@@ -10,10 +10,11 @@ import pytest
 from jose import jwt as jose_jwt
 from sqlalchemy import select
 
+from civitas.app import create_app
 from connectors import UpstreamIdentity
 from idp.models import RefreshToken
 from idp.tokens import ScopeWidened
-from tests.conftest import HUB_ISSUER
+from tests.conftest import HUB_ISSUER, hub_config
 from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest, full_login, query, redeem
 
 OFFLINE = ["openid", "profile", "email", "offline_access"]
@@ -143,6 +144,46 @@ def test_concurrent_refresh_has_one_winner(app):
         if r.status_code == 200:
             assert refresh(client, r.json["refresh_token"]).status_code == 400
             assert userinfo(client, r.json["access_token"]).status_code == 401
+
+
+def test_rfc9700_4_14_2_racing_uses_of_one_token_have_one_winner_at_most(upstream_issuer,
+                                                                         database_url):
+    """Eight threads present the same refresh token at once, twenty times over, on SQLite
+    and on PostgreSQL: never more than one use wins, and every race revokes the grant (the
+    losers presented a used token), so even the winner's new token is then refused."""
+    hub = create_app(hub_config(upstream_issuer, database_url)).extensions["civitas"]
+    try:
+        race(hub)
+    finally:
+        hub.db.dispose()
+
+
+def race(hub):
+    refresh_tokens = hub.server.hub.refresh_tokens
+    account = hub.accounts.resolve(UpstreamIdentity(
+        connector_id="op", subject="racing", acr="urn:civitas:acr:ial1:aal1",
+        attributes={})).account_id
+    grant = dict(client_id=AGENCY_ONE.client_id, account_id=account, scope="openid email",
+                 sid="s", acr="a", amr=("pwd",), auth_time=0)
+    for round_ in range(20):
+        token = refresh_tokens.issue(grant_id=f"race-{round_}", **grant)
+        barrier = threading.Barrier(8)
+        won = []
+
+        def use(token=token, barrier=barrier, won=won):
+            barrier.wait()
+            if refresh_tokens.use(token, AGENCY_ONE.client_id) is not None:
+                won.append(1)
+
+        threads = [threading.Thread(target=use) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) <= 1, f"round {round_}: {len(won)} winners"
+        after = refresh_tokens.issue(grant_id=f"race-{round_}", **grant)
+        assert refresh_tokens.use(after, AGENCY_ONE.client_id) is None, round_
+        assert hub.tokens.is_marked_revoked("grant", f"race-{round_}")
 
 
 def test_rfc7662_introspection_of_own_tokens(client):
