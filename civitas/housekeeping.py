@@ -15,12 +15,12 @@ cron when the schedule is off. A failing job is logged and tried again next roun
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from kernel.db import utcnow
+from kernel.periodic import PeriodicThread
 
 if TYPE_CHECKING:
     from .app import Hub
@@ -60,33 +60,8 @@ def run_once(hub: Hub) -> Round:
     return Round(expired, purged)
 
 
-class Housekeeper:
+class Housekeeper(PeriodicThread):
     """:func:`run_once` every ``interval`` seconds in a thread of this process."""
 
     def __init__(self, hub: Hub, *, interval: float) -> None:
-        if interval <= 0:
-            raise ValueError("the housekeeping interval must be positive")
-        self.hub = hub
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def run_once(self) -> Round:
-        return run_once(self.hub)
-
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="housekeeping", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float | None = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.run_once()
+        super().__init__("housekeeping", interval, lambda: run_once(hub))

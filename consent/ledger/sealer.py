@@ -8,11 +8,12 @@ transactions commit a little out of order usually still enter the tree in ``seq`
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from datetime import timedelta
 
 from sqlalchemy.exc import SQLAlchemyError
+
+from kernel.periodic import PeriodicThread
 
 from .errors import LedgerError
 from .ledger import Ledger, SignedCheckpoint
@@ -26,8 +27,7 @@ class LedgerSealer:
 
     def __init__(self, ledger: Ledger, *, interval: float = 10.0,
                  settle: timedelta = timedelta(seconds=2), pace: float = 3.0) -> None:
-        if interval <= 0:
-            raise ValueError("the sealing interval must be positive")
+        self._periodic = PeriodicThread("ledger-sealer", interval, self.run_once)
         self.ledger = ledger
         self.interval = interval
         self.settle = settle
@@ -40,8 +40,6 @@ class LedgerSealer:
         #: finishes at full speed, so sealing keeps up with any rate it can keep up with
         #: at all, and the unsealed backlog does not grow from round to round.
         self.pace = pace
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.last: SignedCheckpoint | None = None
         #: whether the last round completed (None before the first)
         self.healthy: bool | None = None
@@ -63,18 +61,7 @@ class LedgerSealer:
         return made
 
     def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="ledger-sealer", daemon=True)
-        self._thread.start()
+        self._periodic.start()
 
     def stop(self, timeout: float | None = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.run_once()
+        self._periodic.stop(timeout)
