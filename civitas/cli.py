@@ -227,6 +227,7 @@ def housekeeping(ctx: click.Context) -> None:
         done = run_once(hub)
     finally:
         hub.db.dispose()
+
     def shown(count: int | None) -> str:
         return "(failed)" if count is None else str(count)
 
