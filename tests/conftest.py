@@ -131,6 +131,14 @@ def bank_id_upstream(upstream_issuer: str) -> dict[str, Any]:
 
 
 @pytest.fixture
+def sql_hub(upstream_issuer: str, database_url: str) -> Iterator[Any]:
+    """A hub (its services) on each database of ``database_url``: SQLite and PostgreSQL."""
+    app = create_app(hub_config(upstream_issuer, database_url))
+    yield app.extensions["civitas"]
+    app.extensions["civitas"].db.dispose()
+
+
+@pytest.fixture
 def config(upstream_issuer: str, tmp_path: Any) -> dict[str, Any]:
     return hub_config(upstream_issuer, f"sqlite:///{tmp_path}/civitas.db")
 

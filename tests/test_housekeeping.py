@@ -40,18 +40,9 @@ def rows_of(hub, grant_id: str) -> int:
             RefreshToken.grant_id == grant_id))
 
 
-def test_purge_deletes_the_tokens_of_ended_grants_and_nothing_else(upstream_issuer,
-                                                                   database_url):
+def test_purge_deletes_the_tokens_of_ended_grants_and_nothing_else(sql_hub):
     """On SQLite and on PostgreSQL."""
-    hub = create_app(hub_config(upstream_issuer, database_url,
-                                agencies=[AGENCY_ONE.config()])).extensions["civitas"]
-    try:
-        purge_only_ended(hub)
-    finally:
-        hub.db.dispose()
-
-
-def purge_only_ended(hub):
+    hub = sql_hub
     tokens = hub.server.hub.refresh_tokens
     account = citizen(hub, "purge")
     grant = dict(GRANT, account_id=account)

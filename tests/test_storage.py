@@ -92,13 +92,6 @@ def test_store_incr_counts_and_expires(store):
 
 
 
-@pytest.fixture
-def sql_hub(upstream_issuer, database_url):
-    app = create_app(hub_config(upstream_issuer, database_url))
-    yield app.extensions["civitas"]
-    app.extensions["civitas"].db.dispose()
-
-
 def test_migrations_match_models(sql_hub):
     """Alembic's head equals the models: autogenerate finds nothing to do."""
     from alembic.autogenerate import compare_metadata

@@ -10,11 +10,10 @@ import pytest
 from jose import jwt as jose_jwt
 from sqlalchemy import select
 
-from civitas.app import create_app
 from connectors import UpstreamIdentity
 from idp.models import RefreshToken
 from idp.tokens import ScopeWidened
-from tests.conftest import HUB_ISSUER, hub_config
+from tests.conftest import HUB_ISSUER
 from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest, full_login, query, redeem
 
 OFFLINE = ["openid", "profile", "email", "offline_access"]
@@ -146,19 +145,11 @@ def test_concurrent_refresh_has_one_winner(app):
             assert userinfo(client, r.json["access_token"]).status_code == 401
 
 
-def test_rfc9700_4_14_2_racing_uses_of_one_token_have_one_winner_at_most(upstream_issuer,
-                                                                         database_url):
+def test_rfc9700_4_14_2_racing_uses_of_one_token_have_one_winner_at_most(sql_hub):
     """Eight threads present the same refresh token at once, twenty times over, on SQLite
     and on PostgreSQL: never more than one use wins, and every race revokes the grant (the
     losers presented a used token), so even the winner's new token is then refused."""
-    hub = create_app(hub_config(upstream_issuer, database_url)).extensions["civitas"]
-    try:
-        race(hub)
-    finally:
-        hub.db.dispose()
-
-
-def race(hub):
+    hub = sql_hub
     refresh_tokens = hub.server.hub.refresh_tokens
     account = hub.accounts.resolve(UpstreamIdentity(
         connector_id="op", subject="racing", acr="urn:civitas:acr:ial1:aal1",
