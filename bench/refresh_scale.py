@@ -1,7 +1,7 @@
 """The refresh_token grant as a grant's history grows, and the plan of its lookup.
 
     .venv/bin/python bench/refresh_scale.py [--lengths 1,1000,10000,100000] [--uses 300]
-        [--grants 200]
+        [--grants 20]
 
 Each use of a refresh token rotates it (RFC 9700 4.14.2): the used token stays in
 ``refresh_tokens`` so that presenting it again revokes the grant, and the grant's new token
@@ -116,12 +116,10 @@ def main(argv: list[str] | None = None) -> int:
                 live = conn.execute(text(
                     "SELECT token_hash FROM refresh_tokens WHERE grant_id = :g "
                     "AND used_at IS NULL ORDER BY id DESC LIMIT 1"), {"g": measured}).scalar_one()
-                compiled = _TOKEN_WITH_FAMILY.compile(conn)
-                params = dict(compiled.params, token_hash=live)
-                sql = str(compiled) % {k: f"'{v}'" for k, v in params.items()} \
-                    if "%(" in str(compiled) else str(compiled)
+                # the lookup as psycopg sends it: its SQL, the token's hash bound to it
                 plan = "\n".join(r[0] for r in conn.exec_driver_sql(
-                    "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + sql))
+                    "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) "
+                    + str(_TOKEN_WITH_FAMILY.compile(conn)), {"token_hash": live}))
             rows.append((length, table, pct(times, 0.5), pct(times, 0.99)))
             print(f"  {table:,} rows: use + rotate p50 {rows[-1][2]:.2f} ms, "
                   f"p99 {rows[-1][3]:.2f} ms", flush=True)

@@ -54,19 +54,16 @@ local codes, serial = {}, 0
 ok, logins = 0, 0
 
 function init(args)
-  if mode == "list" or mode == "cycle" then
+  if mode == "list" or mode == "cycle" or mode == "chain" then
     local f = io.open(os.getenv("BENCH_LIST") .. "." .. tid, "r")
     if f then
       for line in f:lines() do table.insert(lines, line) end
       f:close()
     end
-  elseif mode == "chain" then
-    local f = io.open(os.getenv("BENCH_LIST") .. "." .. tid, "r")
-    if f then
-      for line in f:lines() do
-        if line ~= "" then tail = tail + 1; chain[tail] = line end
-      end
-      f:close()
+  end
+  if mode == "chain" then  -- the queue: every token of the file
+    for _, line in ipairs(lines) do
+      if line ~= "" then tail = tail + 1; chain[tail] = line end
     end
   end
   math.randomseed(os.time() + tid * 7919)
@@ -209,5 +206,6 @@ function done(summary, latency, requests)
     latency:percentile(99), latency:percentile(99.9), latency.max,
     latency.mean, summary.errors.status,
     summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
-    good, (all_ended and (mode == "list" or mode == "chain")) and math.floor((last - first) / 1000) or 0))
+    good, (all_ended and (mode == "list" or mode == "chain"))
+      and math.floor((last - first) / 1000) or 0))
 end

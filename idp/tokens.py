@@ -323,6 +323,7 @@ _CLAIM = (update(_TOKENS)
           .where(_TOKENS.c.id == bindparam("row_id"), _TOKENS.c.used_at.is_(None),
                  _TOKENS.c.revoked_at.is_(None))
           .values(used_at=bindparam("now")))
+_INSERT = insert(_TOKENS)
 
 
 class RefreshTokens:
@@ -342,7 +343,7 @@ class RefreshTokens:
                    else now + timedelta(seconds=family_expires_at - time.time()))
         # one INSERT is atomic on its own: no transaction round trips around it
         with self._db.reader() as conn:
-            conn.execute(insert(_TOKENS), {
+            conn.execute(_INSERT, {
                 "token_hash": digest(token), "grant_id": grant_id, "client_id": client_id,
                 "account_id": account_id, "scope": scope, "sid": sid, "acr": acr,
                 "amr": list(amr), "auth_time": auth_time, "created_at": now,

@@ -14,6 +14,8 @@ from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
 
 import requests
 
+from connectors import UpstreamIdentity
+
 UPSTREAM_CLIENT_ID = "civitas-test-hub"
 UPSTREAM_SECRET = "upstream-secret-" + "x" * 24
 
@@ -49,6 +51,13 @@ AGENCY_ONE = TestAgency("agency-one", "s1-" + "a" * 40, "https://one.agency.exam
                         "Agency One")
 AGENCY_TWO = TestAgency("agency-two", "s2-" + "b" * 40, "https://two.agency.example/cb",
                         "Agency Two")
+
+
+def citizen(hub: Any, subject: str) -> str:
+    """The account of upstream ``op``'s ``subject``, resolved as a login would (no login)."""
+    return str(hub.accounts.resolve(UpstreamIdentity(
+        connector_id="op", subject=subject, acr="urn:civitas:acr:ial1:aal1",
+        attributes={})).account_id)
 
 
 def pkce_pair() -> tuple[str, str]:

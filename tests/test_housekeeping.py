@@ -15,23 +15,16 @@ from sqlalchemy import func, select
 from civitas.app import create_app
 from civitas.cli import main
 from civitas.housekeeping import run_once
-from connectors import UpstreamIdentity
 from idp.models import RefreshToken
 from kernel.db import utcnow
 from tests.conftest import hub_config
-from tests.flows import AGENCY_ONE, AGENCY_TWO, PUBLIC_TASK
+from tests.flows import AGENCY_ONE, AGENCY_TWO, PUBLIC_TASK, citizen
 
 #: consent-based (the citizen's consent, valid for 30 days) and public-task claims
 CONSENTED = dict(PUBLIC_TASK, consent_ttl_days=30, claims=[
     dict(claim, lawful_basis="consent", required=False) for claim in PUBLIC_TASK["claims"]])
 GRANT = dict(client_id=AGENCY_ONE.client_id, scope="openid email offline_access", sid="s",
              acr="urn:civitas:acr:ial1:aal1", amr=("pwd",), auth_time=0)
-
-
-def citizen(hub, subject: str) -> str:
-    return hub.accounts.resolve(UpstreamIdentity(
-        connector_id="op", subject=subject, acr="urn:civitas:acr:ial1:aal1",
-        attributes={})).account_id
 
 
 def rows_of(hub, grant_id: str) -> int:

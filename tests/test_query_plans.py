@@ -191,7 +191,7 @@ def refresh_statements(loaded: Loaded) -> list[Statement]:
             dict(grant, token_hash=digest(secrets.token_urlsafe(16)), amr=["pwd"],
                  created_at=now, expires_at=now + timedelta(days=20), used_at=now)
             for _ in range(HISTORY)])
-    with hub.db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+    with hub.db.reader() as conn:
         conn.execute(text("ANALYZE refresh_tokens"))
     client = loaded.app.test_client()
     with capture_sql(hub.db.engine) as seen:

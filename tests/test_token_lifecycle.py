@@ -10,11 +10,18 @@ import pytest
 from jose import jwt as jose_jwt
 from sqlalchemy import select
 
-from connectors import UpstreamIdentity
 from idp.models import RefreshToken
 from idp.tokens import ScopeWidened
 from tests.conftest import HUB_ISSUER
-from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest, full_login, query, redeem
+from tests.flows import (
+    AGENCY_ONE,
+    AGENCY_TWO,
+    AuthRequest,
+    citizen,
+    full_login,
+    query,
+    redeem,
+)
 
 OFFLINE = ["openid", "profile", "email", "offline_access"]
 
@@ -44,6 +51,12 @@ def tokens(client, agency=AGENCY_ONE, scope="openid email offline_access"):
     r = redeem(client, auth, params["code"])
     assert r.status_code == 200, r.json
     return r.json
+
+
+def refresh_grant(hub, subject):
+    """What RefreshTokens.issue needs for a grant of agency one to a new citizen."""
+    return dict(client_id=AGENCY_ONE.client_id, account_id=citizen(hub, subject),
+                scope="openid email", sid="s", acr="a", amr=("pwd",), auth_time=0)
 
 
 def refresh(client, token, agency=AGENCY_ONE, **extra):
@@ -151,11 +164,7 @@ def test_rfc9700_4_14_2_racing_uses_of_one_token_have_one_winner_at_most(sql_hub
     losers presented a used token), so even the winner's new token is then refused."""
     hub = sql_hub
     refresh_tokens = hub.server.hub.refresh_tokens
-    account = hub.accounts.resolve(UpstreamIdentity(
-        connector_id="op", subject="racing", acr="urn:civitas:acr:ial1:aal1",
-        attributes={})).account_id
-    grant = dict(client_id=AGENCY_ONE.client_id, account_id=account, scope="openid email",
-                 sid="s", acr="a", amr=("pwd",), auth_time=0)
+    grant = refresh_grant(hub, "racing")
     for round_ in range(20):
         token = refresh_tokens.issue(grant_id=f"race-{round_}", **grant)
         barrier = threading.Barrier(8)
@@ -296,11 +305,7 @@ def test_rfc9700_4_14_token_rotated_in_while_its_grant_was_revoked_is_dead(hub):
     """A token written after its grant was revoked (a rotation racing a replay) is refused,
     and a wider scope leaves a live token unused (RFC 6749 6)."""
     tokens = hub.server.hub.refresh_tokens
-    account = hub.accounts.resolve(UpstreamIdentity(
-        connector_id="op", subject="rotation-race", acr="urn:civitas:acr:ial1:aal1",
-        attributes={})).account_id
-    grant = dict(client_id=AGENCY_ONE.client_id, account_id=account, scope="openid email",
-                 sid="s", acr="a", amr=("pwd",), auth_time=0)
+    grant = refresh_grant(hub, "rotation-race")
     live = tokens.issue(grant_id="g-live", **grant)
     with pytest.raises(ScopeWidened):
         tokens.use(live, AGENCY_ONE.client_id, scope_within={"openid", "email", "profile"})
