@@ -7,7 +7,8 @@ Each use of a refresh token rotates it (RFC 9700 4.14.2): the used token stays i
 ``refresh_tokens`` so that presenting it again revokes the grant, and the grant's new token
 is one row more. A client that refreshes every five minutes for the 30 days a grant lives
 (the default) leaves 8,640 rows behind; the bench's scenario 5 leaves thousands per grant a
-minute. Reuse detection asks, on every use, whether any token of the grant was revoked.
+minute. Reuse detection asks, on every use, whether the token's grant was revoked (one row
+of ``refresh_grants`` since migration 0012; before, any revoked row among its tokens).
 
 Starts PostgreSQL (tests/servers.py, a temporary cluster) and the hub in-process on it
 (migrations as in production). Then ``--grants`` background grants are given histories of
@@ -17,7 +18,8 @@ calls of ``RefreshTokens.use`` (read the token and whether its grant is revoked,
 each followed by ``issue`` (the rotated token), timed in-process. It prints p50/p99 per
 length, the ratio of the longest to the shortest, and the plan of the lookup
 (EXPLAIN ANALYZE, BUFFERS) at the longest: the rows it reads should not grow with the
-history.
+history. Last, it times the revocation of one of the other grants, and of all the grants of
+their account (``revoke_account``, as a consent withdrawal does), at the longest history.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -40,7 +43,7 @@ from sqlalchemy import text  # noqa: E402
 from bench.load_data import bench_settings, conninfo, start_hub  # noqa: E402
 from civitas.app import Hub  # noqa: E402
 from config import settings_from_mapping  # noqa: E402
-from idp.tokens import _TOKEN_WITH_FAMILY, digest, new_grant_id  # noqa: E402
+from idp.tokens import _TOKEN_WITH_GRANT, digest, new_grant_id  # noqa: E402
 from kernel.db import utcnow  # noqa: E402
 from tests import servers  # noqa: E402
 
@@ -66,11 +69,17 @@ def add_history(hub: Hub, grant_ids: list[str], length: int, serial: list[int]) 
         conn.execute("VACUUM (ANALYZE) refresh_tokens")
 
 
+def issued(grant_id: str) -> dict[str, Any]:
+    """What RefreshTokens.issue needs for one of the bench's grants (all of one account)."""
+    return dict(grant_id=grant_id, client_id="agency-one", account_id="a" * 32,
+                scope="openid profile offline_access", sid="s" * 43,
+                acr="urn:civitas:acr:basic", amr=("pwd",), auth_time=1_700_000_000)
+
+
 def measure(hub: Hub, grant_id: str, uses: int) -> list[float]:
     tokens = hub.server.hub.refresh_tokens
-    issue = dict(grant_id=grant_id, client_id="agency-one", account_id="a" * 32,
-                 scope="openid profile offline_access", sid="s" * 43,
-                 acr="urn:civitas:acr:basic", amr=("pwd",), auth_time=1_700_000_000)
+    ends = int(time.time()) + 30 * 86400
+    issue = dict(issued(grant_id), family_expires_at=ends)
     token = tokens.issue(**issue)
     times = []
     for _ in range(uses):
@@ -103,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         hub: Hub = app.extensions["civitas"]
         measured = new_grant_id()
         others = [new_grant_id() for _ in range(args.grants)]
+        for grant_id in (measured, *others):  # each grant's row, and its first token
+            hub.server.hub.refresh_tokens.issue(**issued(grant_id))
         have, serial = 0, [0]
         plan = ""
         for length in lengths:
@@ -119,10 +130,17 @@ def main(argv: list[str] | None = None) -> int:
                 # the lookup as psycopg sends it: its SQL, the token's hash bound to it
                 plan = "\n".join(r[0] for r in conn.exec_driver_sql(
                     "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) "
-                    + str(_TOKEN_WITH_FAMILY.compile(conn)), {"token_hash": live}))
+                    + str(_TOKEN_WITH_GRANT.compile(conn)), {"token_hash": live}))
             rows.append((length, table, pct(times, 0.5), pct(times, 0.99)))
             print(f"  {table:,} rows: use + rotate p50 {rows[-1][2]:.2f} ms, "
                   f"p99 {rows[-1][3]:.2f} ms", flush=True)
+        refresh = hub.server.hub.refresh_tokens
+        started = time.perf_counter()
+        refresh.revoke_grant(others[0])
+        one = (time.perf_counter() - started) * 1000
+        started = time.perf_counter()
+        refresh.revoke_account("a" * 32, "agency-one")
+        every = (time.perf_counter() - started) * 1000
         hub.db.dispose()
     print("\nrefresh (use + rotate, in-process), ms:")
     print(f"{'history/grant':>14} {'table rows':>11} {'p50':>7} {'p99':>7}")
@@ -130,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{length:>14,} {table:>11,} {p50:7.2f} {p99:7.2f}")
     print(f"longest / shortest: p50 x{rows[-1][2] / rows[0][2]:.2f}, "
           f"p99 x{rows[-1][3] / rows[0][3]:.2f}")
+    print(f"\nat {lengths[-1]:,} tokens per grant: revoking one grant {one:.2f} ms, "
+          f"the other {len(others)} of the account {every:.2f} ms")
     print("\nthe lookup's plan at the longest history:\n" + plan)
     return 0
 

@@ -82,27 +82,53 @@ class SigningKey(Base):
     retire_after: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
+class RefreshGrantRecord(Base):
+    """A refresh grant: the family of refresh tokens one authorization started. Each use of
+    its live token rotates to a new one; presenting a used one revokes the grant (RFC 9700
+    4.14.2), and with it every token it ever had or will have.
+
+    Revocation lives here, on one row per grant, not on the grant's tokens: a grant leaves a
+    used token per rotation (8,640 in the 30 days it lives at one refresh every 5 minutes),
+    so revoking or asking "is it revoked?" stays one row whatever its history."""
+
+    __tablename__ = "refresh_grants"
+    __table_args__ = (
+        # RefreshTokens.revoke_account: an account's grants, optionally one agency's
+        Index("ix_refresh_grants_account_client", "account_id", "client_id"),
+        # the housekeeping purge finds the grants that have ended (RefreshTokens.purge_expired)
+        Index("ix_refresh_grants_expires_at", "expires_at"),
+    )
+
+    grant_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(128))
+    account_id: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: absolute end of the grant: rotation never extends it
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    #: why: ``reuse`` (a used token presented again), ``revoked`` (RFC 7009, by the agency),
+    #: ``consent_withdrawn`` (by the citizen), ``legacy`` (revoked before this table existed)
+    revoked_reason: Mapped[str | None] = mapped_column(String(40), nullable=True)
+
+
 class RefreshToken(Base):
-    """A refresh token, stored as a hash. Tokens of one grant form a family: each use
-    rotates to a new token; presenting a used one revokes the family (RFC 9700 4.14.2)."""
+    """A refresh token, stored as a hash, of a grant (:class:`RefreshGrantRecord`). A token
+    is live while it is unused, unexpired and its grant unrevoked. Used tokens are kept until
+    the grant ends, so that presenting one again is recognised as reuse."""
 
     __tablename__ = "refresh_tokens"
     __table_args__ = (
-        # Reuse detection asks on every use whether any token of the grant was revoked. A
-        # grant leaves one used row per rotation (8,640 in 30 days at one refresh every 5
-        # minutes), so that question reads only the revoked rows, which this index holds.
-        Index("ix_refresh_tokens_revoked_grant", "grant_id",
-              postgresql_where=text("revoked_at IS NOT NULL"),
-              sqlite_where=text("revoked_at IS NOT NULL")),
         # the housekeeping purge finds the tokens of ended grants (RefreshTokens.purge_expired)
         Index("ix_refresh_tokens_expires_at", "expires_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    grant_id: Mapped[str] = mapped_column(String(32), index=True)
-    client_id: Mapped[str] = mapped_column(String(128), index=True)
-    account_id: Mapped[str] = mapped_column(String(32), index=True)
+    #: (no index on the grant, agency or account: tokens are found by their hash; grants by
+    #: agency and account in refresh_grants. Each index would cost every rotation a write.)
+    grant_id: Mapped[str] = mapped_column(String(32))
+    client_id: Mapped[str] = mapped_column(String(128))
+    account_id: Mapped[str] = mapped_column(String(32))
     scope: Mapped[str] = mapped_column(String(500))
     sid: Mapped[str] = mapped_column(String(64))
     acr: Mapped[str] = mapped_column(String(255))
@@ -112,7 +138,6 @@ class RefreshToken(Base):
     #: absolute end of the family: rotation never extends it
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
     used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
-    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class LogoutDelivery(Base):

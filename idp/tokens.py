@@ -30,7 +30,7 @@ from kernel.db import Database, utcnow
 from kernel.store import ShortLivedStore
 
 from .keys import SUPPORTED_ALGS, KeyRing
-from .models import RefreshToken
+from .models import RefreshGrantRecord, RefreshToken
 
 
 def digest(value: str) -> str:
@@ -312,22 +312,31 @@ class ScopeWidened(ValueError):
 
 
 _TOKENS = cast(Table, RefreshToken.__table__)
-_FAMILY = _TOKENS.alias("family")
-#: a refresh token by its hash, and whether any token of its grant has been revoked (through
-#: the partial index ix_refresh_tokens_revoked_grant: the revoked rows only)
-_TOKEN_WITH_FAMILY = select(_TOKENS, exists().where(
-    _FAMILY.c.grant_id == _TOKENS.c.grant_id, _FAMILY.c.revoked_at.is_not(None)
-).label("family_revoked")).where(_TOKENS.c.token_hash == bindparam("token_hash"))
-#: the use of a token: exactly one concurrent use matches
+_GRANTS = cast(Table, RefreshGrantRecord.__table__)
+#: a refresh token by its hash, with its grant's revocation (a primary-key join: one row
+#: whatever the grant's history). A token without its grant's row is not found.
+_TOKEN_WITH_GRANT = (select(_TOKENS, _GRANTS.c.revoked_at.is_not(None).label("grant_revoked"))
+                     .join(_GRANTS, _GRANTS.c.grant_id == _TOKENS.c.grant_id)
+                     .where(_TOKENS.c.token_hash == bindparam("token_hash")))
+#: the use of a token: exactly one concurrent use matches, and none once its grant is revoked
 _CLAIM = (update(_TOKENS)
           .where(_TOKENS.c.id == bindparam("row_id"), _TOKENS.c.used_at.is_(None),
-                 _TOKENS.c.revoked_at.is_(None))
+                 ~exists().where(_GRANTS.c.grant_id == bindparam("of_grant"),
+                                 _GRANTS.c.revoked_at.is_not(None)))
           .values(used_at=bindparam("now")))
 _INSERT = insert(_TOKENS)
+_INSERT_GRANT = insert(_GRANTS)
+_REVOKE = (update(_GRANTS)
+           .where(_GRANTS.c.grant_id == bindparam("of_grant"), _GRANTS.c.revoked_at.is_(None))
+           .values(revoked_at=bindparam("now"), revoked_reason=bindparam("reason")))
+
+#: why a grant was revoked (``refresh_grants.revoked_reason``)
+REUSE, REVOKED_BY_AGENCY, CONSENT_WITHDRAWN = "reuse", "revoked", "consent_withdrawn"
 
 
 class RefreshTokens:
-    """Refresh tokens in SQL, hashed, rotated on use, revoked as a family on reuse."""
+    """Refresh tokens in SQL, hashed, rotated on use; a grant is revoked as a whole, on
+    reuse, on the agency's revocation (RFC 7009) or when the citizen withdraws consent."""
 
     def __init__(self, db: Database, tokens: TokenStore, *, lifetime: int) -> None:
         self._db = db
@@ -336,18 +345,29 @@ class RefreshTokens:
 
     def issue(self, *, grant_id: str, client_id: str, account_id: str, scope: str, sid: str,
               acr: str, amr: tuple[str, ...], auth_time: int,
-              family_expires_at: int | None = None) -> str:
+              family_expires_at: int | None = None, new_grant: bool | None = None) -> str:
+        """A new refresh token: the first of a new grant, which ends ``lifetime`` from now,
+        or, with ``family_expires_at``, the rotation of an existing grant, which keeps its
+        end. ``new_grant=True`` with ``family_expires_at`` starts a grant with that end."""
         token = secrets.token_urlsafe(48)
         now = utcnow()
         expires = (now + timedelta(seconds=self.lifetime) if family_expires_at is None
                    else now + timedelta(seconds=family_expires_at - time.time()))
-        # one INSERT is atomic on its own: no transaction round trips around it
-        with self._db.reader() as conn:
-            conn.execute(_INSERT, {
-                "token_hash": digest(token), "grant_id": grant_id, "client_id": client_id,
-                "account_id": account_id, "scope": scope, "sid": sid, "acr": acr,
-                "amr": list(amr), "auth_time": auth_time, "created_at": now,
-                "expires_at": expires})
+        row = {"token_hash": digest(token), "grant_id": grant_id, "client_id": client_id,
+               "account_id": account_id, "scope": scope, "sid": sid, "acr": acr,
+               "amr": list(amr), "auth_time": auth_time, "created_at": now,
+               "expires_at": expires}
+        if family_expires_at is None if new_grant is None else new_grant:
+            # the grant's row and its first token, together or not at all
+            with self._db.session() as s:
+                s.execute(_INSERT_GRANT, {"grant_id": grant_id, "client_id": client_id,
+                                          "account_id": account_id, "created_at": now,
+                                          "expires_at": expires})
+                s.execute(_INSERT, row)
+        else:
+            # a rotation is one INSERT, atomic on its own: no transaction round trips
+            with self._db.reader() as conn:
+                conn.execute(_INSERT, row)
         return token
 
     def _grant(self, row: Any) -> RefreshGrant:
@@ -356,91 +376,90 @@ class RefreshTokens:
                             sid=row.sid, acr=row.acr, amr=tuple(row.amr),
                             auth_time=row.auth_time, expires_at=int(row.expires_at.timestamp()))
 
-    @staticmethod
-    def _family_revoked(s: Any, grant_id: str) -> bool:
-        """A grant is revoked once any of its tokens is: a token rotated in while the grant
-        was being revoked (a race with a replay) dies with it."""
-        return s.scalar(select(RefreshToken.id).where(
-            RefreshToken.grant_id == grant_id, RefreshToken.revoked_at.is_not(None)
-        ).limit(1)) is not None
-
     def find(self, token: str) -> RefreshGrant | None:
-        """A live refresh token (unused, unrevoked, unexpired), without using it."""
-        with self._db.session() as s:
-            row = s.scalars(select(RefreshToken).where(
-                RefreshToken.token_hash == digest(token))).one_or_none()
-            if (row is None or row.used_at is not None or row.revoked_at is not None
-                    or row.expires_at <= utcnow() or self._family_revoked(s, row.grant_id)):
-                return None
-            return self._grant(row)
+        """A live refresh token (unused, unexpired, its grant unrevoked), without using it."""
+        with self._db.reader() as conn:
+            row = conn.execute(_TOKEN_WITH_GRANT, {"token_hash": digest(token)}).first()
+        if (row is None or row.used_at is not None or row.grant_revoked
+                or row.expires_at <= utcnow()):
+            return None
+        return self._grant(row)
 
     def use(self, token: str, client_id: str,
             scope_within: set[str] | None = None) -> RefreshGrant | None:
         """Consume a refresh token atomically (exactly one concurrent use wins): one read of
         the token with its grant's revocation, one conditional update.
 
-        Presenting a token that was already used or revoked revokes its whole grant. With
+        Presenting a token that was already used revokes its whole grant. With
         ``scope_within``, a live token whose scope does not cover it raises
         :class:`ScopeWidened` and stays unused (RFC 6749 6).
         """
         token_hash = digest(token)
         now = utcnow()
         # Two statements, each atomic, outside a transaction: the claim is an UPDATE that
-        # matches only while the token is unused and unrevoked, so whatever commits between
-        # the read and the claim (a concurrent use, a revocation of the grant) makes it
-        # claim nothing, which is then treated as reuse below. A transaction around both
+        # matches only while the token is unused and its grant unrevoked, so whatever commits
+        # between the read and the claim (a concurrent use, a revocation of the grant) makes
+        # it claim nothing, which is then treated as reuse below. A transaction around both
         # (READ COMMITTED) would see the same: each statement sees what is committed.
         with self._db.reader() as conn:
-            row = conn.execute(_TOKEN_WITH_FAMILY, {"token_hash": token_hash}).first()
+            row = conn.execute(_TOKEN_WITH_GRANT, {"token_hash": token_hash}).first()
             if row is None or row.client_id != client_id:
                 return None
-            family_revoked = bool(row.family_revoked)
-            live = (row.used_at is None and row.revoked_at is None and row.expires_at > now
-                    and not family_revoked)
+            if row.grant_revoked:
+                return None  # already revoked: nothing more to do
+            live = row.used_at is None and row.expires_at > now
             if live and scope_within is not None and not scope_within <= set(row.scope.split()):
                 raise ScopeWidened()
             claimed = cast(CursorResult[Any], conn.execute(
-                _CLAIM, {"row_id": row.id, "now": now})).rowcount
-        if claimed == 1 and row.expires_at > now and not family_revoked:
+                _CLAIM, {"row_id": row.id, "of_grant": row.grant_id, "now": now})).rowcount
+        if claimed == 1 and row.expires_at > now:
             return self._grant(row)
-        if claimed != 1 or family_revoked:
-            self.revoke_grant(row.grant_id)  # reuse: someone holds a copy of this token
+        if claimed != 1:
+            # used before (or revoked meanwhile): someone holds a copy of this token
+            self.revoke_grant(row.grant_id, reason=REUSE)
         return None
 
     def purge_expired(self, *, before: datetime, batch: int = 5000) -> int:
-        """Delete the tokens of grants that ended before ``before``; how many were deleted.
+        """Delete the tokens of grants that ended before ``before``, then those grants; how
+        many tokens were deleted.
 
         Every rotation leaves a row (the used token, kept so that presenting it again revokes
         the grant), so without this the table only grows. A token past its grant's end is
         refused whether or not its row is there. Pass a ``before`` at least one access-token
         lifetime in the past: until then, replaying a used token still revokes the access
         tokens the grant issued last. ``batch`` rows per transaction, so that no lock or
-        transaction grows with the backlog."""
+        transaction grows with the backlog. The grants go last: a token is never left
+        without its grant's row while it could still be presented within its lifetime."""
         purged = 0
-        while True:
-            with self._db.session() as s:
-                done = cast(CursorResult[Any], s.execute(
-                    delete(RefreshToken).where(RefreshToken.id.in_(
-                        select(RefreshToken.id).where(RefreshToken.expires_at < before)
-                        .limit(batch)))
-                    .execution_options(synchronize_session=False))).rowcount
-            purged += done
-            if done < batch:
-                return purged
+        for table, key in ((_TOKENS, _TOKENS.c.id), (_GRANTS, _GRANTS.c.grant_id)):
+            while True:
+                with self._db.session() as s:
+                    done = cast(CursorResult[Any], s.execute(
+                        delete(table).where(key.in_(
+                            select(key).where(table.c.expires_at < before).limit(batch))
+                        ).execution_options(synchronize_session=False))).rowcount
+                if table is _TOKENS:
+                    purged += done
+                if done < batch:
+                    break
+        return purged
 
-    def revoke_grant(self, grant_id: str) -> None:
-        with self._db.session() as s:
-            s.execute(update(RefreshToken).where(RefreshToken.grant_id == grant_id,
-                                                 RefreshToken.revoked_at.is_(None))
-                      .values(revoked_at=utcnow()))
+    def revoke_grant(self, grant_id: str, *, reason: str = REVOKED_BY_AGENCY) -> None:
+        """Revoke a grant: each of its tokens, used, live or rotated in later, is refused,
+        and so are the access tokens it issued. One row, whatever the grant's history; a
+        grant revoked already keeps its first revocation's time and reason."""
+        with self._db.reader() as conn:
+            conn.execute(_REVOKE, {"of_grant": grant_id, "now": utcnow(), "reason": reason})
         self._tokens.mark_revoked("grant", grant_id)
 
-    def revoke_account(self, account_id: str, client_id: str | None = None) -> None:
-        """Revoke every grant of an account (optionally only one agency's)."""
-        with self._db.session() as s:
-            query = select(RefreshToken.grant_id).where(RefreshToken.account_id == account_id)
-            if client_id is not None:
-                query = query.where(RefreshToken.client_id == client_id)
-            grants = set(s.scalars(query))
+    def revoke_account(self, account_id: str, client_id: str | None = None, *,
+                       reason: str = CONSENT_WITHDRAWN) -> None:
+        """Revoke every live grant of an account (optionally only one agency's)."""
+        query = select(_GRANTS.c.grant_id).where(_GRANTS.c.account_id == account_id,
+                                                _GRANTS.c.revoked_at.is_(None))
+        if client_id is not None:
+            query = query.where(_GRANTS.c.client_id == client_id)
+        with self._db.reader() as conn:
+            grants = list(conn.scalars(query))
         for grant_id in grants:
-            self.revoke_grant(grant_id)
+            self.revoke_grant(grant_id, reason=reason)

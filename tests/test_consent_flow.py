@@ -14,7 +14,9 @@ from urllib.parse import parse_qs
 import pytest
 from jose import jws as jose_jws
 from jose import jwt as jose_jwt
+from sqlalchemy import select
 
+from idp.models import RefreshGrantRecord
 from tests.conftest import HUB_ISSUER, hub_config
 from tests.flows import (
     AGENCY_ONE,
@@ -224,6 +226,9 @@ def test_decision_api_and_withdrawal_take_effect(client, app, receiver):
     r = client.post("/token", headers=basic(AGENCY_ONE), data={
         "grant_type": "refresh_token", "refresh_token": body["refresh_token"]})
     assert r.status_code == 400 and r.json["error"] == "invalid_grant"
+    with hub.db.session() as s:
+        [reason] = s.scalars(select(RefreshGrantRecord.revoked_reason)).all()
+    assert reason == "consent_withdrawn"
     assert hub.dispatcher.deliver_due().delivered >= 1
     logout = jose_jwt.get_unverified_claims(receiver.tokens[-1])
     assert logout["sub"] == sub and "sid" not in logout and logout["aud"] == AGENCY_ONE.client_id

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from civitas.app import create_app
 from civitas.cli import main
 from civitas.housekeeping import run_once
-from idp.models import RefreshToken
+from idp.models import RefreshGrantRecord, RefreshToken
 from kernel.db import utcnow
 from tests.conftest import hub_config
 from tests.flows import AGENCY_ONE, AGENCY_TWO, PUBLIC_TASK, citizen
@@ -33,6 +33,11 @@ def rows_of(hub, grant_id: str) -> int:
             RefreshToken.grant_id == grant_id))
 
 
+def grants(hub) -> set[str]:
+    with hub.db.session() as s:
+        return set(s.scalars(select(RefreshGrantRecord.grant_id)))
+
+
 def test_purge_deletes_the_tokens_of_ended_grants_and_nothing_else(sql_hub):
     """On SQLite and on PostgreSQL."""
     hub = sql_hub
@@ -40,17 +45,21 @@ def test_purge_deletes_the_tokens_of_ended_grants_and_nothing_else(sql_hub):
     account = citizen(hub, "purge")
     grant = dict(GRANT, account_id=account)
     ended_an_hour_ago = time.time() - 3600
-    for _ in range(7):  # a grant that rotated 6 times and ended an hour ago, one row revoked
-        tokens.issue(grant_id="ended", family_expires_at=ended_an_hour_ago, **grant)
+    for n in range(7):  # a grant that rotated 6 times, was revoked and ended an hour ago
+        tokens.issue(grant_id="ended", family_expires_at=ended_an_hour_ago, new_grant=n == 0,
+                     **grant)
     tokens.revoke_grant("ended")
-    recent = tokens.issue(grant_id="recent", family_expires_at=time.time() - 60, **grant)
+    recent = tokens.issue(grant_id="recent", family_expires_at=time.time() - 60,
+                          new_grant=True, **grant)
     live = tokens.issue(grant_id="live", **grant)
     assert tokens.use(live, AGENCY_ONE.client_id) is not None
-    live = tokens.issue(grant_id="live", **grant)  # rotated: one used row, one live
+    live = tokens.issue(grant_id="live", family_expires_at=int(time.time()) + 3600,
+                        **grant)  # rotated: one used row, one live
 
     # ended before the cut-off (ten minutes ago): gone, three rows per transaction
     assert tokens.purge_expired(before=utcnow() - timedelta(minutes=10), batch=3) == 7
     assert (rows_of(hub, "ended"), rows_of(hub, "recent"), rows_of(hub, "live")) == (0, 1, 2)
+    assert grants(hub) == {"recent", "live"}  # the ended grant's row went after its tokens
     assert tokens.purge_expired(before=utcnow() - timedelta(minutes=10), batch=3) == 0
     # what is left works as before: the live grant refreshes, the ended one is refused
     assert tokens.use(live, AGENCY_ONE.client_id) is not None
@@ -67,7 +76,8 @@ def test_each_worker_runs_housekeeping_on_its_schedule(make_hub):
                                 now=utcnow() - timedelta(days=31))
     # the access-token lifetime (600 s) past the grant's end: past the purge's cut-off
     hub.server.hub.refresh_tokens.issue(grant_id="ended", account_id=account,
-                                        family_expires_at=time.time() - 700, **GRANT)
+                                        family_expires_at=time.time() - 700, new_grant=True,
+                                        **GRANT)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         states = [e.state for e in hub.consent.history(account, AGENCY_ONE.client_id)]
@@ -81,7 +91,8 @@ def test_each_worker_runs_housekeeping_on_its_schedule(make_hub):
 def test_a_failing_job_is_logged_and_the_other_still_runs(make_hub, monkeypatch, caplog):
     hub = make_hub(agencies=[AGENCY_ONE.config()]).extensions["civitas"]
     hub.server.hub.refresh_tokens.issue(grant_id="ended", account_id=citizen(hub, "fail"),
-                                        family_expires_at=time.time() - 700, **GRANT)
+                                        family_expires_at=time.time() - 700, new_grant=True,
+                                        **GRANT)
 
     def broken(*args, **kwargs):
         raise RuntimeError("the consent tables are unreachable")
@@ -107,7 +118,8 @@ def cli_hub(upstream_issuer, tmp_path):
 def test_the_command_runs_housekeeping_once(cli_hub):
     hub, path = cli_hub
     hub.server.hub.refresh_tokens.issue(grant_id="ended", account_id=citizen(hub, "cli"),
-                                        family_expires_at=time.time() - 700, **GRANT)
+                                        family_expires_at=time.time() - 700, new_grant=True,
+                                        **GRANT)
     result = CliRunner().invoke(main, ["--config", str(path), "housekeeping"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output

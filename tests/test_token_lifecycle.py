@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 
 import pytest
 from jose import jwt as jose_jwt
 from sqlalchemy import select
 
-from idp.models import RefreshToken
-from idp.tokens import ScopeWidened
+from idp.models import RefreshGrantRecord, RefreshToken
+from idp.tokens import ScopeWidened, TokenStore
 from tests.conftest import HUB_ISSUER
 from tests.flows import (
     AGENCY_ONE,
@@ -181,9 +182,76 @@ def test_rfc9700_4_14_2_racing_uses_of_one_token_have_one_winner_at_most(sql_hub
         for t in threads:
             t.join()
         assert len(won) <= 1, f"round {round_}: {len(won)} winners"
-        after = refresh_tokens.issue(grant_id=f"race-{round_}", **grant)
+        after = refresh_tokens.issue(grant_id=f"race-{round_}", **grant,
+                                     family_expires_at=int(time.time()) + 3600)
         assert refresh_tokens.use(after, AGENCY_ONE.client_id) is None, round_
         assert hub.tokens.is_marked_revoked("grant", f"race-{round_}")
+
+
+def test_rfc9700_4_14_2_a_replayed_token_revokes_its_grant_and_says_why(hub):
+    tokens = hub.server.hub.refresh_tokens
+    grant = refresh_grant(hub, "replay")
+    first = tokens.issue(grant_id="g-replayed", **grant)
+    assert tokens.use(first, AGENCY_ONE.client_id) is not None
+    second = tokens.issue(grant_id="g-replayed", **grant,
+                          family_expires_at=int(time.time()) + 3600)
+    assert tokens.use(first, AGENCY_ONE.client_id) is None  # the replay
+    assert tokens.find(second) is None and tokens.use(second, AGENCY_ONE.client_id) is None
+    tokens.revoke_grant("g-replayed")  # a later revocation keeps the first one's reason
+    with hub.db.session() as s:
+        assert s.get(RefreshGrantRecord, "g-replayed").revoked_reason == "reuse"
+
+
+def test_migration_0012_moves_each_grants_revocation_to_its_own_row(database_url):
+    """Until 0012 a grant was revoked when any of its tokens was; the grant's row says so
+    from the first such time. Downgrading marks every token of a revoked grant again."""
+    from datetime import UTC, datetime, timedelta
+
+    from alembic import command
+    from sqlalchemy import text
+
+    from civitas.migrations import alembic_config, upgrade
+    from idp.tokens import RefreshTokens, digest
+    from kernel.db import Database
+    from kernel.store import MemoryStore
+
+    db = Database(database_url)
+    try:
+        upgrade(db.engine, "0011")
+        t0 = datetime(2026, 11, 1, tzinfo=UTC)
+        end = datetime.now(UTC) + timedelta(days=10)
+        rows = [("revoked", "r1", t0, t0 + timedelta(hours=2)), ("revoked", "r2", t0, None),
+                ("revoked", "r3", t0, t0 + timedelta(hours=1)), ("live", "l1", t0, None),
+                ("live", "l2", None, None)]
+        with db.engine.begin() as conn:
+            for grant_id, token, used_at, revoked_at in rows:
+                conn.execute(text(
+                    "INSERT INTO refresh_tokens (token_hash, grant_id, client_id, account_id,"
+                    " scope, sid, acr, amr, auth_time, created_at, expires_at, used_at,"
+                    " revoked_at) VALUES (:h, :g, 'agency-one', 'acct', 'openid', 's', 'a',"
+                    " '[\"pwd\"]', 0, :t0, :end, :used, :revoked)"),
+                    {"h": digest(token), "g": grant_id, "t0": t0, "end": end,
+                     "used": used_at, "revoked": revoked_at})
+        upgrade(db.engine)
+        tokens = RefreshTokens(db, TokenStore(MemoryStore(), code_lifetime=60,
+                                              access_token_lifetime=600), lifetime=3600)
+        with db.session() as s:
+            revoked, live = s.get(RefreshGrantRecord, "revoked"), s.get(RefreshGrantRecord, "live")
+            assert (revoked.revoked_at, revoked.revoked_reason) == (t0 + timedelta(hours=1),
+                                                                    "legacy")
+            assert (live.revoked_at, live.client_id, live.account_id) == (None, "agency-one",
+                                                                         "acct")
+            assert abs((live.expires_at - end).total_seconds()) < 1
+        assert tokens.find("r2") is None and tokens.find("l1") is None
+        assert tokens.use("l2", "agency-one") is not None
+        command.downgrade(alembic_config(db.engine), "0011")
+        with db.engine.connect() as conn:
+            marked = dict(conn.execute(text(
+                "SELECT token_hash, revoked_at IS NOT NULL FROM refresh_tokens")).all())
+        assert {digest(t): m for t, m in [("r1", True), ("r2", True), ("r3", True),
+                                          ("l1", False), ("l2", False)]} == marked
+    finally:
+        db.dispose()
 
 
 def test_rfc7662_introspection_of_own_tokens(client):
@@ -314,9 +382,14 @@ def test_rfc9700_4_14_token_rotated_in_while_its_grant_was_revoked_is_dead(hub):
 
     first = tokens.issue(grant_id="g-raced", **grant)
     tokens.revoke_grant("g-raced")
-    late = tokens.issue(grant_id="g-raced", **grant)  # rotated in after the revocation
-    assert tokens.use(late, AGENCY_ONE.client_id) is None
+    late = tokens.issue(grant_id="g-raced", **grant,  # rotated in after the revocation
+                        family_expires_at=int(time.time()) + 3600)
+    assert tokens.find(late) is None and tokens.use(late, AGENCY_ONE.client_id) is None
     assert tokens.use(first, AGENCY_ONE.client_id) is None
     with hub.db.session() as s:
-        rows = s.scalars(select(RefreshToken).where(RefreshToken.grant_id == "g-raced")).all()
-    assert len(rows) == 2 and all(r.revoked_at is not None for r in rows)
+        record = s.get(RefreshGrantRecord, "g-raced")
+        unused = s.scalars(select(RefreshToken.used_at).where(
+            RefreshToken.grant_id == "g-raced")).all()
+    # one row says the grant is revoked, and why; refusing the tokens used none of them
+    assert record.revoked_at is not None and record.revoked_reason == "revoked"
+    assert unused == [None, None]
