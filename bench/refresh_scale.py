@@ -1,25 +1,25 @@
-"""The refresh_token grant as a grant's history grows, and the plan of its lookup.
+"""The refresh_token grant as the refresh tables grow, and the plan of its lookup.
 
     .venv/bin/python bench/refresh_scale.py [--lengths 1,1000,10000,100000] [--uses 300]
         [--grants 20]
 
-Each use of a refresh token rotates it (RFC 9700 4.14.2): the used token stays in
-``refresh_tokens`` so that presenting it again revokes the grant, and the grant's new token
-is one row more. A client that refreshes every five minutes for the 30 days a grant lives
-(the default) leaves 8,640 rows behind; the bench's scenario 5 leaves thousands per grant a
-minute. Reuse detection asks, on every use, whether the token's grant was revoked (one row
-of ``refresh_grants`` since migration 0012; before, any revoked row among its tokens).
+Each use of a refresh token rotates it (RFC 9700 4.14.2). Until migration 0012 the used
+token stayed in ``refresh_tokens`` so that presenting it again would revoke the grant, and
+the grant's new token was one row more: a client that refreshes every five minutes for the
+30 days a grant lives (the default) left 8,640 rows behind. Since 0012 a grant is one row of
+``refresh_grants`` whose live token is rewritten in place, and the tokens from before stay
+in ``refresh_tokens`` (read only) until their grants end.
 
 Starts PostgreSQL (tests/servers.py, a temporary cluster) and the hub in-process on it
-(migrations as in production). Then ``--grants`` background grants are given histories of
-the given length (their used tokens COPYed in as the hub writes them), so that the table
-holds ``grants x length`` rows, and one grant with that history is measured: ``--uses``
-calls of ``RefreshTokens.use`` (read the token and whether its grant is revoked, claim it)
-each followed by ``issue`` (the rotated token), timed in-process. It prints p50/p99 per
-length, the ratio of the longest to the shortest, and the plan of the lookup
-(EXPLAIN ANALYZE, BUFFERS) at the longest: the rows it reads should not grow with the
-history. Last, it times the revocation of one of the other grants, and of all the grants of
-their account (``revoke_account``, as a consent withdrawal does), at the longest history.
+(migrations as in production). Then ``--grants`` background grants and the measured one
+are given histories of the given length: used tokens from before 0012, COPYed in as the hub
+wrote them, so that ``refresh_tokens`` holds ``grants x length`` rows. The measured grant
+gets ``--uses`` calls of ``RefreshTokens.use`` (read its grant, claim the token) each
+followed by ``issue`` (the rotated token), timed in-process. It prints p50/p99 per length,
+the ratio of the longest to the shortest, and the plan of the lookup (EXPLAIN ANALYZE,
+BUFFERS) at the longest: the rows it reads should not grow. Last, it times the revocation
+of one of the other grants, and of all the grants of their account (``revoke_account``, as
+a consent withdrawal does), at the longest history.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from sqlalchemy import text  # noqa: E402
 from bench.load_data import bench_settings, conninfo, start_hub  # noqa: E402
 from civitas.app import Hub  # noqa: E402
 from config import settings_from_mapping  # noqa: E402
-from idp.tokens import _TOKEN_WITH_GRANT, digest, new_grant_id  # noqa: E402
+from idp.tokens import _GRANT, digest, new_grant_id  # noqa: E402
 from kernel.db import utcnow  # noqa: E402
 from tests import servers  # noqa: E402
 
@@ -76,17 +76,16 @@ def issued(grant_id: str) -> dict[str, Any]:
                 acr="urn:civitas:acr:basic", amr=("pwd",), auth_time=1_700_000_000)
 
 
-def measure(hub: Hub, grant_id: str, uses: int) -> list[float]:
+def measure(hub: Hub, live: dict[str, str], grant_id: str, uses: int) -> list[float]:
+    """``uses`` refreshes of a grant, timed; ``live`` holds each grant's live token."""
     tokens = hub.server.hub.refresh_tokens
-    ends = int(time.time()) + 30 * 86400
-    issue = dict(issued(grant_id), family_expires_at=ends)
-    token = tokens.issue(**issue)
     times = []
     for _ in range(uses):
         started = time.perf_counter()
-        if tokens.use(token, "agency-one") is None:
+        grant = tokens.use(live[grant_id], "agency-one")
+        if grant is None:
             raise SystemExit("a live token was refused")
-        token = tokens.issue(**issue)
+        live[grant_id] = tokens.issue(**issued(grant_id), family_expires_at=grant.expires_at)
         times.append((time.perf_counter() - started) * 1000)
     return times
 
@@ -112,25 +111,22 @@ def main(argv: list[str] | None = None) -> int:
         hub: Hub = app.extensions["civitas"]
         measured = new_grant_id()
         others = [new_grant_id() for _ in range(args.grants)]
-        for grant_id in (measured, *others):  # each grant's row, and its first token
-            hub.server.hub.refresh_tokens.issue(**issued(grant_id))
+        live = {grant_id: hub.server.hub.refresh_tokens.issue(**issued(grant_id))
+                for grant_id in (measured, *others)}  # each grant's row, and its first token
         have, serial = 0, [0]
         plan = ""
         for length in lengths:
             print(f"history of {length:,} used tokens per grant ...", flush=True)
             add_history(hub, [measured, *others], length - have, serial)
             have = length
-            measure(hub, measured, 20)  # warm up: connections, statement caches
-            times = measure(hub, measured, args.uses)
+            measure(hub, live, measured, 20)  # warm up: connections, statement caches
+            times = measure(hub, live, measured, args.uses)
             with hub.db.engine.connect() as conn:
                 table = conn.execute(text("SELECT count(*) FROM refresh_tokens")).scalar_one()
-                live = conn.execute(text(
-                    "SELECT token_hash FROM refresh_tokens WHERE grant_id = :g "
-                    "AND used_at IS NULL ORDER BY id DESC LIMIT 1"), {"g": measured}).scalar_one()
-                # the lookup as psycopg sends it: its SQL, the token's hash bound to it
+                # the lookup as psycopg sends it: its SQL, the grant's id bound to it
                 plan = "\n".join(r[0] for r in conn.exec_driver_sql(
                     "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) "
-                    + str(_TOKEN_WITH_GRANT.compile(conn)), {"token_hash": live}))
+                    + str(_GRANT.compile(conn)), {"of_grant": measured}))
             rows.append((length, table, pct(times, 0.5), pct(times, 0.99)))
             print(f"  {table:,} rows: use + rotate p50 {rows[-1][2]:.2f} ms, "
                   f"p99 {rows[-1][3]:.2f} ms", flush=True)
@@ -143,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         every = (time.perf_counter() - started) * 1000
         hub.db.dispose()
     print("\nrefresh (use + rotate, in-process), ms:")
-    print(f"{'history/grant':>14} {'table rows':>11} {'p50':>7} {'p99':>7}")
+    print(f"{'history/grant':>14} {'tokens rows':>11} {'p50':>7} {'p99':>7}")
     for length, table, p50, p99 in rows:
         print(f"{length:>14,} {table:>11,} {p50:7.2f} {p99:7.2f}")
     print(f"longest / shortest: p50 x{rows[-1][2] / rows[0][2]:.2f}, "

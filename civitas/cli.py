@@ -232,7 +232,7 @@ def housekeeping(ctx: click.Context) -> None:
         return "(failed)" if count is None else str(count)
 
     click.echo(f"consent grants expired: {shown(done.consents_expired)}; "
-               f"refresh tokens purged: {shown(done.refresh_tokens_purged)}")
+               f"refresh grants purged: {shown(done.refresh_grants_purged)}")
     if not done.ok:
         sys.exit(1)
 

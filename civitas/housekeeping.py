@@ -3,8 +3,9 @@
 - consent grants whose validity has passed get their ``expired`` event (and its ledger
   entry), so that histories, receipts and officers' searches show the expiry; a grant stops
   being valid at its time whether or not this has run;
-- refresh tokens of grants that ended more than one access-token lifetime ago are deleted:
-  each rotation leaves a row, and without this ``refresh_tokens`` only grows.
+- refresh grants that ended more than one access-token lifetime ago are deleted (a grant is
+  one row, with its live token; tokens issued before migration 0012 go with their grant):
+  without this ``refresh_grants`` keeps a row for every grant ever issued.
 
 Each job is idempotent and safe to run in several workers or hosts at once (consent expiry
 locks each record; the purge deletes in small batches), so every worker may run it on its
@@ -33,11 +34,11 @@ class Round:
     """What one round did; None where the job failed (logged)."""
 
     consents_expired: int | None
-    refresh_tokens_purged: int | None
+    refresh_grants_purged: int | None
 
     @property
     def ok(self) -> bool:
-        return None not in (self.consents_expired, self.refresh_tokens_purged)
+        return None not in (self.consents_expired, self.refresh_grants_purged)
 
 
 def run_once(hub: Hub) -> Round:
@@ -53,9 +54,9 @@ def run_once(hub: Hub) -> Round:
         before = utcnow() - timedelta(seconds=hub.settings.access_token_lifetime_seconds)
         purged = hub.server.hub.refresh_tokens.purge_expired(before=before)
     except Exception:  # noqa: BLE001 - logged; the schedule must go on
-        log.exception("refresh token purge failed, will retry next round")
+        log.exception("refresh grant purge failed, will retry next round")
     if expired or purged:
-        log.info("housekeeping: %s consent grants expired, %s refresh tokens purged",
+        log.info("housekeeping: %s consent grants expired, %s refresh grants purged",
                  expired, purged)
     return Round(expired, purged)
 

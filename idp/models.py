@@ -83,13 +83,18 @@ class SigningKey(Base):
 
 
 class RefreshGrantRecord(Base):
-    """A refresh grant: the family of refresh tokens one authorization started. Each use of
-    its live token rotates to a new one; presenting a used one revokes the grant (RFC 9700
-    4.14.2), and with it every token it ever had or will have.
+    """A refresh grant: what one authorization gave an agency for offline access, and its
+    one live refresh token (RFC 6749 6, rotated on every use: RFC 9700 4.14.2).
 
-    Revocation lives here, on one row per grant, not on the grant's tokens: a grant leaves a
-    used token per rotation (8,640 in the 30 days it lives at one refresh every 5 minutes),
-    so revoking or asking "is it revoked?" stays one row whatever its history."""
+    A token is ``<grant_id>.<secret>``; the row keeps the hash of the live one only. Each use
+    rotates it in place, so a grant is one row however often it is refreshed. A token of the
+    grant whose hash is not the live one's is a used one presented again (or a forgery by
+    someone who knows the grant id, which only its tokens carry): either way the grant is
+    revoked, with every token it had or will have. Revoking, or asking "is it revoked?", is
+    one row whatever the grant's history.
+
+    Grants issued before migration 0012 keep their tokens in :class:`RefreshToken` until
+    their first rotation here, or their end."""
 
     __tablename__ = "refresh_grants"
     __table_args__ = (
@@ -105,16 +110,33 @@ class RefreshGrantRecord(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     #: absolute end of the grant: rotation never extends it
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    #: SHA-256 of the live token; NULL between a use and the rotated token's issue, and for a
+    #: grant whose live token is still in refresh_tokens (issued before migration 0012).
+    #: Not indexed: tokens are found by the grant id they carry, so a rotation rewrites no
+    #: index.
+    token_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: what the live token grants (a refresh may narrow the scope: RFC 6749 6)
+    scope: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    sid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    acr: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    amr: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    auth_time: Mapped[int | None] = mapped_column(nullable=True)
+    #: how many times the grant was refreshed, and when last
+    rotations: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
-    #: why: ``reuse`` (a used token presented again), ``revoked`` (RFC 7009, by the agency),
-    #: ``consent_withdrawn`` (by the citizen), ``legacy`` (revoked before this table existed)
+    #: why: ``reuse`` (a token of the grant presented that is not its live one), ``revoked``
+    #: (RFC 7009, by the agency), ``consent_withdrawn`` (by the citizen), ``legacy`` (revoked
+    #: before this table existed)
     revoked_reason: Mapped[str | None] = mapped_column(String(40), nullable=True)
 
 
 class RefreshToken(Base):
-    """A refresh token, stored as a hash, of a grant (:class:`RefreshGrantRecord`). A token
-    is live while it is unused, unexpired and its grant unrevoked. Used tokens are kept until
-    the grant ends, so that presenting one again is recognised as reuse."""
+    """A refresh token issued before migration 0012, stored as a hash, of a grant
+    (:class:`RefreshGrantRecord`). Read only to use, find or recognise those tokens: the
+    first use of a live one moves its grant to the new format, and a used one presented
+    again revokes its grant. No row is written here any more; the housekeeping purge deletes
+    them as their grants end, within the refresh-token lifetime."""
 
     __tablename__ = "refresh_tokens"
     __table_args__ = (
@@ -125,7 +147,7 @@ class RefreshToken(Base):
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     #: (no index on the grant, agency or account: tokens are found by their hash; grants by
-    #: agency and account in refresh_grants. Each index would cost every rotation a write.)
+    #: agency and account in refresh_grants)
     grant_id: Mapped[str] = mapped_column(String(32))
     client_id: Mapped[str] = mapped_column(String(128))
     account_id: Mapped[str] = mapped_column(String(32))

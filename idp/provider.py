@@ -55,6 +55,7 @@ from .tokens import (
     AccessToken,
     AccessTokens,
     AuthorizationCode,
+    GrantEnded,
     RefreshGrant,
     RefreshTokens,
     ScopeWidened,
@@ -323,11 +324,14 @@ class RotatingRefreshGrant(grants.RefreshTokenGrant):
         grant: RefreshGrant = self.request.refresh_token
         # after the hub session ended, refreshed tokens are offline tokens: no session id
         sid = "" if self.hub.tokens.is_marked_revoked("sid", grant.sid) else grant.sid
-        body = self.hub.issue_tokens(
-            client=self.request.client, account_id=user.account_id, scope=scope,
-            grant_id=grant.grant_id, sid=sid, auth_time=grant.auth_time, acr=grant.acr,
-            amr=grant.amr, refresh=True, family_expires_at=grant.expires_at,
-        )
+        try:
+            body = self.hub.issue_tokens(
+                client=self.request.client, account_id=user.account_id, scope=scope,
+                grant_id=grant.grant_id, sid=sid, auth_time=grant.auth_time, acr=grant.acr,
+                amr=grant.amr, refresh=True, family_expires_at=grant.expires_at,
+            )
+        except GrantEnded:
+            raise InvalidGrantError() from None  # revoked between the use and the rotation
         if self.hub.tokens.is_marked_revoked("grant", grant.grant_id):
             # a replay of this token raced us and revoked the grant meanwhile
             raise InvalidGrantError()

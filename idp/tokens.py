@@ -15,6 +15,7 @@ and tokens are ever used as keys.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 import time
 import uuid
@@ -24,7 +25,17 @@ from typing import Any, cast
 
 from joserfc import jwt
 from joserfc.errors import JoseError
-from sqlalchemy import CursorResult, Table, bindparam, delete, exists, insert, select, update
+from sqlalchemy import (
+    CursorResult,
+    Executable,
+    Table,
+    bindparam,
+    delete,
+    exists,
+    insert,
+    select,
+    update,
+)
 
 from kernel.db import Database, utcnow
 from kernel.store import ShortLivedStore
@@ -313,30 +324,57 @@ class ScopeWidened(ValueError):
 
 _TOKENS = cast(Table, RefreshToken.__table__)
 _GRANTS = cast(Table, RefreshGrantRecord.__table__)
-#: a refresh token by its hash, with its grant's revocation (a primary-key join: one row
-#: whatever the grant's history). A token without its grant's row is not found.
-_TOKEN_WITH_GRANT = (select(_TOKENS, _GRANTS.c.revoked_at.is_not(None).label("grant_revoked"))
-                     .join(_GRANTS, _GRANTS.c.grant_id == _TOKENS.c.grant_id)
-                     .where(_TOKENS.c.token_hash == bindparam("token_hash")))
-#: the use of a token: exactly one concurrent use matches, and none once its grant is revoked
-_CLAIM = (update(_TOKENS)
-          .where(_TOKENS.c.id == bindparam("row_id"), _TOKENS.c.used_at.is_(None),
-                 ~exists().where(_GRANTS.c.grant_id == bindparam("of_grant"),
-                                 _GRANTS.c.revoked_at.is_not(None)))
-          .values(used_at=bindparam("now")))
-_INSERT = insert(_TOKENS)
+#: a grant by its id (the primary key: one row whatever the grant's history)
+_GRANT = select(_GRANTS).where(_GRANTS.c.grant_id == bindparam("of_grant"))
+#: the use of a grant's live token: exactly one concurrent use matches, none once revoked
+_CLAIM = (update(_GRANTS)
+          .where(_GRANTS.c.grant_id == bindparam("of_grant"),
+                 _GRANTS.c.token_hash == bindparam("presented"), _GRANTS.c.revoked_at.is_(None))
+          .values(token_hash=None))
+#: the rotated token, written in place of the one just used (no index holds the columns it
+#: writes, so PostgreSQL rewrites no index)
+_ROTATE = (update(_GRANTS)
+           .where(_GRANTS.c.grant_id == bindparam("of_grant"), _GRANTS.c.token_hash.is_(None),
+                  _GRANTS.c.revoked_at.is_(None))
+           .values(token_hash=bindparam("new_hash"), scope=bindparam("new_scope"),
+                   sid=bindparam("new_sid"), acr=bindparam("new_acr"),
+                   amr=bindparam("new_amr"), auth_time=bindparam("new_auth_time"),
+                   rotations=_GRANTS.c.rotations + 1, rotated_at=bindparam("now")))
 _INSERT_GRANT = insert(_GRANTS)
 _REVOKE = (update(_GRANTS)
            .where(_GRANTS.c.grant_id == bindparam("of_grant"), _GRANTS.c.revoked_at.is_(None))
            .values(revoked_at=bindparam("now"), revoked_reason=bindparam("reason")))
+#: a token issued before migration 0012, by its hash, with its grant's revocation
+_LEGACY_TOKEN = (select(_TOKENS, _GRANTS.c.revoked_at.is_not(None).label("grant_revoked"))
+                 .join(_GRANTS, _GRANTS.c.grant_id == _TOKENS.c.grant_id)
+                 .where(_TOKENS.c.token_hash == bindparam("token_hash")))
+_LEGACY_CLAIM = (update(_TOKENS)
+                 .where(_TOKENS.c.id == bindparam("row_id"), _TOKENS.c.used_at.is_(None),
+                        ~exists().where(_GRANTS.c.grant_id == bindparam("of_grant"),
+                                        _GRANTS.c.revoked_at.is_not(None)))
+                 .values(used_at=bindparam("now")))
 
 #: why a grant was revoked (``refresh_grants.revoked_reason``)
 REUSE, REVOKED_BY_AGENCY, CONSENT_WITHDRAWN = "reuse", "revoked", "consent_withdrawn"
 
 
+def grant_of(token: str) -> str | None:
+    """The grant id a refresh token carries (``<grant_id>.<secret>``); None for a token
+    issued before migration 0012 (no dot) or anything else."""
+    grant_id, dot, secret = token.partition(".")
+    if not dot or not secret or "." in secret or not 0 < len(grant_id) <= 32:
+        return None
+    return grant_id
+
+
+class GrantEnded(ValueError):
+    """A rotated token was to be written for a grant that was revoked meanwhile."""
+
+
 class RefreshTokens:
-    """Refresh tokens in SQL, hashed, rotated on use; a grant is revoked as a whole, on
-    reuse, on the agency's revocation (RFC 7009) or when the citizen withdraws consent."""
+    """Refresh tokens in SQL, one row per grant with the hash of its live token, rotated in
+    place on every use; a grant is revoked as a whole, on reuse, on the agency's revocation
+    (RFC 7009) or when the citizen withdraws consent."""
 
     def __init__(self, db: Database, tokens: TokenStore, *, lifetime: int) -> None:
         self._db = db
@@ -347,89 +385,137 @@ class RefreshTokens:
               acr: str, amr: tuple[str, ...], auth_time: int,
               family_expires_at: int | None = None, new_grant: bool | None = None) -> str:
         """A new refresh token: the first of a new grant, which ends ``lifetime`` from now,
-        or, with ``family_expires_at``, the rotation of an existing grant, which keeps its
-        end. ``new_grant=True`` with ``family_expires_at`` starts a grant with that end."""
-        token = secrets.token_urlsafe(48)
+        or, with ``family_expires_at``, the rotation of a grant whose token was just used,
+        which keeps its end. ``new_grant=True`` with ``family_expires_at`` starts a grant
+        with that end. Raises :class:`GrantEnded` when the grant was revoked meanwhile."""
+        token = f"{grant_id}.{secrets.token_urlsafe(32)}"
         now = utcnow()
-        expires = (now + timedelta(seconds=self.lifetime) if family_expires_at is None
-                   else now + timedelta(seconds=family_expires_at - time.time()))
-        row = {"token_hash": digest(token), "grant_id": grant_id, "client_id": client_id,
-               "account_id": account_id, "scope": scope, "sid": sid, "acr": acr,
-               "amr": list(amr), "auth_time": auth_time, "created_at": now,
-               "expires_at": expires}
+        statement: Executable
         if family_expires_at is None if new_grant is None else new_grant:
-            # the grant's row and its first token, together or not at all
-            with self._db.session() as s:
-                s.execute(_INSERT_GRANT, {"grant_id": grant_id, "client_id": client_id,
-                                          "account_id": account_id, "created_at": now,
-                                          "expires_at": expires})
-                s.execute(_INSERT, row)
+            expires = (now + timedelta(seconds=self.lifetime) if family_expires_at is None
+                       else now + timedelta(seconds=family_expires_at - time.time()))
+            statement, values = _INSERT_GRANT, {
+                "grant_id": grant_id, "client_id": client_id, "account_id": account_id,
+                "created_at": now, "expires_at": expires, "token_hash": digest(token),
+                "scope": scope, "sid": sid, "acr": acr, "amr": list(amr),
+                "auth_time": auth_time}
         else:
-            # a rotation is one INSERT, atomic on its own: no transaction round trips
-            with self._db.reader() as conn:
-                conn.execute(_INSERT, row)
+            statement, values = _ROTATE, {
+                "of_grant": grant_id, "new_hash": digest(token), "new_scope": scope,
+                "new_sid": sid, "new_acr": acr, "new_amr": list(amr),
+                "new_auth_time": auth_time, "now": now}
+        # one statement, atomic on its own: no transaction round trips around it
+        with self._db.reader() as conn:
+            written = cast(CursorResult[Any], conn.execute(statement, values)).rowcount
+        if statement is _ROTATE and written != 1:  # (an INSERT that fails raises)
+            raise GrantEnded(grant_id)
         return token
 
-    def _grant(self, row: Any) -> RefreshGrant:
-        return RefreshGrant(token_hash=row.token_hash, grant_id=row.grant_id,
+    @staticmethod
+    def _grant(row: Any, token_hash: str) -> RefreshGrant:
+        """The grant of a row of refresh_grants or (before 0012) of refresh_tokens."""
+        return RefreshGrant(token_hash=token_hash, grant_id=row.grant_id,
                             client_id=row.client_id, account_id=row.account_id, scope=row.scope,
-                            sid=row.sid, acr=row.acr, amr=tuple(row.amr),
+                            sid=row.sid, acr=row.acr, amr=tuple(row.amr or ()),
                             auth_time=row.auth_time, expires_at=int(row.expires_at.timestamp()))
 
     def find(self, token: str) -> RefreshGrant | None:
-        """A live refresh token (unused, unexpired, its grant unrevoked), without using it."""
+        """A live refresh token (its grant's live one, unexpired, unrevoked), without using
+        it."""
+        token_hash = digest(token)
+        grant_id = grant_of(token)
         with self._db.reader() as conn:
-            row = conn.execute(_TOKEN_WITH_GRANT, {"token_hash": digest(token)}).first()
-        if (row is None or row.used_at is not None or row.grant_revoked
-                or row.expires_at <= utcnow()):
+            row = (None if grant_id is None
+                   else conn.execute(_GRANT, {"of_grant": grant_id}).first())
+            live = (row is not None and row.revoked_at is None and row.token_hash is not None
+                    and hmac.compare_digest(row.token_hash, token_hash))
+            if not live and (row is None or row.revoked_at is None):
+                # (a token of the new kind is in refresh_tokens after a downgrade from 0012
+                # and an upgrade back)
+                row = conn.execute(_LEGACY_TOKEN, {"token_hash": token_hash}).first()
+                live = row is not None and row.used_at is None and not row.grant_revoked
+        if row is None or not live or row.expires_at <= utcnow():
             return None
-        return self._grant(row)
+        return self._grant(row, token_hash)
 
     def use(self, token: str, client_id: str,
             scope_within: set[str] | None = None) -> RefreshGrant | None:
         """Consume a refresh token atomically (exactly one concurrent use wins): one read of
-        the token with its grant's revocation, one conditional update.
+        its grant, one conditional update.
 
-        Presenting a token that was already used revokes its whole grant. With
-        ``scope_within``, a live token whose scope does not cover it raises
+        A token of the grant that is not its live one (a used token presented again) revokes
+        the grant. With ``scope_within``, a live token whose scope does not cover it raises
         :class:`ScopeWidened` and stays unused (RFC 6749 6).
         """
+        grant_id = grant_of(token)
+        if grant_id is None:
+            return self._use_legacy(token, client_id, scope_within, unknown_revokes=None)
         token_hash = digest(token)
         now = utcnow()
-        # Two statements, each atomic, outside a transaction: the claim is an UPDATE that
-        # matches only while the token is unused and its grant unrevoked, so whatever commits
-        # between the read and the claim (a concurrent use, a revocation of the grant) makes
-        # it claim nothing, which is then treated as reuse below. A transaction around both
+        # Two statements, each atomic, outside a transaction: the claim matches only while
+        # the presented token is the grant's live one and the grant is unrevoked, so whatever
+        # commits between the read and the claim (a concurrent use, a revocation) makes it
+        # claim nothing, which is then treated as reuse below. A transaction around both
         # (READ COMMITTED) would see the same: each statement sees what is committed.
         with self._db.reader() as conn:
-            row = conn.execute(_TOKEN_WITH_GRANT, {"token_hash": token_hash}).first()
-            if row is None or row.client_id != client_id:
+            row = conn.execute(_GRANT, {"of_grant": grant_id}).first()
+            if row is None or row.client_id != client_id or row.revoked_at is not None:
+                return None  # unknown, another agency's, or revoked already
+            presented_live = (row.token_hash is not None
+                              and hmac.compare_digest(row.token_hash, token_hash))
+            if presented_live:
+                if row.expires_at <= now:
+                    return None
+                if scope_within is not None and not scope_within <= set(row.scope.split()):
+                    raise ScopeWidened()
+                claimed = cast(CursorResult[Any], conn.execute(_CLAIM, {
+                    "of_grant": grant_id, "presented": token_hash})).rowcount
+        if not presented_live:
+            # Not the live token: a used one (or a forgery) presented again, which revokes
+            # the grant; or one in refresh_tokens (after a downgrade from 0012 and an
+            # upgrade back), used as such.
+            return self._use_legacy(token, client_id, scope_within, unknown_revokes=grant_id)
+        if claimed == 1:
+            return self._grant(row, token_hash)
+        self.revoke_grant(grant_id, reason=REUSE)  # a concurrent use won: a copy exists
+        return None
+
+    def _use_legacy(self, token: str, client_id: str, scope_within: set[str] | None, *,
+                    unknown_revokes: str | None) -> RefreshGrant | None:
+        """``use`` for a token issued before migration 0012: its row in refresh_tokens. Its
+        grant's rotated token is written to the grant's row, as any other. A token not
+        found there revokes the grant ``unknown_revokes``, if given."""
+        now = utcnow()
+        with self._db.reader() as conn:
+            row = conn.execute(_LEGACY_TOKEN, {"token_hash": digest(token)}).first()
+            if row is None:
+                revoke = unknown_revokes
+            elif row.client_id != client_id or row.grant_revoked:
                 return None
-            if row.grant_revoked:
-                return None  # already revoked: nothing more to do
-            live = row.used_at is None and row.expires_at > now
-            if live and scope_within is not None and not scope_within <= set(row.scope.split()):
-                raise ScopeWidened()
-            claimed = cast(CursorResult[Any], conn.execute(
-                _CLAIM, {"row_id": row.id, "of_grant": row.grant_id, "now": now})).rowcount
-        if claimed == 1 and row.expires_at > now:
-            return self._grant(row)
-        if claimed != 1:
-            # used before (or revoked meanwhile): someone holds a copy of this token
-            self.revoke_grant(row.grant_id, reason=REUSE)
+            else:
+                live = row.used_at is None and row.expires_at > now
+                if (live and scope_within is not None
+                        and not scope_within <= set(row.scope.split())):
+                    raise ScopeWidened()
+                claimed = cast(CursorResult[Any], conn.execute(
+                    _LEGACY_CLAIM, {"row_id": row.id, "of_grant": row.grant_id, "now": now})
+                ).rowcount
+                if claimed == 1 and row.expires_at > now:
+                    return self._grant(row, row.token_hash)
+                revoke = None if claimed == 1 else row.grant_id  # used before, or raced
+        if revoke is not None:
+            self.revoke_grant(revoke, reason=REUSE)
         return None
 
     def purge_expired(self, *, before: datetime, batch: int = 5000) -> int:
-        """Delete the tokens of grants that ended before ``before``, then those grants; how
-        many tokens were deleted.
+        """Delete the grants that ended before ``before`` (and any tokens of theirs issued
+        before migration 0012); how many grants were deleted.
 
-        Every rotation leaves a row (the used token, kept so that presenting it again revokes
-        the grant), so without this the table only grows. A token past its grant's end is
-        refused whether or not its row is there. Pass a ``before`` at least one access-token
-        lifetime in the past: until then, replaying a used token still revokes the access
-        tokens the grant issued last. ``batch`` rows per transaction, so that no lock or
-        transaction grows with the backlog. The grants go last: a token is never left
-        without its grant's row while it could still be presented within its lifetime."""
+        A token past its grant's end is refused whether or not its row is there. Pass a
+        ``before`` at least one access-token lifetime in the past: until then, replaying a
+        used token still revokes the access tokens the grant issued last. ``batch`` rows per
+        transaction, so that no lock or transaction grows with the backlog. The grants go
+        last: no token is left without its grant's row."""
         purged = 0
         for table, key in ((_TOKENS, _TOKENS.c.id), (_GRANTS, _GRANTS.c.grant_id)):
             while True:
@@ -438,7 +524,7 @@ class RefreshTokens:
                         delete(table).where(key.in_(
                             select(key).where(table.c.expires_at < before).limit(batch))
                         ).execution_options(synchronize_session=False))).rowcount
-                if table is _TOKENS:
+                if table is _GRANTS:
                     purged += done
                 if done < batch:
                     break

@@ -28,38 +28,40 @@ GRANT = dict(client_id=AGENCY_ONE.client_id, scope="openid email offline_access"
 
 
 def rows_of(hub, grant_id: str) -> int:
+    """The rows a refresh grant has: its own and those of its tokens issued before 0012."""
     with hub.db.session() as s:
-        return s.scalar(select(func.count()).select_from(RefreshToken).where(
-            RefreshToken.grant_id == grant_id))
+        return s.scalar(select(func.count()).select_from(RefreshGrantRecord).where(
+            RefreshGrantRecord.grant_id == grant_id)) + s.scalar(
+            select(func.count()).select_from(RefreshToken).where(
+                RefreshToken.grant_id == grant_id))
 
 
-def grants(hub) -> set[str]:
-    with hub.db.session() as s:
-        return set(s.scalars(select(RefreshGrantRecord.grant_id)))
-
-
-def test_purge_deletes_the_tokens_of_ended_grants_and_nothing_else(sql_hub):
+def test_purge_deletes_the_ended_grants_and_nothing_else(sql_hub):
     """On SQLite and on PostgreSQL."""
     hub = sql_hub
     tokens = hub.server.hub.refresh_tokens
     account = citizen(hub, "purge")
     grant = dict(GRANT, account_id=account)
     ended_an_hour_ago = time.time() - 3600
-    for n in range(7):  # a grant that rotated 6 times, was revoked and ended an hour ago
-        tokens.issue(grant_id="ended", family_expires_at=ended_an_hour_ago, new_grant=n == 0,
-                     **grant)
-    tokens.revoke_grant("ended")
+    for n in range(4):  # four grants that ended an hour ago, one revoked
+        tokens.issue(grant_id=f"ended-{n}", family_expires_at=ended_an_hour_ago,
+                     new_grant=True, **grant)
+    tokens.revoke_grant("ended-0")
+    # and six used tokens of one of them, issued before migration 0012
+    with hub.db.session() as s:
+        s.add_all(RefreshToken(token_hash=f"{n:064d}", grant_id="ended-1", used_at=utcnow(),
+                               expires_at=utcnow() - timedelta(hours=1), **dict(
+                                   grant, amr=["pwd"])) for n in range(6))
     recent = tokens.issue(grant_id="recent", family_expires_at=time.time() - 60,
                           new_grant=True, **grant)
     live = tokens.issue(grant_id="live", **grant)
-    assert tokens.use(live, AGENCY_ONE.client_id) is not None
-    live = tokens.issue(grant_id="live", family_expires_at=int(time.time()) + 3600,
-                        **grant)  # rotated: one used row, one live
+    used = tokens.use(live, AGENCY_ONE.client_id)
+    assert used is not None
+    live = tokens.issue(grant_id="live", family_expires_at=used.expires_at, **grant)
 
     # ended before the cut-off (ten minutes ago): gone, three rows per transaction
-    assert tokens.purge_expired(before=utcnow() - timedelta(minutes=10), batch=3) == 7
-    assert (rows_of(hub, "ended"), rows_of(hub, "recent"), rows_of(hub, "live")) == (0, 1, 2)
-    assert grants(hub) == {"recent", "live"}  # the ended grant's row went after its tokens
+    assert tokens.purge_expired(before=utcnow() - timedelta(minutes=10), batch=3) == 4
+    assert [rows_of(hub, g) for g in ("ended-0", "ended-1", "recent", "live")] == [0, 0, 1, 1]
     assert tokens.purge_expired(before=utcnow() - timedelta(minutes=10), batch=3) == 0
     # what is left works as before: the live grant refreshes, the ended one is refused
     assert tokens.use(live, AGENCY_ONE.client_id) is not None
@@ -99,7 +101,7 @@ def test_a_failing_job_is_logged_and_the_other_still_runs(make_hub, monkeypatch,
 
     monkeypatch.setattr(hub.consent, "expire_due", broken)
     done = run_once(hub)
-    assert (done.consents_expired, done.refresh_tokens_purged, done.ok) == (None, 1, False)
+    assert (done.consents_expired, done.refresh_grants_purged, done.ok) == (None, 1, False)
     assert "consent expiry failed" in caplog.text and "unreachable" in caplog.text
 
 
@@ -123,5 +125,5 @@ def test_the_command_runs_housekeeping_once(cli_hub):
     result = CliRunner().invoke(main, ["--config", str(path), "housekeeping"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "consent grants expired: 0; refresh tokens purged: 1" in result.output
+    assert "consent grants expired: 0; refresh grants purged: 1" in result.output
     assert rows_of(hub, "ended") == 0

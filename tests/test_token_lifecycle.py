@@ -12,7 +12,7 @@ from jose import jwt as jose_jwt
 from sqlalchemy import select
 
 from idp.models import RefreshGrantRecord, RefreshToken
-from idp.tokens import ScopeWidened, TokenStore
+from idp.tokens import GrantEnded, ScopeWidened, TokenStore, digest
 from tests.conftest import HUB_ISSUER
 from tests.flows import (
     AGENCY_ONE,
@@ -124,14 +124,23 @@ def test_refresh_token_bound_to_its_client(client):
     assert refresh(client, body["refresh_token"]).status_code == 200
 
 
-def test_rotation_keeps_absolute_lifetime(client, hub):
+def test_rotation_keeps_absolute_lifetime_in_one_row(client, hub):
+    """A grant is one row, whatever its history: each refresh rewrites its live token's
+    hash in place, and never moves its end."""
     body = tokens(client)
-    refresh(client, body["refresh_token"])
     with hub.db.session() as s:
-        rows = s.scalars(select(RefreshToken)).all()
-    assert len(rows) == 2 and len({r.grant_id for r in rows}) == 1
-    assert abs((rows[0].expires_at - rows[1].expires_at).total_seconds()) < 2
-    assert all(len(r.token_hash) == 64 and r.token_hash != body["refresh_token"] for r in rows)
+        [before] = s.scalars(select(RefreshGrantRecord)).all()
+        s.expunge(before)
+    rotated = refresh(client, body["refresh_token"]).json["refresh_token"]
+    rotated = refresh(client, rotated).json["refresh_token"]
+    with hub.db.session() as s:
+        [after] = s.scalars(select(RefreshGrantRecord)).all()
+        assert s.scalars(select(RefreshToken)).all() == []
+    assert after.grant_id == before.grant_id and after.expires_at == before.expires_at
+    assert (before.rotations, after.rotations) == (0, 2) and after.rotated_at is not None
+    # only hashes are stored; the token carries its grant's id
+    assert after.token_hash == digest(rotated) and len(after.token_hash) == 64
+    assert rotated.startswith(after.grant_id + ".") and before.token_hash != after.token_hash
 
 
 def test_concurrent_refresh_has_one_winner(app):
@@ -182,9 +191,11 @@ def test_rfc9700_4_14_2_racing_uses_of_one_token_have_one_winner_at_most(sql_hub
         for t in threads:
             t.join()
         assert len(won) <= 1, f"round {round_}: {len(won)} winners"
-        after = refresh_tokens.issue(grant_id=f"race-{round_}", **grant,
-                                     family_expires_at=int(time.time()) + 3600)
-        assert refresh_tokens.use(after, AGENCY_ONE.client_id) is None, round_
+        # the winner's rotated token cannot be written: the grant is revoked
+        with pytest.raises(GrantEnded):
+            refresh_tokens.issue(grant_id=f"race-{round_}", **grant,
+                                 family_expires_at=int(time.time()) + 3600)
+        assert refresh_tokens.find(token) is None, round_
         assert hub.tokens.is_marked_revoked("grant", f"race-{round_}")
 
 
@@ -200,18 +211,32 @@ def test_rfc9700_4_14_2_a_replayed_token_revokes_its_grant_and_says_why(hub):
     tokens.revoke_grant("g-replayed")  # a later revocation keeps the first one's reason
     with hub.db.session() as s:
         assert s.get(RefreshGrantRecord, "g-replayed").revoked_reason == "reuse"
+    # a token that carries a known grant's id but is not its live one is a used one (or a
+    # forgery by someone who knows the id): the grant is revoked all the same
+    forged = tokens.issue(grant_id="g-forged", **grant)
+    assert tokens.use("g-forged.not-its-secret", AGENCY_ONE.client_id) is None
+    assert tokens.use(forged, AGENCY_ONE.client_id) is None
+    # a token of another agency's grant revokes nothing; garbage finds nothing
+    other = tokens.issue(grant_id="g-other", **grant)
+    assert tokens.use(other, AGENCY_TWO.client_id) is None
+    assert tokens.use("g-other.x", AGENCY_TWO.client_id) is None
+    assert tokens.use(other, AGENCY_ONE.client_id) is not None
+    for garbage in ("", ".", "no-dot", "a.b.c", "x" * 40 + ".y", "unknown.secret"):
+        assert tokens.find(garbage) is None and tokens.use(garbage, AGENCY_ONE.client_id) is None
 
 
-def test_migration_0012_moves_each_grants_revocation_to_its_own_row(database_url):
+def test_migration_0012_moves_each_grant_to_its_own_row(database_url):
     """Until 0012 a grant was revoked when any of its tokens was; the grant's row says so
-    from the first such time. Downgrading marks every token of a revoked grant again."""
+    from the first such time. Tokens issued before still work, or revoke their grant when
+    used ones come back; their grant's next token is of the new kind. Downgrading puts each
+    grant's live token back and marks every token of a revoked grant again."""
     from datetime import UTC, datetime, timedelta
 
     from alembic import command
     from sqlalchemy import text
 
     from civitas.migrations import alembic_config, upgrade
-    from idp.tokens import RefreshTokens, digest
+    from idp.tokens import RefreshTokens
     from kernel.db import Database
     from kernel.store import MemoryStore
 
@@ -222,7 +247,7 @@ def test_migration_0012_moves_each_grants_revocation_to_its_own_row(database_url
         end = datetime.now(UTC) + timedelta(days=10)
         rows = [("revoked", "r1", t0, t0 + timedelta(hours=2)), ("revoked", "r2", t0, None),
                 ("revoked", "r3", t0, t0 + timedelta(hours=1)), ("live", "l1", t0, None),
-                ("live", "l2", None, None)]
+                ("live", "l2", None, None), ("quiet", "q1", None, None)]
         with db.engine.begin() as conn:
             for grant_id, token, used_at, revoked_at in rows:
                 conn.execute(text(
@@ -243,13 +268,30 @@ def test_migration_0012_moves_each_grants_revocation_to_its_own_row(database_url
                                                                          "acct")
             assert abs((live.expires_at - end).total_seconds()) < 1
         assert tokens.find("r2") is None and tokens.find("l1") is None
+        assert tokens.find("q1") is not None and tokens.find("l2") is not None
+        grant = dict(client_id="agency-one", account_id="acct", scope="openid", sid="s",
+                     acr="a", amr=("pwd",), auth_time=0)
+        # a legacy token's use rotates its grant to a token of the new kind
         assert tokens.use("l2", "agency-one") is not None
+        rotated = tokens.issue(grant_id="live", family_expires_at=int(end.timestamp()),
+                               **grant)
+        assert tokens.find(rotated) is not None
+        again = tokens.use(rotated, "agency-one")
+        assert again is not None and again.expires_at == int(end.timestamp())
+        kept = tokens.issue(grant_id="live", family_expires_at=again.expires_at, **grant)
         command.downgrade(alembic_config(db.engine), "0011")
         with db.engine.connect() as conn:
             marked = dict(conn.execute(text(
                 "SELECT token_hash, revoked_at IS NOT NULL FROM refresh_tokens")).all())
-        assert {digest(t): m for t, m in [("r1", True), ("r2", True), ("r3", True),
-                                          ("l1", False), ("l2", False)]} == marked
+        assert marked == {digest(t): m for t, m in [
+            ("r1", True), ("r2", True), ("r3", True), ("l1", False), ("l2", False),
+            ("q1", False), (kept, False)]}
+        # and up again: a used legacy token presented once more revokes its grant
+        upgrade(db.engine)
+        assert tokens.find(kept) is not None
+        assert tokens.use("l1", "agency-one") is None and tokens.find(kept) is None
+        with db.session() as s:
+            assert s.get(RefreshGrantRecord, "live").revoked_reason == "reuse"
     finally:
         db.dispose()
 
@@ -369,9 +411,10 @@ def test_key_rotation_publishes_before_signing_and_old_tokens_still_verify(clien
     assert userinfo(client, before["access_token"]).status_code == 200
 
 
-def test_rfc9700_4_14_token_rotated_in_while_its_grant_was_revoked_is_dead(hub):
-    """A token written after its grant was revoked (a rotation racing a replay) is refused,
-    and a wider scope leaves a live token unused (RFC 6749 6)."""
+def test_rfc9700_4_14_no_token_is_rotated_in_after_its_grant_was_revoked(hub):
+    """A grant revoked between a use and the rotated token's issue (a rotation racing a
+    replay or a revocation) gets no new token, and a wider scope leaves a live token unused
+    (RFC 6749 6)."""
     tokens = hub.server.hub.refresh_tokens
     grant = refresh_grant(hub, "rotation-race")
     live = tokens.issue(grant_id="g-live", **grant)
@@ -381,15 +424,14 @@ def test_rfc9700_4_14_token_rotated_in_while_its_grant_was_revoked_is_dead(hub):
     assert tokens.use(live, AGENCY_ONE.client_id, scope_within={"openid"}) is not None
 
     first = tokens.issue(grant_id="g-raced", **grant)
-    tokens.revoke_grant("g-raced")
-    late = tokens.issue(grant_id="g-raced", **grant,  # rotated in after the revocation
-                        family_expires_at=int(time.time()) + 3600)
-    assert tokens.find(late) is None and tokens.use(late, AGENCY_ONE.client_id) is None
+    used = tokens.use(first, AGENCY_ONE.client_id)
+    assert used is not None
+    tokens.revoke_grant("g-raced")  # between the use and the rotated token's issue
+    with pytest.raises(GrantEnded):
+        tokens.issue(grant_id="g-raced", **grant, family_expires_at=used.expires_at)
     assert tokens.use(first, AGENCY_ONE.client_id) is None
     with hub.db.session() as s:
         record = s.get(RefreshGrantRecord, "g-raced")
-        unused = s.scalars(select(RefreshToken.used_at).where(
-            RefreshToken.grant_id == "g-raced")).all()
-    # one row says the grant is revoked, and why; refusing the tokens used none of them
+    # one row says the grant is revoked, and why (the replay above kept the first reason)
     assert record.revoked_at is not None and record.revoked_reason == "revoked"
-    assert unused == [None, None]
+    assert record.token_hash is None and record.rotations == 0
