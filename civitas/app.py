@@ -48,7 +48,7 @@ from idp.logout import LogoutService, SessionParticipants
 from idp.logout_views import create_blueprint as logout_blueprint
 from idp.pairwise import PairwiseSubjects
 from idp.provider import HubAuthorizationServer, ProviderServices
-from idp.tokens import AccessTokens, RefreshTokens, TokenStore
+from idp.tokens import ACCOUNT_DELETED, AccessTokens, RefreshTokens, TokenStore
 from idp.views import create_blueprint as idp_blueprint
 from kernel.crypto import FieldCipher
 from kernel.db import Database, startup_lock
@@ -238,7 +238,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
         sessionless=_PROGRAM_PATHS)
     app.register_blueprint(broker_blueprint(
         hub.broker, on_logout=hub.logout.end_session,
-        on_delete=lambda account_id: hub.consent.withdraw_all(account_id)))
+        on_delete=lambda account_id: _account_deleted(hub, account_id)))
     app.register_blueprint(idp_blueprint(hub.server, hub.broker))
     app.register_blueprint(logout_blueprint(hub.logout))
     app.register_blueprint(consent_blueprint(
@@ -277,6 +277,13 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
     _install_error_pages(app)
     observability.install(app)
     return app
+
+
+def _account_deleted(hub: Hub, account_id: str) -> None:
+    """Right to erasure: every refresh grant of the account is revoked (first, so that its
+    reason says so: any agency's, consent-based or not), then every consent withdrawn."""
+    hub.server.hub.refresh_tokens.revoke_account(account_id, reason=ACCOUNT_DELETED)
+    hub.consent.withdraw_all(account_id)
 
 
 def _agency_policy(hub: Hub) -> Any:

@@ -127,8 +127,8 @@ class RefreshGrantRecord(Base):
     rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     #: why: ``reuse`` (a token of the grant presented that is not its live one), ``revoked``
-    #: (RFC 7009, by the agency), ``consent_withdrawn`` (by the citizen), ``legacy`` (revoked
-    #: before this table existed)
+    #: (RFC 7009, by the agency), ``consent_withdrawn`` (by the citizen), ``account_deleted``,
+    #: ``legacy`` (revoked before this table existed)
     revoked_reason: Mapped[str | None] = mapped_column(String(40), nullable=True)
 
 

@@ -356,6 +356,7 @@ _LEGACY_CLAIM = (update(_TOKENS)
 
 #: why a grant was revoked (``refresh_grants.revoked_reason``)
 REUSE, REVOKED_BY_AGENCY, CONSENT_WITHDRAWN = "reuse", "revoked", "consent_withdrawn"
+ACCOUNT_DELETED = "account_deleted"
 
 
 def grant_of(token: str) -> str | None:

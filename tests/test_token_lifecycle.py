@@ -4,6 +4,7 @@ RFC 9700 4.14), revocation (RFC 7009) and introspection (RFC 7662)."""
 from __future__ import annotations
 
 import base64
+import re
 import threading
 import time
 
@@ -223,6 +224,21 @@ def test_rfc9700_4_14_2_a_replayed_token_revokes_its_grant_and_says_why(hub):
     assert tokens.use(other, AGENCY_ONE.client_id) is not None
     for garbage in ("", ".", "no-dot", "a.b.c", "x" * 40 + ".y", "unknown.secret"):
         assert tokens.find(garbage) is None and tokens.use(garbage, AGENCY_ONE.client_id) is None
+
+
+def test_deleting_the_account_revokes_its_refresh_grants_and_says_why(app, hub):
+    client = app.test_client()
+    one, two = tokens(client), tokens(client, agency=AGENCY_TWO)
+    page = client.get("/account").get_data(as_text=True)
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    r = client.post("/account/delete", data={"csrf": csrf, "confirm": "delete"})
+    assert r.status_code == 303
+    for body, agency in ((one, AGENCY_ONE), (two, AGENCY_TWO)):
+        r = refresh(client, body["refresh_token"], agency=agency)
+        assert r.status_code == 400 and r.json["error"] == "invalid_grant"
+    with hub.db.session() as s:
+        reasons = s.scalars(select(RefreshGrantRecord.revoked_reason)).all()
+    assert reasons == ["account_deleted", "account_deleted"]
 
 
 def test_migration_0012_moves_each_grant_to_its_own_row(database_url):
