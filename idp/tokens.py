@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 import uuid
@@ -38,10 +39,13 @@ from sqlalchemy import (
 )
 
 from kernel.db import Database, utcnow
+from kernel.metrics import REFRESH_REVOKED
 from kernel.store import ShortLivedStore
 
 from .keys import SUPPORTED_ALGS, KeyRing
 from .models import RefreshGrantRecord, RefreshToken
+
+log = logging.getLogger(__name__)
 
 
 def digest(value: str) -> str:
@@ -478,7 +482,7 @@ class RefreshTokens:
             return self._use_legacy(token, client_id, scope_within, unknown_revokes=grant_id)
         if claimed == 1:
             return self._grant(row, token_hash)
-        self.revoke_grant(grant_id, reason=REUSE)  # a concurrent use won: a copy exists
+        self._reused(grant_id, client_id)  # a concurrent use won: a copy exists
         return None
 
     def _use_legacy(self, token: str, client_id: str, scope_within: set[str] | None, *,
@@ -505,8 +509,15 @@ class RefreshTokens:
                     return self._grant(row, row.token_hash)
                 revoke = None if claimed == 1 else row.grant_id  # used before, or raced
         if revoke is not None:
-            self.revoke_grant(revoke, reason=REUSE)
+            self._reused(revoke, client_id)
         return None
+
+    def _reused(self, grant_id: str, client_id: str) -> None:
+        """A token of the grant other than its live one was presented: someone holds a copy
+        of a token (RFC 9700 4.14.2), a security event the operator should see."""
+        if self.revoke_grant(grant_id, reason=REUSE):
+            log.warning("refresh token reuse by agency %s: grant %s revoked", client_id,
+                        grant_id)
 
     def purge_expired(self, *, before: datetime, batch: int = 5000) -> int:
         """Delete the grants that ended before ``before`` (and any tokens of theirs issued
@@ -531,13 +542,18 @@ class RefreshTokens:
                     break
         return purged
 
-    def revoke_grant(self, grant_id: str, *, reason: str = REVOKED_BY_AGENCY) -> None:
+    def revoke_grant(self, grant_id: str, *, reason: str = REVOKED_BY_AGENCY) -> bool:
         """Revoke a grant: each of its tokens, used, live or rotated in later, is refused,
         and so are the access tokens it issued. One row, whatever the grant's history; a
-        grant revoked already keeps its first revocation's time and reason."""
+        grant revoked already keeps its first revocation's time and reason. Whether this
+        call revoked it (counted in ``civitas_refresh_grants_revoked_total``)."""
         with self._db.reader() as conn:
-            conn.execute(_REVOKE, {"of_grant": grant_id, "now": utcnow(), "reason": reason})
+            revoked = cast(CursorResult[Any], conn.execute(
+                _REVOKE, {"of_grant": grant_id, "now": utcnow(), "reason": reason})).rowcount
         self._tokens.mark_revoked("grant", grant_id)
+        if revoked == 1:
+            REFRESH_REVOKED.labels(reason).inc()
+        return revoked == 1
 
     def revoke_account(self, account_id: str, client_id: str | None = None, *,
                        reason: str = CONSENT_WITHDRAWN) -> None:

@@ -19,3 +19,5 @@ CONSENT_DECISIONS = Counter("civitas_consent_decisions_total", "Consent decision
                             ["decision"])
 DELIVERIES = Counter("civitas_event_deliveries_total", "Back-channel logout and SET deliveries",
                      ["kind", "outcome"])
+REFRESH_REVOKED = Counter("civitas_refresh_grants_revoked_total",
+                          "Refresh grants revoked, by reason (reuse: RFC 9700 4.14.2)", ["reason"])

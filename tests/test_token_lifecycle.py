@@ -10,6 +10,7 @@ import time
 
 import pytest
 from jose import jwt as jose_jwt
+from prometheus_client import REGISTRY
 from sqlalchemy import select
 
 from idp.models import RefreshGrantRecord, RefreshToken
@@ -200,18 +201,27 @@ def test_rfc9700_4_14_2_racing_uses_of_one_token_have_one_winner_at_most(sql_hub
         assert hub.tokens.is_marked_revoked("grant", f"race-{round_}")
 
 
-def test_rfc9700_4_14_2_a_replayed_token_revokes_its_grant_and_says_why(hub):
+def revocations(reason):
+    return REGISTRY.get_sample_value("civitas_refresh_grants_revoked_total",
+                                     {"reason": reason}) or 0
+
+
+def test_rfc9700_4_14_2_a_replayed_token_revokes_its_grant_and_says_why(hub, caplog):
     tokens = hub.server.hub.refresh_tokens
     grant = refresh_grant(hub, "replay")
     first = tokens.issue(grant_id="g-replayed", **grant)
     assert tokens.use(first, AGENCY_ONE.client_id) is not None
     second = tokens.issue(grant_id="g-replayed", **grant,
                           family_expires_at=int(time.time()) + 3600)
+    reused, revoked = revocations("reuse"), revocations("revoked")
     assert tokens.use(first, AGENCY_ONE.client_id) is None  # the replay
     assert tokens.find(second) is None and tokens.use(second, AGENCY_ONE.client_id) is None
-    tokens.revoke_grant("g-replayed")  # a later revocation keeps the first one's reason
+    assert not tokens.revoke_grant("g-replayed")  # a later one keeps the first one's reason
     with hub.db.session() as s:
         assert s.get(RefreshGrantRecord, "g-replayed").revoked_reason == "reuse"
+    # a security event for the operator: counted once, and logged
+    assert (revocations("reuse"), revocations("revoked")) == (reused + 1, revoked)
+    assert "refresh token reuse by agency agency-one: grant g-replayed revoked" in caplog.text
     # a token that carries a known grant's id but is not its live one is a used one (or a
     # forgery by someone who knows the id): the grant is revoked all the same
     forged = tokens.issue(grant_id="g-forged", **grant)
