@@ -7,9 +7,10 @@ issued is written with the code, so a reuse that races the first redemption is s
 
 Access tokens are JWTs in the RFC 9068 profile (``typ: at+jwt``) so agency APIs can check
 them offline; each has a ``jti`` whose record in the store is what revocation and
-introspection act on. Refresh tokens are opaque, stored hashed in SQL, rotated on every use;
-a used one presented again revokes its whole grant (RFC 9700 4.14.2). Only hashes of codes
-and tokens are ever used as keys.
+introspection act on. Refresh tokens are ``<grant_id>.<secret>``, opaque to agencies: one SQL
+row per grant holds the hash of its live token, rotated in place on every use, and any other
+token of the grant presented revokes the whole grant (RFC 9700 4.14.2). Only hashes of codes
+and tokens are ever stored or used as keys.
 """
 
 from __future__ import annotations
@@ -396,7 +397,8 @@ class RefreshTokens:
         token = f"{grant_id}.{secrets.token_urlsafe(32)}"
         now = utcnow()
         statement: Executable
-        if family_expires_at is None if new_grant is None else new_grant:
+        starts = new_grant if new_grant is not None else family_expires_at is None
+        if starts:
             expires = (now + timedelta(seconds=self.lifetime) if family_expires_at is None
                        else now + timedelta(seconds=family_expires_at - time.time()))
             statement, values = _INSERT_GRANT, {
