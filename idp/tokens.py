@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import time
 import uuid
@@ -364,13 +365,17 @@ REUSE, REVOKED_BY_AGENCY, CONSENT_WITHDRAWN = "reuse", "revoked", "consent_withd
 ACCOUNT_DELETED = "account_deleted"
 
 
+#: ``<grant_id>.<secret>``: a grant id (hex from new_grant_id; the column holds 32 characters
+#: of this alphabet at most) and token_urlsafe's alphabet
+_REFRESH_TOKEN = re.compile(r"([A-Za-z0-9_-]{1,32})\.[A-Za-z0-9_-]+")
+
+
 def grant_of(token: str) -> str | None:
     """The grant id a refresh token carries (``<grant_id>.<secret>``); None for a token
-    issued before migration 0012 (no dot) or anything else."""
-    grant_id, dot, secret = token.partition(".")
-    if not dot or not secret or "." in secret or not 0 < len(grant_id) <= 32:
-        return None
-    return grant_id
+    issued before migration 0012 (no dot) or anything else, which is then looked up only by
+    its hash."""
+    shaped = _REFRESH_TOKEN.fullmatch(token)
+    return shaped.group(1) if shaped else None
 
 
 class GrantEnded(ValueError):

@@ -49,7 +49,8 @@ def test_nul_characters_are_refused_on_postgresql_too(upstream_issuer, pg_databa
     """PostgreSQL text cannot hold U+0000 and its driver refuses to send one, so a NUL that
     reached a query was a 500 there (never on SQLite): in a client id (HTTP Basic, a form, a
     query), in an AuthZEN field. Each is now an unknown client or a 400."""
-    app = create_app(hub_config(upstream_issuer, pg_database_url))
+    app = create_app(hub_config(upstream_issuer, pg_database_url, agencies=[
+        AGENCY_ONE.config(scopes=["openid", "email", "offline_access"])]))
     client = app.test_client()
     agency = _basic(AGENCY_ONE.client_id, AGENCY_ONE.secret)
     form = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -83,6 +84,12 @@ def test_nul_characters_are_refused_on_postgresql_too(upstream_issuer, pg_databa
         r = client.post("/token", headers={**_basic("a\x00", "b"), **form},
                         data="grant_type=client_credentials")
         assert r.status_code == 401 and r.json["error"] == "invalid_client"
+        # a refresh token carries its grant's id, which is looked up: a NUL there is an
+        # unknown token, like any other that is not the hub's
+        for token in ("a%00.b", "a.b%00", "%00", "a%00b"):
+            r = client.post("/token", headers={**agency, **form},
+                            data=f"grant_type=refresh_token&refresh_token={token}")
+            assert r.status_code == 400 and r.json["error"] == "invalid_grant", token
     finally:
         app.extensions["civitas"].db.dispose()
 
