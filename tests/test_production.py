@@ -25,7 +25,7 @@ from civitas.cli import main
 from civitas.observability import JSONFormatter
 from tests import servers
 from tests.conftest import HUB_ISSUER, HUB_PORT, hub_config
-from tests.flows import AGENCY_ONE, AuthRequest, full_login, query, redeem
+from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest, full_login, query, redeem
 
 
 def test_healthz_and_readyz(client):
@@ -146,7 +146,9 @@ def workers_hub(tmp_path_factory, upstream_issuer, postgres_url, redis_url):
     """`civitas serve --workers 2` as a real process on PostgreSQL and Redis."""
     tmp = tmp_path_factory.mktemp("workers")
     cfg = hub_config(upstream_issuer, postgres_url, redis_url=redis_url,
-                     encryption_key=Fernet.generate_key().decode())
+                     encryption_key=Fernet.generate_key().decode(), agencies=[
+                         AGENCY_ONE.config(scopes=["openid", "profile", "email",
+                                                   "offline_access"]), AGENCY_TWO.config()])
     path = tmp / "civitas.yaml"
     path.write_text(yaml.safe_dump(cfg))
     log = (tmp / "hub.log").open("wb")
@@ -252,6 +254,47 @@ def test_two_workers_serve_full_logins_and_consent_decisions(workers_hub):
         [line for line in metrics.splitlines() if "logins" in line]
     assert re.search(r'civitas_consent_decisions_total\{decision="permit"\} (4\d|[5-9]\d)',
                      metrics), metrics
+
+
+def test_refresh_tokens_rotate_across_workers_and_a_replay_revokes_the_grant(workers_hub):
+    """RFC 9700 4.14.2 on the real stack: each refresh goes out on a new connection (any
+    worker), rotates the grant's token in PostgreSQL, and a replay of a used token, seen by
+    whichever worker, revokes the grant; the operator sees it in /metrics and in the log."""
+    auth = AuthRequest(scope="openid email offline_access")
+    params = browser_login(workers_hub, auth)
+    agency = (AGENCY_ONE.client_id, AGENCY_ONE.secret)
+    r = requests.post(f"{workers_hub}/token", timeout=10, auth=agency, data={
+        "grant_type": "authorization_code", "code": params["code"],
+        "redirect_uri": AGENCY_ONE.redirect_uri, "code_verifier": auth.verifier})
+    assert r.status_code == 200, r.text
+    issued = [r.json()["refresh_token"]]
+    for _ in range(6):
+        r = requests.post(f"{workers_hub}/token", timeout=10, auth=agency, data={
+            "grant_type": "refresh_token", "refresh_token": issued[-1]})
+        assert r.status_code == 200, r.text
+        issued.append(r.json()["refresh_token"])
+    assert len(set(issued)) == len(issued)
+    access = r.json()["access_token"]
+    assert requests.get(f"{workers_hub}/userinfo", timeout=5, headers={
+        "Authorization": f"Bearer {access}"}).status_code == 200
+
+    r = requests.post(f"{workers_hub}/token", timeout=10, auth=agency, data={
+        "grant_type": "refresh_token", "refresh_token": issued[2]})  # a used one, replayed
+    assert r.status_code == 400 and r.json()["error"] == "invalid_grant"
+    r = requests.post(f"{workers_hub}/token", timeout=10, auth=agency, data={
+        "grant_type": "refresh_token", "refresh_token": issued[-1]})
+    assert r.status_code == 400 and r.json()["error"] == "invalid_grant"
+    assert requests.get(f"{workers_hub}/userinfo", timeout=5, headers={
+        "Authorization": f"Bearer {access}"}).status_code == 401
+    metrics = requests.get(f"{workers_hub}/metrics", timeout=5).text
+    assert re.search(r'civitas_refresh_grants_revoked_total\{reason="reuse"\} 1\.0', metrics), \
+        [line for line in metrics.splitlines() if "refresh" in line]
+    deadline = time.monotonic() + 5
+    while "refresh token reuse by agency agency-one" not in (
+            logged := WORKERS_HUB_FILES["log"].read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    [line] = [json.loads(line) for line in logged.splitlines() if "refresh token reuse" in line]
+    assert line["level"] == "warning" and issued[2] not in logged
 
 
 def test_every_line_the_workers_log_is_json_and_nothing_is_written_in_home(workers_hub):
