@@ -89,9 +89,9 @@ class RefreshGrantRecord(Base):
     A token is ``<grant_id>.<secret>``; the row keeps the hash of the live one only. Each use
     rotates it in place, so a grant is one row however often it is refreshed. A token of the
     grant whose hash is not the live one's, presented by the grant's own agency (its client
-    authenticated), is a used one presented again, or a forgery that only someone holding the
-    agency's credentials and one of the grant's tokens could make: either way the grant is
-    revoked, with every token it had or will have. Revoking, or asking "is it revoked?", is
+    authenticated), is a used one presented again, or a forgery that takes the agency's
+    credentials and the grant's id (which only the grant's tokens carry): either way the
+    grant is revoked, with every token it had or will have. Revoking, or asking "is it revoked?", is
     one row whatever the grant's history.
 
     Grants issued before migration 0012 keep their tokens in :class:`RefreshToken` until
