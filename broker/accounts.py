@@ -8,7 +8,7 @@ can assert any email address.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -243,17 +243,19 @@ class AccountDirectory:
         """One value per attribute: the one from the highest-ranked source."""
         return self.live_attributes(account_id) or {}
 
-    def live_attributes(self, account_id: str) -> dict[str, Any] | None:
+    def live_attributes(self, account_id: str,
+                        names: Collection[str] | None = None) -> dict[str, Any] | None:
         """:meth:`attributes` of an account that exists and is not deleted, else None: the
-        account and its attributes in one read (userinfo's path)."""
+        account and its attributes in one read (userinfo's path). With ``names``, only those
+        attributes are decrypted and returned: what a request can release, no more."""
         with self._db.reader() as conn:
             rows = conn.execute(_LIVE_ATTRIBUTES, {"account_id": account_id}).all()
         if not rows or rows[0].deleted_at is not None:
             return None
         best: dict[str, tuple[tuple[int, float], Any]] = {}
         for row in rows:
-            if row.name is None:
-                continue  # an account without attributes
+            if row.name is None or (names is not None and row.name not in names):
+                continue  # an account without attributes, or one not asked for
             rank = self._rank(row)
             if row.name not in best or rank < best[row.name][0]:
                 best[row.name] = (rank, row.value_encrypted)

@@ -13,6 +13,12 @@ SCOPE_CLAIMS: dict[str, tuple[str, ...]] = {
 }
 
 
+def scope_claim_names(scope: str) -> frozenset[str]:
+    """The claims a scope can release (OpenID Connect Core 5.4): the only attributes a
+    request with it needs to decrypt."""
+    return frozenset(name for s in scope.split() for name in SCOPE_CLAIMS.get(s, ()))
+
+
 def claims_for_scope(attributes: Mapping[str, Any], scope: str) -> dict[str, Any]:
     released: dict[str, Any] = {}
     for s in scope.split():

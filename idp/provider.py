@@ -46,7 +46,7 @@ from kernel.ratelimit import Limit, RateLimited, RateLimiter
 from .agencies import AUTH_METHODS as AGENCY_AUTH_METHODS
 from .agencies import PUBLIC_SECTOR, SERVICE_SCOPES, AgencyClient, AgencyRegistry
 from .agency_keys import AgencyKeys
-from .claims import claims_for_scope, releasable
+from .claims import claims_for_scope, releasable, scope_claim_names
 from .client_auth import PrivateKeyJWT
 from .keys import SUPPORTED_ALGS, KeyRing
 from .logout import SessionParticipants
@@ -263,7 +263,8 @@ class CodeGrant(grants.AuthorizationCodeGrant):
     def authenticate_user(self, authorization_code: AuthorizationCode) -> HubLogin | None:
         # The account must still exist; its attributes come in the same read, and the ID
         # token of this request is made from them (encode_id_token), not read again.
-        attributes = self.hub.accounts.live_attributes(authorization_code.account_id)
+        attributes = self.hub.accounts.live_attributes(
+            authorization_code.account_id, scope_claim_names(authorization_code.scope))
         if attributes is None:
             return None
         if self.hub.tokens.is_marked_revoked("sid", authorization_code.sid):

@@ -19,6 +19,7 @@ from consent.views import read_consent_form, render_consent_page
 
 from .agencies import ID_TOKEN_ALGS, SERVICE_SCOPES
 from .agency_keys import ASSERTION_ALGS
+from .claims import scope_claim_names
 from .consent_step import park, requested_claims, unpark
 from .provider import AUTH_METHODS, HubAuthorizationServer, StoredAuthorizationRequest
 
@@ -336,7 +337,8 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
         client = hub.agencies.client(record.client_id) if record else None
         attributes = None
         if record is not None and client is not None and "openid" in record.scope.split():
-            attributes = hub.accounts.live_attributes(record.account_id)  # None: deleted
+            attributes = hub.accounts.live_attributes(  # None: deleted
+                record.account_id, scope_claim_names(record.scope))
         if record is None or client is None or attributes is None:
             resp = jsonify(error="invalid_token",
                            error_description="The access token is invalid or expired")

@@ -4,6 +4,7 @@ RFC 9700 4.14), revocation (RFC 7009) and introspection (RFC 7662)."""
 from __future__ import annotations
 
 import base64
+import json
 import re
 import threading
 import time
@@ -320,6 +321,33 @@ def test_migration_0012_moves_each_grant_to_its_own_row(database_url):
             assert s.get(RefreshGrantRecord, "live").revoked_reason == "reuse"
     finally:
         db.dispose()
+
+
+def test_only_the_attributes_a_scope_can_release_are_decrypted(client, hub, monkeypatch):
+    """OpenID Connect Core 5.4: the code exchange (for the ID token) and userinfo decrypt the
+    attributes their scope can release and no other: "openid email" needs two of alice's."""
+    from broker.models import AccountAttribute
+
+    cipher = hub.accounts._cipher  # noqa: SLF001 - the spy watches what is decrypted
+    original = cipher.decrypt
+    decrypted = []
+
+    def spy(token):
+        plain = original(token)
+        decrypted.append(json.loads(plain))
+        return plain
+
+    tokens(client, scope="openid profile email")  # signs alice in
+    with hub.db.session() as s:
+        assert len(set(s.scalars(select(AccountAttribute.name)))) > 2  # more than email
+    monkeypatch.setattr(cipher, "decrypt", spy)
+    body = tokens(client, scope="openid email")
+    info = userinfo(client, body["access_token"]).json
+    id_token = jose_jwt.get_unverified_claims(body["id_token"])
+    assert id_token["email"] == info["email"] == "alice@example.org"
+    assert info["email_verified"] is True and "name" not in info and "name" not in id_token
+    # email and email_verified, once for the ID token and once for userinfo: nothing else
+    assert sorted(map(str, decrypted)) == sorted(["alice@example.org", "True"] * 2)
 
 
 def test_rfc7662_introspection_of_own_tokens(client):
