@@ -28,10 +28,13 @@ class PeriodicThread:
         self._thread.start()
 
     def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop the thread, waiting up to ``timeout`` for it. Safe from the thread itself:
+        the app's finalizer calls this, and a garbage collection run by the job may run it
+        there."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
