@@ -21,6 +21,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from kernel.db import utcnow
+from kernel.metrics import BACKGROUND_JOBS
 from kernel.periodic import PeriodicThread
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ def run_once(hub: Hub) -> Round:
         purged = hub.server.hub.refresh_tokens.purge_expired(before=before)
     except Exception:  # noqa: BLE001 - logged; the schedule must go on
         log.exception("refresh grant purge failed, will retry next round")
+    for job, done in (("consent_expiry", expired), ("refresh_purge", purged)):
+        BACKGROUND_JOBS.labels(job, "failed" if done is None else "ok").inc()
     if expired or purged:
         log.info("housekeeping: %s consent grants expired, %s refresh grants purged",
                  expired, purged)

@@ -19,5 +19,9 @@ CONSENT_DECISIONS = Counter("civitas_consent_decisions_total", "Consent decision
                             ["decision"])
 DELIVERIES = Counter("civitas_event_deliveries_total", "Back-channel logout and SET deliveries",
                      ["kind", "outcome"])
+#: rounds of the work each worker does in the background: ``ledger_seal``,
+#: ``consent_expiry``, ``refresh_purge``; alert on ``outcome="failed"``
+BACKGROUND_JOBS = Counter("civitas_background_jobs_total",
+                          "Rounds of background jobs, by job and outcome", ["job", "outcome"])
 REFRESH_REVOKED = Counter("civitas_refresh_grants_revoked_total",
                           "Refresh grants revoked, by reason (reuse: RFC 9700 4.14.2)", ["reason"])

@@ -11,6 +11,7 @@ from datetime import timedelta
 import pytest
 import yaml
 from click.testing import CliRunner
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
 from civitas.app import create_app
@@ -124,9 +125,17 @@ def test_a_failing_job_is_logged_and_the_other_still_runs(make_hub, monkeypatch,
     def broken(*args, **kwargs):
         raise RuntimeError("the consent tables are unreachable")
 
+    def rounds(job, outcome):
+        return REGISTRY.get_sample_value("civitas_background_jobs_total",
+                                         {"job": job, "outcome": outcome}) or 0
+
+    before = [rounds("consent_expiry", "failed"), rounds("refresh_purge", "ok")]
     monkeypatch.setattr(hub.consent, "expire_due", broken)
     done = run_once(hub)
     assert (done.consents_expired, done.refresh_grants_purged, done.ok) == (None, 1, False)
+    # counted for an alert on outcome="failed"
+    assert [rounds("consent_expiry", "failed"), rounds("refresh_purge", "ok")] == [
+        before[0] + 1, before[1] + 1]
     assert "consent expiry failed" in caplog.text and "unreachable" in caplog.text
 
 

@@ -840,17 +840,27 @@ def test_workers_take_long_lines_and_a_file_without_its_last_newline(tmp_path, s
 
 def test_sealer_reports_a_failed_round_as_unhealthy(tmp_path, cipher):
     """A round that cannot reach its tables is logged and retried, and `healthy` says so
-    (what `civitas audit seal --heartbeat` reports to a health check)."""
+    (what `civitas audit seal --heartbeat` reports to a health check), and so does
+    civitas_background_jobs_total, for an alert."""
+    from prometheus_client import REGISTRY
+
     from consent.ledger import LedgerSealer
+
+    def rounds(outcome):
+        return REGISTRY.get_sample_value("civitas_background_jobs_total",
+                                         {"job": "ledger_seal", "outcome": outcome}) or 0
 
     db = make_db(f"sqlite:///{tmp_path}/sealer.db")
     try:
         sealer = LedgerSealer(Ledger(db, cipher, origin=ORIGIN), interval=1)
         assert sealer.healthy is None
+        ok, failed = rounds("ok"), rounds("failed")
         assert sealer.run_once() is not None and sealer.healthy  # the empty tree is signed
+        assert (rounds("ok"), rounds("failed")) == (ok + 1, failed)
         with db.engine.begin() as conn:
             conn.exec_driver_sql("DROP TABLE ledger_checkpoints")
         assert sealer.run_once() is None and sealer.healthy is False
+        assert (rounds("ok"), rounds("failed")) == (ok + 1, failed + 1)
     finally:
         db.dispose()
 

@@ -13,6 +13,7 @@ from datetime import timedelta
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from kernel.metrics import BACKGROUND_JOBS
 from kernel.periodic import PeriodicThread
 
 from .errors import LedgerError
@@ -53,8 +54,10 @@ class LedgerSealer:
         except (SQLAlchemyError, LedgerError) as exc:
             log.warning("ledger sealing failed, will retry: %s", exc)
             self.healthy = False
+            BACKGROUND_JOBS.labels("ledger_seal", "failed").inc()
             return None
         self.healthy = True
+        BACKGROUND_JOBS.labels("ledger_seal", "ok").inc()
         if made is not None:
             self.last = made
             log.info("ledger checkpoint signed at size %d", made.size)
