@@ -23,7 +23,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from joserfc import jwt
@@ -299,7 +299,6 @@ class AccessTokens:
 class RefreshGrant:
     """A refresh token's grant, as Authlib's refresh grant sees it."""
 
-    token_hash: str
     grant_id: str
     client_id: str
     account_id: str
@@ -378,6 +377,12 @@ def grant_of(token: str) -> str | None:
     return shaped.group(1) if shaped else None
 
 
+def _check_scope(scope: str, within: set[str] | None) -> None:
+    """RFC 6749 6: a refresh may ask for the token's scope or less, never more."""
+    if within is not None and not within <= set(scope.split()):
+        raise ScopeWidened()
+
+
 class GrantEnded(ValueError):
     """A rotated token was to be written for a grant that was revoked meanwhile."""
 
@@ -405,7 +410,7 @@ class RefreshTokens:
         starts = new_grant if new_grant is not None else family_expires_at is None
         if starts:
             expires = (now + timedelta(seconds=self.lifetime) if family_expires_at is None
-                       else now + timedelta(seconds=family_expires_at - time.time()))
+                       else datetime.fromtimestamp(family_expires_at, UTC))
             statement, values = _INSERT_GRANT, {
                 "grant_id": grant_id, "client_id": client_id, "account_id": account_id,
                 "created_at": now, "expires_at": expires, "token_hash": digest(token),
@@ -424,9 +429,9 @@ class RefreshTokens:
         return token
 
     @staticmethod
-    def _grant(row: Any, token_hash: str) -> RefreshGrant:
+    def _grant(row: Any) -> RefreshGrant:
         """The grant of a row of refresh_grants or (before 0012) of refresh_tokens."""
-        return RefreshGrant(token_hash=token_hash, grant_id=row.grant_id,
+        return RefreshGrant(grant_id=row.grant_id,
                             client_id=row.client_id, account_id=row.account_id, scope=row.scope,
                             sid=row.sid, acr=row.acr, amr=tuple(row.amr or ()),
                             auth_time=row.auth_time, expires_at=int(row.expires_at.timestamp()))
@@ -448,7 +453,7 @@ class RefreshTokens:
                 live = row is not None and row.used_at is None and not row.grant_revoked
         if row is None or not live or row.expires_at <= utcnow():
             return None
-        return self._grant(row, token_hash)
+        return self._grant(row)
 
     def use(self, token: str, client_id: str,
             scope_within: set[str] | None = None) -> RefreshGrant | None:
@@ -459,10 +464,10 @@ class RefreshTokens:
         the grant. With ``scope_within``, a live token whose scope does not cover it raises
         :class:`ScopeWidened` and stays unused (RFC 6749 6).
         """
+        token_hash = digest(token)
         grant_id = grant_of(token)
         if grant_id is None:
-            return self._use_legacy(token, client_id, scope_within, unknown_revokes=None)
-        token_hash = digest(token)
+            return self._use_legacy(token_hash, client_id, scope_within, unknown_revokes=None)
         now = utcnow()
         # Two statements, each atomic, outside a transaction: the claim matches only while
         # the presented token is the grant's live one and the grant is unrevoked, so whatever
@@ -478,42 +483,40 @@ class RefreshTokens:
             if presented_live:
                 if row.expires_at <= now:
                     return None
-                if scope_within is not None and not scope_within <= set(row.scope.split()):
-                    raise ScopeWidened()
+                _check_scope(row.scope, scope_within)
                 claimed = cast(CursorResult[Any], conn.execute(_CLAIM, {
                     "of_grant": grant_id, "presented": token_hash})).rowcount
         if not presented_live:
             # Not the live token: a used one (or a forgery) presented again, which revokes
             # the grant; or one in refresh_tokens (after a downgrade from 0012 and an
             # upgrade back), used as such.
-            return self._use_legacy(token, client_id, scope_within, unknown_revokes=grant_id)
+            return self._use_legacy(token_hash, client_id, scope_within,
+                                    unknown_revokes=grant_id)
         if claimed == 1:
-            return self._grant(row, token_hash)
+            return self._grant(row)
         self._reused(grant_id, client_id)  # a concurrent use won: a copy exists
         return None
 
-    def _use_legacy(self, token: str, client_id: str, scope_within: set[str] | None, *,
+    def _use_legacy(self, token_hash: str, client_id: str, scope_within: set[str] | None, *,
                     unknown_revokes: str | None) -> RefreshGrant | None:
-        """``use`` for a token issued before migration 0012: its row in refresh_tokens. Its
-        grant's rotated token is written to the grant's row, as any other. A token not
-        found there revokes the grant ``unknown_revokes``, if given."""
+        """``use`` for a token issued before migration 0012 (by its hash): its row in
+        refresh_tokens. Its grant's rotated token is written to the grant's row, as any
+        other. A token not found there revokes the grant ``unknown_revokes``, if given."""
         now = utcnow()
         with self._db.reader() as conn:
-            row = conn.execute(_LEGACY_TOKEN, {"token_hash": digest(token)}).first()
+            row = conn.execute(_LEGACY_TOKEN, {"token_hash": token_hash}).first()
             if row is None:
                 revoke = unknown_revokes
             elif row.client_id != client_id or row.grant_revoked:
                 return None
             else:
-                live = row.used_at is None and row.expires_at > now
-                if (live and scope_within is not None
-                        and not scope_within <= set(row.scope.split())):
-                    raise ScopeWidened()
+                if row.used_at is None and row.expires_at > now:
+                    _check_scope(row.scope, scope_within)
                 claimed = cast(CursorResult[Any], conn.execute(
                     _LEGACY_CLAIM, {"row_id": row.id, "of_grant": row.grant_id, "now": now})
                 ).rowcount
                 if claimed == 1 and row.expires_at > now:
-                    return self._grant(row, row.token_hash)
+                    return self._grant(row)
                 revoke = None if claimed == 1 else row.grant_id  # used before, or raced
         if revoke is not None:
             self._reused(revoke, client_id)

@@ -60,6 +60,13 @@ def citizen(hub: Any, subject: str) -> str:
         attributes={})).account_id)
 
 
+def metric(name: str, **labels: str) -> float:
+    """A Prometheus series of this process as it stands (0 before its first count)."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 def pkce_pair() -> tuple[str, str]:
     verifier = secrets.token_urlsafe(48)
     challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())

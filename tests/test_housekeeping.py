@@ -11,7 +11,6 @@ from datetime import timedelta
 import pytest
 import yaml
 from click.testing import CliRunner
-from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
 from civitas.app import create_app
@@ -21,7 +20,7 @@ from idp.models import RefreshGrantRecord, RefreshToken
 from kernel.db import utcnow
 from kernel.periodic import PeriodicThread
 from tests.conftest import hub_config
-from tests.flows import AGENCY_ONE, AGENCY_TWO, PUBLIC_TASK, citizen
+from tests.flows import AGENCY_ONE, AGENCY_TWO, PUBLIC_TASK, citizen, metric
 
 #: consent-based (the citizen's consent, valid for 30 days) and public-task claims
 CONSENTED = dict(PUBLIC_TASK, consent_ttl_days=30, claims=[
@@ -126,8 +125,7 @@ def test_a_failing_job_is_logged_and_the_other_still_runs(make_hub, monkeypatch,
         raise RuntimeError("the consent tables are unreachable")
 
     def rounds(job, outcome):
-        return REGISTRY.get_sample_value("civitas_background_jobs_total",
-                                         {"job": job, "outcome": outcome}) or 0
+        return metric("civitas_background_jobs_total", job=job, outcome=outcome)
 
     before = [rounds("consent_expiry", "failed"), rounds("refresh_purge", "ok")]
     monkeypatch.setattr(hub.consent, "expire_due", broken)

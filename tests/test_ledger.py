@@ -842,13 +842,11 @@ def test_sealer_reports_a_failed_round_as_unhealthy(tmp_path, cipher):
     """A round that cannot reach its tables is logged and retried, and `healthy` says so
     (what `civitas audit seal --heartbeat` reports to a health check), and so does
     civitas_background_jobs_total, for an alert."""
-    from prometheus_client import REGISTRY
-
     from consent.ledger import LedgerSealer
+    from tests.flows import metric
 
     def rounds(outcome):
-        return REGISTRY.get_sample_value("civitas_background_jobs_total",
-                                         {"job": "ledger_seal", "outcome": outcome}) or 0
+        return metric("civitas_background_jobs_total", job="ledger_seal", outcome=outcome)
 
     db = make_db(f"sqlite:///{tmp_path}/sealer.db")
     try:

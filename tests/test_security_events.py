@@ -14,7 +14,6 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from jose import jwt as jose_jwt
-from prometheus_client import REGISTRY
 
 from civitas.app import create_app
 from civitas.cli import main
@@ -26,7 +25,7 @@ from idp.backchannel import (
 )
 from kernel.db import utcnow
 from tests.conftest import HUB_ISSUER, hub_config
-from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest, query, redeem
+from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest, metric, query, redeem
 from tests.test_consent_flow import CONSENT, answer, to_consent_page
 
 
@@ -89,8 +88,7 @@ def app(upstream_issuer, tmp_path, receiver):
 
 
 def sent(kind: str, outcome: str) -> float:
-    return REGISTRY.get_sample_value("civitas_event_deliveries_total",
-                                     {"kind": kind, "outcome": outcome}) or 0.0
+    return metric("civitas_event_deliveries_total", kind=kind, outcome=outcome)
 
 
 def consent_with_name(client):

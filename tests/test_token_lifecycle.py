@@ -11,7 +11,6 @@ import time
 
 import pytest
 from jose import jwt as jose_jwt
-from prometheus_client import REGISTRY
 from sqlalchemy import select
 
 from idp.models import RefreshGrantRecord, RefreshToken
@@ -23,6 +22,7 @@ from tests.flows import (
     AuthRequest,
     citizen,
     full_login,
+    metric,
     query,
     redeem,
 )
@@ -203,8 +203,7 @@ def test_rfc9700_4_14_2_racing_uses_of_one_token_have_one_winner_at_most(sql_hub
 
 
 def revocations(reason):
-    return REGISTRY.get_sample_value("civitas_refresh_grants_revoked_total",
-                                     {"reason": reason}) or 0
+    return metric("civitas_refresh_grants_revoked_total", reason=reason)
 
 
 def test_rfc9700_4_14_2_a_replayed_token_revokes_its_grant_and_says_why(hub, caplog):
