@@ -73,7 +73,15 @@ class SessionParticipants:
 
     def add(self, sid: str, client_id: str) -> None:
         if sid:
-            self._store.add_member(self.PREFIX + sid, client_id, self._ttl)
+            self._store.add_member(*self.entry(sid, client_id))
+
+    def entries(self, sid: str | None, client_id: str) -> list[tuple[str, str, int]]:
+        """What :meth:`add` writes, for a caller that writes it in its own round trip
+        (``ShortLivedStore.put_many``'s ``members``): none without a hub session."""
+        return [self.entry(sid, client_id)] if sid else []
+
+    def entry(self, sid: str, client_id: str) -> tuple[str, str, int]:
+        return (self.PREFIX + sid, client_id, self._ttl)
 
     def take(self, sid: str) -> list[str]:
         """The session's agencies, forgotten as they are read."""

@@ -235,8 +235,9 @@ class CodeGrant(grants.AuthorizationCodeGrant):
         login: HubLogin = request.user
         data = request.payload.data
         nonce = data.get("nonce")
-        self.hub.tokens.save_code(code, {
-            "client_id": request.client.client_id,
+        client_id = request.client.client_id
+        saved = self.hub.tokens.save_code(code, {
+            "client_id": client_id,
             "redirect_uri": request.payload.redirect_uri,
             "scope": request.scope,
             "nonce": nonce,
@@ -247,8 +248,13 @@ class CodeGrant(grants.AuthorizationCodeGrant):
             "acr": login.acr,
             "amr": list(login.amr),
             "sid": login.sid,
-        })
-        self.hub.participants.add(login.sid, request.client.client_id)
+        }, members=self.hub.participants.entries(login.sid, client_id))
+        if not saved:
+            # OpenID Connect Core 15.5.2: this agency's nonce is taken by a code that may
+            # still be redeemed. Nothing was stored; the agency is told at its redirect URI.
+            raise InvalidRequestError("The 'nonce' was already used.",
+                                      redirect_uri=request.payload.redirect_uri,
+                                      state=data.get("state"))
 
     def query_authorization_code(self, code: str, client: AgencyClient
                                  ) -> AuthorizationCode | None:
@@ -427,13 +433,9 @@ class HubOpenIDCode(OpenIDCode):
         self.hub = hub
 
     def exists_nonce(self, nonce: str, request: OAuth2Request) -> bool:
-        # Authlib asks twice per authorization request (consent grant, then response):
-        # the answer cannot change in between, so it is read once per request
-        seen = getattr(request, "_civitas_nonce_seen", None)
-        if seen is None:
-            seen = self.hub.tokens.nonce_seen(request.payload.client_id, nonce)
-            request._civitas_nonce_seen = seen  # noqa: SLF001
-        return bool(seen)
+        # A nonce is claimed atomically with the code it goes into (save_authorization_code):
+        # a lookup here would cost a round trip and could not stop two racing requests.
+        return False
 
     def encode_id_token(self, token: dict[str, Any], request: OAuth2Request) -> str:
         client: AgencyClient = request.client

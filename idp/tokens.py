@@ -22,6 +22,7 @@ import re
 import secrets
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -143,19 +144,26 @@ class TokenStore:
 
     # -- codes ----------------------------------------------------------------------------
 
-    def save_code(self, code: str, record: dict[str, Any]) -> None:
+    def save_code(self, code: str, record: dict[str, Any], *,
+                  members: Sequence[tuple[str, str, int]] = ()) -> bool:
         """The code's record and its "issued" marker (kept as long as any token from the
-        code can live, so a replay can revoke them), and its nonce when it has one, in one
-        round trip."""
+        code can live, so a replay can revoke them), ``members`` (the hub session's
+        participants), and the code's nonce when it has one, in one atomic round trip.
+
+        False, and nothing stored, when this agency's nonce is already taken by a code that
+        may still be redeemed: the request is a replay (OpenID Connect Core 15.5.2). The
+        nonce is claimed with the code, not looked up before it, so two requests that race
+        with one nonce cannot both get a code."""
         code_hash = digest(code)
         items: list[tuple[str, dict[str, Any], int]] = [
             ("code-issued:" + code_hash, {"at": int(time.time())},
              max(self.code_lifetime, self.access_token_lifetime)),
             ("code:" + code_hash, record, self.code_lifetime)]
+        nonce: tuple[str, dict[str, Any], int] | None = None
         if record.get("nonce"):
-            items.append((self._nonce_key(record["client_id"], record["nonce"]), {},
-                          self.code_lifetime))
-        self._store.put_many(items)
+            nonce = (self._nonce_key(record["client_id"], record["nonce"]), {},
+                     self.code_lifetime)
+        return self._store.put_many(items, members=members, new=nonce)
 
     def take_code(self, code: str) -> AuthorizationCode | None:
         """Atomically take a code. A second take of a known code revokes its tokens."""
@@ -213,9 +221,6 @@ class TokenStore:
         self._store.delete("at:" + jti)
 
     # -- nonces ---------------------------------------------------------------------------
-
-    def nonce_seen(self, client_id: str, nonce: str) -> bool:
-        return self._store.get(self._nonce_key(client_id, nonce)) is not None
 
     @staticmethod
     def _nonce_key(client_id: str, nonce: str) -> str:

@@ -23,8 +23,13 @@ class ShortLivedStore(Protocol):
         """Store only if the key is absent; True when stored."""
         ...
 
-    def put_many(self, items: Sequence[tuple[str, JSON, int]]) -> None:
-        """``put`` of several (key, value, ttl) in one round trip."""
+    def put_many(self, items: Sequence[tuple[str, JSON, int]], *,
+                 members: Sequence[tuple[str, str, int]] = (),
+                 new: tuple[str, JSON, int] | None = None) -> bool:
+        """``put`` of several (key, value, ttl) and ``add_member`` of several (key, member,
+        ttl), atomically and in one round trip. With ``new`` (key, value, ttl), all of it
+        happens only if that key is absent, and it is stored too: False when it was there
+        (nothing written), else True."""
         ...
 
     def add_member(self, key: str, member: str, ttl: int) -> None:
@@ -95,16 +100,29 @@ class MemoryStore:
             self._sweep()
             self._data[key] = (self._clock() + ttl, json.dumps(value))
 
-    def put_many(self, items: Sequence[tuple[str, JSON, int]]) -> None:
-        for key, value, ttl in items:
-            self.put(key, value, ttl)
+    def put_many(self, items: Sequence[tuple[str, JSON, int]], *,
+                 members: Sequence[tuple[str, str, int]] = (),
+                 new: tuple[str, JSON, int] | None = None) -> bool:
+        with self._lock:
+            if new is not None and self._live(new[0]) is not None:
+                return False
+            self._sweep()
+            now = self._clock()
+            for key, value, ttl in ([new] if new is not None else []) + list(items):
+                self._data[key] = (now + ttl, json.dumps(value))
+            for key, member, ttl in members:
+                self._add_member(key, member, ttl)
+            return True
 
     def add_member(self, key: str, member: str, ttl: int) -> None:
         with self._lock:
             self._sweep()
-            current = self._live(key)
-            members = set(current) if isinstance(current, frozenset) else set()
-            self._data[key] = (self._clock() + ttl, frozenset(members | {member}))
+            self._add_member(key, member, ttl)
+
+    def _add_member(self, key: str, member: str, ttl: int) -> None:
+        current = self._live(key)
+        members = set(current) if isinstance(current, frozenset) else set()
+        self._data[key] = (self._clock() + ttl, frozenset(members | {member}))
 
     def take_members(self, key: str) -> set[str]:
         with self._lock:
@@ -164,6 +182,28 @@ class MemoryStore:
         return True
 
 
+#: KEYS: the guard (when ARGV[1] is 1), the values' keys (ARGV[2] of them), the sets' keys;
+#: ARGV from the third on: (value, ttl) for the guard and each value, (member, ttl) for each
+#: set. A script runs atomically: no other client sees half of it.
+_PUT_MANY = """
+local k, a = 1, 3
+if ARGV[1] == '1' then
+  if not redis.call('SET', KEYS[1], ARGV[3], 'NX', 'EX', ARGV[4]) then return 0 end
+  k, a = 2, 5
+end
+for _ = 1, tonumber(ARGV[2]) do
+  redis.call('SET', KEYS[k], ARGV[a], 'EX', ARGV[a + 1])
+  k, a = k + 1, a + 2
+end
+while KEYS[k] do
+  redis.call('SADD', KEYS[k], ARGV[a])
+  redis.call('EXPIRE', KEYS[k], ARGV[a + 1])
+  k, a = k + 1, a + 2
+end
+return 1
+"""
+
+
 class RedisStore:
     """Redis-backed store shared by every worker. Needs Redis >= 6.2 (GETDEL)."""
 
@@ -174,6 +214,7 @@ class RedisStore:
             url, socket_timeout=timeout, socket_connect_timeout=timeout
         )
         self._prefix = prefix
+        self._put_many = self._redis.register_script(_PUT_MANY)
 
     def _k(self, key: str) -> str:
         return self._prefix + key
@@ -181,11 +222,19 @@ class RedisStore:
     def put(self, key: str, value: JSON, ttl: int) -> None:
         self._redis.set(self._k(key), json.dumps(value), ex=ttl)
 
-    def put_many(self, items: Sequence[tuple[str, JSON, int]]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        for key, value, ttl in items:
-            pipe.set(self._k(key), json.dumps(value), ex=ttl)
-        pipe.execute()
+    def put_many(self, items: Sequence[tuple[str, JSON, int]], *,
+                 members: Sequence[tuple[str, str, int]] = (),
+                 new: tuple[str, JSON, int] | None = None) -> bool:
+        # One script (atomic in Redis, one round trip): the guard, the values, the sets.
+        keys: list[str] = []
+        args: list[Any] = [1 if new is not None else 0, len(items)]
+        for key, value, ttl in ([new] if new is not None else []) + list(items):
+            keys.append(self._k(key))
+            args += [json.dumps(value), ttl]
+        for key, member, ttl in members:
+            keys.append(self._k(key))
+            args += [member, ttl]
+        return bool(self._put_many(keys=keys, args=args))
 
     def add_member(self, key: str, member: str, ttl: int) -> None:
         pipe = self._redis.pipeline(transaction=True)  # MULTI: never a set without expiry

@@ -504,6 +504,22 @@ def test_a_nonce_is_used_once_per_agency_while_its_code_lives(client):
     assert "code" in redirect_params(authorize(client, other))
 
 
+def test_a_nonce_replayed_on_the_consent_page_path_gets_an_error_and_no_code(client):
+    """OpenID Connect Core 15.5.2: the nonce is claimed with the code, so a replay that
+    reaches the consent page is refused when the citizen answers it: an error at the
+    agency's redirect URI, and no code."""
+    first = AuthRequest(nonce="consent-once-" + "n" * 20)
+    full_login(client, first)
+    again = AuthRequest(nonce=first.nonce, extra={"prompt": "consent"})
+    r = allow_consent(client, client.get(again.url()))
+    assert r.status_code == 302
+    params = redirect_params(r)
+    assert params["error"] == ["invalid_request"] and "code" not in params
+    assert params["state"] == [again.state]
+    fresh = AuthRequest()
+    assert "code" in redirect_params(client.get(fresh.url()))
+
+
 def test_rfc9207_iss_on_success_and_error_redirects(client):
     auth = AuthRequest()
     params = full_login(client, auth)

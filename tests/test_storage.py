@@ -192,3 +192,45 @@ def test_store_put_many_and_member_sets(store):
     store.add_member("set-y", "gone", 1)
     time.sleep(1.2)
     assert store.take_members("set-y") == set()
+
+
+def test_store_put_many_writes_values_and_sets_together_behind_a_guard(store):
+    """The authorization code's one round trip: its values, the session's participants and
+    its nonce as a guard. A guard that is there already means nothing is written at all."""
+    assert store.put_many([("g-code", {"c": 1}, 60)], members=[("g-set", "agency-a", 60)],
+                          new=("g-nonce", {}, 60)) is True
+    assert store.get_many(["g-code", "g-nonce"]) == [{"c": 1}, {}]
+    again = store.put_many([("g-code-2", {"c": 2}, 60)], members=[("g-set", "agency-b", 60)],
+                           new=("g-nonce", {}, 60))
+    assert again is False
+    assert store.get("g-code-2") is None
+    assert store.take_members("g-set") == {"agency-a"}
+    # no guard: always written; several sets at once
+    assert store.put_many([], members=[("g-s1", "x", 60), ("g-s2", "y", 60)]) is True
+    assert (store.take_members("g-s1"), store.take_members("g-s2")) == ({"x"}, {"y"})
+    # the guard's expiry is its own: once it has gone, the next write goes through
+    store.put_many([], new=("g-short", {}, 1))
+    time.sleep(1.2)
+    assert store.put_many([("g-after", {"c": 3}, 60)], new=("g-short", {}, 60)) is True
+    assert store.get("g-after") == {"c": 3}
+
+
+def test_store_put_many_guard_lets_one_of_many_racing_writers_through(store):
+    """Two authorization requests with one nonce at the same moment: exactly one code."""
+    import threading
+
+    barrier = threading.Barrier(8)
+    won: list[int] = []
+
+    def write(i: int) -> None:
+        barrier.wait()
+        if store.put_many([(f"race-code-{i}", {"i": i}, 60)], new=("race-nonce", {}, 60)):
+            won.append(i)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1
+    assert [store.get(f"race-code-{i}") is not None for i in range(8)].count(True) == 1
