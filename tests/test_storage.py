@@ -47,6 +47,21 @@ def test_redis_replies_are_parsed_by_hiredis(redis_url):
         store._redis.connection_pool.release(connection)  # noqa: SLF001
 
 
+def test_redis_put_many_survives_a_flushed_script_cache(redis_url):
+    """A Redis restart or failover forgets loaded scripts (NOSCRIPT): the store's script is
+    loaded again and the write goes through, once, with nothing lost or doubled."""
+    import redis
+
+    store = RedisStore(redis_url, prefix=f"t{secrets.token_hex(4)}:")
+    assert store.put_many([("before", {"n": 1}, 60)], new=("guard-1", {}, 60))
+    redis.Redis.from_url(redis_url).script_flush()
+    assert store.put_many([("after", {"n": 2}, 60)], members=[("set", "a", 60)],
+                          new=("guard-2", {}, 60))
+    assert store.get_many(["before", "after"]) == [{"n": 1}, {"n": 2}]
+    assert store.take_members("set") == {"a"}
+    assert not store.put_many([("again", {"n": 3}, 60)], new=("guard-2", {}, 60))
+
+
 def test_store_expiry(store):
     store.put("short", {"v": 1}, 1)
     assert store.get("short") == {"v": 1}
