@@ -1,0 +1,97 @@
+"""What a login costs in round trips to PostgreSQL and Redis, counted (issue 7).
+
+The bench (bench/run.py, scenario 3) measures what a single sign-on to a second agency
+costs; on a network each round trip to the stores is also a wait. This pins how many a
+login makes, so that a change that adds one shows up here and is a decision, not an
+accident. With the default settings (rate limits on):
+
+- ``/authorize`` with a hub session: the session and the login limit per address (Redis),
+  the account's existence and the agency's consent record (PostgreSQL), then the code, its
+  nonce and the session's participants in one Redis script;
+- ``/token`` (code exchange): the token limit per address, then, once the agency is
+  authenticated, its own limit (Redis); the code taken (Redis), the account's attributes and
+  the consent record (PostgreSQL), the hub session's revocation mark and the access token's
+  record (Redis).
+
+Statements and Redis commands are counted on the test's own thread (the hub's background
+jobs are off as well), and each count is the least of three logins, so a cache of agencies
+or keys that happens to refresh during one of them does not count as the login's.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from redis.connection import AbstractConnection
+from sqlalchemy import event
+
+from civitas.app import create_app
+from tests.conftest import hub_config
+from tests.flows import AGENCY_TWO, AuthRequest, full_login, query, redeem
+
+#: (PostgreSQL statements, Redis round trips) of each step of a login to a second agency
+EXPECTED = {"authorize": (2, 3), "token": (2, 5)}
+
+
+@contextmanager
+def counting(engine: Any) -> Iterator[Counter[str]]:
+    """Counts ``sql`` statements and ``redis`` round trips (one send of packed commands: a
+    command, a pipeline or a script) made on this thread while the block runs."""
+    counts: Counter[str] = Counter()
+    me = threading.get_ident()
+
+    def on_statement(*_args: Any) -> None:
+        if threading.get_ident() == me:
+            counts["sql"] += 1
+
+    send = AbstractConnection.send_packed_command
+
+    def counted_send(self: Any, command: Any, check_health: bool = True) -> None:
+        if threading.get_ident() == me:
+            counts["redis"] += 1
+        send(self, command, check_health)
+
+    event.listen(engine, "before_cursor_execute", on_statement)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(AbstractConnection, "send_packed_command", counted_send)
+            yield counts
+    finally:
+        event.remove(engine, "before_cursor_execute", on_statement)
+
+
+def test_an_sso_login_of_a_second_agency_makes_these_round_trips(
+        upstream_issuer, pg_database_url, redis_url):
+    app = create_app(hub_config(upstream_issuer, pg_database_url, redis_url=redis_url,
+                                housekeeping_interval_seconds=0,
+                                backchannel_dispatcher=False))
+    hub = app.extensions["civitas"]
+    try:
+        client = app.test_client()
+        full_login(client, AuthRequest())  # the hub session, through the real upstream
+        first = AuthRequest(agency=AGENCY_TWO)  # the second agency's consent, once
+        r = client.get(first.url())
+        assert r.status_code in (302, 303), r.get_data(as_text=True)[:400]
+        seen: dict[str, list[tuple[int, int]]] = {"authorize": [], "token": []}
+        for _ in range(3):
+            auth = AuthRequest(agency=AGENCY_TWO)
+            with counting(hub.db.engine) as counts:
+                r = client.get(auth.url())
+            assert r.status_code == 302, r.get_data(as_text=True)[:400]
+            code = query(r.headers["Location"])["code"]  # no consent page: SSO
+            seen["authorize"].append((counts["sql"], counts["redis"]))
+            with counting(hub.db.engine) as counts:
+                r = redeem(client, auth, code)
+            assert r.status_code == 200, r.get_data(as_text=True)
+            assert "id_token" in r.json and "access_token" in r.json
+            seen["token"].append((counts["sql"], counts["redis"]))
+        least = {step: (min(s for s, _ in runs), min(r for _, r in runs))
+                 for step, runs in seen.items()}
+        assert least == EXPECTED, seen
+    finally:
+        hub.db.dispose()
