@@ -511,6 +511,16 @@ def load_citizens(config: dict, accounts: int, events: int) -> list[tuple[str, s
     return result.sample
 
 
+def bench_rate_limits(mode: str) -> dict[str, int]:
+    """The hub's ``rate_limits``: a load generator on one address would meet the production
+    limits per address at once, so they are raised to the settings' maximum (counted, never
+    reached) or switched off (0: nothing counted)."""
+    per_window = 10_000_000 if mode == "counted" else 0
+    return {name: per_window for name in (
+        "token_per_agency", "token_per_address", "decision_per_agency",
+        "decision_per_address", "login_per_address")}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--workers", type=int, default=2)
@@ -551,6 +561,11 @@ def main() -> int:
                     help="who seals the audit ledger: the hub's workers (the default "
                          "settings), or one `civitas audit seal --every 60` process beside "
                          "them, as compose.yaml runs it (its CPU is counted in neither column)")
+    ap.add_argument("--rate-limits", choices=["counted", "off"], default="counted",
+                    help="counted (the default): every rate limit on, as in production, but "
+                         "at the most the settings allow (10,000,000 per minute), so every "
+                         "request pays for its counters and none is refused; off: no "
+                         "counting (the bench's setting before the twelfth session)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--hold", action="store_true",
                     help="after the scenarios, keep everything running (and print how to send "
@@ -578,8 +593,7 @@ def main() -> int:
     hub_port = servers.free_port()
     base = f"http://127.0.0.1:{hub_port}"
     agencies = [AGENCY_ONE, AGENCY_TWO]
-    # The decision load is spread over this many agencies, as many agencies would send it
-    # (rate limits are off in this run: `rate_limits` below).
+    # The decision load is spread over this many agencies, as many agencies would send it.
     deciders = [TestAgency(f"bench-{i:03d}", secrets.token_urlsafe(24),
                            f"https://bench-{i:03d}.agency.example/cb", f"Bench agency {i}")
                 for i in range(args.consent_agencies if "6" in wanted else 0)]
@@ -606,10 +620,7 @@ def main() -> int:
                            "issuer": upstream, "client_id": UPSTREAM_CLIENT_ID,
                            "client_secret": UPSTREAM_SECRET, "acr": "urn:civitas:acr:ial1:aal1"}],
             "agencies": [a.config(scopes=SCOPES) for a in agencies + deciders],
-            # a load generator on one address would hit the per-address limits at once
-            "rate_limits": {"token_per_agency": 0, "token_per_address": 0,
-                            "decision_per_agency": 0, "decision_per_address": 0,
-                            "login_per_address": 0},
+            "rate_limits": bench_rate_limits(args.rate_limits),
         }
         if args.soak:  # scenario 4's access token is sent again for the whole soak
             config["access_token_lifetime_seconds"] = 24 * 3600
@@ -962,7 +973,8 @@ def main() -> int:
         print()
         print(f"Civitas hub: {args.workers} workers x {args.hub_threads} threads "
               f"({args.server}), "
-              f"PostgreSQL + Redis; wrk -t{args.threads} -c{args.connections}, "
+              f"PostgreSQL + Redis, rate limits {args.rate_limits}; "
+              f"wrk -t{args.threads} -c{args.connections}, "
               f"{args.duration:g}s per scenario; peer: oidc-provider (1 node process), ES256")
         print(f"{'scenario':<44} {'requests':>8} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
               f"{'peer r/s':>9} {'ratio':>6} {'per-core':>8} {'per-CPU':>7} {'hubCPU':>6} "
