@@ -287,7 +287,9 @@ class RateLimitSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     window_seconds: Annotated[int, Field(ge=1, le=3600)] = 60
-    #: /token, /introspect and /revoke, per authenticated agency
+    #: /token, /introspect and /revoke, per authenticated agency. A limit of capacity, so
+    #: from 200 up each process adds its hits to the shared count in batches of up to 10
+    #: (kernel/ratelimit.py): a window may let through 10 per process beyond it
     token_per_agency: _PerWindow = 12_000
     #: /token, /introspect and /revoke, per client address (counted before authentication)
     token_per_address: _PerWindow = 3_000

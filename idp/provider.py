@@ -514,7 +514,10 @@ class HubAuthorizationServer(AuthorizationServer):
         limiter = self.hub.limiter
         if limiter is not None and endpoint in LIMITED_ENDPOINTS:
             try:
-                limiter.hit([Limit(f"token:agency:{client.client_id}", self.hub.agency_limit)])
+                # capacity, not a guess to stop (the agency is authenticated): counted in
+                # batches, so most token requests make one round trip for limits, not two
+                limiter.hit([Limit(f"token:agency:{client.client_id}", self.hub.agency_limit,
+                                   exact=False)])
             except RateLimited as exc:
                 raise RateLimitedError(exc.retry_after) from exc
         return client

@@ -3,10 +3,20 @@ host) shares one count per key and window.
 
 A fixed window lets through at most twice the limit across a window boundary; that is the
 accepted price of one round trip per request (several limits are counted together).
+
+A limit that only protects capacity (``exact=False``: per authenticated agency, who cannot
+guess anything by retrying) is counted in batches: each process counts up to
+:func:`batch_for` hits itself and adds them to the shared count in one increment, so most
+requests make no round trip for it. A process refuses once the shared count it last saw plus
+its own uncounted hits is over the limit; every process sees the shared count at least once
+per batch, so a window lets through at most one batch per process beyond the limit (and,
+at its end, the hits a process had not added yet are not carried into the next). Limits
+that stop one source (per address, exact) are counted in the store at every hit, as before.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +31,14 @@ class Limit:
 
     key: str
     count: int
+    #: False for a limit that protects capacity only: counted in batches (see the module)
+    exact: bool = True
+
+
+def batch_for(count: int) -> int:
+    """Hits a process may count itself before adding them to the shared count: at most 10,
+    and 1 (every hit, as an exact limit) under 200, so a small limit stays exact."""
+    return max(1, min(10, count // 100))
 
 
 class RateLimited(CivitasError):
@@ -43,6 +61,11 @@ class RateLimiter:
         self._store = store
         self.window = window_seconds
         self._clock = clock
+        self._lock = threading.Lock()
+        #: batched limits of this process: store key -> [shared count last seen, own hits
+        #: not added yet]; only the current window's keys are kept
+        self._batched: dict[str, list[int]] = {}
+        self._batched_window = -1
 
     def hit(self, limits: Sequence[Limit]) -> None:
         """Count one request against every limit; raise :class:`RateLimited` when one of
@@ -52,8 +75,38 @@ class RateLimiter:
             return
         now = int(self._clock())
         window = now // self.window
-        counts = self._store.incr_many([f"rl:{lim.key}:{window}" for lim in active],
-                                       self.window)
-        for limit, count in zip(active, counts, strict=True):
-            if count > limit.count:
-                raise RateLimited(limit.key, self.window - now % self.window)
+        keys: list[str] = []
+        amounts: list[int] = []
+        over: Limit | None = None
+        with self._lock:
+            if window != self._batched_window:
+                self._batched.clear()
+                self._batched_window = window
+            for limit in active:
+                key = f"rl:{limit.key}:{window}"
+                if limit.exact or batch_for(limit.count) == 1:
+                    keys.append(key)
+                    amounts.append(1)
+                    continue
+                seen = self._batched.setdefault(key, [0, 0])
+                seen[1] += 1
+                if seen[1] >= batch_for(limit.count):
+                    keys.append(key)  # this hit adds the batch to the shared count
+                    amounts.append(seen[1])
+                    seen[1] = 0
+                elif seen[0] + seen[1] > limit.count and over is None:
+                    over = limit
+        if keys:
+            counts = self._store.incr_many(keys, self.window, amounts)
+            by_key = dict(zip(keys, counts, strict=True))
+            with self._lock:
+                for key, shared in by_key.items():
+                    if key in self._batched:
+                        seen = self._batched[key]
+                        seen[0] = max(seen[0], shared)
+            for limit in active:
+                counted = by_key.get(f"rl:{limit.key}:{window}")
+                if counted is not None and counted > limit.count:
+                    over = over or limit
+        if over is not None:
+            raise RateLimited(over.key, self.window - now % self.window)

@@ -56,8 +56,10 @@ class ShortLivedStore(Protocol):
         """Increment a counter, starting its expiry at the first increment."""
         ...
 
-    def incr_many(self, keys: Sequence[str], ttl: int) -> list[int]:
-        """``incr`` of several counters in one round trip (rate limits)."""
+    def incr_many(self, keys: Sequence[str], ttl: int,
+                  amounts: Sequence[int] | None = None) -> list[int]:
+        """``incr`` of several counters in one round trip (rate limits), each by its
+        ``amounts`` entry (1 each when not given); the new values, in order."""
         ...
 
     def count(self, key: str) -> int:
@@ -160,18 +162,20 @@ class MemoryStore:
             for key in keys:
                 self._data.pop(key, None)
 
-    def incr(self, key: str, ttl: int) -> int:
+    def incr(self, key: str, ttl: int, amount: int = 1) -> int:
         with self._lock:
             current = self._live(key)
             if current is None:
-                self._data[key] = (self._clock() + ttl, 1)
-                return 1
+                self._data[key] = (self._clock() + ttl, amount)
+                return amount
             expires, _ = self._data[key]
-            self._data[key] = (expires, int(current) + 1)
-            return int(current) + 1
+            self._data[key] = (expires, int(current) + amount)
+            return int(current) + amount
 
-    def incr_many(self, keys: Sequence[str], ttl: int) -> list[int]:
-        return [self.incr(key, ttl) for key in keys]
+    def incr_many(self, keys: Sequence[str], ttl: int,
+                  amounts: Sequence[int] | None = None) -> list[int]:
+        return [self.incr(key, ttl, amount)
+                for key, amount in zip(keys, amounts or [1] * len(keys), strict=True)]
 
     def count(self, key: str) -> int:
         with self._lock:
@@ -273,12 +277,13 @@ class RedisStore:
     def incr(self, key: str, ttl: int) -> int:
         return self.incr_many([key], ttl)[0]
 
-    def incr_many(self, keys: Sequence[str], ttl: int) -> list[int]:
-        # INCR then EXPIRE NX: the window starts at the first increment. No MULTI: each
+    def incr_many(self, keys: Sequence[str], ttl: int,
+                  amounts: Sequence[int] | None = None) -> list[int]:
+        # INCRBY then EXPIRE NX: the window starts at the first increment. No MULTI: each
         # counter's two commands need no isolation from other clients' increments.
         pipe = self._redis.pipeline(transaction=False)
-        for key in keys:
-            pipe.incr(self._k(key))
+        for key, amount in zip(keys, amounts or [1] * len(keys), strict=True):
+            pipe.incrby(self._k(key), amount)
             pipe.expire(self._k(key), ttl, nx=True)
         values = pipe.execute()
         return [int(v) for v in values[::2]]

@@ -4,11 +4,12 @@ endpoints: 429 with Retry-After (RFC 6585 section 4), counted in the shared stor
 from __future__ import annotations
 
 import base64
+import secrets
 from typing import Any
 
 import pytest
 
-from kernel.ratelimit import Limit, RateLimited, RateLimiter
+from kernel.ratelimit import Limit, RateLimited, RateLimiter, batch_for
 from kernel.store import MemoryStore, RedisStore
 from tests.flows import AGENCY_ONE, AGENCY_TWO
 
@@ -162,3 +163,62 @@ def test_limiter_windows_are_shared_and_restart(store):
     now[0] += 60  # the next window
     first.hit([Limit("k", 2)])
     assert store.incr_many(["a", "b", "a"], 60) == [1, 1, 2]
+
+
+def test_store_counters_add_amounts(store):
+    prefix = secrets.token_hex(4)
+    a, b = f"{prefix}-a", f"{prefix}-b"
+    assert store.incr_many([a, b], 60, [5, 2]) == [5, 2]
+    assert store.incr_many([a, b], 60) == [6, 3]
+
+
+class CountingStore:
+    """The store, with its counter round trips counted (a spy, not a fake)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store, self.round_trips = store, 0
+
+    def incr_many(self, *args: Any) -> list[int]:
+        self.round_trips += 1
+        return self.store.incr_many(*args)
+
+
+def test_a_capacity_limit_is_counted_in_batches_and_stops_within_a_batch_per_worker(store):
+    """exact=False (the token limit per agency): two workers share the count, each adds its
+    hits to it every tenth hit; the window lets through the limit and at most a batch per
+    worker more, every hit after that is refused (and still counted), and the next window
+    starts again."""
+    key = "agency-" + secrets.token_hex(4)
+    spy = CountingStore(store)
+    now = [2_000_040.0]
+    workers = [RateLimiter(spy, window_seconds=60, clock=lambda: now[0])  # type: ignore[arg-type]
+               for _ in range(2)]
+    limit = [Limit(key, 1000, exact=False)]
+    allowed, refused = 0, [0, 0]
+    for i in range(1300):
+        try:
+            workers[i % 2].hit(limit)
+            allowed += 1
+            # a worker that has refused once admits nothing more in the window
+            assert refused[i % 2] == 0
+        except RateLimited as exc:
+            assert exc.key == key
+            refused[i % 2] += 1
+    assert 1000 <= allowed <= 1000 + 2 * batch_for(1000), allowed
+    assert sum(refused) == 1300 - allowed
+    assert spy.round_trips <= 1300 // batch_for(1000) + 2  # about one hit in ten
+    assert store.count(f"rl:{key}:{int(now[0]) // 60}") >= 1300 - 2 * batch_for(1000)
+    now[0] += 60
+    workers[0].hit(limit)  # a new window
+
+
+def test_small_capacity_limits_and_address_limits_stay_exact(store):
+    key = "small-" + secrets.token_hex(4)
+    spy = CountingStore(store)
+    limiter = RateLimiter(spy, window_seconds=60)  # type: ignore[arg-type]
+    assert batch_for(150) == 1
+    for _ in range(150):
+        limiter.hit([Limit(key, 150, exact=False), Limit(key + "-addr", 10_000)])
+    with pytest.raises(RateLimited):
+        limiter.hit([Limit(key, 150, exact=False)])
+    assert spy.round_trips == 151  # every hit counted in the store
