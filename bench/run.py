@@ -515,10 +515,11 @@ def bench_rate_limits(mode: str) -> dict[str, int]:
     """The hub's ``rate_limits``: a load generator on one address would meet the production
     limits per address at once, so they are raised to the settings' maximum (counted, never
     reached) or switched off (0: nothing counted)."""
+    from config.schema import RateLimitSettings
+
     per_window = 10_000_000 if mode == "counted" else 0
-    return {name: per_window for name in (
-        "token_per_agency", "token_per_address", "decision_per_agency",
-        "decision_per_address", "login_per_address")}
+    return {name: per_window for name in RateLimitSettings.model_fields
+            if name != "window_seconds"}
 
 
 def main() -> int:
