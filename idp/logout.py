@@ -57,9 +57,10 @@ class InvalidLogoutRequest(IdpError):
 class SessionParticipants:
     """Which agencies took part in a hub session: the set ``sid-members:<sid>`` of client ids.
 
-    Adding is the store's atomic set-add (one round trip; agencies issued codes at the same
-    moment, a portal opening several agency frames, are all kept) and renews the entry for
-    the session lifetime; ``take`` reads and deletes it atomically (logout happens once).
+    Adding is an atomic set-add in the store (written with the authorization code, in the
+    same round trip: :meth:`entries`; agencies issued codes at the same moment, a portal
+    opening several agency frames, are all kept) and renews the entry for the session
+    lifetime; ``take`` reads and deletes it atomically (logout happens once).
     """
 
     PREFIX = "sid-members:"
@@ -73,15 +74,12 @@ class SessionParticipants:
 
     def add(self, sid: str, client_id: str) -> None:
         if sid:
-            self._store.add_member(*self.entry(sid, client_id))
+            self._store.put_many([], members=self.entries(sid, client_id))
 
     def entries(self, sid: str | None, client_id: str) -> list[tuple[str, str, int]]:
         """What :meth:`add` writes, for a caller that writes it in its own round trip
         (``ShortLivedStore.put_many``'s ``members``): none without a hub session."""
-        return [self.entry(sid, client_id)] if sid else []
-
-    def entry(self, sid: str, client_id: str) -> tuple[str, str, int]:
-        return (self.PREFIX + sid, client_id, self._ttl)
+        return [(self.PREFIX + sid, client_id, self._ttl)] if sid else []
 
     def take(self, sid: str) -> list[str]:
         """The session's agencies, forgotten as they are read."""

@@ -26,14 +26,10 @@ class ShortLivedStore(Protocol):
     def put_many(self, items: Sequence[tuple[str, JSON, int]], *,
                  members: Sequence[tuple[str, str, int]] = (),
                  new: tuple[str, JSON, int] | None = None) -> bool:
-        """``put`` of several (key, value, ttl) and ``add_member`` of several (key, member,
-        ttl), atomically and in one round trip. With ``new`` (key, value, ttl), all of it
-        happens only if that key is absent, and it is stored too: False when it was there
-        (nothing written), else True."""
-        ...
-
-    def add_member(self, key: str, member: str, ttl: int) -> None:
-        """Add ``member`` to the set at ``key`` (atomic), renewing its expiry to ``ttl``."""
+        """``put`` of several (key, value, ttl), and each (key, member, ttl) of ``members``
+        added to the set at key (renewing its expiry to ttl), atomically and in one round
+        trip. With ``new`` (key, value, ttl), all of it happens only if that key is absent,
+        and it is stored too: False when it was there (nothing written), else True."""
         ...
 
     def take_members(self, key: str) -> set[str]:
@@ -113,18 +109,10 @@ class MemoryStore:
             for key, value, ttl in ([new] if new is not None else []) + list(items):
                 self._data[key] = (now + ttl, json.dumps(value))
             for key, member, ttl in members:
-                self._add_member(key, member, ttl)
+                current = self._live(key)
+                kept = set(current) if isinstance(current, frozenset) else set()
+                self._data[key] = (now + ttl, frozenset(kept | {member}))
             return True
-
-    def add_member(self, key: str, member: str, ttl: int) -> None:
-        with self._lock:
-            self._sweep()
-            self._add_member(key, member, ttl)
-
-    def _add_member(self, key: str, member: str, ttl: int) -> None:
-        current = self._live(key)
-        members = set(current) if isinstance(current, frozenset) else set()
-        self._data[key] = (self._clock() + ttl, frozenset(members | {member}))
 
     def take_members(self, key: str) -> set[str]:
         with self._lock:
@@ -239,12 +227,6 @@ class RedisStore:
             keys.append(self._k(key))
             args += [member, ttl]
         return bool(self._put_many(keys=keys, args=args))
-
-    def add_member(self, key: str, member: str, ttl: int) -> None:
-        pipe = self._redis.pipeline(transaction=True)  # MULTI: never a set without expiry
-        pipe.sadd(self._k(key), member)
-        pipe.expire(self._k(key), ttl)
-        pipe.execute()
 
     def take_members(self, key: str) -> set[str]:
         pipe = self._redis.pipeline(transaction=True)

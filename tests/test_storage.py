@@ -199,12 +199,12 @@ def test_store_count_reads_counters(store):
 def test_store_put_many_and_member_sets(store):
     store.put_many([("pm-a", {"v": 1}, 60), ("pm-b", {"v": 2}, 60)])
     assert store.get_many(["pm-a", "pm-b", "pm-none"]) == [{"v": 1}, {"v": 2}, None]
-    store.add_member("set-x", "one", 60)
-    store.add_member("set-x", "two", 60)
-    store.add_member("set-x", "one", 60)
+    store.put_many([], members=[("set-x", "one", 60)])
+    store.put_many([], members=[("set-x", "two", 60)])
+    store.put_many([], members=[("set-x", "one", 60)])
     assert store.take_members("set-x") == {"one", "two"}
     assert store.take_members("set-x") == set()
-    store.add_member("set-y", "gone", 1)
+    store.put_many([], members=[("set-y", "gone", 1)])
     time.sleep(1.2)
     assert store.take_members("set-y") == set()
 
