@@ -8,7 +8,7 @@ can assert any email address.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -28,12 +28,19 @@ _ACCOUNTS = cast(Table, ConstituentAccount.__table__)
 _ATTRIBUTES = cast(Table, AccountAttribute.__table__)
 # The reads of every token, userinfo and login request, built once: SQLAlchemy then reuses
 # their compiled form without building and hashing a new statement each time.
-_EXISTS = select(_ACCOUNTS.c.id).where(_ACCOUNTS.c.id == bindparam("account_id"),
-                                       _ACCOUNTS.c.deleted_at.is_(None))
-_LIVE_ATTRIBUTES = (select(_ACCOUNTS.c.deleted_at, _ATTRIBUTES)
-                    .select_from(_ACCOUNTS.outerjoin(
-                        _ATTRIBUTES, _ATTRIBUTES.c.account_id == _ACCOUNTS.c.id))
-                    .where(_ACCOUNTS.c.id == bindparam("account_id")))
+# Public, for a caller that reads them together with something else in one statement
+# (idp.citizen): each takes the parameter ``account_id``.
+#: one row while the account exists and is not deleted, else none
+LIVE_ACCOUNT = select(_ACCOUNTS.c.id).where(_ACCOUNTS.c.id == bindparam("account_id"),
+                                            _ACCOUNTS.c.deleted_at.is_(None))
+#: the account's ``deleted_at`` and one row per attribute value (one row of NULLs when it has
+#: none); no row when there is no such account: :meth:`AccountDirectory.attributes_from_rows`
+LIVE_ATTRIBUTES = (select(_ACCOUNTS.c.deleted_at, _ATTRIBUTES.c.name,
+                          _ATTRIBUTES.c.value_encrypted, _ATTRIBUTES.c.source_connector,
+                          _ATTRIBUTES.c.asserted_at)
+                   .select_from(_ACCOUNTS.outerjoin(
+                       _ATTRIBUTES, _ATTRIBUTES.c.account_id == _ACCOUNTS.c.id))
+                   .where(_ACCOUNTS.c.id == bindparam("account_id")))
 
 
 @dataclass(frozen=True)
@@ -139,7 +146,7 @@ class AccountDirectory:
     def exists(self, account_id: str) -> bool:
         """True while the account exists and has not been deleted."""
         with self._db.reader() as conn:
-            return conn.execute(_EXISTS, {"account_id": account_id}).first() is not None
+            return conn.execute(LIVE_ACCOUNT, {"account_id": account_id}).first() is not None
 
     def account_for_credential(self, connector_id: str, upstream_subject: str) -> str | None:
         """The account a linked credential belongs to (an officer's lookup), if any."""
@@ -249,7 +256,13 @@ class AccountDirectory:
         account and its attributes in one read (userinfo's path). With ``names``, only those
         attributes are decrypted and returned: what a request can release, no more."""
         with self._db.reader() as conn:
-            rows = conn.execute(_LIVE_ATTRIBUTES, {"account_id": account_id}).all()
+            rows = conn.execute(LIVE_ATTRIBUTES, {"account_id": account_id}).all()
+        return self.attributes_from_rows(rows, names)
+
+    def attributes_from_rows(self, rows: Sequence[Any],
+                             names: Collection[str] | None = None) -> dict[str, Any] | None:
+        """:meth:`live_attributes` from the rows of :data:`LIVE_ATTRIBUTES` (read by the
+        caller, perhaps with more columns)."""
         if not rows or rows[0].deleted_at is not None:
             return None
         best: dict[str, tuple[tuple[int, float], Any]] = {}

@@ -42,6 +42,7 @@ from idp.agencies import (
 )
 from idp.agency_keys import AgencyKeys
 from idp.backchannel import LogoutDispatcher
+from idp.citizen import CitizenReads
 from idp.consent_step import make_withdrawal_handler
 from idp.keys import KeyRing
 from idp.logout import LogoutService, SessionParticipants
@@ -183,6 +184,7 @@ def build_hub(settings: Settings, *, migrate: bool = True) -> Hub:
     services.consent = ConsentService(db, HubReceiptSigner(keys, settings.signing_alg),
                                       on_withdraw=make_withdrawal_handler(services, dispatcher),
                                       ledger=ledger)
+    services.citizens = CitizenReads(db, accounts, services.consent)
     services.policies = agency_policies(settings)
     return Hub(settings=settings, db=db, store=store, cipher=cipher, accounts=accounts,
                agencies=agencies, keys=keys, tokens=tokens, broker=broker, server=server,

@@ -192,6 +192,10 @@ def _latest_event_query(key: str) -> Select[Any]:
 
 
 _LATEST = {key: _latest_event_query(key) for key in ("subject", "account_id")}
+#: the read of :func:`latest_state` by ``account_id`` (parameters ``client_id``, ``key``: the
+#: account id, ``now``), for a caller that reads it together with something else in one
+#: statement (:mod:`idp.citizen`) and makes the state with :func:`state_from_row`
+LATEST_BY_ACCOUNT = _LATEST["account_id"]
 
 
 #: PostgreSQL: a request's decision rows and their ledger entries in one statement (a
@@ -246,6 +250,11 @@ class LatestState:
     def valid(self) -> bool:
         return self.state in history.VALID_STATES
 
+    @property
+    def granted(self) -> set[str]:
+        """The claims the agency may receive now (ID token, access token, userinfo)."""
+        return set(self.claims) if self.valid else set()
+
 
 def latest_state(conn: Connection, client_id: str, now: datetime, *,
                  subject: str | None = None, account_id: str | None = None) -> LatestState | None:
@@ -254,17 +263,26 @@ def latest_state(conn: Connection, client_id: str, now: datetime, *,
     key, value = ("subject", subject) if subject is not None else ("account_id", account_id)
     row = conn.execute(_LATEST[key], {"client_id": client_id, "key": value,
                                       "now": now}).first()
-    if row is None:
+    return None if row is None else state_from_row(row._mapping, now)
+
+
+def state_from_row(row: Mapping[Any, Any], now: datetime, prefix: str = "") -> LatestState | None:
+    """The state a row of :data:`LATEST_BY_ACCOUNT` (its columns named with ``prefix``)
+    stands for at ``now``; None when the row has no record (an outer join found none)."""
+    record_id = row[prefix + "id"]
+    if record_id is None:
         return None
-    state, expires_at = row.state, row.expires_at
+    state, expires_at = row[prefix + "state"], row[prefix + "expires_at"]
     claims: dict[str, GrantedClaim] = {}
     if state in history.VALID_STATES and expires_at is not None and expires_at <= now:
         state = "expired"
     elif state in history.VALID_STATES:
-        claims = {name: GrantedClaim.from_json(name, data) for name, data in row.claims.items()}
-    return LatestState(record_id=row.id, account_id=row.account_id, state=state, claims=claims,
-                   receipt_id=row.receipt_id, expires_at=expires_at,
-                   notice_version=row.notice_version, declined=frozenset(row.declined))
+        claims = {name: GrantedClaim.from_json(name, data)
+                  for name, data in row[prefix + "claims"].items()}
+    return LatestState(record_id=record_id, account_id=row[prefix + "account_id"], state=state,
+                       claims=claims, receipt_id=row[prefix + "receipt_id"],
+                       expires_at=expires_at, notice_version=row[prefix + "notice_version"],
+                       declined=frozenset(row[prefix + "declined"]))
 
 
 def _evaluate(query: EvaluationQuery, grant: LatestState | None) -> tuple[bool, str]:

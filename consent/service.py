@@ -131,7 +131,7 @@ class ConsentService:
         """The claims this agency may receive now (ID token, access token, userinfo): one
         indexed read of the record's last event (the same rules as :meth:`current`)."""
         state = self.latest(account_id, client_id, now)
-        return set(state.claims) if state is not None and state.valid else set()
+        return set() if state is None else state.granted
 
     def history(self, account_id: str, client_id: str) -> list[ConsentEvent]:
         with self._db.session() as s:

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,6 +46,7 @@ from kernel.ratelimit import Limit, RateLimited, RateLimiter
 from .agencies import AUTH_METHODS as AGENCY_AUTH_METHODS
 from .agencies import PUBLIC_SECTOR, SERVICE_SCOPES, AgencyClient, AgencyRegistry
 from .agency_keys import AgencyKeys
+from .citizen import CitizenReads
 from .claims import claims_for_scope, releasable, scope_claim_names
 from .client_auth import PrivateKeyJWT
 from .keys import SUPPORTED_ALGS, KeyRing
@@ -89,6 +90,8 @@ class ProviderServices:
     #: endpoints (``agency_limit`` per window; None or 0: no limit)
     limiter: RateLimiter | None = None
     agency_limit: int = 0
+    #: an account and its consent with one agency in one read (set with ``consent``)
+    citizens: CitizenReads | None = None
 
     def policy_for(self, client: AgencyClient) -> AgencyPolicy:
         from .consent_step import default_policy
@@ -167,15 +170,28 @@ class ProviderServices:
         sector = PUBLIC_SECTOR if client.subject_type == "public" else client.sector_identifier
         return self.subjects.subject(sector, account_id)
 
+    def citizen_claims(self, account_id: str, client_id: str, names: Collection[str]
+                       ) -> tuple[dict[str, Any] | None, set[str] | None]:
+        """The account's attributes among ``names`` (None: it is gone) and the claims the
+        citizen has granted the agency now (None: no consent records here), in one read."""
+        if self.citizens is None:
+            return self.accounts.live_attributes(account_id, names), None
+        attributes, state = self.citizens.claims(account_id, client_id, names)
+        return attributes, set() if state is None else state.granted
+
     def user_claims(self, client: AgencyClient, account_id: str, scope: str,
-                    attributes: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                    attributes: Mapping[str, Any] | None = None,
+                    granted: set[str] | None = None) -> dict[str, Any]:
         """Claims for the ID token and userinfo: those of the scope that the citizen granted
-        this agency (consent), under the agency's ``sub``."""
+        this agency (consent), under the agency's ``sub``. ``attributes`` and ``granted``,
+        when given, were read in this request (:meth:`citizen_claims`)."""
         if attributes is None:
             attributes = self.accounts.attributes(account_id)
         claims = claims_for_scope(attributes, scope)
         if self.consent is not None:
-            claims = releasable(claims, self.consent.granted_claims(account_id, client.client_id))
+            if granted is None:
+                granted = self.consent.granted_claims(account_id, client.client_id)
+            claims = releasable(claims, granted)
         claims["sub"] = self.subject_for(client, account_id)
         return claims
 
@@ -267,15 +283,18 @@ class CodeGrant(grants.AuthorizationCodeGrant):
         """Nothing to do: the code was taken atomically when it was queried."""
 
     def authenticate_user(self, authorization_code: AuthorizationCode) -> HubLogin | None:
-        # The account must still exist; its attributes come in the same read, and the ID
-        # token of this request is made from them (encode_id_token), not read again.
-        attributes = self.hub.accounts.live_attributes(
-            authorization_code.account_id, scope_claim_names(authorization_code.scope))
+        # The account must still exist; its attributes and the claims the citizen granted
+        # the agency come in the same read, and the ID token of this request is made from
+        # them (encode_id_token), not read again.
+        attributes, granted = self.hub.citizen_claims(
+            authorization_code.account_id, authorization_code.client_id,
+            scope_claim_names(authorization_code.scope))
         if attributes is None:
             return None
         if self.hub.tokens.is_marked_revoked("sid", authorization_code.sid):
             return None  # the hub session ended between the code and its redemption
         self.request.civitas_attributes = attributes
+        self.request.civitas_granted = granted
         return HubLogin(account_id=authorization_code.account_id,
                         auth_time=authorization_code.auth_time, acr=authorization_code.acr,
                         amr=authorization_code.amr, upstream_id="", sid=authorization_code.sid)
@@ -444,7 +463,8 @@ class HubOpenIDCode(OpenIDCode):
         now = int(time.time())
         claims: dict[str, Any] = self.hub.user_claims(
             client, code.account_id, token["scope"],
-            attributes=getattr(request, "civitas_attributes", None))
+            attributes=getattr(request, "civitas_attributes", None),
+            granted=getattr(request, "civitas_granted", None))
         claims.update({
             "iss": self.hub.issuer,
             "aud": client.client_id,

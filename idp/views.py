@@ -9,12 +9,23 @@ from urllib.parse import parse_qs, urlsplit
 from authlib.common.urls import add_params_to_uri
 from authlib.oauth2.rfc6749.errors import InvalidRequestError, OAuth2Error
 from authlib.oidc.core.errors import ConsentRequiredError, LoginRequiredError
-from flask import Blueprint, jsonify, redirect, render_template, request, session, url_for
+from flask import (
+    Blueprint,
+    g,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
 from werkzeug.wrappers import Response
 
 from broker.errors import LoginExpired
 from broker.service import Broker
 from broker.session import HubLogin, current_login
+from consent.decisions import LatestState
+from consent.history import needs_consent
 from consent.views import read_consent_form, render_consent_page
 
 from .agencies import ID_TOKEN_ALGS, SERVICE_SCOPES
@@ -105,17 +116,36 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
             status=400, mimetype="text/html",
         )
 
-    def active_login() -> HubLogin | None:
+    def active_login(client_id: Any = None) -> HubLogin | None:
+        """The hub session's login while its account exists. With ``client_id`` (not yet
+        validated), the citizen's consent state with that agency is read in the same round
+        trip and kept for :func:`finish` (``g.civitas_consent``)."""
         login = current_login(session)
-        if login is not None and not hub.accounts.exists(login.account_id):
+        if login is None:
+            return None
+        if isinstance(client_id, str) and client_id and hub.citizens is not None:
+            live, state = hub.citizens.login(login.account_id, client_id)
+            g.civitas_consent = (login.account_id, client_id, state)
+        else:
+            live = hub.accounts.exists(login.account_id)
+        if not live:
             session.clear()  # the account is gone; its session must not be used again
             return None
         return login
 
+    def consent_state(account_id: str, client_id: str) -> LatestState | None:
+        """The consent record's state now: the one :func:`active_login` read in this request
+        for this citizen and agency, else read now."""
+        assert hub.consent is not None
+        known = g.pop("civitas_consent", None)
+        if known is not None and known[:2] == (account_id, client_id):
+            return known[2]  # type: ignore[no-any-return]
+        return hub.consent.latest(account_id, client_id)
+
     @bp.route("/authorize", methods=["GET", "POST"])
     def authorize() -> Response:
         oauth_request = server.create_oauth2_request(None)
-        login = active_login()
+        login = active_login(oauth_request.payload.client_id)
         try:
             grant = server.get_consent_grant(request=oauth_request, end_user=login)
             redirect_uri = grant.request.payload.redirect_uri
@@ -212,10 +242,9 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
             policy = hub.policy_for(client)
             wanted = requested_claims(grant.request.scope or "", policy)
             prompts = set((params.get("prompt") or "").split())
-            ask = "consent" in prompts or hub.consent.needs_consent(login.account_id, policy,
-                                                                    wanted)
-            if ask and "consent" not in prompts and notice_only(login.account_id, policy,
-                                                                wanted):
+            state = consent_state(login.account_id, client.client_id)
+            ask = "consent" in prompts or needs_consent(state, policy, wanted)
+            if ask and "consent" not in prompts and notice_only(state, policy, wanted):
                 # No claim rests on consent (public task, legal obligation...): nothing to
                 # refuse, so the first use is recorded with its notice instead of asked.
                 hub.consent.record_decision(
@@ -233,11 +262,10 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
         return with_iss(server.create_authorization_response(
             request=oauth_request, grant_user=login, grant=grant))
 
-    def notice_only(account_id: str, policy: Any, wanted: set[str]) -> bool:
-        assert hub.consent is not None
+    def notice_only(state: LatestState | None, policy: Any, wanted: set[str]) -> bool:
         offered = policy.offered(frozenset(wanted))
         return (bool(offered) and all(c.lawful_basis != "consent" for c in offered)
-                and hub.consent.latest(account_id, policy.client_id) is None)
+                and state is None)
 
     def pending_consent(request_id: str, *, remove: bool) -> tuple[Any, Any, HubLogin, Any]:
         login = active_login()
@@ -335,10 +363,10 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
             return resp
         record = hub.access_tokens.verify(value.strip())
         client = hub.agencies.client(record.client_id) if record else None
-        attributes = None
+        attributes, granted = None, None
         if record is not None and client is not None and "openid" in record.scope.split():
-            attributes = hub.accounts.live_attributes(  # None: deleted
-                record.account_id, scope_claim_names(record.scope))
+            attributes, granted = hub.citizen_claims(  # attributes None: deleted
+                record.account_id, client.client_id, scope_claim_names(record.scope))
         if record is None or client is None or attributes is None:
             resp = jsonify(error="invalid_token",
                            error_description="The access token is invalid or expired")
@@ -347,7 +375,8 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
                 'Bearer realm="civitas", error="invalid_token"'
             )
             return resp
-        resp = jsonify(hub.user_claims(client, record.account_id, record.scope, attributes))
+        resp = jsonify(hub.user_claims(client, record.account_id, record.scope, attributes,
+                                       granted))
         resp.headers["Cache-Control"] = "no-store"
         return resp
 

@@ -6,12 +6,13 @@ login makes, so that a change that adds one shows up here and is a decision, not
 accident. With the default settings (rate limits on):
 
 - ``/authorize`` with a hub session: the session and the login limit per address (Redis),
-  the account's existence and the agency's consent record (PostgreSQL), then the code, its
-  nonce and the session's participants in one Redis script;
+  the account's existence and the agency's consent record in one statement (PostgreSQL,
+  idp/citizen.py), then the code, its nonce and the session's participants in one Redis
+  script;
 - ``/token`` (code exchange): the token limit per address (Redis; the agency's own limit is
   counted in batches, a round trip every tenth request: kernel/ratelimit.py); the code taken
-  (Redis), the account's attributes and the consent record (PostgreSQL), the hub session's
-  revocation mark and the access token's record (Redis).
+  (Redis), the account's attributes and the consent record in one statement (PostgreSQL),
+  the hub session's revocation mark and the access token's record (Redis).
 
 Statements and Redis commands are counted on the test's own thread (the hub's background
 jobs are off as well), and each count is the least of three logins, so a cache of agencies
@@ -35,7 +36,7 @@ from tests.conftest import hub_config
 from tests.flows import AGENCY_TWO, AuthRequest, full_login, query, redeem
 
 #: (PostgreSQL statements, Redis round trips) of each step of a login to a second agency
-EXPECTED = {"authorize": (2, 3), "token": (2, 4)}
+EXPECTED = {"authorize": (1, 3), "token": (1, 4)}
 
 
 @contextmanager

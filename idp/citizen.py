@@ -1,0 +1,68 @@
+"""What a request needs to know of a citizen and one agency, read in one statement.
+
+``/authorize`` needs to know that the citizen's account still exists and how their consent
+with the agency stands; a code exchange and ``/userinfo`` need the account's attributes and
+the claims the citizen granted the agency. Each domain owns its read and how its rows are
+read (:data:`broker.accounts.LIVE_ACCOUNT` and :data:`~broker.accounts.LIVE_ATTRIBUTES`,
+:data:`consent.decisions.LATEST_BY_ACCOUNT`); this module joins them, so each of those
+requests makes one round trip to the database instead of two, and both answers come from one
+snapshot of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from sqlalchemy import Select, select, true
+
+from broker.accounts import LIVE_ACCOUNT, LIVE_ATTRIBUTES, AccountDirectory
+from consent.decisions import LATEST_BY_ACCOUNT, LatestState, state_from_row
+from consent.service import ConsentService
+from kernel.db import Database
+
+_PREFIX = "consent_"
+
+
+def _with_consent(left: Select[Any]) -> Select[Any]:
+    """Every row of ``left`` with the consent record's latest state beside it (its columns
+    named ``consent_*``; NULLs when the citizen has no record with the agency). ``left`` has
+    no row when the account is gone, and then nothing else is read."""
+    citizen = left.subquery("citizen")
+    latest = LATEST_BY_ACCOUNT.subquery("latest")
+    return (select(citizen, *[column.label(_PREFIX + column.key) for column in latest.c])
+            .select_from(citizen.outerjoin(latest, true())))
+
+
+_LOGIN = _with_consent(LIVE_ACCOUNT)
+_CLAIMS = _with_consent(LIVE_ATTRIBUTES)
+
+
+class CitizenReads:
+    def __init__(self, db: Database, accounts: AccountDirectory,
+                 consent: ConsentService) -> None:
+        self._db = db
+        self._accounts = accounts
+        self._consent = consent
+
+    def _read(self, statement: Select[Any], account_id: str, client_id: str
+              ) -> tuple[Sequence[Any], LatestState | None]:
+        now = self._consent.clock()
+        with self._db.reader() as conn:
+            rows = conn.execute(statement, {"account_id": account_id, "key": account_id,
+                                            "client_id": client_id, "now": now}).all()
+        return rows, (state_from_row(rows[0]._mapping, now, _PREFIX) if rows else None)
+
+    def login(self, account_id: str, client_id: str) -> tuple[bool, LatestState | None]:
+        """Does the account exist (and is it not deleted), and the consent record's state
+        with ``client_id`` now (:meth:`ConsentService.latest`)."""
+        rows, state = self._read(_LOGIN, account_id, client_id)
+        return bool(rows), state
+
+    def claims(self, account_id: str, client_id: str, names: Collection[str]
+               ) -> tuple[dict[str, Any] | None, LatestState | None]:
+        """The account's attributes among ``names`` (None: the account is gone, as
+        :meth:`AccountDirectory.live_attributes`), and the consent record's state with
+        ``client_id`` now."""
+        rows, state = self._read(_CLAIMS, account_id, client_id)
+        return self._accounts.attributes_from_rows(rows, names), state
