@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Row, Table, bindparam, select
+from sqlalchemy import ColumnElement, Exists, Row, Table, bindparam, exists, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -33,6 +33,14 @@ _ATTRIBUTES = cast(Table, AccountAttribute.__table__)
 #: one row while the account exists and is not deleted, else none
 LIVE_ACCOUNT = select(_ACCOUNTS.c.id).where(_ACCOUNTS.c.id == bindparam("account_id"),
                                             _ACCOUNTS.c.deleted_at.is_(None))
+
+
+def account_is_live(account_id: ColumnElement[str]) -> Exists:
+    """Whether the account ``account_id`` (a column of the caller's statement) exists and is
+    not deleted, as a column: what :meth:`AccountDirectory.exists` reads, in another read."""
+    return exists().where(_ACCOUNTS.c.id == account_id, _ACCOUNTS.c.deleted_at.is_(None))
+
+
 #: the account's ``deleted_at`` and one row per attribute value (one row of NULLs when it has
 #: none); no row when there is no such account: :meth:`AccountDirectory.attributes_from_rows`
 LIVE_ATTRIBUTES = (select(_ACCOUNTS.c.deleted_at, _ATTRIBUTES.c.name,

@@ -160,7 +160,8 @@ class ProviderServices:
                 continue
             if isinstance(found, AccessToken) and found.for_client_itself:
                 return found  # client_credentials: no citizen whose deletion ends it
-            if self.accounts.exists(found.account_id):
+            if (found.account_live if isinstance(found, RefreshGrant)
+                    else self.accounts.exists(found.account_id)):
                 return found
         return None
 
@@ -335,8 +336,10 @@ class RotatingRefreshGrant(grants.RefreshTokenGrant):
         # Offline access outlives the hub session on purpose (OpenID Connect Core 11): a
         # logout ends the session's access tokens, not the agency's refresh grant; deletion
         # of the account and withdrawal of consent do revoke it.
-        if not self.hub.accounts.exists(refresh_token.account_id):
-            return None
+        if not refresh_token.account_live:  # read with the grant (RefreshTokens.use)
+            # RFC 6749 5.2: the grant is invalid (Authlib's answer to no user would be
+            # invalid_request, which tells the agency its request was malformed)
+            raise InvalidGrantError()
         return HubLogin(account_id=refresh_token.account_id, auth_time=refresh_token.auth_time,
                         acr=refresh_token.acr, amr=refresh_token.amr, upstream_id="",
                         sid=refresh_token.sid)

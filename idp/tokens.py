@@ -41,6 +41,7 @@ from sqlalchemy import (
     update,
 )
 
+from broker.accounts import account_is_live
 from kernel.db import Database, utcnow
 from kernel.metrics import REFRESH_REVOKED
 from kernel.store import ShortLivedStore
@@ -313,6 +314,8 @@ class RefreshGrant:
     amr: tuple[str, ...]
     auth_time: int
     expires_at: int
+    #: the citizen's account existed, not deleted, when the grant was read
+    account_live: bool = True
     token_type: str = "refresh_token"  # noqa: S105 (a token type name)
 
     def get_scope(self) -> str:
@@ -334,8 +337,10 @@ class ScopeWidened(ValueError):
 
 _TOKENS = cast(Table, RefreshToken.__table__)
 _GRANTS = cast(Table, RefreshGrantRecord.__table__)
+#: whether the grant's citizen still has an account, read with the grant (a refresh needs it)
+_ACCOUNT_LIVE = account_is_live(_GRANTS.c.account_id).label("account_live")
 #: a grant by its id (the primary key: one row whatever the grant's history)
-_GRANT = select(_GRANTS).where(_GRANTS.c.grant_id == bindparam("of_grant"))
+_GRANT = select(_GRANTS, _ACCOUNT_LIVE).where(_GRANTS.c.grant_id == bindparam("of_grant"))
 #: the use of a grant's live token: exactly one concurrent use matches, none once revoked
 _CLAIM = (update(_GRANTS)
           .where(_GRANTS.c.grant_id == bindparam("of_grant"),
@@ -355,7 +360,8 @@ _REVOKE = (update(_GRANTS)
            .where(_GRANTS.c.grant_id == bindparam("of_grant"), _GRANTS.c.revoked_at.is_(None))
            .values(revoked_at=bindparam("now"), revoked_reason=bindparam("reason")))
 #: a token issued before migration 0012, by its hash, with its grant's revocation
-_LEGACY_TOKEN = (select(_TOKENS, _GRANTS.c.revoked_at.is_not(None).label("grant_revoked"))
+_LEGACY_TOKEN = (select(_TOKENS, _GRANTS.c.revoked_at.is_not(None).label("grant_revoked"),
+                        _ACCOUNT_LIVE)
                  .join(_GRANTS, _GRANTS.c.grant_id == _TOKENS.c.grant_id)
                  .where(_TOKENS.c.token_hash == bindparam("token_hash")))
 _LEGACY_CLAIM = (update(_TOKENS)
@@ -439,7 +445,8 @@ class RefreshTokens:
         return RefreshGrant(grant_id=row.grant_id,
                             client_id=row.client_id, account_id=row.account_id, scope=row.scope,
                             sid=row.sid, acr=row.acr, amr=tuple(row.amr or ()),
-                            auth_time=row.auth_time, expires_at=int(row.expires_at.timestamp()))
+                            auth_time=row.auth_time, expires_at=int(row.expires_at.timestamp()),
+                            account_live=bool(row.account_live))
 
     def find(self, token: str) -> RefreshGrant | None:
         """A live refresh token (its grant's live one, unexpired, unrevoked), without using

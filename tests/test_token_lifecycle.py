@@ -251,6 +251,28 @@ def test_deleting_the_account_revokes_its_refresh_grants_and_says_why(app, hub):
     assert reasons == ["account_deleted", "account_deleted"]
 
 
+def test_a_grant_outliving_its_account_is_refused_and_inactive(app, hub):
+    """The refresh grant is read with whether its citizen's account still exists, in one
+    statement. An account deleted without its grants revoked (as if deletion's revocation
+    had not run) makes its refresh token invalid_grant (RFC 6749 5.2) and inactive at
+    introspection (RFC 7662 2.2), while the grant's row still says it is live."""
+    from sqlalchemy import update
+
+    from broker.models import ConstituentAccount
+    from kernel.db import utcnow
+
+    client = app.test_client()
+    body = tokens(client)
+    assert introspect(client, body["refresh_token"]).json["active"] is True
+    with hub.db.session() as s:
+        s.execute(update(ConstituentAccount).values(deleted_at=utcnow()))
+    assert introspect(client, body["refresh_token"]).json == {"active": False}
+    r = refresh(client, body["refresh_token"])
+    assert r.status_code == 400 and r.json["error"] == "invalid_grant"
+    with hub.db.session() as s:
+        assert s.scalars(select(RefreshGrantRecord.revoked_at)).all() == [None]
+
+
 def test_migration_0012_moves_each_grant_to_its_own_row(database_url):
     """Until 0012 a grant was revoked when any of its tokens was; the grant's row says so
     from the first such time. Tokens issued before still work, or revoke their grant when
