@@ -7,13 +7,53 @@ get-and-delete, which is what makes authorization codes single-use (RFC 6749 sec
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import redis
 
 JSON = dict[str, Any]
+
+#: forks of this process's ancestry that ran Python in the child (os.register_at_fork)
+_forks = 0
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
+
+@functools.cache
+def _pool_class() -> type[redis.ConnectionPool]:
+    """redis-py's connection pool, told of forks instead of asking for them.
+
+    redis-py's pool calls ``os.getpid()`` on every checkout and every return of a
+    connection, to notice that it now runs in a forked child (whose sockets it must not
+    share with its parent): two system calls per command, about 4% of a worker's time under
+    SSO logins (bench/README.md, thirteenth session). This pool runs the same check only
+    when a fork has happened since it last looked. Built on first use, so that a hub on the
+    in-process store never imports redis."""
+    import redis
+
+    class ForkCountingPool(redis.ConnectionPool):
+        _seen_forks = -1  # the first check is a real one
+
+        def _checkpid(self) -> None:
+            if self._seen_forks != _forks:
+                seen = _forks
+                super()._checkpid()
+                self._seen_forks = seen
+
+    return ForkCountingPool
 
 
 class ShortLivedStore(Protocol):
@@ -202,9 +242,9 @@ class RedisStore:
     def __init__(self, url: str, *, prefix: str = "civitas:", timeout: float = 2.0) -> None:
         import redis
 
-        self._redis = redis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+        self._redis = redis.Redis(connection_pool=_pool_class().from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout))
+        self._redis.auto_close_connection_pool = True  # as Redis.from_url leaves it
         self._prefix = prefix
         self._put_many = self._redis.register_script(_PUT_MANY)
 

@@ -47,6 +47,53 @@ def test_redis_replies_are_parsed_by_hiredis(redis_url):
         store._redis.connection_pool.release(connection)  # noqa: SLF001
 
 
+def test_redis_pool_asks_for_the_process_id_only_after_a_fork(redis_url, monkeypatch):
+    """redis-py's own pool calls os.getpid() twice per command to notice a fork; the
+    store's pool is told of forks (os.register_at_fork) and asks nothing until one."""
+    import os
+
+    store = RedisStore(redis_url, prefix=f"t{secrets.token_hex(4)}:")
+    store.put("warm", {}, 30)  # the pool's first check is a real one
+    calls = []
+    real = os.getpid
+    monkeypatch.setattr(os, "getpid", lambda: calls.append(1) or real())
+    for n in range(10):
+        store.put(f"k{n}", {"n": n}, 30)
+        assert store.get(f"k{n}") == {"n": n}
+    assert calls == []
+
+
+def test_redis_store_in_a_forked_child_opens_its_own_connections(redis_url):
+    """A worker forked after the store was used (gunicorn's master, preloading) must not
+    share its parent's sockets: in the child the pool starts again, and both processes'
+    commands get their own replies."""
+    import os
+
+    store = RedisStore(redis_url, prefix=f"t{secrets.token_hex(4)}:")
+    store.put("parent", {"who": "parent"}, 60)
+    pool = store._redis.connection_pool  # noqa: SLF001
+    parent_connections = list(pool._available_connections)  # noqa: SLF001
+    assert parent_connections
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave without running the parent's cleanup
+        ok = False
+        try:
+            store.put("child", {"who": "child"}, 60)
+            ok = (store.get("parent") == {"who": "parent"} and pool.pid == os.getpid()
+                  and not any(c in pool._available_connections  # noqa: SLF001
+                              for c in parent_connections))
+        finally:
+            os.write(write_end, b"1" if ok else b"0")
+            os._exit(0)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(read_end, 1) == b"1" and status == 0
+    os.close(read_end)
+    assert store.get("child") == {"who": "child"}
+    assert pool.pid == os.getpid() and parent_connections[0] in pool._available_connections  # noqa: SLF001
+
+
 def test_redis_put_many_survives_a_flushed_script_cache(redis_url):
     """A Redis restart or failover forgets loaded scripts (NOSCRIPT): the store's script is
     loaded again and the write goes through, once, with nothing lost or doubled."""
