@@ -33,7 +33,7 @@ from sqlalchemy import event
 
 from civitas.app import create_app
 from tests.conftest import hub_config
-from tests.flows import AGENCY_TWO, AuthRequest, full_login, query, redeem
+from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest, full_login, query, redeem
 
 #: (PostgreSQL statements, Redis round trips) of each step of a login to a second agency
 EXPECTED = {"authorize": (1, 3), "token": (1, 4)}
@@ -96,3 +96,43 @@ def test_an_sso_login_of_a_second_agency_makes_these_round_trips(
         assert least == EXPECTED, seen
     finally:
         hub.db.dispose()
+
+
+#: (PostgreSQL statements, Redis round trips) of a refresh (RFC 6749 6)
+EXPECTED_REFRESH = (3, 4)
+
+
+def test_a_refresh_makes_these_round_trips(upstream_issuer, pg_database_url, redis_url):
+    """A refresh with rotation: the grant read with whether its citizen's account is live,
+    then claimed, then rotated (PostgreSQL); the token limit per address, the hub session's
+    revocation mark, the access token's record and the grant's revocation mark (Redis)."""
+    offline = ["openid", "profile", "email", "offline_access"]
+    app = create_app(hub_config(upstream_issuer, pg_database_url, redis_url=redis_url,
+                                housekeeping_interval_seconds=0, backchannel_dispatcher=False,
+                                agencies=[AGENCY_ONE.config(scopes=offline)]))
+    hub = app.extensions["civitas"]
+    try:
+        client = app.test_client()
+        auth = AuthRequest(scope="openid email offline_access")
+        params = full_login(client, auth)
+        token = redeem(client, auth, params["code"]).json["refresh_token"]
+        seen = []
+        for _ in range(3):
+            with counting(hub.db.engine) as counts:
+                r = client.post("/token", data={"grant_type": "refresh_token",
+                                                "refresh_token": token}, headers=basic())
+            assert r.status_code == 200, r.get_data(as_text=True)
+            token = r.json["refresh_token"]
+            seen.append((counts["sql"], counts["redis"]))
+        least = (min(s for s, _ in seen), min(r for _, r in seen))
+        assert least == EXPECTED_REFRESH, seen
+    finally:
+        hub.db.dispose()
+
+
+def basic() -> dict[str, str]:
+    import base64
+
+    pair = f"{AGENCY_ONE.client_id}:{AGENCY_ONE.secret}".encode()
+    return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
+
