@@ -149,6 +149,34 @@ def test_store_incr_counts_and_expires(store):
     assert store.incr("ctr", 1) == 1
 
 
+def test_store_incr_window_starts_at_the_first_increment(store):
+    """A fixed window: later increments do not push its end back."""
+    assert store.incr_many(["w", "v"], 2, [1, 5]) == [1, 5]
+    time.sleep(1.1)
+    assert store.incr_many(["w", "v"], 2, [1, 5]) == [2, 10]
+    time.sleep(1.1)
+    assert store.incr_many(["w", "v"], 2, [1, 5]) == [1, 5]
+    with pytest.raises(ValueError):
+        store.incr_many(["w", "v"], 2, [1])
+
+
+def test_redis_incr_survives_a_flushed_script_cache_and_mends_a_counter_without_expiry(
+        redis_url):
+    """The counters' script is loaded again after a Redis restart or failover (NOSCRIPT),
+    and a counter left without an expiry (written by hand, say) gets the window's."""
+    import redis
+
+    prefix = f"t{secrets.token_hex(4)}:"
+    store = RedisStore(redis_url, prefix=prefix)
+    assert store.incr("c", 60) == 1
+    raw = redis.Redis.from_url(redis_url)
+    raw.script_flush()
+    assert store.incr("c", 60) == 2
+    raw.set(prefix + "bare", 7)
+    assert store.incr("bare", 60) == 8
+    assert 0 < raw.ttl(prefix + "bare") <= 60 and 0 < raw.ttl(prefix + "c") <= 60
+
+
 # -- SQL storage ------------------------------------------------------------------------------
 
 
