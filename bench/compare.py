@@ -1,0 +1,103 @@
+"""Before and after: bench/run.py alternated between two revisions of the hub.
+
+    .venv/bin/python bench/compare.py BEFORE [AFTER] [--rounds 3] -- --scenarios 1,3 --no-peer
+
+Checks each git revision (AFTER defaults to HEAD) out into a temporary worktree, with this
+checkout's ``.venv`` and ``demo/upstream/node_modules`` linked in, and runs that worktree's
+own ``bench/run.py`` (the hub, its bench and its wrk scripts of that revision) with the
+arguments after ``--``: before, after, before, after... ``--rounds`` times each. Alternating
+spreads the machine's drift (here ±10-15% between runs minutes apart) over both sides
+instead of charging it to one. Prints every run's req/s per scenario, the medians, their
+ratio and the largest worker RSS of each side, then removes the worktrees. Both sides use
+the dependencies installed here: a change of dependencies is not measured this way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+#: a scenario's row of bench/run.py's table: its name (44 columns), requests, req/s, ...
+ROW = re.compile(r"^([0-9F][0-9a-z]?\s.{40,43}?)\s+(\d+)\s+(\d+)\s")
+RSS = re.compile(r"^hub worker pid \d+: RSS ([0-9.]+) MB")
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def worktree(rev: str, where: Path) -> Path:
+    path = where / rev.replace("/", "_")
+    git("worktree", "add", "--detach", str(path), git("rev-parse", "--verify", rev))
+    for link in (".venv", "demo/upstream/node_modules"):
+        if (ROOT / link).exists() and not (path / link).exists():
+            (path / link).symlink_to(ROOT / link)
+    return path
+
+
+def run(tree: Path, args: list[str]) -> tuple[dict[str, int], float]:
+    """One bench run in ``tree``: req/s by scenario, and the largest worker RSS (MB)."""
+    out = subprocess.run([sys.executable, str(tree / "bench" / "run.py"), *args], cwd=tree,
+                         capture_output=True, text=True)
+    rates: dict[str, int] = {}
+    rss = 0.0
+    for line in out.stdout.splitlines():
+        if (m := ROW.match(line)) is not None:
+            rates[m.group(1).strip()] = int(m.group(3))
+        elif (m := RSS.match(line)) is not None:
+            rss = max(rss, float(m.group(1)))
+    if out.returncode != 0 or not rates:
+        sys.stderr.write(out.stdout[-2000:] + out.stderr[-2000:])
+        raise SystemExit(f"bench/run.py failed in {tree} (exit {out.returncode})")
+    return rates, rss
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("before")
+    ap.add_argument("after", nargs="?", default="HEAD")
+    ap.add_argument("--rounds", type=int, default=3)
+    opts = ap.parse_args(argv[:split])
+    bench_args = argv[split + 1:]
+    sides = {"before": opts.before, "after": opts.after}
+    results: dict[str, list[dict[str, int]]] = {side: [] for side in sides}
+    rss: dict[str, float] = dict.fromkeys(sides, 0.0)
+    with tempfile.TemporaryDirectory(prefix="civitas-compare-") as tmp:
+        trees = {}
+        try:
+            for side, rev in sides.items():
+                trees[side] = worktree(rev, Path(tmp))
+            for n in range(1, opts.rounds + 1):
+                for side in sides:
+                    print(f"round {n}/{opts.rounds}: {side} ({sides[side]})", flush=True)
+                    rates, most = run(trees[side], bench_args)
+                    results[side].append(rates)
+                    rss[side] = max(rss[side], most)
+        finally:
+            for tree in trees.values():
+                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT,
+                               capture_output=True)
+    print(f"\nbench/run.py {' '.join(bench_args)}: before {sides['before']}, after "
+          f"{sides['after']}, {opts.rounds} alternated rounds (req/s of each run)")
+    for name in results["before"][0]:
+        before = [r.get(name, 0) for r in results["before"]]
+        after = [r.get(name, 0) for r in results["after"]]
+        mb, ma = statistics.median(before), statistics.median(after)
+        ratio = f"{ma / mb:.2f}" if mb else "-"
+        print(f"{name:<44} before {', '.join(map(str, before))} (median {mb:g})  "
+              f"after {', '.join(map(str, after))} (median {ma:g})  after/before {ratio}")
+    print(f"largest worker RSS: before {rss['before']:.1f} MB, after {rss['after']:.1f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
