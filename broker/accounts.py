@@ -37,7 +37,7 @@ LIVE_ACCOUNT = select(_ACCOUNTS.c.id).where(_ACCOUNTS.c.id == bindparam("account
 
 def account_is_live(account_id: ColumnElement[str]) -> Exists:
     """Whether the account ``account_id`` (a column of the caller's statement) exists and is
-    not deleted, as a column: what :meth:`AccountDirectory.exists` reads, in another read."""
+    not deleted: :meth:`AccountDirectory.exists` as a column of another statement."""
     return exists().where(_ACCOUNTS.c.id == account_id, _ACCOUNTS.c.deleted_at.is_(None))
 
 

@@ -314,8 +314,9 @@ class RefreshGrant:
     amr: tuple[str, ...]
     auth_time: int
     expires_at: int
-    #: the citizen's account existed, not deleted, when the grant was read
-    account_live: bool = True
+    #: the citizen's account existed, not deleted, when the grant was read (no default: a
+    #: grant made without reading it must not pass for a live account's)
+    account_live: bool
     token_type: str = "refresh_token"  # noqa: S105 (a token type name)
 
     def get_scope(self) -> str:
