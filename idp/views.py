@@ -9,16 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 from authlib.common.urls import add_params_to_uri
 from authlib.oauth2.rfc6749.errors import InvalidRequestError, OAuth2Error
 from authlib.oidc.core.errors import ConsentRequiredError, LoginRequiredError
-from flask import (
-    Blueprint,
-    g,
-    jsonify,
-    redirect,
-    render_template,
-    request,
-    session,
-    url_for,
-)
+from flask import Blueprint, jsonify, redirect, render_template, request, session, url_for
 from werkzeug.wrappers import Response
 
 from broker.errors import LoginExpired
@@ -45,6 +36,9 @@ def requested_acrs(params: Any) -> list[str] | None:
     values = (params.get("acr_values") or "").split()
     return values or None
 
+
+#: the WSGI environ key of the consent state that /authorize read with the account
+CONSENT_READ = "civitas.consent_read"
 
 UNSUPPORTED_PARAMS = {
     "request": "request_not_supported",
@@ -119,13 +113,14 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
     def active_login(client_id: Any = None) -> HubLogin | None:
         """The hub session's login while its account exists. With ``client_id`` (not yet
         validated), the citizen's consent state with that agency is read in the same round
-        trip and kept for :func:`finish` (``g.civitas_consent``)."""
+        trip and kept in this request's WSGI environ for :func:`finish` (not in ``g``: an
+        application context can outlive a request)."""
         login = current_login(session)
         if login is None:
             return None
         if isinstance(client_id, str) and client_id and hub.citizens is not None:
             live, state = hub.citizens.login(login.account_id, client_id)
-            g.civitas_consent = (login.account_id, client_id, state)
+            request.environ[CONSENT_READ] = (login.account_id, client_id, state)
         else:
             live = hub.accounts.exists(login.account_id)
         if not live:
@@ -137,7 +132,7 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
         """The consent record's state now: the one :func:`active_login` read in this request
         for this citizen and agency, else read now."""
         assert hub.consent is not None
-        known = g.pop("civitas_consent", None)
+        known = request.environ.pop(CONSENT_READ, None)
         if known is not None and known[:2] == (account_id, client_id):
             return known[2]  # type: ignore[no-any-return]
         return hub.consent.latest(account_id, client_id)
