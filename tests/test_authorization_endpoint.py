@@ -320,6 +320,23 @@ def test_oidc_core_3_1_2_1_prompt_none_with_session_issues_code_without_upstream
     assert claims["nonce"] == auth.nonce
 
 
+def test_rfc6749_10_10_codes_are_unguessable_and_url_safe(client):
+    """RFC 6749 10.10: the chance of guessing a code must be at most 2^-128. Each code the
+    endpoint issues is 48 characters of the URL-safe base64 alphabet (RFC 4648 5) drawn
+    from 36 random bytes, 288 bits, so it needs no escaping in the redirect's query; and
+    codes issued one after another within one session all differ."""
+    full_login(client, AuthRequest())
+    codes = []
+    for _ in range(20):
+        auth = AuthRequest(extra={"prompt": "none"})
+        codes.append(assert_code_redirect(authorize(client, auth), auth))
+    for code in codes:
+        assert re.fullmatch(r"[A-Za-z0-9_-]{48}", code), code
+    assert len(set(codes)) == len(codes)
+    # every character position varies: not a counter or a timestamp with a random tail
+    assert all(len({code[i] for code in codes}) > 1 for i in range(48))
+
+
 def test_oidc_core_3_1_2_1_prompt_none_with_other_value_is_invalid_request(client):
     auth = AuthRequest(extra={"prompt": "none login"})
     assert_error_redirect(authorize(client, auth), "invalid_request", auth.state)
