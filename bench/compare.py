@@ -1,11 +1,13 @@
 """Before and after: bench/run.py alternated between two revisions of the hub.
 
     .venv/bin/python bench/compare.py BEFORE [AFTER] [--rounds 3] -- --scenarios 1,3 --no-peer
+    .venv/bin/python bench/compare.py BEFORE [AFTER] --tool app_cpu -- --scenarios 3
 
 Checks each git revision (AFTER defaults to HEAD) out into a temporary worktree, with this
 checkout's ``.venv`` and ``demo/upstream/node_modules`` linked in, and runs that worktree's
-own ``bench/run.py`` (the hub, its bench and its wrk scripts of that revision) with the
-arguments after ``--``: before, after, before, after... ``--rounds`` times each. Alternating
+own ``bench/run.py`` (the hub, its bench and its wrk scripts of that revision), or with
+``--tool app_cpu`` its ``bench/app_cpu.py`` (this checkout's, for a revision older than it), with
+the arguments after ``--``: before, after, before, after... ``--rounds`` times each. Alternating
 spreads the machine's drift (here ±10-15% between runs minutes apart) over both sides
 instead of charging it to one. Prints every run's req/s per scenario, the medians, their
 ratio and the largest worker RSS of each side, then removes the worktrees. Both sides use
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,9 +45,15 @@ def worktree(rev: str, where: Path) -> Path:
     return path
 
 
-def run(tree: Path, args: list[str]) -> tuple[dict[str, int], float]:
-    """One bench run in ``tree``: req/s by scenario, and the largest worker RSS (MB)."""
-    out = subprocess.run([sys.executable, str(tree / "bench" / "run.py"), *args], cwd=tree,
+def run(tree: Path, args: list[str], tool: str = "run") -> tuple[dict[str, int], float]:
+    """One run of ``bench/<tool>.py`` in ``tree``: req/s by scenario (for app_cpu,
+    operations per CPU-second), and the largest worker RSS (MB; 0 for app_cpu)."""
+    script = tree / "bench" / f"{tool}.py"
+    if not script.exists() and tool != "run":
+        # a revision older than the tool: this checkout's copy drives that revision's app
+        # (it imports the hub and bench/run.py from the tree it sits in)
+        shutil.copy(ROOT / "bench" / f"{tool}.py", script)
+    out = subprocess.run([sys.executable, str(script), *args], cwd=tree,
                          capture_output=True, text=True)
     rates: dict[str, int] = {}
     rss = 0.0
@@ -55,7 +64,7 @@ def run(tree: Path, args: list[str]) -> tuple[dict[str, int], float]:
             rss = max(rss, float(m.group(1)))
     if out.returncode != 0 or not rates:
         sys.stderr.write(out.stdout[-2000:] + out.stderr[-2000:])
-        raise SystemExit(f"bench/run.py failed in {tree} (exit {out.returncode})")
+        raise SystemExit(f"bench/{tool}.py failed in {tree} (exit {out.returncode})")
     return rates, rss
 
 
@@ -66,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("before")
     ap.add_argument("after", nargs="?", default="HEAD")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tool", choices=["run", "app_cpu"], default="run",
+                    help="run: bench/run.py (req/s through the HTTP server, wrk); app_cpu: "
+                         "bench/app_cpu.py (the app's CPU per operation, a few per cent of "
+                         "spread where wrk runs spread 10-25%%)")
     opts = ap.parse_args(argv[:split])
     bench_args = argv[split + 1:]
     sides = {"before": opts.before, "after": opts.after}
@@ -79,15 +92,16 @@ def main(argv: list[str] | None = None) -> int:
             for n in range(1, opts.rounds + 1):
                 for side in sides:
                     print(f"round {n}/{opts.rounds}: {side} ({sides[side]})", flush=True)
-                    rates, most = run(trees[side], bench_args)
+                    rates, most = run(trees[side], bench_args, opts.tool)
                     results[side].append(rates)
                     rss[side] = max(rss[side], most)
         finally:
             for tree in trees.values():
                 subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT,
                                capture_output=True)
-    print(f"\nbench/run.py {' '.join(bench_args)}: before {sides['before']}, after "
-          f"{sides['after']}, {opts.rounds} alternated rounds (req/s of each run)")
+    unit = "operations per CPU-second" if opts.tool == "app_cpu" else "req/s"
+    print(f"\nbench/{opts.tool}.py {' '.join(bench_args)}: before {sides['before']}, after "
+          f"{sides['after']}, {opts.rounds} alternated rounds ({unit} of each run)")
     for name in results["before"][0]:
         before = [r.get(name, 0) for r in results["before"]]
         after = [r.get(name, 0) for r in results["after"]]
@@ -95,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{ma / mb:.2f}" if mb else "-"
         print(f"{name:<44} before {', '.join(map(str, before))} (median {mb:g})  "
               f"after {', '.join(map(str, after))} (median {ma:g})  after/before {ratio}")
-    print(f"largest worker RSS: before {rss['before']:.1f} MB, after {rss['after']:.1f} MB")
+    if opts.tool == "run":
+        print(f"largest worker RSS: before {rss['before']:.1f} MB, after {rss['after']:.1f} MB")
     return 0
 
 

@@ -29,3 +29,15 @@ def test_compare_reads_every_scenario_row_that_run_py_prints():
     # a scenario that did not run has no figures to compare
     assert ROW.match(fmt_row("3 SSO 2nd agency: logins/s (authorize+token)", None, None, 2)) \
         is None
+
+
+def test_compare_reads_every_row_that_app_cpu_prints():
+    """bench/app_cpu.py's rows: the column compared is operations per CPU-second."""
+    from bench.app_cpu import NAMES
+    from bench.app_cpu import fmt_row as app_row
+
+    for name in NAMES.values():
+        row = app_row(name, 3000, [2090.4, 2101.0, 2088.7])
+        m = ROW.match(row)
+        assert m is not None, row
+        assert (m.group(1).strip(), m.group(2), m.group(3)) == (name, "3000", "478")
