@@ -8,8 +8,9 @@ this process, on PostgreSQL + Redis with the bench's settings (bench/run.py: rat
 counted). The app is served over HTTP only to sign alice in through the real upstream and to
 register agencies; every measured operation is a direct call of the WSGI app, in this
 thread, timed with ``time.thread_time()``: the CPU the app itself takes (Flask, Authlib,
-SQLAlchemy, psycopg, redis-py, the signatures and the hub's code), without an HTTP server,
-a load generator, other threads or waiting for PostgreSQL and Redis (their CPU is theirs).
+SQLAlchemy, psycopg, redis-py, the signatures and the hub's code, plus the few µs this
+script takes to build each request and read its answer), without an HTTP server, a load
+generator, other threads or waiting for PostgreSQL and Redis (their CPU is theirs).
 
 Scenarios as in bench/run.py: 0 JWKS, 1 client_credentials, 2 code exchange (codes minted
 ahead, untimed), 3 SSO of a second agency (authorize + token: one login), 4a userinfo,
@@ -147,9 +148,8 @@ class Scenarios:
     def prepare(self, scenario: str, n: int) -> None:
         if scenario == "2":
             self.items = [self.code(AGENCY_ONE) for _ in range(n)]
-        elif scenario in ("4a", "4b"):
-            if not self.items or not isinstance(self.items, str):
-                self.items = self.exchange(AGENCY_ONE, *self.code(AGENCY_ONE))["access_token"]
+        elif scenario in ("4a", "4b"):  # a fresh token each round: it cannot expire meanwhile
+            self.items = self.exchange(AGENCY_ONE, *self.code(AGENCY_ONE))["access_token"]
         elif scenario == "5":
             grants = min(n, 64)
             self.items = [self.exchange(AGENCY_ONE, *self.code(
