@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import event, text  # noqa: E402
+from sqlalchemy import text  # noqa: E402
 from sqlalchemy.engine import Connection, Engine  # noqa: E402
 
 from bench.load_data import (  # noqa: E402
@@ -65,20 +65,28 @@ class Statement:
 
 
 @contextlib.contextmanager
-def capture_sql(engine: Engine) -> Iterator[list[Statement]]:
-    """Every statement the engine sends while the block runs, with its parameters."""
+def capture_sql(_engine: Engine | None = None) -> Iterator[list[Statement]]:
+    """Every statement this thread sends to PostgreSQL while the block runs, with its
+    parameters: taken at the driver (psycopg's ``Cursor.execute``), so that statements sent
+    through SQLAlchemy and those a ``kernel.db.PreparedRead`` sends straight are both seen."""
+    import threading
+
+    import psycopg
+
     seen: list[Statement] = []
+    me = threading.get_ident()
+    execute = psycopg.Cursor.execute
 
-    def record(conn: Any, cursor: Any, sql: str, parameters: Any, context: Any,
-               executemany: bool) -> None:
-        if not executemany:
-            seen.append(Statement(sql, parameters))
+    def record(cursor: Any, query: Any, params: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() == me and isinstance(query, str):
+            seen.append(Statement(query, params))
+        return execute(cursor, query, params, *args, **kwargs)
 
-    event.listen(engine, "before_cursor_execute", record)
+    psycopg.Cursor.execute = record  # type: ignore[method-assign]
     try:
         yield seen
     finally:
-        event.remove(engine, "before_cursor_execute", record)
+        psycopg.Cursor.execute = execute  # type: ignore[method-assign]
 
 
 def plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -19,7 +19,7 @@ from sqlalchemy import Select, select, true
 from broker.accounts import LIVE_ACCOUNT, LIVE_ATTRIBUTES, AccountDirectory
 from consent.decisions import LATEST_BY_ACCOUNT, LatestState, state_from_row
 from consent.service import ConsentService
-from kernel.db import Database
+from kernel.db import Database, PreparedRead
 
 _PREFIX = "consent_"
 
@@ -41,22 +41,23 @@ _CLAIMS = _with_consent(LIVE_ATTRIBUTES)
 class CitizenReads:
     def __init__(self, db: Database, accounts: AccountDirectory,
                  consent: ConsentService) -> None:
-        self._db = db
         self._accounts = accounts
         self._consent = consent
+        # each read runs on every login: compiled once (kernel.db.PreparedRead)
+        self._login = PreparedRead(db, _LOGIN)
+        self._claims = PreparedRead(db, _CLAIMS)
 
-    def _read(self, statement: Select[Any], account_id: str, client_id: str
+    def _read(self, statement: PreparedRead, account_id: str, client_id: str
               ) -> tuple[Sequence[Any], LatestState | None]:
         now = self._consent.clock()
-        with self._db.reader() as conn:
-            rows = conn.execute(statement, {"account_id": account_id, "key": account_id,
-                                            "client_id": client_id, "now": now}).all()
+        rows = statement.run({"account_id": account_id, "key": account_id,
+                              "client_id": client_id, "now": now})
         return rows, (state_from_row(rows[0]._mapping, now, _PREFIX) if rows else None)
 
     def login(self, account_id: str, client_id: str) -> tuple[bool, LatestState | None]:
         """Does the account exist (and is it not deleted), and the consent record's state
         with ``client_id`` now (:meth:`ConsentService.latest`)."""
-        rows, state = self._read(_LOGIN, account_id, client_id)
+        rows, state = self._read(self._login, account_id, client_id)
         return bool(rows), state
 
     def claims(self, account_id: str, client_id: str, names: Collection[str]
@@ -64,5 +65,5 @@ class CitizenReads:
         """The account's attributes among ``names`` (None: the account is gone, as
         :meth:`AccountDirectory.live_attributes`), and the consent record's state with
         ``client_id`` now."""
-        rows, state = self._read(_CLAIMS, account_id, client_id)
+        rows, state = self._read(self._claims, account_id, client_id)
         return self._accounts.attributes_from_rows(rows, names), state

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import namedtuple
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -91,6 +92,102 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+class PreparedRead:
+    """A read-only statement whose shape is fixed at start-up, run many times: ``run(params)``
+    returns its rows, which read like SQLAlchemy's (``row.name``, ``row._mapping``).
+
+    On PostgreSQL through psycopg the statement is compiled once here and sent straight on
+    a pooled driver connection in autocommit (as :meth:`Database.reader` does), with the
+    same bind and result conversions SQLAlchemy's execution would apply, each taken from
+    the column's type for the dialect (``dialect_impl``). That leaves out SQLAlchemy's work
+    per execution (an execution context, the compiled-cache lookup, result metadata, event
+    dispatch): about 100 µs of CPU per statement, half of what a read of a login's citizen
+    and consent state costs (``bench/app_cpu.py``, bench/README.md). Driver errors come out
+    as SQLAlchemy's (``DBAPIError.instance``), and a connection found dead is invalidated,
+    as SQLAlchemy would. Other databases (SQLite, in one process) go through
+    :meth:`Database.reader` and SQLAlchemy. ``tests/test_prepared_read.py`` holds both ways
+    to the same rows, value for value and type for type."""
+
+    def __init__(self, db: Database, statement: Any) -> None:
+        self._db = db
+        self._statement = statement
+        dialect = db.engine.dialect
+        self._dialect = dialect
+        columns = list(statement.selected_columns)
+        self._types = [column.type.dialect_impl(dialect) for column in columns]
+        self._row = namedtuple("PreparedRow", [column.key for column in columns])  # type: ignore[misc]  # noqa: PYI024
+        self._row._mapping = property(lambda row: row._asdict())  # type: ignore[attr-defined]
+        self._direct = dialect.name == "postgresql" and dialect.driver == "psycopg"
+        self._results: list[Any] | None = None
+        if self._direct:
+            compiled = statement.compile(dialect=dialect)
+            if any(bind.expanding for bind in compiled.binds.values()):
+                raise ValueError("PreparedRead does not take expanding (IN) parameters")
+            self._compiled = compiled
+            self._sql = str(compiled)
+            self._binds = {compiled.bind_names[bind]: processor
+                           for bind in compiled.binds.values()
+                           if (processor := bind.type.dialect_impl(dialect)
+                               .bind_processor(dialect)) is not None}
+
+    @property
+    def direct(self) -> bool:
+        """Whether this read goes straight to the driver (PostgreSQL through psycopg)."""
+        return self._direct
+
+    def run(self, params: dict[str, Any]) -> list[Any]:
+        if not self._direct:
+            with self._db.reader() as conn:
+                return [self._row(*row) for row in conn.execute(self._statement, params)]
+        values = self._compiled.construct_params(params)
+        try:
+            for name, processor in self._binds.items():
+                values[name] = processor(values[name])
+        except Exception as exc:  # as SQLAlchemy reports a value its column type refuses
+            raise exc_mod.StatementError(str(exc), self._sql, values, exc) from exc
+        dbapi = self._dialect.loaded_dbapi
+        raw = self._db.engine.raw_connection()
+        restored = False
+        try:
+            driver: Any = raw.driver_connection
+            driver.autocommit = True
+            try:
+                with driver.cursor() as cursor:
+                    cursor.execute(self._sql, values)
+                    rows = cursor.fetchall()
+                    if self._results is None:
+                        self._results = self._result_processors(cursor.description)
+            finally:
+                # before the connection goes back to the pool: its next user may open a
+                # transaction, which autocommit would silently turn into single statements
+                driver.autocommit = False
+                restored = True
+        except dbapi.Error as exc:
+            lost = self._dialect.is_disconnect(exc, raw.dbapi_connection, None)
+            if lost:  # as SQLAlchemy does: this connection and every other pooled one
+                raw.invalidate(exc)
+                self._db.engine.dispose(close=False)
+            raise exc_mod.DBAPIError.instance(
+                self._sql, values, exc, dbapi.Error, connection_invalidated=lost,
+                dialect=self._dialect) from exc
+        finally:
+            if not restored and raw.dbapi_connection is not None:
+                raw.invalidate()  # never hand a connection in autocommit back to the pool
+            raw.close()
+        processors = self._results
+        if not any(processors):
+            return [self._row(*row) for row in rows]
+        return [self._row(*[value if processor is None else processor(value)
+                            for processor, value in zip(processors, row, strict=True)])
+                for row in rows]
+
+    def _result_processors(self, description: Any) -> list[Any]:
+        if len(description) != len(self._types):
+            raise RuntimeError(f"{len(description)} columns came back, not {len(self._types)}")
+        return [kind.result_processor(self._dialect, column.type_code)
+                for kind, column in zip(self._types, description, strict=True)]
 
 
 def _note_checkin(_dbapi_connection: Any, record: Any) -> None:

@@ -1,0 +1,166 @@
+"""kernel.db.PreparedRead: a hot read sent straight to psycopg on PostgreSQL must give exactly
+the rows SQLAlchemy's execution gives (value for value, type for type, time zone for time
+zone), raise SQLAlchemy's errors, and never hand a connection left in autocommit back to the
+pool. The statements are the ones the hub sends on every login (idp.citizen), over data made
+by a real brokered login and a consent decision with an expiry and a receipt."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy import exc as sa_exc
+
+from civitas.app import create_app
+from idp.citizen import _CLAIMS, _LOGIN
+from kernel.db import Database, PreparedRead
+from tests.conftest import hub_config
+from tests.flows import AuthRequest, full_login
+from tests.test_consent_service import ONE
+from tests.test_storage_outage import terminate_connections
+
+
+def typed(rows: Any) -> list[list[tuple[str, Any, Any]]]:
+    """Each value with its type and, for a time, its zone: 12:00+00:00 and 13:00+01:00 are
+    equal datetimes, but not the same answer."""
+    return [[(type(value).__name__, value, getattr(value, "tzinfo", None)) for value in row]
+            for row in rows]
+
+
+def through_sqlalchemy(db: Database, statement: Any, params: dict[str, Any]) -> list[Any]:
+    with db.reader() as conn:
+        return list(conn.execute(statement, params).all())
+
+
+@pytest.fixture
+def citizen(upstream_issuer: str, database_url: str) -> Any:
+    """A hub whose alice signed in once (account, attributes, the agency's consent record)
+    and then gave agency-one a consent that expires (an expiry and a receipt). PostgreSQL's
+    sessions are set to a zone far from UTC, so psycopg's times come back with +13:00 (or
+    +12:00) and only the column type's conversion makes them UTC, as the hub expects."""
+    if database_url.startswith("postgresql"):
+        name = database_url.rsplit("/", 1)[1]
+        admin = create_engine(database_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"ALTER DATABASE {name} SET timezone TO 'Pacific/Auckland'")
+        admin.dispose()
+    app = create_app(hub_config(upstream_issuer, database_url))
+    hub = app.extensions["civitas"]
+    full_login(app.test_client(), AuthRequest())
+    with hub.db.reader() as conn:
+        account_id = conn.exec_driver_sql(
+            "SELECT account_id FROM consent_records WHERE client_id = 'agency-one'").scalar_one()
+    hub.consent.record_decision(account_id, ONE, "pairwise-subject", ["email"])
+    yield hub, account_id
+    hub.db.dispose()
+
+
+def test_rows_are_those_sqlalchemy_gives_for_every_case(citizen: Any, database_url: str) -> None:
+    hub, account_id = citizen
+    now = hub.consent.clock()
+    cases = [
+        (account_id, "agency-one", now),  # a consent with an expiry, a receipt, JSON columns
+        (account_id, "agency-one", now + timedelta(days=90)),  # after it expired
+        (account_id, "agency-one", now - timedelta(days=1)),  # before any event: NULLs
+        (account_id, "agency-two", now),  # no record with that agency: NULLs
+        ("no-such-account", "agency-one", now),  # no row at all
+    ]
+    reads = {name: PreparedRead(hub.db, statement)
+             for name, statement in (("login", _LOGIN), ("claims", _CLAIMS))}
+    assert all(read.direct is database_url.startswith("postgresql") for read in reads.values())
+
+    def compare() -> list[int]:
+        counts = []
+        for name, statement in (("login", _LOGIN), ("claims", _CLAIMS)):
+            for account, client_id, at in cases:
+                params = {"account_id": account, "key": account, "client_id": client_id,
+                          "now": at}
+                fast, slow = reads[name].run(params), through_sqlalchemy(hub.db, statement,
+                                                                         params)
+                assert typed(fast) == typed(slow), (name, client_id, at)
+                for mine, theirs in zip(fast, slow, strict=True):
+                    assert dict(mine._mapping) == dict(theirs._mapping)
+                    assert [getattr(mine, key) for key in theirs._fields] == list(theirs)
+                counts.append(len(fast))
+        return counts
+
+    counts = compare()
+    claims_rows = counts[len(cases):]
+    assert counts[:len(cases)] == [1, 1, 1, 1, 0]  # the login read: the account, or nothing
+    assert claims_rows[0] >= 4 and claims_rows[-1] == 0  # a row per attribute
+    with hub.db.reader() as conn:  # the values that need converting were there to convert
+        assert conn.exec_driver_sql(
+            "SELECT count(*) FROM consent_events WHERE expires_at IS NOT NULL "
+            "AND receipt_id IS NOT NULL").scalar_one() >= 1
+    first = reads["claims"].run({"account_id": account_id, "key": account_id,
+                                 "client_id": "agency-one", "now": now})[0]
+    assert first.consent_expires_at.utcoffset() == timedelta(0)
+    assert first.asserted_at.utcoffset() == timedelta(0)
+    if database_url.startswith("postgresql"):  # the zone was there to convert
+        with hub.db.reader() as conn:
+            assert conn.exec_driver_sql("SELECT now()").scalar_one().utcoffset() >= \
+                timedelta(hours=12)
+    assert isinstance(first.consent_claims, dict) and first.consent_receipt_id
+
+    hub.accounts.delete(account_id)  # erased: no login row; one row of the deletion time
+    counts = compare()
+    assert counts[:len(cases)] == [0] * len(cases)
+    assert counts[len(cases)] == 1
+
+
+def test_a_value_the_column_type_refuses_is_refused_as_sqlalchemy_refuses_it(
+        citizen: Any) -> None:
+    """UTCDateTime takes no naive time: the bind conversion runs on both paths."""
+    hub, account_id = citizen
+    params = {"account_id": account_id, "key": account_id, "client_id": "agency-one",
+              "now": hub.consent.clock().replace(tzinfo=None)}
+    for run in (PreparedRead(hub.db, _LOGIN).run,
+                lambda p: through_sqlalchemy(hub.db, _LOGIN, p)):
+        with pytest.raises(sa_exc.StatementError) as caught:
+            run(params)
+        assert isinstance(caught.value.orig, ValueError)
+        assert "naive datetime" in str(caught.value.orig)
+
+
+def test_a_driver_error_is_sqlalchemys_and_leaves_no_connection_in_autocommit(
+        citizen: Any, database_url: str) -> None:
+    if not database_url.startswith("postgresql"):
+        pytest.skip("the straight path is PostgreSQL's")
+    hub, account_id = citizen
+    db = Database(database_url, pool_size=1)  # one connection: the failed read's
+    try:
+        read = PreparedRead(db, _LOGIN)
+        params = {"account_id": "a\x00b", "key": account_id, "client_id": "agency-one",
+                  "now": hub.consent.clock()}
+        with pytest.raises(sa_exc.DataError) as caught:  # the app answers it with a 400
+            read.run(params)
+        assert "NUL (0x00)" in str(caught.value.orig)
+        raw = db.engine.raw_connection()
+        try:
+            assert raw.driver_connection.autocommit is False  # type: ignore[union-attr]
+        finally:
+            raw.close()
+        assert read.run(dict(params, account_id=account_id))  # and the connection works
+    finally:
+        db.dispose()
+
+
+def test_a_connection_the_server_dropped_is_replaced_after_one_error(
+        citizen: Any, database_url: str) -> None:
+    """As through SQLAlchemy: the read fails once with an OperationalError that says the
+    connection was invalidated (the app's 503, test_storage_outage.py), and the next read
+    gets a fresh connection."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("the straight path is PostgreSQL's")
+    hub, account_id = citizen
+    read = PreparedRead(hub.db, _LOGIN)
+    params = {"account_id": account_id, "key": account_id, "client_id": "agency-one",
+              "now": hub.consent.clock()}
+    assert read.run(params)
+    assert terminate_connections(database_url) >= 1
+    with pytest.raises(sa_exc.OperationalError) as caught:
+        read.run(params)
+    assert caught.value.connection_invalidated
+    assert read.run(params)
