@@ -19,7 +19,7 @@ from sqlalchemy import Select, select, true
 from broker.accounts import LIVE_ACCOUNT, LIVE_ATTRIBUTES, AccountDirectory
 from consent.decisions import LATEST_BY_ACCOUNT, LatestState, state_from_row
 from consent.service import ConsentService
-from kernel.db import Database, PreparedRead
+from kernel.db import Database, Prepared
 
 _PREFIX = "consent_"
 
@@ -43,14 +43,14 @@ class CitizenReads:
                  consent: ConsentService) -> None:
         self._accounts = accounts
         self._consent = consent
-        # each read runs on every login: compiled once (kernel.db.PreparedRead)
-        self._login = PreparedRead(db, _LOGIN)
-        self._claims = PreparedRead(db, _CLAIMS)
+        # each read runs on every login: compiled once (kernel.db.Prepared)
+        self._login = Prepared(db, _LOGIN)
+        self._claims = Prepared(db, _CLAIMS)
 
-    def _read(self, statement: PreparedRead, account_id: str, client_id: str
+    def _read(self, statement: Prepared, account_id: str, client_id: str
               ) -> tuple[Sequence[Any], LatestState | None]:
         now = self._consent.clock()
-        rows = statement.run({"account_id": account_id, "key": account_id,
+        rows = statement.rows({"account_id": account_id, "key": account_id,
                               "client_id": client_id, "now": now})
         return rows, (state_from_row(rows[0]._mapping, now, _PREFIX) if rows else None)
 

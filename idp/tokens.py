@@ -31,7 +31,6 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from sqlalchemy import (
     CursorResult,
-    Executable,
     Table,
     bindparam,
     delete,
@@ -42,7 +41,7 @@ from sqlalchemy import (
 )
 
 from broker.accounts import account_is_live
-from kernel.db import Database, utcnow
+from kernel.db import Database, Prepared, utcnow
 from kernel.metrics import REFRESH_REVOKED
 from kernel.store import ShortLivedStore
 
@@ -408,6 +407,10 @@ class RefreshTokens:
         self._db = db
         self._tokens = tokens
         self.lifetime = lifetime
+        # the statements of every refresh, compiled once (kernel.db.Prepared)
+        self._read_grant = Prepared(db, _GRANT)
+        self._claim = Prepared(db, _CLAIM)
+        self._rotate = Prepared(db, _ROTATE)
 
     def issue(self, *, grant_id: str, client_id: str, account_id: str, scope: str, sid: str,
               acr: str, amr: tuple[str, ...], auth_time: int,
@@ -418,26 +421,23 @@ class RefreshTokens:
         with that end. Raises :class:`GrantEnded` when the grant was revoked meanwhile."""
         token = f"{grant_id}.{secrets.token_urlsafe(32)}"
         now = utcnow()
-        statement: Executable
         starts = new_grant if new_grant is not None else family_expires_at is None
-        if starts:
-            expires = (now + timedelta(seconds=self.lifetime) if family_expires_at is None
-                       else datetime.fromtimestamp(family_expires_at, UTC))
-            statement, values = _INSERT_GRANT, {
+        # one statement either way, atomic on its own: no transaction round trips around it
+        if not starts:
+            if self._rotate.rowcount({
+                    "of_grant": grant_id, "new_hash": digest(token), "new_scope": scope,
+                    "new_sid": sid, "new_acr": acr, "new_amr": list(amr),
+                    "new_auth_time": auth_time, "now": now}) != 1:
+                raise GrantEnded(grant_id)
+            return token
+        expires = (now + timedelta(seconds=self.lifetime) if family_expires_at is None
+                   else datetime.fromtimestamp(family_expires_at, UTC))
+        with self._db.reader() as conn:  # (an INSERT that fails raises)
+            conn.execute(_INSERT_GRANT, {
                 "grant_id": grant_id, "client_id": client_id, "account_id": account_id,
                 "created_at": now, "expires_at": expires, "token_hash": digest(token),
                 "scope": scope, "sid": sid, "acr": acr, "amr": list(amr),
-                "auth_time": auth_time}
-        else:
-            statement, values = _ROTATE, {
-                "of_grant": grant_id, "new_hash": digest(token), "new_scope": scope,
-                "new_sid": sid, "new_acr": acr, "new_amr": list(amr),
-                "new_auth_time": auth_time, "now": now}
-        # one statement, atomic on its own: no transaction round trips around it
-        with self._db.reader() as conn:
-            written = cast(CursorResult[Any], conn.execute(statement, values)).rowcount
-        if statement is _ROTATE and written != 1:  # (an INSERT that fails raises)
-            raise GrantEnded(grant_id)
+                "auth_time": auth_time})
         return token
 
     @staticmethod
@@ -454,16 +454,16 @@ class RefreshTokens:
         it."""
         token_hash = digest(token)
         grant_id = grant_of(token)
-        with self._db.reader() as conn:
-            row = (None if grant_id is None
-                   else conn.execute(_GRANT, {"of_grant": grant_id}).first())
-            live = (row is not None and row.revoked_at is None and row.token_hash is not None
-                    and hmac.compare_digest(row.token_hash, token_hash))
-            if not live and (row is None or row.revoked_at is None):
-                # (a token of the new kind is in refresh_tokens after a downgrade from 0012
-                # and an upgrade back)
+        row = None if grant_id is None else next(
+            iter(self._read_grant.rows({"of_grant": grant_id})), None)
+        live = (row is not None and row.revoked_at is None and row.token_hash is not None
+                and hmac.compare_digest(row.token_hash, token_hash))
+        if not live and (row is None or row.revoked_at is None):
+            # (a token of the new kind is in refresh_tokens after a downgrade from 0012 and
+            # an upgrade back)
+            with self._db.reader() as conn:
                 row = conn.execute(_LEGACY_TOKEN, {"token_hash": token_hash}).first()
-                live = row is not None and row.used_at is None and not row.grant_revoked
+            live = row is not None and row.used_at is None and not row.grant_revoked
         if row is None or not live or row.expires_at <= utcnow():
             return None
         return self._grant(row)
@@ -487,25 +487,21 @@ class RefreshTokens:
         # commits between the read and the claim (a concurrent use, a revocation) makes it
         # claim nothing, which is then treated as reuse below. A transaction around both
         # (READ COMMITTED) would see the same: each statement sees what is committed.
-        with self._db.reader() as conn:
-            row = conn.execute(_GRANT, {"of_grant": grant_id}).first()
-            if row is None or row.client_id != client_id or row.revoked_at is not None:
-                return None  # unknown, another agency's, or revoked already
-            presented_live = (row.token_hash is not None
-                              and hmac.compare_digest(row.token_hash, token_hash))
-            if presented_live:
-                if row.expires_at <= now:
-                    return None
-                _check_scope(row.scope, scope_within)
-                claimed = cast(CursorResult[Any], conn.execute(_CLAIM, {
-                    "of_grant": grant_id, "presented": token_hash})).rowcount
+        row = next(iter(self._read_grant.rows({"of_grant": grant_id})), None)
+        if row is None or row.client_id != client_id or row.revoked_at is not None:
+            return None  # unknown, another agency's, or revoked already
+        presented_live = (row.token_hash is not None
+                          and hmac.compare_digest(row.token_hash, token_hash))
         if not presented_live:
             # Not the live token: a used one (or a forgery) presented again, which revokes
             # the grant; or one in refresh_tokens (after a downgrade from 0012 and an
             # upgrade back), used as such.
             return self._use_legacy(token_hash, client_id, scope_within,
                                     unknown_revokes=grant_id)
-        if claimed == 1:
+        if row.expires_at <= now:
+            return None
+        _check_scope(row.scope, scope_within)
+        if self._claim.rowcount({"of_grant": grant_id, "presented": token_hash}) == 1:
             return self._grant(row)
         self._reused(grant_id, client_id)  # a concurrent use won: a copy exists
         return None

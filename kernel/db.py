@@ -90,41 +90,97 @@ class Database:
         with self.engine.connect() as conn:
             yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
+    @property
+    def driver_direct(self) -> bool:
+        """Whether :meth:`send` and :class:`Prepared` go straight to the driver: PostgreSQL
+        through psycopg."""
+        dialect = self.engine.dialect
+        return dialect.name == "postgresql" and dialect.driver == "psycopg"
+
+    def send(self, sql: str, params: dict[str, Any]) -> int:
+        """One statement in the driver's own SQL (``%(name)s`` parameters), atomic on its own
+        outside a transaction, as :meth:`reader` runs it; its rowcount. Straight on a pooled
+        psycopg connection where :attr:`driver_direct`, else through SQLAlchemy."""
+        if not self.driver_direct:
+            with self.reader() as conn:
+                return int(conn.exec_driver_sql(sql, params).rowcount)
+        return self._on_driver(sql, params, fetch=False)[2]
+
+    def _on_driver(self, sql: str, values: dict[str, Any], *, fetch: bool
+                   ) -> tuple[list[Any], Any, int]:
+        """(rows, description, rowcount) of one statement sent on a pooled psycopg
+        connection in autocommit. The connection goes back to the pool out of autocommit, or
+        not at all; driver errors come out as SQLAlchemy's (``DBAPIError.instance``, which
+        the app answers as it answers them from SQLAlchemy), and a connection found dead is
+        invalidated with the rest of the pool, as SQLAlchemy does."""
+        dialect = self.engine.dialect
+        dbapi = dialect.loaded_dbapi
+        raw = self.engine.raw_connection()
+        restored = False
+        try:
+            driver: Any = raw.driver_connection
+            driver.autocommit = True
+            try:
+                with driver.cursor() as cursor:
+                    cursor.execute(sql, values)
+                    rows = cursor.fetchall() if fetch else []
+                    description, rowcount = cursor.description, cursor.rowcount
+            finally:
+                # before the connection goes back to the pool: its next user may open a
+                # transaction, which autocommit would silently turn into single statements
+                driver.autocommit = False
+                restored = True
+        except dbapi.Error as exc:
+            lost = dialect.is_disconnect(exc, raw.dbapi_connection, None)
+            if lost:
+                raw.invalidate(exc)
+                self.engine.dispose(close=False)
+            raise exc_mod.DBAPIError.instance(sql, values, exc, dbapi.Error,
+                                              connection_invalidated=lost,
+                                              dialect=dialect) from exc
+        finally:
+            if not restored and raw.dbapi_connection is not None:
+                raw.invalidate()  # never hand a connection in autocommit back to the pool
+            raw.close()
+        return rows, description, rowcount
+
     def dispose(self) -> None:
         self.engine.dispose()
 
 
-class PreparedRead:
-    """A read-only statement whose shape is fixed at start-up, run many times: ``run(params)``
-    returns its rows, which read like SQLAlchemy's (``row.name``, ``row._mapping``).
+class Prepared:
+    """A statement whose shape is fixed at start-up, run many times on a hot path, each run
+    atomic on its own outside a transaction (as in :meth:`Database.reader`): ``rows(params)``
+    for a SELECT (rows that read like SQLAlchemy's: ``row.name``, ``row._mapping``),
+    ``rowcount(params)`` for an INSERT, UPDATE or DELETE.
 
     On PostgreSQL through psycopg the statement is compiled once here and sent straight on
-    a pooled driver connection in autocommit (as :meth:`Database.reader` does), with the
-    same bind and result conversions SQLAlchemy's execution would apply, each taken from
-    the column's type for the dialect (``dialect_impl``). That leaves out SQLAlchemy's work
-    per execution (an execution context, the compiled-cache lookup, result metadata, event
-    dispatch): about 100 µs of CPU per statement, half of what a read of a login's citizen
-    and consent state costs (``bench/app_cpu.py``, bench/README.md). Driver errors come out
-    as SQLAlchemy's (``DBAPIError.instance``), and a connection found dead is invalidated,
-    as SQLAlchemy would. Other databases (SQLite, in one process) go through
-    :meth:`Database.reader` and SQLAlchemy. ``tests/test_prepared_read.py`` holds both ways
-    to the same rows, value for value and type for type."""
+    a pooled driver connection in autocommit (:meth:`Database.send`), with the bind and
+    result conversions SQLAlchemy's execution would apply, each taken from the column's type
+    for the dialect (``dialect_impl``). That leaves out SQLAlchemy's work per execution (an
+    execution context, the compiled-cache lookup, result metadata, event dispatch): 100-150
+    µs of CPU per statement, a sixth of a login (``bench/app_cpu.py``, bench/README.md).
+    Elsewhere (SQLite, in one process) the statement goes through :meth:`Database.reader`
+    and SQLAlchemy. ``tests/test_prepared.py`` holds both ways to the same rows, value for
+    value and type for type, and to the same errors."""
 
     def __init__(self, db: Database, statement: Any) -> None:
         self._db = db
         self._statement = statement
         dialect = db.engine.dialect
         self._dialect = dialect
-        columns = list(statement.selected_columns)
+        columns = list(getattr(statement, "selected_columns", ()))
         self._types = [column.type.dialect_impl(dialect) for column in columns]
-        self._row = namedtuple("PreparedRow", [column.key for column in columns])  # type: ignore[misc]  # noqa: PYI024
-        self._row._mapping = property(lambda row: row._asdict())  # type: ignore[attr-defined]
-        self._direct = dialect.name == "postgresql" and dialect.driver == "psycopg"
+        self._row: Any = None
+        if columns:
+            self._row = namedtuple("PreparedRow", [column.key for column in columns])  # type: ignore[misc]  # noqa: PYI024
+            self._row._mapping = property(lambda row: row._asdict())
+        self._direct = db.driver_direct
         self._results: list[Any] | None = None
         if self._direct:
             compiled = statement.compile(dialect=dialect)
             if any(bind.expanding for bind in compiled.binds.values()):
-                raise ValueError("PreparedRead does not take expanding (IN) parameters")
+                raise ValueError("Prepared does not take expanding (IN) parameters")
             self._compiled = compiled
             self._sql = str(compiled)
             self._binds = {compiled.bind_names[bind]: processor
@@ -134,48 +190,22 @@ class PreparedRead:
 
     @property
     def direct(self) -> bool:
-        """Whether this read goes straight to the driver (PostgreSQL through psycopg)."""
+        """Whether this statement goes straight to the driver (PostgreSQL through psycopg)."""
         return self._direct
 
-    def run(self, params: dict[str, Any]) -> list[Any]:
+    def rows(self, params: dict[str, Any]) -> list[Any]:
+        if self._row is None:
+            raise TypeError("rows() of a statement that selects nothing; use rowcount()")
         if not self._direct:
             with self._db.reader() as conn:
                 return [self._row(*row) for row in conn.execute(self._statement, params)]
-        values = self._compiled.construct_params(params)
-        try:
-            for name, processor in self._binds.items():
-                values[name] = processor(values[name])
-        except Exception as exc:  # as SQLAlchemy reports a value its column type refuses
-            raise exc_mod.StatementError(str(exc), self._sql, values, exc) from exc
-        dbapi = self._dialect.loaded_dbapi
-        raw = self._db.engine.raw_connection()
-        restored = False
-        try:
-            driver: Any = raw.driver_connection
-            driver.autocommit = True
-            try:
-                with driver.cursor() as cursor:
-                    cursor.execute(self._sql, values)
-                    rows = cursor.fetchall()
-                    if self._results is None:
-                        self._results = self._result_processors(cursor.description)
-            finally:
-                # before the connection goes back to the pool: its next user may open a
-                # transaction, which autocommit would silently turn into single statements
-                driver.autocommit = False
-                restored = True
-        except dbapi.Error as exc:
-            lost = self._dialect.is_disconnect(exc, raw.dbapi_connection, None)
-            if lost:  # as SQLAlchemy does: this connection and every other pooled one
-                raw.invalidate(exc)
-                self._db.engine.dispose(close=False)
-            raise exc_mod.DBAPIError.instance(
-                self._sql, values, exc, dbapi.Error, connection_invalidated=lost,
-                dialect=self._dialect) from exc
-        finally:
-            if not restored and raw.dbapi_connection is not None:
-                raw.invalidate()  # never hand a connection in autocommit back to the pool
-            raw.close()
+        rows, description, _ = self._db._on_driver(self._sql, self._values(params), fetch=True)
+        if self._results is None:
+            if len(description) != len(self._types):
+                raise RuntimeError(f"{len(description)} columns came back, "
+                                   f"not {len(self._types)}")
+            self._results = [kind.result_processor(self._dialect, column.type_code)
+                             for kind, column in zip(self._types, description, strict=True)]
         processors = self._results
         if not any(processors):
             return [self._row(*row) for row in rows]
@@ -183,11 +213,20 @@ class PreparedRead:
                             for processor, value in zip(processors, row, strict=True)])
                 for row in rows]
 
-    def _result_processors(self, description: Any) -> list[Any]:
-        if len(description) != len(self._types):
-            raise RuntimeError(f"{len(description)} columns came back, not {len(self._types)}")
-        return [kind.result_processor(self._dialect, column.type_code)
-                for kind, column in zip(self._types, description, strict=True)]
+    def rowcount(self, params: dict[str, Any]) -> int:
+        if not self._direct:
+            with self._db.reader() as conn:
+                return int(conn.execute(self._statement, params).rowcount)
+        return self._db._on_driver(self._sql, self._values(params), fetch=False)[2]
+
+    def _values(self, params: dict[str, Any]) -> dict[str, Any]:
+        values: dict[str, Any] = self._compiled.construct_params(params)
+        try:
+            for name, processor in self._binds.items():
+                values[name] = processor(values[name])
+        except Exception as exc:  # as SQLAlchemy reports a value its column type refuses
+            raise exc_mod.StatementError(str(exc), self._sql, values, exc) from exc
+        return values
 
 
 def _note_checkin(_dbapi_connection: Any, record: Any) -> None:

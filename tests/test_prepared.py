@@ -1,4 +1,4 @@
-"""kernel.db.PreparedRead: a hot read sent straight to psycopg on PostgreSQL must give exactly
+"""kernel.db.Prepared: a hot read sent straight to psycopg on PostgreSQL must give exactly
 the rows SQLAlchemy's execution gives (value for value, type for type, time zone for time
 zone), raise SQLAlchemy's errors, and never hand a connection left in autocommit back to the
 pool. The statements are the ones the hub sends on every login (idp.citizen), over data made
@@ -15,9 +15,9 @@ from sqlalchemy import exc as sa_exc
 
 from civitas.app import create_app
 from idp.citizen import _CLAIMS, _LOGIN
-from kernel.db import Database, PreparedRead
+from kernel.db import Database, Prepared
 from tests.conftest import hub_config
-from tests.flows import AuthRequest, full_login
+from tests.flows import AGENCY_ONE, AuthRequest, full_login
 from tests.test_consent_service import ONE
 from tests.test_storage_outage import terminate_connections
 
@@ -67,7 +67,7 @@ def test_rows_are_those_sqlalchemy_gives_for_every_case(citizen: Any, database_u
         (account_id, "agency-two", now),  # no record with that agency: NULLs
         ("no-such-account", "agency-one", now),  # no row at all
     ]
-    reads = {name: PreparedRead(hub.db, statement)
+    reads = {name: Prepared(hub.db, statement)
              for name, statement in (("login", _LOGIN), ("claims", _CLAIMS))}
     assert all(read.direct is database_url.startswith("postgresql") for read in reads.values())
 
@@ -77,7 +77,7 @@ def test_rows_are_those_sqlalchemy_gives_for_every_case(citizen: Any, database_u
             for account, client_id, at in cases:
                 params = {"account_id": account, "key": account, "client_id": client_id,
                           "now": at}
-                fast, slow = reads[name].run(params), through_sqlalchemy(hub.db, statement,
+                fast, slow = reads[name].rows(params), through_sqlalchemy(hub.db, statement,
                                                                          params)
                 assert typed(fast) == typed(slow), (name, client_id, at)
                 for mine, theirs in zip(fast, slow, strict=True):
@@ -94,7 +94,7 @@ def test_rows_are_those_sqlalchemy_gives_for_every_case(citizen: Any, database_u
         assert conn.exec_driver_sql(
             "SELECT count(*) FROM consent_events WHERE expires_at IS NOT NULL "
             "AND receipt_id IS NOT NULL").scalar_one() >= 1
-    first = reads["claims"].run({"account_id": account_id, "key": account_id,
+    first = reads["claims"].rows({"account_id": account_id, "key": account_id,
                                  "client_id": "agency-one", "now": now})[0]
     assert first.consent_expires_at.utcoffset() == timedelta(0)
     assert first.asserted_at.utcoffset() == timedelta(0)
@@ -116,7 +116,7 @@ def test_a_value_the_column_type_refuses_is_refused_as_sqlalchemy_refuses_it(
     hub, account_id = citizen
     params = {"account_id": account_id, "key": account_id, "client_id": "agency-one",
               "now": hub.consent.clock().replace(tzinfo=None)}
-    for run in (PreparedRead(hub.db, _LOGIN).run,
+    for run in (Prepared(hub.db, _LOGIN).rows,
                 lambda p: through_sqlalchemy(hub.db, _LOGIN, p)):
         with pytest.raises(sa_exc.StatementError) as caught:
             run(params)
@@ -131,18 +131,18 @@ def test_a_driver_error_is_sqlalchemys_and_leaves_no_connection_in_autocommit(
     hub, account_id = citizen
     db = Database(database_url, pool_size=1)  # one connection: the failed read's
     try:
-        read = PreparedRead(db, _LOGIN)
+        read = Prepared(db, _LOGIN)
         params = {"account_id": "a\x00b", "key": account_id, "client_id": "agency-one",
                   "now": hub.consent.clock()}
         with pytest.raises(sa_exc.DataError) as caught:  # the app answers it with a 400
-            read.run(params)
+            read.rows(params)
         assert "NUL (0x00)" in str(caught.value.orig)
         raw = db.engine.raw_connection()
         try:
             assert raw.driver_connection.autocommit is False  # type: ignore[union-attr]
         finally:
             raw.close()
-        assert read.run(dict(params, account_id=account_id))  # and the connection works
+        assert read.rows(dict(params, account_id=account_id))  # and the connection works
     finally:
         db.dispose()
 
@@ -155,12 +155,43 @@ def test_a_connection_the_server_dropped_is_replaced_after_one_error(
     if not database_url.startswith("postgresql"):
         pytest.skip("the straight path is PostgreSQL's")
     hub, account_id = citizen
-    read = PreparedRead(hub.db, _LOGIN)
+    read = Prepared(hub.db, _LOGIN)
     params = {"account_id": account_id, "key": account_id, "client_id": "agency-one",
               "now": hub.consent.clock()}
-    assert read.run(params)
+    assert read.rows(params)
     assert terminate_connections(database_url) >= 1
     with pytest.raises(sa_exc.OperationalError) as caught:
-        read.run(params)
+        read.rows(params)
     assert caught.value.connection_invalidated
-    assert read.run(params)
+    assert read.rows(params)
+
+
+def test_a_refresh_rotates_its_grant_through_the_prepared_writes(sql_hub: Any,
+                                                                 database_url: str) -> None:
+    """The refresh path's read, claim and rotation (kernel.db.Prepared: rowcount) on SQLite
+    and on PostgreSQL: the rotation writes what SQLAlchemy reads back (the JSON list of
+    ``amr``, the new token's hash), a claim matches once, and a revoked grant takes no
+    rotation."""
+    from sqlalchemy import select
+
+    from idp.tokens import _GRANTS, GrantEnded, digest
+    from tests.test_token_lifecycle import refresh_grant
+
+    refresh_tokens = sql_hub.server.hub.refresh_tokens
+    grant = refresh_grant(sql_hub, "prepared")
+    first = refresh_tokens.issue(grant_id="prepared-1", **grant)
+    used = refresh_tokens.use(first, AGENCY_ONE.client_id)
+    assert used is not None and used.grant_id == "prepared-1"
+    assert refresh_tokens.use(first, AGENCY_ONE.client_id) is None  # the claim matched once
+    second = refresh_tokens.issue(grant_id="prepared-2", **grant)
+    assert refresh_tokens.use(second, AGENCY_ONE.client_id) is not None
+    rotated = refresh_tokens.issue(grant_id="prepared-2", **dict(grant, amr=("pwd", "otp")),
+                                   family_expires_at=used.expires_at)
+    with sql_hub.db.reader() as conn:
+        row = conn.execute(select(_GRANTS).where(_GRANTS.c.grant_id == "prepared-2")).one()
+    assert row.amr == ["pwd", "otp"] and row.token_hash == digest(rotated)
+    assert row.rotations == 1
+    assert refresh_tokens.find(rotated) is not None
+    assert refresh_tokens.revoke_grant("prepared-2")
+    with pytest.raises(GrantEnded):
+        refresh_tokens.issue(grant_id="prepared-2", **grant, family_expires_at=used.expires_at)
