@@ -179,10 +179,13 @@ class Prepared:
         self._results: list[Any] | None = None
         if self._direct:
             compiled = statement.compile(dialect=dialect)
-            if any(bind.expanding for bind in compiled.binds.values()):
-                raise ValueError("Prepared does not take expanding (IN) parameters")
             self._compiled = compiled
             self._sql = str(compiled)
+            if "POSTCOMPILE" in self._sql or any(bind.expanding
+                                                 for bind in compiled.binds.values()):
+                # rendered per execution by SQLAlchemy: not a statement fixed at start-up
+                raise ValueError("Prepared takes no expanding (IN) or literal-execute "
+                                 "parameters")
             self._binds = {compiled.bind_names[bind]: processor
                            for bind in compiled.binds.values()
                            if (processor := bind.type.dialect_impl(dialect)

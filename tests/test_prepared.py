@@ -195,3 +195,23 @@ def test_a_refresh_rotates_its_grant_through_the_prepared_writes(sql_hub: Any,
     assert refresh_tokens.revoke_grant("prepared-2")
     with pytest.raises(GrantEnded):
         refresh_tokens.issue(grant_id="prepared-2", **grant, family_expires_at=used.expires_at)
+
+
+def test_a_statement_sqlalchemy_renders_per_execution_is_refused_at_start_up() -> None:
+    """An IN list (expanding) or a literal-execute value is rendered into the SQL by
+    SQLAlchemy at each execution: such a statement has no fixed SQL to send."""
+    from sqlalchemy import bindparam, select
+
+    from idp.tokens import _GRANTS
+
+    db = Database("postgresql+psycopg://nobody@127.0.0.1:9/none")  # never connected
+    try:
+        grant_id = _GRANTS.c.grant_id
+        for statement in (
+                select(grant_id).where(grant_id.in_(bindparam("ids", expanding=True))),
+                select(grant_id).limit(bindparam("n", literal_execute=True))):
+            with pytest.raises(ValueError, match="expanding"):
+                Prepared(db, statement)
+        assert Prepared(db, select(grant_id).where(grant_id == bindparam("g"))).direct
+    finally:
+        db.dispose()
