@@ -1,8 +1,9 @@
-"""kernel.db.Prepared: a hot read sent straight to psycopg on PostgreSQL must give exactly
-the rows SQLAlchemy's execution gives (value for value, type for type, time zone for time
-zone), raise SQLAlchemy's errors, and never hand a connection left in autocommit back to the
-pool. The statements are the ones the hub sends on every login (idp.citizen), over data made
-by a real brokered login and a consent decision with an expiry and a receipt."""
+"""kernel.db.Prepared: a hot statement sent straight to psycopg on PostgreSQL must give
+exactly the rows SQLAlchemy's execution gives (value for value, type for type, time zone for
+time zone), write what SQLAlchemy reads back, raise SQLAlchemy's errors, and never hand a
+connection left in autocommit back to the pool. The statements are the ones the hub sends on
+every login (idp.citizen) and refresh (idp.tokens), over data made by a real brokered login
+and a consent decision with an expiry and a receipt."""
 
 from __future__ import annotations
 
