@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from authlib.oauth2.rfc6749.errors import InsecureTransportError
 from flask import Flask, g, jsonify, render_template, request, session
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
@@ -428,6 +429,23 @@ def _install_error_pages(app: Flask) -> None:
             413: "The request is too large.",
         }
         return page(status, messages.get(status, error.description or "Request failed."))
+
+    @app.errorhandler(InsecureTransportError)
+    def _insecure_transport(_error: InsecureTransportError) -> Any:
+        # RFC 6749 3.1 and 3.2: the authorization and token endpoints require TLS. Authlib
+        # refuses a request that reached the hub over plain http (no TLS in front of it, or
+        # a proxy whose X-Forwarded-Proto is not believed: trusted_proxy_hops) before any
+        # OAuth processing, with an error that no endpoint turns into a response
+        log.warning("request %s: refused over plain http (%s); if a proxy terminates TLS "
+                    "in front of the hub, check trusted_proxy_hops", _request_id_now(),
+                    request.host_url)
+        message = "This service must be reached over HTTPS."
+        if request.path.startswith(_JSON_PATHS):
+            response = jsonify(error="invalid_request", error_description=message)
+            response.status_code = 400
+            response.headers["Cache-Control"] = "no-store"
+            return response
+        return page(400, message)
 
     def unavailable(error: BaseException) -> Any:
         # the database or Redis is unreachable (or just restarted): nothing was done that

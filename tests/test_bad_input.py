@@ -9,7 +9,7 @@ import pytest
 
 from civitas.app import create_app
 from tests.conftest import hub_config
-from tests.flows import AGENCY_ONE
+from tests.flows import AGENCY_ONE, AuthRequest
 
 ENDPOINTS = [
     ("GET", "/authorize?client_id=%00&redirect_uri=%ff"), ("GET", "/authorize/continue"),
@@ -127,3 +127,36 @@ def test_a_nul_that_reaches_postgresql_anywhere_is_a_400_not_a_500(upstream_issu
         assert client.get("/access/v1/test-lookup?name=x").status_code == 200  # pool is fine
     finally:
         hub.db.dispose()
+
+
+def test_plain_http_is_refused_with_a_clear_400_not_a_500(upstream_issuer, tmp_path,
+                                                           monkeypatch):
+    """RFC 6749 3.1, 3.2: the authorization and token endpoints require TLS. A request that
+    reaches the hub over plain http at a name other than a loopback one (no TLS in front
+    of the hub, or a proxy whose X-Forwarded-Proto the hub does not believe) is refused:
+    JSON ``invalid_request`` for programs, a page for people, both saying HTTPS, and a log
+    line that points at trusted_proxy_hops. Over https the same requests are served."""
+    app = create_app(hub_config(upstream_issuer, f"sqlite:///{tmp_path}/hub.db"))
+    # the tests' hub has a loopback http issuer, for which create_app lets Authlib take
+    # http (civitas.app._allow_loopback_http); a production hub has an https issuer
+    monkeypatch.delenv("AUTHLIB_INSECURE_TRANSPORT", raising=False)
+    client = app.test_client()
+    agency = _basic(AGENCY_ONE.client_id, AGENCY_ONE.secret)
+    token_request = {"grant_type": "client_credentials", "scope": "consent.decisions"}
+    for path in ("/token", "/introspect", "/revoke"):
+        r = client.post(path, base_url="http://hub.example", headers=agency,
+                        data=token_request if path == "/token" else {"token": "x"})
+        assert r.status_code == 400, (path, r.status_code)
+        assert r.json == {"error": "invalid_request",
+                          "error_description": "This service must be reached over HTTPS."}
+    auth = AuthRequest()
+    r = client.get(auth.url(), base_url="http://hub.example")
+    assert r.status_code == 400 and r.mimetype == "text/html"
+    assert "must be reached over HTTPS" in r.get_data(as_text=True)
+    assert r.headers["X-Request-Id"] in r.get_data(as_text=True)
+    # over https: served
+    r = client.post("/token", base_url="https://hub.example", headers=agency,
+                    data=token_request)
+    assert r.status_code == 200 and r.json["token_type"].lower() == "bearer"
+    r = client.get(auth.url(), base_url="https://hub.example")
+    assert r.status_code in (302, 303)
