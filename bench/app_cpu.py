@@ -20,9 +20,11 @@ all of them. For each: µs of CPU per operation (median of the rounds, and the r
 operations per CPU-second, and ``2-core ceiling``: what two cores could do if the app were
 all that ran on them, an upper bound that no server can pass on this machine.
 
-Run-to-run spread is a few per cent (wrk runs differ by 10-25% here), so this is the tool for
-before/after of a change to the app: ``bench/compare.py BEFORE AFTER --tool app_cpu -- ...``.
-The req/s column of the table is the operations per CPU-second.
+Runs close in time differ by a few per cent (wrk runs differ by 10-25% here); runs an hour
+apart can differ by 5-10%, as this machine's speed drifts (the JWKS row shows it). So this
+is the tool for before/after of a change to the app, alternated: ``bench/compare.py BEFORE
+AFTER --tool app_cpu -- ...``. The req/s column of the table is the operations per
+CPU-second.
 """
 
 from __future__ import annotations
