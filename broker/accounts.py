@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from connectors import UpstreamIdentity
 from kernel.crypto import FieldCipher
-from kernel.db import Database, utcnow
+from kernel.db import Database, Prepared, utcnow
 
 from .errors import CredentialAlreadyLinked, LastCredential
 from .models import AccountAttribute, AccountEvent, ConstituentAccount, LinkedIdentity
@@ -80,6 +80,8 @@ class AccountDirectory:
         self._on_event = on_event
         #: connector ids, most trusted first: released claims come from the first that has one
         self._ranking = {c: i for i, c in enumerate(source_ranking or [])}
+        #: read on every introspection and account page (kernel.db.Prepared: compiled once)
+        self._live = Prepared(db, LIVE_ACCOUNT)
 
     def resolve(self, identity: UpstreamIdentity) -> ResolvedAccount:
         """Find or create the account for this credential, and record its attributes."""
@@ -153,8 +155,7 @@ class AccountDirectory:
 
     def exists(self, account_id: str) -> bool:
         """True while the account exists and has not been deleted."""
-        with self._db.reader() as conn:
-            return conn.execute(LIVE_ACCOUNT, {"account_id": account_id}).first() is not None
+        return bool(self._live.rows({"account_id": account_id}))
 
     def account_for_credential(self, connector_id: str, upstream_subject: str) -> str | None:
         """The account a linked credential belongs to (an officer's lookup), if any."""

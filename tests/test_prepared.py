@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import create_engine
 from sqlalchemy import exc as sa_exc
 
+from broker.accounts import LIVE_ACCOUNT
 from civitas.app import create_app
 from idp.citizen import _CLAIMS, _LOGIN
 from kernel.db import Database, Prepared
@@ -105,10 +106,17 @@ def test_rows_are_those_sqlalchemy_gives_for_every_case(citizen: Any, database_u
                 timedelta(hours=12)
     assert isinstance(first.consent_claims, dict) and first.consent_receipt_id
 
+    live = Prepared(hub.db, LIVE_ACCOUNT)  # introspection's read (AccountDirectory.exists)
+    for account in (account_id, "no-such-account"):
+        assert typed(live.rows({"account_id": account})) == typed(
+            through_sqlalchemy(hub.db, LIVE_ACCOUNT, {"account_id": account}))
+    assert hub.accounts.exists(account_id) and not hub.accounts.exists("no-such-account")
+
     hub.accounts.delete(account_id)  # erased: no login row; one row of the deletion time
     counts = compare()
     assert counts[:len(cases)] == [0] * len(cases)
     assert counts[len(cases)] == 1
+    assert live.rows({"account_id": account_id}) == [] and not hub.accounts.exists(account_id)
 
 
 def test_a_value_the_column_type_refuses_is_refused_as_sqlalchemy_refuses_it(
