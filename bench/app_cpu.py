@@ -46,8 +46,6 @@ from urllib.parse import parse_qs, quote, urlsplit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cryptography.fernet import Fernet  # noqa: E402
-
 from bench import run as bench  # noqa: E402  (the same settings and login as run.py)
 from tests import servers  # noqa: E402
 from tests.flows import (  # noqa: E402
@@ -260,16 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                                f"https://bench-{i:03d}.agency.example/cb", f"Bench agency {i}")
                     for i in range(4)]
         settings = settings_from_mapping({
-            "issuer": base, "database_url": pg, "redis_url": redis,
-            "encryption_key": Fernet.generate_key().decode(),
-            "pairwise_secret": secrets.token_urlsafe(32),
-            "upstreams": [{"kind": "oidc", "id": "op", "display_name": "Example ID",
-                           "issuer": upstream, "client_id": UPSTREAM_CLIENT_ID,
-                           "client_secret": UPSTREAM_SECRET,
-                           "acr": "urn:civitas:acr:ial1:aal1"}],
-            "agencies": [a.config(scopes=bench.SCOPES)
-                         for a in [AGENCY_ONE, AGENCY_TWO, *deciders]],
-            "rate_limits": bench.bench_rate_limits("counted"),
+            **bench.hub_settings(base, pg, redis, upstream, [AGENCY_ONE, AGENCY_TWO, *deciders],
+                                 "counted"),
             # no background work in this process while it is measured
             "ledger_seal_interval_seconds": 0, "housekeeping_interval_seconds": 0,
         }, source="bench/app_cpu.py")

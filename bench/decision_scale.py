@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import text  # noqa: E402
-from sqlalchemy.engine import Connection, Engine  # noqa: E402
+from sqlalchemy.engine import Connection  # noqa: E402
 
 from bench.load_data import (  # noqa: E402
     TABLES,
@@ -65,7 +65,7 @@ class Statement:
 
 
 @contextlib.contextmanager
-def capture_sql(_engine: Engine | None = None) -> Iterator[list[Statement]]:
+def capture_sql() -> Iterator[list[Statement]]:
     """Every statement this thread sends to PostgreSQL while the block runs, with its
     parameters: taken at the driver (psycopg's ``Cursor.execute``), so that statements sent
     through SQLAlchemy and those a ``kernel.db.PreparedRead`` sends straight are both seen."""
@@ -223,7 +223,7 @@ def measure(decider: Decider, sample: list[tuple[str, str]], count: int, label: 
 
 def plans(hub: Hub, decider: Decider, sample: list[tuple[str, str]]) -> list[Explained]:
     """The statements of one decision with a record and one without, explained."""
-    with capture_sql(hub.db.engine) as seen:
+    with capture_sql() as seen:
         if sample:
             decider.one(*sample[0])
         decider.one(*decider.absent())

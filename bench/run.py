@@ -522,6 +522,23 @@ def bench_rate_limits(mode: str) -> dict[str, int]:
             if name != "window_seconds"}
 
 
+def hub_settings(issuer: str, database_url: str, redis_url: str, upstream: str,
+                 agencies: list, rate_limits: str) -> dict:
+    """The bench hub's settings (also bench/app_cpu.py's): fresh keys, the upstream OP the
+    citizen signs in with, ``agencies`` with every scope, rate limits ``counted`` or
+    ``off`` (:func:`bench_rate_limits`)."""
+    return {
+        "issuer": issuer, "database_url": database_url, "redis_url": redis_url,
+        "encryption_key": Fernet.generate_key().decode(),
+        "pairwise_secret": secrets.token_urlsafe(32),
+        "upstreams": [{"kind": "oidc", "id": "op", "display_name": "Example ID",
+                       "issuer": upstream, "client_id": UPSTREAM_CLIENT_ID,
+                       "client_secret": UPSTREAM_SECRET, "acr": "urn:civitas:acr:ial1:aal1"}],
+        "agencies": [a.config(scopes=SCOPES) for a in agencies],
+        "rate_limits": bench_rate_limits(rate_limits),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--workers", type=int, default=2)
@@ -613,16 +630,8 @@ def main() -> int:
                 "redirect_uris": [a.redirect_uri]} for a in agencies + [OPAQUE]],
                 [OPAQUE.client_id]))
             runner.cpu_of[peer_issuer] = peer_pid
-        config = {
-            "issuer": base, "database_url": pg, "redis_url": redis,
-            "encryption_key": Fernet.generate_key().decode(),
-            "pairwise_secret": secrets.token_urlsafe(32),
-            "upstreams": [{"kind": "oidc", "id": "op", "display_name": "Example ID",
-                           "issuer": upstream, "client_id": UPSTREAM_CLIENT_ID,
-                           "client_secret": UPSTREAM_SECRET, "acr": "urn:civitas:acr:ial1:aal1"}],
-            "agencies": [a.config(scopes=SCOPES) for a in agencies + deciders],
-            "rate_limits": bench_rate_limits(args.rate_limits),
-        }
+        config = hub_settings(base, pg, redis, upstream, agencies + deciders,
+                              args.rate_limits)
         if args.soak:  # scenario 4's access token is sent again for the whole soak
             config["access_token_lifetime_seconds"] = 24 * 3600
         loaded_sample: list[tuple[str, str]] = []

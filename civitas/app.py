@@ -430,6 +430,18 @@ def _install_error_pages(app: Flask) -> None:
         }
         return page(status, messages.get(status, error.description or "Request failed."))
 
+    def refuse(status: int, error: str, message: str,
+               headers: Mapping[str, str] | None = None) -> Any:
+        """Programs (the JSON paths) get ``{"error", "error_description"}`` (RFC 6749 5.2),
+        people the error page; both with ``headers``."""
+        if request.path.startswith(_JSON_PATHS):
+            response = jsonify(error=error, error_description=message)
+            response.status_code = status
+            response.headers.update(headers or {})
+            return response
+        body, _ = page(status, message)
+        return body, status, dict(headers or {})
+
     @app.errorhandler(InsecureTransportError)
     def _insecure_transport(_error: InsecureTransportError) -> Any:
         # RFC 6749 3.1 and 3.2: the authorization and token endpoints require TLS. Authlib
@@ -439,13 +451,8 @@ def _install_error_pages(app: Flask) -> None:
         log.warning("request %s: refused over plain http (%s); if a proxy terminates TLS "
                     "in front of the hub, check trusted_proxy_hops", _request_id_now(),
                     request.host_url)
-        message = "This service must be reached over HTTPS."
-        if request.path.startswith(_JSON_PATHS):
-            response = jsonify(error="invalid_request", error_description=message)
-            response.status_code = 400
-            response.headers["Cache-Control"] = "no-store"
-            return response
-        return page(400, message)
+        return refuse(400, "invalid_request", "This service must be reached over HTTPS.",
+                      {"Cache-Control": "no-store"})
 
     def unavailable(error: BaseException) -> Any:
         # the database or Redis is unreachable (or just restarted): nothing was done that
@@ -453,14 +460,9 @@ def _install_error_pages(app: Flask) -> None:
         # (RFC 9110 15.6.4), to machines in JSON and to people in a page
         log.error("request %s: storage unavailable: %s: %s", _request_id_now(),
                   type(error).__name__, str(error).splitlines()[0] if str(error) else "")
-        headers = {"Retry-After": "5", "Cache-Control": "no-store"}
-        message = "The service is briefly unavailable. Please try again in a moment."
-        if request.path.startswith(_JSON_PATHS):
-            response = jsonify(error="temporarily_unavailable", error_description=message)
-            response.status_code = 503
-            response.headers.update(headers)
-            return response
-        return render_template("error.html", status=503, message=message), 503, headers
+        return refuse(503, "temporarily_unavailable",
+                      "The service is briefly unavailable. Please try again in a moment.",
+                      {"Retry-After": "5", "Cache-Control": "no-store"})
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Any:
@@ -471,12 +473,8 @@ def _install_error_pages(app: Flask) -> None:
             # is the net under them: a NUL can only have come from the request, and the
             # transaction it was in has rolled back
             log.warning("request %s: a NUL character reached the database", _request_id_now())
-            message = "The request contains a NUL character, which no field may hold."
-            if request.path.startswith(_JSON_PATHS):
-                response = jsonify(error="invalid_request", error_description=message)
-                response.status_code = 400
-                return response
-            return page(400, message)
+            return refuse(400, "invalid_request",
+                          "The request contains a NUL character, which no field may hold.")
         log.exception("request %s failed with an unexpected error", _request_id_now())
         return page(500, "Something went wrong on our side. Please try again later.")
 

@@ -99,7 +99,7 @@ def decision_statements(loaded: Loaded) -> list[Statement]:
     client = loaded.app.test_client()
     with_record = next(s for s in loaded.sample if s[0] == AGENCY)
     claim = loaded.templates.policies[AGENCY].claims[0]
-    with capture_sql(loaded.hub.db.engine) as seen:
+    with capture_sql() as seen:
         for subject in (with_record[1], absent_subject()):
             r = client.post("/access/v1/evaluation", headers=basic(
                 AGENCY, loaded.secrets[AGENCY]), json={
@@ -129,7 +129,7 @@ def token_statements(loaded: Loaded) -> list[Statement]:
         "acr": "urn:civitas:acr:ial1:aal1", "amr": ["pwd"], "sid": secrets.token_hex(8)})
     client = loaded.app.test_client()
     auth = basic(AGENCY, loaded.secrets[AGENCY])
-    with capture_sql(hub.db.engine) as seen:
+    with capture_sql() as seen:
         r = client.post("/token", headers=auth, data={
             "grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
             "code_verifier": verifier})
@@ -204,11 +204,11 @@ def refresh_statements(loaded: Loaded) -> tuple[list[Statement], list[Statement]
         conn.execute(text("ANALYZE refresh_tokens"))
         conn.execute(text("ANALYZE refresh_grants"))
     client = loaded.app.test_client()
-    with capture_sql(hub.db.engine) as used:
+    with capture_sql() as used:
         r = client.post("/token", headers=basic(AGENCY, loaded.secrets[AGENCY]), data={
             "grant_type": "refresh_token", "refresh_token": live})
         assert r.status_code == 200, r.get_data(as_text=True)
-    with capture_sql(hub.db.engine) as revoked:
+    with capture_sql() as revoked:
         refresh.revoke_account(account_id, AGENCY)
         refresh.revoke_grant(grant["grant_id"])
     return used, revoked, account_id
@@ -255,7 +255,7 @@ def test_a_refresh_and_a_revocation_read_one_row_of_the_grant(loaded: Loaded) ->
 def expiry_statements(loaded: Loaded) -> list[Statement]:
     """The SQL of the expiry job on a day when no grant is due (the usual run: every grant
     due earlier has been expired by an earlier run)."""
-    with capture_sql(loaded.hub.db.engine) as seen:
+    with capture_sql() as seen:
         assert loaded.hub.consent.expire_due(now=datetime(2001, 1, 1, tzinfo=UTC)) == 0
     return seen
 
