@@ -260,12 +260,68 @@ class RedisStore:
         self._prefix = prefix
         self._put_many = self._redis.register_script(_PUT_MANY)
         self._incr_many = self._redis.register_script(_INCR_MANY)
+        self._no_script = redis.exceptions.NoScriptError
+        self._reply_errors = redis.exceptions.ResponseError
+        self._stale = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+        #: idle connections of the straight path (:meth:`_command`), and the forks seen
+        self._idle: list[redis.Connection] = []
+        self._idle_forks = _forks
 
     def _k(self, key: str) -> str:
         return self._prefix + key
 
+    def _command(self, *args: Any) -> Any:
+        """One command, sent straight on a connection of the store's own and its reply read:
+        what ``Redis.execute_command`` does, without its per-command bookkeeping (the
+        pool's locks and counters, the decorators and the observability hooks of redis-py 8:
+        9-16 µs of a 27-42 µs command; bench/README.md, fifteenth session).
+
+        The safety of redis-py's pool is kept: a connection is used by one thread at a
+        time (``list.pop`` and ``append`` are atomic); one that has anything to read before
+        a command is sent (a reply never read, or the server gone: its check at checkout)
+        is reconnected first; one whose command failed in any way but an error reply (a
+        timeout, a broken connection, an interruption) is closed, never reused, so no reply
+        can reach the wrong command; and after a fork the child opens its own connections.
+        Errors are redis-py's (``ConnectionError``, ``TimeoutError``, ``ResponseError``),
+        raised as ``Redis.execute_command`` raises them: the pool has no retries either."""
+        if self._idle_forks != _forks:  # a forked child: the parent's sockets are not ours
+            self._idle, self._idle_forks = [], _forks
+        try:
+            connection = self._idle.pop()
+        except IndexError:
+            pool = self._redis.connection_pool
+            connection = pool.connection_class(**pool.connection_kwargs)
+        try:
+            connection.connect()
+            try:  # as redis-py's pool checks a connection it hands out
+                stale = connection.can_read()
+            except self._stale:
+                stale = True
+            if stale:
+                connection.disconnect()
+                connection.connect()
+            connection.send_packed_command(connection.pack_command(*args), check_health=False)
+            reply = connection.read_response()
+        except self._reply_errors:  # the whole reply was read: the connection is sound
+            self._idle.append(connection)
+            raise
+        except BaseException:
+            connection.disconnect()
+            raise
+        self._idle.append(connection)
+        return reply
+
+    def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """A registered script by its SHA on the straight path; one that Redis no longer
+        holds (a restart or failover forgets scripts: NOSCRIPT) through redis-py's
+        ``Script``, which loads it again and runs it."""
+        try:
+            return self._command("EVALSHA", script.sha, len(keys), *keys, *args)
+        except self._no_script:
+            return script(keys=keys, args=args)
+
     def put(self, key: str, value: JSON, ttl: int) -> None:
-        self._redis.set(self._k(key), json.dumps(value), ex=ttl)
+        self._command("SET", self._k(key), json.dumps(value), "EX", ttl)
 
     def put_many(self, items: Sequence[tuple[str, JSON, int]], *,
                  members: Sequence[tuple[str, str, int]] = (),
@@ -279,7 +335,7 @@ class RedisStore:
         for key, member, ttl in members:
             keys.append(self._k(key))
             args += [member, ttl]
-        return bool(self._put_many(keys=keys, args=args))
+        return bool(self._run(self._put_many, keys, args))
 
     def take_members(self, key: str) -> set[str]:
         pipe = self._redis.pipeline(transaction=True)
@@ -289,25 +345,25 @@ class RedisStore:
         return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
 
     def put_new(self, key: str, value: JSON, ttl: int) -> bool:
-        return bool(self._redis.set(self._k(key), json.dumps(value), ex=ttl, nx=True))
+        return self._command("SET", self._k(key), json.dumps(value), "EX", ttl, "NX") is not None
 
     def get(self, key: str) -> JSON | None:
-        raw = self._redis.get(self._k(key))
+        raw = self._command("GET", self._k(key))
         return None if raw is None else json.loads(raw)
 
     def get_many(self, keys: Sequence[str]) -> list[JSON | None]:
         if not keys:
             return []
-        raws = self._redis.mget([self._k(k) for k in keys])
+        raws = self._command("MGET", *(self._k(k) for k in keys))
         return [None if raw is None else json.loads(raw) for raw in raws]
 
     def take(self, key: str) -> JSON | None:
-        raw = self._redis.getdel(self._k(key))
+        raw = self._command("GETDEL", self._k(key))
         return None if raw is None else json.loads(raw)
 
     def delete(self, *keys: str) -> None:
         if keys:
-            self._redis.delete(*(self._k(k) for k in keys))
+            self._command("DEL", *(self._k(k) for k in keys))
 
     def incr(self, key: str, ttl: int) -> int:
         return self.incr_many([key], ttl)[0]
@@ -320,12 +376,12 @@ class RedisStore:
         # pipeline: no difference that the bench can see (bench/README.md, thirteenth session).
         if amounts is not None and len(amounts) != len(keys):
             raise ValueError("one amount per key")
-        values = self._incr_many(keys=[self._k(k) for k in keys],
-                                 args=[ttl, *(amounts or [1] * len(keys))])
+        values = self._run(self._incr_many, [self._k(k) for k in keys],
+                           [ttl, *(amounts or [1] * len(keys))])
         return [int(v) for v in values]
 
     def count(self, key: str) -> int:
-        raw = self._redis.get(self._k(key))
+        raw = self._command("GET", self._k(key))
         return int(raw) if raw is not None else 0
 
     def ping(self) -> bool:

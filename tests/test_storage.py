@@ -65,13 +65,15 @@ def test_redis_pool_asks_for_the_process_id_only_after_a_fork(redis_url, monkeyp
 
 def test_redis_store_in_a_forked_child_opens_its_own_connections(redis_url):
     """A worker forked after the store was used (gunicorn's master, preloading) must not
-    share its parent's sockets: in the child the pool starts again, and both processes'
-    commands get their own replies."""
+    share its parent's sockets: in the child the store opens its own connections (Redis
+    gives each its own CLIENT ID), and both processes' commands get their own replies."""
     import os
 
     store = RedisStore(redis_url, prefix=f"t{secrets.token_hex(4)}:")
     store.put("parent", {"who": "parent"}, 60)
+    parent_id = store._command("CLIENT", "ID")  # noqa: SLF001
     pool = store._redis.connection_pool  # noqa: SLF001
+    store.take_members("warm")  # redis-py's own pool (pipelines) has a connection too
     parent_connections = list(pool._available_connections)  # noqa: SLF001
     assert parent_connections
     read_end, write_end = os.pipe()
@@ -80,7 +82,10 @@ def test_redis_store_in_a_forked_child_opens_its_own_connections(redis_url):
         ok = False
         try:
             store.put("child", {"who": "child"}, 60)
-            ok = (store.get("parent") == {"who": "parent"} and pool.pid == os.getpid()
+            store.take_members("warm")
+            ok = (store.get("parent") == {"who": "parent"}
+                  and store._command("CLIENT", "ID") != parent_id  # noqa: SLF001
+                  and pool.pid == os.getpid()
                   and not any(c in pool._available_connections  # noqa: SLF001
                               for c in parent_connections))
         finally:
@@ -91,7 +96,73 @@ def test_redis_store_in_a_forked_child_opens_its_own_connections(redis_url):
     assert os.read(read_end, 1) == b"1" and status == 0
     os.close(read_end)
     assert store.get("child") == {"who": "child"}
+    assert store._command("CLIENT", "ID") == parent_id  # noqa: SLF001  (still its own)
     assert pool.pid == os.getpid() and parent_connections[0] in pool._available_connections  # noqa: SLF001
+
+
+def test_redis_reply_that_comes_too_late_never_answers_a_later_command(redis_url):
+    """A command that timed out may still get its reply; the connection it was sent on is
+    closed, never handed to the next command, which would read that reply as its own."""
+    import redis
+
+    store = RedisStore(redis_url, prefix=f"t{secrets.token_hex(4)}:", timeout=0.3)
+    store.put("mine", {"v": 1}, 60)
+    with pytest.raises(redis.exceptions.TimeoutError):
+        store._command("BLPOP", store._k("empty"), "1")  # noqa: SLF001  (Redis answers in 1 s)
+    # at once: on that connection Redis would answer only after the BLPOP's nil
+    assert store.get("mine") == {"v": 1}
+    time.sleep(1.2)  # the nil has been sent by now, to a closed socket
+    for _ in range(3):
+        assert store.get("mine") == {"v": 1}
+
+
+def test_redis_connection_closed_by_the_server_is_opened_again(redis_url):
+    """Redis restarted, or closed an idle client (``timeout`` in redis.conf): the next
+    command reconnects instead of failing, as redis-py's pool does at checkout."""
+    import redis
+
+    store = RedisStore(redis_url, prefix=f"t{secrets.token_hex(4)}:")
+    store.put("k", {"v": 1}, 60)
+    first = store._command("CLIENT", "ID")  # noqa: SLF001
+    assert redis.Redis.from_url(redis_url).client_kill_filter(_id=first) == 1
+    assert store.get("k") == {"v": 1}
+    assert store._command("CLIENT", "ID") != first  # noqa: SLF001
+
+
+def test_redis_error_reply_leaves_the_connection_in_use(redis_url):
+    """An error reply (here INCR of a JSON value) is a whole reply: it is raised as
+    redis-py raises it, and the connection stays open for the next command."""
+    import redis
+
+    store = RedisStore(redis_url, prefix=f"t{secrets.token_hex(4)}:")
+    store.put("json", {"v": 1}, 60)
+    before = store._command("CLIENT", "ID")  # noqa: SLF001
+    with pytest.raises(redis.exceptions.ResponseError):
+        store._command("INCR", store._k("json"))  # noqa: SLF001
+    assert store.get("json") == {"v": 1}
+    assert store._command("CLIENT", "ID") == before  # noqa: SLF001
+
+
+def test_redis_store_threads_each_get_their_own_replies(redis_url):
+    """Threads share the store's connections, one command at a time on each: every
+    thread reads back its own values, never another's."""
+    store = RedisStore(redis_url, prefix=f"t{secrets.token_hex(4)}:")
+    wrong: list[tuple[int, int]] = []
+
+    def work(t: int) -> None:
+        for n in range(150):
+            store.put(f"{t}-{n}", {"t": t, "n": n}, 60)
+            if store.get(f"{t}-{n}") != {"t": t, "n": n}:
+                wrong.append((t, n))
+            if store.incr_many([f"c{t}"], 60) != [n + 1]:
+                wrong.append((t, -n))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
 
 
 def test_redis_put_many_survives_a_flushed_script_cache(redis_url):
