@@ -264,7 +264,7 @@ class RedisStore:
         self._reply_errors = redis.exceptions.ResponseError
         self._stale = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
         #: idle connections of the straight path (:meth:`_command`), and the forks seen
-        self._idle: list[redis.Connection] = []
+        self._idle: list[Any] = []  # redis.Connection, whose methods are not typed
         self._idle_forks = _forks
 
     def _k(self, key: str) -> str:
@@ -286,6 +286,7 @@ class RedisStore:
         raised as ``Redis.execute_command`` raises them: the pool has no retries either."""
         if self._idle_forks != _forks:  # a forked child: the parent's sockets are not ours
             self._idle, self._idle_forks = [], _forks
+        connection: Any
         try:
             connection = self._idle.pop()
         except IndexError:
