@@ -68,6 +68,7 @@ from .consent_wiring import (
 )
 from .envelope import REQUEST_ID, ResponseEnvelope, new_request_id
 from .housekeeping import Housekeeper
+from .request import HubRequest
 
 log = logging.getLogger("civitas")
 
@@ -230,6 +231,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
         log.warning("privacy: %s", notice)
 
     app = Flask(__name__)
+    app.request_class = HubRequest  # the token endpoint's forms, read directly
     app.extensions["civitas"] = hub
     app.config.update(
         SESSION_COOKIE_NAME="civitas_session",
