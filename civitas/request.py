@@ -3,7 +3,8 @@
 Every call of the token, introspection and revocation endpoints is such a form (RFC 6749
 3.2, RFC 7662 2.1, RFC 7009 2.1). Werkzeug reads it through ``get_input_stream``, a
 ``LimitedStream``, a ``FormDataParser`` and the content type's parameters before the one
-``parse_qsl`` that does the work: about 40 µs of a 350 µs client_credentials request
+``parse_qsl`` that does the work: 12% of a client_credentials request's CPU in a profile;
+reading it directly gave 5-7% more of every token endpoint call per CPU-second
 (bench/README.md, fifteenth session). This request does the same reading and the same
 parsing directly when the request is the plain case, and hands every other case to
 Werkzeug: a content type with parameters or of another kind, no or an unusual
