@@ -106,10 +106,12 @@ class Database:
                 return int(conn.exec_driver_sql(sql, params).rowcount)
         return self._on_driver(sql, params, fetch=False)[2]
 
-    def _on_driver(self, sql: str, values: dict[str, Any], *, fetch: bool
-                   ) -> tuple[list[Any], Any, int]:
+    def _on_driver(self, sql: str, values: dict[str, Any], *, fetch: bool,
+                   describe: bool = False) -> tuple[list[Any], Any, int]:
         """(rows, description, rowcount) of one statement sent on a pooled psycopg
-        connection in autocommit. The connection goes back to the pool out of autocommit, or
+        connection in autocommit; the description only when ``describe`` (psycopg builds it
+        afresh, a Column object per column, at each call: 3% of a login's CPU when it was
+        read on every statement). The connection goes back to the pool out of autocommit, or
         not at all; driver errors come out as SQLAlchemy's (``DBAPIError.instance``, which
         the app answers as it answers them from SQLAlchemy), and a connection found dead is
         invalidated with the rest of the pool, as SQLAlchemy does."""
@@ -124,7 +126,8 @@ class Database:
                 with driver.cursor() as cursor:
                     cursor.execute(sql, values)
                     rows = cursor.fetchall() if fetch else []
-                    description, rowcount = cursor.description, cursor.rowcount
+                    description = cursor.description if describe else None
+                    rowcount = cursor.rowcount
             finally:
                 # before the connection goes back to the pool: its next user may open a
                 # transaction, which autocommit would silently turn into single statements
@@ -202,8 +205,9 @@ class Prepared:
         if not self._direct:
             with self._db.reader() as conn:
                 return [self._row(*row) for row in conn.execute(self._statement, params)]
-        rows, description, _ = self._db._on_driver(self._sql, self._values(params), fetch=True)
-        if self._results is None:
+        rows, description, _ = self._db._on_driver(self._sql, self._values(params), fetch=True,
+                                                   describe=self._results is None)
+        if self._results is None:  # the first run: the columns' conversions, once
             if len(description) != len(self._types):
                 raise RuntimeError(f"{len(description)} columns came back, "
                                    f"not {len(self._types)}")

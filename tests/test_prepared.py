@@ -7,7 +7,9 @@ and a consent decision with an expiry and a receipt."""
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,7 +18,8 @@ from sqlalchemy import exc as sa_exc
 
 from broker.accounts import LIVE_ACCOUNT
 from civitas.app import create_app
-from idp.citizen import _CLAIMS, _LOGIN
+from consent.decisions import LATEST_BY_ACCOUNT
+from idp.citizen import _CLAIMS, _LOGIN, CitizenReads
 from kernel.db import Database, Prepared
 from tests.conftest import hub_config
 from tests.flows import AGENCY_ONE, AuthRequest, full_login
@@ -104,7 +107,25 @@ def test_rows_are_those_sqlalchemy_gives_for_every_case(citizen: Any, database_u
         with hub.db.reader() as conn:
             assert conn.exec_driver_sql("SELECT now()").scalar_one().utcoffset() >= \
                 timedelta(hours=12)
-    assert isinstance(first.consent_claims, dict) and first.consent_receipt_id
+    assert first.consent_receipt_id
+    # the consent JSON comes back as its text (parsed once per read, not once per attribute
+    # row: idp.citizen._with_consent); the read of the state alone gives it parsed, Prepared
+    # or not, and both agree
+    latest = Prepared(hub.db, LATEST_BY_ACCOUNT)
+    params = {"key": account_id, "client_id": "agency-one", "now": now}
+    state = latest.rows(params)
+    assert typed(state) == typed(through_sqlalchemy(hub.db, LATEST_BY_ACCOUNT, params))
+    assert isinstance(state[0].claims, dict) and isinstance(state[0].declined, list)
+    assert json.loads(first.consent_claims) == state[0].claims
+    assert json.loads(first.consent_declined) == state[0].declined
+
+    # the state the login and claims reads make is the consent service's own, in every case
+    reader = CitizenReads(hub.db, hub.accounts, hub.consent)
+    for account, client_id, at in cases:
+        reader._consent = SimpleNamespace(clock=lambda at=at: at)  # type: ignore[assignment]
+        expected = hub.consent.latest(account, client_id, at)
+        assert reader.login(account, client_id)[1] == expected, (client_id, at)
+        assert reader.claims(account, client_id, ["email", "name"])[1] == expected
 
     live = Prepared(hub.db, LIVE_ACCOUNT)  # introspection's read (AccountDirectory.exists)
     for account in (account_id, "no-such-account"):
