@@ -42,8 +42,9 @@ def _with_consent(left: Select[Any]) -> Select[Any]:
 
 
 #: the consent state's columns of type JSON, read as text by :func:`_with_consent`
-_JSON_COLUMNS = frozenset(column.key for column in LATEST_BY_ACCOUNT.selected_columns
-                          if isinstance(column.type, JSON))
+_JSON_COLUMNS: frozenset[str] = frozenset(
+    str(column.key) for column in LATEST_BY_ACCOUNT.selected_columns
+    if isinstance(column.type, JSON))
 
 
 _LOGIN = _with_consent(LIVE_ACCOUNT)
