@@ -68,7 +68,7 @@ class Statement:
 def capture_sql() -> Iterator[list[Statement]]:
     """Every statement this thread sends to PostgreSQL while the block runs, with its
     parameters: taken at the driver (psycopg's ``Cursor.execute``), so that statements sent
-    through SQLAlchemy and those a ``kernel.db.PreparedRead`` sends straight are both seen."""
+    through SQLAlchemy and those a ``kernel.db.Prepared`` sends straight are both seen."""
     import threading
 
     import psycopg

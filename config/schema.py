@@ -310,8 +310,9 @@ class Settings(BaseSettings):
 
     issuer: str
     database_url: str = "sqlite:///var/civitas.db"
-    #: PostgreSQL connections each process keeps open (as many again on bursts); at least
-    #: the threads per worker of `civitas serve`
+    #: PostgreSQL connections each process keeps open in its pool (as many again on
+    #: bursts), at least the threads per worker of `civitas serve`; single statements have
+    #: connections of their own beside it, one per thread at most (kernel.db)
     database_pool_size: Annotated[int, Field(ge=1, le=200)] = 10
     #: ``None`` (or ``memory://``) keeps short-lived state in this process
     redis_url: str | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections import namedtuple
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from sqlalchemy import DateTime, MetaData, TypeDecorator, create_engine, event
 from sqlalchemy import exc as exc_mod
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -52,6 +54,102 @@ def utcnow() -> datetime:
 
 #: a pooled connection idle for longer than this is pinged before it is handed out
 PING_AFTER_IDLE_SECONDS = 10.0
+#: a connection older than this is closed rather than handed out (SQLAlchemy's pool_recycle)
+RECYCLE_SECONDS = 1800
+
+
+class _StraightConnections:
+    """The psycopg connections of :meth:`Database._on_driver`, in autocommit for good and
+    held in a list (each taken by one thread at a time), beside SQLAlchemy's pool.
+
+    Through the pool, each statement paid a checkout and a checkin (the pool's queue and
+    locks, its events, a rollback on return) and two autocommit switches: 5% of a login's
+    CPU (``bench/app_cpu.py``). A connection here is never in a transaction, so none can be
+    handed in autocommit to code that opens one. Kept from the pool: a connection idle for
+    ``PING_AFTER_IDLE_SECONDS`` is pinged before use, one older than ``RECYCLE_SECONDS`` is
+    closed; a lost connection (the server restarted or dropped it) closes every connection
+    of its generation, here and in the pool, so the next statement opens a fresh one; one
+    that failed in any other way than an error from the server, or is left in a
+    transaction, is closed, never reused. A forked child opens its own (psycopg closes a
+    connection only in the process that opened it, so the parent's are left alone). At
+    most ``keep`` idle connections are kept; the others are closed as they come back."""
+
+    def __init__(self, url: str, keep: int) -> None:
+        self._url = url
+        #: opens each connection with the dialect's connect events (an engine without a
+        #: pool: taking the pool's connections would leave it empty, and then a request
+        #: after an outage would not see the outage that the pool's own users see)
+        self._opener: Engine | None = None
+        self._keep = keep
+        #: (connection, opened at, last used at, generation), all ``time.monotonic()``
+        self._idle: list[tuple[Any, float, float, int]] = []
+        self._generation = 0
+        self._pid = os.getpid()
+
+    def take(self) -> tuple[Any, float, int]:
+        """(a connection in autocommit, when it was opened, its generation)."""
+        if self._pid != os.getpid():
+            self._idle, self._pid = [], os.getpid()
+        now = time.monotonic()
+        conn: Any
+        while True:
+            try:
+                conn, opened, used, generation = self._idle.pop()
+            except IndexError:
+                break
+            if (generation != self._generation or conn.closed
+                    or now - opened > RECYCLE_SECONDS):
+                _close_quietly(conn)
+                continue
+            if now - used >= PING_AFTER_IDLE_SECONDS:
+                try:
+                    conn.execute("SELECT 1")
+                except Exception:  # noqa: BLE001 - any failure: this connection is not used
+                    _close_quietly(conn)
+                    continue
+            return conn, opened, generation
+        generation = self._generation
+        if self._opener is None:
+            self._opener = create_engine(self._url, poolclass=NullPool)
+        raw = self._opener.raw_connection()  # errors as SQLAlchemy's, as from the pool
+        conn = raw.driver_connection
+        raw.detach()  # closed by this class, not by the opener
+        try:
+            conn.autocommit = True
+        except BaseException:
+            _close_quietly(conn)
+            raise
+        return conn, now, generation
+
+    def give_back(self, conn: Any, opened: float, generation: int) -> None:
+        if (generation == self._generation and self._pid == os.getpid() and not conn.closed
+                and conn.info.transaction_status == _IDLE
+                and len(self._idle) < self._keep):
+            self._idle.append((conn, opened, time.monotonic(), generation))
+        else:
+            _close_quietly(conn)
+
+    def close_all(self) -> None:
+        """Every connection of this generation is done with: idle ones are closed now,
+        ones in use as they come back."""
+        self._generation += 1
+        idle, self._idle = self._idle, []
+        if self._pid == os.getpid():
+            for conn, *_ in idle:
+                _close_quietly(conn)
+        if self._opener is not None:
+            self._opener.dispose()
+
+
+#: psycopg's TransactionStatus.IDLE: a connection between statements, in no transaction
+_IDLE = 0
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001,S110 - a connection that cannot even close is gone anyway
+        pass
 
 
 class Database:
@@ -61,15 +159,19 @@ class Database:
     checked with a round trip only when they sat idle for ``PING_AFTER_IDLE_SECONDS``: a
     ping on every checkout (``pool_pre_ping``) cost one extra round trip per unit of work on
     the hot paths. A connection that died while in use is noticed by its first statement;
-    SQLAlchemy then drops the whole pool, and the request gets the 503 page of the root."""
+    SQLAlchemy then drops the whole pool, and the request gets the 503 page of the root.
+    The single statements of :meth:`send` and :class:`Prepared` have connections of their
+    own beside the pool (:class:`_StraightConnections`, up to ``pool_size`` kept idle), held
+    to the same rules."""
 
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
         kwargs: dict[str, Any] = {"pool_size": pool_size, "max_overflow": pool_size,
-                                  "pool_recycle": 1800}
+                                  "pool_recycle": RECYCLE_SECONDS}
         if url.startswith("sqlite"):
             kwargs = {"connect_args": {"check_same_thread": False, "timeout": 15}}
         self.url = url
         self.engine: Engine = create_engine(url, **kwargs)
+        self._straight = _StraightConnections(url, keep=pool_size)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
@@ -108,46 +210,39 @@ class Database:
 
     def _on_driver(self, sql: str, values: dict[str, Any], *, fetch: bool,
                    describe: bool = False) -> tuple[list[Any], Any, int]:
-        """(rows, description, rowcount) of one statement sent on a pooled psycopg
-        connection in autocommit; the description only when ``describe`` (psycopg builds it
-        afresh, a Column object per column, at each call: 3% of a login's CPU when it was
-        read on every statement). The connection goes back to the pool out of autocommit, or
-        not at all; driver errors come out as SQLAlchemy's (``DBAPIError.instance``, which
-        the app answers as it answers them from SQLAlchemy), and a connection found dead is
-        invalidated with the rest of the pool, as SQLAlchemy does."""
+        """(rows, description, rowcount) of one statement sent in autocommit on a psycopg
+        connection of the straight path's own (:class:`_StraightConnections`); the
+        description only when ``describe`` (psycopg builds it afresh, a Column object per
+        column, at each call: 3% of a login's CPU when it was read on every statement).
+        Driver errors come out as SQLAlchemy's (``DBAPIError.instance``, which the app
+        answers as it answers them from SQLAlchemy); a connection found lost closes every
+        connection of its generation, the pool's too, as SQLAlchemy does."""
         dialect = self.engine.dialect
         dbapi = dialect.loaded_dbapi
-        raw = self.engine.raw_connection()
-        restored = False
+        conn, opened, generation = self._straight.take()
         try:
-            driver: Any = raw.driver_connection
-            driver.autocommit = True
-            try:
-                with driver.cursor() as cursor:
-                    cursor.execute(sql, values)
-                    rows = cursor.fetchall() if fetch else []
-                    description = cursor.description if describe else None
-                    rowcount = cursor.rowcount
-            finally:
-                # before the connection goes back to the pool: its next user may open a
-                # transaction, which autocommit would silently turn into single statements
-                driver.autocommit = False
-                restored = True
+            with conn.cursor() as cursor:
+                cursor.execute(sql, values)
+                rows = cursor.fetchall() if fetch else []
+                description = cursor.description if describe else None
+                rowcount = cursor.rowcount
         except dbapi.Error as exc:
-            lost = dialect.is_disconnect(exc, raw.dbapi_connection, None)
+            lost = dialect.is_disconnect(exc, conn, None)
             if lost:
-                raw.invalidate(exc)
+                self._straight.close_all()
                 self.engine.dispose(close=False)
+            self._straight.give_back(conn, opened, generation)
             raise exc_mod.DBAPIError.instance(sql, values, exc, dbapi.Error,
                                               connection_invalidated=lost,
                                               dialect=dialect) from exc
-        finally:
-            if not restored and raw.dbapi_connection is not None:
-                raw.invalidate()  # never hand a connection in autocommit back to the pool
-            raw.close()
+        except BaseException:
+            _close_quietly(conn)  # stopped half-way (a signal, a bug): its state is unknown
+            raise
+        self._straight.give_back(conn, opened, generation)
         return rows, description, rowcount
 
     def dispose(self) -> None:
+        self._straight.close_all()
         self.engine.dispose()
 
 
@@ -158,7 +253,7 @@ class Prepared:
     ``rowcount(params)`` for an INSERT, UPDATE or DELETE.
 
     On PostgreSQL through psycopg the statement is compiled once here and sent straight on
-    a pooled driver connection in autocommit (:meth:`Database.send`), with the bind and
+    a driver connection in autocommit (:meth:`Database.send`), with the bind and
     result conversions SQLAlchemy's execution would apply, each taken from the column's type
     for the dialect (``dialect_impl``). That leaves out SQLAlchemy's work per execution (an
     execution context, the compiled-cache lookup, result metadata, event dispatch): 100-150

@@ -245,3 +245,116 @@ def test_a_statement_sqlalchemy_renders_per_execution_is_refused_at_start_up() -
         assert Prepared(db, select(grant_id).where(grant_id == bindparam("g"))).direct
     finally:
         db.dispose()
+
+
+# -- the straight path's own connections (kernel.db._StraightConnections) ------------------
+
+@pytest.fixture
+def straight(pg_database_url: str) -> Any:
+    """A Database on a fresh PostgreSQL database and a statement that says which server
+    process (which connection) ran it."""
+    from sqlalchemy import func, select
+
+    db = Database(pg_database_url, pool_size=2)
+    backend = Prepared(db, select(func.pg_backend_pid().label("pid")))
+    assert backend.direct
+    yield db, lambda: backend.rows({})[0].pid
+    db.dispose()
+
+
+def test_straight_statements_reuse_a_connection_of_their_own_in_autocommit(
+        straight: Any) -> None:
+    db, backend = straight
+    first = backend()
+    assert [backend() for _ in range(5)] == [first] * 5
+    (conn, *_), = db._straight._idle
+    assert conn.autocommit is True and conn.info.transaction_status == 0  # idle, no transaction
+    pool = db.engine.raw_connection()  # the pool's connections are never in autocommit
+    try:
+        assert pool.driver_connection.autocommit is False  # type: ignore[union-attr]
+        with pool.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            assert cursor.fetchone()[0] != first  # and are not the straight path's
+    finally:
+        pool.close()
+    # a statement the server refuses leaves its connection in use
+    with pytest.raises(sa_exc.DataError):
+        db.send("SELECT %(v)s::text", {"v": "a\x00b"})
+    assert backend() == first
+
+
+def test_straight_connections_lost_are_all_replaced_after_one_error(
+        straight: Any, pg_database_url: str, monkeypatch: Any) -> None:
+    import threading
+
+    import kernel.db
+
+    db, backend = straight
+    # two connections idle: two threads held one each at the same time
+    both = threading.Barrier(2)
+
+    def hold() -> None:
+        conn, opened, generation = db._straight.take()
+        both.wait(timeout=10)
+        db._straight.give_back(conn, opened, generation)
+
+    threads = [threading.Thread(target=hold) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(db._straight._idle) == 2
+    before = backend()
+    assert terminate_connections(pg_database_url) >= 2
+    with pytest.raises(sa_exc.OperationalError) as caught:
+        backend()
+    assert caught.value.connection_invalidated
+    assert db._straight._idle == []  # the other lost one is closed too, not tried next
+    after = backend()
+    assert after != before and backend() == after
+
+    # idle longer than PING_AFTER_IDLE_SECONDS: checked first, so a lost one costs no error
+    monkeypatch.setattr(kernel.db, "PING_AFTER_IDLE_SECONDS", 0.0)
+    assert terminate_connections(pg_database_url) >= 1
+    assert backend() not in (before, after)
+
+    # older than RECYCLE_SECONDS: closed, not handed out, so the count on the server stays
+    monkeypatch.setattr(kernel.db, "RECYCLE_SECONDS", 0.0)
+    seen = {backend() for _ in range(4)}
+    assert len(seen) == 4
+    assert terminate_connections(pg_database_url) <= 1  # only the last one is still open
+
+
+def test_straight_connections_kept_idle_are_bounded(straight: Any,
+                                                    pg_database_url: str) -> None:
+    db, backend = straight  # pool_size=2: at most two kept idle
+    taken = [db._straight.take() for _ in range(5)]
+    for conn, opened, generation in taken:
+        db._straight.give_back(conn, opened, generation)
+    assert len(db._straight._idle) == 2
+    assert sum(conn.closed for conn, *_ in taken) == 3
+    assert terminate_connections(pg_database_url) == 2
+
+
+def test_straight_connections_in_a_forked_child_are_its_own(straight: Any) -> None:
+    """A child forked after the parent used its connections (gunicorn's master,
+    preloading) opens its own, and leaves the parent's open and in working order."""
+    import os
+
+    db, backend = straight
+    parent = backend()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave without running the parent's cleanup
+        ok = False
+        try:
+            mine = backend()
+            ok = mine != parent and backend() == mine
+        finally:
+            os.write(write_end, b"1" if ok else b"0")
+            os._exit(0)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(read_end, 1) == b"1" and status == 0
+    os.close(read_end)
+    assert backend() == parent

@@ -87,7 +87,10 @@ def basic(client_id: str, secret: str) -> dict[str, str]:
 
 
 def reads(statements: list[Statement]) -> list[Statement]:
-    return [s for s in statements if not s.sql.lstrip().upper().startswith("INSERT")]
+    """Those that EXPLAIN can plan and that may read a table: not the INSERTs, nor the SHOWs
+    a connection's first use sends (SQLAlchemy's dialect reads the server's settings)."""
+    return [s for s in statements
+            if not s.sql.lstrip().upper().startswith(("INSERT", "SHOW"))]
 
 
 def touches(statement: Statement, table: str) -> bool:
