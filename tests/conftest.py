@@ -4,9 +4,10 @@ config mapping. Servers start once per session, on 127.0.0.1 only, and stop at t
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -100,6 +101,27 @@ def drop_database(admin: Any, name: str, attempts: int = 40) -> None:
             if state not in ("42501", "55006") or attempt == attempts - 1:
                 raise
             time.sleep(0.25)
+
+
+def in_forked_child(check: Callable[[], bool]) -> bool:
+    """Run ``check`` in a child forked from this process (as gunicorn forks its workers)
+    and say what it returned; the child leaves without running the parent's cleanup, and an
+    exception in it counts as False."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        ok = False
+        try:
+            ok = bool(check())
+        finally:
+            os.write(write_end, b"1" if ok else b"0")
+            os._exit(0)
+    os.close(write_end)
+    try:
+        _, status = os.waitpid(pid, 0)
+        return os.read(read_end, 1) == b"1" and status == 0
+    finally:
+        os.close(read_end)
 
 
 def hub_config(upstream_issuer: str, database_url: str, **overrides: Any) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from civitas.app import create_app
 from consent.decisions import LATEST_BY_ACCOUNT
 from idp.citizen import _CLAIMS, _LOGIN, CitizenReads
 from kernel.db import Database, Prepared
-from tests.conftest import hub_config
+from tests.conftest import hub_config, in_forked_child
 from tests.flows import AGENCY_ONE, AuthRequest, full_login
 from tests.test_consent_service import ONE
 from tests.test_storage_outage import terminate_connections
@@ -339,22 +339,12 @@ def test_straight_connections_kept_idle_are_bounded(straight: Any,
 def test_straight_connections_in_a_forked_child_are_its_own(straight: Any) -> None:
     """A child forked after the parent used its connections (gunicorn's master,
     preloading) opens its own, and leaves the parent's open and in working order."""
-    import os
-
     db, backend = straight
     parent = backend()
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report, then leave without running the parent's cleanup
-        ok = False
-        try:
-            mine = backend()
-            ok = mine != parent and backend() == mine
-        finally:
-            os.write(write_end, b"1" if ok else b"0")
-            os._exit(0)
-    os.close(write_end)
-    _, status = os.waitpid(pid, 0)
-    assert os.read(read_end, 1) == b"1" and status == 0
-    os.close(read_end)
+
+    def child() -> bool:
+        mine = backend()
+        return bool(mine != parent and backend() == mine)
+
+    assert in_forked_child(child)
     assert backend() == parent

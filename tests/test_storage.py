@@ -13,7 +13,7 @@ from sqlalchemy import text
 from civitas.app import create_app
 from connectors import UpstreamIdentity
 from kernel.store import MemoryStore, RedisStore
-from tests.conftest import hub_config
+from tests.conftest import hub_config, in_forked_child
 from tests.flows import AuthRequest, full_login, redeem
 
 # -- the short-lived store ------------------------------------------------------------------
@@ -76,25 +76,17 @@ def test_redis_store_in_a_forked_child_opens_its_own_connections(redis_url):
     store.take_members("warm")  # redis-py's own pool (pipelines) has a connection too
     parent_connections = list(pool._available_connections)  # noqa: SLF001
     assert parent_connections
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report, then leave without running the parent's cleanup
-        ok = False
-        try:
-            store.put("child", {"who": "child"}, 60)
-            store.take_members("warm")
-            ok = (store.get("parent") == {"who": "parent"}
-                  and store._command("CLIENT", "ID") != parent_id  # noqa: SLF001
-                  and pool.pid == os.getpid()
-                  and not any(c in pool._available_connections  # noqa: SLF001
-                              for c in parent_connections))
-        finally:
-            os.write(write_end, b"1" if ok else b"0")
-            os._exit(0)
-    os.close(write_end)
-    _, status = os.waitpid(pid, 0)
-    assert os.read(read_end, 1) == b"1" and status == 0
-    os.close(read_end)
+
+    def child() -> bool:
+        store.put("child", {"who": "child"}, 60)
+        store.take_members("warm")
+        return (store.get("parent") == {"who": "parent"}
+                and store._command("CLIENT", "ID") != parent_id  # noqa: SLF001
+                and pool.pid == os.getpid()
+                and not any(c in pool._available_connections  # noqa: SLF001
+                            for c in parent_connections))
+
+    assert in_forked_child(child)
     assert store.get("child") == {"who": "child"}
     assert store._command("CLIENT", "ID") == parent_id  # noqa: SLF001  (still its own)
     assert pool.pid == os.getpid() and parent_connections[0] in pool._available_connections  # noqa: SLF001
