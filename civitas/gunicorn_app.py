@@ -7,6 +7,7 @@ import ctypes
 import errno
 import mmap
 import os
+import select
 import selectors
 import socket
 import subprocess
@@ -19,6 +20,8 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
 from gunicorn.workers.gthread import TConn, ThreadWorker
+
+from .inline_worker import InlineWorker
 
 
 class HubApplication(BaseApplication):  # type: ignore[misc]
@@ -142,25 +145,11 @@ class WaitForDataWorker(ThreadWorker):  # type: ignore[misc]
                              partial(self.on_pending_socket_readable, conn))
 
 
-class BalancedWorker(WaitForDataWorker):
-    """Workers share one listening socket, and a worker accepts a new connection only while
-    it holds no more connections than every other worker (least connections, as a load
-    balancer would do it): new connections go to whichever worker holds fewest, so a
-    proxy's pool of kept-alive connections ends up spread evenly.
+class _Balanced:
+    """The rule for new connections that :class:`BalancedWorker` explains, on the board:
+    this worker's count published, and whether it holds no more than any other."""
 
-    Why not the alternatives: with one shared socket and no rule, the first worker to wake
-    takes the new connections, and a proxy's pool of kept-alive connections could all sit in
-    one worker while the other idles (half the throughput, bench/README.md); with one
-    SO_REUSEPORT socket per worker the kernel spreads connections by a hash of their
-    addresses, which for a few long-lived connections is seldom even (8 connections on 2
-    workers: 4/4 in 27% of cases; a worker at 0.85 of a core and one at 0.27, p99 63 ms under
-    the decision bench), and connections waiting in a worker's own accept queue are reset
-    when that worker exits. A worker that is not to accept leaves the socket out of its
-    poller and looks again every ``RECHECK`` seconds; a worker whose loop has not run for
-    ``ConnectionBoard.STALE`` seconds (stopping, hung, not yet started) does not count, so
-    a stuck worker cannot stop the others from accepting."""
-
-    RECHECK = 0.02
+    nr_conns: int
 
     def _publish(self) -> tuple[ConnectionBoard, int, float] | None:
         """Write this worker's count on the board: (board, its slot, now), or None when
@@ -180,17 +169,43 @@ class BalancedWorker(WaitForDataWorker):
         fewest = board.fewest_elsewhere(index, now)
         return fewest is None or self.nr_conns <= fewest
 
+    def _leave_board(self) -> None:
+        """Stopping: the others must not wait for this worker."""
+        index = getattr(self, "board_slot", None)
+        if _BOARD is not None and index is not None:
+            _BOARD.clear(index)
+
+
+class BalancedWorker(_Balanced, WaitForDataWorker):
+    """Workers share one listening socket, and a worker accepts a new connection only while
+    it holds no more connections than every other worker (least connections, as a load
+    balancer would do it): new connections go to whichever worker holds fewest, so a
+    proxy's pool of kept-alive connections ends up spread evenly.
+
+    Why not the alternatives: with one shared socket and no rule, the first worker to wake
+    takes the new connections, and a proxy's pool of kept-alive connections could all sit in
+    one worker while the other idles (half the throughput, bench/README.md); with one
+    SO_REUSEPORT socket per worker the kernel spreads connections by a hash of their
+    addresses, which for a few long-lived connections is seldom even (8 connections on 2
+    workers: 4/4 in 27% of cases; a worker at 0.85 of a core and one at 0.27, p99 63 ms under
+    the decision bench), and connections waiting in a worker's own accept queue are reset
+    when that worker exits. A worker that is not to accept leaves the socket out of its
+    poller and looks again every ``RECHECK`` seconds; a worker whose loop has not run for
+    ``ConnectionBoard.STALE`` seconds (stopping, hung, not yet started) does not count, so
+    a stuck worker cannot stop the others from accepting."""
+
+    RECHECK = 0.02
+
     def set_accept_enabled(self, enabled: bool) -> None:
         super().set_accept_enabled(enabled and self.alive and self._my_turn())
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
-        index = getattr(self, "board_slot", None)
         if self.alive:
             self.set_accept_enabled(self.nr_conns < self.worker_connections)
             if not self._accepting:
                 timeout = min(timeout, self.RECHECK)
-        elif _BOARD is not None and index is not None:
-            _BOARD.clear(index)  # stopping: the others must not wait for this worker
+        else:
+            self._leave_board()
         super().wait_for_and_dispatch_events(timeout)
 
     def accept(self, listener: Any) -> None:
@@ -202,9 +217,33 @@ class BalancedWorker(WaitForDataWorker):
         self._publish()
 
 
+class BalancedInlineWorker(_Balanced, InlineWorker):
+    """:class:`~civitas.inline_worker.InlineWorker` (the hub's worker where the system has
+    epoll) with :class:`BalancedWorker`'s rule for new connections."""
+
+    def accepting_now(self) -> bool:
+        if not self.alive:
+            self._leave_board()
+            return False
+        return bool(super().accepting_now()) and self._my_turn()
+
+    def accepted(self) -> None:
+        self._publish()
+
+
+#: set to ``gthread`` to serve with gunicorn's thread-pool worker (:class:`BalancedWorker`)
+#: instead of :class:`BalancedInlineWorker`
+WORKER_ENV = "CIVITAS_WORKER"
+
+
 def worker_class() -> str:
-    """:class:`BalancedWorker` where gunicorn's gthread worker has the pending-connection
+    """:class:`BalancedInlineWorker` where the system has epoll (Linux), unless
+    ``CIVITAS_WORKER=gthread``: 1.1-1.25x the requests per second of gunicorn's gthread
+    worker on the same CPU (bench/README.md, sixteenth session). Else
+    :class:`BalancedWorker` where gunicorn's gthread worker has the pending-connection
     handling it builds on (gunicorn 25+), else gthread itself."""
+    if os.environ.get(WORKER_ENV, "") != "gthread" and hasattr(select, "epoll"):
+        return f"{__name__}.BalancedInlineWorker"
     if all(hasattr(ThreadWorker, name) for name in (
             "on_pending_socket_readable", "murder_pending", "enqueue_req",
             "set_accept_enabled", "wait_for_and_dispatch_events")):
@@ -293,7 +332,7 @@ def run_gunicorn(config_path: str | None, *, host: str, port: int, workers: int,
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR",
                           tempfile.mkdtemp(prefix="civitas-metrics-"))
     worker = worker_class()
-    balanced = worker.endswith(".BalancedWorker")
+    balanced = worker.startswith(f"{__name__}.Balanced")
     HubApplication(config_path, {
         "bind": f"{host}:{port}", "workers": workers, "threads": threads,
         "worker_class": worker, "preload_app": False, "accesslog": None,

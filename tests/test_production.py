@@ -601,3 +601,54 @@ def test_connection_board_leaves_out_workers_that_stopped_or_hung():
     assert board.fewest_elsewhere(first, now) is None  # alone: always its turn
     assert board.assign({0, 2}) == 1  # a freed slot is given out again, empty
     assert board.fewest_elsewhere(first, now) is None
+
+
+def test_the_hub_serves_with_the_inline_worker_unless_told_gthread(monkeypatch):
+    """`civitas serve` runs BalancedInlineWorker where the system has epoll (every test
+    above that starts `civitas serve` runs it), and gunicorn's gthread worker
+    (BalancedWorker) when CIVITAS_WORKER=gthread."""
+    import select
+
+    from civitas import gunicorn_app
+
+    monkeypatch.delenv(gunicorn_app.WORKER_ENV, raising=False)
+    assert hasattr(select, "epoll")
+    assert gunicorn_app.worker_class() == "civitas.gunicorn_app.BalancedInlineWorker"
+    monkeypatch.setenv(gunicorn_app.WORKER_ENV, "gthread")
+    assert gunicorn_app.worker_class() == "civitas.gunicorn_app.BalancedWorker"
+    monkeypatch.delattr(select, "epoll")
+    monkeypatch.delenv(gunicorn_app.WORKER_ENV)
+    assert gunicorn_app.worker_class() == "civitas.gunicorn_app.BalancedWorker"
+
+
+def test_a_kept_alive_connection_is_served_again_then_closed_when_idle(workers_hub):
+    """RFC 9112 9.3: the connection stays open between requests, and the hub closes it
+    after KEEPALIVE_SECONDS without one (nginx closes its own idle connections first:
+    deploy/nginx.conf); a connection with a request in progress is never closed under it."""
+    import socket
+
+    from civitas.gunicorn_app import KEEPALIVE_SECONDS
+
+    port = int(workers_hub.rsplit(":", 1)[1])
+    request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+
+        def answer() -> bytes:
+            status = reader.readline()
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            reader.read(length)
+            return status
+
+        sock.sendall(request)
+        assert answer().startswith(b"HTTP/1.1 200")
+        time.sleep(KEEPALIVE_SECONDS / 2)  # idle, within the keep-alive time
+        sock.sendall(request)
+        assert answer().startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        assert reader.read(1) == b""  # then closed by the hub once idle that long
+        waited = time.monotonic() - started
+        assert KEEPALIVE_SECONDS - 0.5 <= waited <= KEEPALIVE_SECONDS + 2, waited

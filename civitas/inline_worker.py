@@ -1,0 +1,321 @@
+"""A gunicorn worker whose threads each wait on the worker's poller and serve the request
+they are woken for themselves (:class:`InlineWorker`)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import sys
+import threading
+import time
+from datetime import datetime
+from typing import Any
+
+from gunicorn import http, util
+from gunicorn.http import wsgi
+from gunicorn.workers import base
+
+#: a connection is armed for one readiness event at a time: the thread woken for it owns it
+_ARMED = select.EPOLLIN | select.EPOLLONESHOT
+#: how long a kept-alive connection is still served after the worker was told to stop
+STOP_KEEPALIVE_LINGER = 2.0
+#: the longest a stopping worker's threads take to notice it
+_POLL_SECONDS = 0.5
+
+
+class _Conn:
+    __slots__ = ("sock", "client", "server", "fd", "parser", "deadline", "busy")
+
+    def __init__(self, sock: Any, client: Any, server: Any, deadline: float) -> None:
+        self.sock = sock
+        self.client = client
+        self.server = server
+        self.fd = sock.fileno()
+        self.parser: Any = None
+        self.deadline = deadline
+        self.busy = False
+
+
+class InlineWorker(base.Worker):  # type: ignore[misc]
+    """Each of the worker's ``threads`` waits on one epoll instance; the thread the kernel
+    wakes for a readable connection reads, runs and answers its request itself, then arms
+    the connection again. gunicorn's gthread worker hands every request from its polling
+    thread to a pool thread and back (a queue, a pipe, two thread wake-ups and two poller
+    changes each time); here a request costs one wake-up and one poller change.
+
+    Kept from gthread, with the same settings: a new connection waits in the poller until
+    its first bytes come, and one that sends nothing within ``keepalive`` seconds is closed
+    like an idle kept-alive one; at most ``worker_connections`` are held; pipelined
+    requests are answered in order; after ``max_requests`` or a stop, kept-alive
+    connections are closed after their answer (and idle ones are served for
+    ``STOP_KEEPALIVE_LINGER`` seconds more); the main thread tells the master it is alive
+    (gunicorn's ``timeout``) and decides whether the worker takes new connections
+    (:meth:`accepting_now`, for :class:`~civitas.gunicorn_app.BalancedInlineWorker`)."""
+
+    RECHECK = 0.02
+
+    def init_process(self) -> None:
+        self.worker_connections = self.cfg.worker_connections
+        self.poller = select.epoll()
+        self.lock = threading.Lock()
+        self.conns: dict[int, _Conn] = {}
+        self.nr_conns = 0
+        self._accepting = False
+        self._listeners: dict[int, Any] = {}
+        self._stopped = False
+        super().init_process()
+
+    # -- taking new connections ------------------------------------------------------------
+
+    def accepting_now(self) -> bool:
+        """Whether the worker should take new connections now (a subclass adds its rule)."""
+        return self.alive and self.nr_conns < self.worker_connections
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        with self.lock:
+            if enabled == self._accepting:
+                return
+            for fd in self._listeners:
+                if enabled:
+                    self.poller.register(fd, select.EPOLLIN)
+                else:
+                    self.poller.unregister(fd)
+            self._accepting = enabled
+
+    def accept(self, listener: Any) -> None:
+        if not self.accepting_now():
+            self.set_accept_enabled(False)
+            return
+        try:
+            sock, client = listener.accept()
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        sock.setblocking(True)  # read and written by one thread at a time, blocking
+        conn = _Conn(sock, client, listener.getsockname(),
+                     time.monotonic() + self.cfg.keepalive)
+        with self.lock:
+            self.conns[conn.fd] = conn
+            self.nr_conns += 1
+            self.poller.register(conn.fd, _ARMED)
+        self.accepted()
+
+    def accepted(self) -> None:
+        """After a connection was taken (a subclass publishes its count)."""
+
+    # -- the threads -----------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """One serving thread: wait for a readable connection (or a new one), serve it."""
+        while not self._stopped:
+            try:
+                events = self.poller.poll(_POLL_SECONDS, 1)
+            except InterruptedError:
+                continue
+            except (OSError, ValueError):  # the poller was closed: the worker is done
+                return
+            for fd, _ in events:
+                listener = self._listeners.get(fd)
+                if listener is not None:
+                    try:
+                        self.accept(listener)
+                    except OSError:  # out of descriptors, say: gthread's worker exits too
+                        self.log.exception("Cannot accept a connection; the worker stops")
+                        self.alive = False
+                    continue
+                with self.lock:
+                    conn = self.conns.get(fd)
+                    if conn is None or conn.busy:
+                        continue
+                    conn.busy = True
+                try:
+                    self.serve_connection(conn)
+                except Exception:  # a bug here must not cost the worker a thread
+                    self.log.exception("Error serving a connection")
+                    self.drop(conn)
+
+    @staticmethod
+    def _readable(sock: Any) -> bool:
+        """Whether ``sock`` has bytes (or its end) to read now, without reading them."""
+        try:
+            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True  # an error to read: the parser meets it and the connection closes
+        return True
+
+    def serve_connection(self, conn: _Conn) -> None:
+        keep = False
+        try:
+            # the event may be a closed connection's whose descriptor a new one reuses
+            if self._readable(conn.sock):
+                if conn.parser is None:
+                    conn.parser = http.get_parser(self.cfg, conn.sock, conn.client)
+                while True:
+                    keep = self.handle(conn)
+                    if not keep or not conn.parser.unreader.buf.getvalue():
+                        break  # a pipelined request already read is answered at once
+            else:
+                keep = True
+        finally:
+            if keep:
+                with self.lock:
+                    conn.busy = False
+                    conn.deadline = time.monotonic() + self.cfg.keepalive
+                    if not self.alive:
+                        conn.deadline = min(conn.deadline, self._linger_until)
+                    self.poller.modify(conn.fd, _ARMED)
+            else:
+                self.drop(conn, graceful=True)
+
+    def _forget(self, conn: _Conn) -> bool:
+        """Take ``conn`` out of the worker (the lock held); False if it was already out."""
+        if self.conns.pop(conn.fd, None) is None:
+            return False
+        self.nr_conns -= 1
+        try:
+            self.poller.unregister(conn.fd)  # before its descriptor can be reused
+        except (OSError, ValueError):
+            pass
+        return True
+
+    def drop(self, conn: _Conn, *, graceful: bool = False) -> None:
+        with self.lock:
+            if not self._forget(conn):
+                return
+        if graceful:
+            util.close_graceful(conn.sock)
+        else:
+            util.close(conn.sock)
+        self.accepted()
+
+    def handle(self, conn: _Conn) -> bool:
+        """One request of ``conn``: whether the connection stays open (gthread's
+        ``handle``, for HTTP/1)."""
+        req = None
+        try:
+            req = next(conn.parser)
+            if not req:
+                return False
+            if not self.handle_request(req, conn):
+                return False
+            deadline = time.monotonic() + 5.0  # an unread body is drained, within bounds
+            return bool(conn.parser.finish_body(deadline=deadline))
+        except http.errors.NoMoreData as exc:
+            self.log.debug("Ignored premature client disconnection. %s", exc)
+        except StopIteration as exc:
+            self.log.debug("Closing connection. %s", exc)
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                self.log.exception("Socket error processing request.")
+        except Exception as exc:  # noqa: BLE001 - answered as gunicorn answers it
+            self.handle_error(req, conn.sock, conn.client, exc)
+        return False
+
+    def handle_request(self, req: Any, conn: _Conn) -> bool:
+        environ: dict[str, Any] = {}
+        resp = None
+        try:
+            self.cfg.pre_request(self, req)
+            request_start = datetime.now()
+            resp, environ = wsgi.create(req, conn.sock, conn.client, conn.server, self.cfg)
+            environ["wsgi.multithread"] = True
+            self.nr += 1
+            if self.nr >= self.max_requests:
+                if self.alive:
+                    self.log.info("Autorestarting worker after current request.")
+                    self.alive = False
+                resp.force_close()
+            if not self.alive or not self.cfg.keepalive:
+                resp.force_close()
+            elif self.nr_conns >= self.worker_connections:
+                resp.force_close()
+            respiter = self.wsgi(environ, resp.start_response)
+            try:
+                if isinstance(respiter, environ["wsgi.file_wrapper"]):
+                    resp.write_file(respiter)
+                else:
+                    for item in respiter:
+                        resp.write(item)
+                resp.close()
+            finally:
+                self.log.access(resp, req, environ, datetime.now() - request_start)
+                if hasattr(respiter, "close"):
+                    respiter.close()
+            return not resp.should_close()
+        except OSError:
+            util.reraise(*sys.exc_info())
+        except (Exception, SystemExit):
+            if resp and resp.headers_sent:
+                self.log.exception("Error handling request")
+                util.close_graceful(conn.sock)
+                raise StopIteration() from None
+            raise
+        finally:
+            try:
+                self.cfg.post_request(self, req, environ, resp)
+            except Exception:
+                self.log.exception("Exception in post_request hook")
+        return False  # (not reached)
+
+    # -- the main thread -------------------------------------------------------------------
+
+    def close_idle(self, now: float) -> None:
+        """Close the connections idle past their deadline (none of them is being served:
+        a thread marks one busy under the same lock before it reads from it)."""
+        with self.lock:
+            idle = [conn for conn in self.conns.values()
+                    if not conn.busy and conn.deadline <= now]
+            for conn in idle:
+                self._forget(conn)
+        for conn in idle:
+            util.close(conn.sock)
+        if idle:
+            self.accepted()
+
+    def run(self) -> None:
+        self._linger_until = float("inf")
+        for listener in self.sockets:
+            listener.setblocking(False)
+            self._listeners[listener.fileno()] = listener
+        threads = [threading.Thread(target=self.serve, name=f"civitas-serve-{n}", daemon=True)
+                   for n in range(self.cfg.threads)]
+        for thread in threads:
+            thread.start()
+        next_sweep = 0.0
+        while self.alive:
+            self.notify()
+            self.set_accept_enabled(self.accepting_now())
+            now = time.monotonic()
+            if now >= next_sweep:
+                self.close_idle(now)
+                next_sweep = now + 0.25
+            if self.ppid != os.getppid():
+                self.log.info("Parent changed, shutting down: %s", self)
+                break
+            # the serving threads stop taking connections when it is not this worker's
+            # turn; it is given back here, so this loop runs often (about 20 µs of CPU)
+            time.sleep(self.RECHECK)
+        # stopping: no new connections; kept-alive ones are closed after their answer, or
+        # when idle past the linger; requests in progress get graceful_timeout
+        self.alive = False
+        self.set_accept_enabled(False)
+        self._linger_until = time.monotonic() + STOP_KEEPALIVE_LINGER
+        with self.lock:
+            for conn in self.conns.values():
+                conn.deadline = min(conn.deadline, self._linger_until)
+        give_up = time.monotonic() + self.cfg.graceful_timeout
+        while self.nr_conns > 0 and time.monotonic() < give_up:
+            self.notify()
+            self.close_idle(time.monotonic())
+            time.sleep(0.05)
+        self._stopped = True
+        for conn in list(self.conns.values()):
+            self.drop(conn)
+        self.poller.close()
+        for listener in self.sockets:
+            listener.close()
