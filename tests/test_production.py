@@ -652,3 +652,42 @@ def test_a_kept_alive_connection_is_served_again_then_closed_when_idle(workers_h
         assert reader.read(1) == b""  # then closed by the hub once idle that long
         waited = time.monotonic() - started
         assert KEEPALIVE_SECONDS - 0.5 <= waited <= KEEPALIVE_SECONDS + 2, waited
+
+
+def test_a_reload_lets_the_old_workers_answer_then_hands_over_to_new_ones(workers_hub):
+    """SIGHUP (an operator's reload): gunicorn starts new workers and stops the old ones
+    gracefully. A request on an old worker's kept-alive connection is still answered (and
+    the connection then closed), never cut off; new connections reach the new workers."""
+    import signal
+
+    port = int(workers_hub.rsplit(":", 1)[1])
+    wait_for_both_workers(port)
+    listing = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout
+    holders = {int(pid) for pid in re.findall(r"pid=(\d+)", listing)}
+    parents = {pid: int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+               for pid in holders}
+    master = next(pid for pid, parent in parents.items() if parent not in holders)
+    old = holders - {master}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        assert worker_pid(conn) in old
+        os.kill(master, signal.SIGHUP)
+        time.sleep(0.5)  # the old workers are stopping, within their 2 s for kept-alive ones
+        conn.request("GET", "/healthz")
+        answer = conn.getresponse()
+        assert answer.status == 200 and int(json.loads(answer.read())["pid"]) in old
+        assert answer.getheader("Connection", "").lower() == "close"
+    finally:
+        conn.close()
+    deadline = time.monotonic() + 60
+    seen: set[int] = set()
+    while time.monotonic() < deadline and not seen - old:
+        fresh = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            seen.add(worker_pid(fresh))
+        finally:
+            fresh.close()
+        time.sleep(0.1)
+    assert seen - old, "no new worker answered after the reload"
+    wait_for_both_workers(port)  # (the tests after this one find two live workers)
