@@ -691,3 +691,20 @@ def test_a_reload_lets_the_old_workers_answer_then_hands_over_to_new_ones(worker
         time.sleep(0.1)
     assert seen - old, "no new worker answered after the reload"
     wait_for_both_workers(port)  # (the tests after this one find two live workers)
+
+
+def test_a_malformed_request_gets_gunicorns_400_and_the_worker_serves_on(workers_hub):
+    """A request line that is not HTTP is answered 400 Bad Request by the server (before
+    the app), the connection closed, and the worker goes on serving others."""
+    import socket
+
+    port = int(workers_hub.rsplit(":", 1)[1])
+    for garbage in (b"NOT HTTP AT ALL\r\n\r\n", b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(garbage)
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer[:200]
+    for _ in range(4):  # both workers still answer
+        assert requests.get(f"{HUB_ISSUER}/healthz", timeout=5).status_code == 200
