@@ -708,3 +708,39 @@ def test_a_malformed_request_gets_gunicorns_400_and_the_worker_serves_on(workers
             assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer[:200]
     for _ in range(4):  # both workers still answer
         assert requests.get(f"{HUB_ISSUER}/healthz", timeout=5).status_code == 200
+
+
+def test_the_date_header_is_the_current_second_in_imf_fixdate(workers_hub, monkeypatch):
+    """RFC 9110 6.6.1 / 5.6.7: every response's Date is the time it was made, in
+    IMF-fixdate, also now that each worker formats it once a second (civitas.gunicorn_app
+    .cache_http_date); the cache gives what gunicorn's own formatting gives, second by
+    second."""
+    import email.utils
+
+    from gunicorn import util
+
+    from civitas.gunicorn_app import cache_http_date
+
+    for _ in range(3):
+        before = time.time()
+        date = requests.get(f"{HUB_ISSUER}/healthz", timeout=5).headers["Date"]
+        after = time.time()
+        assert re.fullmatch(r"(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d (Jan|Feb|Mar|Apr|May|Jun|"
+                            r"Jul|Aug|Sep|Oct|Nov|Dec) \d{4} \d\d:\d\d:\d\d GMT", date), date
+        stamp = email.utils.parsedate_to_datetime(date).timestamp()
+        assert int(before) <= stamp <= after
+        time.sleep(0.6)
+
+    original = util.http_date
+    monkeypatch.setattr(util, "http_date", original)
+    cache_http_date()
+    cached = util.http_date
+    assert cached is not original
+    cache_http_date()
+    assert util.http_date is cached  # once only
+    clock = [1_700_000_000.2]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    for step in (0.0, 0.5, 0.4, 0.2, 7.9, 86_400.0):
+        clock[0] += step
+        assert cached() == original(clock[0])
+    assert cached(1_600_000_000.0) == original(1_600_000_000.0)
