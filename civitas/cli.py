@@ -68,7 +68,7 @@ def shared_storage_problems(settings: Settings) -> list[str]:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--threads", default=4, show_default=True, type=int,
+@click.option("--threads", default=4, show_default=True, type=click.IntRange(1, 256),
               help="Threads per worker process.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Worker processes (gunicorn); more than 1 needs PostgreSQL and Redis.")

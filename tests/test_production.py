@@ -137,6 +137,18 @@ def test_several_workers_refuse_embedded_storage(tmp_path, upstream_issuer):
     assert "database_url is SQLite" in result.output and "redis_url is not set" in result.output
 
 
+def test_serve_refuses_a_worker_without_threads(tmp_path, upstream_issuer):
+    """A worker with no thread would accept connections and never answer them: refused
+    with a usage error before anything starts."""
+    cfg = hub_config(upstream_issuer, f"sqlite:///{tmp_path}/x.db")
+    path = tmp_path / "civitas.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    for threads in ("0", "-2"):
+        result = CliRunner().invoke(main, ["--config", str(path), "serve", "--threads", threads])
+        assert result.exit_code == 2, result.output
+        assert "--threads" in result.output and "range" in result.output
+
+
 #: the log file and home directory of the `workers_hub` process
 WORKERS_HUB_FILES: dict[str, Path] = {}
 
