@@ -238,7 +238,7 @@ WORKER_ENV = "CIVITAS_WORKER"
 
 def worker_class() -> str:
     """:class:`BalancedInlineWorker` where the system has epoll (Linux), unless
-    ``CIVITAS_WORKER=gthread``: 1.1-1.25x the requests per second of gunicorn's gthread
+    ``CIVITAS_WORKER=gthread``: 1.09-1.23x the requests per second of gunicorn's gthread
     worker on the same CPU (bench/README.md, sixteenth session). Else
     :class:`BalancedWorker` where gunicorn's gthread worker has the pending-connection
     handling it builds on (gunicorn 25+), else gthread itself."""
