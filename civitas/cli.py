@@ -79,6 +79,12 @@ def serve(ctx: click.Context, host: str, port: int, threads: int, workers: int,
     """Run the hub: waitress for one process, gunicorn for several."""
     settings = _settings(ctx)
     if workers > 1:
+        from .gunicorn_app import UnknownWorker, worker_class
+
+        try:
+            worker_class()
+        except UnknownWorker as exc:
+            raise click.ClickException(str(exc)) from exc
         problems = shared_storage_problems(settings)
         if problems:
             raise click.ClickException(

@@ -4,7 +4,6 @@ database connection or lock crosses a process boundary."""
 from __future__ import annotations
 
 import ctypes
-import errno
 import mmap
 import os
 import select
@@ -21,7 +20,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
-from .inline_worker import InlineWorker
+from .inline_worker import InlineWorker, accept_connection
 
 
 class HubApplication(BaseApplication):  # type: ignore[misc]
@@ -131,12 +130,10 @@ class WaitForDataWorker(ThreadWorker):  # type: ignore[misc]
     sends nothing within ``keepalive`` seconds is closed, like an idle kept-alive one."""
 
     def accept(self, listener: Any) -> None:
-        try:
-            client_sock, client_addr = listener.accept()
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
-                raise
+        accepted = accept_connection(listener)
+        if accepted is None:
             return
+        client_sock, client_addr = accepted
         self.nr_conns += 1
         conn = TConn(self.cfg, client_sock, client_addr, listener.getsockname())
         conn.timeout = time.monotonic() + self.cfg.keepalive
@@ -234,6 +231,12 @@ class BalancedInlineWorker(_Balanced, InlineWorker):
 #: set to ``gthread`` to serve with gunicorn's thread-pool worker (:class:`BalancedWorker`)
 #: instead of :class:`BalancedInlineWorker`
 WORKER_ENV = "CIVITAS_WORKER"
+#: the values ``CIVITAS_WORKER`` may take (empty: the default)
+WORKER_CHOICES = ("", "inline", "gthread")
+
+
+class UnknownWorker(ValueError):
+    """``CIVITAS_WORKER`` names no worker the hub has."""
 
 
 def worker_class() -> str:
@@ -241,8 +244,16 @@ def worker_class() -> str:
     ``CIVITAS_WORKER=gthread``: 1.09-1.23x the requests per second of gunicorn's gthread
     worker on the same CPU (bench/README.md, sixteenth session). Else
     :class:`BalancedWorker` where gunicorn's gthread worker has the pending-connection
-    handling it builds on (gunicorn 25+), else gthread itself."""
-    if os.environ.get(WORKER_ENV, "") != "gthread" and hasattr(select, "epoll"):
+    handling it builds on (gunicorn 25+), else gthread itself. Raises
+    :class:`UnknownWorker` for any other value of ``CIVITAS_WORKER``."""
+    chosen = os.environ.get(WORKER_ENV, "")
+    if chosen not in WORKER_CHOICES:
+        raise UnknownWorker(f"{WORKER_ENV}={chosen!r} names no worker; use one of "
+                            + ", ".join(repr(c) for c in WORKER_CHOICES if c)
+                            + ", or leave it unset")
+    inline_needs = ("handle_request", "_keepalive_after")  # InlineWorker takes gthread's
+    if (chosen != "gthread" and hasattr(select, "epoll")
+            and all(hasattr(ThreadWorker, name) for name in inline_needs)):
         return f"{__name__}.BalancedInlineWorker"
     if all(hasattr(ThreadWorker, name) for name in (
             "on_pending_socket_readable", "murder_pending", "enqueue_req",

@@ -7,15 +7,13 @@ import errno
 import os
 import select
 import socket
-import sys
 import threading
 import time
-from datetime import datetime
 from typing import Any
 
 from gunicorn import http, util
-from gunicorn.http import wsgi
 from gunicorn.workers import base
+from gunicorn.workers.gthread import ThreadWorker
 
 #: a connection is armed for one readiness event at a time: the thread woken for it owns it
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT
@@ -23,6 +21,18 @@ _ARMED = select.EPOLLIN | select.EPOLLONESHOT
 STOP_KEEPALIVE_LINGER = 2.0
 #: the longest a stopping worker's threads take to notice it
 _POLL_SECONDS = 0.5
+
+
+def accept_connection(listener: Any) -> tuple[Any, Any] | None:
+    """(socket, address) of a new connection on ``listener``, or None when there was none
+    after all (another worker or thread took it, or the client gave up)."""
+    try:
+        sock, client = listener.accept()
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+            raise
+        return None
+    return sock, client
 
 
 class _Conn:
@@ -45,7 +55,10 @@ class InlineWorker(base.Worker):  # type: ignore[misc]
     thread to a pool thread and back (a queue, a pipe, two thread wake-ups and two poller
     changes each time); here a request costs one wake-up and one poller change.
 
-    Kept from gthread, with the same settings: a new connection waits in the poller until
+    A request itself is handled by gthread's own code (``handle_request``: the WSGI call,
+    the access log, the hooks, ``max_requests``; ``_keepalive_after``: the bounded drain of
+    an unread body). Kept from gthread, with the same settings: a new connection waits in
+    the poller until
     its first bytes come, and one that sends nothing within ``keepalive`` seconds is closed
     like an idle kept-alive one; at most ``worker_connections`` are held; pipelined
     requests are answered in order; after ``max_requests`` or a stop, kept-alive
@@ -61,6 +74,10 @@ class InlineWorker(base.Worker):  # type: ignore[misc]
         self.poller = select.epoll()
         self.lock = threading.Lock()
         self.conns: dict[int, _Conn] = {}
+        # what gthread's handle_request counts: every connection held, as gthread counts
+        # its kept-alive ones, against the connections left when each thread serves one
+        self.keepalived_conns = self.conns
+        self.max_keepalived = self.cfg.worker_connections - self.cfg.threads
         self.nr_conns = 0
         self._accepting = False
         self._listeners: dict[int, Any] = {}
@@ -88,12 +105,10 @@ class InlineWorker(base.Worker):  # type: ignore[misc]
         if not self.accepting_now():
             self.set_accept_enabled(False)
             return
-        try:
-            sock, client = listener.accept()
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
-                raise
+        accepted = accept_connection(listener)
+        if accepted is None:
             return
+        sock, client = accepted
         sock.setblocking(True)  # read and written by one thread at a time, blocking
         conn = _Conn(sock, client, listener.getsockname(),
                      time.monotonic() + self.cfg.keepalive)
@@ -201,10 +216,7 @@ class InlineWorker(base.Worker):  # type: ignore[misc]
             req = next(conn.parser)
             if not req:
                 return False
-            if not self.handle_request(req, conn):
-                return False
-            deadline = time.monotonic() + 5.0  # an unread body is drained, within bounds
-            return bool(conn.parser.finish_body(deadline=deadline))
+            return bool(self._keepalive_after(conn, self.handle_request(req, conn)))
         except http.errors.NoMoreData as exc:
             self.log.debug("Ignored premature client disconnection. %s", exc)
         except StopIteration as exc:
@@ -216,51 +228,11 @@ class InlineWorker(base.Worker):  # type: ignore[misc]
             self.handle_error(req, conn.sock, conn.client, exc)
         return False
 
-    def handle_request(self, req: Any, conn: _Conn) -> bool:
-        environ: dict[str, Any] = {}
-        resp = None
-        try:
-            self.cfg.pre_request(self, req)
-            request_start = datetime.now()
-            resp, environ = wsgi.create(req, conn.sock, conn.client, conn.server, self.cfg)
-            environ["wsgi.multithread"] = True
-            self.nr += 1
-            if self.nr >= self.max_requests:
-                if self.alive:
-                    self.log.info("Autorestarting worker after current request.")
-                    self.alive = False
-                resp.force_close()
-            if not self.alive or not self.cfg.keepalive:
-                resp.force_close()
-            elif self.nr_conns >= self.worker_connections:
-                resp.force_close()
-            respiter = self.wsgi(environ, resp.start_response)
-            try:
-                if isinstance(respiter, environ["wsgi.file_wrapper"]):
-                    resp.write_file(respiter)
-                else:
-                    for item in respiter:
-                        resp.write(item)
-                resp.close()
-            finally:
-                self.log.access(resp, req, environ, datetime.now() - request_start)
-                if hasattr(respiter, "close"):
-                    respiter.close()
-            return not resp.should_close()
-        except OSError:
-            util.reraise(*sys.exc_info())
-        except (Exception, SystemExit):
-            if resp and resp.headers_sent:
-                self.log.exception("Error handling request")
-                util.close_graceful(conn.sock)
-                raise StopIteration() from None
-            raise
-        finally:
-            try:
-                self.cfg.post_request(self, req, environ, resp)
-            except Exception:
-                self.log.exception("Exception in post_request hook")
-        return False  # (not reached)
+    # gthread's own: the WSGI call, the access log, the hooks, max_requests and keep-alive
+    # (it closes a connection when ``keepalived_conns`` reach ``max_keepalived``), and the
+    # drain of a body the app did not read, bounded in time
+    handle_request = ThreadWorker.handle_request
+    _keepalive_after = ThreadWorker._keepalive_after
 
     # -- the main thread -------------------------------------------------------------------
 

@@ -628,9 +628,24 @@ def test_the_hub_serves_with_the_inline_worker_unless_told_gthread(monkeypatch):
     assert gunicorn_app.worker_class() == "civitas.gunicorn_app.BalancedInlineWorker"
     monkeypatch.setenv(gunicorn_app.WORKER_ENV, "gthread")
     assert gunicorn_app.worker_class() == "civitas.gunicorn_app.BalancedWorker"
+    monkeypatch.setenv(gunicorn_app.WORKER_ENV, "inline")
+    assert gunicorn_app.worker_class() == "civitas.gunicorn_app.BalancedInlineWorker"
     monkeypatch.delattr(select, "epoll")
     monkeypatch.delenv(gunicorn_app.WORKER_ENV)
     assert gunicorn_app.worker_class() == "civitas.gunicorn_app.BalancedWorker"
+
+
+def test_serve_refuses_a_worker_it_does_not_have(tmp_path, upstream_issuer, monkeypatch):
+    """CIVITAS_WORKER=gevent (or a typo) is said plainly before anything starts, not
+    silently replaced by the default worker."""
+    cfg = hub_config(upstream_issuer, f"sqlite:///{tmp_path}/x.db")
+    path = tmp_path / "civitas.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("CIVITAS_WORKER", "gevent")
+    result = CliRunner().invoke(main, ["--config", str(path), "serve", "--workers", "2"])
+    assert result.exit_code == 1, result.output
+    assert "CIVITAS_WORKER='gevent' names no worker" in result.output
+    assert "'inline', 'gthread'" in result.output
 
 
 def test_a_kept_alive_connection_is_served_again_then_closed_when_idle(workers_hub):
