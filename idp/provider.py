@@ -284,8 +284,13 @@ class CodeGrant(grants.AuthorizationCodeGrant):
 
     def query_authorization_code(self, code: str, client: AgencyClient
                                  ) -> AuthorizationCode | None:
-        record = self.hub.tokens.take_code(code)
-        if record is None or record.client_id != client.client_id:
+        # The code is taken, and its hub session's revocation mark read, in one round trip.
+        # A session that ended after the code was issued gets no tokens (OpenID Connect
+        # Back-Channel Logout 2.7). One that ends later, while the tokens are made, is the
+        # race every provider has: the access token's record still meets the mark at every
+        # use (TokenStore.access_token_record).
+        record, session_ended = self.hub.tokens.take_code(code)
+        if record is None or session_ended or record.client_id != client.client_id:
             return None
         return record
 
@@ -301,8 +306,6 @@ class CodeGrant(grants.AuthorizationCodeGrant):
             scope_claim_names(authorization_code.scope))
         if attributes is None:
             return None
-        if self.hub.tokens.is_marked_revoked("sid", authorization_code.sid):
-            return None  # the hub session ended between the code and its redemption
         self.request.civitas_attributes = attributes
         self.request.civitas_granted = granted
         return HubLogin(account_id=authorization_code.account_id,

@@ -165,16 +165,19 @@ class TokenStore:
                      self.code_lifetime)
         return self._store.put_many(items, members=members, new=nonce)
 
-    def take_code(self, code: str) -> AuthorizationCode | None:
-        """Atomically take a code. A second take of a known code revokes its tokens."""
+    def take_code(self, code: str) -> tuple[AuthorizationCode | None, bool]:
+        """Atomically take a code: (the code, whether its hub session has ended since), in
+        one round trip. A second take of a known code revokes its tokens: (None, False)."""
         code_hash = digest(code)
-        record = self._store.take("code:" + code_hash)
+        record, marked = self._store.take_marked(
+            "code:" + code_hash, field="sid", mark_prefix="revoked-sid:",
+            otherwise="code-issued:" + code_hash)
         if record is None:
-            if self._store.get("code-issued:" + code_hash) is not None:
+            if marked:  # issued, and taken before: a replay (RFC 6749 4.1.2)
                 self.mark_revoked("code", code_hash)
-            return None
+            return None, False
         record["amr"] = tuple(record.get("amr", ()))
-        return AuthorizationCode(code_hash=code_hash, **record)
+        return AuthorizationCode(code_hash=code_hash, **record), marked
 
     # -- revocation markers ---------------------------------------------------------------
 

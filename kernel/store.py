@@ -86,6 +86,16 @@ class ShortLivedStore(Protocol):
         """Atomically read and delete; exactly one concurrent caller gets the value."""
         ...
 
+    def take_marked(self, key: str, *, field: str, mark_prefix: str, otherwise: str
+                    ) -> tuple[JSON | None, bool]:
+        """``take`` of ``key`` and a look at one more key, in one atomic round trip.
+
+        Taken: (the value, whether the key ``mark_prefix + value[field]`` exists; False when
+        the field is absent or empty). Not there: (None, whether the key ``otherwise``
+        exists). An authorization code and whether its hub session has ended, or whether a
+        code no longer there was ever issued (idp/tokens.py)."""
+        ...
+
     def delete(self, *keys: str) -> None: ...
 
     def incr(self, key: str, ttl: int) -> int:
@@ -185,6 +195,19 @@ class MemoryStore:
                 del self._data[key]
         return None if raw is None else json.loads(raw)
 
+    def take_marked(self, key: str, *, field: str, mark_prefix: str, otherwise: str
+                    ) -> tuple[JSON | None, bool]:
+        with self._lock:
+            raw = self._live(key)
+            if raw is None:
+                return None, self._live(otherwise) is not None
+            del self._data[key]
+            value = json.loads(raw)
+            ref = value.get(field) if isinstance(value, dict) else None
+            marked = (isinstance(ref, str) and ref != ""
+                      and self._live(mark_prefix + ref) is not None)
+        return value, marked
+
     def delete(self, *keys: str) -> None:
         with self._lock:
             for key in keys:
@@ -236,6 +259,22 @@ return 1
 """
 
 
+#: KEYS[1]: the key to take, KEYS[2]: the key looked at when it is not there; ARGV[1]: the
+#: taken value's field naming the mark, ARGV[2]: the mark's key without that name. The
+#: mark's key is only known once the value is read, so it is not among KEYS: fine for one
+#: Redis (or a primary with replicas), which is what the hub runs on, not for a cluster.
+_TAKE_MARKED = """
+local v = redis.call('GETDEL', KEYS[1])
+if not v then return {false, redis.call('EXISTS', KEYS[2])} end
+local ok, value = pcall(cjson.decode, v)
+local ref = ok and type(value) == 'table' and value[ARGV[1]] or nil
+if type(ref) == 'string' and ref ~= '' then
+  return {v, redis.call('EXISTS', ARGV[2] .. ref)}
+end
+return {v, 0}
+"""
+
+
 #: KEYS: the counters; ARGV[1]: the window's seconds, then each counter's amount. The window
 #: starts at a counter's first increment: only a counter without an expiry gets one.
 _INCR_MANY = """
@@ -260,6 +299,7 @@ class RedisStore:
         self._prefix = prefix
         self._put_many = self._redis.register_script(_PUT_MANY)
         self._incr_many = self._redis.register_script(_INCR_MANY)
+        self._take_marked = self._redis.register_script(_TAKE_MARKED)
         self._no_script = redis.exceptions.NoScriptError
         self._reply_errors = redis.exceptions.ResponseError
         self._stale = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
@@ -361,6 +401,12 @@ class RedisStore:
     def take(self, key: str) -> JSON | None:
         raw = self._command("GETDEL", self._k(key))
         return None if raw is None else json.loads(raw)
+
+    def take_marked(self, key: str, *, field: str, mark_prefix: str, otherwise: str
+                    ) -> tuple[JSON | None, bool]:
+        raw, marked = self._run(self._take_marked, [self._k(key), self._k(otherwise)],
+                                [field, self._k(mark_prefix)])
+        return (None if raw is None else json.loads(raw)), bool(marked)
 
     def delete(self, *keys: str) -> None:
         if keys:

@@ -3,6 +3,8 @@ storage (SQLite and a real PostgreSQL) behave the same."""
 
 from __future__ import annotations
 
+import functools
+import re
 import secrets
 import threading
 import time
@@ -14,7 +16,7 @@ from civitas.app import create_app
 from connectors import UpstreamIdentity
 from kernel.store import MemoryStore, RedisStore
 from tests.conftest import hub_config, in_forked_child
-from tests.flows import AuthRequest, full_login, redeem
+from tests.flows import AuthRequest, full_login, query, redeem
 
 # -- the short-lived store ------------------------------------------------------------------
 
@@ -206,6 +208,59 @@ def test_store_take_is_atomic_under_contention(store):
         assert winners == [{"round": round_}]
 
 
+def test_store_take_marked_reads_the_mark_the_value_names(store):
+    store.put("code:a", {"sid": "s1", "n": 1}, 30)
+    store.put("code:b", {"sid": "s2", "n": 2}, 30)
+    store.put("code:c", {"sid": "", "n": 3}, 30)
+    store.put("code:d", {"n": 4}, 30)
+    store.put("code:e", {"sid": 7, "n": 5}, 30)
+    store.put("ended:s1", {}, 30)
+    store.put("issued:x", {}, 30)
+    take = functools.partial(store.take_marked, field="sid", mark_prefix="ended:",
+                             otherwise="issued:x")
+    assert take("code:a") == ({"sid": "s1", "n": 1}, True)
+    assert take("code:b") == ({"sid": "s2", "n": 2}, False)
+    assert take("code:c") == ({"sid": "", "n": 3}, False)  # no name: no mark to look at
+    assert take("code:d") == ({"n": 4}, False)
+    assert take("code:e") == ({"sid": 7, "n": 5}, False)  # not a string: none either
+    # taken: gone, and then it tells whether ``otherwise`` exists
+    assert take("code:a") == (None, True)
+    assert store.take_marked("code:a", field="sid", mark_prefix="ended:",
+                             otherwise="issued:never") == (None, False)
+    assert store.get("ended:s1") == {} and store.get("issued:x") == {}  # only read
+
+
+def test_store_take_marked_gives_a_value_to_one_taker_only(store):
+    store.put("code:race", {"sid": "s"}, 30)
+    barrier = threading.Barrier(16)
+    results = []
+
+    def taker():
+        barrier.wait()
+        results.append(store.take_marked("code:race", field="sid", mark_prefix="ended:",
+                                         otherwise="code:race"))
+
+    threads = [threading.Thread(target=taker) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results, key=repr) == sorted(
+        [({"sid": "s"}, False)] + [(None, False)] * 15, key=repr)
+
+
+def test_redis_take_marked_survives_a_flushed_script_cache(redis_url):
+    import redis
+
+    store = RedisStore(redis_url, prefix=f"t{secrets.token_hex(4)}:")
+    store.put("code", {"sid": "s"}, 60)
+    store.put("ended:s", {}, 60)
+    redis.Redis.from_url(redis_url).script_flush()
+    assert store.take_marked("code", field="sid", mark_prefix="ended:",
+                             otherwise="x") == ({"sid": "s"}, True)
+    assert store.get("code") is None
+
+
 def test_store_incr_counts_and_expires(store):
     assert [store.incr("ctr", 1) for _ in range(3)] == [1, 2, 3]
     time.sleep(1.2)
@@ -323,6 +378,16 @@ def test_full_login_on_this_database_with_redis(upstream_issuer, database_url, r
         # the reuse revoked the access token issued from that code (RFC 6749 4.1.2)
         r = client.get("/userinfo", headers=bearer)
         assert r.status_code == 401 and r.json["error"] == "invalid_token"
+        # a code whose hub session ended before it was redeemed gets no tokens (the code
+        # and its session's mark are read in one script)
+        auth = AuthRequest()
+        code = query(client.get(auth.url()).headers["Location"])["code"]
+        page = client.get("/account").get_data(as_text=True)
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+        assert client.post("/logout", data={"csrf": csrf}).status_code == 303
+        r = redeem(client, auth, code)
+        assert r.status_code == 400 and r.json["error"] == "invalid_grant"
+        assert redeem(client, auth, code).json["error"] == "invalid_grant"  # and it is gone
     finally:
         app.extensions["civitas"].db.dispose()
 
