@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -57,6 +58,11 @@ class NoBrowserSession(StoreSession):
         self.on_update = refuse
 
 
+#: reads a browser session's data: (the request, the session's store key, or None when the
+#: request has no session cookie) -> the data, or None
+SessionReader = Callable[[Request, str | None], dict[str, Any] | None]
+
+
 class StoreSessionInterface(SessionInterface):
     def __init__(self, store: ShortLivedStore, *, lifetime: int, secure: bool,
                  sessionless: tuple[str, ...] = ()) -> None:
@@ -65,15 +71,23 @@ class StoreSessionInterface(SessionInterface):
         self.secure = secure
         #: path prefixes of endpoints for programs, which get a :class:`NoBrowserSession`
         self.sessionless = sessionless
+        #: how a session is read: by default a ``get`` from the store; the composition root
+        #: reads it in the same round trip as the request's rate limits (civitas/app.py).
+        #: Called for every request of a browser endpoint, with or without a cookie.
+        self.reader: SessionReader = self._get
+
+    def _get(self, request: Request, key: str | None) -> dict[str, Any] | None:
+        return self.store.get(key) if key is not None else None
 
     def open_session(self, app: Flask, request: Request) -> StoreSession:
         if self.sessionless and request.path.startswith(self.sessionless):
             return NoBrowserSession()
         sid = request.cookies.get(COOKIE_NAME)
-        if sid and 20 <= len(sid) <= 100:
-            data = self.store.get(_key(sid))
-            if data is not None:
-                return StoreSession(data, sid=sid)
+        if not (sid and 20 <= len(sid) <= 100):
+            sid = None
+        data = self.reader(request, _key(sid) if sid is not None else None)
+        if sid is not None and data is not None:
+            return StoreSession(data, sid=sid)
         return StoreSession()
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from authlib.oauth2.rfc6749.errors import InsecureTransportError
-from flask import Flask, g, jsonify, render_template, request, session
+from flask import Flask, Request, g, jsonify, render_template, request, session
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
@@ -369,6 +369,10 @@ _ADDRESS_LIMITED = {
 
 DECISION_SCOPE = SERVICE_SCOPES[0]
 
+#: environ key: (the endpoint whose limit per address was counted as the session was read,
+#: the RateLimited it raised or None)
+_ADDRESS_COUNTED = "civitas.address_limit_counted"
+
 
 def _install_address_limits(app: Flask, hub: Hub) -> None:
     """Per client address limits, counted before any other work (RFC 6585 section 4). The
@@ -378,14 +382,46 @@ def _install_address_limits(app: Flask, hub: Hub) -> None:
     limiter = hub.server.hub.limiter  # the provider's: one window setting, one store
     assert limiter is not None
 
+    # A browser endpoint's limit is counted as its session is read, in one round trip to
+    # the store: the session is opened before the request's endpoint is known, so this
+    # holds for the limited endpoints whose path is fixed (/authorize, /login, ...),
+    # matched here as the URL map would match them. The others, and the program endpoints
+    # (no browser session), are counted by ``_per_address`` alone.
+    fixed = {rule.rule: (rule.endpoint, frozenset(rule.methods or ()))
+             for rule in app.url_map.iter_rules()
+             if rule.endpoint in _ADDRESS_LIMITED and not rule.arguments}
+    sessions = app.session_interface
+    assert isinstance(sessions, StoreSessionInterface)
+    read_only = sessions.reader
+
+    def read_and_count(req: Request, key: str | None) -> dict[str, Any] | None:
+        endpoint, methods = fixed.get(req.path, ("", frozenset()))
+        if req.method not in methods:
+            return read_only(req, key)
+        group = _ADDRESS_LIMITED[endpoint][0]
+        try:
+            data = limiter.hit([Limit(f"{group}:addr:{req.remote_addr}", per_group[group])],
+                               fetch=key)
+        except RateLimited as exc:
+            req.environ[_ADDRESS_COUNTED] = (endpoint, exc)
+            return None  # the request is answered 429 below; its session is left as it is
+        req.environ[_ADDRESS_COUNTED] = (endpoint, None)
+        return data
+
+    sessions.reader = read_and_count
+
     @app.before_request
     def _per_address() -> Response | tuple[str, int, dict[str, str]] | None:
         endpoint = request.endpoint or ""
         if endpoint not in _ADDRESS_LIMITED:
             return None
         group, as_json = _ADDRESS_LIMITED[endpoint]
+        counted, reached = request.environ.get(_ADDRESS_COUNTED, ("", None))
         try:
-            limiter.hit([Limit(f"{group}:addr:{request.remote_addr}", per_group[group])])
+            if counted != endpoint:
+                limiter.hit([Limit(f"{group}:addr:{request.remote_addr}", per_group[group])])
+            elif reached is not None:
+                raise reached
         except RateLimited as exc:
             message = ("Too many requests from your network address; please wait "
                        f"{exc.retry_after} seconds and try again.")

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .errors import CivitasError
-from .store import ShortLivedStore
+from .store import JSON, ShortLivedStore
 
 
 @dataclass(frozen=True)
@@ -67,12 +67,15 @@ class RateLimiter:
         self._batched: dict[str, list[int]] = {}
         self._batched_window = -1
 
-    def hit(self, limits: Sequence[Limit]) -> None:
+    def hit(self, limits: Sequence[Limit], *, fetch: str | None = None) -> JSON | None:
         """Count one request against every limit; raise :class:`RateLimited` when one of
-        them is over (the request is still counted: hammering does not reopen the window)."""
+        them is over (the request is still counted: hammering does not reopen the window).
+
+        With ``fetch``, the store's value at that key is read in the same round trip and
+        returned (None when absent)."""
         active = [limit for limit in limits if limit.count > 0]
         if not active:
-            return
+            return self._store.get(fetch) if fetch is not None else None
         now = int(self._clock())
         window = now // self.window
         keys: list[str] = []
@@ -96,8 +99,15 @@ class RateLimiter:
                     seen[1] = 0
                 elif seen[0] + seen[1] > limit.count and over is None:
                     over = limit
-        if keys:
+        fetched: JSON | None = None
+        counts: list[int] = []
+        if keys and fetch is not None:
+            counts, fetched = self._store.incr_many_and_get(keys, self.window, amounts, fetch)
+        elif keys:
             counts = self._store.incr_many(keys, self.window, amounts)
+        elif fetch is not None:
+            fetched = self._store.get(fetch)
+        if keys:
             by_key = dict(zip(keys, counts, strict=True))
             with self._lock:
                 for key, shared in by_key.items():
@@ -110,3 +120,4 @@ class RateLimiter:
                     over = over or limit
         if over is not None:
             raise RateLimited(over.key, self.window - now % self.window)
+        return fetched

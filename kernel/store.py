@@ -108,6 +108,12 @@ class ShortLivedStore(Protocol):
         ``amounts`` entry (1 each when not given); the new values, in order."""
         ...
 
+    def incr_many_and_get(self, keys: Sequence[str], ttl: int, amounts: Sequence[int] | None,
+                          read: str) -> tuple[list[int], JSON | None]:
+        """``incr_many`` and ``get(read)`` in one round trip: rate limits counted as a
+        browser session is read (civitas/app.py)."""
+        ...
+
     def count(self, key: str) -> int:
         """The current value of a counter made by ``incr`` (0 when absent or expired)."""
         ...
@@ -228,6 +234,10 @@ class MemoryStore:
         return [self.incr(key, ttl, amount)
                 for key, amount in zip(keys, amounts or [1] * len(keys), strict=True)]
 
+    def incr_many_and_get(self, keys: Sequence[str], ttl: int, amounts: Sequence[int] | None,
+                          read: str) -> tuple[list[int], JSON | None]:
+        return self.incr_many(keys, ttl, amounts), self.get(read)
+
     def count(self, key: str) -> int:
         with self._lock:
             value = self._live(key)
@@ -275,14 +285,19 @@ return {v, 0}
 """
 
 
-#: KEYS: the counters; ARGV[1]: the window's seconds, then each counter's amount. The window
-#: starts at a counter's first increment: only a counter without an expiry gets one.
+#: KEYS: the counters, then the key to read when ARGV[2] is 1; ARGV[1]: the window's
+#: seconds, then each counter's amount. The window starts at a counter's first increment:
+#: only a counter without an expiry gets one. The replies: each counter's new value, then
+#: the value read (nil when absent).
 _INCR_MANY = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  out[i] = redis.call('INCRBY', key, ARGV[i + 1])
+local out, counters = {}, #KEYS
+if ARGV[2] == '1' then counters = counters - 1 end
+for i = 1, counters do
+  local key = KEYS[i]
+  out[i] = redis.call('INCRBY', key, ARGV[i + 2])
   if redis.call('TTL', key) == -1 then redis.call('EXPIRE', key, ARGV[1]) end
 end
+if counters < #KEYS then out[#KEYS] = redis.call('GET', KEYS[#KEYS]) end
 return out
 """
 
@@ -424,8 +439,16 @@ class RedisStore:
         if amounts is not None and len(amounts) != len(keys):
             raise ValueError("one amount per key")
         values = self._run(self._incr_many, [self._k(k) for k in keys],
-                           [ttl, *(amounts or [1] * len(keys))])
+                           [ttl, 0, *(amounts or [1] * len(keys))])
         return [int(v) for v in values]
+
+    def incr_many_and_get(self, keys: Sequence[str], ttl: int, amounts: Sequence[int] | None,
+                          read: str) -> tuple[list[int], JSON | None]:
+        if amounts is not None and len(amounts) != len(keys):
+            raise ValueError("one amount per key")
+        *values, raw = self._run(self._incr_many, [*(self._k(k) for k in keys), self._k(read)],
+                                 [ttl, 1, *(amounts or [1] * len(keys))])
+        return [int(v) for v in values], (None if raw is None else json.loads(raw))
 
     def count(self, key: str) -> int:
         raw = self._command("GET", self._k(key))

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import base64
 import secrets
+import time
 from typing import Any
 
 import pytest
 
 from kernel.ratelimit import Limit, RateLimited, RateLimiter, batch_for
 from kernel.store import MemoryStore, RedisStore
-from tests.flows import AGENCY_ONE, AGENCY_TWO
+from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest, full_login
 
 #: a well-formed code exchange with a code that does not exist: invalid_grant
 REFRESH = {"grant_type": "authorization_code", "code": "not-a-code",
@@ -89,6 +90,39 @@ def test_login_pages_limit_per_address_shows_a_readable_page(make_hub):
     page = r.get_data(as_text=True)
     assert "Too many requests from your network address" in page
     assert from_address(app, "198.51.100.8").get("/login").status_code == 302
+
+
+@pytest.mark.parametrize("where", ["memory", "redis"])
+def test_authorize_with_a_hub_session_counts_the_login_limit_as_the_session_is_read(
+        make_hub, request, where):
+    """/authorize and the other login pages of fixed path count their limit per address in
+    the round trip that reads the browser session (civitas/app.py): counted once per
+    request, the same 429 page when over, and the session is neither lost nor changed."""
+    store = {} if where == "memory" else {"redis_url": request.getfixturevalue("redis_url")}
+    app = make_hub(rate_limits={"token_per_agency": 0, "token_per_address": 0,
+                                "decision_per_agency": 0, "decision_per_address": 0,
+                                "login_per_address": 10}, **store)
+    client = from_address(app, "198.51.100.20")
+    full_login(client, AuthRequest())  # /authorize, /login, the callback: some of the 10
+    hub = app.extensions["civitas"]
+    window = int(time.time()) // hub.server.hub.limiter.window
+    counted = hub.store.count(f"rl:login:addr:198.51.100.20:{window}")
+    auth = AuthRequest()
+    r = client.get(auth.url())
+    assert r.status_code == 302 and "code=" in r.headers["Location"]  # SSO: the session read
+    if hub.store.count(f"rl:login:addr:198.51.100.20:{window}") != counted + 1:
+        pytest.skip("the window turned during the test")
+    while client.get(auth.url()).status_code == 302:
+        pass
+    r = client.get(auth.url())
+    assert r.status_code == 429 and r.mimetype == "text/html"
+    assert "Too many requests from your network address" in r.get_data(as_text=True)
+    assert "Set-Cookie" not in r.headers
+    # the session is intact: another address (the citizen's other network) still signs in
+    client.environ_base["REMOTE_ADDR"] = "198.51.100.21"
+    r = client.get(AuthRequest().url())
+    assert r.status_code == 302 and "code=" in r.headers["Location"]
+    assert client.get("/account").status_code == 200
 
 
 EVALUATION = {"subject": {"type": "user", "id": "nobody"}, "action": {"name": "use"},
@@ -222,3 +256,31 @@ def test_small_capacity_limits_and_address_limits_stay_exact(store):
     with pytest.raises(RateLimited):
         limiter.hit([Limit(key, 150, exact=False)])
     assert spy.round_trips == 151  # every hit counted in the store
+
+
+def test_counters_and_a_read_in_one_round_trip(store):
+    prefix = secrets.token_hex(4)
+    a, b, kept = f"{prefix}-a", f"{prefix}-b", f"{prefix}-session"
+    store.put(kept, {"login": {"account_id": "x"}}, 60)
+    assert store.incr_many_and_get([a, b], 60, [1, 3], kept) == (
+        [1, 3], {"login": {"account_id": "x"}})
+    assert store.incr_many_and_get([a], 60, None, f"{prefix}-absent") == ([2], None)
+    assert store.incr_many_and_get([], 60, None, kept) == ([], {"login": {"account_id": "x"}})
+    assert store.count(a) == 2 and store.count(b) == 3
+    with pytest.raises(ValueError):
+        store.incr_many_and_get([a, b], 60, [1], kept)
+
+
+def test_limiter_hit_reads_a_key_with_its_counters(store):
+    prefix = secrets.token_hex(4)
+    store.put(f"{prefix}-s", {"n": 1}, 60)
+    limiter = RateLimiter(store, window_seconds=60, clock=lambda: 1_000_020.0)  # one window
+    assert limiter.hit([Limit(f"{prefix}-k", 3)], fetch=f"{prefix}-s") == {"n": 1}
+    assert limiter.hit([Limit(f"{prefix}-k", 3)], fetch=f"{prefix}-none") is None
+    assert limiter.hit([Limit(f"{prefix}-k", 3)]) is None
+    with pytest.raises(RateLimited):  # over: refused, as without a read
+        limiter.hit([Limit(f"{prefix}-k", 3)], fetch=f"{prefix}-s")
+    # no limit to count (0: off; or a batched one between its batches): still read
+    assert limiter.hit([Limit(f"{prefix}-off", 0)], fetch=f"{prefix}-s") == {"n": 1}
+    assert limiter.hit([Limit(f"{prefix}-cap", 5000, exact=False)],
+                       fetch=f"{prefix}-s") == {"n": 1}

@@ -251,17 +251,17 @@ def test_rfc6749_10_5_concurrent_second_redemption_revokes_first_tokens(browser,
     auth = AuthRequest()
     code = new_code(browser, auth)
     store = hub.tokens._store
-    original_take = store.take
+    original_take = store.take_marked
     code_taken, second_done = threading.Event(), threading.Event()
 
-    def slow_take(key: str) -> Any:
-        value = original_take(key)
+    def slow_take(key: str, **kwargs: Any) -> Any:
+        value, marked = original_take(key, **kwargs)
         if key.startswith("code:") and value is not None and not code_taken.is_set():
             code_taken.set()
             second_done.wait(timeout=10)  # widen the gap right after the atomic take
-        return value
+        return value, marked
 
-    store.take = slow_take
+    store.take_marked = slow_take
     try:
         first: list[Any] = []
         t = threading.Thread(target=lambda: first.append(redeem(app.test_client(), auth, code)))
@@ -271,7 +271,7 @@ def test_rfc6749_10_5_concurrent_second_redemption_revokes_first_tokens(browser,
         second_done.set()
         t.join(timeout=10)
     finally:
-        store.take = original_take
+        store.take_marked = original_take
     assert_token_error(second, 400, "invalid_grant")
     assert first[0].status_code == 200
     r = userinfo(browser, first[0].json["access_token"])
