@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from gunicorn import http, util
+from gunicorn.http.body import LengthReader
 from gunicorn.workers import base
 from gunicorn.workers.gthread import ThreadWorker
 
@@ -232,7 +233,19 @@ class InlineWorker(base.Worker):  # type: ignore[misc]
     # (it closes a connection when ``keepalived_conns`` reach ``max_keepalived``), and the
     # drain of a body the app did not read, bounded in time
     handle_request = ThreadWorker.handle_request
-    _keepalive_after = ThreadWorker._keepalive_after
+
+    def _keepalive_after(self, conn: _Conn, keepalive: bool) -> bool:
+        """gthread's, which first drains what is left of the request's body (bounded in
+        time and size: two socket timeout changes per request). A body read to its end, or
+        a request without one (every GET), has nothing left: it answers as the drain would,
+        without touching the socket."""
+        if keepalive:
+            body = getattr(conn.parser.mesg, "body", None)
+            reader = getattr(body, "reader", None)
+            if (isinstance(reader, LengthReader) and reader.length == 0
+                    and getattr(body, "failed", True) is False):
+                return True
+        return bool(ThreadWorker._keepalive_after(self, conn, keepalive))
 
     # -- the main thread -------------------------------------------------------------------
 

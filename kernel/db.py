@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections import namedtuple
 from collections.abc import Iterator
@@ -15,6 +14,8 @@ from sqlalchemy import exc as exc_mod
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.pool import NullPool
+
+from . import forks
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -84,12 +85,12 @@ class _StraightConnections:
         #: (connection, opened at, last used at, generation), all ``time.monotonic()``
         self._idle: list[tuple[Any, float, float, int]] = []
         self._generation = 0
-        self._pid = os.getpid()
+        self._forks = forks.count()
 
     def take(self) -> tuple[Any, float, int]:
         """(a connection in autocommit, when it was opened, its generation)."""
-        if self._pid != os.getpid():
-            self._idle, self._pid = [], os.getpid()
+        if self._forks != forks.count():  # a forked child: not the parent's connections
+            self._idle, self._forks = [], forks.count()
         now = time.monotonic()
         conn: Any
         while True:
@@ -122,7 +123,7 @@ class _StraightConnections:
         return conn, now, generation
 
     def give_back(self, conn: Any, opened: float, generation: int) -> None:
-        if (generation == self._generation and self._pid == os.getpid() and not conn.closed
+        if (generation == self._generation and self._forks == forks.count() and not conn.closed
                 and conn.info.transaction_status == _IDLE
                 and len(self._idle) < self._keep):
             self._idle.append((conn, opened, time.monotonic(), generation))
@@ -134,7 +135,7 @@ class _StraightConnections:
         ones in use as they come back."""
         self._generation += 1
         idle, self._idle = self._idle, []
-        if self._pid == os.getpid():
+        if self._forks == forks.count():
             for conn, *_ in idle:
                 _close_quietly(conn)
         if self._opener is not None:

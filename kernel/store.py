@@ -9,28 +9,17 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from . import forks
+
 if TYPE_CHECKING:
     import redis
 
 JSON = dict[str, Any]
-
-#: forks of this process's ancestry that ran Python in the child (os.register_at_fork)
-_forks = 0
-
-
-def _count_fork() -> None:
-    global _forks
-    _forks += 1
-
-
-os.register_at_fork(after_in_child=_count_fork)
-
 
 @functools.cache
 def _pool_class() -> type[redis.ConnectionPool]:
@@ -38,9 +27,8 @@ def _pool_class() -> type[redis.ConnectionPool]:
 
     redis-py's pool calls ``os.getpid()`` on every checkout and every return of a
     connection, to notice that it now runs in a forked child (whose sockets it must not
-    share with its parent): two system calls per command, about 4% of a worker's time under
-    SSO logins (bench/README.md, thirteenth session). This pool runs the same check only
-    when a fork has happened since it last looked. Built on first use, so that a hub on the
+    share with its parent). This pool runs the same check only when a fork has happened
+    since it last looked (:mod:`kernel.forks`). Built on first use, so that a hub on the
     in-process store never imports redis."""
     import redis
 
@@ -48,8 +36,8 @@ def _pool_class() -> type[redis.ConnectionPool]:
         _seen_forks = -1  # the first check is a real one
 
         def _checkpid(self) -> None:
-            if self._seen_forks != _forks:
-                seen = _forks
+            if self._seen_forks != forks.count():
+                seen = forks.count()
                 super()._checkpid()
                 self._seen_forks = seen
 
@@ -320,7 +308,7 @@ class RedisStore:
         self._stale = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
         #: idle connections of the straight path (:meth:`_command`), and the forks seen
         self._idle: list[Any] = []  # redis.Connection, whose methods are not typed
-        self._idle_forks = _forks
+        self._idle_forks = forks.count()
 
     def _k(self, key: str) -> str:
         return self._prefix + key
@@ -339,8 +327,8 @@ class RedisStore:
         can reach the wrong command; and after a fork the child opens its own connections.
         Errors are redis-py's (``ConnectionError``, ``TimeoutError``, ``ResponseError``),
         raised as ``Redis.execute_command`` raises them: the pool has no retries either."""
-        if self._idle_forks != _forks:  # a forked child: the parent's sockets are not ours
-            self._idle, self._idle_forks = [], _forks
+        if self._idle_forks != forks.count():  # a forked child: not the parent's sockets
+            self._idle, self._idle_forks = [], forks.count()
         connection: Any
         try:
             connection = self._idle.pop()

@@ -771,3 +771,38 @@ def test_the_date_header_is_the_current_second_in_imf_fixdate(workers_hub, monke
         clock[0] += step
         assert cached() == original(clock[0])
     assert cached(1_600_000_000.0) == original(1_600_000_000.0)
+
+
+def test_a_body_the_app_did_not_read_is_skipped_and_the_connection_serves_on(workers_hub):
+    """RFC 9112 9.3: on a kept-alive connection, the next request starts after the whole
+    body of the one before, never inside it. Both ways out of a request are taken here:
+    a body read to its end (the token endpoint's form) or none at all (the GET), which the
+    worker passes over without touching the socket, and a body the app left unread (sent
+    to a page that ignores it), which gthread's bounded drain takes off the socket."""
+    import socket
+
+    port = int(workers_hub.rsplit(":", 1)[1])
+    unread = b"GET /no-such-page HTTP/1.1\r\nHost: x\r\n\r\n" * 20  # looks like requests
+    form = b"grant_type=client_credentials&scope=nothing"
+    requests = [
+        b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(unread), unread),
+        b"POST /token HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(form), form),
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    ]
+    statuses = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        for request in requests:
+            sock.sendall(request)
+            status = reader.readline()
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            reader.read(length)
+            statuses.append(int(status.split(b" ", 2)[1]))
+    # /healthz answers GET only; /token: no client authentication; then the GET is served
+    assert statuses == [405, 401, 200]
