@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 JSON = dict[str, Any]
 
+
 @functools.cache
 def _pool_class() -> type[redis.ConnectionPool]:
     """redis-py's connection pool, told of forks instead of asking for them.
