@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urljoin
 
 import pytest
@@ -648,6 +649,18 @@ def test_serve_refuses_a_worker_it_does_not_have(tmp_path, upstream_issuer, monk
     assert "'inline', 'gthread'" in result.output
 
 
+def read_answer(reader: Any) -> bytes:
+    """One HTTP/1.1 answer with a Content-Length read off a raw connection: its status line
+    (the head and the body are read past)."""
+    status: bytes = reader.readline()
+    length = 0
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    reader.read(length)
+    return status
+
+
 def test_a_kept_alive_connection_is_served_again_then_closed_when_idle(workers_hub):
     """RFC 9112 9.3: the connection stays open between requests, and the hub closes it
     after KEEPALIVE_SECONDS without one (nginx closes its own idle connections first:
@@ -662,13 +675,7 @@ def test_a_kept_alive_connection_is_served_again_then_closed_when_idle(workers_h
         reader = sock.makefile("rb")
 
         def answer() -> bytes:
-            status = reader.readline()
-            length = 0
-            while (line := reader.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":", 1)[1])
-            reader.read(length)
-            return status
+            return read_answer(reader)
 
         sock.sendall(request)
         assert answer().startswith(b"HTTP/1.1 200")
@@ -797,12 +804,6 @@ def test_a_body_the_app_did_not_read_is_skipped_and_the_connection_serves_on(wor
         reader = sock.makefile("rb")
         for request in requests:
             sock.sendall(request)
-            status = reader.readline()
-            length = 0
-            while (line := reader.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":", 1)[1])
-            reader.read(length)
-            statuses.append(int(status.split(b" ", 2)[1]))
+            statuses.append(int(read_answer(reader).split(b" ", 2)[1]))
     # /healthz answers GET only; /token: no client authentication; then the GET is served
     assert statuses == [405, 401, 200]
