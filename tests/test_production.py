@@ -807,3 +807,38 @@ def test_a_body_the_app_did_not_read_is_skipped_and_the_connection_serves_on(wor
             statuses.append(int(read_answer(reader).split(b" ", 2)[1]))
     # /healthz answers GET only; /token: no client authentication; then the GET is served
     assert statuses == [405, 401, 200]
+
+
+def test_keep_alive_passes_over_only_a_body_read_to_its_end():
+    """The inline worker's ``_keepalive_after``: a request whose body is read to its end (or
+    that has none) keeps its connection without gthread's drain touching the socket; a body
+    with bytes left, one whose reading failed, or one of unknown length goes through the
+    drain, which decides (RFC 9112 9.3: the next request must start after this body)."""
+    from types import SimpleNamespace
+
+    from gunicorn.http.body import Body, ChunkedReader, LengthReader
+
+    from civitas.inline_worker import InlineWorker
+
+    drained: list[bool] = []
+
+    def conn_with(body: Any) -> Any:
+        def finish_body(deadline: float | None = None) -> bool:
+            drained.append(True)
+            return False  # what a drain that gave up says: the connection is closed
+
+        return SimpleNamespace(parser=SimpleNamespace(mesg=SimpleNamespace(body=body),
+                                                      finish_body=finish_body))
+
+    keep = InlineWorker._keepalive_after
+    worker = SimpleNamespace()
+    assert keep(worker, conn_with(Body(LengthReader(None, 0))), True) is True
+    assert drained == []  # read to its end: nothing to drain
+    assert keep(worker, conn_with(Body(LengthReader(None, 0))), False) is False
+    left = Body(LengthReader(None, 5))
+    assert keep(worker, conn_with(left), True) is False and drained == [True]
+    failed = Body(LengthReader(None, 0))
+    failed.failed = True
+    assert keep(worker, conn_with(failed), True) is False and len(drained) == 2
+    chunked = Body(ChunkedReader(None, None))
+    assert keep(worker, conn_with(chunked), True) is False and len(drained) == 3
