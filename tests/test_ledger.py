@@ -805,6 +805,37 @@ def test_workers_verify_like_one_process(tmp_path, sqlite_ledger, small_chunks,
     assert verdicts(tmp_path, blank, key)[0] == target + 1
 
 
+def test_a_fault_found_early_never_terminates_the_workers(tmp_path, sqlite_ledger, small_chunks,
+                                                          monkeypatch):
+    """A tampered export found out in its first chunk, with many chunks still handed out:
+    the workers are closed and joined, never killed (Pool.terminate can hang for good when
+    it kills a worker that holds the result queue's lock: CPython issues 78178, 96995),
+    both when the fault is met in a chunk and when an error ends the verification; and no
+    worker is left behind."""
+    import multiprocessing
+    from multiprocessing.pool import Pool
+
+    def refuse(self):
+        raise AssertionError("Pool.terminate called")
+
+    monkeypatch.setattr(Pool, "terminate", refuse)
+    sealed_in_batches(sqlite_ledger)
+    key = sqlite_ledger.public_key()
+    lines = exported(sqlite_ledger)
+    first = line_of(lines, b"pairwise-000001")
+    changed = list(lines)
+    changed[first] = changed[first].replace(b"pairwise-000001", b"pairwise-000002")
+    garbled = list(lines)
+    garbled[first] = b"not json"
+    for tampered in (changed, garbled):
+        path = tmp_path / "early.jsonl"
+        path.write_bytes(b"\n".join(tampered))
+        with open(path, "rb") as f, pytest.raises(VerificationFailed) as failed:
+            verify_export(f, key, workers=2)
+        assert failed.value.line == first + 1
+        assert multiprocessing.active_children() == []
+
+
 def test_workers_check_trusted_checkpoints_inside_their_range(tmp_path, sqlite_ledger,
                                                               small_chunks):
     sqlite_ledger.append_many(("decision.query", decision(i)) for i in range(77))

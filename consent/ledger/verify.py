@@ -363,7 +363,13 @@ def verify_export(stream: IO[bytes], public_key: str, *, trusted: Sequence[str] 
     context, tasks = plan
     base = tasks[0].start
     verifier.report.workers = workers
-    with context.Pool(workers, initializer=freeze_imports) as pool:
+    # The pool is closed and joined, never terminated, even when a fault or an error ends the
+    # loop early: Pool.terminate kills workers, and one killed while it hands back a result
+    # keeps the result queue's lock, so terminate then waits for it forever (CPython issues
+    # 78178 and 96995; it hung a verification of a tampered export). The chunks already
+    # handed out, at most ``2 * workers``, are scanned to their end and dropped.
+    pool = context.Pool(workers, initializer=freeze_imports)
+    try:
         for task, chunk in _in_order(pool, tasks, 2 * workers):
             fault = chunk.fault
             for event in chunk.events:
@@ -374,12 +380,14 @@ def verify_export(stream: IO[bytes], public_key: str, *, trusted: Sequence[str] 
                 else:
                     verifier.feed([event])
             if fault is not None:
-                pool.terminate()
                 stream.seek(fault)
                 _feed(verifier, stream, progress, fault - base)
                 return verifier.finish()
             if progress is not None:
                 progress(task.end - base)
+    finally:
+        pool.close()
+        pool.join()
     return verifier.finish()
 
 
