@@ -387,16 +387,17 @@ def _install_address_limits(app: Flask, hub: Hub) -> None:
     # holds for the limited endpoints whose path is fixed (/authorize, /login, ...),
     # matched here as the URL map would match them. The others, and the program endpoints
     # (no browser session), are counted by ``_per_address`` alone.
-    fixed = {rule.rule: (rule.endpoint, frozenset(rule.methods or ()))
+    fixed = {(rule.rule, method): rule.endpoint
              for rule in app.url_map.iter_rules()
-             if rule.endpoint in _ADDRESS_LIMITED and not rule.arguments}
+             if rule.endpoint in _ADDRESS_LIMITED and not rule.arguments
+             for method in rule.methods or ()}
     sessions = app.session_interface
     assert isinstance(sessions, StoreSessionInterface)
     read_only = sessions.reader
 
     def read_and_count(req: Request, key: str | None) -> dict[str, Any] | None:
-        endpoint, methods = fixed.get(req.path, ("", frozenset()))
-        if req.method not in methods:
+        endpoint = fixed.get((req.path, req.method))
+        if endpoint is None:
             return read_only(req, key)
         group = _ADDRESS_LIMITED[endpoint][0]
         try:
