@@ -285,10 +285,10 @@ class CodeGrant(grants.AuthorizationCodeGrant):
     def query_authorization_code(self, code: str, client: AgencyClient
                                  ) -> AuthorizationCode | None:
         # The code is taken, and its hub session's revocation mark read, in one round trip.
-        # A session that ended after the code was issued gets no tokens (OpenID Connect
-        # Back-Channel Logout 2.7). One that ends later, while the tokens are made, is the
-        # race every provider has: the access token's record still meets the mark at every
-        # use (TokenStore.access_token_record).
+        # A code whose hub session ended (logout) between the code and its redemption gets
+        # no tokens. A session that ends later, while the tokens are made, is the race every
+        # provider has: the access token's record still meets the mark at every use
+        # (TokenStore.access_token_record).
         record, session_ended = self.hub.tokens.take_code(code)
         if record is None or session_ended or record.client_id != client.client_id:
             return None
