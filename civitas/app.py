@@ -382,6 +382,9 @@ def _install_address_limits(app: Flask, hub: Hub) -> None:
     limiter = hub.server.hub.limiter  # the provider's: one window setting, one store
     assert limiter is not None
 
+    def limit_of(group: str, address: str | None) -> list[Limit]:
+        return [Limit(f"{group}:addr:{address}", per_group[group])]
+
     # A browser endpoint's limit is counted as its session is read, in one round trip to
     # the store: the session is opened before the request's endpoint is known, so this
     # holds for the limited endpoints whose path is fixed (/authorize, /login, ...),
@@ -401,8 +404,7 @@ def _install_address_limits(app: Flask, hub: Hub) -> None:
             return read_only(req, key)
         group = _ADDRESS_LIMITED[endpoint][0]
         try:
-            data = limiter.hit([Limit(f"{group}:addr:{req.remote_addr}", per_group[group])],
-                               fetch=key)
+            data = limiter.hit(limit_of(group, req.remote_addr), fetch=key)
         except RateLimited as exc:
             req.environ[_ADDRESS_COUNTED] = (endpoint, exc)
             return None  # the request is answered 429 below; its session is left as it is
@@ -420,7 +422,7 @@ def _install_address_limits(app: Flask, hub: Hub) -> None:
         counted, reached = request.environ.get(_ADDRESS_COUNTED, ("", None))
         try:
             if counted != endpoint:
-                limiter.hit([Limit(f"{group}:addr:{request.remote_addr}", per_group[group])])
+                limiter.hit(limit_of(group, request.remote_addr))
             elif reached is not None:
                 raise reached
         except RateLimited as exc:

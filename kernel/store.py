@@ -425,19 +425,25 @@ class RedisStore:
         # its expiry are written atomically, and without EXPIRE NX, which needs Redis 7 (the
         # hub asks for 6.2). In-process it costs 40-44 µs of CPU against 44-48 µs for the
         # pipeline: no difference that the bench can see (bench/README.md, thirteenth session).
-        if amounts is not None and len(amounts) != len(keys):
-            raise ValueError("one amount per key")
-        values = self._run(self._incr_many, [self._k(k) for k in keys],
-                           [ttl, 0, *(amounts or [1] * len(keys))])
-        return [int(v) for v in values]
+        values, _ = self._counted(keys, ttl, amounts, None)
+        return values
 
     def incr_many_and_get(self, keys: Sequence[str], ttl: int, amounts: Sequence[int] | None,
                           read: str) -> tuple[list[int], JSON | None]:
+        return self._counted(keys, ttl, amounts, read)
+
+    def _counted(self, keys: Sequence[str], ttl: int, amounts: Sequence[int] | None,
+                 read: str | None) -> tuple[list[int], JSON | None]:
+        """_INCR_MANY on ``keys``, and ``read`` got in the same script when given."""
         if amounts is not None and len(amounts) != len(keys):
             raise ValueError("one amount per key")
-        *values, raw = self._run(self._incr_many, [*(self._k(k) for k in keys), self._k(read)],
-                                 [ttl, 1, *(amounts or [1] * len(keys))])
-        return [int(v) for v in values], (None if raw is None else json.loads(raw))
+        script_keys = [self._k(k) for k in keys]
+        if read is not None:
+            script_keys.append(self._k(read))
+        replies = self._run(self._incr_many, script_keys,
+                            [ttl, 0 if read is None else 1, *(amounts or [1] * len(keys))])
+        raw = replies.pop() if read is not None else None
+        return [int(v) for v in replies], (None if raw is None else json.loads(raw))
 
     def count(self, key: str) -> int:
         raw = self._command("GET", self._k(key))
