@@ -238,6 +238,17 @@ class CodeGrant(grants.AuthorizationCodeGrant):
     def hub(self) -> ProviderServices:
         return self.server.hub  # type: ignore[no-any-return]
 
+    _validated_redirect_uri: str | None = None
+
+    def validate_authorization_request(self) -> str:
+        """Authlib's validation, once per grant. A grant is made for one request: the hub
+        validates it through ``get_consent_grant`` before deciding whether to ask for
+        consent, and ``create_authorization_response`` would validate the same request again
+        (about 1% of a login's CPU). A refusal is raised each time, never remembered."""
+        if self._validated_redirect_uri is None:
+            self._validated_redirect_uri = super().validate_authorization_request()
+        return self._validated_redirect_uri
+
     @staticmethod
     def validate_authorization_redirect_uri(request: OAuth2Request, client: AgencyClient) -> str:
         """OpenID Connect Core 3.1.2.1: ``redirect_uri`` is required and must match exactly.
@@ -575,4 +586,6 @@ class HubAuthorizationServer(AuthorizationServer):
     def create_oauth2_request(self, request: Any) -> OAuth2Request:
         if isinstance(request, OAuth2Request):
             return request
-        return HubOAuth2Request(flask_request)
+        # the request itself, not Flask's context-local proxy to it: Authlib reads the
+        # payload a dozen times per request, each read through the proxy's lookup
+        return HubOAuth2Request(flask_request._get_current_object())  # type: ignore[attr-defined]

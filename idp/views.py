@@ -254,8 +254,15 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
                 pending = park(session, {k: v for k, v in dict(params).items()
                                          if isinstance(v, str)})
                 return redirect(url_for("idp.consent_page", request=pending.id), code=303)
-        return with_iss(server.create_authorization_response(
-            request=oauth_request, grant_user=login, grant=grant))
+        return respond(oauth_request, grant, login)
+
+    def respond(oauth_request: Any, grant: Any, user: HubLogin | None) -> Response:
+        """The redirect to the agency: a code for ``user``, or ``access_denied`` without one.
+        Its RFC 9207 ``iss`` is added by the server's ``HubIssuerParameter`` (to errors too),
+        so it is not looked for again here as :func:`with_iss` does."""
+        response: Response = server.create_authorization_response(
+            request=oauth_request, grant_user=user, grant=grant)
+        return response
 
     def notice_only(state: LatestState | None, policy: Any, wanted: set[str]) -> bool:
         offered = policy.offered(frozenset(wanted))
@@ -311,12 +318,10 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
         if not answer.allow:
             consent.record_refusal(login.account_id, policy, subject, requested_claims=wanted)
             # RFC 6749 4.1.2.1: access_denied, to the validated redirect URI
-            return with_iss(server.create_authorization_response(
-                request=oauth_request, grant_user=None, grant=grant))
+            return respond(oauth_request, grant, None)
         consent.record_decision(login.account_id, policy, subject, answer.optional,
                                 requested_claims=wanted)
-        return with_iss(server.create_authorization_response(
-            request=oauth_request, grant_user=login, grant=grant))
+        return respond(oauth_request, grant, login)
 
     @bp.post("/token")
     def token() -> Response:

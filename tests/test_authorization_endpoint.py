@@ -660,3 +660,29 @@ def test_rfc9207_iss_on_error_redirect_when_registered_uri_has_query(client, que
     assert params["dismiss"] == ["1"]
     assert params["error"] == ["invalid_request"] and params["state"] == [auth.state]
     assert params["iss"] == [HUB_ISSUER]
+
+
+def test_a_request_is_validated_once_and_a_refusal_every_time(client, monkeypatch):
+    """The hub validates an authorization request before deciding on consent; issuing the
+    code does not validate it a second time (idp/provider.py CodeGrant), and a request that
+    fails validation is refused on each attempt, never remembered as valid."""
+    from authlib.oauth2.rfc6749 import grants
+
+    calls: list[str] = []
+    original = grants.AuthorizationCodeGrant.validate_authorization_request
+
+    def counted(self: Any) -> Any:
+        calls.append(self.request.payload.client_id)
+        return original(self)
+
+    full_login(client, AuthRequest())  # alice has a hub session
+    monkeypatch.setattr(grants.AuthorizationCodeGrant, "validate_authorization_request",
+                        counted)
+    auth = AuthRequest(agency=AGENCY_TWO, scope="openid email")
+    assert_code_redirect(client.get(auth.url()), auth)
+    assert calls == [AGENCY_TWO.client_id]
+    bad = AuthRequest(agency=AGENCY_TWO, scope="openid email")
+    for _ in (1, 2):
+        r = authorize(client, bad, code_challenge=pkce_pair()[0], code_challenge_method="plain")
+        assert_error_redirect(r, "invalid_request", bad.state, AGENCY_TWO.redirect_uri)
+    assert len(calls) == 3
