@@ -316,7 +316,8 @@ class Settings(BaseSettings):
     database_pool_size: Annotated[int, Field(ge=1, le=200)] = 10
     #: ``None`` (or ``memory://``) keeps short-lived state in this process
     redis_url: str | None = None
-    #: Fernet keys, newest first, comma-separated in the environment
+    #: Fernet-format keys (32 random bytes, url-safe base64), newest first, comma-separated
+    #: in the environment; values are encrypted with AES-256-GCM-SIV (kernel/crypto.py)
     encryption_key: SecretStr
     #: keyed-hash secret for pairwise subject identifiers (OpenID Connect Core 8.1)
     pairwise_secret: SecretStr

@@ -384,7 +384,7 @@ def test_checkpoints_verify_with_the_published_key_only(ledger, db, cipher):
     assert again.public_key() == ledger.public_key()
     with db.engine.connect() as conn:
         stored = conn.execute(text("select private_key_encrypted from ledger_keys")).scalar()
-    assert stored.startswith("gAAAA")
+    assert stored.startswith("v2.")  # kernel/crypto.py: AES-256-GCM-SIV
 
 
 def test_proofs_from_the_database(ledger):
