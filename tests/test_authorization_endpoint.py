@@ -686,3 +686,38 @@ def test_a_request_is_validated_once_and_a_refusal_every_time(client, monkeypatc
         r = authorize(client, bad, code_challenge=pkce_pair()[0], code_challenge_method="plain")
         assert_error_redirect(r, "invalid_request", bad.state, AGENCY_TWO.redirect_uri)
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize(("location", "expected"), [
+    ("https://one.agency.example/cb?code=c&state=s",
+     "https://one.agency.example/cb?code=c&state=s&iss=https%3A%2F%2Fhub.example%2Fa%20b"),
+    ("https://one.agency.example/cb", "https://one.agency.example/cb?iss=https%3A%2F%2Fhub"
+     ".example%2Fa%20b"),
+    ("https://one.agency.example/cb?", "https://one.agency.example/cb?iss=https%3A%2F%2Fhub"
+     ".example%2Fa%20b"),
+    ("https://one.agency.example/cb?x=1&", "https://one.agency.example/cb?x=1&iss=https%3A"
+     "%2F%2Fhub.example%2Fa%20b"),
+])
+def test_rfc9207_iss_is_appended_to_the_query_as_it_stands(location, expected):
+    from werkzeug.wrappers import Response
+
+    from idp.provider import HubIssuerParameter
+
+    response = Response(status=302, headers={"Location": location})
+    HubIssuerParameter("https://hub.example/a b").add_issuer_parameter(None, response)
+    assert response.headers["Location"] == expected
+    assert parse_qs(urlsplit(expected).query)["iss"] == ["https://hub.example/a b"]
+
+
+def test_rfc9207_iss_before_a_fragment_goes_through_authlib():
+    """A Location with a fragment never comes from a registered redirect URI (RFC 6749
+    3.1.2), but if one did, ``iss`` would still go into its query, not after the '#'."""
+    from werkzeug.wrappers import Response
+
+    from idp.provider import HubIssuerParameter
+
+    response = Response(status=302, headers={"Location": "https://a.example/cb?code=c#f"})
+    HubIssuerParameter("https://hub.example").add_issuer_parameter(None, response)
+    parts = urlsplit(response.headers["Location"])
+    assert parse_qs(parts.query) == {"code": ["c"], "iss": ["https://hub.example"]}
+    assert parts.fragment == "f"

@@ -247,6 +247,50 @@ def test_a_statement_sqlalchemy_renders_per_execution_is_refused_at_start_up() -
         db.dispose()
 
 
+def test_parameters_are_those_construct_params_gives_for_every_hot_statement() -> None:
+    """Prepared._values builds exactly the parameters SQLAlchemy's ``construct_params``
+    does, bind conversions applied, for each statement the hub prepares; a key missing or
+    one too many goes SQLAlchemy's way, its error included."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import bindparam, literal, select
+
+    from consent.decisions import _LATEST
+    from idp.tokens import _CLAIM, _GRANT, _GRANTS, _ROTATE
+
+    db = Database("postgresql+psycopg://nobody@127.0.0.1:9/none")  # never connected
+    grant_id = _GRANTS.c.grant_id
+    computed = select(grant_id).where(grant_id == bindparam("g", callable_=lambda: "now"))
+    twice = select(grant_id, literal(7).label("n")).where(
+        (grant_id == bindparam("g")) | (grant_id == bindparam("g")))
+    now = datetime(2026, 11, 24, 12, tzinfo=UTC)
+    sample = {"UTCDateTime": now, "JSON": ["pwd"], "Integer": 5}  # by type; else text
+    try:
+        statements = [LIVE_ACCOUNT, _LOGIN, _CLAIMS, _GRANT, _CLAIM, _ROTATE, computed, twice,
+                      *_LATEST.values()]
+        for statement in statements:
+            prepared = Prepared(db, statement)
+            compiled = prepared._compiled  # noqa: SLF001 - what the fast path stands in for
+            params = {bind.key: sample.get(type(bind.type).__name__, "v-" + bind.key)
+                      for bind in compiled.bind_names if bind.required}
+            keys = set(params)
+            expected = compiled.construct_params(params)
+            for name, processor in prepared._binds.items():  # noqa: SLF001
+                expected[name] = processor(expected[name])
+            def plain(values: dict[str, Any]) -> dict[str, Any]:  # psycopg's Json wrapper
+                return {k: getattr(v, "obj", v) for k, v in values.items()}
+
+            assert plain(prepared._values(params)) == plain(expected), statement  # noqa: SLF001
+            assert plain(prepared._values({**params, "stray": 1})) == plain(expected)  # noqa: SLF001
+            for key in keys:
+                with pytest.raises(sa_exc.InvalidRequestError, match="value is required"):
+                    prepared._values({k: v for k, v in params.items() if k != key})  # noqa: SLF001
+        assert Prepared(db, computed)._keys is None  # noqa: SLF001 - computed at execution
+        assert Prepared(db, _CLAIMS)._keys == {"account_id", "key", "client_id", "now"}  # noqa: SLF001
+    finally:
+        db.dispose()
+
+
 # -- the straight path's own connections (kernel.db._StraightConnections) ------------------
 
 @pytest.fixture
