@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections import defaultdict
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -560,6 +562,20 @@ class RateLimitedError(OAuth2Error):
 LIMITED_ENDPOINTS = frozenset({"token", "revocation", "introspection"})
 
 
+class HubOAuth2Payload(FlaskOAuth2Payload):
+    @cached_property
+    def datalist(self) -> dict[str, list[str]]:
+        """Every parameter's values (RFC 6749 3.1: Authlib refuses one sent twice), as
+        Authlib's: the query's, then the form's (never for GET: Werkzeug's ``values``). Made
+        by walking each source once, where Authlib's looks every name up in both again (1.5%
+        of a login's CPU)."""
+        values: defaultdict[str, list[str]] = defaultdict(list)
+        for source in self.data.dicts:
+            for name, items in source.lists():
+                values[name].extend(items)
+        return values
+
+
 class HubOAuth2Request(FlaskOAuth2Request):
     """Authlib's request for a Flask request, whose ``uri`` is the request's scheme and host
     only (``scheme://host/``, Werkzeug's ``host_url`` without its URI-to-IRI conversion),
@@ -574,7 +590,7 @@ class HubOAuth2Request(FlaskOAuth2Request):
                                uri=f"{request.scheme}://{request.host}/",
                                headers=request.headers)
         self._request = request
-        self.payload = FlaskOAuth2Payload(request)
+        self.payload = HubOAuth2Payload(request)
 
 
 class HubAuthorizationServer(AuthorizationServer):

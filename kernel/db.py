@@ -308,14 +308,21 @@ class Prepared:
             if len(description) != len(self._types):
                 raise RuntimeError(f"{len(description)} columns came back, "
                                    f"not {len(self._types)}")
-            self._results = [kind.result_processor(self._dialect, column.type_code)
-                             for kind, column in zip(self._types, description, strict=True)]
-        processors = self._results
-        if not any(processors):
+            self._results = [
+                (index, processor) for index, (kind, column)
+                in enumerate(zip(self._types, description, strict=True))
+                if (processor := kind.result_processor(self._dialect, column.type_code))
+                is not None]
+        convert = self._results  # only the columns that have a conversion are visited
+        if not convert:
             return [self._row(*row) for row in rows]
-        return [self._row(*[value if processor is None else processor(value)
-                            for processor, value in zip(processors, row, strict=True)])
-                for row in rows]
+        converted = []
+        for row in rows:
+            values = list(row)
+            for index, processor in convert:
+                values[index] = processor(values[index])
+            converted.append(self._row._make(values))
+        return converted
 
     def rowcount(self, params: dict[str, Any]) -> int:
         if not self._direct:

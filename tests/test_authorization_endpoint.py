@@ -433,6 +433,17 @@ def test_rfc6749_3_1_other_duplicates_are_invalid_request_page(client, name):
     assert_error_page(authorize_pairs(client, pairs), "invalid_request")
 
 
+def test_rfc6749_3_1_a_parameter_in_both_query_and_form_is_a_duplicate(client):
+    """A POST's parameters are its query's and its form's together (OpenID Connect Core
+    3.1.2.1): one in each is sent twice. A GET's form is never read, so it is no duplicate."""
+    auth = AuthRequest()
+    params = auth.params()
+    r = client.post("/authorize?" + urlencode({"client_id": params["client_id"]}), data=params)
+    assert_error_page(r, "invalid_request")
+    r = client.get("/authorize?" + urlencode(params), data={"client_id": "someone-else"})
+    assert r.status_code == 303  # to the login page: the request was taken as it is
+
+
 # -- OpenID Connect Core 3.1.2.1: POST is the same as GET ------------------------------------
 
 
