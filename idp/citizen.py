@@ -67,7 +67,7 @@ class CitizenReads:
                               "client_id": client_id, "now": now})
         if not rows:
             return rows, None
-        first = dict(rows[0]._mapping)
+        first = rows[0]._asdict()  # a new dict (Prepared rows are named tuples)
         for key in _JSON_COLUMNS:  # (NULL: no record, and then no state to make)
             if (text := first[_PREFIX + key]) is not None:
                 first[_PREFIX + key] = json.loads(text)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections import defaultdict
@@ -35,9 +36,11 @@ from authlib.oauth2.rfc7662 import IntrospectionEndpoint
 from authlib.oauth2.rfc9207 import IssuerParameter
 from authlib.oidc.core import OpenIDCode
 from authlib.oidc.core.util import create_half_hash
+from flask import Response as FlaskResponse
 from flask import request as flask_request
 from joserfc import jwt
 from joserfc.errors import JoseError
+from werkzeug.utils import get_content_type
 
 from broker.accounts import AccountDirectory
 from broker.session import HubLogin
@@ -593,6 +596,10 @@ class HubOAuth2Request(FlaskOAuth2Request):
         self.payload = HubOAuth2Payload(request)
 
 
+#: what Werkzeug labels a response given no type (``default_mimetype``, utf-8)
+_DEFAULT_CONTENT_TYPE = get_content_type(FlaskResponse.default_mimetype or "text/html", "utf-8")
+
+
 class HubAuthorizationServer(AuthorizationServer):
     def __init__(self, hub: ProviderServices) -> None:
         super().__init__()
@@ -622,6 +629,19 @@ class HubAuthorizationServer(AuthorizationServer):
             except RateLimited as exc:
                 raise RateLimitedError(exc.retry_after) from exc
         return client
+
+    def handle_response(self, status_code: int, payload: Any, headers: Any) -> Any:
+        """Authlib's response, with its Content-Type given to Werkzeug when the headers have
+        none (an authorization response's redirect): the type Werkzeug would give it, without
+        its search of the headers, which raises and catches an HTTP exception when the name
+        is missing (1% of a login's CPU)."""
+        if not isinstance(headers, list) or any(name.lower() == "content-type"
+                                                for name, _ in headers):
+            return super().handle_response(status_code, payload, headers)
+        if isinstance(payload, dict):
+            payload = json.dumps(payload)
+        return FlaskResponse(payload, status=status_code, headers=headers,
+                             content_type=_DEFAULT_CONTENT_TYPE)
 
     def create_oauth2_request(self, request: Any) -> OAuth2Request:
         if isinstance(request, OAuth2Request):

@@ -732,3 +732,22 @@ def test_rfc9207_iss_before_a_fragment_goes_through_authlib():
     parts = urlsplit(response.headers["Location"])
     assert parse_qs(parts.query) == {"code": ["c"], "iss": ["https://hub.example"]}
     assert parts.fragment == "f"
+
+
+def test_authorization_redirects_are_labelled_as_werkzeug_labels_them(client):
+    """The code and error redirects carry the Content-Type Werkzeug gives a response with
+    none (idp/provider.py handle_response), and an empty body; the token response its
+    JSON type (RFC 6749 5.1)."""
+    full_login(client, AuthRequest())
+    auth = AuthRequest(agency=AGENCY_TWO, scope="openid email")
+    r = client.get(auth.url())
+    assert_code_redirect(r, auth)
+    assert r.headers["Content-Type"] == "text/html; charset=utf-8" and r.data == b""
+    assert r.headers.getlist("Content-Type") == ["text/html; charset=utf-8"]
+    bad = AuthRequest()
+    r = authorize(client, bad, code_challenge=None)
+    assert_error_redirect(r, "invalid_request", bad.state)
+    assert r.headers["Content-Type"] == "text/html; charset=utf-8" and r.data == b""
+    again = AuthRequest(agency=AGENCY_TWO, scope="openid email")
+    token = redeem(client, again, assert_code_redirect(client.get(again.url()), again))
+    assert token.status_code == 200 and token.headers["Content-Type"] == "application/json"
