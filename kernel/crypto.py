@@ -47,28 +47,30 @@ def _derive(key: bytes, label: bytes, length: int) -> bytes:
                 info=b"civitas/field-cipher/v2/" + label).derive(key)
 
 
+def _aead(key: bytes) -> tuple[bytes, AESGCMSIV]:
+    """A configured key's id and its AES-256-GCM-SIV cipher."""
+    try:
+        aead = AESGCMSIV(_derive(key, b"aes-256-gcm-siv", 32))
+    except UnsupportedAlgorithm as exc:  # OpenSSL before 3.2
+        raise RuntimeError(
+            "this build of 'cryptography' has no AES-GCM-SIV (it needs OpenSSL 3.2 or later); "
+            "install the wheel from PyPI, which bundles one") from exc
+    return _derive(key, b"key-id", _KEY_ID), aead
+
+
 class FieldCipher:
     def __init__(self, keys: list[str]) -> None:
         if not keys:
             raise ValueError("at least one encryption key is needed")
         self._fernet = MultiFernet([Fernet(k.encode()) for k in keys])
+        derived = [_aead(base64.urlsafe_b64decode(k.encode())) for k in keys]
+        #: values are written with the first key and read with any
+        self._write = derived[0]
         self._by_id: dict[bytes, AESGCMSIV] = {}
-        self._write: tuple[bytes, AESGCMSIV] | None = None
-        for key in keys:
-            raw = base64.urlsafe_b64decode(key.encode())
-            key_id = _derive(raw, b"key-id", _KEY_ID)
-            try:
-                aead = AESGCMSIV(_derive(raw, b"aes-256-gcm-siv", 32))
-            except UnsupportedAlgorithm as exc:  # OpenSSL before 3.2
-                raise RuntimeError(
-                    "this build of 'cryptography' has no AES-GCM-SIV (it needs OpenSSL 3.2 or "
-                    "later); install the wheel from PyPI, which bundles one") from exc
+        for key_id, aead in derived:
             self._by_id.setdefault(key_id, aead)
-            if self._write is None:
-                self._write = (key_id, aead)
 
     def encrypt(self, plaintext: str) -> str:
-        assert self._write is not None
         key_id, aead = self._write
         nonce = os.urandom(_NONCE)
         sealed = aead.encrypt(nonce, plaintext.encode(), _AAD + key_id)
