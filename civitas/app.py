@@ -257,19 +257,21 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
     admin_token = settings.admin_api_token
     app.register_blueprint(admin_api_blueprint(
         hub.agencies, admin_token.get_secret_value() if admin_token else None))
+    # the background threads stop when the app is collected, or at stop_background(app)
+    stops: list[weakref.finalize[Any, Any]] = app.extensions.setdefault(_BACKGROUND, [])
     if settings.ledger_seal_interval_seconds:
         # checkpoints on a schedule; `civitas audit checkpoint` signs one on demand
         sealer = LedgerSealer(hub.ledger, interval=settings.ledger_seal_interval_seconds)
         sealer.start()
-        weakref.finalize(app, sealer.stop, 0)
+        stops.append(weakref.finalize(app, sealer.stop, 0))
     if settings.housekeeping_interval_seconds:
         housekeeper = Housekeeper(hub, interval=settings.housekeeping_interval_seconds)
         housekeeper.start()
-        weakref.finalize(app, housekeeper.stop, 0)
+        stops.append(weakref.finalize(app, housekeeper.stop, 0))
     if settings.backchannel_dispatcher:
         hub.dispatcher.start()
         # The thread also stops when the hub's database is disposed (see LogoutDispatcher).
-        weakref.finalize(app, hub.dispatcher.stop)
+        stops.append(weakref.finalize(app, hub.dispatcher.stop))
     if settings.trusted_proxy_hops:
         # X-Forwarded-For/-Proto/-Host are believed only from this many proxies in front
         from werkzeug.middleware.proxy_fix import ProxyFix
@@ -282,6 +284,17 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
     _install_error_pages(app)
     observability.install(app)
     return app
+
+
+_BACKGROUND = "civitas.background"
+
+
+def stop_background(app: Flask) -> None:
+    """Stop the app's background threads (ledger sealer, housekeeper, logout dispatcher)
+    now, as the app's finalizer does when it is collected: for a process that ends an app
+    and goes on (tests make many). Each stops once; a second call does nothing."""
+    for stop in app.extensions.get(_BACKGROUND, ()):
+        stop()
 
 
 def _account_deleted(hub: Hub, account_id: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 
-from civitas.app import build_hub, create_app
+from civitas.app import build_hub, create_app, stop_background
 from config import settings_from_mapping
 from tests import servers
 from tests.flows import AGENCY_ONE, AGENCY_TWO, UPSTREAM_CLIENT_ID, UPSTREAM_SECRET
@@ -157,6 +157,7 @@ def sql_hub(upstream_issuer: str, database_url: str) -> Iterator[Any]:
     """A hub (its services) on each database of ``database_url``: SQLite and PostgreSQL."""
     app = create_app(hub_config(upstream_issuer, database_url))
     yield app.extensions["civitas"]
+    stop_background(app)
     app.extensions["civitas"].db.dispose()
 
 
@@ -169,6 +170,7 @@ def config(upstream_issuer: str, tmp_path: Any) -> dict[str, Any]:
 def app(config: dict[str, Any]) -> Any:
     app = create_app(config)
     yield app
+    stop_background(app)
     app.extensions["civitas"].db.dispose()
 
 
@@ -196,6 +198,7 @@ def make_hub(upstream_issuer: str, tmp_path: Any) -> Iterator[Any]:
 
     yield make
     for app in made:
+        stop_background(app)  # a short schedule (housekeeping) must not run into later tests
         app.extensions["civitas"].db.dispose()
 
 

@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 from sqlalchemy import func, select
 
-from civitas.app import create_app
+from civitas.app import create_app, stop_background
 from civitas.cli import main
 from civitas.housekeeping import run_once
 from idp.models import RefreshGrantRecord, RefreshToken
@@ -90,6 +90,13 @@ def test_each_worker_runs_housekeeping_on_its_schedule(make_hub):
         time.sleep(0.1)
     assert states == ["given", "expired"]
     assert rows_of(hub, "ended") == 0
+    # stopped with the app (civitas.app.stop_background, as the fixture's teardown does):
+    # no round after it, so no later test counts this hub's
+    stop_background(app)
+    ran = metric("civitas_background_jobs_total", job="refresh_purge", outcome="ok")
+    time.sleep(0.5)  # two and a half intervals
+    assert metric("civitas_background_jobs_total", job="refresh_purge", outcome="ok") == ran
+    stop_background(app)  # a second call does nothing
 
 
 def test_a_periodic_thread_stopped_from_its_own_thread_ends_cleanly():
