@@ -11,7 +11,7 @@ labels of their own. GCM-SIV is chosen over plain GCM because its nonces are ran
 many processes and hosts with no shared counter: a repeated nonce under GCM gives away the
 authentication key, under GCM-SIV only whether the same value was written twice (RFC 8452
 section 9). Values written before (Fernet tokens: AES-128-CBC + HMAC-SHA256, which cost
-about four times as much CPU to decrypt) are still read, with the same keys; they are
+about two and a half times as much CPU to decrypt) are still read, with the same keys; they are
 rewritten as ``v2.`` the next time their owner's upstream sends them.
 """
 

@@ -441,7 +441,8 @@ def test_rfc6749_3_1_a_parameter_in_both_query_and_form_is_a_duplicate(client):
     r = client.post("/authorize?" + urlencode({"client_id": params["client_id"]}), data=params)
     assert_error_page(r, "invalid_request")
     r = client.get("/authorize?" + urlencode(params), data={"client_id": "someone-else"})
-    assert r.status_code == 303  # to the login page: the request was taken as it is
+    done, _ = login_from(client, r)  # the request was taken as its query has it
+    assert_code_redirect(done, auth)
 
 
 # -- OpenID Connect Core 3.1.2.1: POST is the same as GET ------------------------------------

@@ -264,6 +264,10 @@ def test_parameters_are_those_construct_params_gives_for_every_hot_statement() -
     twice = select(grant_id, literal(7).label("n")).where(
         (grant_id == bindparam("g")) | (grant_id == bindparam("g")))
     now = datetime(2026, 11, 24, 12, tzinfo=UTC)
+
+    def plain(values: dict[str, Any]) -> dict[str, Any]:  # psycopg's Json wrapper compared
+        return {k: getattr(v, "obj", v) for k, v in values.items()}
+
     sample = {"UTCDateTime": now, "JSON": ["pwd"], "Integer": 5}  # by type; else text
     try:
         statements = [LIVE_ACCOUNT, _LOGIN, _CLAIMS, _GRANT, _CLAIM, _ROTATE, computed, twice,
@@ -277,9 +281,6 @@ def test_parameters_are_those_construct_params_gives_for_every_hot_statement() -
             expected = compiled.construct_params(params)
             for name, processor in prepared._binds.items():  # noqa: SLF001
                 expected[name] = processor(expected[name])
-            def plain(values: dict[str, Any]) -> dict[str, Any]:  # psycopg's Json wrapper
-                return {k: getattr(v, "obj", v) for k, v in values.items()}
-
             assert plain(prepared._values(params)) == plain(expected), statement  # noqa: SLF001
             assert plain(prepared._values({**params, "stray": 1})) == plain(expected)  # noqa: SLF001
             for key in keys:
