@@ -181,7 +181,7 @@ def _privacy_notices(shared: dict[str, list[str]], others: list[str] | None = No
 
 @main.group("secrets")
 def secrets_group() -> None:
-    """Secrets for a new installation."""
+    """Secrets: new ones for an installation, values encrypted under a new key."""
 
 
 @secrets_group.command("generate")
@@ -191,6 +191,89 @@ def secrets_generate() -> None:
 
     click.echo(f"CIVITAS_ENCRYPTION_KEY={FieldCipher.generate_key()}")
     click.echo(f"CIVITAS_PAIRWISE_SECRET={secrets.token_urlsafe(48)}")
+
+
+def encrypted_columns() -> list[Any]:
+    """Every column whose values the hub encrypts at rest (kernel/crypto.py)."""
+    from broker.models import AccountAttribute
+    from consent.ledger.models import LedgerKey
+    from idp.models import SigningKey
+    from kernel.reencrypt import EncryptedColumn
+
+    return [EncryptedColumn("account attributes", AccountAttribute, "value_encrypted"),
+            EncryptedColumn("signing keys", SigningKey, "private_jwk_encrypted"),
+            EncryptedColumn("ledger keys", LedgerKey, "private_key_encrypted")]
+
+
+def _sealings(census: Any) -> str:
+    if not census.sealed:
+        return "none"
+    return ", ".join(
+        f"{n} under key {s.key + 1}" + (" (Fernet, before v2)" if s.scheme == "fernet" else "")
+        for s, n in sorted(census.sealed.items(), key=lambda kv: (kv[0].key, kv[0].scheme)))
+
+
+@secrets_group.command("reencrypt")
+@click.option("--dry-run", is_flag=True, help="Only count what would be rewritten.")
+@click.option("--batch", default=500, show_default=True, type=click.IntRange(1, 100_000),
+              help="Rows read and rewritten per transaction.")
+@click.pass_context
+def secrets_reencrypt(ctx: click.Context, dry_run: bool, batch: int) -> None:
+    """Rewrite every value encrypted at rest under the first key of encryption_key.
+
+    Values are read with any configured key and written with the first; a value is
+    otherwise rewritten only when its owner signs in again. After a run that rewrote or
+    found everything under key 1, the other keys can be removed. Safe while hubs serve, and
+    to run again. Exit 1 if a value could not be read with any configured key (it is left
+    as it is)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from kernel.db import Database
+    from kernel.reencrypt import reencrypt_column
+
+    settings = _settings(ctx)
+    keys = settings.encryption_keys
+    db = Database(settings.database_url, pool_size=1)
+    cipher = FieldCipher(keys)
+    censuses = []
+    try:
+        for column in encrypted_columns():
+            census = reencrypt_column(db, cipher, column, dry_run=dry_run, batch=batch)
+            censuses.append(census)
+            done = (f"would rewrite {census.to_rewrite}" if dry_run
+                    else f"rewritten {census.rewritten}")
+            if census.changed_meanwhile:
+                done += f", {census.changed_meanwhile} changed meanwhile by a hub (left)"
+            if census.unreadable:
+                done += f", {census.unreadable} unreadable (left)"
+            click.echo(f"{census.label}: {census.scanned} values: {_sealings(census)}; {done}")
+    except SQLAlchemyError as exc:
+        raise click.ClickException(
+            f"the database could not be read or written ({type(exc).__name__}); is the "
+            "schema up to date (`civitas db upgrade`)? Values rewritten so far stay "
+            "rewritten; run this again.") from exc
+    finally:
+        db.dispose()
+    unreadable = [c for c in censuses if c.unreadable]
+    if unreadable:
+        rows = "; ".join(f"{c.label}: rows {', '.join(map(str, c.unreadable_rows))}"
+                         + (" and more" if c.unreadable > len(c.unreadable_rows) else "")
+                         for c in unreadable)
+        click.echo(f"{sum(c.unreadable for c in unreadable)} values could not be read with "
+                   f"any of the {len(keys)} configured keys and were left as they are ({rows}). "
+                   "Put back the key that wrote them, then run this again; until then do "
+                   "not remove any key.", err=True)
+        sys.exit(1)
+    pending = sum(c.to_rewrite for c in censuses) if dry_run else 0
+    if pending:
+        click.echo(f"dry run: {pending} values would be rewritten; nothing was written.")
+    elif any(c.changed_meanwhile for c in censuses):
+        click.echo("values changed while this ran: run it again before removing a key.")
+    elif len(keys) > 1:
+        click.echo(f"every value is under key 1: the other {len(keys) - 1} keys of "
+                   "encryption_key can be removed once every hub runs with key 1 first.")
+    else:
+        click.echo("every value is under the only configured key.")
 
 
 # -- db -------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ many processes and hosts with no shared counter: a repeated nonce under GCM give
 authentication key, under GCM-SIV only whether the same value was written twice (RFC 8452
 section 9). Values written before (Fernet tokens: AES-128-CBC + HMAC-SHA256, which cost
 about two and a half times as much CPU to decrypt) are still read, with the same keys; they are
-rewritten as ``v2.`` the next time their owner's upstream sends them.
+rewritten as ``v2.`` the next time their owner's upstream sends them, or all at once by
+``civitas secrets reencrypt`` (:mod:`kernel.reencrypt`), after which only the first key is
+needed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -58,17 +61,35 @@ def _aead(key: bytes) -> tuple[bytes, AESGCMSIV]:
     return _derive(key, b"key-id", _KEY_ID), aead
 
 
+@dataclass(frozen=True)
+class Sealing:
+    """How a stored value was written: ``scheme`` ``"v2"`` (AES-256-GCM-SIV) or ``"fernet"``
+    (before it), under the configured key at index ``key`` (0: the first, which writes)."""
+
+    scheme: str
+    key: int
+
+    @property
+    def current(self) -> bool:
+        """Written as the hub writes values now: nothing to rewrite."""
+        return self.scheme == "v2" and self.key == 0
+
+
 class FieldCipher:
     def __init__(self, keys: list[str]) -> None:
         if not keys:
             raise ValueError("at least one encryption key is needed")
-        self._fernet = MultiFernet([Fernet(k.encode()) for k in keys])
+        self._fernets = [Fernet(k.encode()) for k in keys]
+        self._fernet = MultiFernet(self._fernets)
         derived = [_aead(base64.urlsafe_b64decode(k.encode())) for k in keys]
         #: values are written with the first key and read with any
         self._write = derived[0]
         self._by_id: dict[bytes, AESGCMSIV] = {}
-        for key_id, aead in derived:
+        #: a key id's index among the configured keys (the first, if a key is listed twice)
+        self._index: dict[bytes, int] = {}
+        for index, (key_id, aead) in enumerate(derived):
             self._by_id.setdefault(key_id, aead)
+            self._index.setdefault(key_id, index)
 
     def encrypt(self, plaintext: str) -> str:
         key_id, aead = self._write
@@ -96,6 +117,22 @@ class FieldCipher:
             return aead.decrypt(nonce, blob[_KEY_ID + _NONCE:], _AAD + key_id).decode()
         except (InvalidTag, UnicodeDecodeError) as exc:
             raise DecryptionError() from exc
+
+    def inspect(self, token: str) -> tuple[str, Sealing]:
+        """The plaintext of a stored value and how it was written. Raises
+        :class:`DecryptionError` as :meth:`decrypt` does. Slower than :meth:`decrypt` for
+        Fernet values (each key is tried in turn): for maintenance, not for requests."""
+        if token.startswith(PREFIX):
+            plaintext = self.decrypt(token)  # checks the key id, the length and the tag
+            body = token[len(PREFIX):]
+            key_id = base64.urlsafe_b64decode(body[:8] + "=" * (-len(body[:8]) % 4))[:_KEY_ID]
+            return plaintext, Sealing("v2", self._index[key_id])
+        for index, fernet in enumerate(self._fernets):
+            try:
+                return fernet.decrypt(token.encode()).decode(), Sealing("fernet", index)
+            except InvalidToken:
+                continue
+        raise DecryptionError()
 
     @staticmethod
     def generate_key() -> str:
