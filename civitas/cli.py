@@ -205,12 +205,28 @@ def encrypted_columns() -> list[Any]:
             EncryptedColumn("ledger keys", LedgerKey, "private_key_encrypted")]
 
 
-def _sealings(census: Any) -> str:
-    if not census.sealed:
+def _found(census: Any) -> str:
+    if not census.found:
         return "none"
     return ", ".join(
         f"{n} under key {s.key + 1}" + (" (Fernet, before v2)" if s.scheme == "fernet" else "")
-        for s, n in sorted(census.sealed.items(), key=lambda kv: (kv[0].key, kv[0].scheme)))
+        for s, n in sorted(census.found.items(), key=lambda kv: (kv[0].key, kv[0].scheme)))
+
+
+def _progress(every: float = 10.0) -> Any:
+    """A line on standard error at most every ``every`` seconds while a column is walked."""
+    import time
+
+    shown = [time.monotonic()]
+
+    def show(census: Any) -> None:
+        now = time.monotonic()
+        if now - shown[0] >= every:
+            shown[0] = now
+            click.echo(f"  {census.label}: {census.scanned} values so far, "
+                       f"{census.rewritten} rewritten", err=True)
+
+    return show
 
 
 @secrets_group.command("reencrypt")
@@ -238,7 +254,8 @@ def secrets_reencrypt(ctx: click.Context, dry_run: bool, batch: int) -> None:
     censuses = []
     try:
         for column in encrypted_columns():
-            census = reencrypt_column(db, cipher, column, dry_run=dry_run, batch=batch)
+            census = reencrypt_column(db, cipher, column, dry_run=dry_run, batch=batch,
+                                      progress=_progress())
             censuses.append(census)
             done = (f"would rewrite {census.to_rewrite}" if dry_run
                     else f"rewritten {census.rewritten}")
@@ -246,7 +263,7 @@ def secrets_reencrypt(ctx: click.Context, dry_run: bool, batch: int) -> None:
                 done += f", {census.changed_meanwhile} changed meanwhile by a hub (left)"
             if census.unreadable:
                 done += f", {census.unreadable} unreadable (left)"
-            click.echo(f"{census.label}: {census.scanned} values: {_sealings(census)}; {done}")
+            click.echo(f"{census.label}: {census.scanned} values: {_found(census)}; {done}")
     except SQLAlchemyError as exc:
         raise click.ClickException(
             f"the database could not be read or written ({type(exc).__name__}); is the "

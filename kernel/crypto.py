@@ -62,7 +62,7 @@ def _aead(key: bytes) -> tuple[bytes, AESGCMSIV]:
 
 
 @dataclass(frozen=True)
-class Sealing:
+class WrittenWith:
     """How a stored value was written: ``scheme`` ``"v2"`` (AES-256-GCM-SIV) or ``"fernet"``
     (before it), under the configured key at index ``key`` (0: the first, which writes)."""
 
@@ -118,7 +118,7 @@ class FieldCipher:
         except (InvalidTag, UnicodeDecodeError) as exc:
             raise DecryptionError() from exc
 
-    def inspect(self, token: str) -> tuple[str, Sealing]:
+    def inspect(self, token: str) -> tuple[str, WrittenWith]:
         """The plaintext of a stored value and how it was written. Raises
         :class:`DecryptionError` as :meth:`decrypt` does. Slower than :meth:`decrypt` for
         Fernet values (each key is tried in turn): for maintenance, not for requests."""
@@ -126,10 +126,10 @@ class FieldCipher:
             plaintext = self.decrypt(token)  # checks the key id, the length and the tag
             body = token[len(PREFIX):]
             key_id = base64.urlsafe_b64decode(body[:8] + "=" * (-len(body[:8]) % 4))[:_KEY_ID]
-            return plaintext, Sealing("v2", self._index[key_id])
+            return plaintext, WrittenWith("v2", self._index[key_id])
         for index, fernet in enumerate(self._fernets):
             try:
-                return fernet.decrypt(token.encode()).decode(), Sealing("fernet", index)
+                return fernet.decrypt(token.encode()).decode(), WrittenWith("fernet", index)
             except InvalidToken:
                 continue
         raise DecryptionError()

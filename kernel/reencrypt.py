@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import Column, ColumnElement, and_, bindparam, inspect, select, update
 from sqlalchemy.orm import Mapper
 
-from .crypto import DecryptionError, FieldCipher, Sealing
+from .crypto import DecryptionError, FieldCipher, WrittenWith
 from .db import Database
 
 #: how many rows each transaction reads and rewrites
@@ -66,7 +66,7 @@ class Census:
 
     label: str
     #: values by how they were written
-    sealed: Counter[Sealing] = field(default_factory=Counter)
+    found: Counter[WrittenWith] = field(default_factory=Counter)
     rewritten: int = 0
     #: rewritten by someone else (or deleted) between this run's read and its write
     changed_meanwhile: int = 0
@@ -76,12 +76,12 @@ class Census:
 
     @property
     def scanned(self) -> int:
-        return sum(self.sealed.values()) + self.unreadable
+        return sum(self.found.values()) + self.unreadable
 
     @property
     def to_rewrite(self) -> int:
         """Values found under another key or scheme than the one values are written with."""
-        return sum(n for sealing, n in self.sealed.items() if not sealing.current)
+        return sum(n for written, n in self.found.items() if not written.current)
 
 
 def reencrypt_column(db: Database, cipher: FieldCipher, column: EncryptedColumn, *,
@@ -109,14 +109,14 @@ def reencrypt_column(db: Database, cipher: FieldCipher, column: EncryptedColumn,
         changes = []
         for row_key, stored in rows:
             try:
-                plaintext, sealing = cipher.inspect(stored)
+                plaintext, written = cipher.inspect(stored)
             except DecryptionError:
                 census.unreadable += 1
                 if len(census.unreadable_rows) < NAMED:
                     census.unreadable_rows.append(row_key)
                 continue
-            census.sealed[sealing] += 1
-            if sealing.current or dry_run:
+            census.found[written] += 1
+            if written.current or dry_run:
                 continue
             fresh = cipher.encrypt(plaintext)
             if cipher.decrypt(fresh) != plaintext:  # never write what would not read back

@@ -17,7 +17,7 @@ from broker.models import AccountAttribute, ConstituentAccount
 from civitas.app import create_app, stop_background
 from civitas.cli import encrypted_columns, main
 from idp.models import SigningKey
-from kernel.crypto import FieldCipher, Sealing
+from kernel.crypto import FieldCipher, WrittenWith
 from kernel.db import Base, Database
 from kernel.reencrypt import EncryptedColumn, reencrypt_column
 from tests.conftest import hub_config
@@ -90,15 +90,15 @@ def test_values_under_every_old_key_and_scheme_are_rewritten_and_read_the_same(s
     assert dry.to_rewrite == 4 and dry.rewritten == 0
 
     census = reencrypt_column(db, cipher, ATTRIBUTES, batch=2)  # several batches
-    assert census.sealed == {Sealing("fernet", 1): 1, Sealing("fernet", 0): 1,
-                             Sealing("v2", 1): 2, Sealing("v2", 0): 1}
+    assert census.found == {WrittenWith("fernet", 1): 1, WrittenWith("fernet", 0): 1,
+                             WrittenWith("v2", 1): 2, WrittenWith("v2", 0): 1}
     assert (census.rewritten, census.changed_meanwhile) == (4, 0)
     assert census.unreadable == 2 and census.unreadable_rows == [ids[5], ids[6]]
     after = attributes(db)
     for row_id in ids[:5]:
         stored, acr, asserted_at, account_id = after[row_id]
         assert FieldCipher([NEW]).decrypt(stored) == plain[row_id]  # the first key alone
-        assert cipher.inspect(stored)[1] == Sealing("v2", 0)
+        assert cipher.inspect(stored)[1] == WrittenWith("v2", 0)
         assert (acr, asserted_at, account_id) == before[row_id][1:]  # not a new assertion
     assert after[ids[4]] == before[ids[4]]  # already current: untouched
     assert after[ids[5]] == before[ids[5]] and after[ids[6]] == before[ids[6]]
