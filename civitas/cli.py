@@ -265,10 +265,11 @@ def secrets_reencrypt(ctx: click.Context, dry_run: bool, batch: int) -> None:
                 done += f", {census.unreadable} unreadable (left)"
             click.echo(f"{census.label}: {census.scanned} values: {_found(census)}; {done}")
     except SQLAlchemyError as exc:
+        said = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [repr(exc)])[0]
         raise click.ClickException(
-            f"the database could not be read or written ({type(exc).__name__}); is the "
-            "schema up to date (`civitas db upgrade`)? Values rewritten so far stay "
-            "rewritten; run this again.") from exc
+            f"the database could not be read or written: {said}. "
+            "(Is it reachable, and is its schema up to date: `civitas db upgrade`?) Values "
+            "rewritten so far stay rewritten; run this again.") from exc
     finally:
         db.dispose()
     unreadable = [c for c in censuses if c.unreadable]

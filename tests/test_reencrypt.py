@@ -231,3 +231,13 @@ def test_a_bad_batch_size_is_refused(batch, tmp_path, upstream_issuer):
     result = CliRunner().invoke(main, ["--config", path, "secrets", "reencrypt",
                                        "--batch", batch])
     assert result.exit_code == 2 and "--batch" in result.output
+
+
+def test_a_database_without_the_schema_gets_a_plain_error_and_nothing_else(tmp_path,
+                                                                           upstream_issuer):
+    path = _settings_file(tmp_path, hub_config(upstream_issuer, f"sqlite:///{tmp_path}/e.db"),
+                          "c.yaml")
+    result = CliRunner().invoke(main, ["--config", path, "secrets", "reencrypt"])
+    assert result.exit_code == 1
+    assert "no such table: account_attributes" in result.output
+    assert "civitas db upgrade" in result.output and "Traceback" not in result.output
