@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from connectors import UpstreamIdentity
+from kernel import jsonfast
 from kernel.crypto import FieldCipher
 from kernel.db import Database, Prepared, utcnow
 
@@ -249,7 +250,7 @@ class AccountDirectory:
         seen: set[str] = set()
         for r in rows:
             records.append(AttributeRecord(
-                name=r.name, value=json.loads(self._cipher.decrypt(r.value_encrypted)),
+                name=r.name, value=jsonfast.loads(self._cipher.decrypt(r.value_encrypted)),
                 source=r.source_connector, acr=r.acr, asserted_at=r.asserted_at,
                 released=r.name not in seen))
             seen.add(r.name)
@@ -281,7 +282,7 @@ class AccountDirectory:
             rank = self._rank(row)
             if row.name not in best or rank < best[row.name][0]:
                 best[row.name] = (rank, row.value_encrypted)
-        return {name: json.loads(self._cipher.decrypt(token))
+        return {name: jsonfast.loads(self._cipher.decrypt(token))
                 for name, (_, token) in best.items()}
 
     def linked_identities(self, account_id: str) -> list[LinkedIdentity]:

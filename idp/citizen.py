@@ -11,7 +11,6 @@ snapshot of it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ from sqlalchemy import JSON, Select, Text, cast, select, true
 from broker.accounts import LIVE_ACCOUNT, LIVE_ATTRIBUTES, AccountDirectory
 from consent.decisions import LATEST_BY_ACCOUNT, LatestState, state_from_row
 from consent.service import ConsentService
+from kernel import jsonfast
 from kernel.db import Database, Prepared
 
 _PREFIX = "consent_"
@@ -70,7 +70,7 @@ class CitizenReads:
         first = rows[0]._asdict()  # a new dict (Prepared rows are named tuples)
         for key in _JSON_COLUMNS:  # (NULL: no record, and then no state to make)
             if (text := first[_PREFIX + key]) is not None:
-                first[_PREFIX + key] = json.loads(text)
+                first[_PREFIX + key] = jsonfast.loads(text)
         return rows, state_from_row(first, now, _PREFIX)
 
     def login(self, account_id: str, client_id: str) -> tuple[bool, LatestState | None]:

@@ -15,8 +15,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from joserfc.jwk import ECKey, KeySet, RSAKey
+from joserfc.jws import serialize_compact
 from sqlalchemy import select
 
+from kernel import jsonfast
 from kernel.crypto import FieldCipher
 from kernel.db import Database, utcnow
 
@@ -32,6 +34,14 @@ class ActiveKey:
     kid: str
     alg: str
     key: ECKey | RSAKey
+
+    def sign_jwt(self, header: dict[str, Any], claims: dict[str, Any]) -> str:
+        """A JWT of ``claims`` signed with this key: what joserfc's ``jwt.encode`` makes
+        (the header with ``typ: JWT`` unless it names another type, in the same order), the
+        claims serialised by :mod:`kernel.jsonfast` rather than ``json.dumps`` (a tenth of
+        the time; the same value). Claims are given as JSON values: times as integers."""
+        return serialize_compact({"typ": "JWT", **header}, jsonfast.dumpb(claims), self.key,
+                                 algorithms=[self.alg])
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from collections import defaultdict
@@ -46,6 +45,7 @@ from broker.accounts import AccountDirectory
 from broker.session import HubLogin
 from consent.policy import AgencyPolicy
 from consent.service import ConsentService
+from kernel import jsonfast
 from kernel.metrics import TOKENS
 from kernel.ratelimit import Limit, RateLimited, RateLimiter
 
@@ -511,8 +511,7 @@ class HubOpenIDCode(OpenIDCode):
             claims["nonce"] = code.nonce
         at_hash = create_half_hash(token["access_token"], key.alg)
         claims["at_hash"] = at_hash.decode() if isinstance(at_hash, bytes) else at_hash
-        header = {"alg": key.alg, "kid": key.kid, "typ": "JWT"}
-        return jwt.encode(header, claims, key.key, algorithms=[key.alg])
+        return key.sign_jwt({"alg": key.alg, "kid": key.kid, "typ": "JWT"}, claims)
 
 
 class HubIssuerParameter(IssuerParameter):
@@ -637,9 +636,11 @@ class HubAuthorizationServer(AuthorizationServer):
         is missing (1% of a login's CPU)."""
         if not isinstance(headers, list) or any(name.lower() == "content-type"
                                                 for name, _ in headers):
-            return super().handle_response(status_code, payload, headers)
+            # (a token, introspection or error body: Authlib would json.dumps a dict)
+            return super().handle_response(status_code, jsonfast.dumpb(payload)
+                                           if isinstance(payload, dict) else payload, headers)
         if isinstance(payload, dict):
-            payload = json.dumps(payload)
+            payload = jsonfast.dumpb(payload)
         return FlaskResponse(payload, status=status_code, headers=headers,
                              content_type=_DEFAULT_CONTENT_TYPE)
 

@@ -262,7 +262,7 @@ class AccessTokens:
             "auth_time": auth_time, "acr": acr, "sid": sid,
         }
         header = {"alg": key.alg, "kid": key.kid, "typ": "at+jwt"}
-        token = jwt.encode(header, claims, key.key, algorithms=[key.alg])
+        token = key.sign_jwt(header, claims)
         self.tokens.save_access_token(record)
         return token
 
@@ -280,7 +280,7 @@ class AccessTokens:
                   "client_id": client_id, "iat": now, "exp": record.expires_at,
                   "jti": record.jti, "scope": scope}
         header = {"alg": key.alg, "kid": key.kid, "typ": "at+jwt"}
-        token = jwt.encode(header, claims, key.key, algorithms=[key.alg])
+        token = key.sign_jwt(header, claims)
         self.tokens.save_access_token(record)
         return token
 

@@ -8,13 +8,12 @@ get-and-delete, which is what makes authorization codes single-use (RFC 6749 sec
 from __future__ import annotations
 
 import functools
-import json
 import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import forks
+from . import forks, jsonfast
 
 if TYPE_CHECKING:
     import redis
@@ -141,7 +140,7 @@ class MemoryStore:
     def put(self, key: str, value: JSON, ttl: int) -> None:
         with self._lock:
             self._sweep()
-            self._data[key] = (self._clock() + ttl, json.dumps(value))
+            self._data[key] = (self._clock() + ttl, jsonfast.dumpb(value))
 
     def put_many(self, items: Sequence[tuple[str, JSON, int]], *,
                  members: Sequence[tuple[str, str, int]] = (),
@@ -152,7 +151,7 @@ class MemoryStore:
             self._sweep()
             now = self._clock()
             for key, value, ttl in ([new] if new is not None else []) + list(items):
-                self._data[key] = (now + ttl, json.dumps(value))
+                self._data[key] = (now + ttl, jsonfast.dumpb(value))
             for key, member, ttl in members:
                 current = self._live(key)
                 kept = set(current) if isinstance(current, frozenset) else set()
@@ -172,13 +171,13 @@ class MemoryStore:
             if self._live(key) is not None:
                 return False
             self._sweep()
-            self._data[key] = (self._clock() + ttl, json.dumps(value))
+            self._data[key] = (self._clock() + ttl, jsonfast.dumpb(value))
             return True
 
     def get(self, key: str) -> JSON | None:
         with self._lock:
             raw = self._live(key)
-        return None if raw is None else json.loads(raw)
+        return None if raw is None else jsonfast.loads(raw)
 
     def get_many(self, keys: Sequence[str]) -> list[JSON | None]:
         return [self.get(key) for key in keys]
@@ -188,7 +187,7 @@ class MemoryStore:
             raw = self._live(key)
             if raw is not None:
                 del self._data[key]
-        return None if raw is None else json.loads(raw)
+        return None if raw is None else jsonfast.loads(raw)
 
     def take_marked(self, key: str, *, field: str, mark_prefix: str, otherwise: str
                     ) -> tuple[JSON | None, bool]:
@@ -197,7 +196,7 @@ class MemoryStore:
             if raw is None:
                 return None, self._live(otherwise) is not None
             del self._data[key]
-            value = json.loads(raw)
+            value = jsonfast.loads(raw)
             ref = value.get(field) if isinstance(value, dict) else None
             marked = (isinstance(ref, str) and ref != ""
                       and self._live(mark_prefix + ref) is not None)
@@ -366,7 +365,7 @@ class RedisStore:
             return script(keys=keys, args=args)
 
     def put(self, key: str, value: JSON, ttl: int) -> None:
-        self._command("SET", self._k(key), json.dumps(value), "EX", ttl)
+        self._command("SET", self._k(key), jsonfast.dumpb(value), "EX", ttl)
 
     def put_many(self, items: Sequence[tuple[str, JSON, int]], *,
                  members: Sequence[tuple[str, str, int]] = (),
@@ -376,7 +375,7 @@ class RedisStore:
         args: list[Any] = [1 if new is not None else 0, len(items)]
         for key, value, ttl in ([new] if new is not None else []) + list(items):
             keys.append(self._k(key))
-            args += [json.dumps(value), ttl]
+            args += [jsonfast.dumpb(value), ttl]
         for key, member, ttl in members:
             keys.append(self._k(key))
             args += [member, ttl]
@@ -390,27 +389,28 @@ class RedisStore:
         return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
 
     def put_new(self, key: str, value: JSON, ttl: int) -> bool:
-        return self._command("SET", self._k(key), json.dumps(value), "EX", ttl, "NX") is not None
+        written = self._command("SET", self._k(key), jsonfast.dumpb(value), "EX", ttl, "NX")
+        return written is not None
 
     def get(self, key: str) -> JSON | None:
         raw = self._command("GET", self._k(key))
-        return None if raw is None else json.loads(raw)
+        return None if raw is None else jsonfast.loads(raw)
 
     def get_many(self, keys: Sequence[str]) -> list[JSON | None]:
         if not keys:
             return []
         raws = self._command("MGET", *(self._k(k) for k in keys))
-        return [None if raw is None else json.loads(raw) for raw in raws]
+        return [None if raw is None else jsonfast.loads(raw) for raw in raws]
 
     def take(self, key: str) -> JSON | None:
         raw = self._command("GETDEL", self._k(key))
-        return None if raw is None else json.loads(raw)
+        return None if raw is None else jsonfast.loads(raw)
 
     def take_marked(self, key: str, *, field: str, mark_prefix: str, otherwise: str
                     ) -> tuple[JSON | None, bool]:
         raw, marked = self._run(self._take_marked, [self._k(key), self._k(otherwise)],
                                 [field, self._k(mark_prefix)])
-        return (None if raw is None else json.loads(raw)), bool(marked)
+        return (None if raw is None else jsonfast.loads(raw)), bool(marked)
 
     def delete(self, *keys: str) -> None:
         if keys:
@@ -443,7 +443,7 @@ class RedisStore:
         replies = self._run(self._incr_many, script_keys,
                             [ttl, 0 if read is None else 1, *(amounts or [1] * len(keys))])
         raw = replies.pop() if read is not None else None
-        return [int(v) for v in replies], (None if raw is None else json.loads(raw))
+        return [int(v) for v in replies], (None if raw is None else jsonfast.loads(raw))
 
     def count(self, key: str) -> int:
         raw = self._command("GET", self._k(key))

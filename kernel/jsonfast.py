@@ -1,0 +1,47 @@
+"""JSON on the hot paths: orjson where it gives the standard library's answer, the standard
+library wherever orjson refuses.
+
+orjson (a compiled, widely used library) encodes a small record in 0.2 µs against 2.2-2.9 µs
+for ``json.dumps``, and decodes one in 0.5 µs against 1.9 µs; a login encodes and decodes
+about twenty (short-lived records, JWT claims, consent states, attribute values, the token
+response).
+
+It is stricter than ``json``: it refuses strings with a lone surrogate (which JSON from an
+upstream can carry as an escape, ``"\\ud800"``), integers beyond 64 bits and keys that are
+not strings. Whatever it refuses goes to ``json`` instead, which answers as it always did,
+value or error. Values of the kinds ``json`` refuses (datetimes, dataclasses) are refused
+here too rather than encoded, and subclasses of ``str``, ``int``, ``dict`` and ``list`` are
+left to ``json``. Text that orjson writes differs from ``json.dumps``'s only in spelling, not
+in value: no spaces after separators, characters outside ASCII as UTF-8 rather than ``\\u``
+escapes (RFC 8259 sections 7 and 8.1), and floats in their shortest form. (One value
+differs: a float NaN or infinity, which ``json`` writes as the non-JSON ``NaN``, orjson writes
+as ``null``; the hub stores no such number.)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+
+#: what ``json`` would refuse, orjson must not encode (it hands them to ``default``, None:
+#: TypeError); subclasses go to ``json``, which encodes them its own way
+_STRICT = (orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+           | orjson.OPT_PASSTHROUGH_SUBCLASS)
+
+
+def dumpb(value: Any) -> bytes:
+    """``value`` as JSON, UTF-8 encoded (``json.dumps(value).encode()`` in value)."""
+    try:
+        return orjson.dumps(value, option=_STRICT)
+    except TypeError:  # orjson.JSONEncodeError is one
+        return json.dumps(value).encode()
+
+
+def loads(text: str | bytes) -> Any:
+    """``json.loads(text)``."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:  # a ValueError, as json's is
+        return json.loads(text)

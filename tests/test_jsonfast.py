@@ -1,0 +1,107 @@
+"""kernel/jsonfast.py: orjson on the hot paths, with the standard library's answers. What it
+writes, ``json`` reads as the same value; what ``json`` wrote (and reads), it reads the same;
+what orjson refuses (lone surrogates, big integers, keys that are not strings) still goes
+through, and what ``json`` refuses is still refused."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import enum
+import json
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from joserfc import jwt
+
+from kernel import jsonfast
+from kernel.store import open_store
+
+#: any text, lone surrogates included (an upstream's JSON can carry them as escapes)
+TEXT = st.text(alphabet=st.characters(exclude_categories=()))
+SCALARS = (st.none() | st.booleans() | st.integers() | TEXT
+           | st.floats(allow_nan=False, allow_infinity=False))
+VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
+                      | st.dictionaries(TEXT, inner, max_size=4)
+                      | st.dictionaries(st.integers(), inner, max_size=2), max_leaves=12)
+
+
+@given(VALUES)
+def test_what_it_writes_json_reads_as_the_same_value(value):
+    expected = json.loads(json.dumps(value))
+    written = jsonfast.dumpb(value)
+    assert json.loads(written) == expected
+    assert jsonfast.loads(written) == expected
+    assert jsonfast.loads(written.decode()) == expected
+
+
+@given(VALUES)
+def test_what_json_wrote_it_reads_the_same(value):
+    for text in (json.dumps(value), json.dumps(value, ensure_ascii=False)):
+        assert jsonfast.loads(text) == json.loads(text)
+
+
+def test_a_lone_surrogate_goes_through_as_json_takes_it():
+    """orjson refuses ``"\\ud800"`` both ways; an upstream's claim can be one."""
+    assert jsonfast.loads('"\\ud800"') == "\ud800"
+    assert jsonfast.loads(jsonfast.dumpb({"name": "x\udc00"})) == {"name": "x\udc00"}
+
+
+@dataclass
+class _Point:
+    x: int
+
+
+class _Level(enum.IntEnum):
+    HIGH = 2
+
+
+@pytest.mark.parametrize("value", [datetime.datetime(2026, 1, 1), _Point(1), {1, 2},
+                                   b"bytes"])
+def test_what_json_refuses_is_refused(value):
+    with pytest.raises(TypeError):
+        json.dumps(value)
+    with pytest.raises(TypeError):
+        jsonfast.dumpb(value)
+
+
+def test_subclasses_are_written_as_json_writes_them():
+    value = {"level": _Level.HIGH, "big": 2**70, 3: "int key"}
+    assert json.loads(jsonfast.dumpb(value)) == json.loads(json.dumps(value))
+
+
+def test_bad_json_is_refused_with_jsons_error():
+    with pytest.raises(json.JSONDecodeError):
+        jsonfast.loads("{not json")
+
+
+def _segment(token: str, index: int) -> bytes:
+    part = token.split(".")[index]
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+def test_a_signed_jwt_is_what_joserfcs_encode_makes(hub):
+    """Header byte for byte, claims the same value, and it verifies with joserfc."""
+    key = hub.keys.signing_key("ES256")
+    claims = {"iss": "https://hub.example", "sub": "ü-\ud800", "aud": "agency", "iat": 1,
+              "exp": 2, "amr": ["pwd"], "scope": "openid email"}
+    for header in ({"alg": key.alg, "kid": key.kid, "typ": "at+jwt"},
+                   {"alg": key.alg, "kid": key.kid}):
+        ours = key.sign_jwt(header, claims)
+        theirs = jwt.encode(header, {**claims, "sub": "ü"}, key.key, algorithms=[key.alg])
+        assert _segment(ours, 0) == _segment(theirs, 0)
+        assert json.loads(_segment(ours, 1)) == claims
+        decoded = jwt.decode(ours, hub.keys.public_keyset(), algorithms=[key.alg])
+        assert decoded.claims == claims
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_the_store_keeps_a_record_with_a_lone_surrogate(kind, redis_url):
+    store = open_store("memory:" if kind == "memory" else redis_url)
+    record = {"amr": ["x\ud800"], "n": 2**70, "é": 1}
+    store.put("jsonfast-test", record, 30)
+    assert store.get("jsonfast-test") == record
+    assert store.take_marked("jsonfast-test", field="sid", mark_prefix="m:",
+                             otherwise="none") == (record, False)
