@@ -16,6 +16,7 @@ from consent.ledger.cli import make_audit_cli
 from idp.agencies import shared_host_sectors, shared_sector_notice
 from kernel.crypto import FieldCipher
 from kernel.errors import ConfigError
+from kernel.reencrypt import EncryptedColumn
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -193,12 +194,11 @@ def secrets_generate() -> None:
     click.echo(f"CIVITAS_PAIRWISE_SECRET={secrets.token_urlsafe(48)}")
 
 
-def encrypted_columns() -> list[Any]:
+def encrypted_columns() -> list[EncryptedColumn]:
     """Every column whose values the hub encrypts at rest (kernel/crypto.py)."""
     from broker.models import AccountAttribute
     from consent.ledger.models import LedgerKey
     from idp.models import SigningKey
-    from kernel.reencrypt import EncryptedColumn
 
     return [EncryptedColumn("account attributes", AccountAttribute, "value_encrypted"),
             EncryptedColumn("signing keys", SigningKey, "private_jwk_encrypted"),
@@ -217,12 +217,13 @@ def _progress(every: float = 10.0) -> Any:
     """A line on standard error at most every ``every`` seconds while a column is walked."""
     import time
 
-    shown = [time.monotonic()]
+    shown = time.monotonic()
 
     def show(census: Any) -> None:
+        nonlocal shown
         now = time.monotonic()
-        if now - shown[0] >= every:
-            shown[0] = now
+        if now - shown >= every:
+            shown = now
             click.echo(f"  {census.label}: {census.scanned} values so far, "
                        f"{census.rewritten} rewritten", err=True)
 
