@@ -68,6 +68,7 @@ from .consent_wiring import (
 )
 from .envelope import REQUEST_ID, ResponseEnvelope, new_request_id
 from .housekeeping import Housekeeper
+from .json_provider import FastJSONProvider
 from .request import HubRequest
 
 log = logging.getLogger("civitas")
@@ -232,6 +233,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
 
     app = Flask(__name__)
     app.request_class = HubRequest  # the token endpoint's forms, read directly
+    app.json = FastJSONProvider(app)  # the decision API's answers (civitas/json_provider.py)
     app.extensions["civitas"] = hub
     app.config.update(
         SESSION_COOKIE_NAME="civitas_session",

@@ -15,7 +15,6 @@ citizen's data-access history. Flask-free: :mod:`consent.api` is the HTTP adapte
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any, cast
 
 from sqlalchemy import Connection, Select, Table, bindparam, select
 
+from kernel import jsonfast
 from kernel.db import Database, Prepared
 from kernel.metrics import CONSENT_DECISIONS
 
@@ -203,7 +203,8 @@ LATEST_BY_ACCOUNT = _LATEST["account_id"]
 #: one JSON array each (json_to_recordset, section 9.16.1): one statement is one transaction,
 #: so both tables get their rows or neither does. JSON, not one array per column: psycopg
 #: builds array parameters element by element in Python, at about ten times the cost of
-#: ``json.dumps``. The ledger's values go through as text and are cast back: the leaf hash in
+#: ``json.dumps`` (:mod:`kernel.jsonfast`: JSON text, so strings come back as they were). The
+#: ledger's values go through as text and are cast back: the leaf hash in
 #: hex, the time in ISO 8601 with its offset, so what is stored is what was hashed.
 _RECORD_PG = """
 WITH decided AS (
@@ -229,7 +230,7 @@ def _record_pg(rows: list[dict[str, Any]], ledger_rows: list[dict[str, Any]], *,
     entries = [{"kind": row["kind"], "entry": row["entry"], "leaf_hash": row["leaf_hash"].hex(),
                 "created_at": stamps[row["created_at"]]} for row in ledger_rows]
     return _RECORD_PG, {"at": now, "client_id": client_id, "request_id": request_id,
-                        "decisions": json.dumps(rows), "entries": json.dumps(entries)}
+                        "decisions": jsonfast.dumps(rows), "entries": jsonfast.dumps(entries)}
 
 
 @dataclass(frozen=True)

@@ -27,16 +27,24 @@ import orjson
 
 #: what ``json`` would refuse, orjson must not encode (it hands them to ``default``, None:
 #: TypeError); subclasses go to ``json``, which encodes them its own way
-_STRICT = (orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+STRICT = (orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
            | orjson.OPT_PASSTHROUGH_SUBCLASS)
 
 
 def dumpb(value: Any) -> bytes:
     """``value`` as JSON, UTF-8 encoded (``json.dumps(value).encode()`` in value)."""
     try:
-        return orjson.dumps(value, option=_STRICT)
+        return orjson.dumps(value, option=STRICT)
     except TypeError:  # orjson.JSONEncodeError is one
         return json.dumps(value).encode()
+
+
+def dumps(value: Any) -> str:
+    """``value`` as JSON text (``json.dumps(value)`` in value)."""
+    try:
+        return orjson.dumps(value, option=STRICT).decode()
+    except TypeError:
+        return json.dumps(value)
 
 
 def loads(text: str | bytes) -> Any:

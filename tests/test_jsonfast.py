@@ -105,3 +105,23 @@ def test_the_store_keeps_a_record_with_a_lone_surrogate(kind, redis_url):
     assert store.get("jsonfast-test") == record
     assert store.take_marked("jsonfast-test", field="sid", mark_prefix="m:",
                              otherwise="none") == (record, False)
+
+
+def test_flask_answers_keep_flasks_form(app):
+    """jsonify through civitas/json_provider.py: keys sorted, no spaces, the same value as
+    Flask's own provider; what orjson does not take (a date) is Flask's own text."""
+    from flask import jsonify
+    from flask.json.provider import DefaultJSONProvider
+
+    flasks = DefaultJSONProvider(app)
+    with app.test_request_context():
+        for value in ({"b": [1, 2.5, None], "a": {"z": "é", "y": True}},  # orjson's
+                      {"b": [1], "a": {"z": "é\ud800", "y": True}, "c": 2**70}):  # json's
+            ours = jsonify(value).get_data()
+            theirs = flasks.response(value).get_data()
+            assert json.loads(ours) == json.loads(theirs) == value
+            assert ours.startswith(b'{"a":{"y":true,"z":') and b", " not in ours
+        assert "é".encode() in jsonify({"a": "é"}).get_data()  # UTF-8, not an escape
+        dated = {"at": datetime.datetime(2026, 11, 24, tzinfo=datetime.UTC)}
+        assert jsonify(dated).get_data() == flasks.response(dated).get_data()
+        assert app.json.loads(b'{"a": "\\ud800"}') == {"a": "\ud800"}
