@@ -16,7 +16,7 @@ from consent.ledger.cli import make_audit_cli
 from idp.agencies import shared_host_sectors, shared_sector_notice
 from kernel.crypto import FieldCipher
 from kernel.errors import ConfigError
-from kernel.reencrypt import EncryptedColumn
+from kernel.reencrypt import BATCH, EncryptedColumn
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -232,7 +232,7 @@ def _progress(every: float = 10.0) -> Any:
 
 @secrets_group.command("reencrypt")
 @click.option("--dry-run", is_flag=True, help="Only count what would be rewritten.")
-@click.option("--batch", default=500, show_default=True, type=click.IntRange(1, 100_000),
+@click.option("--batch", default=BATCH, show_default=True, type=click.IntRange(1, 100_000),
               help="Rows read and rewritten per transaction.")
 @click.pass_context
 def secrets_reencrypt(ctx: click.Context, dry_run: bool, batch: int) -> None:
