@@ -630,17 +630,16 @@ class HubAuthorizationServer(AuthorizationServer):
         return client
 
     def handle_response(self, status_code: int, payload: Any, headers: Any) -> Any:
-        """Authlib's response, with its Content-Type given to Werkzeug when the headers have
+        """Authlib's response, its JSON body written by :mod:`kernel.jsonfast`, with its
+        Content-Type given to Werkzeug when the headers have
         none (an authorization response's redirect): the type Werkzeug would give it, without
         its search of the headers, which raises and catches an HTTP exception when the name
         is missing (1% of a login's CPU)."""
+        if isinstance(payload, dict):  # a token, introspection or error body (Authlib: json)
+            payload = jsonfast.dumpb(payload)
         if not isinstance(headers, list) or any(name.lower() == "content-type"
                                                 for name, _ in headers):
-            # (a token, introspection or error body: Authlib would json.dumps a dict)
-            return super().handle_response(status_code, jsonfast.dumpb(payload)
-                                           if isinstance(payload, dict) else payload, headers)
-        if isinstance(payload, dict):
-            payload = jsonfast.dumpb(payload)
+            return super().handle_response(status_code, payload, headers)
         return FlaskResponse(payload, status=status_code, headers=headers,
                              content_type=_DEFAULT_CONTENT_TYPE)
 

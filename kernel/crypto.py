@@ -103,6 +103,11 @@ class FieldCipher:
                 return self._fernet.decrypt(token.encode()).decode()
             except InvalidToken as exc:
                 raise DecryptionError() from exc
+        return self._open(token)[1]
+
+    def _open(self, token: str) -> tuple[bytes, str]:
+        """A ``v2.`` value's key id and plaintext; :class:`DecryptionError` if no configured
+        key opens it."""
         body = token[len(PREFIX):]
         try:
             blob = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
@@ -114,7 +119,7 @@ class FieldCipher:
             raise DecryptionError()  # a key no longer configured, or a cut value
         nonce = blob[_KEY_ID:_KEY_ID + _NONCE]
         try:
-            return aead.decrypt(nonce, blob[_KEY_ID + _NONCE:], _AAD + key_id).decode()
+            return key_id, aead.decrypt(nonce, blob[_KEY_ID + _NONCE:], _AAD + key_id).decode()
         except (InvalidTag, UnicodeDecodeError) as exc:
             raise DecryptionError() from exc
 
@@ -123,9 +128,7 @@ class FieldCipher:
         :class:`DecryptionError` as :meth:`decrypt` does. Slower than :meth:`decrypt` for
         Fernet values (each key is tried in turn): for maintenance, not for requests."""
         if token.startswith(PREFIX):
-            plaintext = self.decrypt(token)  # checks the key id, the length and the tag
-            body = token[len(PREFIX):]
-            key_id = base64.urlsafe_b64decode(body[:8] + "=" * (-len(body[:8]) % 4))[:_KEY_ID]
+            key_id, plaintext = self._open(token)
             return plaintext, WrittenWith("v2", self._index[key_id])
         for index, fernet in enumerate(self._fernets):
             try:

@@ -41,10 +41,7 @@ def dumpb(value: Any) -> bytes:
 
 def dumps(value: Any) -> str:
     """``value`` as JSON text (``json.dumps(value)`` in value)."""
-    try:
-        return orjson.dumps(value, option=STRICT).decode()
-    except TypeError:
-        return json.dumps(value)
+    return dumpb(value).decode()
 
 
 def loads(text: str | bytes) -> Any:
