@@ -7,15 +7,19 @@ so a rotation never breaks a verifier. The key ring re-reads the table at most e
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from joserfc.jwk import ECKey, KeySet, RSAKey
-from joserfc.jws import serialize_compact
 from sqlalchemy import select
 
 from kernel import jsonfast
@@ -29,19 +33,68 @@ from .models import SigningKey
 SUPPORTED_ALGS = ("ES256", "RS256", "PS256")
 
 
+def _b64(data: bytes) -> bytes:
+    """base64url without padding (RFC 7515 2)."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def _signer(alg: str, key: ECKey | RSAKey) -> Callable[[bytes], bytes]:
+    """The JWS signature (RFC 7518 3.1) of a signing input with ``key``, made by
+    ``cryptography`` as joserfc's algorithms make it: ES256 as the 32-byte R and S
+    concatenated (3.4), RS256 with PKCS #1 v1.5 (3.3), PS256 with PSS, MGF1 and a salt as
+    long as the hash (3.5). tests/test_signing.py verifies each with joserfc and python-jose."""
+    private = key.private_key
+    if private is None:
+        raise ValueError(f"key {key.kid} has no private part")
+    if alg == "ES256" and isinstance(private, ec.EllipticCurvePrivateKey) \
+            and isinstance(private.curve, ec.SECP256R1):
+        ec_key, ecdsa = private, ec.ECDSA(hashes.SHA256())
+
+        def es256(data: bytes) -> bytes:
+            r, s = decode_dss_signature(ec_key.sign(data, ecdsa))
+            return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        return es256
+    if alg in ("RS256", "PS256") and isinstance(private, rsa.RSAPrivateKey):
+        rsa_key, sha256 = private, hashes.SHA256()
+        scheme: padding.AsymmetricPadding = padding.PKCS1v15() if alg == "RS256" else \
+            padding.PSS(mgf=padding.MGF1(sha256), salt_length=sha256.digest_size)
+        return lambda data: rsa_key.sign(data, scheme, sha256)
+    raise ValueError(f"unsupported signing algorithm {alg} for key {key.kid}")
+
+
 @dataclass(frozen=True)
 class ActiveKey:
     kid: str
     alg: str
     key: ECKey | RSAKey
+    _sign: Callable[[bytes], bytes] = field(init=False, repr=False, compare=False)
+    #: each header's encoded segment, made once: a key signs with two or three headers
+    _headers: dict[tuple[tuple[str, Any], ...], bytes] = field(
+        init=False, repr=False, compare=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_sign", _signer(self.alg, self.key))
 
     def sign_jwt(self, header: dict[str, Any], claims: dict[str, Any]) -> str:
-        """A JWT of ``claims`` signed with this key: what joserfc's ``jwt.encode`` makes
-        (the header with ``typ: JWT`` unless it names another type, in the same order), the
-        claims serialised by :mod:`kernel.jsonfast` rather than ``json.dumps`` (a tenth of
-        the time; the same value). Claims are given as JSON values: times as integers."""
-        return serialize_compact({"typ": "JWT", **header}, jsonfast.dumpb(claims), self.key,
-                                 algorithms=[self.alg])
+        """A JWT of ``claims`` signed with this key: what joserfc's ``jwt.encode`` makes (the
+        header with ``typ: JWT`` unless it names another type, in the same order, written as
+        joserfc writes it), the claims serialised by :mod:`kernel.jsonfast` rather than
+        ``json.dumps`` (a tenth of the time; the same value). Claims are given as JSON
+        values: times as integers. Signed here rather than through joserfc's
+        ``serialize_compact``, whose registry checks, header encoding and key lookups cost
+        as much again as the ES256 signature itself (bench/README.md, twentieth session):
+        the header's algorithm must be this key's."""
+        if header.get("alg") != self.alg:
+            raise ValueError(f"header alg {header.get('alg')!r} is not the key's {self.alg}")
+        cache_key = tuple(header.items())
+        segment = self._headers.get(cache_key)
+        if segment is None:
+            text = json.dumps({"typ": "JWT", **header}, ensure_ascii=True, separators=(",", ":"))
+            segment = _b64(text.encode("ascii"))
+            if len(self._headers) < 16:  # the hub's own few headers, never a caller's many
+                self._headers[cache_key] = segment
+        signing_input = segment + b"." + _b64(jsonfast.dumpb(claims))
+        return (signing_input + b"." + _b64(self._sign(signing_input))).decode("ascii")
 
 
 @dataclass(frozen=True)
