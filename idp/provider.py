@@ -39,6 +39,7 @@ from flask import Response as FlaskResponse
 from flask import request as flask_request
 from joserfc import jwt
 from joserfc.errors import JoseError
+from werkzeug.datastructures import EnvironHeaders
 from werkzeug.utils import get_content_type
 
 from broker.accounts import AccountDirectory
@@ -578,6 +579,17 @@ class HubOAuth2Payload(FlaskOAuth2Payload):
         return values
 
 
+class _RequestHeaders(EnvironHeaders):
+    """A request's headers, true as a truth value without being counted. Authlib's
+    ``OAuth2Request`` keeps ``headers or {}``, and an ``EnvironHeaders`` counts itself by
+    walking the whole WSGI environ (4% of a client_credentials request's CPU). The only
+    difference: a request with no header at all (HTTP/1.0 allows it) keeps an empty
+    ``EnvironHeaders``, where Authlib would keep ``{}``; both answer every lookup None."""
+
+    def __bool__(self) -> bool:
+        return True
+
+
 class HubOAuth2Request(FlaskOAuth2Request):
     """Authlib's request for a Flask request, whose ``uri`` is the request's scheme and host
     only (``scheme://host/``, Werkzeug's ``host_url`` without its URI-to-IRI conversion),
@@ -590,7 +602,7 @@ class HubOAuth2Request(FlaskOAuth2Request):
     def __init__(self, request: Any) -> None:
         OAuth2Request.__init__(self, method=request.method,
                                uri=f"{request.scheme}://{request.host}/",
-                               headers=request.headers)
+                               headers=_RequestHeaders(request.environ))
         self._request = request
         self.payload = HubOAuth2Payload(request)
 
