@@ -59,16 +59,19 @@ def install(app: Flask) -> None:
 
     @app.after_request
     def _record(response: Response) -> Response:
-        endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        # the request itself, read once, not through the context-local proxy four times
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        rule = req.url_rule
+        endpoint = rule.rule if rule is not None else "unmatched"
         # the method is the client's word: any token makes a new series (and an entry in the
         # cache above), so only the standard methods are labelled by name (RFC 9110 9.3)
-        method = request.method if request.method in _METHODS else "OTHER"
+        method = req.method if req.method in _METHODS else "OTHER"
         key = (endpoint, method, response.status_code)
         counter = requests.get(key)
         if counter is None:
             counter = requests.setdefault(key, REQUESTS.labels(endpoint, key[1], str(key[2])))
         counter.inc()
-        started = request.environ.get(STARTED)  # set by the envelope (civitas.envelope)
+        started = req.environ.get(STARTED)  # set by the envelope (civitas.envelope)
         if started is not None:
             histogram = latency.get(endpoint)
             if histogram is None:
