@@ -559,7 +559,7 @@ def test_a_gunicorn_worker_loads_the_app_without_alembic(tmp_path, upstream_issu
                           timeout=60, env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(
                               tmp_path)})
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["[]", "Flask"], done.stdout + done.stderr
+    assert done.stdout.split() == ["[]", "HubFlask"], done.stdout + done.stderr
 
 
 def test_db_upgrade_waits_for_the_start_up_lock(tmp_path, upstream_issuer, pg_database_url):
