@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime
 
 from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from kernel.db import Base, UTCDateTime, utcnow
+from kernel.ids import new_id
 
 
 def new_account_id() -> str:
-    return uuid.uuid4().hex
+    return new_id()
 
 
 class ConstituentAccount(Base):

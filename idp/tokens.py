@@ -21,7 +21,6 @@ import logging
 import re
 import secrets
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -42,6 +41,7 @@ from sqlalchemy import (
 
 from broker.accounts import account_is_live
 from kernel.db import Database, Prepared, utcnow
+from kernel.ids import new_id
 from kernel.metrics import REFRESH_REVOKED
 from kernel.store import ShortLivedStore
 
@@ -56,7 +56,7 @@ def digest(value: str) -> str:
 
 
 def new_grant_id() -> str:
-    return uuid.uuid4().hex
+    return new_id()
 
 
 @dataclass(frozen=True)

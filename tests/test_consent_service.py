@@ -804,11 +804,15 @@ def test_migration_matches_models_and_downgrades(database_url: str) -> None:
         db.dispose()
 
 
-def test_ids_are_random_version_4_uuids() -> None:
+@pytest.mark.parametrize("make", ["record", "grant", "account"])
+def test_ids_are_random_version_4_uuids(make: str) -> None:
     import uuid
 
-    from consent.models import new_id
+    from broker.models import new_account_id
+    from idp.tokens import new_grant_id
+    from kernel.ids import new_id as new_record_id
 
+    new_id = {"record": new_record_id, "grant": new_grant_id, "account": new_account_id}[make]
     ids = {new_id() for _ in range(2000)}
     assert len(ids) == 2000
     for value in ids:
