@@ -258,7 +258,8 @@ class Runner:
         storage0 = storage_cpu_seconds()
         cmd = ["wrk", "-t", str(self.args.threads), "-c", str(self.args.connections),
                "-d", f"{max(1, int(duration))}s", "--timeout", "5s", "-s", str(WRK_LUA), base]
-        self.sent.append((env, cmd))
+        if (env, cmd) not in self.sent:  # a repeated run (--repeat) is listed once
+            self.sent.append((env, cmd))
         proc = subprocess.run(cmd, env=dict(os.environ, **env), capture_output=True, text=True,
                               timeout=duration + 60)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH ")), None)
@@ -367,12 +368,30 @@ def fmt_row(name: str, r: dict | None, peer: dict | None, workers: int, unit: fl
     per_cpu = "-"
     if peer_rps and r.get("hub_cores_busy") and peer.get("hub_cores_busy"):
         per_cpu = f"{(rps / r['hub_cores_busy']) / (peer_rps / peer['hub_cores_busy']):.2f}"
+    note = r.get("runs_note", "") + (peer.get("runs_note", "") if peer else "") + note
     if r.get("worker_cores_busy"):
         note = (f"workers {'+'.join(f'{c:.2f}' for c in r['worker_cores_busy'])}, "
                 f"storage {r.get('storage_cores_busy', 0):.2f}; {note}")
     return (f"{name:<44} {r['requests']:>8} {rps:>9.0f} {r['p50_us'] / 1000:>7.2f} "
             f"{r['p99_us'] / 1000:>7.2f} {(f'{peer_rps:.0f}' if peer_rps else '-'):>9} "
             f"{ratio:>6} {per_core:>8} {per_cpu:>7} {cores:>6} {peer_cores:>7}  {note}{extra}")
+
+
+def median_run(runs: list[dict], key: str, side: str = "") -> dict:
+    """The run with the median ``key`` (``good_rps``: throughput; ``p99_us``: latency) of
+    ``runs`` (``--repeat``; of an even number, the upper of the middle two), every run's
+    value in its ``runs_note`` (in the order they ran), so a reader sees the spread beside
+    the figure."""
+    middle = dict(sorted(runs, key=lambda r: r[key])[len(runs) // 2])
+    if len(runs) > 1:
+        if key == "p99_us":
+            by, values = "p99; p99s", ", ".join(f"{r['p99_us'] / 1000:.1f}" for r in runs) + " ms"
+        else:
+            by, values = "req/s; req/s", ", ".join(f"{r['good_rps']:.0f}" for r in runs)
+        cores = ", ".join(f"{r.get('hub_cores_busy', 0):.2f}" for r in runs)
+        middle["runs_note"] = (f"{side}median of {len(runs)} runs by {by} {values}, "
+                               f"{'cores' if side else 'hub cores'} {cores}; ")
+    return middle
 
 
 def rss_of_children(pid: int) -> list[tuple[int, float]]:
@@ -569,9 +588,12 @@ def main() -> int:
                          "evaluations at this many requests/s, batches of 20 at 1/20 of it) "
                          "instead of as fast as the hub answers; the latency at that load")
     ap.add_argument("--repeat", type=positive_int, default=1, metavar="N",
-                    help="scenario 6: run each half N times against the same hub and report "
-                         "the run with the median p99, with every run's p99 in its note (one "
-                         "run's p99 can be off by a factor of two on a shared machine)")
+                    help="run scenarios 0, 1, 3, 4 and 6 N times each against the same hub "
+                         "(0-4: the hub and the peer in turn) and report the run with the "
+                         "median req/s (6: the median p99), every run's figure in its note: "
+                         "runs minutes apart differ by 10-25%% here, and one run's p99 by up "
+                         "to a factor of two. Scenarios 2 and 5 run once (2 spends its list "
+                         "of codes; 5's grants age with every run)")
     ap.add_argument("--server", choices=["gunicorn", "granian"], default="gunicorn",
                     help="the hub's HTTP server: `civitas serve` (gunicorn, production) or, "
                          "as an experiment, the same app under granian (bench/setup installs it)")
@@ -735,31 +757,40 @@ def main() -> int:
         target_base = {"hub": base, "peer": peer_issuer}
         peer_token = peer.path("token_endpoint") if peer else ""
 
+        def both(hub_env: dict[str, str], peer_env: dict[str, str] | None = None
+                 ) -> tuple[dict, dict | None]:
+            """A load that can be sent again (scenarios 0, 1, 3 and 4), ``--repeat`` times at
+            each side, the hub and the peer in turn (a drift of the machine falls on both):
+            each side's run with the median rate, every run's rate in the row's note."""
+            hub_runs, peer_runs = [], []
+            for _ in range(args.repeat):
+                hub_runs.append(runner.wrk(base, hub_env))
+                if peer and peer_env is not None:
+                    peer_runs.append(runner.wrk(peer_issuer, peer_env))
+            return (median_run(hub_runs, "good_rps"),
+                    median_run(peer_runs, "good_rps", "peer: ") if peer_runs else None)
+
         # 0: the floor: the cheapest request each server answers (its JWKS document, no
         # storage, no signature): what the web stack alone costs per request
         if "0" in wanted:
             print("scenario 0: JWKS document (the web stack's floor) ...", flush=True)
-            results["0"] = runner.wrk(base, {"BENCH_MODE": "static", "BENCH_METHOD": "GET",
-                                             "BENCH_PATH": "/jwks"})
-            if peer:
-                results["0p"] = runner.wrk(peer_issuer, {
-                    "BENCH_MODE": "static", "BENCH_METHOD": "GET",
-                    "BENCH_PATH": peer.path("jwks_uri")})
+            results["0"], results["0p"] = both(
+                {"BENCH_MODE": "static", "BENCH_METHOD": "GET", "BENCH_PATH": "/jwks"},
+                {"BENCH_MODE": "static", "BENCH_METHOD": "GET",
+                 "BENCH_PATH": peer.path("jwks_uri")} if peer else None)
             rows.append(fmt_row("0 JWKS document (floor)", results["0"], results.get("0p"),
                                 args.workers, note="no storage, no signing"))
 
         # 1: client_credentials (nothing minted: every request is the same)
         if "1" in wanted:
             print("scenario 1: client_credentials ...", flush=True)
-            results["1"] = runner.wrk(base, {
+            results["1"], results["1p"] = both({
                 "BENCH_MODE": "static", "BENCH_METHOD": "POST", "BENCH_PATH": "/token",
                 "BENCH_CTYPE": form, "BENCH_AUTH": auth_one,
-                "BENCH_BODY": "grant_type=client_credentials&scope=consent.decisions"})
-            if peer:
-                results["1p"] = runner.wrk(peer_issuer, {
-                    "BENCH_MODE": "static", "BENCH_METHOD": "POST", "BENCH_PATH": peer_token,
-                    "BENCH_CTYPE": form, "BENCH_AUTH": auth_one,
-                    "BENCH_BODY": "grant_type=client_credentials&scope=api"})
+                "BENCH_BODY": "grant_type=client_credentials&scope=consent.decisions"}, {
+                "BENCH_MODE": "static", "BENCH_METHOD": "POST", "BENCH_PATH": peer_token,
+                "BENCH_CTYPE": form, "BENCH_AUTH": auth_one,
+                "BENCH_BODY": "grant_type=client_credentials&scope=api"})
             rows.append(fmt_row("1 token endpoint, client_credentials", results["1"],
                                 results.get("1p"), args.workers, note="JWT access token"))
 
@@ -842,10 +873,10 @@ def main() -> int:
                         "BENCH_TOKEN_BODY": (
                             "grant_type=authorization_code&code={CODE}&redirect_uri="
                             f"{quote(AGENCY_TWO.redirect_uri, safe='')}&code_verifier={verifier}")}
-            results["3"] = runner.wrk(base, sso_env(hub, "/authorize", "/token"))
-            if peer:
-                results["3p"] = runner.wrk(peer_issuer, sso_env(
-                    peer, peer.path("authorization_endpoint"), peer_token))
+            results["3"], results["3p"] = both(
+                sso_env(hub, "/authorize", "/token"),
+                sso_env(peer, peer.path("authorization_endpoint"), peer_token) if peer
+                else None)
             rows.append(fmt_row("3 SSO 2nd agency: logins/s (authorize+token)",
                                 results["3"], results.get("3p"), args.workers,
                                 note="latency per request"))
@@ -854,22 +885,21 @@ def main() -> int:
         if "4" in wanted:
             print("scenario 4: userinfo, introspection ...", flush=True)
             at = hub.exchange(*hub.code(AGENCY_ONE))["access_token"]
-            results["4u"] = runner.wrk(base, {"BENCH_MODE": "static", "BENCH_PATH": "/userinfo",
-                                              "BENCH_AUTH": f"Bearer {at}"})
-            results["4i"] = runner.wrk(base, {
+            pat = peer.exchange(*peer.code(OPAQUE), agency=OPAQUE)["access_token"] if peer \
+                else ""
+            results["4u"], results["4up"] = both(
+                {"BENCH_MODE": "static", "BENCH_PATH": "/userinfo",
+                 "BENCH_AUTH": f"Bearer {at}"},
+                {"BENCH_MODE": "static", "BENCH_PATH": peer.path("userinfo_endpoint"),
+                 "BENCH_AUTH": f"Bearer {pat}"} if peer else None)
+            results["4i"], results["4ip"] = both({
                 "BENCH_MODE": "static", "BENCH_METHOD": "POST", "BENCH_PATH": "/introspect",
                 "BENCH_CTYPE": form, "BENCH_AUTH": auth_one,
-                "BENCH_BODY": "token=" + quote(at, safe="")})
-            if peer:
-                pat = peer.exchange(*peer.code(OPAQUE), agency=OPAQUE)["access_token"]
-                results["4up"] = runner.wrk(peer_issuer, {
-                    "BENCH_MODE": "static", "BENCH_PATH": peer.path("userinfo_endpoint"),
-                    "BENCH_AUTH": f"Bearer {pat}"})
-                results["4ip"] = runner.wrk(peer_issuer, {
-                    "BENCH_MODE": "static", "BENCH_METHOD": "POST",
-                    "BENCH_PATH": peer.path("introspection_endpoint"), "BENCH_CTYPE": form,
-                    "BENCH_AUTH": basic(OPAQUE.client_id, OPAQUE.secret),
-                    "BENCH_BODY": "token=" + quote(pat, safe="")})
+                "BENCH_BODY": "token=" + quote(at, safe="")}, {
+                "BENCH_MODE": "static", "BENCH_METHOD": "POST",
+                "BENCH_PATH": peer.path("introspection_endpoint"), "BENCH_CTYPE": form,
+                "BENCH_AUTH": basic(OPAQUE.client_id, OPAQUE.secret),
+                "BENCH_BODY": "token=" + quote(pat, safe="")} if peer else None)
             rows.append(fmt_row("4a userinfo", results["4u"], results.get("4up"), args.workers,
                                 note="peer: opaque access token"))
             rows.append(fmt_row("4b introspection", results["4i"], results.get("4ip"),
@@ -943,14 +973,7 @@ def main() -> int:
                         print(f"  run {number}/{args.repeat} ended {time.strftime('%H:%M:%S')}"
                               f": p99 {runs[-1]['p99_us'] / 1000:.1f} ms, hub cores "
                               f"{runs[-1].get('hub_cores_busy', 0):.2f}", flush=True)
-                runs.sort(key=lambda r: r["p99_us"])
-                middle = dict(runs[len(runs) // 2])
-                if len(runs) > 1:
-                    middle["runs_note"] = (
-                        f"median of {len(runs)} runs by p99; p99s " + ", ".join(
-                            f"{r['p99_us'] / 1000:.1f}" for r in runs) + " ms, hub cores "
-                        + ", ".join(f"{r.get('hub_cores_busy', 0):.2f}" for r in runs) + "; ")
-                return middle
+                return median_run(runs, "p99_us")
 
             if "6a" in halves:
                 results["6s"] = repeated(dict(
@@ -966,17 +989,16 @@ def main() -> int:
                     f"{args.decision_rate / 20:g})" if args.decision_rate else "")
             if "6a" in halves:
                 rows.append(fmt_row("6a consent decision, single", results["6s"], None,
-                                    args.workers, note=results["6s"].get("runs_note", "")
-                                    + "no peer" + pace))
+                                    args.workers, note="no peer" + pace))
             if "6b" in halves:
                 tail = results["6b"]
                 rows.append(fmt_row("6b consent decisions, batch of 20: requests",
                                     results["6b"], None, args.workers, note=(
-                                        tail.get("runs_note", "") +
                                         f"p90 {tail['p90_us'] / 1000:.1f} ms, p99.9 "
                                         f"{tail['p999_us'] / 1000:.1f}, max "
                                         f"{tail['max_us'] / 1000:.1f}{pace}")))
-                rows.append(fmt_row("6b   same, as decisions/s", results["6b"], None,
+                rows.append(fmt_row("6b   same, as decisions/s",
+                                    {**results["6b"], "runs_note": ""}, None,
                                     args.workers, unit=20, note="req/s x 20"))
 
         workers_rss = rss_of_children(hub_proc.pid)
