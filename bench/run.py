@@ -807,8 +807,9 @@ def main() -> int:
                         "BENCH_CTYPE": form, "BENCH_AUTH": auth_one,
                         "BENCH_BODY": "grant_type=client_credentials&scope=consent.decisions"})
                     rss = [mb for _, mb in rss_of_children(floor_pid)]
+                peer_row = results.get("1p")  # row 1's peer, whose runs row 1 notes
                 rows.append(fmt_row(f"F floor token endpoint ({server})", results["F" + server],
-                                    results.get("1p"), args.workers,
+                                    peer_row and {**peer_row, "runs_note": ""}, args.workers,
                                     note="bench/floor_app.py, not the hub; worker RSS "
                                          + "/".join(f"{mb:.0f}" for mb in rss) + " MB"))
 
