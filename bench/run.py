@@ -592,8 +592,8 @@ def main() -> int:
                          "(0-4: the hub and the peer in turn) and report the run with the "
                          "median req/s (6: the median p99), every run's figure in its note: "
                          "runs minutes apart differ by 10-25%% here, and one run's p99 by up "
-                         "to a factor of two. Scenarios 2 and 5 run once (2 spends its list "
-                         "of codes; 5's grants age with every run)")
+                         "to a factor of two. Scenarios 2, 5 and F run once (2 spends its "
+                         "list of codes; 5's grants age with every run; F is not the hub)")
     ap.add_argument("--server", choices=["gunicorn", "granian"], default="gunicorn",
                     help="the hub's HTTP server: `civitas serve` (gunicorn, production) or, "
                          "as an experiment, the same app under granian (bench/setup installs it)")
