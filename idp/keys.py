@@ -62,6 +62,10 @@ def _signer(alg: str, key: ECKey | RSAKey) -> Callable[[bytes], bytes]:
     raise ValueError(f"unsupported signing algorithm {alg} for key {key.kid}")
 
 
+#: the header parameters the hub's JWTs carry (RFC 7515 4.1.1, 4.1.4, 4.1.9)
+_HEADER_NAMES = frozenset({"alg", "kid", "typ"})
+
+
 @dataclass(frozen=True)
 class ActiveKey:
     kid: str
@@ -69,13 +73,13 @@ class ActiveKey:
     key: ECKey | RSAKey
     _sign: Callable[[bytes], bytes] = field(init=False, repr=False, compare=False)
     #: each header's encoded segment, made once: a key signs with two or three headers
-    _headers: dict[tuple[tuple[str, Any], ...], bytes] = field(
+    _headers: dict[tuple[tuple[str, str], ...], bytes] = field(
         init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_sign", _signer(self.alg, self.key))
 
-    def sign_jwt(self, header: dict[str, Any], claims: dict[str, Any]) -> str:
+    def sign_jwt(self, header: dict[str, str], claims: dict[str, Any]) -> str:
         """A JWT of ``claims`` signed with this key: what joserfc's ``jwt.encode`` makes (the
         header with ``typ: JWT`` unless it names another type, in the same order, written as
         joserfc writes it), the claims serialised by :mod:`kernel.jsonfast` rather than
@@ -83,9 +87,14 @@ class ActiveKey:
         values: times as integers. Signed here rather than through joserfc's
         ``serialize_compact``, whose registry checks, header encoding and key lookups cost
         as much again as the ES256 signature itself (bench/README.md, twentieth session):
-        the header's algorithm must be this key's."""
+        the header's algorithm must be this key's, and it may name only ``alg``, ``kid`` and
+        ``typ`` (RFC 7515 4.1), so nothing a verifier must understand (``crit``) is signed
+        unchecked."""
         if header.get("alg") != self.alg:
             raise ValueError(f"header alg {header.get('alg')!r} is not the key's {self.alg}")
+        if not header.keys() <= _HEADER_NAMES or not all(
+                isinstance(value, str) for value in header.values()):
+            raise ValueError(f"a JWT header of {sorted(_HEADER_NAMES)} only, as text: {header}")
         cache_key = tuple(header.items())
         segment = self._headers.get(cache_key)
         if segment is None:

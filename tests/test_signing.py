@@ -101,3 +101,15 @@ def test_many_callers_headers_do_not_grow_the_cache():
         token = key.sign_jwt({"alg": "ES256", "kid": f"k{n}"}, CLAIMS)
         assert json.loads(_segment(token, 0))["kid"] == f"k{n}"
     assert len(key._headers) <= 16
+
+
+def test_a_header_beyond_alg_kid_and_typ_is_refused():
+    """RFC 7515 4.1.11: a ``crit`` the verifier must understand is never signed unchecked
+    (joserfc refused it too); nor is a header value that is not text."""
+    key = _key("ES256")
+    for header in ({"alg": "ES256", "kid": key.kid, "crit": ["exp"], "exp": 1},
+                   {"alg": "ES256", "jku": "https://attacker.example/jwks"},
+                   {"alg": "ES256", "kid": ["a", "b"]}, {"alg": "ES256", "typ": 1}):
+        with pytest.raises(ValueError, match="alg', 'kid', 'typ'"):
+            key.sign_jwt(header, CLAIMS)  # type: ignore[arg-type]
+    assert not key._headers
