@@ -7,7 +7,6 @@ so a rotation never breaks a verifier. The key ring re-reads the table at most e
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 import time
@@ -20,6 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from joserfc.jwk import ECKey, KeySet, RSAKey
+from joserfc.util import json_b64encode, urlsafe_b64encode
 from sqlalchemy import select
 
 from kernel import jsonfast
@@ -31,11 +31,6 @@ from .models import SigningKey
 #: PS256 (RSASSA-PSS, RFC 7518 3.5) gets its own RSA key rather than sharing the RS256 one:
 #: one key, one algorithm
 SUPPORTED_ALGS = ("ES256", "RS256", "PS256")
-
-
-def _b64(data: bytes) -> bytes:
-    """base64url without padding (RFC 7515 2)."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=")
 
 
 def _signer(alg: str, key: ECKey | RSAKey) -> Callable[[bytes], bytes]:
@@ -97,13 +92,12 @@ class ActiveKey:
             raise ValueError(f"a JWT header of {sorted(_HEADER_NAMES)} only, as text: {header}")
         cache_key = tuple(header.items())
         segment = self._headers.get(cache_key)
-        if segment is None:
-            text = json.dumps({"typ": "JWT", **header}, ensure_ascii=True, separators=(",", ":"))
-            segment = _b64(text.encode("ascii"))
+        if segment is None:  # joserfc's own encoding of the header (RFC 7515 5.1)
+            segment = json_b64encode({"typ": "JWT", **header})
             if len(self._headers) < 16:  # the hub's own few headers, never a caller's many
                 self._headers[cache_key] = segment
-        signing_input = segment + b"." + _b64(jsonfast.dumpb(claims))
-        return (signing_input + b"." + _b64(self._sign(signing_input))).decode("ascii")
+        signing_input = segment + b"." + urlsafe_b64encode(jsonfast.dumpb(claims))
+        return (signing_input + b"." + urlsafe_b64encode(self._sign(signing_input))).decode("ascii")
 
 
 @dataclass(frozen=True)
