@@ -11,6 +11,7 @@ from connectors import (
     PasswordConnector,
     PendingLogin,
     RedirectConnector,
+    UpstreamBusy,
     UpstreamIdentity,
     UpstreamRejected,
 )
@@ -89,7 +90,11 @@ class Broker:
         connector = self.redirect_connector(upstream_id)
         if not flow.allows(connector.acr):
             raise AssuranceNotOffered()
-        url, pending = connector.begin(self.callback_uri(upstream_id))
+        try:
+            url, pending = connector.begin(self.callback_uri(upstream_id))
+        except UpstreamBusy:
+            LOGINS.labels(upstream_id, "busy").inc()
+            raise
         flows.save(flow.choose(upstream_id, pending.state, dict(pending.data)))
         return url
 
@@ -104,9 +109,13 @@ class Broker:
         # Single use: the pending state is consumed before the upstream is even called.
         flow = flow.authenticate()
         flows.save(flow)
-        identity = self.redirect_connector(upstream_id).complete(
-            params, pending, self.callback_uri(upstream_id)
-        )
+        try:
+            identity = self.redirect_connector(upstream_id).complete(
+                params, pending, self.callback_uri(upstream_id)
+            )
+        except UpstreamBusy:
+            LOGINS.labels(upstream_id, "busy").inc()
+            raise
         return self._finish(session, flow, identity)
 
     def password_login(self, session: SessionMixin, flow_id: str, upstream_id: str,
@@ -123,6 +132,9 @@ class Broker:
         except UpstreamRejected:
             self.limiter.failed(upstream_id, username, address)
             LOGINS.labels(upstream_id, "rejected").inc()
+            raise
+        except UpstreamBusy:
+            LOGINS.labels(upstream_id, "busy").inc()
             raise
         flow = flow.authenticate_with_password(upstream_id)
         flows.save(flow)

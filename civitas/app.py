@@ -98,8 +98,16 @@ class Hub:
         return self.server.hub.consent
 
 
-def make_connector(upstream: UpstreamSettings) -> RedirectConnector | PasswordConnector:
-    """One connector per configured upstream, by its ``kind``."""
+#: threads per worker process when the caller does not say (`civitas serve --threads`)
+DEFAULT_THREADS = 4
+
+
+def make_connector(upstream: UpstreamSettings, *, threads: int = DEFAULT_THREADS
+                   ) -> RedirectConnector | PasswordConnector:
+    """One connector per configured upstream, by its ``kind``. ``threads``: the serving
+    threads of each worker process, of which one upstream may hold half unless its
+    ``max_concurrent_calls`` says otherwise (connectors.base.Bulkhead)."""
+    calls = upstream.max_concurrent_calls or max(1, threads // 2)
     if isinstance(upstream, LDAPUpstreamSettings):
         # imported only where an LDAP upstream is configured: ldap3 adds about 5 MB to
         # every worker's RSS (bench/README.md, ninth session)
@@ -117,6 +125,7 @@ def make_connector(upstream: UpstreamSettings) -> RedirectConnector | PasswordCo
             group_filter=upstream.group_filter,
             group_name_attribute=upstream.group_name_attribute, acr=upstream.acr,
             timeout_seconds=upstream.timeout_seconds, pool_size=upstream.pool_size,
+            max_concurrent_calls=calls,
         ))
     assert upstream.client_secret is not None
     return OIDCConnector(OIDCConfig(
@@ -124,12 +133,14 @@ def make_connector(upstream: UpstreamSettings) -> RedirectConnector | PasswordCo
         client_id=upstream.client_id, client_secret=upstream.client_secret.get_secret_value(),
         scopes=tuple(upstream.scopes), acr=upstream.acr,
         id_token_algs=tuple(upstream.id_token_algs), timeout_seconds=upstream.timeout_seconds,
-        require_iss_parameter=upstream.require_iss_parameter,
+        require_iss_parameter=upstream.require_iss_parameter, max_concurrent_calls=calls,
     ))
 
 
-def build_hub(settings: Settings, *, migrate: bool = True) -> Hub:
-    """Wire storage and services. ``migrate`` brings the schema to the newest revision."""
+def build_hub(settings: Settings, *, migrate: bool = True,
+              threads: int = DEFAULT_THREADS) -> Hub:
+    """Wire storage and services. ``migrate`` brings the schema to the newest revision;
+    ``threads``: the serving threads of each worker process (:func:`make_connector`)."""
     if settings.database_url.startswith("sqlite:///"):
         path = settings.database_url.removeprefix("sqlite:///")
         if path and path != ":memory:":
@@ -165,7 +176,7 @@ def build_hub(settings: Settings, *, migrate: bool = True) -> Hub:
         on_change=lambda kind, data, s: ledger.append(kind, data, session=s))
     tokens = TokenStore(store, code_lifetime=settings.code_lifetime_seconds,
                         access_token_lifetime=settings.access_token_lifetime_seconds)
-    connectors = {u.id: make_connector(u) for u in settings.upstreams}
+    connectors = {u.id: make_connector(u, threads=threads) for u in settings.upstreams}
     broker = Broker(issuer=settings.issuer, connectors=connectors, accounts=accounts,
                     flow_lifetime=settings.login_flow_lifetime_seconds,
                     limiter=AttemptLimiter(store))
@@ -231,9 +242,11 @@ class HubFlask(Flask):
 
 
 def create_app(config: Settings | Mapping[str, Any] | None = None, *,
-               hub: Hub | None = None, migrate: bool = True) -> Flask:
+               hub: Hub | None = None, migrate: bool = True,
+               threads: int = DEFAULT_THREADS) -> Flask:
     """Build the Flask app. ``config`` is a Settings object or a plain mapping (tests).
-    ``migrate=False`` when the schema is known to be up to date (see ``build_hub``)."""
+    ``migrate=False`` when the schema is known to be up to date (see ``build_hub``);
+    ``threads``: the threads that will serve it in each process."""
     if hub is None:
         if config is None:
             from config import load_settings
@@ -243,7 +256,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
             settings = config
         else:
             settings = settings_from_mapping(config)
-        hub = build_hub(settings, migrate=migrate)
+        hub = build_hub(settings, migrate=migrate, threads=threads)
     settings = hub.settings
     _allow_loopback_http(settings.issuer)
     with startup_lock(hub.db.engine):
@@ -490,11 +503,17 @@ def _install_error_pages(app: Flask) -> None:
         return render_template("error.html", status=status, message=message), status
 
     @app.errorhandler(CivitasError)
-    def _civitas_error(error: CivitasError) -> tuple[str, int]:
+    def _civitas_error(error: CivitasError) -> Any:
         level = logging.ERROR if error.status_code >= 500 else logging.WARNING
+        # a refusal that says when to try again (a busy upstream) is a known state, not a
+        # fault: no traceback
         log.log(level, "request %s failed: %s: %s", _request_id_now(),
-                type(error).__name__, error, exc_info=error.status_code >= 500)
-        return page(error.status_code, error.public_message)
+                type(error).__name__, error,
+                exc_info=error.status_code >= 500 and error.retry_after is None)
+        if error.retry_after is None:
+            return page(error.status_code, error.public_message)
+        body, status = page(error.status_code, error.public_message)
+        return body, status, {"Retry-After": str(error.retry_after)}
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException) -> Any:

@@ -131,7 +131,7 @@ def serve(ctx: click.Context, host: str, port: int, threads: int, workers: int,
     import waitress
 
     try:
-        app = create_app(settings)
+        app = create_app(settings, threads=threads)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     issuer = app.extensions["civitas"].settings.issuer

@@ -46,7 +46,8 @@ class HubApplication(BaseApplication):  # type: ignore[misc]
 
         # `civitas serve` brought the schema up to date before starting gunicorn
         # (upgrade_schema), so the workers neither migrate nor import Alembic
-        app = create_app(load_settings(self.config_path), migrate=False)
+        app = create_app(load_settings(self.config_path), migrate=False,
+                         threads=self.cfg.threads)
         freeze_heap()
         return app
 

@@ -53,11 +53,13 @@ from ldap3.utils.dn import escape_rdn, parse_dn
 from kernel.errors import ConfigError
 
 from .base import (
+    Bulkhead,
     ConnectorError,
     UpstreamIdentity,
     UpstreamRejected,
     UpstreamResponseInvalid,
     UpstreamUnavailable,
+    busy_message,
 )
 
 MAX_USERNAME_CHARS = 256
@@ -123,6 +125,8 @@ class LDAPConfig:
     timeout_seconds: float = 5.0
     #: service-account connections kept open (search-then-bind)
     pool_size: int = 4
+    #: logins through this directory at once in one worker process (:class:`Bulkhead`)
+    max_concurrent_calls: int = 2
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ConfigError:
@@ -164,6 +168,8 @@ class LDAPConfig:
             raise bad("timeout_seconds", "must be more than 0 and at most 60")
         if not 1 <= self.pool_size <= 64:
             raise bad("pool_size", "must be between 1 and 64")
+        if not 1 <= self.max_concurrent_calls <= 256:
+            raise bad("max_concurrent_calls", "must be between 1 and 256")
 
 
 def _is_loopback(host: str) -> bool:
@@ -278,6 +284,7 @@ class LDAPConnector:
                                   f"{exc}") from exc
             context.minimum_version = ssl.TLSVersion.TLSv1_2
             self._tls = _VerifiedTLS(context, self._host)
+        self._bulkhead = Bulkhead(config.max_concurrent_calls)
         self._pool: _ServicePool | None = None
         if config.bind_dn is not None:
             self._pool = _ServicePool(self._open_service, config.pool_size,
@@ -287,6 +294,11 @@ class LDAPConnector:
 
     def login(self, username: str, password: str) -> UpstreamIdentity:
         _check_input(username, password)
+        with self._bulkhead.call(busy_message(self.display_name,
+                                              "Please wait a minute and try again.")):
+            return self._login(username, password)
+
+    def _login(self, username: str, password: str) -> UpstreamIdentity:
         if self._pool is not None:
             dn, attributes = self._as_service(lambda conn: self._find_user(
                 conn, self.config.user_base_dn or "", ldap3.SUBTREE, username))

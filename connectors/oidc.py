@@ -29,11 +29,13 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from .base import (
+    Bulkhead,
     PendingLogin,
     UpstreamIdentity,
     UpstreamRejected,
     UpstreamResponseInvalid,
     UpstreamUnavailable,
+    busy_message,
 )
 
 #: claims taken from the upstream into the constituent account (OpenID Connect Core 5.1)
@@ -60,6 +62,8 @@ class OIDCConfig:
     id_token_algs: tuple[str, ...] = ("RS256", "ES256", "PS256")
     timeout_seconds: float = 5.0
     require_iss_parameter: bool = False
+    #: logins through this upstream at once in one worker process (:class:`Bulkhead`)
+    max_concurrent_calls: int = 2
 
 
 def _session() -> requests.Session:
@@ -86,6 +90,7 @@ class OIDCConnector:
         self._metadata_at = 0.0
         self._jwks: KeySet | None = None
         self._jwks_at = 0.0
+        self._bulkhead = Bulkhead(config.max_concurrent_calls)
 
     # -- HTTP -----------------------------------------------------------------------------
 
@@ -151,7 +156,9 @@ class OIDCConnector:
     # -- the redirect protocol ---------------------------------------------------------
 
     def begin(self, redirect_uri: str) -> tuple[str, PendingLogin]:
-        meta = self.metadata()
+        with self._bulkhead.call(busy_message(self.display_name,
+                                                  "Please wait a minute and try again.")):
+            meta = self.metadata()
         state = secrets.token_urlsafe(32)
         nonce = secrets.token_urlsafe(32)
         verifier = secrets.token_urlsafe(48)
@@ -170,6 +177,15 @@ class OIDCConnector:
         return url, PendingLogin(state=state, data={"nonce": nonce, "verifier": verifier})
 
     def complete(
+        self, params: Mapping[str, str], pending: PendingLogin, redirect_uri: str
+    ) -> UpstreamIdentity:
+        # the broker has used up the login's state by now: a refused callback starts over
+        with self._bulkhead.call(busy_message(
+                self.display_name, "Please wait a minute, then go back to the site you were "
+                "using and sign in again.")):
+            return self._complete(params, pending, redirect_uri)
+
+    def _complete(
         self, params: Mapping[str, str], pending: PendingLogin, redirect_uri: str
     ) -> UpstreamIdentity:
         meta = self.metadata()

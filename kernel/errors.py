@@ -14,6 +14,9 @@ class CivitasError(Exception):
     status_code: int = 500
     #: short, human sentence safe to show on an error page (no internals)
     public_message: str = "Something went wrong."
+    #: seconds after which trying again makes sense, sent as ``Retry-After`` (RFC 9110
+    #: 10.2.3) with a 503 or 429; None: no such header
+    retry_after: int | None = None
 
     def __init__(self, message: str | None = None, *, status_code: int | None = None) -> None:
         super().__init__(message or self.public_message)

@@ -45,6 +45,7 @@ class RateLimited(CivitasError):
     """A limit was reached; ``retry_after`` seconds until its window ends (RFC 6585 4)."""
 
     status_code = 429
+    retry_after: int
 
     def __init__(self, key: str, retry_after: int) -> None:
         super().__init__(f"Too many requests; retry after {retry_after} seconds.",

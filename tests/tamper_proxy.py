@@ -30,6 +30,13 @@ class TamperProxy:
         self.target = target.rstrip("/")
         self.mode = "pass"
         self.server: ThreadingHTTPServer | None = None
+        #: requests whose path starts with ``hold_path`` wait for ``release`` before they are
+        #: forwarded (an upstream that has stopped answering); ``held`` is set as one waits
+        self.hold_path: str | None = None
+        self.release = threading.Event()
+        self.held = threading.Event()
+        #: paths of the requests received, in order
+        self.seen: list[str] = []
 
     @property
     def url(self) -> str:
@@ -73,6 +80,10 @@ class TamperProxy:
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 data = self.rfile.read(length) if length else None
+                proxy.seen.append(self.path)
+                if proxy.hold_path is not None and self.path.startswith(proxy.hold_path):
+                    proxy.held.set()
+                    proxy.release.wait(30)
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() not in ("host", "content-length", "accept-encoding")}
                 resp = requests.request(self.command, proxy.target + self.path, data=data,
