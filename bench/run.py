@@ -28,9 +28,11 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -541,6 +543,72 @@ def bench_rate_limits(mode: str) -> dict[str, int]:
             if name != "window_seconds"}
 
 
+@contextlib.contextmanager
+def silent_server():
+    """A TCP server on loopback that takes connections and never answers: an upstream that
+    has stopped answering (its address as an http URL)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    listener.settimeout(0.2)
+    taken: list[socket.socket] = []
+    stop = threading.Event()
+
+    def take() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                taken.append(listener.accept()[0])
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in taken:
+            conn.close()
+        listener.close()
+
+
+class HungCitizens:
+    """``count`` citizens who each choose the upstream that does not answer (``--hung-
+    upstream``), over and over: each waits for the hub's answer (a 502 when the upstream's
+    call times out, a 503 when the bulkhead refuses it), then 0.2 s, then clicks again."""
+
+    def __init__(self, base: str, count: int) -> None:
+        self.base = base
+        self.answers: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._citizen, daemon=True)
+                         for _ in range(count)]
+
+    def _citizen(self) -> None:
+        browser = requests.Session()
+        r = browser.get(self.base + AuthRequest(AGENCY_ONE).url(), timeout=15)
+        link = html.unescape(re.search(r'href="(/login/hung/start\?flow=[^"]+)"',
+                                       r.text).group(1))
+        while not self._stop.is_set():
+            try:
+                status = browser.get(self.base + link, allow_redirects=False,
+                                     timeout=30).status_code
+            except requests.RequestException:
+                status = 0
+            with self._lock:
+                self.answers[status] = self.answers.get(status, 0) + 1
+            self._stop.wait(0.2)
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(35)
+
+
 def hub_settings(issuer: str, database_url: str, redis_url: str, upstream: str,
                  agencies: list, rate_limits: str) -> dict:
     """The bench hub's settings (also bench/app_cpu.py's): fresh keys, the upstream OP the
@@ -606,6 +674,14 @@ def main() -> int:
                          "at the most the settings allow (10,000,000 per minute), so every "
                          "request pays for its counters and none is refused; off: no "
                          "counting (the bench's setting before the twelfth session)")
+    ap.add_argument("--hung-upstream", type=int, default=0, metavar="N",
+                    help="add an upstream that never answers (a TCP server that takes "
+                         "connections and stays silent; timeout_seconds 5) and keep N "
+                         "citizens choosing it over and over during the scenarios "
+                         "(HungCitizens): what a slow upstream costs everyone else")
+    ap.add_argument("--hung-places", type=int, default=None, metavar="P",
+                    help="that upstream's max_concurrent_calls (default: the hub's default, "
+                         "half of --hub-threads; --hub-threads or more: no bulkhead)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--hold", action="store_true",
                     help="after the scenarios, keep everything running (and print how to send "
@@ -654,6 +730,13 @@ def main() -> int:
             runner.cpu_of[peer_issuer] = peer_pid
         config = hub_settings(base, pg, redis, upstream, agencies + deciders,
                               args.rate_limits)
+        if args.hung_upstream:
+            hung: dict = {"kind": "oidc", "id": "hung", "display_name": "Hung ID",
+                          "issuer": stack.enter_context(silent_server()), "client_id": "x",
+                          "client_secret": "y", "timeout_seconds": 5}
+            if args.hung_places is not None:
+                hung["max_concurrent_calls"] = args.hung_places
+            config["upstreams"].append(hung)
         if args.soak:  # scenario 4's access token is sent again for the whole soak
             config["access_token_lifetime_seconds"] = 24 * 3600
         loaded_sample: list[tuple[str, str]] = []
@@ -741,6 +824,13 @@ def main() -> int:
                 peer_sessions.put(s)
 
         print("logged in at the hub" + (" and at the peer" if peer else ""), flush=True)
+        hung_citizens = None
+        if args.hung_upstream:
+            hung_citizens = HungCitizens(base, args.hung_upstream)
+            hung_citizens.start()
+            stack.callback(hung_citizens.stop)
+            print(f"{args.hung_upstream} citizens keep choosing an upstream that never "
+                  "answers", flush=True)
 
         rows: list[str] = []
         results: dict = {}
@@ -1018,6 +1108,14 @@ def main() -> int:
               "peer req/s, the peer being one node process; 'per-CPU' = (hub req/s / hubCPU) / "
               "(peer req/s / peerCPU); hubCPU = cores the hub's processes kept busy, peerCPU "
               "the peer's, from /proc; PostgreSQL's and Redis's CPU is in neither)")
+        if hung_citizens is not None:
+            hung_citizens.stop()
+            places = (args.hung_places if args.hung_places is not None
+                      else max(1, args.hub_threads // 2))
+            print(f"hung upstream: {args.hung_upstream} citizens, {places} of "
+                  f"{args.hub_threads} threads per worker for it; the hub's answers to them: "
+                  + ", ".join(f"{status or 'no answer'}: {n}"
+                              for status, n in sorted(hung_citizens.answers.items())))
         print()
         print(f"hub master pid {hub_proc.pid}: RSS {rss_of(hub_proc.pid):.1f} MB")
         for pid, mb in workers_rss:
