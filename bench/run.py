@@ -586,18 +586,31 @@ class HungCitizens:
 
     def _citizen(self) -> None:
         browser = requests.Session()
-        r = browser.get(self.base + AuthRequest(AGENCY_ONE).url(), timeout=15)
-        link = html.unescape(re.search(r'href="(/login/hung/start\?flow=[^"]+)"',
-                                       r.text).group(1))
+        link = None
+        while link is None and not self._stop.is_set():
+            try:  # the chooser page, with its link to the hung upstream
+                r = browser.get(self.base + AuthRequest(AGENCY_ONE).url(), timeout=30)
+            except requests.RequestException:
+                self._count(0)
+                continue
+            found = re.search(r'href="(/login/hung/start\?flow=[^"]+)"', r.text)
+            if found is None:
+                self._count(r.status_code)
+                self._stop.wait(0.2)
+                continue
+            link = html.unescape(found.group(1))
         while not self._stop.is_set():
             try:
                 status = browser.get(self.base + link, allow_redirects=False,
                                      timeout=30).status_code
             except requests.RequestException:
                 status = 0
-            with self._lock:
-                self.answers[status] = self.answers.get(status, 0) + 1
+            self._count(status)
             self._stop.wait(0.2)
+
+    def _count(self, status: int) -> None:
+        with self._lock:
+            self.answers[status] = self.answers.get(status, 0) + 1
 
     def start(self) -> None:
         for thread in self._threads:
