@@ -28,7 +28,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -543,34 +542,6 @@ def bench_rate_limits(mode: str) -> dict[str, int]:
             if name != "window_seconds"}
 
 
-@contextlib.contextmanager
-def silent_server():
-    """A TCP server on loopback that takes connections and never answers: an upstream that
-    has stopped answering (its address as an http URL)."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(128)
-    listener.settimeout(0.2)
-    taken: list[socket.socket] = []
-    stop = threading.Event()
-
-    def take() -> None:
-        while not stop.is_set():
-            with contextlib.suppress(OSError):
-                taken.append(listener.accept()[0])
-
-    thread = threading.Thread(target=take, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        thread.join(5)
-        for conn in taken:
-            conn.close()
-        listener.close()
-
-
 class HungCitizens:
     """``count`` citizens who each choose the upstream that does not answer (``--hung-
     upstream``), over and over: each waits for the hub's answer (a 502 when the upstream's
@@ -744,8 +715,9 @@ def main() -> int:
         config = hub_settings(base, pg, redis, upstream, agencies + deciders,
                               args.rate_limits)
         if args.hung_upstream:
+            silent_port, _ = stack.enter_context(servers.run_silent_server())
             hung: dict = {"kind": "oidc", "id": "hung", "display_name": "Hung ID",
-                          "issuer": stack.enter_context(silent_server()), "client_id": "x",
+                          "issuer": f"http://127.0.0.1:{silent_port}", "client_id": "x",
                           "client_secret": "y", "timeout_seconds": 5}
             if args.hung_places is not None:
                 hung["max_concurrent_calls"] = args.hung_places

@@ -68,10 +68,11 @@ class OIDCUpstreamSettings(BaseModel):
     timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
     #: demand RFC 9207 ``iss`` on callbacks even if discovery does not announce it
     require_iss_parameter: bool = False
-    #: logins through this upstream at once in one worker process: one more waits half a
-    #: second for a place, then is refused with a "try again in a minute" page (503), so that
-    #: a slow upstream cannot hold every thread of a worker. Unset: half the worker's
-    #: threads (`civitas serve --threads`), at least one.
+    #: logins through this upstream at once in one worker process: one more waits up to half
+    #: a second for a place (not at all once a call in flight has taken a second), then is
+    #: refused with a "try again in a minute" page (503), so that a slow upstream cannot hold
+    #: every thread of a worker. Unset: half the worker's threads (`civitas serve
+    #: --threads`), at least one.
     max_concurrent_calls: Annotated[int, Field(ge=1, le=256)] | None = None
 
     @field_validator("issuer")
@@ -145,10 +146,11 @@ class LDAPUpstreamSettings(BaseModel):
     acr: str = "urn:civitas:acr:ial1:aal1"
     timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
     pool_size: Annotated[int, Field(ge=1, le=64)] = 4
-    #: logins through this upstream at once in one worker process: one more waits half a
-    #: second for a place, then is refused with a "try again in a minute" page (503), so that
-    #: a slow upstream cannot hold every thread of a worker. Unset: half the worker's
-    #: threads (`civitas serve --threads`), at least one.
+    #: logins through this upstream at once in one worker process: one more waits up to half
+    #: a second for a place (not at all once a call in flight has taken a second), then is
+    #: refused with a "try again in a minute" page (503), so that a slow upstream cannot hold
+    #: every thread of a worker. Unset: half the worker's threads (`civitas serve
+    #: --threads`), at least one.
     max_concurrent_calls: Annotated[int, Field(ge=1, le=256)] | None = None
 
     @model_validator(mode="after")

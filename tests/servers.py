@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,6 +47,35 @@ STOP_TIMEOUT = 10.0  # seconds between the polite signal and SIGKILL
 
 #: ports this process has handed out, not handed out twice
 _HANDED_OUT: set[int] = set()
+
+
+@contextlib.contextmanager
+def run_silent_server() -> Iterator[tuple[int, threading.Event]]:
+    """A TCP server on loopback that takes connections and never answers (an upstream that
+    has stopped answering): its port, and an event set once it has taken a connection."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    listener.settimeout(0.2)
+    taken: list[socket.socket] = []
+    connected, stop = threading.Event(), threading.Event()
+
+    def take() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                taken.append(listener.accept()[0])
+                connected.set()
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], connected
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in taken:
+            conn.close()
+        listener.close()
 
 
 def _ephemeral_low() -> int:

@@ -8,7 +8,6 @@ upstream, the next through it is refused at once with a page that says to try ag
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Iterator
 from urllib.parse import urlencode
@@ -21,6 +20,7 @@ from config import settings_from_mapping
 from connectors.base import Bulkhead, UpstreamBusy, UpstreamUnavailable
 from connectors.ldap import LDAPConfig, LDAPConnector
 from kernel.errors import ConfigError
+from tests import servers
 from tests.conftest import hub_config
 from tests.flows import (
     UPSTREAM_CLIENT_ID,
@@ -211,65 +211,33 @@ def test_a_held_upstream_refuses_the_next_login_and_the_hub_answers(held_proxy, 
     assert [p for p in held_proxy.seen if p.startswith("/token")] == ["/token", "/token"]
 
 
-@pytest.fixture
-def silent_directory() -> Iterator[tuple[str, threading.Event]]:
-    """A TCP server that takes connections and never answers (a directory that hangs)."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    connected = threading.Event()
-    taken: list[socket.socket] = []
-    stop = threading.Event()
+def test_a_silent_directory_refuses_the_next_password_login():
+    """A directory that takes the connection and never answers (servers.run_silent_server)."""
+    with servers.run_silent_server() as (port, connected):
+        connector = LDAPConnector(LDAPConfig(
+            id="agency-ldap", display_name="Agency Directory", url=f"ldap://127.0.0.1:{port}",
+            user_dn_template="uid={username},ou=people,dc=example,dc=org", timeout_seconds=3,
+            max_concurrent_calls=1))
+        outcome: list[BaseException] = []
 
-    def serve() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
+        def first() -> None:
             try:
-                conn, _ = listener.accept()
-            except OSError:
-                continue
-            taken.append(conn)
-            connected.set()
+                connector.login("alice", "alice-password")
+            except BaseException as exc:  # noqa: BLE001 - kept for the assertion below
+                outcome.append(exc)
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield f"ldap://127.0.0.1:{listener.getsockname()[1]}", connected
-    finally:
-        stop.set()
-        thread.join(5)
-        for conn in taken:
-            conn.close()
-        listener.close()
-
-
-def test_a_silent_directory_refuses_the_next_password_login(silent_directory):
-    url, connected = silent_directory
-    connector = LDAPConnector(LDAPConfig(
-        id="agency-ldap", display_name="Agency Directory", url=url,
-        user_dn_template="uid={username},ou=people,dc=example,dc=org", timeout_seconds=3,
-        max_concurrent_calls=1))
-    outcome: list[BaseException] = []
-
-    def first() -> None:
-        try:
-            connector.login("alice", "alice-password")
-        except BaseException as exc:  # noqa: BLE001 - kept for the assertion below
-            outcome.append(exc)
-
-    waiting = threading.Thread(target=first)
-    waiting.start()
-    assert connected.wait(10)
-    with pytest.raises(UpstreamBusy) as refused:
-        connector.login("bob", "bob-password")
-    assert "Agency Directory" in refused.value.public_message
-    assert "try again" in refused.value.public_message
-    waiting.join(30)
-    # the first login was the one that waited, and it ended with the directory's timeout
-    assert len(outcome) == 1 and isinstance(outcome[0], UpstreamUnavailable)
-    assert not isinstance(outcome[0], UpstreamBusy)
-    # its place was given back: the next login reaches the directory (and times out too)
-    with pytest.raises(UpstreamUnavailable) as again:
-        connector.login("carol", "carol-password")
-    assert not isinstance(again.value, UpstreamBusy)
-
+        waiting = threading.Thread(target=first)
+        waiting.start()
+        assert connected.wait(10)
+        with pytest.raises(UpstreamBusy) as refused:
+            connector.login("bob", "bob-password")
+        assert "Agency Directory" in refused.value.public_message
+        assert "try again" in refused.value.public_message
+        waiting.join(30)
+        # the first login was the one that waited, and it ended with the directory's timeout
+        assert len(outcome) == 1 and isinstance(outcome[0], UpstreamUnavailable)
+        assert not isinstance(outcome[0], UpstreamBusy)
+        # its place was given back: the next login reaches the directory (and times out too)
+        with pytest.raises(UpstreamUnavailable) as again:
+            connector.login("carol", "carol-password")
+        assert not isinstance(again.value, UpstreamBusy)
