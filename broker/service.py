@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from flask.sessions import SessionMixin
@@ -24,6 +25,16 @@ from .ratelimit import AttemptLimiter
 from .session import HubLogin, current_login, establish_login
 
 Connector = RedirectConnector | PasswordConnector
+
+
+@contextmanager
+def _counting_busy(upstream_id: str) -> Iterator[None]:
+    """Count a login that the upstream's bulkhead refused (connectors.base.Bulkhead)."""
+    try:
+        yield
+    except UpstreamBusy:
+        LOGINS.labels(upstream_id, "busy").inc()
+        raise
 
 
 @dataclass(frozen=True)
@@ -90,11 +101,8 @@ class Broker:
         connector = self.redirect_connector(upstream_id)
         if not flow.allows(connector.acr):
             raise AssuranceNotOffered()
-        try:
+        with _counting_busy(upstream_id):
             url, pending = connector.begin(self.callback_uri(upstream_id))
-        except UpstreamBusy:
-            LOGINS.labels(upstream_id, "busy").inc()
-            raise
         flows.save(flow.choose(upstream_id, pending.state, dict(pending.data)))
         return url
 
@@ -109,13 +117,10 @@ class Broker:
         # Single use: the pending state is consumed before the upstream is even called.
         flow = flow.authenticate()
         flows.save(flow)
-        try:
+        with _counting_busy(upstream_id):
             identity = self.redirect_connector(upstream_id).complete(
                 params, pending, self.callback_uri(upstream_id)
             )
-        except UpstreamBusy:
-            LOGINS.labels(upstream_id, "busy").inc()
-            raise
         return self._finish(session, flow, identity)
 
     def password_login(self, session: SessionMixin, flow_id: str, upstream_id: str,
@@ -128,13 +133,11 @@ class Broker:
             raise AssuranceNotOffered()
         self.limiter.check(upstream_id, username, address)
         try:
-            identity = connector.login(username, password)
+            with _counting_busy(upstream_id):
+                identity = connector.login(username, password)
         except UpstreamRejected:
             self.limiter.failed(upstream_id, username, address)
             LOGINS.labels(upstream_id, "rejected").inc()
-            raise
-        except UpstreamBusy:
-            LOGINS.labels(upstream_id, "busy").inc()
             raise
         flow = flow.authenticate_with_password(upstream_id)
         flows.save(flow)

@@ -64,7 +64,8 @@ BULKHEAD_WAIT_SECONDS = 0.5
 BULKHEAD_SLOW_SECONDS = 1.0
 
 
-def busy_message(display_name: str, then: str) -> str:
+def busy_message(display_name: str,
+                 then: str = "Please wait a minute and try again.") -> str:
     """What a citizen reads when :class:`Bulkhead` refuses a login through ``display_name``;
     ``then``: what to do next."""
     return (f"Too many people are signing in with {display_name} right now, or it is slow "

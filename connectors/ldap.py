@@ -294,8 +294,7 @@ class LDAPConnector:
 
     def login(self, username: str, password: str) -> UpstreamIdentity:
         _check_input(username, password)
-        with self._bulkhead.call(busy_message(self.display_name,
-                                              "Please wait a minute and try again.")):
+        with self._bulkhead.call(busy_message(self.display_name)):
             return self._login(username, password)
 
     def _login(self, username: str, password: str) -> UpstreamIdentity:

@@ -156,8 +156,7 @@ class OIDCConnector:
     # -- the redirect protocol ---------------------------------------------------------
 
     def begin(self, redirect_uri: str) -> tuple[str, PendingLogin]:
-        with self._bulkhead.call(busy_message(self.display_name,
-                                                  "Please wait a minute and try again.")):
+        with self._bulkhead.call(busy_message(self.display_name)):
             meta = self.metadata()
         state = secrets.token_urlsafe(32)
         nonce = secrets.token_urlsafe(32)
