@@ -507,8 +507,8 @@ def _install_error_pages(app: Flask) -> None:
         level = logging.ERROR if error.status_code >= 500 else logging.WARNING
         # a refusal that says when to try again (a busy upstream) is a known state, not a
         # fault: no traceback
-        log.log(level, "request %s failed: %s: %s", _request_id_now(),
-                type(error).__name__, error,
+        log.log(level, "request %s failed: %s: %s%s", _request_id_now(),
+                type(error).__name__, error, f" ({error.detail})" if error.detail else "",
                 exc_info=error.status_code >= 500 and error.retry_after is None)
         if error.retry_after is None:
             return page(error.status_code, error.public_message)

@@ -422,13 +422,15 @@ class LDAPConnector:
 
     def _subject(self, values: list[bytes]) -> str:
         if len(values) != 1:
-            raise UpstreamResponseInvalid()
+            raise UpstreamResponseInvalid(detail=f"the entry has {len(values)} values of "
+                                          f"{self.config.subject_attribute}, not one")
         raw = values[0]
         if self.config.subject_attribute.lower() == "objectguid" and len(raw) == 16:
             return str(uuid.UUID(bytes_le=raw))  # Active Directory: a binary GUID
         subject = _first_text(values)
         if not subject or len(subject) > 255:
-            raise UpstreamResponseInvalid()
+            raise UpstreamResponseInvalid(detail=f"{self.config.subject_attribute} is empty "
+                                          "or longer than 255 characters")
         return subject
 
     # -- connections -------------------------------------------------------------------

@@ -25,6 +25,7 @@ from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
+from joserfc.jws import extract_compact
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
@@ -108,13 +109,16 @@ class OIDCConnector:
                 "Please try again later."
             ) from exc
         if len(body) > MAX_RESPONSE_BYTES:
-            raise UpstreamResponseInvalid()
+            raise UpstreamResponseInvalid(detail=f"{method} {url}: the answer is larger than "
+                                          f"{MAX_RESPONSE_BYTES} bytes")
         try:
             return resp.status_code, json.loads(body)
         except ValueError as exc:
             if resp.status_code >= 500:
-                raise UpstreamUnavailable() from exc
-            raise UpstreamResponseInvalid() from exc
+                raise UpstreamUnavailable(
+                    detail=f"{method} {url}: status {resp.status_code}") from exc
+            raise UpstreamResponseInvalid(
+                detail=f"{method} {url}: status {resp.status_code}, not JSON") from exc
 
     def metadata(self) -> dict[str, Any]:
         """OpenID Connect Discovery 1.0 section 4, cached; issuer must match exactly (4.3)."""
@@ -124,12 +128,14 @@ class OIDCConnector:
         url = self.config.issuer.rstrip("/") + "/.well-known/openid-configuration"
         status, doc = self._fetch_json("GET", url)
         if status != 200 or not isinstance(doc, dict):
-            raise UpstreamUnavailable()
+            raise UpstreamUnavailable(detail=f"discovery {url}: status {status}")
         if doc.get("issuer") != self.config.issuer:
-            raise UpstreamResponseInvalid()
+            raise UpstreamResponseInvalid(
+                detail="discovery names another issuer than the configured one "
+                       "(OpenID Connect Discovery 1.0 section 4.3)")
         for key in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
             if not isinstance(doc.get(key), str):
-                raise UpstreamResponseInvalid()
+                raise UpstreamResponseInvalid(detail=f"discovery has no {key}")
         with self._lock:
             self._metadata, self._metadata_at = doc, time.monotonic()
         return doc
@@ -141,14 +147,14 @@ class OIDCConnector:
                 return self._jwks
         status, doc = self._fetch_json("GET", self.metadata()["jwks_uri"])
         if status != 200 or not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
-            raise UpstreamUnavailable()
+            raise UpstreamUnavailable(detail=f"jwks_uri: status {status}, or no key list")
         # Only public keys usable for signatures; anything else is ignored.
         keys = [k for k in doc["keys"] if isinstance(k, dict) and k.get("use", "sig") == "sig"
                 and "d" not in k]
         try:
             keyset = KeySet.import_key_set({"keys": keys})
         except (JoseError, ValueError, TypeError) as exc:
-            raise UpstreamResponseInvalid() from exc
+            raise UpstreamResponseInvalid(detail="jwks_uri: a key cannot be read") from exc
         with self._lock:
             self._jwks, self._jwks_at = keyset, time.monotonic()
         return keyset
@@ -189,16 +195,16 @@ class OIDCConnector:
     ) -> UpstreamIdentity:
         meta = self.metadata()
         if not hmac.compare_digest(str(params.get("state", "")), pending.state):
-            raise UpstreamResponseInvalid()
+            raise UpstreamResponseInvalid(detail="the callback's state is not the login's")
         self._check_iss_parameter(params, meta)
         if params.get("error"):
             if params["error"] == "access_denied":
                 raise UpstreamRejected("Sign-in was cancelled or refused at "
                                        f"{self.display_name}.")
-            raise UpstreamRejected()
+            raise UpstreamRejected(detail="the authorization response is an error")
         code = params.get("code")
         if not code:
-            raise UpstreamResponseInvalid()
+            raise UpstreamResponseInvalid(detail="the callback has no code")
         tokens = self._redeem(meta, code, redirect_uri, str(pending.data["verifier"]))
         claims = self._validate_id_token(tokens.get("id_token"), str(pending.data["nonce"]))
         attributes = {k: claims[k] for k in STANDARD_CLAIMS if k in claims}
@@ -222,10 +228,12 @@ class OIDCConnector:
         announced = meta.get("authorization_response_iss_parameter_supported") is True
         if iss is None:
             if announced or self.config.require_iss_parameter:
-                raise UpstreamResponseInvalid()
+                raise UpstreamResponseInvalid(
+                    detail="the callback has no iss parameter (RFC 9207 section 2.4)")
             return
         if iss != self.config.issuer:
-            raise UpstreamResponseInvalid()
+            raise UpstreamResponseInvalid(
+                detail="the callback's iss parameter is not the issuer (RFC 9207 section 2.4)")
 
     def _redeem(self, meta: Mapping[str, Any], code: str, redirect_uri: str,
                 verifier: str) -> dict[str, Any]:
@@ -248,17 +256,29 @@ class OIDCConnector:
             headers={"Accept": "application/json"},
         )
         if status >= 500:
-            raise UpstreamUnavailable()
+            raise UpstreamUnavailable(detail=f"token endpoint: status {status}")
         if status != 200 or not isinstance(body, dict):
-            raise UpstreamRejected()
+            error = body.get("error") if isinstance(body, dict) else None
+            raise UpstreamRejected(detail=f"token endpoint: status {status}, "
+                                          f"error {str(error)[:64]!r}")
         if str(body.get("token_type", "")).lower() != "bearer":
-            raise UpstreamResponseInvalid()
+            raise UpstreamResponseInvalid(detail="token endpoint: token_type is not Bearer")
         return body
 
     def _validate_id_token(self, id_token: Any, nonce: str) -> dict[str, Any]:
+        """OpenID Connect Core 3.1.3.7: each step of the ID token's validation, in order;
+        the first that fails is named in the log."""
         if not isinstance(id_token, str) or id_token.count(".") != 2:
-            raise UpstreamResponseInvalid()
+            raise UpstreamResponseInvalid(detail="no ID token, or not a compact JWS")
         algs = list(self.config.id_token_algs)
+        try:
+            alg = extract_compact(id_token.encode()).protected.get("alg")
+        except (JoseError, ValueError, TypeError) as exc:
+            raise UpstreamResponseInvalid(detail="the ID token's header cannot be read") from exc
+        if alg not in algs:
+            # 3.1.3.7 step 7: before any key is looked at, so "none" never refetches keys
+            raise UpstreamResponseInvalid(
+                detail=f"the ID token's alg {str(alg)[:16]!r} is not one of {algs}")
         try:
             token = jwt.decode(id_token, self._keyset(), algorithms=algs)
         except JoseError:
@@ -266,28 +286,36 @@ class OIDCConnector:
             try:
                 token = jwt.decode(id_token, self._keyset(refresh=True), algorithms=algs)
             except JoseError as exc:
-                raise UpstreamResponseInvalid() from exc
-        if token.header.get("alg") not in algs:
-            raise UpstreamResponseInvalid()
+                raise UpstreamResponseInvalid(
+                    detail="the ID token's signature does not verify with the upstream's "
+                           "keys (OpenID Connect Core 3.1.3.7 step 6)") from exc
         claims = token.claims
         now = time.time()
         aud = claims.get("aud")
         auds = aud if isinstance(aud, list) else [aud]
-        checks = [
-            claims.get("iss") == self.config.issuer,
-            self.config.client_id in auds,
-            len(auds) == 1 or claims.get("azp") == self.config.client_id,
-            "azp" not in claims or claims.get("azp") == self.config.client_id,
-            isinstance(claims.get("exp"), int | float)
-            and claims["exp"] > now - CLOCK_LEEWAY_SECONDS,
-            isinstance(claims.get("iat"), int | float)
-            and claims["iat"] < now + CLOCK_LEEWAY_SECONDS,
-            isinstance(claims.get("nonce"), str)
-            and hmac.compare_digest(claims["nonce"].encode(), nonce.encode()),
-            isinstance(claims.get("sub"), str) and 0 < len(claims["sub"]) <= 255,
-        ]
-        if not all(checks):
-            raise UpstreamResponseInvalid()
+        steps = (
+            (claims.get("iss") == self.config.issuer, "iss is not the issuer", "3.1.3.7 step 2"),
+            (self.config.client_id in auds, "aud does not name this hub", "3.1.3.7 step 3"),
+            (len(auds) == 1 or claims.get("azp") == self.config.client_id,
+             "several audiences and azp is not this hub", "3.1.3.7 step 4"),
+            ("azp" not in claims or claims.get("azp") == self.config.client_id,
+             "azp is not this hub", "3.1.3.7 step 5"),
+            (isinstance(claims.get("exp"), int | float)
+             and claims["exp"] > now - CLOCK_LEEWAY_SECONDS,
+             "expired, or no exp", "3.1.3.7 step 9"),
+            (isinstance(claims.get("iat"), int | float)
+             and claims["iat"] < now + CLOCK_LEEWAY_SECONDS,
+             "issued in the future, or no iat", "3.1.3.7 step 10"),
+            (isinstance(claims.get("nonce"), str)
+             and hmac.compare_digest(claims["nonce"].encode(), nonce.encode()),
+             "nonce is not the login's", "3.1.3.7 step 11"),
+            (isinstance(claims.get("sub"), str) and 0 < len(claims["sub"]) <= 255,
+             "sub is missing or longer than 255 characters", "2"),
+        )
+        for holds, failure, section in steps:
+            if not holds:
+                raise UpstreamResponseInvalid(
+                    detail=f"the ID token's {failure} (OpenID Connect Core {section})")
         return dict(claims)
 
     def _userinfo(self, url: str, access_token: str, sub: str) -> dict[str, Any]:
@@ -296,8 +324,9 @@ class OIDCConnector:
                                  "Accept": "application/json"},
         )
         if status != 200 or not isinstance(body, dict):
-            raise UpstreamResponseInvalid()
+            raise UpstreamResponseInvalid(detail=f"userinfo: status {status}, or not an object")
         if body.get("sub") != sub:
-            raise UpstreamResponseInvalid()
+            raise UpstreamResponseInvalid(
+                detail="userinfo's sub is not the ID token's (OpenID Connect Core 5.3.2)")
         return {k: body[k] for k in STANDARD_CLAIMS if k in body}
 

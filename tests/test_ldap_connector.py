@@ -18,7 +18,12 @@ from typing import Any
 import ldap3
 import pytest
 
-from connectors.base import ConnectorError, PasswordConnector, UpstreamUnavailable
+from connectors.base import (
+    ConnectorError,
+    PasswordConnector,
+    UpstreamResponseInvalid,
+    UpstreamUnavailable,
+)
 from connectors.ldap import InvalidCredentials, LDAPConfig, LDAPConnector
 from kernel.errors import ConfigError
 from tests import servers
@@ -140,6 +145,18 @@ def test_more_than_one_match_is_a_failed_login(slapd: dict[str, Any]) -> None:
     c = LDAPConnector(search_config(slapd, user_filter=broad))
     with pytest.raises(InvalidCredentials):
         c.login("alice", "alice-ldap-pw")
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_an_entry_without_its_subject_is_refused_and_the_log_says_why(slapd: dict[str, Any],
+                                                                     mode: str) -> None:
+    """The password was right, but the entry has no stable subject to map to an account:
+    the login is refused (never keyed on something else) and the error names the cause."""
+    c = LDAPConnector(MODES[mode](slapd, subject_attribute="employeeNumber"))
+    with pytest.raises(UpstreamResponseInvalid) as caught:
+        c.login("alice", "alice-ldap-pw")
+    assert caught.value.detail == "the entry has 0 values of employeeNumber, not one"
+    assert caught.value.status_code == 502 and "employeeNumber" not in str(caught.value)
 
 
 @pytest.mark.parametrize("password", ["", " ", "\t\n ", "\u3000"])
