@@ -157,6 +157,33 @@ def test_a_faulty_upstream_answer_is_refused_by_its_own_check(proxied_client, pr
     assert r.status_code in (302, 303) and "/account" not in r.headers["Location"], r.status_code
 
 
+def test_rotated_upstream_key_is_fetched_once_and_a_forgery_never_refetches(
+        proxied_client, proxy, monkeypatch):
+    """OpenID Connect Core 10.1.1: a signer announces a new key by its ``kid``; the hub
+    fetches the keys again when a signature does not verify, at most once a minute
+    (connectors.oidc.JWKS_REFRESH_MIN_SECONDS), so forged tokens cannot make it hammer
+    the upstream."""
+    from joserfc.jwk import RSAKey
+
+    app = proxied_client("pass").application
+    jwks = lambda: proxy.seen.count("/tamper-proxy/jwks")  # noqa: E731
+    before = jwks()
+    assert _login_through(proxy, app.test_client()).status_code == 302
+    assert jwks() == before + 1
+    old_key = proxy.key
+    proxy.key = RSAKey.generate_key(2048, parameters={"kid": "tamper-proxy-1"}, private=True)
+    try:
+        # within the minute: the new key is not fetched, the login is refused
+        assert _login_through(proxy, app.test_client()).status_code == 502
+        assert jwks() == before + 1
+        # once the minute has passed, one fetch picks the new key up
+        monkeypatch.setattr("connectors.oidc.JWKS_REFRESH_MIN_SECONDS", 0)
+        assert _login_through(proxy, app.test_client()).status_code == 302
+        assert jwks() == before + 2
+    finally:
+        proxy.key = old_key
+
+
 def test_discovery_issuer_mismatch_stops_before_redirect(proxied_client, caplog):
     caplog.set_level(logging.WARNING, logger="civitas")
     client = proxied_client("wrong-discovery-issuer")
