@@ -9,12 +9,15 @@ from dataclasses import dataclass
 from flask.sessions import SessionMixin
 
 from connectors import (
+    ConnectorError,
     PasswordConnector,
     PendingLogin,
     RedirectConnector,
     UpstreamBusy,
     UpstreamIdentity,
     UpstreamRejected,
+    UpstreamResponseInvalid,
+    UpstreamUnavailable,
 )
 from kernel.metrics import LOGINS
 
@@ -27,13 +30,24 @@ from .session import HubLogin, current_login, establish_login
 Connector = RedirectConnector | PasswordConnector
 
 
+#: ``civitas_logins_total``'s outcome for a login the upstream did not complete, by the
+#: connector's error (the first that matches; a busy upstream is also an unavailable one)
+FAILED_OUTCOMES: tuple[tuple[type[ConnectorError], str], ...] = (
+    (UpstreamBusy, "busy"),  # refused by the bulkhead (connectors.base.Bulkhead)
+    (UpstreamUnavailable, "unavailable"),  # unreachable, timed out or a 5xx
+    (UpstreamResponseInvalid, "invalid"),  # an answer that failed a check: alert on it
+    (UpstreamRejected, "rejected"),  # the citizen cancelled, or a wrong password
+)
+
+
 @contextmanager
-def _counting_busy(upstream_id: str) -> Iterator[None]:
-    """Count a login that the upstream's bulkhead refused (connectors.base.Bulkhead)."""
+def _counting_failures(upstream_id: str) -> Iterator[None]:
+    """Count a login through ``upstream_id`` that failed at the upstream, by why."""
     try:
         yield
-    except UpstreamBusy:
-        LOGINS.labels(upstream_id, "busy").inc()
+    except ConnectorError as exc:
+        outcome = next((o for kind, o in FAILED_OUTCOMES if isinstance(exc, kind)), "error")
+        LOGINS.labels(upstream_id, outcome).inc()
         raise
 
 
@@ -101,7 +115,7 @@ class Broker:
         connector = self.redirect_connector(upstream_id)
         if not flow.allows(connector.acr):
             raise AssuranceNotOffered()
-        with _counting_busy(upstream_id):
+        with _counting_failures(upstream_id):
             url, pending = connector.begin(self.callback_uri(upstream_id))
         flows.save(flow.choose(upstream_id, pending.state, dict(pending.data)))
         return url
@@ -117,7 +131,7 @@ class Broker:
         # Single use: the pending state is consumed before the upstream is even called.
         flow = flow.authenticate()
         flows.save(flow)
-        with _counting_busy(upstream_id):
+        with _counting_failures(upstream_id):
             identity = self.redirect_connector(upstream_id).complete(
                 params, pending, self.callback_uri(upstream_id)
             )
@@ -133,11 +147,10 @@ class Broker:
             raise AssuranceNotOffered()
         self.limiter.check(upstream_id, username, address)
         try:
-            with _counting_busy(upstream_id):
+            with _counting_failures(upstream_id):
                 identity = connector.login(username, password)
         except UpstreamRejected:
             self.limiter.failed(upstream_id, username, address)
-            LOGINS.labels(upstream_id, "rejected").inc()
             raise
         flow = flow.authenticate_with_password(upstream_id)
         flows.save(flow)

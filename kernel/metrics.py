@@ -13,7 +13,11 @@ LATENCY = Histogram(
     "civitas_http_request_seconds", "HTTP request latency", ["endpoint"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
-LOGINS = Counter("civitas_logins_total", "Completed upstream logins", ["upstream", "outcome"])
+#: outcome ``ok``, or why the upstream did not complete the login (broker.service's
+#: FAILED_OUTCOMES): ``busy``, ``unavailable``, ``invalid`` (an answer that failed a check:
+#: an attack or a misconfigured upstream), ``rejected``, ``error``
+LOGINS = Counter("civitas_logins_total", "Upstream logins, by outcome",
+                 ["upstream", "outcome"])
 TOKENS = Counter("civitas_tokens_issued_total", "Tokens issued", ["grant_type"])
 CONSENT_DECISIONS = Counter("civitas_consent_decisions_total", "Consent decision API answers",
                             ["decision"])

@@ -10,7 +10,7 @@ from jose import jwt as jose_jwt
 
 from tests import servers
 from tests.conftest import hub_config
-from tests.flows import AuthRequest, full_login, path_of, query, redeem
+from tests.flows import AuthRequest, full_login, metric, path_of, query, redeem
 
 STAFF = "Agency Staff Directory"
 
@@ -74,9 +74,11 @@ def test_ldap_login_through_the_hub(client):
 
 def test_wrong_password_and_unknown_user_look_the_same(client):
     form = password_page(client)
+    rejected = metric("civitas_logins_total", upstream="staff", outcome="rejected")
     wrong = submit(client, form, "alice", "nope")
     unknown = submit(client, form, "mallory", "nope")
     assert wrong.status_code == unknown.status_code == 401
+    assert metric("civitas_logins_total", upstream="staff", outcome="rejected") == rejected + 2
     for r in (wrong, unknown):
         assert "Wrong username or password." in r.get_data(as_text=True)
     strip = lambda r: re.sub(r'value="[^"]*"', "", r.get_data(as_text=True))  # noqa: E731
@@ -144,9 +146,12 @@ def test_directory_stopped_mid_test_gives_clear_error(upstream_issuer, tmp_path)
         assert submit(client, form, "alice", "alice-ldap-pw").status_code == 303
         client = client.application.test_client()
         form = password_page(client)
+    unavailable = metric("civitas_logins_total", upstream="staff", outcome="unavailable")
     r = submit(client, form, "alice", "alice-ldap-pw")  # slapd has stopped
     body = r.get_data(as_text=True)
     assert r.status_code == 502 and "could not be reached" in body
+    assert metric("civitas_logins_total", upstream="staff",
+                  outcome="unavailable") == unavailable + 1
     assert "Traceback" not in body and "reference" in body
 
 

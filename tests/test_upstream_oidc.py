@@ -14,6 +14,7 @@ from tests.flows import (
     UPSTREAM_SECRET,
     AuthRequest,
     finish_login,
+    metric,
     path_of,
     query,
     start_login,
@@ -120,9 +121,11 @@ def test_rfc9207_missing_iss_rejected_when_upstream_announces_it(client, caplog)
 def test_upstream_access_denied_gives_readable_page(client, upstream_issuer):
     url = start_login(client, AuthRequest(), "op")
     state = query(url)["state"]
+    rejected = metric("civitas_logins_total", upstream="op", outcome="rejected")
     r = client.get("/login/op/callback?" + urlencode(
         {"error": "access_denied", "state": state, "iss": upstream_issuer}))
     _assert_error_page(r, 403, "cancelled")
+    assert metric("civitas_logins_total", upstream="op", outcome="rejected") == rejected + 1
 
 
 def test_proxy_passthrough_logs_in(proxied_client, proxy):
@@ -151,8 +154,10 @@ def test_a_faulty_upstream_answer_is_refused_by_its_own_check(proxied_client, pr
                                                               mode, reason):
     caplog.set_level(logging.WARNING, logger="civitas")
     client = proxied_client(mode)
+    invalid = metric("civitas_logins_total", upstream="op-proxy", outcome="invalid")
     r = _login_through(proxy, client)
     _refused_because(caplog, r, reason)
+    assert metric("civitas_logins_total", upstream="op-proxy", outcome="invalid") == invalid + 1
     r = client.get("/account")  # no hub session was opened
     assert r.status_code in (302, 303) and "/account" not in r.headers["Location"], r.status_code
 
@@ -210,9 +215,12 @@ def test_upstream_down_gives_502_page_quickly(upstream_issuer, tmp_path):
     r = client.get(AuthRequest().url())
     flow = query(r.headers["Location"])["flow"]
     started = time.monotonic()
+    unavailable = metric("civitas_logins_total", upstream="op-down", outcome="unavailable")
     r = client.get(f"/login/op-down/start?flow={flow}")
     assert time.monotonic() - started < 5
     _assert_error_page(r, 502, "could not be reached")
+    assert metric("civitas_logins_total", upstream="op-down",
+                  outcome="unavailable") == unavailable + 1
 
 
 def test_unknown_upstream_is_404_page(client):
