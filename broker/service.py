@@ -24,6 +24,7 @@ from kernel.metrics import LOGINS
 from .accounts import AccountDirectory
 from .errors import AssuranceNotOffered, LoginExpired, UnknownUpstream
 from .flow import FlowStore, LoginFlow
+from .health import UpstreamDown, UpstreamHealth
 from .ratelimit import AttemptLimiter
 from .session import HubLogin, current_login, establish_login
 
@@ -31,24 +32,14 @@ Connector = RedirectConnector | PasswordConnector
 
 
 #: ``civitas_logins_total``'s outcome for a login the upstream did not complete, by the
-#: connector's error (the first that matches; a busy upstream is also an unavailable one)
+#: connector's error (the first that matches: a busy or down upstream is also unavailable)
 FAILED_OUTCOMES: tuple[tuple[type[ConnectorError], str], ...] = (
+    (UpstreamDown, "down"),  # taken as down after calls in a row failed (broker.health)
     (UpstreamBusy, "busy"),  # refused by the bulkhead (connectors.base.Bulkhead)
     (UpstreamUnavailable, "unavailable"),  # unreachable, timed out or a 5xx
     (UpstreamResponseInvalid, "invalid"),  # an answer that failed a check: alert on it
     (UpstreamRejected, "rejected"),  # the citizen cancelled, or a wrong password
 )
-
-
-@contextmanager
-def _counting_failures(upstream_id: str) -> Iterator[None]:
-    """Count a login through ``upstream_id`` that failed at the upstream, by why."""
-    try:
-        yield
-    except ConnectorError as exc:
-        outcome = next((o for kind, o in FAILED_OUTCOMES if isinstance(exc, kind)), "error")
-        LOGINS.labels(upstream_id, outcome).inc()
-        raise
 
 
 @dataclass(frozen=True)
@@ -66,6 +57,30 @@ class Broker:
     accounts: AccountDirectory
     flow_lifetime: int
     limiter: AttemptLimiter
+    health: UpstreamHealth
+
+    @contextmanager
+    def _calling(self, upstream: Connector, *, admit: bool, proves: bool,
+                 answered_by: tuple[type[ConnectorError], ...] = ()) -> Iterator[bool]:
+        """Around a login's calls to ``upstream``: with ``admit``, refuse it first while the
+        upstream is down (broker.health); yield whether this login is the probe of an
+        upstream on probation. A failure is counted by why (``civitas_logins_total``); a
+        call that did not reach the upstream counts towards taking it as down; one that
+        ``proves`` it answers (or the probe's, or one that raised ``answered_by``) tells
+        the upstream's health it is back."""
+        try:
+            probing = self.health.admit(upstream.id, upstream.display_name) if admit else False
+            yield probing
+        except ConnectorError as exc:
+            outcome = next((o for kind, o in FAILED_OUTCOMES if isinstance(exc, kind)), "error")
+            LOGINS.labels(upstream.id, outcome).inc()
+            if outcome == "unavailable":
+                self.health.failed(upstream.id)
+            elif isinstance(exc, answered_by):
+                self.health.answered(upstream.id)
+            raise
+        if proves or probing:
+            self.health.answered(upstream.id)
 
     def flows(self, session: SessionMixin) -> FlowStore:
         return FlowStore(session, self.flow_lifetime)
@@ -115,7 +130,11 @@ class Broker:
         connector = self.redirect_connector(upstream_id)
         if not flow.allows(connector.acr):
             raise AssuranceNotOffered()
-        with _counting_failures(upstream_id):
+        # begin's own call may be answered from a cache: it proves nothing of the upstream,
+        # but the probe's fresh call does
+        with self._calling(connector, admit=True, proves=False) as probing:
+            if probing:
+                connector.probe()
             url, pending = connector.begin(self.callback_uri(upstream_id))
         flows.save(flow.choose(upstream_id, pending.state, dict(pending.data)))
         return url
@@ -131,10 +150,11 @@ class Broker:
         # Single use: the pending state is consumed before the upstream is even called.
         flow = flow.authenticate()
         flows.save(flow)
-        with _counting_failures(upstream_id):
-            identity = self.redirect_connector(upstream_id).complete(
-                params, pending, self.callback_uri(upstream_id)
-            )
+        connector = self.redirect_connector(upstream_id)
+        # never refused here: the login began before the upstream went down, and its
+        # answer may well come
+        with self._calling(connector, admit=False, proves=True):
+            identity = connector.complete(params, pending, self.callback_uri(upstream_id))
         return self._finish(session, flow, identity)
 
     def password_login(self, session: SessionMixin, flow_id: str, upstream_id: str,
@@ -147,7 +167,8 @@ class Broker:
             raise AssuranceNotOffered()
         self.limiter.check(upstream_id, username, address)
         try:
-            with _counting_failures(upstream_id):
+            with self._calling(connector, admit=True, proves=True,
+                               answered_by=(UpstreamRejected,)):
                 identity = connector.login(username, password)
         except UpstreamRejected:
             self.limiter.failed(upstream_id, username, address)

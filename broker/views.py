@@ -77,7 +77,9 @@ def create_blueprint(broker: Broker, *,
             flow = broker.flows(session).start(return_to=url_for("broker.account"))
             return redirect(url_for("broker.login_page", flow=flow.id))
         flow = broker.flows(session).get(flow_id)
-        return render_template("broker/login.html", flow=flow, upstreams=broker.choices(flow))
+        upstreams = broker.choices(flow)
+        return render_template("broker/login.html", flow=flow, upstreams=upstreams,
+                               down=broker.health.down(u.id for u in upstreams))
 
     @bp.get("/login/<upstream_id>/start")
     def start(upstream_id: str) -> str | Response:
@@ -85,6 +87,7 @@ def create_blueprint(broker: Broker, *,
         flow_id = request.args.get("flow", "")
         if isinstance(connector, PasswordConnector):
             flow = broker.flows(session).get(flow_id)
+            broker.health.refuse_if_down(upstream_id, connector.display_name)
             return password_page(flow, connector, error=None, username="")
         return redirect(broker.begin(session, flow_id, upstream_id), code=303)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import secrets
 import weakref
@@ -19,6 +20,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
 from broker.accounts import AccountDirectory
+from broker.health import HealthPolicy, UpstreamHealth
 from broker.models import AccountEvent
 from broker.ratelimit import AttemptLimiter
 from broker.service import Broker
@@ -179,7 +181,12 @@ def build_hub(settings: Settings, *, migrate: bool = True,
     connectors = {u.id: make_connector(u, threads=threads) for u in settings.upstreams}
     broker = Broker(issuer=settings.issuer, connectors=connectors, accounts=accounts,
                     flow_lifetime=settings.login_flow_lifetime_seconds,
-                    limiter=AttemptLimiter(store))
+                    limiter=AttemptLimiter(store), health=UpstreamHealth(store, {
+                        u.id: HealthPolicy(
+                            failures=u.down_after_failures, down_seconds=u.down_seconds,
+                            # a login's calls: a GET retried once, then the token call
+                            probe_seconds=math.ceil(3 * u.timeout_seconds) + 5)
+                        for u in settings.upstreams}))
     services = ProviderServices(
         issuer=settings.issuer, agencies=agencies, tokens=tokens, accounts=accounts, keys=keys,
         access_tokens=AccessTokens(issuer=settings.issuer, keys=keys, tokens=tokens),

@@ -48,7 +48,25 @@ def _resolve_secret(inline: SecretStr | None, env: str | None, file: Path | None
     return inline
 
 
-class OIDCUpstreamSettings(BaseModel):
+class _UpstreamAvailability(BaseModel):
+    """How the hub copes with an upstream that is slow or down (both kinds)."""
+
+    #: logins through this upstream at once in one worker process: one more waits up to half
+    #: a second for a place (not at all once a call in flight has taken a second), then is
+    #: refused with a "try again in a minute" page (503), so that a slow upstream cannot hold
+    #: every thread of a worker. Unset: half the worker's threads (`civitas serve
+    #: --threads`), at least one.
+    max_concurrent_calls: Annotated[int, Field(ge=1, le=256)] | None = None
+    #: after this many calls in a row failed to reach the upstream (timed out, refused, a 5xx),
+    #: within a minute of the first and in any worker, the upstream is taken as down: logins
+    #: through it are refused at once for ``down_seconds`` (503, "not answering right now"),
+    #: and the sign-in page says so. Then one login tries it; if that call fails too it is
+    #: down again, if it answers the upstream is back. 0: never taken as down.
+    down_after_failures: Annotated[int, Field(ge=0, le=1000)] = 5
+    down_seconds: Annotated[int, Field(ge=1, le=3600)] = 30
+
+
+class OIDCUpstreamSettings(_UpstreamAvailability):
     """An upstream OpenID provider the citizen can log in with."""
 
     model_config = ConfigDict(extra="forbid")
@@ -68,12 +86,6 @@ class OIDCUpstreamSettings(BaseModel):
     timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
     #: demand RFC 9207 ``iss`` on callbacks even if discovery does not announce it
     require_iss_parameter: bool = False
-    #: logins through this upstream at once in one worker process: one more waits up to half
-    #: a second for a place (not at all once a call in flight has taken a second), then is
-    #: refused with a "try again in a minute" page (503), so that a slow upstream cannot hold
-    #: every thread of a worker. Unset: half the worker's threads (`civitas serve
-    #: --threads`), at least one.
-    max_concurrent_calls: Annotated[int, Field(ge=1, le=256)] | None = None
 
     @field_validator("issuer")
     @classmethod
@@ -111,7 +123,7 @@ class OIDCUpstreamSettings(BaseModel):
         return self
 
 
-class LDAPUpstreamSettings(BaseModel):
+class LDAPUpstreamSettings(_UpstreamAvailability):
     """An LDAP directory (typically an agency's staff directory): a password-style upstream.
 
     Either search-then-bind with a service account (``bind_dn`` + ``bind_password`` +
@@ -146,12 +158,6 @@ class LDAPUpstreamSettings(BaseModel):
     acr: str = "urn:civitas:acr:ial1:aal1"
     timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
     pool_size: Annotated[int, Field(ge=1, le=64)] = 4
-    #: logins through this upstream at once in one worker process: one more waits up to half
-    #: a second for a place (not at all once a call in flight has taken a second), then is
-    #: refused with a "try again in a minute" page (503), so that a slow upstream cannot hold
-    #: every thread of a worker. Unset: half the worker's threads (`civitas serve
-    #: --threads`), at least one.
-    max_concurrent_calls: Annotated[int, Field(ge=1, le=256)] | None = None
 
     @model_validator(mode="after")
     def _secret(self) -> LDAPUpstreamSettings:

@@ -161,6 +161,11 @@ class RedirectConnector(Protocol):
         """Return the URL to send the browser to, and what to keep until the callback."""
         ...
 
+    def probe(self) -> None:
+        """Call the upstream now, bypassing any cache; raise :class:`UpstreamUnavailable` if
+        it does not answer (whether an upstream taken as down is back: broker.health)."""
+        ...
+
     def complete(
         self, params: Mapping[str, str], pending: PendingLogin, redirect_uri: str
     ) -> UpstreamIdentity:

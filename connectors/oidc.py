@@ -120,10 +120,12 @@ class OIDCConnector:
             raise UpstreamResponseInvalid(
                 detail=f"{method} {url}: status {resp.status_code}, not JSON") from exc
 
-    def metadata(self) -> dict[str, Any]:
-        """OpenID Connect Discovery 1.0 section 4, cached; issuer must match exactly (4.3)."""
+    def metadata(self, *, refresh: bool = False) -> dict[str, Any]:
+        """OpenID Connect Discovery 1.0 section 4, cached unless ``refresh``; issuer must
+        match exactly (4.3)."""
         with self._lock:
-            if self._metadata and time.monotonic() - self._metadata_at < METADATA_TTL_SECONDS:
+            fresh = time.monotonic() - self._metadata_at < METADATA_TTL_SECONDS
+            if self._metadata and fresh and not refresh:
                 return self._metadata
         url = self.config.issuer.rstrip("/") + "/.well-known/openid-configuration"
         status, doc = self._fetch_json("GET", url)
@@ -160,6 +162,10 @@ class OIDCConnector:
         return keyset
 
     # -- the redirect protocol ---------------------------------------------------------
+
+    def probe(self) -> None:
+        with self._bulkhead.call(busy_message(self.display_name)):
+            self.metadata(refresh=True)
 
     def begin(self, redirect_uri: str) -> tuple[str, PendingLogin]:
         with self._bulkhead.call(busy_message(self.display_name)):

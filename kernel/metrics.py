@@ -18,6 +18,9 @@ LATENCY = Histogram(
 #: an attack or a misconfigured upstream), ``rejected``, ``error``
 LOGINS = Counter("civitas_logins_total", "Upstream logins, by outcome",
                  ["upstream", "outcome"])
+#: times an upstream was taken as down after calls in a row failed (broker.health)
+UPSTREAM_DOWN = Counter("civitas_upstream_down_total",
+                        "Times an upstream was taken as down, by upstream", ["upstream"])
 TOKENS = Counter("civitas_tokens_issued_total", "Tokens issued", ["grant_type"])
 CONSENT_DECISIONS = Counter("civitas_consent_decisions_total", "Consent decision API answers",
                             ["decision"])

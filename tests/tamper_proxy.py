@@ -131,6 +131,9 @@ class TamperProxy:
                 if self.path == JWKS_PATH:
                     self._answer(200, {"Content-Type": "application/json"}, proxy.jwks())
                     return
+                if proxy.mode == "down":  # an upstream whose server is failing
+                    self._answer(503, {"Content-Type": "text/plain"}, b"Service Unavailable")
+                    return
                 if proxy.hold_path is not None and self.path.startswith(proxy.hold_path):
                     proxy.held.set()
                     proxy.release.wait(30)
