@@ -137,7 +137,12 @@ def serve(ctx: click.Context, host: str, port: int, threads: int, workers: int,
     issuer = app.extensions["civitas"].settings.issuer
     freeze_heap()
     _announce(f"Civitas listening on http://{host}:{port} (issuer {issuer})", json_logs)
-    waitress.serve(app, host=host, port=port, threads=threads, ident="civitas")
+    # Only `trusted_proxy_hops` (ProxyFix in the app) decides which X-Forwarded-* to
+    # believe, as under gunicorn: waitress must pass them on, not drop them itself (its
+    # default, without a `trusted_proxy` of its own), or behind a proxy the hub would see
+    # every request as plain http from the proxy's address.
+    waitress.serve(app, host=host, port=port, threads=threads, ident="civitas",
+                   clear_untrusted_proxy_headers=False)
 
 
 def _announce(message: str, json_logs: bool) -> None:

@@ -7,7 +7,8 @@
   compose plugin is installed. deploy/docker-entrypoint.sh is run for real: it turns
   CIVITAS_*_FILE secrets into settings and upgrades the schema before serving.
 * deploy/nginx.conf, run by a real nginx terminating TLS (a certificate made here) in front of
-  a real hub (`civitas serve --workers 2`, PostgreSQL, Redis, trusted_proxy_hops: 1): the
+  a real hub (`civitas serve`, two gunicorn workers or one waitress process, PostgreSQL,
+  Redis, trusted_proxy_hops: 1): the
   discovery document and redirects are https, the hub sees the address nginx saw and never one
   a client forged, cookies are Secure, a full login works through it. Straight to a hub with
   trusted_proxy_hops: 0, forged X-Forwarded-* headers are not believed.
@@ -475,9 +476,11 @@ class SourceAddressAdapter(HTTPAdapter):
         super().init_poolmanager(*args, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def proxied(tmp_path_factory: pytest.TempPathFactory, postgres_url: str,
-            redis_url: str) -> Iterator[ProxiedHub]:
+@pytest.fixture(scope="module", params=["gunicorn", "waitress"])
+def proxied(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+            postgres_url: str, redis_url: str) -> Iterator[ProxiedHub]:
+    """nginx in front of `civitas serve`: two workers (gunicorn) or one process (waitress,
+    which must pass the proxy's X-Forwarded-* on to the hub rather than drop them)."""
     if not servers.find_nginx():
         pytest.skip("nginx is not installed (run scripts/ensure-system-deps)")
     tmp = tmp_path_factory.mktemp("proxy")
@@ -492,7 +495,8 @@ def proxied(tmp_path_factory: pytest.TempPathFactory, postgres_url: str,
         db_url = stack.enter_context(fresh_pg_database(postgres_url, "proxy_"))
         settings = hub_config(op_issuer, db_url, issuer=issuer, redis_url=redis_url,
                               trusted_proxy_hops=1, admin_api_token=ADMIN_TOKEN)
-        hub_log = stack.enter_context(servers.run_hub(tmp, settings, hub_port, workers=2))
+        hub_log = stack.enter_context(servers.run_hub(
+            tmp, settings, hub_port, workers=2 if request.param == "gunicorn" else 1))
         site = render_nginx_conf(https_port=https_port, http_port=http_port,
                                  hub_port=hub_port, cert=cert, key=key)
         stack.enter_context(servers.run_nginx(tmp, site, (https_port, http_port)))
