@@ -545,7 +545,9 @@ def bench_rate_limits(mode: str) -> dict[str, int]:
 class HungCitizens:
     """``count`` citizens who each choose the upstream that does not answer (``--hung-
     upstream``), over and over: each waits for the hub's answer (a 502 when the upstream's
-    call times out, a 503 when the bulkhead refuses it), then 0.2 s, then clicks again."""
+    call times out, a 503 when the bulkhead refuses it or the upstream is taken as down),
+    then 0.2 s, then clicks again (a chooser page without the link, while it is down, is
+    counted as its status, 200)."""
 
     def __init__(self, base: str, count: int) -> None:
         self.base = base
@@ -666,6 +668,9 @@ def main() -> int:
     ap.add_argument("--hung-places", type=int, default=None, metavar="P",
                     help="that upstream's max_concurrent_calls (default: the hub's default, "
                          "half of --hub-threads; --hub-threads or more: no bulkhead)")
+    ap.add_argument("--hung-down-after", type=int, default=None, metavar="F",
+                    help="that upstream's down_after_failures (default: the hub's, 5; 0: "
+                         "never taken as down, as before the twenty-second session)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--hold", action="store_true",
                     help="after the scenarios, keep everything running (and print how to send "
@@ -721,6 +726,8 @@ def main() -> int:
                           "client_secret": "y", "timeout_seconds": 5}
             if args.hung_places is not None:
                 hung["max_concurrent_calls"] = args.hung_places
+            if args.hung_down_after is not None:
+                hung["down_after_failures"] = args.hung_down_after
             config["upstreams"].append(hung)
         if args.soak:  # scenario 4's access token is sent again for the whole soak
             config["access_token_lifetime_seconds"] = 24 * 3600
@@ -1097,8 +1104,10 @@ def main() -> int:
             hung_citizens.stop()
             places = (args.hung_places if args.hung_places is not None
                       else max(1, args.hub_threads // 2))
+            down_after = 5 if args.hung_down_after is None else args.hung_down_after
             print(f"hung upstream: {args.hung_upstream} citizens, {places} of "
-                  f"{args.hub_threads} threads per worker for it; the hub's answers to them: "
+                  f"{args.hub_threads} threads per worker for it, down after "
+                  f"{down_after or 'never'} failures; the hub's answers to them: "
                   + ", ".join(f"{status or 'no answer'}: {n}"
                               for status, n in sorted(hung_citizens.answers.items())))
         print()
