@@ -4,12 +4,13 @@ the consent decision API, never for a citizen's data (RFC 9068 2.2 JWT access to
 from __future__ import annotations
 
 import base64
+import time
 from typing import Any
 
 from jose import jwt as jose_jwt
 
 from tests.conftest import HUB_ISSUER
-from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest, full_login, redeem
+from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest, citizen, full_login, redeem
 
 EVALUATION = {"subject": {"type": "user", "id": "someone"}, "action": {"name": "use"},
               "resource": {"type": "claim", "id": "email"},
@@ -78,7 +79,19 @@ def test_decision_api_accepts_the_token_and_only_that_token(client, hub):
     auth = AuthRequest()
     params = full_login(client, auth)
     user_token = redeem(client, auth, params["code"]).json["access_token"]
-    for bad in (user_token, token[:-4] + "AAAA", "garbage", ""):
+    # ... not even one that carries the decision API's scope: only the citizen behind it
+    # (it is not a client_credentials token) refuses it
+    provider = hub.server.hub
+    account_id = citizen(hub, "someone")
+    scoped_user_token = provider.access_tokens.issue(
+        client_id=AGENCY_ONE.client_id, alg="ES256", account_id=account_id,
+        sub=provider.subject_for(hub.agencies.client(AGENCY_ONE.client_id), account_id),
+        scope="consent.decisions", grant_id="grant", sid="sid", auth_time=int(time.time()),
+        acr="urn:civitas:acr:ial1:aal1")
+    valid = client.post("/introspect", data={"token": scoped_user_token},
+                        headers=basic(AGENCY_ONE)).json
+    assert valid["active"] is True and valid["scope"] == "consent.decisions"
+    for bad in (user_token, scoped_user_token, token[:-4] + "AAAA", "garbage", ""):
         r = client.post("/access/v1/evaluation", json=EVALUATION, headers=bearer(bad))
         assert r.status_code == 401 and r.json["error"] == "invalid_client", bad
         assert "Bearer" in r.headers["WWW-Authenticate"]

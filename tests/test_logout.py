@@ -5,7 +5,9 @@ receives and can be told to fail, redirect or hang; logins go through the real u
 
 from __future__ import annotations
 
+import base64
 import html
+import json
 import re
 import secrets
 import threading
@@ -225,6 +227,15 @@ def _tamper(token: str, part: int) -> str:
     return ".".join(parts)
 
 
+def _forge_payload(token: str, **changes: object) -> str:
+    """The token with claims changed after signing, well formed, its signature kept."""
+    header, payload, signature = token.split(".")
+    forged = dict(claims(token), **changes)
+    encoded = base64.urlsafe_b64encode(json.dumps(forged).encode()).rstrip(b"=").decode()
+    assert encoded != payload
+    return ".".join([header, encoded, signature])
+
+
 def test_tampered_or_foreign_hints_give_no_redirect(logout_app):
     hub = logout_app.extensions["civitas"]
     client = logout_app.test_client()
@@ -234,7 +245,9 @@ def test_tampered_or_foreign_hints_give_no_redirect(logout_app):
     other = ECKey.generate_key("P-256", private=True, auto_kid=True)
     forged_claims = claims(id_token)
     bad_hints = {
-        "payload byte": _tamper(id_token, 1),
+        # a claim no logout check reads, changed: iss, aud and sid still pass every check
+        # but the signature's
+        "payload changed": _forge_payload(id_token, iat=claims(id_token)["iat"] - 1),
         "signature byte": _tamper(id_token, 2),
         "other key, hub kid": jose_rfc_jwt.encode({"alg": "ES256", "kid": hub_kid},
                                                   forged_claims, other),
@@ -272,12 +285,19 @@ def test_unregistered_post_logout_redirect_uri_gives_no_redirect(logout_app):
                 TWO_SIGNED_OUT]:  # another agency's URI is not this agency's
         r = end_session(client, id_token_hint=id_token, post_logout_redirect_uri=uri)
         assert r.status_code == 400 and "Location" not in r.headers, uri
-    # client_id that is not the hint's audience, unknown client, URI without any client
-    for params in [dict(id_token_hint=id_token, client_id=AGENCY_TWO.client_id),
-                   dict(client_id="nobody", post_logout_redirect_uri=ONE_SIGNED_OUT),
-                   dict(post_logout_redirect_uri=ONE_SIGNED_OUT)]:
+    # client_id that is not the hint's audience, unknown client (with and without a URI),
+    # URI without any client: each refused for its own reason, which the page names
+    for params, reason in [
+            (dict(id_token_hint=id_token, client_id=AGENCY_TWO.client_id),
+             "client_id is not the audience of id_token_hint"),
+            (dict(client_id="nobody", post_logout_redirect_uri=ONE_SIGNED_OUT),
+             "the agency is not registered"),
+            (dict(client_id="nobody"), "the agency is not registered"),
+            (dict(post_logout_redirect_uri=ONE_SIGNED_OUT),
+             "post_logout_redirect_uri needs id_token_hint or client_id")]:
         r = end_session(client, **params)
         assert r.status_code == 400 and "Location" not in r.headers, params
+        assert f"({reason})" in r.get_data(as_text=True), params
     assert silent_login_works(client)
 
 

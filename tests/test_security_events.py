@@ -229,10 +229,12 @@ def test_queue_survives_a_restart_and_cli_shows_failures(upstream_issuer, tmp_pa
     [failed] = lines[1:]
     assert f"{SET_KIND}\t{AGENCY_ONE.client_id}\t1\t-\t-\t" in failed
     assert "invalid_audience" in failed
-    everything = runner.invoke(main, ["--config", str(path), "events", "list"]).output
-    assert len(everything.strip().splitlines()) == 3  # header, delivered, failed
-    assert runner.invoke(main, ["--config", str(path), "events", "list",
-                                "--pending"]).output.strip().count("\n") == 0
+    everything = runner.invoke(main, ["--config", str(path), "events", "list"])
+    assert everything.exit_code == 0 and everything.exception is None, everything.output
+    assert len(everything.output.strip().splitlines()) == 3  # header, delivered, failed
+    pending = runner.invoke(main, ["--config", str(path), "events", "list", "--pending"])
+    assert pending.exit_code == 0 and pending.exception is None, pending.output
+    assert pending.output.strip().splitlines() == [lines[0]]  # the header, nothing pending
 
 
 def test_event_delivery_uri_is_validated_like_the_logout_uri(upstream_issuer, tmp_path):

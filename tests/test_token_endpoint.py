@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 import threading
 import time
 from typing import Any
@@ -281,9 +282,12 @@ def test_rfc6749_10_5_concurrent_second_redemption_revokes_first_tokens(browser,
 def test_rfc6749_4_1_3_code_of_another_client_is_invalid_grant(browser):
     auth = AuthRequest(agency=AGENCY_ONE)
     code = new_code(browser, auth)
+    # Agency two presents agency one's code with everything else agency one would send (its
+    # redirect_uri and PKCE verifier): only the code's binding to its client refuses it.
     stolen = as_agency(auth, AGENCY_TWO)
-    body = assert_token_error(redeem(browser, stolen, code), 400, "invalid_grant")
-    assert "code" in body["error_description"]
+    r = redeem(browser, stolen, code, redirect_uri=AGENCY_ONE.redirect_uri)
+    body = assert_token_error(r, 400, "invalid_grant")
+    assert body["error_description"] == "Invalid 'code' in request."
     # The hub treats the code as compromised once another client presented it: it is gone
     # for its own agency too (it was taken atomically before the client check).
     assert_token_error(redeem(browser, auth, code), 400, "invalid_grant")
@@ -481,14 +485,27 @@ def test_rfc6750_2_1_userinfo_without_bearer_credentials_is_401(client, header):
     assert "sub" not in r.json
 
 
-@pytest.mark.parametrize("token", ["garbage", "A" * 43, "eyJhbGciOiJub25lIn0.e30."],
-                         ids=["garbage", "token_shaped", "unsigned_jwt"])
-def test_rfc6750_3_1_userinfo_with_invalid_token_is_invalid_token(client, token):
-    r = userinfo(client, token)
+def assert_invalid_token(r: Any) -> None:
     assert r.status_code == 401
     assert r.headers["WWW-Authenticate"] == 'Bearer realm="civitas", error="invalid_token"'
     assert r.json["error"] == "invalid_token"
     assert "sub" not in r.json
+
+
+@pytest.mark.parametrize("token", ["garbage", "A" * 43], ids=["garbage", "token_shaped"])
+def test_rfc6750_3_1_userinfo_with_invalid_token_is_invalid_token(client, token):
+    assert_invalid_token(userinfo(client, token))
+
+
+def test_rfc6750_3_1_userinfo_with_unsigned_jwt_is_invalid_token(browser, access_token):
+    """A real access token re-headed ``alg: none`` with its signature dropped (RFC 7519 6):
+    its claims are all still valid, so only the signature check can refuse it."""
+    header, payload, _ = access_token.split(".")
+    fields = json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))
+    fields["alg"] = "none"
+    unsigned = base64.urlsafe_b64encode(json.dumps(fields).encode()).rstrip(b"=").decode()
+    assert userinfo(browser, access_token).status_code == 200  # the signed original is good
+    assert_invalid_token(userinfo(browser, f"{unsigned}.{payload}."))
 
 
 def test_oidc_core_5_3_1_userinfo_accepts_get_and_post(browser, access_token):
