@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 from jose import jwt as jose_jwt
@@ -120,6 +121,11 @@ def _session_cookie(client):
     return cookie.value if cookie else None
 
 
+def session_key(sid: str) -> str:
+    """Where the store keeps a browser session: under the SHA-256 of its cookie's id."""
+    return "session:" + hashlib.sha256(sid.encode()).hexdigest()
+
+
 def test_session_id_regenerated_at_login_and_old_id_dead(client, app):
     from tests.flows import finish_login, start_login, upstream_login
 
@@ -131,6 +137,11 @@ def test_session_id_regenerated_at_login_and_old_id_dead(client, app):
     assert r.status_code == 302
     after = _session_cookie(client)
     assert after and after != before
+    # the pre-login session's record (its flow, its upstream state) is gone from the store,
+    # not merely left without a login; the new id names the session that holds the login
+    store = app.extensions["civitas"].store
+    assert store.get(session_key(before)) is None
+    assert store.get(session_key(after))["login"]
     # the pre-login id no longer names a session: it cannot be used to reach the account
     attacker = app.test_client()
     attacker.set_cookie("civitas_session", before, domain="localhost")

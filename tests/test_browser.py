@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
 
 import pytest
 
@@ -269,20 +270,47 @@ def test_wrong_password_is_refused_at_the_upstream(sites: Sites, new_context: An
     expect(page.get_by_role("heading", name="Sign in", exact=True)).to_be_visible()
 
 
-def test_callback_replayed_in_another_browser_is_refused(sites: Sites,
-                                                         new_context: Any) -> None:
-    # Browser A signs in; we note the URL the upstream sent it back to the hub with.
-    # (page.route cannot hold that request back: Playwright does not route redirects.)
+def _hold_back_callback(page: Page, upstream: str) -> list[str]:
+    """Stop `page` where the upstream would send it back to the hub, and note that URL.
+
+    Playwright does not route a redirect's target, so the login form's post (the first
+    request of the upstream's redirect chain) is routed instead: its redirects within the
+    upstream are followed here, with the browser context's cookies, and the one that points
+    at the hub's callback is noted and answered with a blank page instead of followed."""
+    held: list[str] = []
+
+    def hold(route: Any) -> None:
+        response = route.fetch(max_redirects=0)
+        location = urljoin(route.request.url, response.headers.get("location", ""))
+        while response.status in (302, 303) and location.startswith(upstream):
+            response = page.context.request.get(location, max_redirects=0)
+            location = urljoin(location, response.headers.get("location", ""))
+        if response.status in (302, 303) and CALLBACK.search(location):
+            held.append(location)
+            route.fulfill(status=200, content_type="text/html",
+                          body="<!doctype html><title>Held</title><h1>Held back</h1>")
+        else:
+            route.fulfill(response=response)
+
+    page.route(re.compile("^" + re.escape(upstream) + r"/interaction/[^/?]+/login$"), hold)
+    return held
+
+
+def test_unused_callback_opened_in_another_browser_is_refused(sites: Sites,
+                                                             new_context: Any) -> None:
+    """Login CSRF: the upstream's answer for browser A, never used there, is refused in
+    browser B (the flow is bound to the browser that started it), while A can still use it."""
     page_a = new_context().new_page()
-    requests_a = _record_requests(page_a)
-    _log_in_as_alice(page_a, sites.one)
-    callbacks = [u for u in requests_a if CALLBACK.search(u)]
-    assert len(callbacks) == 1, requests_a
-    callback_url = callbacks[0]
+    held = _hold_back_callback(page_a, sites.upstream)
+    _go_to_upstream(page_a, sites.one)
+    _submit_credentials(page_a, "alice", "alice-password")
+    expect(page_a.get_by_role("heading", name="Held back")).to_be_visible()
+    assert len(held) == 1, held
+    callback_url = held[0]
     assert callback_url.startswith(sites.hub + "/login/op/callback?")
     assert "code=" in callback_url and "state=" in callback_url
 
-    # Browser B replays it: the hub must refuse, readably, and send nothing to the agency.
+    # Browser B opens it first: the hub must refuse, readably, and send nothing to the agency.
     page_b = new_context().new_page()
     requests_b = _record_requests(page_b)
     response = page_b.goto(callback_url)
@@ -293,6 +321,12 @@ def test_callback_replayed_in_another_browser_is_refused(sites: Sites,
            ).to_be_visible()
     assert not [u for u in requests_b if u.startswith(sites.one.url)], requests_b
     assert not [u for u in requests_b if "code=" in u and u != callback_url], requests_b
+
+    # the callback was unused: browser A, whose login it is, still completes with it
+    page_a.goto(callback_url)
+    _allow_if_asked(page_a, sites.one)
+    expect(page_a.get_by_role("heading", name="Welcome, Alice Example")).to_be_visible()
+    assert page_a.url == sites.one.url + "/"
 
 
 def test_single_sign_on_across_agencies_with_pairwise_sub(sites: Sites,

@@ -99,10 +99,25 @@ def test_user_with_filter_metacharacters_logs_in(client):
     assert r.status_code == 303
 
 
-def test_empty_password_is_refused(client):
-    form = password_page(client)
-    r = submit(client, form, "alice", "   ")
-    assert r.status_code == 401
+def test_empty_password_is_refused(upstream_issuer, directory, tmp_path):
+    """The hub refuses a blank password itself, before any network traffic (it would make
+    an unauthenticated bind, RFC 4513 5.1.2): the directory here is a closed port, so any
+    answer but the hub's own would be 502."""
+    from civitas.app import create_app
+
+    cfg = hub_config(upstream_issuer, f"sqlite:///{tmp_path}/closed.db")
+    cfg["upstreams"].append(ldap_upstream(
+        directory, url=f"ldap://127.0.0.1:{servers.free_port()}"))
+    app = create_app(cfg)
+    try:
+        client = app.test_client()
+        form = password_page(client)
+        for blank in ("", "   "):
+            r = submit(client, form, "alice", blank)
+            assert r.status_code == 401
+            assert "Wrong username or password." in r.get_data(as_text=True)
+    finally:
+        app.extensions["civitas"].db.dispose()
 
 
 def test_per_username_attempt_limit(client):

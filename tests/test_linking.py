@@ -97,6 +97,20 @@ def test_link_callback_in_another_browser_links_nothing(client, hub):
     assert account_id(hub, "op", "alice-0001") != account_id(hub, "op", "bob-0002")
 
 
+def test_link_finished_after_another_citizen_signed_in_links_nothing(client, hub):
+    """A link flow belongs to the account that started it: if someone else has signed in
+    in the same browser since, its callback adds the credential to neither account."""
+    full_login(client, AuthRequest(), username="alice")
+    callback = upstream_login(start_link(client), "alice")
+    full_login(client, AuthRequest(extra={"prompt": "login"}), username="bob")
+    r = client.get(path_of(callback))
+    assert r.status_code == 400 and "expired" in r.get_data(as_text=True)
+    assert account_id(hub, "op-es", "alice-0001") is None
+    with hub.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(LinkedIdentity)) == 2  # op only
+    assert account_id(hub, "op", "alice-0001") != account_id(hub, "op", "bob-0002")
+
+
 def test_credential_of_another_account_cannot_be_linked(client, hub):
     other = client.application.test_client()
     full_login(other, AuthRequest(), username="bob", upstream_id="op-es")  # account B
@@ -205,8 +219,13 @@ def test_attribute_provenance_keeps_both_values_and_releases_ranked_source(clien
 
 
 def test_link_requires_sign_in(client):
-    r = client.post("/account/link", data={"csrf": "x"})
-    assert r.status_code == 400  # no session, so no form token: nothing starts
+    # an anonymous session with a valid form token: only the sign-in check can refuse
+    with client.session_transaction() as session:
+        session["csrf"] = "anonymous-form-token"
+    r = client.post("/account/link", data={"csrf": "anonymous-form-token"})
+    assert r.status_code == 303 and r.headers["Location"] == "/login"  # no link flow
+    with client.session_transaction() as session:
+        assert not session.get("flows") and "login" not in session
 
 
 def test_account_events_are_ledger_entries_without_personal_data(client, hub):

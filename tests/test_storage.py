@@ -13,7 +13,7 @@ import time
 import pytest
 from sqlalchemy import text
 
-from civitas.app import create_app
+from civitas.app import create_app, stop_background
 from connectors import UpstreamIdentity
 from kernel.store import MemoryStore, RedisStore
 from tests.conftest import hub_config, in_forked_child
@@ -369,6 +369,17 @@ def test_keys_survive_restart_and_rotation_keeps_old_key_published(sql_hub, upst
     with sql_hub.db.engine.connect() as conn:
         stored = conn.execute(text("select private_jwk_encrypted from signing_keys")).scalars()
         assert all('"d"' not in s for s in stored)
+    # a restart: a new hub on the same database (and encryption key) publishes the same
+    # keys, the rotated-out one included, and signs with the key it signed with before
+    key = sql_hub.settings.encryption_key.get_secret_value()
+    restarted = create_app(hub_config(upstream_issuer, database_url, encryption_key=key))
+    try:
+        keys = restarted.extensions["civitas"].keys
+        assert {k["kid"] for k in keys.jwks()["keys"]} == after
+        assert keys.signing_key("ES256").kid == new.kid
+    finally:
+        stop_background(restarted)
+        restarted.extensions["civitas"].db.dispose()
 
 
 def test_full_login_on_this_database_with_redis(upstream_issuer, database_url, redis_url):
