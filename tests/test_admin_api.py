@@ -39,11 +39,13 @@ def agency_from(body: dict[str, Any]) -> Agency:
                   body["name"])
 
 
-def assert_refused(r: Any, field: str, error: str = "invalid_client_metadata") -> str:
+def assert_refused(r: Any, field: str, says: str, error: str = "invalid_client_metadata") -> None:
+    """Refused for ``field``, for the reason ``says`` (two checks of one field are told
+    apart by what they say)."""
     assert r.status_code == 400, (r.status_code, r.get_data(as_text=True))
     assert r.json["error"] == error, r.json
     assert r.json["error_description"].startswith(f"{field}: "), r.json
-    return str(r.json["error_description"])
+    assert says in r.json["error_description"], r.json
 
 
 def code_for(client: Any, agency: Agency) -> tuple[AuthRequest, str]:
@@ -108,7 +110,7 @@ def test_crud_round_trip(client, hub):
     assert r.json["name"] == "Renamed" and "client_secret" not in r.json
     assert hub.agencies.client("api-agency").check_client_secret(secret)  # kept
     r = client.put(f"{API}/api-agency", json={**changed, "client_id": "other"}, headers=AUTH)
-    assert_refused(r, "client_id")
+    assert_refused(r, "client_id", "does not match the agency's address")
 
     assert client.delete(f"{API}/api-agency", headers=AUTH).status_code == 204
     for method in ("GET", "PUT", "DELETE"):
@@ -121,8 +123,7 @@ def test_generated_client_id_and_duplicate(client):
     r = post(client, {k: v for k, v in registration().items() if k != "client_id"})
     assert r.status_code == 201 and r.json["client_id"].startswith("agency-")
     assert post(client, registration("dup-agency")).status_code == 201
-    assert "already registered" in assert_refused(post(client, registration("dup-agency")),
-                                                  "client_id")
+    assert_refused(post(client, registration("dup-agency")), "client_id", "already registered")
 
 
 def test_agencies_from_the_settings_file_are_read_only(client):
@@ -151,46 +152,62 @@ def test_switching_methods_issues_or_drops_the_secret(client, hub):
 
 # -- validation -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("uri", [
-    "javascript:alert(1)", "data:text/html,<script>alert(1)</script>",
-    "https://api-agency.agency.example/cb#frag", "http://api-agency.agency.example/cb",
-    "/relative/cb",
+@pytest.mark.parametrize(("uri", "says"), [
+    ("javascript:alert(1)", "must be an absolute https URL"),
+    ("data:text/html,<script>alert(1)</script>", "must be an absolute https URL"),
+    ("https://api-agency.agency.example/cb#frag", "must not contain a fragment"),
+    ("http://api-agency.agency.example/cb", "must use https"),
+    ("/relative/cb", "must be an absolute https URL"),
 ], ids=["javascript", "data", "fragment", "http-non-loopback", "relative"])
-def test_rfc7591_3_2_2_bad_redirect_uri(client, uri):
+def test_rfc7591_3_2_2_bad_redirect_uri(client, uri, says):
     assert_refused(post(client, registration(redirect_uris=[uri])), "redirect_uris",
-                   "invalid_redirect_uri")
+                   f"redirect URI {uri!r} {says}", "invalid_redirect_uri")
 
 
 def test_rfc7591_3_2_2_bad_metadata_names_the_field(client):
     key = RSAKey.generate_key(2048, private=True, auto_kid=True)
-    cases: list[tuple[dict[str, Any], str]] = [
-        ({"scopes": ["openid", "admin"]}, "scopes"),
-        ({"scopes": "openid"}, "scopes"),
-        ({"token_endpoint_auth_method": "none"}, "token_endpoint_auth_method"),
-        ({"token_endpoint_auth_method": "private_key_jwt"}, "jwks"),
+    public = key.as_dict(private=False)
+    secret = {"kty": "oct", "k": "c2VjcmV0", "kid": "s"}
+    cases: list[tuple[dict[str, Any], str, str]] = [
+        ({"scopes": ["openid", "admin"]}, "scopes", "must include 'openid' and only"),
+        ({"scopes": "openid"}, "scopes", "must be an array of strings"),
+        ({"token_endpoint_auth_method": "none"}, "token_endpoint_auth_method", "one of"),
+        ({"token_endpoint_auth_method": "private_key_jwt"}, "jwks",
+         "private_key_jwt needs jwks or jwks_uri"),
         ({"token_endpoint_auth_method": "private_key_jwt",
-          "jwks": {"keys": [key.as_dict(private=True)]}}, "jwks"),
-        ({"jwks": {"keys": [{**key.as_dict(private=False), "kid": None}]}}, "jwks"),
-        ({"jwks": {"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "s"}]}}, "jwks"),
-        ({"jwks": {"keys": [key.as_dict(private=False)]},
-          "jwks_uri": "https://keys.example/jwks"}, "jwks"),
-        ({"jwks_uri": "http://keys.example/jwks"}, "jwks_uri"),
-        ({"id_token_signed_response_alg": "HS256"}, "id_token_signed_response_alg"),
-        ({"id_token_signed_response_alg": "none"}, "id_token_signed_response_alg"),
-        ({"subject_type": "public"}, "subject_type"),
-        ({"subject_type": "random"}, "subject_type"),
-        ({"backchannel_logout_uri": "http://rp.example/logout"}, "backchannel_logout_uri"),
-        ({"post_logout_redirect_uris": ["javascript:x"]}, "post_logout_redirect_uris"),
-        ({"sector_identifier": "public"}, "sector_identifier"),
-        ({"name": ""}, "name"),
-        ({"client_id": "a b"}, "client_id"),
-        ({"client_secret": "mine"}, "client_secret"),
-        ({"redirect_uris": []}, "redirect_uris"),
+          "jwks": {"keys": [key.as_dict(private=True)]}}, "jwks",
+         "contains private key members ['d', 'dp', 'dq', 'p', 'q', 'qi']"),
+        # each bad key beside a good one, so the set is refused for that key alone
+        ({"jwks": {"keys": [public, {k: v for k, v in public.items() if k != "kid"}]}},
+         "jwks", "key 1 has no kid"),
+        ({"jwks": {"keys": [public, {**public, "kid": None}]}}, "jwks", "key 1 has no kid"),
+        ({"jwks": {"keys": [public, secret]}}, "jwks",
+         "key 's' is a symmetric key (kty oct)"),
+        ({"jwks": {"keys": [public]}, "jwks_uri": "https://keys.example/jwks"}, "jwks",
+         "give jwks or jwks_uri, not both"),
+        ({"jwks_uri": "http://keys.example/jwks"}, "jwks_uri", "must use https"),
+        ({"id_token_signed_response_alg": "HS256"}, "id_token_signed_response_alg", "one of"),
+        ({"id_token_signed_response_alg": "none"}, "id_token_signed_response_alg", "one of"),
+        ({"subject_type": "public"}, "subject_type", "is not allowed on this hub"),
+        ({"subject_type": "random"}, "subject_type", "one of ['pairwise', 'public']"),
+        ({"backchannel_logout_uri": "http://rp.example/logout"}, "backchannel_logout_uri",
+         "must use https"),
+        ({"post_logout_redirect_uris": ["javascript:x"]}, "post_logout_redirect_uris",
+         "must be an absolute https URL"),
+        ({"sector_identifier": "public"}, "sector_identifier", "and not 'public'"),
+        ({"name": ""}, "name", "1 to 120 characters"),
+        ({"client_id": "a b"}, "client_id", "3 to 128 characters"),
+        ({"client_secret": "mine"}, "client_secret", "unknown field"),
+        ({"redirect_uris": []}, "redirect_uris", "at least one is needed"),
     ]
-    for extra, field in cases:
+    for extra, field, says in cases:
         error = "invalid_redirect_uri" if field == "redirect_uris" else "invalid_client_metadata"
-        assert_refused(post(client, registration(**extra)), field, error)
+        assert_refused(post(client, registration(**extra)), field, says, error)
     assert client.get(API, headers=AUTH).json["agencies"][-1]["client_id"] == "agency-two"
+    # the good key alone is taken: what was refused above was the other key
+    r = post(client, registration("one-good-key", token_endpoint_auth_method="private_key_jwt",
+                                  jwks={"keys": [public]}))
+    assert r.status_code == 201, r.json
 
 
 def test_malformed_and_oversized_bodies(client):
@@ -237,7 +254,8 @@ def test_registered_agency_logs_in_with_an_rs256_id_token(client):
 
 def test_public_subject_type_refused_unless_allowed_then_shared(make_hub):
     refused = make_hub(admin_api_token=TOKEN).test_client()
-    assert_refused(post(refused, registration(subject_type="public")), "subject_type")
+    assert_refused(post(refused, registration(subject_type="public")), "subject_type",
+                   "is not allowed on this hub (allow_public_subjects is off)")
 
     client = make_hub(admin_api_token=TOKEN, allow_public_subjects=True).test_client()
     disc = client.get("/.well-known/openid-configuration").json

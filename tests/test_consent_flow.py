@@ -237,13 +237,16 @@ def test_decision_api_and_withdrawal_take_effect(client, app, receiver):
 def test_decision_api_refuses_bad_requests(client):
     r = client.post("/access/v1/evaluation", headers=basic(AGENCY_ONE), data="{not json",
                     content_type="application/json")
-    assert r.status_code == 400 and r.json["error"]
+    assert r.status_code == 400 and r.json["error"] == "invalid_request"
+    assert r.json["error_description"].startswith("The request body is not valid JSON")
     r = client.post("/access/v1/evaluation", json={"subject": {}},
                     headers={"Authorization": "Basic " + base64.b64encode(
                         f"{AGENCY_ONE.client_id}:wrong".encode()).decode()})
-    assert r.status_code == 401
+    assert r.status_code == 401 and r.json["error"] == "invalid_client"
+    assert r.json["error_description"].startswith("Agency authentication is required")
     r = client.post("/access/v1/evaluation", headers=basic(AGENCY_ONE), json={"subject": {}})
-    assert r.status_code == 400
+    assert r.status_code == 400 and r.json["error"] == "invalid_request"
+    assert r.json["error_description"] == "missing field action"
     assert client.get("/access/v1/openapi.json").json["openapi"].startswith("3.1")
 
 
@@ -275,11 +278,15 @@ def test_consent_and_decisions_land_in_the_verifiable_ledger(client, app, tmp_pa
     key = runner.invoke(audit, ["pubkey"]).output.strip()
     result = runner.invoke(audit, ["verify", str(out), "--public-key", key])
     assert result.exit_code == 0, result.output
-    # one changed byte is found
+    # one changed byte is found, and named: the verdict, not a crash
     text = out.read_text()
     out.write_text(text.replace('"benefits"', '"benefitz"', 1))
+    line, entry = next((n, json.loads(row)["index"])
+                       for n, row in enumerate(text.splitlines(), 1) if '"benefits"' in row)
     result = runner.invoke(audit, ["verify", str(out), "--public-key", key])
-    assert result.exit_code != 0
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert (f"FAILED {out}: line {line}: entry {entry} was altered: its text does not match "
+            "its leaf hash") in result.output, result.output
 
 
 def test_citizen_sees_who_used_their_data(client):

@@ -715,9 +715,22 @@ def test_consents_page_lists_and_withdraws_with_csrf(env: Env) -> None:
                                                                     "contact"),
                            headers={"Authorization": "Bearer token-two"}).json
     assert decision["decision"] is False
-    # someone else's grant cannot be withdrawn from this session
-    assert client.post("/account/consents/withdraw", data={
-        "client_id": "agency-two", "csrf": "csrf-token"}).status_code == 404
+    # a grant already withdrawn is not withdrawn twice
+    again = client.post("/account/consents/withdraw", data={
+        "client_id": "agency-two", "csrf": "csrf-token"})
+    assert again.status_code == 404 and "Nothing was changed" in again.get_data(as_text=True)
+    # someone else's grant cannot be withdrawn from this session, even naming their account:
+    # Bob's grant to an agency Alice never used
+    three = AgencyPolicy(client_id="agency-three", name="Library", claims=TWO.claims,
+                         notice_url="https://library.example.gov/privacy", notice_version="1")
+    svc.record_decision(env.bob.id, three, "sub-b3", set())
+    refused = client.post("/account/consents/withdraw", data={
+        "client_id": "agency-three", "account_id": env.bob.id, "csrf": "csrf-token"})
+    assert refused.status_code == 404
+    assert "Nothing was changed" in refused.get_data(as_text=True)
+    assert svc.granted_claims(env.bob.id, "agency-three") == {"email"}
+    assert svc.granted_claims(env.bob.id, "agency-two") == {"email"}
+    assert len(env.withdrawals) == 2
 
 
 def test_receipt_page_and_download_are_the_owners_only(env: Env) -> None:

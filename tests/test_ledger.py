@@ -207,8 +207,12 @@ def test_checkpoint_note_format_and_wrong_keys():
     cosigned = note + other.sign(cp.body()).split("\n\n")[1]
     assert Checkpoint.open(cosigned, [other.verifier]) == cp  # unknown signatures ignored
     assert NoteVerifier.parse(str(signer.verifier)) == signer.verifier
-    with pytest.raises(NoteError):
-        NoteVerifier.parse(str(signer.verifier).replace("+", "+0", 1))
+    name, hex_id, encoded = str(signer.verifier).split("+", 2)
+    wrong_id = bytes(b ^ 0xFF for b in bytes.fromhex(hex_id)).hex()  # valid hex, 8 digits
+    with pytest.raises(NoteError, match="id does not match its name and key"):
+        NoteVerifier.parse(f"{name}+{wrong_id}+{encoded}")
+    with pytest.raises(NoteError, match="not valid hex"):
+        NoteVerifier.parse(f"{name}+0{hex_id}+{encoded}")
 
 
 # -- the ledger on SQLite and PostgreSQL -------------------------------------------------------
@@ -768,6 +772,12 @@ def test_workers_hash_every_entry_of_a_sound_file(tmp_path, sqlite_ledger, small
     assert seen == sorted(seen) and seen[-1] == path.stat().st_size and len(seen) > 20
 
 
+def other_leaf(line):
+    """``line`` with its leaf hash's last hex digit changed: still 64 hex digits."""
+    end = line.index(b'"leaf":"') + len(b'"leaf":"') + 64
+    return line[:end - 1] + (b"1" if line[end - 1:end] == b"0" else b"0") + line[end:]
+
+
 def test_workers_verify_like_one_process(tmp_path, sqlite_ledger, small_chunks,
                                         either_hashing):
     sealed_in_batches(sqlite_ledger)
@@ -782,13 +792,20 @@ def test_workers_verify_like_one_process(tmp_path, sqlite_ledger, small_chunks,
     impostor = NoteSigner(ORIGIN, NoteSigner.generate_private_key())
     cases = {
         "changed": lambda ls: ls[target].replace(b"pairwise-000100", b"pairwise-000101"),
-        "leaf": lambda ls: ls[target].replace(b'"leaf":"', b'"leaf":"0', 1).replace(
-            b'","index"', b'"index"', 1),
+        "leaf": lambda ls: other_leaf(ls[target]),
         "index": lambda ls: ls[target].replace(b'"index":100', b'"index":1000'),
         "deep": lambda ls: entry_line(100, 101, text_),
         "forged": lambda ls: json.dumps({"type": "checkpoint", "size": 129, "note":
             impostor.sign(Checkpoint(ORIGIN, 129, bytes(32)).body())}).encode(),
         "garbage": lambda ls: b"not json",
+    }
+    said = {
+        "changed": "entry 100 was altered: its text does not match its leaf hash",
+        "leaf": "entry 100 was altered: its text does not match its leaf hash",
+        "index": "entry index 1000 where 100 was expected",
+        "deep": "checkpoint at size 129 does not match entries 41..128",
+        "forged": "checkpoint at size 129: no signature by a known key",
+        "garbage": "not a JSON object with a type",
     }
     for name, change in cases.items():
         at = cp_line if name == "forged" else target
@@ -796,6 +813,7 @@ def test_workers_verify_like_one_process(tmp_path, sqlite_ledger, small_chunks,
         changed[at] = change(changed)
         line, message = verdicts(tmp_path, changed, key)
         assert line == at + 1 or (name == "deep" and line == cp_line + 1), (name, message)
+        assert said[name] in message, (name, message)
     assert verdicts(tmp_path, lines[:target] + lines[target + 1:], key)[0] == target + 1
     swapped = list(lines)
     swapped[target], swapped[target + 1] = swapped[target + 1], swapped[target]

@@ -154,12 +154,16 @@ def test_a_value_the_column_type_refuses_is_refused_as_sqlalchemy_refuses_it(
         assert "naive datetime" in str(caught.value.orig)
 
 
-def test_a_driver_error_is_sqlalchemys_and_leaves_no_connection_in_autocommit(
+def test_a_driver_error_is_sqlalchemys_and_keeps_its_connection_out_of_the_pool(
         citizen: Any, database_url: str) -> None:
+    """The read the server refuses ran on a connection of the straight path's own
+    (kernel.db._StraightConnections), never on one of the pool's: its error is SQLAlchemy's,
+    its connection is kept for the next read, idle in no transaction, and the pool (whose
+    connections are never in autocommit) was not touched."""
     if not database_url.startswith("postgresql"):
         pytest.skip("the straight path is PostgreSQL's")
     hub, account_id = citizen
-    db = Database(database_url, pool_size=1)  # one connection: the failed read's
+    db = Database(database_url, pool_size=1)
     try:
         read = Prepared(db, _LOGIN)
         params = {"account_id": "a\x00b", "key": account_id, "client_id": "agency-one",
@@ -167,12 +171,13 @@ def test_a_driver_error_is_sqlalchemys_and_leaves_no_connection_in_autocommit(
         with pytest.raises(sa_exc.DataError) as caught:  # the app answers it with a 400
             read.rows(params)
         assert "NUL (0x00)" in str(caught.value.orig)
-        raw = db.engine.raw_connection()
-        try:
-            assert raw.driver_connection.autocommit is False  # type: ignore[union-attr]
-        finally:
-            raw.close()
+        (conn, *_), = db._straight._idle  # the failed read's, given back
+        assert conn.autocommit is True and conn.info.transaction_status == 0  # idle
+        pool = db.engine.pool
+        assert pool.checkedin() == pool.checkedout() == 0  # type: ignore[attr-defined]
         assert read.rows(dict(params, account_id=account_id))  # and the connection works
+        assert [c for c, *_ in db._straight._idle] == [conn]  # the same one
+        assert pool.checkedin() == pool.checkedout() == 0  # type: ignore[attr-defined]
     finally:
         db.dispose()
 
