@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sqlite3
 
 import pytest
 import yaml
@@ -144,8 +146,15 @@ def test_cli_agency_lifecycle_prints_secret_once_and_stores_hash(cli, tmp_path):
     assert shown["redirect_uris"] == ["https://tax.example.gov/cb"]
     assert shown["sector_identifier"] == "tax.example.gov"
     assert secret not in json.dumps(shown)
-    db = (tmp_path / "c.db").read_bytes()
-    assert secret.encode() not in db
+    # the database and its write-ahead log (SQLite WAL: fresh writes sit in c.db-wal) hold
+    # no plaintext; the row holds the secret's hash
+    files = [p for p in tmp_path.iterdir() if p.name.startswith("c.db")]
+    assert "c.db" in {p.name for p in files}
+    assert all(secret.encode() not in p.read_bytes() for p in files), files
+    with sqlite3.connect(tmp_path / "c.db") as conn:
+        [(stored,)] = conn.execute(
+            "select secret_hash from agencies where client_id = 'tax-portal'").fetchall()
+    assert stored == "sha256$" + hashlib.sha256(secret.encode()).hexdigest()
     assert "tax-portal" in cli("agency", "list").output
     out = cli("agency", "add", "--client-id", "tax-portal", "--name", "Again",
               "--redirect-uri", "https://tax.example.gov/cb", ok=False).output

@@ -67,9 +67,23 @@ def test_what_json_refuses_is_refused(value):
         jsonfast.dumpb(value)
 
 
+class _Tag(str):
+    pass
+
+
+class _Count(int):
+    pass
+
+
 def test_subclasses_are_written_as_json_writes_them():
+    """A subclass of str or int is left to json (orjson.OPT_PASSTHROUGH_SUBCLASS), which
+    shows in the bytes: json writes ``": "``, orjson ``":"``; so are values orjson refuses;
+    an enum orjson writes itself, with the same value as json."""
+    for value in ({"tag": _Tag("x")}, {"count": _Count(3)}):
+        assert jsonfast.dumpb(value) == json.dumps(value).encode(), value
     value = {"level": _Level.HIGH, "big": 2**70, 3: "int key"}
-    assert json.loads(jsonfast.dumpb(value)) == json.loads(json.dumps(value))
+    assert jsonfast.dumpb(value) == json.dumps(value).encode()
+    assert json.loads(jsonfast.dumpb({"level": _Level.HIGH})) == {"level": 2}
 
 
 def test_bad_json_is_refused_with_jsons_error():

@@ -127,6 +127,7 @@ def test_places_default_to_half_the_worker_threads(upstream_issuer, threads, set
                                                 upstreams=[upstream]))
     connector = make_connector(settings.upstreams[0], threads=threads)
     assert connector.config.max_concurrent_calls == places  # type: ignore[union-attr]
+    assert connector._bulkhead.size == places  # type: ignore[union-attr]  # what it enforces
 
 
 def test_max_concurrent_calls_out_of_range_is_refused_by_the_settings(upstream_issuer):

@@ -30,6 +30,7 @@ from tests.flows import (
     path_of,
     query,
     start_login,
+    upstream_login,
 )
 from tests.tamper_proxy import TamperProxy
 
@@ -94,16 +95,18 @@ def test_after_down_seconds_one_login_probes_and_a_failed_probe_is_down_again(he
     caplog.set_level(logging.WARNING, logger="civitas")
     for _ in range(3):
         health.failed("op")
-    clock.now += 31
+    clock.now += 61  # down for 30 s, and the failures' window (60 s) has run out too
     assert health.down(["op"]) == set()  # the page offers it again
     assert health.admit("op", "Example ID") is True  # the probe
     with pytest.raises(UpstreamDown):  # one at a time
         health.admit("op", "Example ID")
-    health.failed("op")  # the probe's call failed: one failure is enough
+    health.failed("op")  # the probe's call failed: this one failure is enough
     assert health.down(["op"]) == {"op"}
     assert any("the login trying it failed too" in r.getMessage() for r in caplog.records)
     clock.now += 31
     assert health.admit("op", "Example ID") is True  # a new probe, the last one's released
+    health.failed("op")
+    assert health.down(["op"]) == {"op"}
 
 
 def test_a_probe_that_answers_brings_the_upstream_back(health, clock, caplog):
@@ -198,10 +201,15 @@ def test_a_failing_upstream_is_down_for_every_citizen_until_a_probe_finds_it_bac
     ]))
     downs = metric("civitas_upstream_down_total", upstream="op-proxy")
 
-    # the upstream's server fails: two logins find it out, each with the usual 502 page
+    # two citizens are at the upstream (its discovery document is cached by then) when its
+    # server starts failing: their callbacks find it out, each with the usual 502 page
+    citizens = [app.test_client() for _ in range(2)]
+    callbacks = [path_of(proxy.as_issuer(upstream_login(start_login(c, AuthRequest(),
+                                                                    "op-proxy"))))
+                 for c in citizens]
     proxy.mode = "down"
-    for _ in range(2):
-        r = _start(app.test_client(), "op-proxy")
+    for citizen, callback in zip(citizens, callbacks, strict=True):
+        r = citizen.get(callback)
         assert r.status_code == 502 and "could not be reached" in r.get_data(as_text=True)
     assert metric("civitas_upstream_down_total", upstream="op-proxy") == downs + 1
     calls = len(proxy.seen)
@@ -221,10 +229,12 @@ def test_a_failing_upstream_is_down_for_every_citizen_until_a_probe_finds_it_bac
     # the other upstream is not affected
     assert _start(app.test_client(), "op").status_code == 303
 
-    # after down_seconds one login tries it; it still fails, so it is down again at once
+    # after down_seconds one login tries it: afresh, not from the cached document (which
+    # would let it through and take the upstream as back); it still fails, so it is down
+    # again at once
     time.sleep(1.1)
     assert _start(app.test_client(), "op-proxy").status_code == 502
-    assert proxy.seen[calls:] == ["/.well-known/openid-configuration"]  # afresh, not cached
+    assert proxy.seen[calls:] == ["/.well-known/openid-configuration"]
     assert _start(app.test_client(), "op-proxy").status_code == 503
     assert any("upstream op-proxy is down: the login trying it failed too" in r.getMessage()
                for r in caplog.records)
