@@ -115,6 +115,22 @@ def test_bulkhead_refuses_at_once_while_a_call_in_flight_is_slow():
     assert outcome == ["refused", "served"]
 
 
+def test_bulkhead_refuses_at_once_while_any_call_in_flight_is_slow():
+    """One old call among newer ones is enough: the upstream is slow for someone."""
+    clock = _Clock()
+    bulkhead = Bulkhead(2, wait=30, slow=1.0, clock=clock)
+    old_holder, old_done = _hold(bulkhead)
+    clock.now += 1.0  # the first call has taken a second ...
+    new_holder, new_done = _hold(bulkhead)  # ... the second has only just begun
+    outcome: list[str] = []
+    refused = _try(bulkhead, outcome)
+    refused.join(10)
+    assert outcome == ["refused"]
+    for done, holder in ((old_done, old_holder), (new_done, new_holder)):
+        done.set()
+        holder.join(30)
+
+
 @pytest.mark.parametrize(("threads", "setting", "places"), [
     (4, None, 2), (8, None, 4), (1, None, 1), (3, None, 1), (4, 3, 3),
 ])
