@@ -551,7 +551,7 @@ class HungCitizens:
 
     def __init__(self, base: str, count: int) -> None:
         self.base = base
-        self.answers: dict[int, int] = {}
+        self.answers: dict[str, int] = {}
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._citizen, daemon=True)
@@ -574,16 +574,19 @@ class HungCitizens:
             link = html.unescape(found.group(1))
         while not self._stop.is_set():
             try:
-                status = browser.get(self.base + link, allow_redirects=False,
-                                     timeout=30).status_code
+                r = browser.get(self.base + link, allow_redirects=False, timeout=30)
             except requests.RequestException:
-                status = 0
-            self._count(status)
+                self._count(0)
+            else:
+                self._count(r.status_code, "down" if "not answering right now" in r.text
+                            else "busy" if "Too many people" in r.text else "")
             self._stop.wait(0.2)
 
-    def _count(self, status: int) -> None:
+    def _count(self, status: int, why: str = "") -> None:
+        """``why``: a 503's reason, ``busy`` (the bulkhead) or ``down`` (broker.health)."""
+        key = f"{status} {why}".strip() if status else "no answer"
         with self._lock:
-            self.answers[status] = self.answers.get(status, 0) + 1
+            self.answers[key] = self.answers.get(key, 0) + 1
 
     def start(self) -> None:
         for thread in self._threads:
@@ -1108,8 +1111,8 @@ def main() -> int:
             print(f"hung upstream: {args.hung_upstream} citizens, {places} of "
                   f"{args.hub_threads} threads per worker for it, down after "
                   f"{down_after or 'never'} failures; the hub's answers to them: "
-                  + ", ".join(f"{status or 'no answer'}: {n}"
-                              for status, n in sorted(hung_citizens.answers.items())))
+                  + ", ".join(f"{answer}: {n}"
+                              for answer, n in sorted(hung_citizens.answers.items())))
         print()
         print(f"hub master pid {hub_proc.pid}: RSS {rss_of(hub_proc.pid):.1f} MB")
         for pid, mb in workers_rss:
