@@ -78,6 +78,10 @@ def test_each_worker_runs_housekeeping_on_its_schedule(make_hub):
     policy = hub.server.hub.policy_for(hub.agencies.client(AGENCY_ONE.client_id))
     hub.consent.record_decision(account, policy, "sub-one", {"email"},
                                 now=utcnow() - timedelta(days=31))
+    # and a grant that is valid for another day: housekeeping must leave it as it is
+    valid = citizen(hub, "schedule-valid")
+    hub.consent.record_decision(valid, policy, "sub-valid", {"email"},
+                                now=utcnow() - timedelta(days=29))
     # the access-token lifetime (600 s) past the grant's end: past the purge's cut-off
     hub.server.hub.refresh_tokens.issue(grant_id="ended", account_id=account,
                                         family_expires_at=time.time() - 700, new_grant=True,
@@ -90,6 +94,7 @@ def test_each_worker_runs_housekeeping_on_its_schedule(make_hub):
         time.sleep(0.1)
     assert states == ["given", "expired"]
     assert rows_of(hub, "ended") == 0
+    assert [e.state for e in hub.consent.history(valid, AGENCY_ONE.client_id)] == ["given"]
     # stopped with the app (civitas.app.stop_background, as the fixture's teardown does):
     # no round after it, so no later test counts this hub's
     stop_background(app)
@@ -158,11 +163,17 @@ def cli_hub(upstream_issuer, tmp_path):
 
 def test_the_command_runs_housekeeping_once(cli_hub):
     hub, path = cli_hub
-    hub.server.hub.refresh_tokens.issue(grant_id="ended", account_id=citizen(hub, "cli"),
+    account = citizen(hub, "cli")
+    hub.server.hub.refresh_tokens.issue(grant_id="ended", account_id=account,
                                         family_expires_at=time.time() - 700, new_grant=True,
+                                        **GRANT)
+    # ended a minute ago, within the access-token lifetime (600 s): a replay of its used
+    # token must still revoke the access tokens it issued, so its row is kept
+    hub.server.hub.refresh_tokens.issue(grant_id="just-ended", account_id=account,
+                                        family_expires_at=time.time() - 60, new_grant=True,
                                         **GRANT)
     result = CliRunner().invoke(main, ["--config", str(path), "housekeeping"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "consent grants expired: 0; refresh grants purged: 1" in result.output
-    assert rows_of(hub, "ended") == 0
+    assert rows_of(hub, "ended") == 0 and rows_of(hub, "just-ended") == 1

@@ -36,6 +36,8 @@ CONSENT = {
          "required": False, "description": "Your full name"},
     ],
 }
+EXPORT_COLUMNS = ["decision_id", "at", "agency", "subject", "action", "claim", "purpose",
+                  "decision", "reason", "record_id", "request_id"]
 PAGES = ["/officer/", "/officer/decisions.csv", "/officer/decisions.json",
          "/officer/agencies/agency-one/art30", "/officer/agencies/agency-one/art30?format=json",
          "/officer/activity"]
@@ -211,9 +213,14 @@ def test_search_newest_first_in_pages_of_50(world, officer):
     assert "57 decisions, page 1 of 2" in body
     page1, page2 = result_ids(first), result_ids(client.get("/officer/?page=2"))
     assert len(page1) == 50 and len(page2) == 7 and not set(page1) & set(page2)
-    export = client.get("/officer/decisions.json").json
+    exported = client.get("/officer/decisions.json")
+    export = exported.json
     assert export["count"] == 57
     assert [d["decision_id"] for d in export["decisions"]] == page1 + page2
+    # the JSON export carries the CSV's columns: the internal account id stays in the hub
+    assert {key for d in export["decisions"] for key in d} == set(EXPORT_COLUMNS)
+    assert world["account_id"] not in exported.get_data(as_text=True)
+    assert world["account_id"] not in body
     times = [d["at"] for d in export["decisions"]]
     assert times == sorted(times, reverse=True)
     assert 'rel="next"' in body and "page=2" in body
@@ -250,8 +257,7 @@ def test_csv_export(world, officer):
     assert r.status_code == 200 and r.mimetype == "text/csv"
     assert "attachment" in r.headers["Content-Disposition"]
     rows = list(csv.reader(io.StringIO(r.get_data(as_text=True))))
-    assert rows[0] == ["decision_id", "at", "agency", "subject", "action", "claim", "purpose",
-                       "decision", "reason", "record_id", "request_id"]
+    assert rows[0] == EXPORT_COLUMNS
     body = [dict(zip(rows[0], row, strict=True)) for row in rows[1:]]
     assert len(body) == 4
     assert all(b["claim"] == "email" and b["decision"] == "deny" for b in body)

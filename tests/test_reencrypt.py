@@ -138,6 +138,28 @@ def test_a_value_a_hub_rewrites_meanwhile_is_left_as_the_hub_wrote_it(hub, clien
     assert attributes(hub.db)[first][0] == newer  # the login's value, not the old one
 
 
+class _Garbles(FieldCipher):
+    """A cipher whose new values do not read back as what was encrypted (a broken build):
+    writing them would lose the values they replace."""
+
+    def encrypt(self, plaintext: str) -> str:
+        return super().encrypt(plaintext + " ")
+
+
+def test_a_rewritten_value_that_would_not_read_back_is_never_written(hub, client):
+    full_login(client, AuthRequest())
+    key = hub.settings.encryption_keys[0]
+    store(hub.db, {row_id: fernet_token(key, hub.cipher.decrypt(value))
+                   for row_id, (value, *_rest) in attributes(hub.db).items()})
+    before = attributes(hub.db)
+    assert before
+    with pytest.raises(RuntimeError, match="account attributes: a rewritten value did not "
+                                           "read back"):
+        reencrypt_column(hub.db, _Garbles([key]), ATTRIBUTES)
+    assert attributes(hub.db) == before  # every value as it was, and still readable
+    assert all(hub.cipher.decrypt(value) for value, *_rest in before.values())
+
+
 def _settings_file(tmp_path: Any, config: dict[str, Any], name: str) -> str:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(config))
