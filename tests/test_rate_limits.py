@@ -105,13 +105,16 @@ def test_authorize_with_a_hub_session_counts_the_login_limit_as_the_session_is_r
     client = from_address(app, "198.51.100.20")
     full_login(client, AuthRequest())  # /authorize, /login, the callback: some of the 10
     hub = app.extensions["civitas"]
+    assert isinstance(hub.store, MemoryStore if where == "memory" else RedisStore)
     window = int(time.time()) // hub.server.hub.limiter.window
     counted = hub.store.count(f"rl:login:addr:198.51.100.20:{window}")
     auth = AuthRequest()
     r = client.get(auth.url())
     assert r.status_code == 302 and "code=" in r.headers["Location"]  # SSO: the session read
-    if hub.store.count(f"rl:login:addr:198.51.100.20:{window}") != counted + 1:
+    if int(time.time()) // hub.server.hub.limiter.window != window:
         pytest.skip("the window turned during the test")
+    # counted, and once (not again by the hook that counts the other limited endpoints)
+    assert hub.store.count(f"rl:login:addr:198.51.100.20:{window}") == counted + 1
     while client.get(auth.url()).status_code == 302:
         pass
     r = client.get(auth.url())
@@ -170,12 +173,35 @@ def test_forwarded_addresses_count_only_behind_a_trusted_proxy(make_hub):
     assert_limited_json(r)
 
 
-def test_zero_means_no_limit(make_hub):
-    app = limited_hub(make_hub)
-    client = app.test_client()
+def counters_after_traffic(app: Any) -> list[int]:
+    """Each limit's counter in the store after 30 token requests, 3 decisions and 3 login
+    pages from one address, all in one window (the test is skipped if the window turned)."""
+    client = from_address(app, "192.0.2.30")
+    hub = app.extensions["civitas"]
+    window = int(time.time()) // hub.server.hub.limiter.window
     for _ in range(30):
         assert client.post("/token", data=REFRESH,
                            headers=basic(AGENCY_ONE)).status_code == 400
+    for _ in range(3):
+        assert client.post("/access/v1/evaluation", json=EVALUATION,
+                           headers=basic(AGENCY_ONE)).status_code == 200
+        assert client.get("/login").status_code == 302
+    if int(time.time()) // hub.server.hub.limiter.window != window:
+        pytest.skip("the window turned during the test")
+    return [hub.store.count(f"rl:{key}:{window}") for key in (
+        "token:addr:192.0.2.30", f"token:agency:{AGENCY_ONE.client_id}",
+        f"decision:agency:{AGENCY_ONE.client_id}", "decision:addr:192.0.2.30",
+        "login:addr:192.0.2.30")]
+
+
+def test_zero_means_no_limit(make_hub):
+    """0 turns a limit off: nothing is refused, and nothing is counted (the defaults are far
+    above what a test sends, so a 0 taken for "the default" shows only in the counters)."""
+    on = counters_after_traffic(limited_hub(make_hub, **{
+        name: 1000 for name in ("token_per_agency", "token_per_address", "decision_per_agency",
+                                "decision_per_address", "login_per_address")}))
+    assert all(on), on  # the counters read below are the limits' own
+    assert counters_after_traffic(limited_hub(make_hub)) == [0] * 5
 
 
 @pytest.fixture(params=["memory", "redis"])
