@@ -16,6 +16,7 @@ from tests.flows import (
     path_of,
     query,
     redeem,
+    start_login,
     upstream_login,
 )
 
@@ -88,3 +89,41 @@ def test_unknown_acr_is_unmet_authentication_requirements(client):
     params = query(r.headers["Location"])
     assert params["error"] == "unmet_authentication_requirements"
     assert params["state"] == auth.state and params["iss"] == HUB_ISSUER
+
+
+def _flow_of(client, auth: AuthRequest) -> str:
+    """Start ``auth`` at /authorize; the id of the login flow it waits on."""
+    r = client.get(auth.url())
+    assert r.status_code == 303 and r.headers["Location"].startswith("/login?flow="), r.status_code
+    return query(r.headers["Location"])["flow"]
+
+
+def test_a_low_login_in_between_cannot_answer_a_high_request(client):
+    """OpenID Connect Core 3.1.2.1 (acr_values): the citizen signs in at HIGH for a request
+    that asked for it, and before the browser is back at /authorize/continue signs in again
+    at LOW in another tab: the request is not answered with the LOW login the session now
+    holds."""
+    high = AuthRequest(extra={"acr_values": HIGH})
+    callback = upstream_login(start_login(client, high, "op-es"))
+    r = client.get(path_of(callback))
+    assert r.status_code == 303 and r.headers["Location"].startswith("/authorize/continue")
+    back = path_of(r.headers["Location"])  # not followed yet
+    full_login(client, AuthRequest(extra={"prompt": "login"}), upstream_id="op")  # LOW
+    r = client.get(back)
+    assert r.status_code == 302 and r.headers["Location"].startswith(high.agency.redirect_uri)
+    params = query(r.headers["Location"])
+    assert params["error"] == "unmet_authentication_requirements" and "code" not in params
+    assert params["error_description"] == "The sign-in did not reach the requested assurance."
+    assert params["state"] == high.state and params["iss"] == HUB_ISSUER
+
+
+def test_prompt_login_is_not_answered_by_the_login_it_asked_to_redo(client):
+    """OpenID Connect Core 3.1.2.1 (prompt=login): the flow waits for a new login; the
+    session's login from before the flow began cannot answer it by going straight to where
+    the flow resumes. Two checks stand in the way, each enough alone: the flow was never
+    authenticated, and the session's login is older than the flow."""
+    full_login(client, AuthRequest(), upstream_id="op")
+    waiting = _flow_of(client, AuthRequest(extra={"prompt": "login"}))
+    r = client.get(f"/authorize/continue?flow={waiting}")
+    assert r.status_code == 400 and "expired" in r.get_data(as_text=True)
+    assert "Location" not in r.headers
