@@ -211,12 +211,19 @@ def test_rfc7591_3_2_2_bad_metadata_names_the_field(client):
 
 
 def test_malformed_and_oversized_bodies(client):
-    r = client.post(API, data="{not json", content_type="application/json", headers=AUTH)
-    assert r.status_code == 400 and r.json["error"] == "invalid_request"
-    r = client.post(API, data="[]", content_type="application/json", headers=AUTH)
-    assert r.status_code == 400 and r.json["error"] == "invalid_request"
-    r = client.post(API, data="client_id=x", headers=AUTH)  # a form, not JSON
-    assert r.status_code == 400 and r.json["error"] == "invalid_request"
+    # each refused by its own check, which the description names
+    for data, content_type, says in [
+            ("{not json", "application/json", "The body must be a JSON object."),
+            ("[]", "application/json", "The body must be a JSON object."),
+            ("client_id=x", "application/x-www-form-urlencoded",  # a form, not JSON
+             "The body must be JSON (Content-Type: application/json)."),
+            (json.dumps(registration()), "text/plain",  # JSON, but not declared as such
+             "The body must be JSON (Content-Type: application/json).")]:
+        r = client.post(API, data=data, content_type=content_type, headers=AUTH)
+        assert r.status_code == 400 and r.json == {"error": "invalid_request",
+                                                   "error_description": says}, data
+    assert [a["client_id"] for a in client.get(API, headers=AUTH).json["agencies"]] == [
+        "agency-one", "agency-two"]
     big = registration(name="x" * 70_000)
     r = client.post(API, data=json.dumps(big), content_type="application/json", headers=AUTH)
     assert r.status_code == 413 and r.json["error"] == "invalid_request"

@@ -8,7 +8,8 @@ import time
 from jose import jwt as jose_jwt
 
 from tests.conftest import HUB_ISSUER
-from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest, full_login, redeem
+from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest, full_login, query, redeem
+from tests.flows import TestAgency as Agency
 
 
 def test_login_issues_code_with_state_and_iss_rfc9207(client):
@@ -76,6 +77,33 @@ def test_pairwise_sub_differs_between_agencies_and_is_stable(client):
         subs.append(jose_jwt.get_unverified_claims(body["id_token"])["sub"])
     assert subs[0] != subs[1]
     assert subs[0] == subs[2]
+
+
+def test_pairwise_sub_is_per_sector_not_per_agency_oidc_core_8_1(make_hub):
+    """OpenID Connect Core 8.1: the subject is computed per sector. An agency that declares
+    agency one's sector gets agency one's `sub` although its own host and client differ; one
+    on another host of its own does not."""
+    same_sector = Agency("agency-one-batch", "s3-" + "c" * 40,
+                         "https://batch.one-services.example/cb", "Agency One (batch)")
+    own_sector = Agency("agency-other", "s4-" + "d" * 40,
+                        "https://other.agency.example/cb", "Other Agency")
+    app = make_hub(agencies=[AGENCY_ONE.config(), AGENCY_TWO.config(),
+                             same_sector.config(sector_identifier="one.agency.example"),
+                             own_sector.config()])
+    client = app.test_client()
+    subs = {}
+    for agency in (AGENCY_ONE, same_sector, own_sector):  # one login, then single sign-on
+        auth = AuthRequest(agency=agency)
+        if subs:
+            r = client.get(auth.url())
+            assert r.status_code == 302 and "code=" in r.headers["Location"], r.headers
+            code = query(r.headers["Location"])["code"]
+        else:
+            code = full_login(client, auth)["code"]
+        body = redeem(client, auth, code).json
+        subs[agency.client_id] = jose_jwt.get_unverified_claims(body["id_token"])["sub"]
+    assert subs[same_sector.client_id] == subs[AGENCY_ONE.client_id]
+    assert subs[own_sector.client_id] != subs[AGENCY_ONE.client_id]
 
 
 def test_second_agency_uses_hub_session_without_upstream_login(client):

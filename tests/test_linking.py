@@ -130,13 +130,18 @@ def test_same_email_at_second_upstream_creates_new_account(client, hub):
                upstream_id="op-es")
     assert count_accounts(hub) == 2
     assert account_id(hub, "op", "alice-0001") != account_id(hub, "op-es", "alice-0001")
+    # the premise: both upstreams really did assert the same email
+    assert {hub.accounts.attributes(account_id(hub, c, "alice-0001")).get("email")
+            for c in ("op", "op-es")} == {"alice@example.org"}
 
 
 def test_linking_never_raises_assurance(client, hub):
     auth = AuthRequest()
     params = full_login(client, auth)             # low-assurance upstream
     callback = upstream_login(start_link(client), "alice")
-    client.get(path_of(callback))                 # high-assurance credential linked
+    r = client.get(path_of(callback))             # high-assurance credential linked
+    assert r.status_code == 303 and r.headers["Location"] == "/account"
+    assert account_id(hub, "op-es", "alice-0001") == account_id(hub, "op", "alice-0001")
     auth2 = AuthRequest()
     r = client.get(auth2.url())                   # SSO with the same hub session
     params = query(r.headers["Location"])
@@ -147,9 +152,12 @@ def test_linking_never_raises_assurance(client, hub):
     params = full_login(fresh, auth3, upstream_id="op")
     claims = jose_jwt.get_unverified_claims(redeem(fresh, auth3, params["code"]).json["id_token"])
     assert claims["acr"] == LOW
+    # the linked credential is high assurance when it is the one used to sign in
     auth4 = AuthRequest()
-    params = full_login(client.application.test_client(), auth4, upstream_id="op-es")
-    assert params["code"]
+    bank = client.application.test_client()
+    params = full_login(bank, auth4, upstream_id="op-es")
+    claims = jose_jwt.get_unverified_claims(redeem(bank, auth4, params["code"]).json["id_token"])
+    assert claims["acr"] == HIGH
 
 
 def test_unlink_allowed_while_another_remains_but_not_the_last(client, hub):
@@ -157,6 +165,11 @@ def test_unlink_allowed_while_another_remains_but_not_the_last(client, hub):
     client.get(path_of(upstream_login(start_link(client), "alice")))
     with hub.db.session() as s:
         links = {li.connector_id: li.id for li in s.scalars(select(LinkedIdentity))}
+    # a forged form without the token changes nothing (two credentials: only the form
+    # token check can refuse it)
+    r = client.post(f"/account/identities/{links['op-es']}/unlink", data={"csrf": "x"})
+    assert r.status_code == 400 and "This form has expired" in r.get_data(as_text=True)
+    assert account_id(hub, "op-es", "alice-0001") is not None
     r = client.post(f"/account/identities/{links['op-es']}/unlink", data={"csrf": csrf(client)})
     assert r.status_code == 303
     page = client.get("/account").get_data(as_text=True)
@@ -167,9 +180,23 @@ def test_unlink_allowed_while_another_remains_but_not_the_last(client, hub):
     r = client.post(f"/account/identities/{links['op']}/unlink", data={"csrf": csrf(client)})
     assert r.status_code == 409 and "only way you can sign in" in r.get_data(as_text=True)
     assert account_id(hub, "op", "alice-0001") is not None
-    # a forged form without the token changes nothing
-    r = client.post(f"/account/identities/{links['op']}/unlink", data={"csrf": "x"})
-    assert r.status_code == 400
+
+
+def test_credential_of_another_account_cannot_be_unlinked(client, hub):
+    """The unlink form names a credential by its number: one of another account is refused
+    as not this account's, even when this account has a second credential to spare (so the
+    last-credential check cannot be what refuses it)."""
+    full_login(client.application.test_client(), AuthRequest(), username="bob")  # account B
+    full_login(client, AuthRequest(), username="alice")                          # account A
+    assert client.get(path_of(upstream_login(start_link(client), "alice"))).status_code == 303
+    with hub.db.session() as s:
+        [bobs] = s.scalars(select(LinkedIdentity.id).where(
+            LinkedIdentity.upstream_subject == "bob-0002")).all()
+    r = client.post(f"/account/identities/{bobs}/unlink", data={"csrf": csrf(client)})
+    assert r.status_code == 409
+    assert "not linked to your account" in r.get_data(as_text=True)
+    assert account_id(hub, "op", "bob-0002") is not None
+    assert account_id(hub, "op-es", "alice-0001") == account_id(hub, "op", "alice-0001")
 
 
 def test_account_deletion_erases_and_revokes(client, hub):
@@ -226,6 +253,19 @@ def test_link_requires_sign_in(client):
     assert r.status_code == 303 and r.headers["Location"] == "/login"  # no link flow
     with client.session_transaction() as session:
         assert not session.get("flows") and "login" not in session
+
+
+def test_link_start_needs_the_form_token(client):
+    """A cross-site form post cannot start a link flow in a signed-in citizen's browser:
+    only the form token check refuses it (the citizen is signed in)."""
+    full_login(client, AuthRequest())
+    for given in ({"csrf": "forged"}, {}):
+        r = client.post("/account/link", data=given)
+        assert r.status_code == 400 and "This form has expired" in r.get_data(as_text=True)
+    with client.session_transaction() as session:
+        assert session.get("login")
+        assert not [f for f in (session.get("flows") or {}).values()
+                    if (f.get("payload") or {}).get("purpose") == "link"]
 
 
 def test_account_events_are_ledger_entries_without_personal_data(client, hub):

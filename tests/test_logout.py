@@ -381,6 +381,9 @@ def test_rp_logout_sends_logout_tokens_to_every_agency_of_the_session(logout_app
         assert header["kid"] in {k["kid"] for k in jwks["keys"]}
         got = jose_jwt.decode(token, jwks, algorithms=["ES256"], audience=agency.client_id,
                               issuer=HUB_ISSUER)
+        # section 2.4: python-jose lets a token without aud through its audience check
+        assert set(got) == {"iss", "aud", "iat", "exp", "jti", "events", "sub", "sid"}, got
+        assert got["aud"] == agency.client_id and got["iss"] == HUB_ISSUER
         assert got["events"] == {EVENT: {}}
         assert got["sid"] == claims(id_token)["sid"]
         assert got["sub"] == claims(id_token)["sub"]
@@ -481,6 +484,16 @@ def test_delivery_gives_up_after_max_attempts_with_fresh_tokens(logout_app, endp
     # tokens are re-signed when late: each attempt's token was valid at its time
     sent = [claims(t) for t in endpoints.tokens_for(AGENCY_TWO.client_id)]
     assert len({c["jti"] for c in sent}) > 1
+    # a re-signed token says what the first one said: the same agency, subject and session
+    # (without its sid it would end every session of the subject, section 2.4)
+    jwks = logout_app.test_client().get("/jwks").json
+    for token in endpoints.tokens_for(AGENCY_TWO.client_id):
+        got = jose_jwt.decode(token, jwks, algorithms=["ES256"], audience=AGENCY_TWO.client_id,
+                              issuer=HUB_ISSUER, options={"verify_exp": False,
+                                                          "verify_iat": False})
+        assert (got["aud"], got["sub"], got.get("sid"), got["events"]) == (
+            AGENCY_TWO.client_id, "pairwise-sub", "sid-1", {EVENT: {}}), got
+        assert "nonce" not in got
     assert sent[-1]["exp"] > at.timestamp() and sent[-1]["iat"] <= at.timestamp()
     assert hub.dispatcher.deliver_due(at + timedelta(days=1)).attempted == 0
 
@@ -488,13 +501,21 @@ def test_delivery_gives_up_after_max_attempts_with_fresh_tokens(logout_app, endp
 def test_hanging_endpoint_is_abandoned_within_the_timeout(logout_app, endpoints):
     hub = logout_app.extensions["civitas"]  # backchannel_timeout_seconds=1
     endpoints.modes[AGENCY_TWO.client_id] = "hang"
-    hub.dispatcher.enqueue([_notice(endpoints), _notice(endpoints, AGENCY_ONE.client_id)])
+    now = utcnow()
+    # the hanging agency's token is the older one, so it is claimed (and posted) first
+    hub.dispatcher.enqueue([_notice(endpoints)], now=now - timedelta(seconds=1))
+    hub.dispatcher.enqueue([_notice(endpoints, AGENCY_ONE.client_id)], now=now)
     started = time.monotonic()
-    done = hub.dispatcher.deliver_due()
+    done = hub.dispatcher.deliver_due(now)
     assert time.monotonic() - started < 3
-    assert (done.delivered, done.retrying) == (1, 1)  # the other agency is not held up
+    assert (done.delivered, done.retrying) == (1, 1)
     row = _deliveries(hub)[AGENCY_TWO.client_id]
     assert "timed out" in row.last_error.lower() or "timeout" in row.last_error.lower()
+    assert _deliveries(hub)[AGENCY_ONE.client_id].delivered_at is not None
+    # the other agency is not held up: its token went out while the hung post was still
+    # waiting, not after its 1 s timeout (as it would be, posted one after the other)
+    at = {r["name"]: r["at"] for r in endpoints.received}
+    assert at[AGENCY_ONE.client_id] - at[AGENCY_TWO.client_id] < 0.9, at
 
 
 def test_queue_survives_a_restart(make_hub, endpoints, upstream_issuer):

@@ -114,6 +114,8 @@ def verified(token, jwks):
     assert header["typ"] == "secevent+jwt" and header["kid"]
     claims = jose_jwt.decode(token, jwks, algorithms=["ES256"], audience=AGENCY_ONE.client_id,
                              issuer=HUB_ISSUER)
+    # RFC 8417 2.2; python-jose lets a token without aud through its audience check
+    assert claims["aud"] == AGENCY_ONE.client_id and claims["iss"] == HUB_ISSUER
     assert claims["jti"] and isinstance(claims["iat"], int) and "sub" not in claims
     return claims
 
