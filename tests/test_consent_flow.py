@@ -144,13 +144,19 @@ def test_partial_consent_releases_only_granted_claims(client):
     assert r.status_code == 302 and "code" in query(r.headers["Location"])
 
 
-def test_deny_returns_access_denied(client):
+def test_deny_returns_access_denied(client, app):
     auth = AuthRequest()
     _, form = to_consent_page(client, auth)
     r = answer(client, form, "deny")
     params = query(r.headers["Location"])
     assert params["error"] == "access_denied" and params["state"] == auth.state
     assert params["iss"] == HUB_ISSUER
+    # the refusal is a consent event of its own, with its ledger entry
+    hub = app.extensions["civitas"]
+    [entry] = [json.loads(e.entry)["data"] for e in hub.ledger.entries(None, None, None)
+               if e.kind.startswith("consent.")]
+    assert entry["state"] == "refused" and entry["agency"] == AGENCY_ONE.client_id
+    assert entry["affected"] == ["email", "name"] and entry["claims"] == {}
 
 
 def test_consent_form_needs_csrf_and_is_single_use(client):
@@ -323,8 +329,17 @@ def test_records_and_ledger_match_one_to_one(client, app):
     body = redeem(client, auth, query(r.headers["Location"])["code"]).json
     sub = jose_jwt.get_unverified_claims(body["id_token"])["sub"]
     evaluate(client, sub, "email", "benefits")
+    # a withdrawal from the account page is a consent event too, with its own entry
+    page = client.get("/account/consents").get_data(as_text=True)
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    r = client.post("/account/consents/withdraw",
+                    data={"csrf": csrf, "client_id": AGENCY_ONE.client_id})
+    assert r.status_code == 303
+    kinds = sorted(e.kind for e in hub.ledger.entries(None, None, None)
+                   if e.kind.startswith(("consent.", "decision.")))
+    assert kinds == ["consent.given", "consent.withdrawn", "decision.query"]
     report = reconcile(hub.db, hub.ledger, None, None)
-    assert report.ok and report.records == report.entries == 2
+    assert report.ok and report.records == report.entries == 3
     # an entry removed behind the hub's back is named
     with hub.db.session() as s:
         s.execute(delete(LedgerEntry).where(LedgerEntry.kind == "decision.query"))

@@ -30,7 +30,7 @@ from broker.models import ConstituentAccount
 from broker.session import HubLogin
 from consent.decisions import EvaluationQuery
 from consent.errors import FormExpired, NothingToWithdraw, RequiredClaimWithdrawal
-from consent.models import AgencyDecision, ConsentEvent, ConsentRecord
+from consent.models import AgencyDecision, ConsentEvent, ConsentReceipt, ConsentRecord
 from consent.openapi import openapi_document
 from consent.policy import AgencyContact, AgencyPolicy, ClaimRequest
 from consent.receipts import receipt_schema
@@ -351,6 +351,56 @@ def test_withdrawal_rules(env: Env) -> None:
     assert {w.client_id for w in env.withdrawals} == {"agency-one", "agency-two"}
 
 
+def test_every_consent_event_is_one_ledger_entry_of_what_it_records(env: Env) -> None:
+    """Every append (given, renewed, refused, withdrawn in part and in whole, expired) writes
+    exactly one ledger entry in its own transaction, holding what the event holds: no event
+    without its entry, no entry saying something else."""
+    from cryptography.fernet import Fernet
+
+    from consent.ledger import Ledger
+    from consent.models import EVENT_KINDS
+    from consent.reconcile import reconcile
+    from kernel.crypto import FieldCipher
+
+    ledger = Ledger(env.db, FieldCipher([Fernet.generate_key().decode()]),
+                    origin="audit.civitas.test/ledger")
+    svc = ConsentService(env.db, env.signer, ledger=ledger)
+    alice, bob = env.alice.id, env.bob.id
+    svc.record_decision(alice, ONE, "sub-a1", {"email"}, now=T0)
+    svc.record_decision(alice, ONE, "sub-a1", {"email", "health_card"},
+                        requested_claims={"health_card"}, now=T0 + timedelta(hours=1))
+    svc.record_refusal(alice, ONE, "sub-a1", requested_claims={"email"},
+                       now=T0 + timedelta(hours=2))
+    svc.withdraw(alice, "agency-one", claim="email", now=T0 + timedelta(hours=3))
+    svc.withdraw(alice, "agency-one", now=T0 + timedelta(hours=4))
+    svc.record_refusal(bob, ONE, "sub-b1", now=T0)
+    svc.record_decision(bob, ONE, "sub-b1", set(), now=T0 + timedelta(hours=1))
+    assert svc.expire_due(now=T0 + timedelta(days=40)) == 1
+
+    events = [(svc.current(a, "agency-one", T0).record_id, e)
+              for a in (alice, bob) for e in svc.history(a, "agency-one")]
+    assert [e.kind for _, e in events] == [
+        "given", "renewed", "refused", "withdrawn", "withdrawn", "refused", "given", "expired"]
+    assert {e.kind for _, e in events} == set(EVENT_KINDS)
+    entries = [json.loads(e.entry) for e in ledger.entries()]
+    assert len(entries) == len(events)
+    by_event = {(d["data"]["record"], d["data"]["event"]): d for d in entries}
+    for record_id, e in events:
+        entry = by_event[(record_id, e.seq)]
+        assert entry["kind"] == f"consent.{e.kind}"
+        assert entry["data"] == {
+            "record": record_id, "event": e.seq, "agency": "agency-one",
+            "subject": e.subject, "state": e.state, "claims": e.claims,
+            "declined": e.declined, "affected": e.affected, "method": e.method,
+            "notice_version": e.notice_version, "receipt": e.receipt_id}
+    # the partial withdrawal leaves the grant valid, without the claim withdrawn
+    partial = by_event[(events[3][0], 4)]["data"]
+    assert partial["state"] == "renewed" and partial["affected"] == ["email"]
+    assert set(partial["claims"]) == {"name", "health_card"}
+    report = reconcile(env.db, ledger, None, None)
+    assert report.ok and report.records == report.entries == len(events)
+
+
 def test_concurrent_grants_append_in_order_to_one_record(any_env: Env) -> None:
     """Unique (account, agency) and (record, seq), and the record's row lock: racing first
     grants make one record and racing appends queue or retry, so no event is lost and the
@@ -467,9 +517,16 @@ def test_decisions_allow_deny_and_hide_other_agencies_subjects(any_env: Env) -> 
     not_granted = post("/access/v1/evaluation", json=evaluation(
         "sub-a1", "health_card", "eligibility"), headers=ONE_AUTH).json
     assert not_granted["context"]["reason"] == "claim_not_consented"
-    wrong_action = post("/access/v1/evaluation", json=evaluation(
-        "sub-a1", "email", "notifications", action="sell"), headers=ONE_AUTH).json
-    assert wrong_action["decision"] is False
+    # a consented claim and purpose, asked as anything but "use" of a user's claim: denied
+    # by the check of that member (each would be allowed without it)
+    for member, value, reason in [("action", {"name": "sell"}, "unsupported_action"),
+                                  ("subject", {"type": "group", "id": "sub-a1"},
+                                   "unsupported_subject_type"),
+                                  ("resource", {"type": "document", "id": "email"},
+                                   "unsupported_resource_type")]:
+        odd = post("/access/v1/evaluation", headers=ONE_AUTH, json={
+            **evaluation("sub-a1", "email", "notifications"), member: value}).json
+        assert without_id(odd) == {"decision": False, "context": {"reason": reason}}, member
 
     # agency two's subject, asked by agency one, is just an unknown subject
     foreign = post("/access/v1/evaluation", json=evaluation("sub-a2", "email", "contact"),
@@ -691,6 +748,13 @@ def test_consents_page_lists_and_withdraws_with_csrf(env: Env) -> None:
                  "Withdraw all consent for Department of Benefits", "Consent receipts"):
         assert expected in page
     assert "Your health card number" not in page
+    # her own receipts are listed, never anyone else's (Bob's grant to agency two)
+    with env.db.session() as s:
+        receipts = {owner: set(s.scalars(select(ConsentReceipt.id).where(
+            ConsentReceipt.account_id == owner))) for owner in (env.alice.id, env.bob.id)}
+    assert len(receipts[env.alice.id]) == 2 and len(receipts[env.bob.id]) == 1
+    assert all(r in page for r in receipts[env.alice.id])
+    assert not any(r in page for r in receipts[env.bob.id])
 
     refused = client.post("/account/consents/withdraw", data={"client_id": "agency-one"})
     assert refused.status_code == 400

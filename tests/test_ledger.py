@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from cryptography.fernet import Fernet
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select, text
 
@@ -425,13 +425,20 @@ def test_proofs_from_the_database(ledger):
 
 
 def test_entries_refuse_personal_data_and_are_canonical(ledger):
-    with pytest.raises(PersonalDataRefused):
+    # each check on its own: a member named like a personal claim, an e-mail address as a
+    # value; on one-level entries (the shortcut every decision takes) and on nested ones
+    with pytest.raises(PersonalDataRefused, match=r"member data\.email is personal data"):
         ledger.append("decision.query", {"email": "a@b.example"})
-    with pytest.raises(PersonalDataRefused):
+    with pytest.raises(PersonalDataRefused, match=r"member data\.name is personal data"):
+        ledger.append("decision.query", {"sub": "pairwise-1", "name": "Alice Example"})
+    with pytest.raises(PersonalDataRefused, match=r"at data\.who looks like an e-mail"):
         ledger.append("account.linked", {"who": "alice@example.org"})
-    with pytest.raises(PersonalDataRefused):
+    with pytest.raises(PersonalDataRefused, match=r"member data\.name is personal data"):
         ledger.append("consent.given", {"claims": ["email"], "name": "Alice Example"})
-    with pytest.raises(LedgerError):
+    with pytest.raises(PersonalDataRefused, match=r"at data\.who\[0\] looks like an e-mail"):
+        ledger.append("account.linked", {"who": ["alice@example.org"]})
+    assert list(ledger.entries()) == []
+    with pytest.raises(LedgerError, match="is not a lowercase dotted name"):
         ledger.append("Bad Kind", {})
     # claim names as values and as keys of claim structures are not personal data
     ledger.append("consent.withdrawn", {"claims": {"email": {"purposes": ["benefits"]},
@@ -512,7 +519,8 @@ def test_tamper_cases_are_named_by_line(sqlite_ledger, either_hashing):
     one_byte = list(lines)
     at = one_byte[target].index(b'"purpose":"') + 11
     one_byte[target] = one_byte[target][:at] + b"B" + one_byte[target][at + 1:]
-    assert failure(one_byte, key).line == target + 1
+    err = failure(one_byte, key)
+    assert err.line == target + 1 and "entry 100 was altered" in str(err)
 
     removed = lines[:target] + lines[target + 1:]
     err = failure(removed, key)
@@ -520,7 +528,8 @@ def test_tamper_cases_are_named_by_line(sqlite_ledger, either_hashing):
 
     swapped = list(lines)
     swapped[target], swapped[target + 1] = swapped[target + 1], swapped[target]
-    assert failure(swapped, key).line == target + 1
+    err = failure(swapped, key)
+    assert err.line == target + 1 and "index 101 where 100" in str(err)
 
     cp_line = line_of(lines, b'"type":"checkpoint","size":129')
     note = json.loads(lines[cp_line])["note"]
@@ -547,6 +556,31 @@ def test_tamper_cases_are_named_by_line(sqlite_ledger, either_hashing):
         merkle.leaf_hash(text_).hex().encode(), text_)
     err = failure(deep, key)
     assert err.line == cp_line + 1 and "entries 41..128" in str(err)
+
+    # the last entry before a checkpoint dropped: no later index shows it, the signed size does
+    dropped = lines[:cp_line - 1] + lines[cp_line:]
+    err = failure(dropped, key)
+    assert err.line == cp_line and "follows 128 leaves: entries are missing" in str(err)
+
+    # a genuine, older checkpoint put on this checkpoint's line (replayed)
+    older = json.loads(lines[line_of(lines, b'"type":"checkpoint","size":41')])["note"]
+    replayed = list(lines)
+    replayed[cp_line] = json.dumps({"type": "checkpoint", "size": 129, "note": older}).encode()
+    err = failure(replayed, key)
+    assert err.line == cp_line + 1 and "signed origin or size differ" in str(err)
+
+    # the last checkpoint (and its proof) taken away: the last entries are signed by none
+    last_cp = line_of(lines, b'"type":"checkpoint","size":500')
+    assert b'"type":"consistency","from":429,"to":500' in lines[last_cp + 1]
+    unsigned = lines[:last_cp] + lines[last_cp + 2:]
+    err = failure(unsigned, key)
+    assert err.line == last_cp + 1 and "no checkpoint covers the last entries" in str(err)
+
+    # cut after an earlier checkpoint, the end line kept: the later entries are missed
+    assert b'"type":"end"' in lines[-2]
+    cut = lines[:cp_line + 2] + lines[-2:]
+    err = failure(cut, key)
+    assert err.line == cp_line + 3 and "ends after leaf 129, not at 500" in str(err)
 
     truncated = lines[:cp_line]
     assert "truncated" in str(failure(truncated, key))
@@ -598,6 +632,25 @@ def test_rewritten_history_fails_against_an_older_checkpoint(tmp_path, sqlite_le
     report = verify_export(io.BytesIO(b"\n".join(window)), key)
     assert report.entries == 4 and any("not checked" in n for n in report.notes)
     db2.dispose()
+
+
+def test_a_rolled_back_tree_fails_against_a_later_trusted_checkpoint(sqlite_ledger):
+    """The auditor kept the checkpoint of size 8; a hub that shows its tree as it stood at
+    size 5 (rolled back: the last entries dropped, every remaining line and signature
+    genuine) is refused for that checkpoint, not accepted as a shorter history."""
+    sqlite_ledger.append_many(("decision.query", decision(i)) for i in range(5))
+    sqlite_ledger.seal()
+    key = sqlite_ledger.public_key()
+    rolled_back = exported(sqlite_ledger)
+    sqlite_ledger.append_many(("decision.query", decision(i)) for i in range(5, 8))
+    kept = sqlite_ledger.seal()
+    assert kept.size == 8
+    assert verify_export(io.BytesIO(b"\n".join(rolled_back)), key).entries == 5
+    err = failure(rolled_back, key, trusted=[kept.note])
+    assert err.line == len(rolled_back) - 1
+    assert "trusted checkpoint of size 8 could not be checked" in str(err)
+    assert verify_export(io.BytesIO(b"\n".join(exported(sqlite_ledger))), key,
+                         trusted=[kept.note]).trusted_checked == [8]
 
 
 def entry_time(ledger, leaf_index):
@@ -921,6 +974,9 @@ _VALUES = st.one_of(st.text(), st.booleans(), st.none(),
 
 @settings(max_examples=400, deadline=None)
 @given(st.dictionaries(_NAMES, _VALUES, max_size=10))
+@example({"name": "Alice Example"})
+@example({"sub": "pairwise-1", "Family_Name": "Example", "n": 3})
+@example({"phone_number": 5550100})
 def test_flat_entries_take_a_shortcut_to_the_same_bytes_and_answers(data):
     """entry_text writes one-level entries with json's C encoder: the bytes, and what is
     refused (personal data, lone surrogates), must be those of the general path."""
