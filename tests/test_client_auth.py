@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import threading
 import time
@@ -56,7 +57,9 @@ class QuietServer(ThreadingHTTPServer):
 
 
 class JWKSServer:
-    """Serves ``routes[path] = (status, headers, body)``; ``/slow`` answers after 2 s."""
+    """Serves ``routes[path] = (status, headers, body)``; ``/slow`` answers after 2 s. A
+    header given the value "" is left out (``Content-Length``: the body then ends when the
+    connection closes, HTTP/1.0)."""
 
     def __init__(self) -> None:
         self.routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
@@ -71,8 +74,10 @@ class JWKSServer:
                 status, headers, body = routes.get(self.path, (404, {}, b"{}"))
                 self.send_response(status)
                 for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
+                    if value:
+                        self.send_header(name, value)
+                if "Content-Length" not in headers:
+                    self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -257,7 +262,7 @@ def test_sub_of_another_agency_is_invalid_client(browser):
     # signed with PK_RSA's key but claiming to be PK_EC: PK_EC's keys do not match
     auth = AuthRequest(agency=PK_EC)
     a = assertion(PK_RSA.client_id, sub=PK_EC.client_id)
-    assert_invalid_client(redeem(browser, auth, new_code(browser, auth), a))
+    assert_invalid_client(redeem(browser, auth, new_code(browser, auth), a), contains="kid")
     a = assertion(PK_EC.client_id, RSA_KEY, "RS256")
     assert_invalid_client(redeem(browser, auth, new_code(browser, auth), a), contains="kid")
 
@@ -270,16 +275,24 @@ def test_rfc7523_3_replayed_jti_is_invalid_client(browser):
                           contains="used before")
 
 
-def test_hs256_signed_with_the_client_secret_is_refused(browser):
-    # an agency with a client secret cannot turn it into a client_secret_jwt assertion
+def test_hs256_signed_with_the_client_secret_is_refused(browser, caplog):
+    # an agency with a client secret cannot turn it into a client_secret_jwt assertion: it is
+    # not registered for assertions at all (its secret is never a key)
     auth = AuthRequest(agency=AGENCY_ONE)
     a = assertion(AGENCY_ONE.client_id, AGENCY_ONE.secret.encode(), "HS256")
-    assert_invalid_client(redeem(browser, auth, new_code(browser, auth), a))
-    # nor can anyone sign HS256 with a private_key_jwt agency's public key (alg confusion)
+    assert_invalid_client(redeem(browser, auth, new_code(browser, auth), a),
+                          contains="not registered for private_key_jwt")
+    # nor can anyone sign HS256 with a private_key_jwt agency's public key (alg confusion).
+    # The algorithm allow-list refuses it; without that, the key's type would (an RSA key is
+    # no HMAC key) with the same error_description, so the logged reason tells them apart.
+    caplog.set_level(logging.INFO, logger="idp.client_auth")
     auth = AuthRequest(agency=PK_RSA)
     public_pem = RSA_KEY.as_pem(private=False)
     a = assertion(PK_RSA.client_id, public_pem, "HS256", header={"kid": RSA_KEY.kid})
-    assert_invalid_client(redeem(browser, auth, new_code(browser, auth), a), contains="alg")
+    assert_invalid_client(redeem(browser, auth, new_code(browser, auth), a),
+                          contains="algorithm or signature is not accepted (allowed: RS256, "
+                                   "PS256, ES256)")
+    assert "Algorithm of 'HS256' is not allowed" in caplog.text
 
 
 def test_alg_none_is_refused(browser):
@@ -366,11 +379,14 @@ def test_jwks_uri_slow_times_out(browser, hub, jwks_server):
 
 @pytest.mark.parametrize(("path", "data", "status", "headers"), [
     ("/big", {"keys": [EC_KEY.as_dict(private=False)], "pad": "x" * 70_000}, 200, {}),
+    # no Content-Length to refuse it by: the hub stops reading past 64 KiB
+    ("/big-unannounced", {"keys": [EC_KEY.as_dict(private=False)], "pad": "x" * 70_000}, 200,
+     {"Content-Length": ""}),
     ("/redirect", {}, 302, {"Location": "/pk-uri.json"}),
     ("/private", {"keys": [EC_KEY.as_dict(private=True)]}, 200, {}),
     ("/notjson", b"<html>", 200, {}),
     ("/error", {}, 500, {}),
-], ids=["too-large", "redirect", "private-key", "not-json", "http-500"])
+], ids=["too-large", "too-large-no-length", "redirect", "private-key", "not-json", "http-500"])
 def test_jwks_uri_bad_answers_are_invalid_client(browser, hub, jwks_server, path, data, status,
                                                  headers):
     jwks_server.serve(path, data, status, headers)

@@ -98,8 +98,10 @@ def assert_token_error(r: Any, status: int, error: str) -> dict[str, Any]:
     return body
 
 
-def assert_invalid_client(r: Any, status: int = 401) -> None:
-    assert_token_error(r, status, "invalid_client")
+def assert_invalid_client(r: Any, status: int = 401, description: str | None = None) -> None:
+    body = assert_token_error(r, status, "invalid_client")
+    if description is not None:
+        assert body["error_description"] == description, body
     if status == 401:
         # RFC 6749 5.2: a 401 names the scheme the client may use
         assert r.headers["WWW-Authenticate"].startswith("Basic ")
@@ -163,11 +165,12 @@ def test_rfc6749_2_3_1_other_agencys_secret_is_invalid_client(browser):
 
 @pytest.mark.parametrize(("method", "status"), [("basic", 401), ("post", 400)])
 def test_rfc6749_2_3_1_unknown_client_is_invalid_client(browser, hub, method, status):
-    # RFC 6749 5.2: 401 is a MUST only when the client used the Authorization header.
+    # RFC 6749 5.2: 401 is a MUST only when the client used the Authorization header. The
+    # description tells "no such client" from a known client's wrong secret or method.
     auth = AuthRequest()
     code = new_code(browser, auth)
     assert_invalid_client(redeem(browser, as_agency(auth, UNKNOWN_AGENCY), code, method=method),
-                          status)
+                          status, "The client does not exist on this server.")
     assert_token_ok(redeem(browser, auth, code), auth, hub)
 
 

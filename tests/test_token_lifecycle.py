@@ -94,7 +94,7 @@ def test_refresh_token_only_with_offline_access(client):
     assert "refresh_token" not in tokens(client, scope="openid email")
 
 
-def test_rfc9700_4_14_rotation_and_reuse_revokes_the_grant(client):
+def test_rfc9700_4_14_rotation_and_reuse_revokes_the_grant(client, hub):
     first = tokens(client)
     r = refresh(client, first["refresh_token"])
     assert r.status_code == 200, r.json
@@ -104,7 +104,13 @@ def test_rfc9700_4_14_rotation_and_reuse_revokes_the_grant(client):
     # the old refresh token is presented again: an attacker may hold a copy
     r = refresh(client, first["refresh_token"])
     assert r.status_code == 400 and r.json["error"] == "invalid_grant"
-    # ... so the whole grant is revoked: the rotated token and its access tokens too
+    # ... so the whole grant is revoked: the rotated token and its access tokens too. The
+    # grant's row says so (introspection reads only the row; a refresh of the rotated token
+    # would also be refused by the access-token revocation mark alone, after using it).
+    assert introspect(client, second["refresh_token"],
+                      token_type_hint="refresh_token").json == {"active": False}
+    with hub.db.session() as s:
+        assert s.scalars(select(RefreshGrantRecord.revoked_reason)).all() == ["reuse"]
     r = refresh(client, second["refresh_token"])
     assert r.status_code == 400 and r.json["error"] == "invalid_grant"
     assert userinfo(client, second["access_token"]).status_code == 401
@@ -165,8 +171,10 @@ def test_concurrent_refresh_has_one_winner(app):
     statuses = sorted(r.status_code for r in results)
     assert statuses in ([200, 400], [400, 400]), statuses  # never two winners
     # the loser presented a used token: the grant is revoked, the winner's tokens with it
+    # (its refresh token inactive at introspection, which reads only the grant's row)
     for r in results:
         if r.status_code == 200:
+            assert introspect(client, r.json["refresh_token"]).json == {"active": False}
             assert refresh(client, r.json["refresh_token"]).status_code == 400
             assert userinfo(client, r.json["access_token"]).status_code == 401
 
@@ -410,10 +418,15 @@ def test_rfc7009_revoke_access_token(client):
     assert refresh(client, body["refresh_token"]).status_code == 200
 
 
-def test_rfc7009_revoke_refresh_token_revokes_grant(client):
+def test_rfc7009_revoke_refresh_token_revokes_grant(client, hub):
     body = tokens(client)
     r = client.post("/revoke", data={"token": body["refresh_token"]}, headers=basic(AGENCY_ONE))
     assert r.status_code == 200
+    # the grant itself is revoked (its row; introspection reads only that), not merely its
+    # access tokens: that mark alone would also get the refresh below refused, after using it
+    with hub.db.session() as s:
+        assert s.scalars(select(RefreshGrantRecord.revoked_reason)).all() == ["revoked"]
+    assert introspect(client, body["refresh_token"]).json == {"active": False}
     assert refresh(client, body["refresh_token"]).json["error"] == "invalid_grant"
     assert userinfo(client, body["access_token"]).status_code == 401
 
