@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import requests
+import urllib3
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from joserfc import jwt
 from joserfc.errors import JoseError
@@ -28,6 +29,8 @@ from joserfc.jwk import KeySet
 from joserfc.jws import extract_compact
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
+
+from kernel.bounded import BodyTooLarge, BodyTooSlow, read_bounded
 
 from .base import (
     Bulkhead,
@@ -96,21 +99,26 @@ class OIDCConnector:
     # -- HTTP -----------------------------------------------------------------------------
 
     def _fetch_json(self, method: str, url: str, **kwargs: Any) -> tuple[int, Any]:
+        unreachable = (f"The sign-in service {self.display_name} could not be reached. "
+                       "Please try again later.")
+        # the whole answer within the timeout (plus at most one read's wait: read_bounded),
+        # not only each wait for more bytes
+        deadline = time.monotonic() + self.config.timeout_seconds
         try:
-            resp = self._http.request(
+            with self._http.request(
                 method, url, timeout=self.config.timeout_seconds, stream=True,
                 allow_redirects=False, **kwargs,
-            )
-            body = resp.raw.read(MAX_RESPONSE_BYTES + 1, decode_content=True)
-            resp.close()
-        except requests.RequestException as exc:
-            raise UpstreamUnavailable(
-                f"The sign-in service {self.display_name} could not be reached. "
-                "Please try again later."
-            ) from exc
-        if len(body) > MAX_RESPONSE_BYTES:
+            ) as resp:
+                body = read_bounded(resp.raw, max_bytes=MAX_RESPONSE_BYTES, deadline=deadline)
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
+            raise UpstreamUnavailable(unreachable, detail=f"{method} {url}: "
+                                      f"{type(exc).__name__}") from exc
+        except BodyTooSlow:
+            raise UpstreamUnavailable(unreachable, detail=f"{method} {url}: the answer was "
+                                      "still arriving after the timeout") from None
+        except BodyTooLarge:
             raise UpstreamResponseInvalid(detail=f"{method} {url}: the answer is larger than "
-                                          f"{MAX_RESPONSE_BYTES} bytes")
+                                          f"{MAX_RESPONSE_BYTES} bytes") from None
         try:
             return resp.status_code, json.loads(body)
         except ValueError as exc:

@@ -23,10 +23,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
+import urllib3
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet, RSAKey
 from requests.adapters import HTTPAdapter
 
+from kernel.bounded import BodyTooLarge, BodyTooSlow, read_bounded
 from kernel.urls import check_url
 
 from .errors import IdpError
@@ -273,7 +275,6 @@ class AgencyKeys:
         session.trust_env = False  # no proxy from the environment: the checked address is used
         session.verify = self.verify
         session.mount("https://", _PinnedAdapter(host))
-        body = bytearray()
         try:
             with session, session.get(
                     pinned, headers={"Host": host_header, "Accept-Encoding": "identity",
@@ -285,13 +286,13 @@ class AgencyKeys:
                 declared = resp.headers.get("Content-Length", "")
                 if declared.isdigit() and int(declared) > self.max_bytes:
                     raise JWKSUnavailable(f"larger than {self.max_bytes} bytes")
-                for chunk in resp.iter_content(8192):
-                    body += chunk
-                    if len(body) > self.max_bytes:
-                        raise JWKSUnavailable(f"larger than {self.max_bytes} bytes")
-                    if time.monotonic() > deadline:
-                        raise JWKSUnavailable("took too long")
-        except requests.RequestException as exc:
+                try:
+                    body = read_bounded(resp.raw, max_bytes=self.max_bytes, deadline=deadline)
+                except BodyTooLarge:
+                    raise JWKSUnavailable(f"larger than {self.max_bytes} bytes") from None
+                except BodyTooSlow:
+                    raise JWKSUnavailable("took too long") from None
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             raise JWKSUnavailable(f"could not be fetched ({type(exc).__name__})") from exc
         try:
             return json.loads(body)

@@ -78,6 +78,42 @@ def run_silent_server() -> Iterator[tuple[int, threading.Event]]:
         listener.close()
 
 
+@contextlib.contextmanager
+def run_trickle_server(body: bytes, gap: float) -> Iterator[int]:
+    """An HTTP server on loopback that answers every request ``200`` with ``body`` (JSON,
+    no Content-Length) one byte every ``gap`` seconds: each byte comes well within any read
+    timeout longer than ``gap``, the whole answer does not (a "slow read" attack). Its port."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def answer(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n")
+            for byte in body:
+                if stop.wait(gap):
+                    return
+                conn.sendall(bytes([byte]))
+
+    def serve() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                conn = listener.accept()[0]
+                threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
 def _ephemeral_low() -> int:
     """The lowest port the kernel gives outgoing connections (Linux default 32768)."""
     try:

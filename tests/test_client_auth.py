@@ -397,6 +397,20 @@ def test_jwks_uri_bad_answers_are_invalid_client(browser, hub, jwks_server, path
     assert_invalid_client(r, contains="could not be obtained")
 
 
+def test_a_jwks_uri_that_trickles_its_answer_is_given_up_at_the_timeout():
+    """A slow-read attack on the token endpoint: a jwks_uri that sends one byte every 0.2 s,
+    within the 0.5 s read timeout, would hold the request for 13 s (64 bytes); the fetch
+    gives it up at its timeout plus at most one read's wait."""
+    body = json.dumps({"keys": [], "pad": "x" * 40}).encode()
+    assert len(body) >= 60
+    with servers.run_trickle_server(body, 0.2) as port:
+        keys = AgencyKeys(allow_insecure=True, timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(JWKSUnavailable, match="took too long"):
+            keys.fetch(f"http://127.0.0.1:{port}/jwks")
+        assert time.monotonic() - started < 3
+
+
 def test_jwks_fetch_refuses_private_addresses_and_http():
     keys = AgencyKeys(allow_insecure=False,
                       lookup=lambda host, port, timeout: ["93.184.215.14", "10.1.2.3"])

@@ -223,6 +223,32 @@ def test_upstream_down_gives_502_page_quickly(upstream_issuer, tmp_path):
                   outcome="unavailable") == unavailable + 1
 
 
+def test_upstream_that_trickles_its_answer_is_given_up_at_the_timeout(upstream_issuer,
+                                                                      tmp_path, caplog):
+    """A slow read: discovery sent one byte every 0.2 s, each within the 1 s read timeout,
+    would hold the thread for 20 s (100 bytes); the hub gives it up at the timeout plus at
+    most one read's wait, and says so in the log."""
+    import time
+
+    from civitas.app import create_app
+
+    caplog.set_level(logging.WARNING, logger="civitas")
+    with servers.run_trickle_server(b"{" + b" " * 98 + b"}", 0.2) as port:
+        cfg = hub_config(upstream_issuer, f"sqlite:///{tmp_path}/slow.db", upstreams=[{
+            "kind": "oidc", "id": "op-slow", "display_name": "Slow ID",
+            "issuer": f"http://127.0.0.1:{port}", "client_id": "x", "client_secret": "y",
+            "timeout_seconds": 1,
+        }])
+        client = create_app(cfg).test_client()
+        flow = query(client.get(AuthRequest().url()).headers["Location"])["flow"]
+        started = time.monotonic()
+        r = client.get(f"/login/op-slow/start?flow={flow}")
+        assert time.monotonic() - started < 5
+    _assert_error_page(r, 502, "could not be reached")
+    assert any("still arriving after the timeout" in rec.getMessage()
+               for rec in caplog.records if r.headers["X-Request-Id"] in rec.getMessage())
+
+
 def test_unknown_upstream_is_404_page(client):
     r = client.get(AuthRequest().url())
     flow = query(r.headers["Location"])["flow"]
