@@ -25,6 +25,7 @@ import json
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from joserfc.errors import JoseError
 from requests.adapters import HTTPAdapter
 from sqlalchemy import event, or_, select, update
 
+from kernel.bounded import BodyTooLarge, BodyTooSlow, read_bounded
 from kernel.db import Database, utcnow
 from kernel.metrics import DELIVERIES
 
@@ -295,6 +297,7 @@ class LogoutDispatcher:
 
     def _push_event(self, item: _Claimed) -> tuple[str | None, bool]:
         """RFC 8935 2.1: POST the SET itself; 2.3: a 400 with ``err`` is final."""
+        deadline = time.monotonic() + self.timeout
         try:
             with self._http.post(item.logout_uri, data=item.token.encode(),
                                  headers={"Content-Type": "application/secevent+jwt",
@@ -304,7 +307,7 @@ class LogoutDispatcher:
                 if resp.status_code in SET_SUCCESS:
                     return None, False
                 if resp.status_code == 400:
-                    return f"HTTP 400: {_set_error(resp)}", True
+                    return f"HTTP 400: {_set_error(resp, deadline)}", True
                 return f"HTTP {resp.status_code}", False
         except requests.RequestException as exc:
             return f"{type(exc).__name__}: {exc}", False
@@ -390,11 +393,13 @@ class LogoutDispatcher:
 
 
 
-def _set_error(resp: requests.Response) -> str:
-    """RFC 8935 2.3: the ``err`` (and ``description``) of a 400, read at most 4 KiB."""
+def _set_error(resp: requests.Response, deadline: float) -> str:
+    """RFC 8935 2.3: the ``err`` (and ``description``) of a 400, read at most 4 KiB and
+    given up at ``deadline`` (kernel.bounded: a receiver that trickles it holds no worker)."""
     try:
-        body = json.loads(resp.raw.read(4096, decode_content=True) or b"{}")
-    except (ValueError, OSError, requests.RequestException, urllib3.exceptions.HTTPError):
+        body = json.loads(read_bounded(resp.raw, max_bytes=4096, deadline=deadline) or b"{}")
+    except (ValueError, OSError, requests.RequestException, urllib3.exceptions.HTTPError,
+            BodyTooLarge, BodyTooSlow):
         return "no error object"
     err = body.get("err") if isinstance(body, dict) else None
     if not isinstance(err, str):

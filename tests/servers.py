@@ -79,10 +79,11 @@ def run_silent_server() -> Iterator[tuple[int, threading.Event]]:
 
 
 @contextlib.contextmanager
-def run_trickle_server(body: bytes, gap: float) -> Iterator[int]:
-    """An HTTP server on loopback that answers every request ``200`` with ``body`` (JSON,
-    no Content-Length) one byte every ``gap`` seconds: each byte comes well within any read
-    timeout longer than ``gap``, the whole answer does not (a "slow read" attack). Its port."""
+def run_trickle_server(body: bytes, gap: float, status: str = "200 OK") -> Iterator[int]:
+    """An HTTP server on loopback that answers every request with ``status`` and ``body``
+    (JSON, no Content-Length) one byte every ``gap`` seconds: each byte comes well within
+    any read timeout longer than ``gap``, the whole answer does not (a "slow read" attack).
+    Its port."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
@@ -92,7 +93,8 @@ def run_trickle_server(body: bytes, gap: float) -> Iterator[int]:
     def answer(conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError):
             conn.recv(65536)
-            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n")
+            conn.sendall(f"HTTP/1.0 {status}\r\nContent-Type: application/json\r\n\r\n"
+                         .encode())
             for byte in body:
                 if stop.wait(gap):
                     return

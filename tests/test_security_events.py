@@ -24,6 +24,7 @@ from idp.backchannel import (
     SecurityEventNotice,
 )
 from kernel.db import utcnow
+from tests import servers
 from tests.conftest import HUB_ISSUER, hub_config
 from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest, metric, query, redeem
 from tests.test_consent_flow import CONSENT, answer, to_consent_page
@@ -196,6 +197,27 @@ def test_bad_request_is_given_up_at_once(app, receiver):
     assert sent(SET_KIND, "given_up") == given_up + 1
     assert hub.dispatcher.deliver_due(utcnow() + timedelta(days=1)).attempted == 0
     assert len(receiver.received) == 1
+
+
+def test_a_receiver_that_trickles_its_error_holds_no_worker(app):
+    """RFC 8935 2.3's error object read within the delivery's timeout: a receiver that sends
+    its 400's body a byte at a time (each within the read timeout) is given up at the
+    timeout, the SET given up as refused, and the pass goes on."""
+    import time
+
+    hub = app.extensions["civitas"]
+    hub.dispatcher.timeout = 0.5
+    body = json.dumps({"err": "invalid_request", "description": "x" * 80}).encode()
+    with servers.run_trickle_server(body, 0.2, "400 Bad Request") as port:
+        hub.dispatcher.enqueue_events([SecurityEventNotice(
+            client_id=AGENCY_ONE.client_id, event_uri=f"http://127.0.0.1:{port}/events",
+            alg="ES256", sub="pairwise-sub", withdrawn=frozenset({"name"}), complete=False,
+            event_time=1_700_000_000)])
+        started = time.monotonic()
+        done = hub.dispatcher.deliver_due()
+        assert time.monotonic() - started < 3  # not the 20 s the whole body would take
+    assert done.given_up == 1
+    assert only_row(hub).last_error == "refused: HTTP 400: no error object"
 
 
 def test_queue_survives_a_restart_and_cli_shows_failures(upstream_issuer, tmp_path, receiver):
