@@ -563,7 +563,8 @@ main.add_command(audit_group)
 @click.option("--to", "until", type=click.DateTime(), default=None)
 @click.pass_context
 def audit_reconcile(ctx: click.Context, since: Any, until: Any) -> None:
-    """Check that consent events and decisions match ledger entries one to one."""
+    """Check that consent events and decisions match ledger entries one to one, and that
+    each record still says what its entry says."""
     from datetime import UTC
 
     from consent.reconcile import reconcile
@@ -576,9 +577,11 @@ def audit_reconcile(ctx: click.Context, since: Any, until: Any) -> None:
         click.echo(f"missing in ledger: {item}")
     for item in report.unmatched_entries:
         click.echo(f"ledger entry without its record: {item}")
+    for item in report.altered:
+        click.echo(f"record differs from its ledger entry: {item}")
     if not report.ok:
         raise SystemExit(1)
-    click.echo("one to one: ok")
+    click.echo("one to one, each record as its entry says: ok")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,23 +1,30 @@
 """The one-to-one check between the records and the audit ledger for a time window.
 
-Every consent event and every agency decision must have exactly one ledger entry, and every
-``consent.*`` / ``decision.query`` entry must name a record that exists. Both are written in
-one transaction, so a difference means tampering or a bug; the report names each one.
+Every consent event and every agency decision must have exactly one ledger entry, of its
+kind and saying what the record says, and every ``consent.*`` / ``decision.query`` entry
+must name a record that exists. Both are written in one transaction, so a difference means
+tampering or a bug; the report names each one. A record altered in the database after its
+entry was written (and sealed into a signed checkpoint) shows as ``altered``: the ledger
+holds what it said.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select
 
 from kernel.db import Database
 
+from .entries import consent_entry, decision_entry
 from .ledger.ledger import Ledger
-from .models import AgencyDecision, ConsentEvent
+from .models import AgencyDecision, ConsentEvent, ConsentRecord
 
 
 @dataclass
@@ -28,37 +35,57 @@ class ReconcileReport:
     missing_in_ledger: list[str] = field(default_factory=list)
     #: ledger entries naming no record (or a record twice)
     unmatched_entries: list[str] = field(default_factory=list)
+    #: records whose ledger entry says something else (a different kind or data)
+    altered: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.missing_in_ledger and not self.unmatched_entries
+        return not self.missing_in_ledger and not self.unmatched_entries and not self.altered
+
+
+def _digest(kind: str, data: Mapping[str, Any]) -> bytes:
+    """What an entry says, in 16 bytes (a window may hold millions of records)."""
+    text = json.dumps([kind, data], sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
 def reconcile(db: Database, ledger: Ledger, since: datetime | None,
               until: datetime | None) -> ReconcileReport:
     report = ReconcileReport()
+    says: dict[str, bytes] = {}
     with db.session() as s:
-        events = select(ConsentEvent.record_id, ConsentEvent.seq)
-        decisions = select(AgencyDecision.id)
+        events = select(ConsentEvent, ConsentRecord.client_id).join(
+            ConsentRecord, ConsentRecord.id == ConsentEvent.record_id)
+        decisions = select(AgencyDecision)
         if since is not None:
             events = events.where(ConsentEvent.at >= since)
             decisions = decisions.where(AgencyDecision.at >= since)
         if until is not None:
             events = events.where(ConsentEvent.at < until)
             decisions = decisions.where(AgencyDecision.at < until)
-        wanted = Counter(f"consent:{r}#{n}" for r, n in s.execute(events))
-        wanted.update(f"decision:{d}" for d in s.scalars(decisions))
-    report.records = sum(wanted.values())
+        for event, client_id in s.execute(events.execution_options(yield_per=10_000)):
+            says[f"consent:{event.record_id}#{event.seq}"] = _digest(
+                f"consent.{event.kind}", consent_entry(client_id, event))
+        for d in s.scalars(decisions.execution_options(yield_per=10_000)):
+            says[f"decision:{d.id}"] = _digest("decision.query", decision_entry(d))
+    wanted = Counter(says.keys())
+    report.records = len(says)
     seen: Counter[str] = Counter()
+    altered: set[str] = set()
     for entry in ledger.entries(None, since, until):
         if entry.kind.startswith("consent."):
             data = json.loads(entry.entry)["data"]
-            seen[f"consent:{data['record']}#{data['event']}"] += 1
+            key = f"consent:{data['record']}#{data['event']}"
         elif entry.kind == "decision.query":
-            seen[f"decision:{json.loads(entry.entry)['data']['decision_id']}"] += 1
+            data = json.loads(entry.entry)["data"]
+            key = f"decision:{data['decision_id']}"
         else:
             continue
+        seen[key] += 1
         report.entries += 1
+        if key in says and says[key] != _digest(entry.kind, data):
+            altered.add(key)
     report.missing_in_ledger = sorted((wanted - seen).elements())
     report.unmatched_entries = sorted((seen - wanted).elements())
+    report.altered = sorted(altered)
     return report

@@ -26,6 +26,7 @@ from kernel.db import Database, utcnow
 
 from . import history
 from .decisions import DecisionPoint, LatestState, latest_state
+from .entries import consent_entry
 from .errors import NothingToWithdraw, RequiredClaimWithdrawal
 from .history import ConsentGrant, GrantedClaim, expiry_of
 from .ledger.ledger import Ledger
@@ -220,13 +221,8 @@ class ConsentService:
                                  issued_at=at, payload=payload,
                                  jws=self.signer.sign(payload)))
         if self.ledger is not None:
-            self.ledger.append(f"consent.{kind}", {
-                "record": record.id, "event": event.seq, "agency": record.client_id,
-                "subject": subject, "state": state,
-                "claims": {k: v.to_json() for k, v in sorted(claims.items())},
-                "declined": sorted(declined), "affected": sorted(affected), "method": method,
-                "notice_version": str(policy["notice_version"]), "receipt": event.receipt_id,
-            }, session=s)
+            self.ledger.append(f"consent.{kind}", consent_entry(record.client_id, event),
+                               session=s)
         events.append(event)
         return event
 

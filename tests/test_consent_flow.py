@@ -316,7 +316,7 @@ def test_citizen_sees_who_used_their_data(client):
     assert other.get("/account/history").status_code == 302  # signed-out: to the login
 
 
-def test_records_and_ledger_match_one_to_one(client, app):
+def test_records_and_ledger_match_one_to_one(client, app, monkeypatch):
     from sqlalchemy import delete
 
     from consent.ledger.models import LedgerEntry
@@ -340,6 +340,37 @@ def test_records_and_ledger_match_one_to_one(client, app):
     assert kinds == ["consent.given", "consent.withdrawn", "decision.query"]
     report = reconcile(hub.db, hub.ledger, None, None)
     assert report.ok and report.records == report.entries == 3
+    # a record altered behind the hub's back (the citizen's grant widened, a refusal turned
+    # into a permit) no longer says what its entry says, and is named; put back, all agrees
+    from sqlalchemy import select, update
+
+    from consent.models import AgencyDecision, ConsentEvent
+    with hub.db.session() as s:
+        given = s.scalars(select(ConsentEvent).where(ConsentEvent.kind == "given")).one()
+        decision = s.scalars(select(AgencyDecision)).one()
+        original = (dict(given.claims), decision.decision)
+        s.execute(update(ConsentEvent).where(ConsentEvent.id == given.id).values(
+            claims={**given.claims, "health_card": {"purposes": ["benefits"]}}))
+        s.execute(update(AgencyDecision).where(AgencyDecision.id == decision.id).values(
+            decision=not decision.decision))
+    report = reconcile(hub.db, hub.ledger, None, None)
+    assert not report.ok and not report.missing_in_ledger and not report.unmatched_entries
+    assert report.altered == sorted([f"consent:{given.record_id}#{given.seq}",
+                                     f"decision:{decision.id}"])
+    # the officer's command says which (this hub's, not one built from a settings file)
+    from click.testing import CliRunner
+
+    import civitas.cli
+    monkeypatch.setattr(civitas.cli, "_hub", lambda ctx: hub)
+    out = CliRunner().invoke(civitas.cli.main, ["audit", "reconcile"])
+    assert out.exit_code == 1 and isinstance(out.exception, SystemExit), out.output
+    assert f"record differs from its ledger entry: decision:{decision.id}" in out.output
+    with hub.db.session() as s:
+        s.execute(update(ConsentEvent).where(ConsentEvent.id == given.id).values(
+            claims=original[0]))
+        s.execute(update(AgencyDecision).where(AgencyDecision.id == decision.id).values(
+            decision=original[1]))
+    assert reconcile(hub.db, hub.ledger, None, None).ok
     # an entry removed behind the hub's back is named
     with hub.db.session() as s:
         s.execute(delete(LedgerEntry).where(LedgerEntry.kind == "decision.query"))
