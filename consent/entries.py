@@ -21,9 +21,9 @@ def consent_entry(client_id: str, event: ConsentEvent) -> dict[str, Any]:
     }
 
 
-def decision_entry(d: AgencyDecision) -> dict[str, Any]:
-    """The data of the ``decision.query`` entry of decision ``d`` (as DecisionService
-    writes it with the decision's row, in one transaction)."""
+def decision_entry(d: AgencyDecision | Any) -> dict[str, Any]:
+    """The data of the ``decision.query`` entry of decision ``d`` (its row, or a result row
+    of those columns), as DecisionService writes it with the row, in one transaction."""
     return {
         "decision_id": d.id, "agency": d.client_id, "subject": d.subject, "action": d.action,
         "claim": d.claim, "purpose": d.purpose, "decision": d.decision, "reason": d.reason,

@@ -56,7 +56,11 @@ def reconcile(db: Database, ledger: Ledger, since: datetime | None,
     with db.session() as s:
         events = select(ConsentEvent, ConsentRecord.client_id).join(
             ConsentRecord, ConsentRecord.id == ConsentEvent.record_id)
-        decisions = select(AgencyDecision)
+        # the columns an entry says, not whole objects: a window may hold millions
+        decisions = select(AgencyDecision.id, AgencyDecision.client_id, AgencyDecision.subject,
+                           AgencyDecision.action, AgencyDecision.claim, AgencyDecision.purpose,
+                           AgencyDecision.decision, AgencyDecision.reason,
+                           AgencyDecision.record_id)
         if since is not None:
             events = events.where(ConsentEvent.at >= since)
             decisions = decisions.where(AgencyDecision.at >= since)
@@ -66,7 +70,7 @@ def reconcile(db: Database, ledger: Ledger, since: datetime | None,
         for event, client_id in s.execute(events.execution_options(yield_per=10_000)):
             says[f"consent:{event.record_id}#{event.seq}"] = _digest(
                 f"consent.{event.kind}", consent_entry(client_id, event))
-        for d in s.scalars(decisions.execution_options(yield_per=10_000)):
+        for d in s.execute(decisions.execution_options(yield_per=10_000)):
             says[f"decision:{d.id}"] = _digest("decision.query", decision_entry(d))
     wanted = Counter(says.keys())
     report.records = len(says)
