@@ -116,7 +116,8 @@ class UpstreamHealth:
         log.warning("upstream %s is down: %s; logins through it are refused for %d s, then "
                     "one login tries it", upstream_id,
                     "the login trying it failed too" if on_probation
-                    else f"{failures} calls in a row failed", policy.down_seconds)
+                    else f"{failures} call{'s' if failures != 1 else ''} in a row failed",
+                    policy.down_seconds)
 
     def answered(self, upstream_id: str) -> None:
         """A call reached the upstream and it answered: it is not down."""
