@@ -240,6 +240,10 @@ def test_full_brokered_login(sites: Sites, new_context: Any) -> None:
     assert _claim(page, "acr") == "urn:civitas:acr:ial1:aal1"
     assert _claim(page, "iss") == sites.hub
     assert _claim(page, "sub") not in ("", "alice-0001")
+    # what she ticked reaches the agency, and what she left unticked does not
+    assert _claim(page, "name") == "Alice Example"
+    for unticked in ("given_name", "family_name"):
+        expect(page.get_by_role("rowheader", name=unticked, exact=True)).to_have_count(0)
 
     cookies = {c["name"]: c for c in context.cookies(sites.hub)}
     hub_cookie = cookies.get("civitas_session")

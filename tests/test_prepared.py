@@ -256,7 +256,7 @@ def test_parameters_are_those_construct_params_gives_for_every_hot_statement() -
     """Prepared._values builds exactly the parameters SQLAlchemy's ``construct_params``
     does, bind conversions applied, for each statement the hub prepares; a key missing or
     one too many goes SQLAlchemy's way, its error included."""
-    from datetime import UTC, datetime
+    from datetime import datetime, timezone
 
     from sqlalchemy import bindparam, literal, select
 
@@ -268,10 +268,15 @@ def test_parameters_are_those_construct_params_gives_for_every_hot_statement() -
     computed = select(grant_id).where(grant_id == bindparam("g", callable_=lambda: "now"))
     twice = select(grant_id, literal(7).label("n")).where(
         (grant_id == bindparam("g")) | (grant_id == bindparam("g")))
-    now = datetime(2026, 11, 24, 12, tzinfo=UTC)
+    # in a zone of its own: UTCDateTime's conversion gives an equal time, but in UTC
+    now = datetime(2026, 11, 24, 12, tzinfo=timezone(timedelta(hours=13)))
 
-    def plain(values: dict[str, Any]) -> dict[str, Any]:  # psycopg's Json wrapper compared
-        return {k: getattr(v, "obj", v) for k, v in values.items()}
+    def plain(values: dict[str, Any]) -> dict[str, Any]:
+        # psycopg's Json wrapper compared by what it wraps, and a time by its zone too: each
+        # value with its type, so a conversion left out (a list for a Json, a time still in
+        # +13:00) is seen
+        return {k: (type(v).__name__, getattr(v, "obj", v), getattr(v, "tzinfo", None))
+                for k, v in values.items()}
 
     sample = {"UTCDateTime": now, "JSON": ["pwd"], "Integer": 5}  # by type; else text
     try:

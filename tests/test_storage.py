@@ -383,11 +383,22 @@ def test_keys_survive_restart_and_rotation_keeps_old_key_published(sql_hub, upst
 
 
 def test_full_login_on_this_database_with_redis(upstream_issuer, database_url, redis_url):
+    import hashlib
+
+    import redis
+
     app = create_app(hub_config(upstream_issuer, database_url, redis_url=redis_url))
     try:
+        # the short-lived state is on the Redis, not in the process: the store is a
+        # RedisStore, and the browser session is a key there
+        assert isinstance(app.extensions["civitas"].store, RedisStore)
+        raw = redis.Redis.from_url(redis_url)
         client = app.test_client()
         auth = AuthRequest()
         params = full_login(client, auth)
+        sid = client.get_cookie("civitas_session").value
+        session_key = "civitas:session:" + hashlib.sha256(sid.encode()).hexdigest()
+        assert raw.exists(session_key) == 1
         r = redeem(client, auth, params["code"])
         assert r.status_code == 200 and r.json["id_token"]
         bearer = {"Authorization": "Bearer " + r.json["access_token"]}
@@ -403,6 +414,11 @@ def test_full_login_on_this_database_with_redis(upstream_issuer, database_url, r
         page = client.get("/account").get_data(as_text=True)
         csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
         assert client.post("/logout", data={"csrf": csrf}).status_code == 303
+        # the session ended in Redis, not only in the browser: its cookie, sent again,
+        # is no login
+        assert raw.exists(session_key) == 0
+        client.set_cookie("civitas_session", sid, domain="localhost")
+        assert client.get("/account").status_code == 302
         r = redeem(client, auth, code)
         assert r.status_code == 400 and r.json["error"] == "invalid_grant"
         assert redeem(client, auth, code).json["error"] == "invalid_grant"  # and it is gone
