@@ -144,11 +144,12 @@ def test_openid_client_full_flow_with_refresh_and_logout(hub_url: str, node: str
     sent = query(start["url"])
     assert sent["code_challenge_method"] == "S256" and sent["scope"] == SCOPE
 
-    # 2. the citizen logs in; the library checks the response (iss, state) and the ID token's
-    # claims (iss, aud, exp, nonce) and redeems the code. It does not check the ID token's
-    # signature (openid-client 6 skips it for an ID token from the token endpoint, Core
-    # 3.1.3.7 item 6, unless told enableNonRepudiationChecks, which rp.mjs does not) nor its
-    # at_hash (never, in code flow): both are checked here, against the hub's JWKS
+    # 2. the citizen logs in; the library checks the response (iss, state), redeems the code
+    # and checks the ID token's claims (iss, aud, exp, nonce) and its signature against the
+    # hub's JWKS (openid-client 6 skips that for an ID token from the token endpoint, Core
+    # 3.1.3.7 item 6, unless told enableNonRepudiationChecks, as rp.mjs does). It never
+    # checks at_hash in the code flow. Both are also checked here, so neither rests on one
+    # library's defaults
     callback = login(browser, start["url"])
     assert query(callback)["iss"] == HUB_ISSUER
     got = rp(node, "code", callback_url=callback, verifier=start["verifier"],

@@ -10,12 +10,15 @@ import * as client from 'openid-client'
 
 async function discover (input) {
   // openid-client refuses http issuers unless told otherwise: fine for loopback tests.
+  // enableNonRepudiationChecks: the library then verifies an ID token's signature against
+  // the hub's JWKS even when it comes straight from the token endpoint (it skips that by
+  // default, relying on TLS), as a careful agency would have it do.
   return client.discovery(
     new URL(input.issuer),
     input.client_id,
     undefined,
     client.ClientSecretBasic(input.client_secret),
-    { execute: [client.allowInsecureRequests], timeout: 10 }
+    { execute: [client.allowInsecureRequests, client.enableNonRepudiationChecks], timeout: 10 }
   )
 }
 
