@@ -196,9 +196,15 @@ def test_account_page_and_logout(client):
     assert r.status_code == 200 and "Example ID" in page and "alice@example.org" in page
     token = page.split('name="csrf" value="')[1].split('"')[0]
     assert client.post("/logout", data={"csrf": "wrong"}).status_code == 400
+    signed_in = _session_cookie(client)
     r = client.post("/logout", data={"csrf": token})
     assert r.status_code == 303
     assert client.get("/account").status_code == 302
+    # the session ended at the hub, not only in this browser: its old cookie, sent again
+    # (a copy an attacker kept), opens nothing
+    replay = client.application.test_client()
+    replay.set_cookie("civitas_session", signed_in, domain="localhost")
+    assert replay.get("/account").status_code == 302
     # after logout an agency gets no silent login
     r = client.get(AuthRequest(extra={"prompt": "none"}).url())
     assert "error=login_required" in r.headers["Location"]
