@@ -28,6 +28,10 @@ import requests
 from joserfc import jwt
 from joserfc.jwk import RSAKey
 
+#: the most the hub reads of one answer (connectors.oidc.MAX_RESPONSE_BYTES, kept apart here
+#: so that a change there is noticed)
+MAX_ANSWER_BYTES = 512 * 1024
+
 #: where the proxy serves its own keys (answered by the proxy, never forwarded)
 JWKS_PATH = "/tamper-proxy/jwks"
 
@@ -38,7 +42,12 @@ CLAIM_FAULTS: dict[str, dict[str, Any]] = {
     "future-iat": {"iat": 3600},
     "wrong-nonce": {"nonce": "not-the-logins-nonce"},
     "no-sub": {"sub": None},
+    "long-sub": {"sub": "s" * 256},
+    "wrong-azp": {"azp": "another-client"},
 }
+
+#: modes whose discovery document lacks one of the fields the hub needs (Discovery 1.0 3)
+DISCOVERY_FIELDS = ("authorization_endpoint", "token_endpoint", "jwks_uri")
 
 
 def _b64(data: bytes) -> str:
@@ -89,6 +98,10 @@ class TamperProxy:
                 claims.pop(name, None)
             else:
                 claims[name] = now + value if name in ("exp", "iat") else value
+        if self.mode == "several-audiences":  # and no azp to say which of them asked for it
+            aud = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
+            claims["aud"] = [*aud, "another-client"]
+            claims.pop("azp", None)
         token = jwt.encode({"alg": "RS256", "kid": "tamper-proxy-1"}, claims, self.key)
         header, payload, sig = token.split(".")
         if self.mode == "tamper-id-token":
@@ -108,11 +121,21 @@ class TamperProxy:
             doc["issuer"] = self.url
             if self.mode == "wrong-discovery-issuer":
                 doc["issuer"] = self.url + "/elsewhere"
+            for name in DISCOVERY_FIELDS:
+                if self.mode == f"discovery-no-{name}":
+                    doc.pop(name)
             return json.dumps(doc).encode()
         if path.startswith("/token"):
             doc = json.loads(body)
             if "id_token" in doc:
                 doc["id_token"] = self._id_token(doc["id_token"])
+            if self.mode == "no-id-token":
+                doc.pop("id_token", None)
+            if self.mode == "token-type":  # a sender-constrained token the hub cannot use
+                doc["token_type"] = "DPoP"
+            if self.mode == "huge-token":  # one byte more than the hub reads
+                doc["padding"] = ""
+                doc["padding"] = "x" * (MAX_ANSWER_BYTES + 1 - len(json.dumps(doc)))
             return json.dumps(doc).encode()
         if path.startswith("/me") and self.mode == "userinfo-sub":
             doc = json.loads(body)

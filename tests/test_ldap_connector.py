@@ -147,6 +147,18 @@ def test_more_than_one_match_is_a_failed_login(slapd: dict[str, Any]) -> None:
         c.login("alice", "alice-ldap-pw")
 
 
+def test_two_matches_within_the_size_limit_are_a_failed_login(slapd: dict[str, Any]) -> None:
+    """Exactly two entries match: within the search's size limit (2), so the directory
+    answers success with both, and only the count of entries refuses them, whichever comes
+    first (each logs in with their own password)."""
+    two = "(&(objectClass=inetOrgPerson)(|(uid={username})(uid=alice)(uid=bob)))"
+    c = LDAPConnector(search_config(slapd, user_filter=two))
+    for username in ("alice", "bob"):
+        with pytest.raises(InvalidCredentials):
+            c.login(username, f"{username}-ldap-pw")
+    c.close()
+
+
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_an_entry_without_its_subject_is_refused_and_the_log_says_why(slapd: dict[str, Any],
                                                                      mode: str) -> None:
@@ -174,10 +186,27 @@ def test_empty_password_never_reaches_the_server(slapd: dict[str, Any], password
             online.login("alice", password)
 
 
+@pytest.mark.parametrize(("username", "password"), [
+    ("", "alice-ldap-pw"), ("  ", "alice-ldap-pw"), ("alice\x00", "alice-ldap-pw"),
+    ("a" * 257, "alice-ldap-pw"), ("alice", "p" * 1025),
+])
+def test_what_can_never_be_a_login_never_reaches_the_server(slapd: dict[str, Any],
+                                                            username: str,
+                                                            password: str) -> None:
+    """A blank username, a NUL, a username or password past its length cap: refused by the
+    hub's own input check, so the closed port (which a real attempt reaches, see above) is
+    never tried."""
+    closed = f"ldap://127.0.0.1:{servers.free_port()}"
+    for make in MODES.values():
+        with pytest.raises(InvalidCredentials):
+            LDAPConnector(make(slapd, url=closed)).login(username, password)
+
+
 @pytest.mark.parametrize("username", [
     "*", "*)(uid=*))(|(uid=*", "alice)(|(uid=*", "al*", "alice\x00", "\x00",
     "alice,ou=people", f"alice,{PEOPLE}", "cn=admin", "cn=admin,dc=example,dc=org",
     "alice)", "(uid=alice)", "alice\\", " ", "", "a" * 257,
+    "al\\69ce",  # "alice" to a directory that reads the escape (RFC 4515 3, RFC 4514 2.4)
 ])
 def test_injection_usernames_never_log_in(connector: LDAPConnector, username: str) -> None:
     with pytest.raises(InvalidCredentials):
@@ -229,6 +258,16 @@ def test_tls_with_the_right_ca(slapd: dict[str, Any], variant: str) -> None:
         c.close()
 
 
+def _causes(exc: BaseException) -> str:
+    """The messages of ``exc`` and of what it was raised from, down the chain."""
+    messages = []
+    cause: BaseException | None = exc
+    while cause is not None:
+        messages.append(f"{type(cause).__name__}: {cause}")
+        cause = cause.__cause__ or cause.__context__
+    return " <- ".join(messages)
+
+
 @pytest.mark.parametrize("variant", ["ldaps", "starttls"])
 def test_tls_with_another_ca_fails_closed(slapd: dict[str, Any], variant: str,
                                           tmp_path: Any) -> None:
@@ -236,8 +275,32 @@ def test_tls_with_another_ca_fails_closed(slapd: dict[str, Any], variant: str,
     settings = _tls_variants(slapd)[variant]
     for make in MODES.values():
         c = LDAPConnector(make(slapd, ca_file=str(other_ca), **settings))
-        with pytest.raises(UpstreamUnavailable):
+        with pytest.raises(UpstreamUnavailable) as refused:
             c.login("alice", "alice-ldap-pw")
+        # refused by the chain's verification, not by some other failure to connect
+        assert "certificate verify failed" in _causes(refused.value), _causes(refused.value)
+        assert "mismatch" not in _causes(refused.value)
+
+
+@pytest.mark.parametrize("variant", ["ldaps", "starttls"])
+def test_tls_to_a_name_the_certificate_does_not_carry_fails_closed(slapd: dict[str, Any],
+                                                                  variant: str) -> None:
+    """The real slapd, its certificate (for localhost and 127.0.0.1) from the trusted CA,
+    reached at 127.0.0.2 (a TCP proxy there): LDAPS and StartTLS alike check the name."""
+    target = slapd["ldaps_url"] if variant == "ldaps" else slapd["url"]
+    proxy = TCPProxy(_port(target), host="127.0.0.2")
+    try:
+        scheme = "ldaps" if variant == "ldaps" else "ldap"
+        url = f"{scheme}://127.0.0.2:{proxy.port}"
+        for make in MODES.values():
+            c = LDAPConnector(make(slapd, url=url, start_tls=variant == "starttls",
+                                   ca_file=slapd["ca_file"]))
+            with pytest.raises(UpstreamUnavailable) as refused:
+                c.login("alice", "alice-ldap-pw")
+            assert "IP address mismatch" in _causes(refused.value), _causes(refused.value)
+        assert proxy.accepted == 2  # the directory was reached, once for each mode
+    finally:
+        proxy.close()
 
 
 class TLSServer:
@@ -277,8 +340,9 @@ def test_tls_certificate_for_another_name_fails_closed(slapd: dict[str, Any],
     try:
         c = LDAPConnector(search_config(slapd, url=f"ldaps://127.0.0.1:{server.port}",
                                         ca_file=slapd["ca_file"]))
-        with pytest.raises(UpstreamUnavailable):
+        with pytest.raises(UpstreamUnavailable) as refused:
             c.login("alice", "alice-ldap-pw")
+        assert "IP address mismatch" in _causes(refused.value), _causes(refused.value)
         assert server.handshakes == 0
     finally:
         server.close()
@@ -343,9 +407,9 @@ def test_silent_server(slapd: dict[str, Any], variant: str) -> None:
 class TCPProxy:
     """Forwards 127.0.0.1:port to a target; counts connections and can cut them all."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
         self.target_port = target_port
-        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock = socket.create_server((host, 0))
         self.port = self.sock.getsockname()[1]
         self.accepted = 0
         self.open: list[socket.socket] = []

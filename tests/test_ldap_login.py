@@ -13,6 +13,8 @@ from tests.conftest import hub_config
 from tests.flows import AuthRequest, full_login, metric, path_of, query, redeem
 
 STAFF = "Agency Staff Directory"
+#: the failed-attempt limiter's answer (not the request rate limit per address)
+TOO_MANY = "Too many failed sign-in attempts."
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +127,7 @@ def test_per_username_attempt_limit(client):
     for _ in range(5):
         assert submit(client, form, "alice", "wrong").status_code == 401
     r = submit(client, form, "alice", "alice-ldap-pw")  # even the right password now
-    assert r.status_code == 429 and "try again later" in r.get_data(as_text=True)
+    assert r.status_code == 429 and TOO_MANY in r.get_data(as_text=True)
     # the same limit for a name that does not exist: nothing to enumerate
     for _ in range(5):
         submit(client, form, "nobody-here", "wrong")
@@ -137,11 +139,23 @@ def test_per_username_attempt_limit(client):
     assert r.status_code == 303
 
 
+def test_per_username_limit_holds_across_addresses_and_spellings(client):
+    """Guesses spread over five addresses, and over spellings the directory takes for the
+    same name (case, surrounding spaces: uid matches ignoring them), count together."""
+    form = password_page(client)
+    for i, name in enumerate(["alice", "ALICE", " Alice", "alice ", "aLiCe"]):
+        r = submit(client, form, name, "wrong", environ_base={"REMOTE_ADDR": f"10.7.0.{i}"})
+        assert r.status_code == 401
+    r = submit(client, form, "alice", "alice-ldap-pw", environ_base={"REMOTE_ADDR": "10.7.0.9"})
+    assert r.status_code == 429 and TOO_MANY in r.get_data(as_text=True)
+
+
 def test_per_address_attempt_limit(client):
     form = password_page(client)
     for i in range(20):
         assert submit(client, form, f"user{i}", "wrong").status_code == 401
-    assert submit(client, form, "bob", "bob-ldap-pw").status_code == 429
+    r = submit(client, form, "bob", "bob-ldap-pw")
+    assert r.status_code == 429 and TOO_MANY in r.get_data(as_text=True)
 
 
 def test_password_form_needs_its_csrf_token(client):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
@@ -26,6 +27,7 @@ from tests.flows import (
     UPSTREAM_SECRET,
     AuthRequest,
     path_of,
+    query,
     start_login,
     upstream_login,
 )
@@ -255,3 +257,43 @@ def test_a_silent_directory_refuses_the_next_password_login():
         with pytest.raises(UpstreamUnavailable) as again:
             connector.login("carol", "carol-password")
         assert not isinstance(again.value, UpstreamBusy)
+
+
+def test_a_held_discovery_refuses_the_next_login_start(held_proxy, upstream_issuer, tmp_path):
+    """The first login fetches the upstream's discovery document (nothing cached yet) and
+    the upstream holds it: the next login's start is refused at once, without a second
+    fetch, and the held one goes on to the upstream once the answer comes."""
+    from civitas.app import create_app
+
+    app = create_app(hub_config(upstream_issuer, f"sqlite:///{tmp_path}/disc.db", upstreams=[{
+        "kind": "oidc", "id": "op-proxy", "display_name": "Held ID", "issuer": held_proxy.url,
+        "client_id": UPSTREAM_CLIENT_ID, "client_secret": UPSTREAM_SECRET,
+        "max_concurrent_calls": 1, "timeout_seconds": 30,
+    }]))
+
+    def start_path(client) -> str:
+        flow = query(client.get(AuthRequest().url()).headers["Location"])["flow"]
+        return f"/login/op-proxy/start?flow={flow}"
+
+    first, second = app.test_client(), app.test_client()
+    first_start, second_start = start_path(first), start_path(second)
+    discovery = "/.well-known/openid-configuration"
+    assert discovery not in held_proxy.seen
+    held_proxy.hold_path = discovery
+    answers: dict[str, Any] = {}
+    waiting = threading.Thread(target=lambda: answers.update(first=first.get(first_start)))
+    waiting.start()
+    assert held_proxy.held.wait(20), "the first login never reached the upstream"
+
+    refused = second.get(second_start)
+    assert refused.status_code == 503, refused.get_data(as_text=True)[:600]
+    assert refused.headers["Retry-After"] == "60"
+    assert ("Too many people are signing in with Held ID right now"
+            in refused.get_data(as_text=True))
+    assert held_proxy.seen.count(discovery) == 1  # not called for the refused one
+
+    held_proxy.release.set()
+    waiting.join(30)
+    assert not waiting.is_alive()
+    assert answers["first"].status_code == 303
+    assert answers["first"].headers["Location"].startswith(upstream_issuer)

@@ -275,13 +275,54 @@ def test_a_directory_that_cannot_be_reached_is_down_before_the_password_form(ups
     assert 'type="password"' not in r.get_data(as_text=True)
 
 
-def test_forged_callbacks_cannot_take_an_upstream_down(client, upstream_issuer):
-    """Callbacks with a stolen-looking state and a made-up code: the upstream answers each
-    (invalid_grant), so none counts as a failure to reach it."""
+@pytest.mark.parametrize(("forged", "status", "outcome"), [
+    # a made-up code: the upstream answers (invalid_grant)
+    ({"code": "forged"}, 403, "rejected"),
+    # an iss of another issuer (RFC 9207): refused by the hub's own check, nothing is called
+    ({"code": "forged", "iss": "http://127.0.0.1:1/evil"}, 502, "invalid"),
+    # an error said to come from the upstream
+    ({"error": "temporarily_unavailable"}, 403, "rejected"),
+])
+def test_forged_callbacks_cannot_take_an_upstream_down(client, upstream_issuer, forged, status,
+                                                       outcome):
+    """Callbacks with a state of the forger's own login and a made-up answer: none is a call
+    that failed to reach the upstream, so none counts towards taking it down."""
+    counted = _logins(outcome, "op")
     for _ in range(8):  # more than the default down_after_failures (5)
         url = start_login(client, AuthRequest(), "op")
         r = client.get("/login/op/callback?" + urlencode({
-            "code": "forged", "state": query(url)["state"], "iss": upstream_issuer}))
-        assert r.status_code == 403
+            "state": query(url)["state"], "iss": upstream_issuer, **forged}))
+        assert r.status_code == status, r.get_data(as_text=True)[:600]
+    assert _logins(outcome, "op") == counted + 8  # each refused for what it is
     page = _choice_page(client.application.test_client())
     assert "/login/op/start" in page and "not answering" not in page
+
+
+def test_a_callback_is_let_through_while_its_upstream_is_down(proxy, upstream_issuer, tmp_path,
+                                                             caplog):
+    """A citizen who went to the upstream before it was taken as down comes back while it is:
+    the callback is not refused (its answer may well come), and when it comes the upstream is
+    back for everyone."""
+    from civitas.app import create_app
+
+    caplog.set_level(logging.WARNING, logger="civitas")
+    app = create_app(hub_config(upstream_issuer, f"sqlite:///{tmp_path}/cb.db", upstreams=[
+        {"kind": "oidc", "id": "op-proxy", "display_name": "Proxied ID", "issuer": proxy.url,
+         "client_id": UPSTREAM_CLIENT_ID, "client_secret": UPSTREAM_SECRET,
+         "down_after_failures": 2, "down_seconds": 600},
+    ]))
+    citizens = [app.test_client() for _ in range(3)]
+    callbacks = [path_of(proxy.as_issuer(upstream_login(start_login(c, AuthRequest(),
+                                                                    "op-proxy"))))
+                 for c in citizens]
+    proxy.mode = "down"
+    for citizen, callback in zip(citizens[:2], callbacks[:2], strict=True):
+        assert citizen.get(callback).status_code == 502
+    assert _start(app.test_client(), "op-proxy").status_code == 503  # down, for 600 s
+
+    proxy.mode = "pass"
+    r = citizens[2].get(callbacks[2])
+    assert r.status_code == 303 and "/login/" not in r.headers["Location"], r.status_code
+    assert any("upstream op-proxy answers again" in r.getMessage() for r in caplog.records)
+    r = _start(app.test_client(), "op-proxy")
+    assert r.status_code == 303 and r.headers["Location"].startswith(upstream_issuer)

@@ -8,7 +8,7 @@ from urllib.parse import urlencode
 import pytest
 
 from tests import servers
-from tests.conftest import hub_config
+from tests.conftest import HUB_ISSUER, hub_config
 from tests.flows import (
     UPSTREAM_CLIENT_ID,
     UPSTREAM_SECRET,
@@ -20,7 +20,7 @@ from tests.flows import (
     start_login,
     upstream_login,
 )
-from tests.tamper_proxy import TamperProxy
+from tests.tamper_proxy import DISCOVERY_FIELDS, MAX_ANSWER_BYTES, TamperProxy
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +100,28 @@ def test_callback_with_unknown_state_fails(client):
     _assert_error_page(r, 400, "expired")
 
 
+def test_the_connector_refuses_a_callback_with_another_logins_state(upstream_issuer):
+    """Under the broker's lookup by state (which never hands the connector another login's
+    state) the connector compares the callback's state with its login's itself: a callback
+    right in every other way, its code fresh, is refused by that check alone, before the code
+    is redeemed (the same callback then completes its own login)."""
+    from connectors import PendingLogin
+    from connectors.base import UpstreamResponseInvalid
+    from connectors.oidc import OIDCConfig, OIDCConnector
+
+    connector = OIDCConnector(OIDCConfig(
+        id="op", display_name="Example ID", issuer=upstream_issuer,
+        client_id=UPSTREAM_CLIENT_ID, client_secret=UPSTREAM_SECRET))
+    redirect_uri = f"{HUB_ISSUER}/login/op/callback"
+    url, pending = connector.begin(redirect_uri)
+    params = query(upstream_login(url))
+    another = PendingLogin(state="another-logins-state", data=pending.data)
+    with pytest.raises(UpstreamResponseInvalid) as refused:
+        connector.complete(params, another, redirect_uri)
+    assert refused.value.detail == "the callback's state is not the login's"
+    assert connector.complete(params, pending, redirect_uri).subject
+
+
 def test_rfc9207_wrong_iss_parameter_is_rejected(client, caplog):
     caplog.set_level(logging.WARNING, logger="civitas")
     callback = _callback_for(client)
@@ -143,10 +165,18 @@ def test_proxy_passthrough_logs_in(proxied_client, proxy):
     ("alg-none", "alg 'none' is not one of"),
     ("foreign-issuer", "iss is not the issuer (OpenID Connect Core 3.1.3.7 step 2)"),
     ("wrong-aud", "aud does not name this hub (OpenID Connect Core 3.1.3.7 step 3)"),
+    ("several-audiences",
+     "several audiences and azp is not this hub (OpenID Connect Core 3.1.3.7 step 4)"),
+    ("wrong-azp", "the ID token's azp is not this hub (OpenID Connect Core 3.1.3.7 step 5)"),
     ("expired", "expired, or no exp (OpenID Connect Core 3.1.3.7 step 9)"),
     ("future-iat", "issued in the future, or no iat (OpenID Connect Core 3.1.3.7 step 10)"),
     ("wrong-nonce", "nonce is not the login's (OpenID Connect Core 3.1.3.7 step 11)"),
     ("no-sub", "sub is missing or longer than 255 characters (OpenID Connect Core 2)"),
+    ("long-sub", "sub is missing or longer than 255 characters (OpenID Connect Core 2)"),
+    ("no-id-token", "no ID token, or not a compact JWS"),
+    # the token endpoint's answer itself
+    ("token-type", "token endpoint: token_type is not Bearer"),
+    ("huge-token", f"the answer is larger than {MAX_ANSWER_BYTES} bytes"),
     # OpenID Connect Core 5.3.2
     ("userinfo-sub", "userinfo's sub is not the ID token's (OpenID Connect Core 5.3.2)"),
 ])
@@ -189,15 +219,20 @@ def test_rotated_upstream_key_is_fetched_once_and_a_forgery_never_refetches(
         proxy.key = old_key
 
 
-def test_discovery_issuer_mismatch_stops_before_redirect(proxied_client, caplog):
+@pytest.mark.parametrize(("mode", "reason"), [
+    ("wrong-discovery-issuer", "discovery names another issuer than the configured one "
+                               "(OpenID Connect Discovery 1.0 section 4.3)"),
+    *((f"discovery-no-{name}", f"discovery has no {name}") for name in DISCOVERY_FIELDS),
+])
+def test_a_faulty_discovery_document_stops_before_redirect(proxied_client, caplog, mode,
+                                                           reason):
     caplog.set_level(logging.WARNING, logger="civitas")
-    client = proxied_client("wrong-discovery-issuer")
+    client = proxied_client(mode)
     r = client.get(AuthRequest().url())
     r = client.get(path_of(r.headers["Location"]))
     link = [x for x in r.get_data(as_text=True).split('"') if "/login/op-proxy/start" in x][0]
     r = client.get(link.replace("&amp;", "&"))
-    _refused_because(caplog, r, "discovery names another issuer than the configured one "
-                                "(OpenID Connect Discovery 1.0 section 4.3)")
+    _refused_because(caplog, r, reason)
 
 
 def test_upstream_down_gives_502_page_quickly(upstream_issuer, tmp_path):
