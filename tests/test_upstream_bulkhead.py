@@ -181,6 +181,24 @@ def _signed_in(answer) -> bool:
     return answer.status_code == 303 and "/login/" not in answer.headers["Location"]
 
 
+def _held_then_refused(proxy: TamperProxy, path: str, first: Any, first_path: str,
+                       second: Any, second_path: str) -> tuple[threading.Thread, dict, Any]:
+    """The upstream holds its answers to ``path``; ``first`` waits on one in a thread (its
+    answer lands in the dict once released), and ``second``, refused, gets a 503 saying
+    when to try again: the thread, the dict and that refusal."""
+    proxy.hold_path = path
+    answers: dict[str, Any] = {}
+    waiting = threading.Thread(target=lambda: answers.update(first=first.get(first_path)))
+    waiting.start()
+    assert proxy.held.wait(20), "the first login never reached the upstream"
+    refused = second.get(second_path)
+    assert refused.status_code == 503, refused.get_data(as_text=True)[:600]
+    assert refused.headers["Retry-After"] == "60"
+    assert "Too many people are signing in with Held ID right now" in refused.get_data(
+        as_text=True)
+    return waiting, answers, refused
+
+
 def test_a_held_upstream_refuses_the_next_login_and_the_hub_answers(held_proxy, upstream_issuer,
                                                                     tmp_path):
     from civitas.app import create_app
@@ -194,17 +212,9 @@ def test_a_held_upstream_refuses_the_next_login_and_the_hub_answers(held_proxy, 
     back_first, back_second = _callback(first, held_proxy), _callback(second, held_proxy)
     busy_before = _busy_logins()
 
-    held_proxy.hold_path = "/token"
-    answers: dict[str, object] = {}
-    waiting = threading.Thread(target=lambda: answers.update(first=first.get(back_first)))
-    waiting.start()
-    assert held_proxy.held.wait(20), "the first login never reached the upstream"
-
-    refused = second.get(back_second)
-    assert refused.status_code == 503, refused.get_data(as_text=True)[:600]
-    assert refused.headers["Retry-After"] == "60"
+    waiting, answers, refused = _held_then_refused(held_proxy, "/token", first, back_first,
+                                                   second, back_second)
     body = refused.get_data(as_text=True)
-    assert "Too many people are signing in with Held ID right now" in body
     assert "go back to the site you were using and sign in again" in body
     assert refused.headers["X-Request-Id"] in body and "Traceback" not in body
     assert "Location" not in refused.headers
@@ -279,17 +289,8 @@ def test_a_held_discovery_refuses_the_next_login_start(held_proxy, upstream_issu
     first_start, second_start = start_path(first), start_path(second)
     discovery = "/.well-known/openid-configuration"
     assert discovery not in held_proxy.seen
-    held_proxy.hold_path = discovery
-    answers: dict[str, Any] = {}
-    waiting = threading.Thread(target=lambda: answers.update(first=first.get(first_start)))
-    waiting.start()
-    assert held_proxy.held.wait(20), "the first login never reached the upstream"
-
-    refused = second.get(second_start)
-    assert refused.status_code == 503, refused.get_data(as_text=True)[:600]
-    assert refused.headers["Retry-After"] == "60"
-    assert ("Too many people are signing in with Held ID right now"
-            in refused.get_data(as_text=True))
+    waiting, answers, _ = _held_then_refused(held_proxy, discovery, first, first_start,
+                                             second, second_start)
     assert held_proxy.seen.count(discovery) == 1  # not called for the refused one
 
     held_proxy.release.set()
