@@ -2,11 +2,14 @@
 requests get a 503 "try again" (JSON for programs, a page for people), never a 500, and the
 hub recovers by itself with fresh connections. A connection dropped in the middle of a
 citizen's consent write (Allow, Deny, withdrawal) leaves no event, receipt or ledger entry
-without the others, and the citizen can answer again."""
+without the others, and the citizen can answer again; one in the middle of an account write
+(first login, linking, unlinking, deletion) leaves no account, credential or account event
+without its ledger entry or the other way round, and the citizen can do it again."""
 
 from __future__ import annotations
 
 import base64
+import json
 import re
 import time
 from typing import Any
@@ -15,13 +18,27 @@ import pytest
 from sqlalchemy import create_engine, event, select, text
 
 import kernel.db
+from broker.models import AccountAttribute, AccountEvent, ConstituentAccount, LinkedIdentity
 from civitas.app import create_app, stop_background
+from consent.ledger.ledger import hashed_id
 from consent.ledger.models import LedgerEntry
 from consent.models import ConsentEvent, ConsentReceipt
+from consent.officers import pseudonym_key
 from consent.reconcile import reconcile
-from tests.conftest import hub_config
-from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest, path_of, query
+from tests.conftest import bank_id_upstream, hub_config
+from tests.flows import (
+    AGENCY_ONE,
+    AGENCY_TWO,
+    AuthRequest,
+    full_login,
+    path_of,
+    query,
+    redeem,
+    start_login,
+    upstream_login,
+)
 from tests.test_consent_flow import CONSENT, answer, to_consent_page
+from tests.test_linking import csrf, start_link
 
 EVALUATION = {"subject": {"type": "user", "id": "nobody"}, "action": {"name": "use"},
               "resource": {"type": "claim", "id": "email"},
@@ -269,3 +286,208 @@ def test_withdrawal_cut_off_mid_write_is_503_and_leaves_the_grant_as_it_was(
     assert consent_rows(hub) == {"events": ["given", "withdrawn"], "receipts": 2,
                                  "entries": ["consent.given", "consent.withdrawn"]}
     assert_reconciled(hub, 2)
+
+
+# -- a citizen's account write cut off half-way -----------------------------------------------
+#
+# A first login (the account, its first linked identity and its attributes), linking a second
+# credential, unlinking one and deleting the account each write their rows and an account
+# event, and the root's ``on_event`` hook appends the matching ``account.*`` ledger entry in
+# the same session (civitas.app ``account_event_to_ledger``): all of it commits or none. Here
+# the transaction's backend is terminated (as above, by pg_terminate_backend from an admin
+# connection) right after its first write to the account's tables, after the ledger entry's
+# INSERT, after the account event's INSERT, or just before COMMIT.
+
+ACCOUNT_CUT_POINTS = ("after-change", *CUT_POINTS)
+ACCOUNT_TABLES = ("constituent_accounts", "linked_identities", "account_attributes",
+                  "account_events")
+
+
+def _account_write(statement: str) -> bool:
+    return statement.startswith(("INSERT INTO", "UPDATE", "DELETE FROM")) \
+        and statement.split()[2 if statement.startswith(("INSERT", "DELETE")) else 1] \
+        in ACCOUNT_TABLES
+
+
+class AccountCut(BackendCut):
+    """:class:`BackendCut` for the account's transaction: the one that first writes to the
+    account's tables (the backend cut before COMMIT). The statement cut points (the first
+    account write, the account event's INSERT, the ``account.*`` ledger entry's INSERT, on
+    whatever connection it runs) cut the backend that ran that statement."""
+
+    def __init__(self, engine: Any, url: str, point: str) -> None:
+        assert point in ACCOUNT_CUT_POINTS
+        super().__init__(engine, url, "before-commit")
+        self.point = point
+
+    def _cut_backend_of(self, conn: Any, where: str) -> None:
+        if not self.fired:
+            self.pid = self._pid(conn)
+            self._cut(where)
+
+    def _after_execute(self, conn: Any, _cursor: Any, statement: str, *args: Any) -> None:
+        if self.fired:
+            return
+        if _account_write(statement):
+            if self.pid is None:
+                self.pid = self._pid(conn)
+                if self.point == "after-change":
+                    self._cut_backend_of(conn, statement)
+            if statement.startswith("INSERT INTO account_events") \
+                    and self.point == "after-event-insert":
+                self._cut_backend_of(conn, statement)
+        elif statement.startswith("INSERT INTO ledger_entries") \
+                and self.point == "after-ledger-insert" \
+                and str(dict(args[0]).get("kind", "")).startswith("account."):
+            self._cut_backend_of(conn, statement)
+
+
+def account_rows(hub: Any) -> dict[str, Any]:
+    """What is stored of accounts, checked to agree with the ledger: every account event has
+    its ``account.*`` entry (same kind, account, connector, assurance, in the same order) and
+    every entry its event; returns the accounts (deleted or not), linked credentials,
+    attribute sources and event kinds."""
+    key = pseudonym_key(hub.settings.pairwise_secret.get_secret_value())
+    with hub.db.session() as s:
+        accounts = list(s.scalars(select(ConstituentAccount).order_by(
+            ConstituentAccount.created_at)))
+        links = sorted((li.connector_id, li.upstream_subject)
+                       for li in s.scalars(select(LinkedIdentity)))
+        sources = sorted({a.source_connector for a in s.scalars(select(AccountAttribute))})
+        events = list(s.scalars(select(AccountEvent).order_by(AccountEvent.id)))
+        entries = [json.loads(e.entry) for e in s.scalars(select(LedgerEntry).where(
+            LedgerEntry.kind.startswith("account.")).order_by(LedgerEntry.seq))]
+    assert [(f"account.{e.kind}", hashed_id(key, e.account_id), e.connector_id, e.acr)
+            for e in events] == [
+        (e["kind"], e["data"]["account"], e["data"]["connector"], e["data"]["acr"])
+        for e in entries], "account events and their ledger entries disagree"
+    return {"accounts": ["deleted" if a.deleted_at else "live" for a in accounts],
+            "links": links, "sources": sources, "events": [e.kind for e in events]}
+
+
+@pytest.fixture
+def account_hub(upstream_issuer, pg_database_url):
+    """Two upstreams (two credentials to the hub, as in tests/test_linking.py)."""
+    cfg = hub_config(upstream_issuer, pg_database_url, backchannel_dispatcher=False)
+    cfg["upstreams"].append(bank_id_upstream(upstream_issuer))
+    app = create_app(cfg)
+    yield app, pg_database_url
+    stop_background(app)
+    app.extensions["civitas"].db.dispose()
+
+
+ALICE = [("op", "alice-0001")]
+ALICE_BOTH = [("op", "alice-0001"), ("op-es", "alice-0001")]
+
+
+def signed_in_with_two_credentials(client: Any, hub: Any) -> None:
+    full_login(client, AuthRequest())
+    assert client.get(path_of(upstream_login(start_link(client), "alice"))).status_code == 303
+    assert account_rows(hub) == {"accounts": ["live"], "links": ALICE_BOTH,
+                                 "sources": ["op", "op-es"], "events": ["created", "linked"]}
+
+
+@pytest.mark.parametrize("point", ACCOUNT_CUT_POINTS)
+def test_first_login_cut_off_mid_write_creates_no_account(account_hub, point):
+    app, url = account_hub
+    hub = app.extensions["civitas"]
+    client = app.test_client()
+    callback = upstream_login(start_login(client, AuthRequest()), "alice")
+    with AccountCut(hub.db.engine, url, point) as cut:
+        r = client.get(path_of(callback))
+    assert cut.fired, "the write never reached the cut point"
+    assert_unavailable_page(r)
+    assert account_rows(hub) == {"accounts": [], "links": [], "sources": [], "events": []}
+    with client.session_transaction() as session:
+        assert "login" not in session  # not signed in to an account that is not there
+
+    # the database is back: logging in again creates the account, once
+    params = full_login(client, AuthRequest())
+    assert "code" in params
+    assert account_rows(hub) == {"accounts": ["live"], "links": ALICE, "sources": ["op"],
+                                 "events": ["created"]}
+
+
+@pytest.mark.parametrize("point", ACCOUNT_CUT_POINTS)
+def test_link_cut_off_mid_write_links_nothing(account_hub, point):
+    app, url = account_hub
+    hub = app.extensions["civitas"]
+    client = app.test_client()
+    full_login(client, AuthRequest())
+    before = {"accounts": ["live"], "links": ALICE, "sources": ["op"], "events": ["created"]}
+    assert account_rows(hub) == before
+    callback = upstream_login(start_link(client), "alice")
+    with AccountCut(hub.db.engine, url, point) as cut:
+        r = client.get(path_of(callback))
+    assert cut.fired, "the write never reached the cut point"
+    assert_unavailable_page(r)
+    assert account_rows(hub) == before
+    r = client.get("/account")  # still signed in, with one credential
+    assert r.status_code == 200 and "Bank ID" not in r.get_data(as_text=True)
+
+    # the database is back: linking again from the account page links it, once
+    r = client.get(path_of(upstream_login(start_link(client), "alice")))
+    assert r.status_code == 303 and r.headers["Location"] == "/account"
+    assert "The new way to sign in was added" in client.get("/account").get_data(as_text=True)
+    assert account_rows(hub) == {"accounts": ["live"], "links": ALICE_BOTH,
+                                 "sources": ["op", "op-es"], "events": ["created", "linked"]}
+
+
+@pytest.mark.parametrize("point", ACCOUNT_CUT_POINTS)
+def test_unlink_cut_off_mid_write_keeps_the_credential(account_hub, point):
+    app, url = account_hub
+    hub = app.extensions["civitas"]
+    client = app.test_client()
+    signed_in_with_two_credentials(client, hub)
+    before = account_rows(hub)
+    with hub.db.session() as s:
+        bank = s.scalars(select(LinkedIdentity.id).where(
+            LinkedIdentity.connector_id == "op-es")).one()
+    token = csrf(client)
+    with AccountCut(hub.db.engine, url, point) as cut:
+        r = client.post(f"/account/identities/{bank}/unlink", data={"csrf": token})
+    assert cut.fired, "the write never reached the cut point"
+    assert_unavailable_page(r)
+    assert account_rows(hub) == before
+    r = client.get("/account")
+    assert r.status_code == 200 and "Bank ID" in r.get_data(as_text=True)
+
+    # the database is back: unlinking again from a fresh page removes it, once
+    r = client.post(f"/account/identities/{bank}/unlink", data={"csrf": csrf(client)})
+    assert r.status_code == 303, r.get_data(as_text=True)[:800]
+    assert "Sign-in removed" in client.get("/account").get_data(as_text=True)
+    assert account_rows(hub) == {"accounts": ["live"], "links": ALICE, "sources": ["op"],
+                                 "events": ["created", "linked", "unlinked"]}
+
+
+@pytest.mark.parametrize("point", ACCOUNT_CUT_POINTS)
+def test_account_deletion_cut_off_mid_write_deletes_nothing(account_hub, point):
+    app, url = account_hub
+    hub = app.extensions["civitas"]
+    client = app.test_client()
+    signed_in_with_two_credentials(client, hub)
+    before = account_rows(hub)
+    auth = AuthRequest()
+    r = client.get(auth.url())  # an agency holds a grant of this account
+    assert r.status_code == 302
+    access = redeem(client, auth, query(r.headers["Location"])["code"]).json["access_token"]
+    token = csrf(client)
+    with AccountCut(hub.db.engine, url, point) as cut:
+        r = client.post("/account/delete", data={"csrf": token, "confirm": "delete"})
+    assert cut.fired, "the write never reached the cut point"
+    assert_unavailable_page(r)
+    assert account_rows(hub) == before
+    # the account, the session and the agency's token stand as they were (the agency was not
+    # told of a logout, and no revocation went out for an account that still exists)
+    r = client.get("/account")
+    assert r.status_code == 200 and "Bank ID" in r.get_data(as_text=True)
+    assert client.get("/userinfo", headers={"Authorization": f"Bearer {access}"}
+                      ).status_code == 200
+
+    # the database is back: deleting again from a fresh page deletes it, once
+    r = client.post("/account/delete", data={"csrf": csrf(client), "confirm": "delete"})
+    assert r.status_code == 303, r.get_data(as_text=True)[:800]
+    assert account_rows(hub) == {"accounts": ["deleted"], "links": [], "sources": [],
+                                 "events": ["created", "linked", "deleted"]}
+    assert client.get("/userinfo", headers={"Authorization": f"Bearer {access}"}
+                      ).status_code == 401
