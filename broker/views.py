@@ -153,9 +153,12 @@ def create_blueprint(broker: Broker, *,
             return redirect(url_for("broker.login_page"), code=303)
         if request.form.get("confirm") != "delete":
             raise BrokerError("To delete your account, tick the box that confirms it.")
-        broker.accounts.delete(login.account_id)
+        # The account's grants and consents end first (each step idempotent), the account
+        # itself last: a failure part-way leaves the citizen signed in to press Delete again,
+        # never a deleted account whose consents or grants still stand.
         if on_delete is not None:  # e.g. withdraw every consent (the root wires it)
             on_delete(login.account_id)
+        broker.accounts.delete(login.account_id)
         if on_logout is not None:
             on_logout(login)
         session.clear()

@@ -477,12 +477,13 @@ def test_account_deletion_cut_off_mid_write_deletes_nothing(account_hub, point):
     assert cut.fired, "the write never reached the cut point"
     assert_unavailable_page(r)
     assert account_rows(hub) == before
-    # the account, the session and the agency's token stand as they were (the agency was not
-    # told of a logout, and no revocation went out for an account that still exists)
+    # the account and the session stand as they were: the citizen can press Delete again
     r = client.get("/account")
     assert r.status_code == 200 and "Bank ID" in r.get_data(as_text=True)
+    # the erasure's first steps, ending the agency's grant and the consents, came before
+    # the account's removal and stay done: the safe side of a failure part-way
     assert client.get("/userinfo", headers={"Authorization": f"Bearer {access}"}
-                      ).status_code == 200
+                      ).status_code == 401
 
     # the database is back: deleting again from a fresh page deletes it, once
     r = client.post("/account/delete", data={"csrf": csrf(client), "confirm": "delete"})
@@ -491,3 +492,59 @@ def test_account_deletion_cut_off_mid_write_deletes_nothing(account_hub, point):
                                  "events": ["created", "linked", "deleted"]}
     assert client.get("/userinfo", headers={"Authorization": f"Bearer {access}"}
                       ).status_code == 401
+
+
+class StatementCut(BackendCut):
+    """Terminates, once, the backend that runs the first statement starting with
+    ``prefix``, right after it ran."""
+
+    def __init__(self, engine: Any, url: str, prefix: str) -> None:
+        super().__init__(engine, url, "before-commit")
+        self.prefix = prefix
+
+    def _after_execute(self, conn: Any, _cursor: Any, statement: str, *args: Any) -> None:
+        if not self.fired and statement.startswith(self.prefix):
+            self.pid = self._pid(conn)
+            self._cut(statement)
+
+
+@pytest.fixture
+def offline_account_hub(upstream_issuer, pg_database_url):
+    """:func:`account_hub` whose first agency may ask for refresh tokens."""
+    cfg = hub_config(upstream_issuer, pg_database_url, backchannel_dispatcher=False, agencies=[
+        AGENCY_ONE.config(scopes=["openid", "profile", "email", "offline_access"])])
+    cfg["upstreams"].append(bank_id_upstream(upstream_issuer))
+    app = create_app(cfg)
+    yield app, pg_database_url
+    stop_background(app)
+    app.extensions["civitas"].db.dispose()
+
+
+def test_account_deletion_cut_off_part_way_is_finished_by_pressing_delete_again(
+        offline_account_hub):
+    """Erasure ends the account's refresh grants and consents first and removes the account
+    last: cut off while revoking, the account is still there and its citizen still signed
+    in to press Delete again, which finishes it; never a deleted account whose grants
+    still stand (the order before this test let the account go first)."""
+    app, url = offline_account_hub
+    hub = app.extensions["civitas"]
+    client = app.test_client()
+    signed_in_with_two_credentials(client, hub)
+    auth = AuthRequest(scope="openid email offline_access")
+    r = client.get(auth.url())
+    assert r.status_code == 302
+    refresh = redeem(client, auth, query(r.headers["Location"])["code"]).json["refresh_token"]
+    with StatementCut(hub.db.engine, url, "UPDATE refresh_grants") as cut:
+        r = client.post("/account/delete", data={"csrf": csrf(client), "confirm": "delete"})
+    assert cut.fired, "the deletion never revoked a grant"
+    assert_unavailable_page(r)
+    assert account_rows(hub)["accounts"] == ["live"]
+    assert client.get("/account").status_code == 200  # still signed in
+
+    r = client.post("/account/delete", data={"csrf": csrf(client), "confirm": "delete"})
+    assert r.status_code == 303, r.get_data(as_text=True)[:800]
+    assert account_rows(hub)["accounts"] == ["deleted"]
+    secret = base64.b64encode(f"{AGENCY_ONE.client_id}:{AGENCY_ONE.secret}".encode()).decode()
+    r = client.post("/token", data={"grant_type": "refresh_token", "refresh_token": refresh},
+                    headers={"Authorization": f"Basic {secret}"})
+    assert r.status_code == 400 and r.json["error"] == "invalid_grant"
