@@ -378,13 +378,15 @@ def account_hub(upstream_issuer, pg_database_url):
 
 ALICE = [("op", "alice-0001")]
 ALICE_BOTH = [("op", "alice-0001"), ("op-es", "alice-0001")]
+#: the account rows of a citizen signed in with two linked credentials
+TWO_CREDENTIALS = {"accounts": ["live"], "links": ALICE_BOTH, "sources": ["op", "op-es"],
+                   "events": ["created", "linked"]}
 
 
 def signed_in_with_two_credentials(client: Any, hub: Any) -> None:
     full_login(client, AuthRequest())
     assert client.get(path_of(upstream_login(start_link(client), "alice"))).status_code == 303
-    assert account_rows(hub) == {"accounts": ["live"], "links": ALICE_BOTH,
-                                 "sources": ["op", "op-es"], "events": ["created", "linked"]}
+    assert account_rows(hub) == TWO_CREDENTIALS
 
 
 @pytest.mark.parametrize("point", ACCOUNT_CUT_POINTS)
@@ -429,8 +431,7 @@ def test_link_cut_off_mid_write_links_nothing(account_hub, point):
     r = client.get(path_of(upstream_login(start_link(client), "alice")))
     assert r.status_code == 303 and r.headers["Location"] == "/account"
     assert "The new way to sign in was added" in client.get("/account").get_data(as_text=True)
-    assert account_rows(hub) == {"accounts": ["live"], "links": ALICE_BOTH,
-                                 "sources": ["op", "op-es"], "events": ["created", "linked"]}
+    assert account_rows(hub) == TWO_CREDENTIALS
 
 
 @pytest.mark.parametrize("point", ACCOUNT_CUT_POINTS)
