@@ -184,7 +184,8 @@ def build_hub(settings: Settings, *, migrate: bool = True,
                     limiter=AttemptLimiter(store), health=UpstreamHealth(store, {
                         u.id: HealthPolicy(
                             failures=u.down_after_failures, down_seconds=u.down_seconds,
-                            # a login's calls: a GET retried once, then the token call
+                            # the probe's call (a GET retried once, each up to the
+                            # timeout and one read's wait: kernel.bounded) and a margin
                             probe_seconds=math.ceil(3 * u.timeout_seconds) + 5)
                         for u in settings.upstreams}))
     services = ProviderServices(

@@ -367,8 +367,11 @@ def account_rows(hub: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def account_hub(upstream_issuer, pg_database_url):
-    """Two upstreams (two credentials to the hub, as in tests/test_linking.py)."""
-    cfg = hub_config(upstream_issuer, pg_database_url, backchannel_dispatcher=False)
+    """Two upstreams (two credentials to the hub, as in tests/test_linking.py); the first
+    agency may also ask for refresh tokens."""
+    cfg = hub_config(upstream_issuer, pg_database_url, backchannel_dispatcher=False, agencies=[
+        AGENCY_ONE.config(scopes=["openid", "profile", "email", "offline_access"]),
+        AGENCY_TWO.config()])
     cfg["upstreams"].append(bank_id_upstream(upstream_issuer))
     app = create_app(cfg)
     yield app, pg_database_url
@@ -509,25 +512,12 @@ class StatementCut(BackendCut):
             self._cut(statement)
 
 
-@pytest.fixture
-def offline_account_hub(upstream_issuer, pg_database_url):
-    """:func:`account_hub` whose first agency may ask for refresh tokens."""
-    cfg = hub_config(upstream_issuer, pg_database_url, backchannel_dispatcher=False, agencies=[
-        AGENCY_ONE.config(scopes=["openid", "profile", "email", "offline_access"])])
-    cfg["upstreams"].append(bank_id_upstream(upstream_issuer))
-    app = create_app(cfg)
-    yield app, pg_database_url
-    stop_background(app)
-    app.extensions["civitas"].db.dispose()
-
-
-def test_account_deletion_cut_off_part_way_is_finished_by_pressing_delete_again(
-        offline_account_hub):
+def test_account_deletion_cut_off_part_way_is_finished_by_pressing_delete_again(account_hub):
     """Erasure ends the account's refresh grants and consents first and removes the account
     last: cut off while revoking, the account is still there and its citizen still signed
     in to press Delete again, which finishes it; never a deleted account whose grants
     still stand (the order before this test let the account go first)."""
-    app, url = offline_account_hub
+    app, url = account_hub
     hub = app.extensions["civitas"]
     client = app.test_client()
     signed_in_with_two_credentials(client, hub)
