@@ -214,19 +214,51 @@ class AccountDirectory:
                                connector_id=target.connector_id, acr=target.acr, at=utcnow()))
             return target
 
-    def delete(self, account_id: str) -> None:
-        """Right to erasure: remove personal attributes and linked credentials; keep the
-        pseudonymous account id and its events, which audit records refer to."""
+    def close(self, account_id: str) -> bool:
+        """Right to erasure, its first step: the account is closed at once (``deleted_at``:
+        no session, token, claim or refresh from then on), its linked credentials are
+        removed (signing in with one of them again makes a new account) and its ``deleted``
+        event recorded. False when there is no such live account. :meth:`erase` finishes it
+        once its grants and consents have ended."""
         with self._db.session() as s:
-            account = s.get(ConstituentAccount, account_id)
+            account = s.get(ConstituentAccount, account_id, with_for_update=True)
             if account is None or account.deleted_at is not None:
-                return
-            for model in (AccountAttribute, LinkedIdentity):
-                for row in s.scalars(select(model).where(model.account_id == account_id)):
-                    s.delete(row)
+                return False
+            for link in s.scalars(select(LinkedIdentity).where(
+                    LinkedIdentity.account_id == account_id)):
+                s.delete(link)
             account.deleted_at = utcnow()
             self._event(s, AccountEvent(account_id=account_id, kind="deleted",
                                         at=account.deleted_at))
+            return True
+
+    def erase(self, account_id: str) -> bool:
+        """Right to erasure, its last step (once the closed account's grants and consents
+        have ended): remove its personal attributes, keep the pseudonymous id and its
+        events, which audit records refer to, and record the ``erased`` event. Idempotent;
+        False when there was nothing to erase (the account is unknown, not closed, or
+        erased already)."""
+        with self._db.session() as s:
+            account = s.get(ConstituentAccount, account_id, with_for_update=True)
+            if account is None or account.deleted_at is None or account.erased_at is not None:
+                return False
+            for row in s.scalars(select(AccountAttribute).where(
+                    AccountAttribute.account_id == account_id)):
+                s.delete(row)
+            account.erased_at = utcnow()
+            self._event(s, AccountEvent(account_id=account_id, kind="erased",
+                                        at=account.erased_at))
+            return True
+
+    def erasures_pending(self, *, closed_before: datetime, limit: int = 100) -> list[str]:
+        """Accounts closed before ``closed_before`` whose erasure did not finish (the request
+        that closed them was cut off part-way), oldest first."""
+        with self._db.reader() as conn:
+            return list(conn.scalars(
+                select(_ACCOUNTS.c.id).where(_ACCOUNTS.c.deleted_at.is_not(None),
+                                             _ACCOUNTS.c.erased_at.is_(None),
+                                             _ACCOUNTS.c.deleted_at < closed_before)
+                .order_by(_ACCOUNTS.c.deleted_at).limit(limit)))
 
     def events(self, account_id: str) -> list[AccountEvent]:
         with self._db.session() as s:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import ForeignKey, Index, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from kernel.db import Base, UTCDateTime, utcnow
@@ -20,11 +20,22 @@ class ConstituentAccount(Base):
 
     __tablename__ = "constituent_accounts"
 
+    __table_args__ = (
+        # the erasures still to finish (housekeeping): few rows, whatever the table's size
+        Index("ix_accounts_erasure_pending", "deleted_at",
+              postgresql_where=text("deleted_at IS NOT NULL AND erased_at IS NULL"),
+              sqlite_where=text("deleted_at IS NOT NULL AND erased_at IS NULL")),
+    )
+
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_account_id)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    #: set when the citizen deleted the account: personal data and credentials are gone; the
-    #: pseudonymous id stays so audit records that name it keep their meaning
+    #: set when the citizen deleted the account: from then on it is closed (no sign-in, no
+    #: token, no claim). The pseudonymous id stays so audit records that name it keep their
+    #: meaning
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    #: set when its erasure was finished: refresh grants revoked, consents withdrawn,
+    #: personal data and credentials gone (housekeeping finishes one that was cut off)
+    erased_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class LinkedIdentity(Base):

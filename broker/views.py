@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,6 +17,8 @@ from connectors import PasswordConnector, UpstreamRejected
 from .errors import BrokerError
 from .service import Broker, LoginOutcome
 from .session import HubLogin, current_login
+
+log = logging.getLogger(__name__)
 
 NOTICES = {
     "linked": "The new way to sign in was added to your account.",
@@ -153,16 +156,27 @@ def create_blueprint(broker: Broker, *,
             return redirect(url_for("broker.login_page"), code=303)
         if request.form.get("confirm") != "delete":
             raise BrokerError("To delete your account, tick the box that confirms it.")
-        # The account's grants and consents end first (each step idempotent), the account
-        # itself last: a failure part-way leaves the citizen signed in to press Delete again,
-        # never a deleted account whose consents or grants still stand.
-        if on_delete is not None:  # e.g. withdraw every consent (the root wires it)
-            on_delete(login.account_id)
-        broker.accounts.delete(login.account_id)
+        # The account is closed first, in one transaction (from then on no session, token
+        # or claim, and no credential leads to it), then its grants and consents end and its
+        # personal data goes. Each later step is idempotent: should one fail, housekeeping
+        # finishes the erasure (civitas.housekeeping), and the citizen is told so.
+        if not broker.accounts.close(login.account_id):
+            session.clear()  # closed meanwhile (another tab)
+            return redirect(url_for("broker.signed_out", deleted="1"), code=303)
+        finished = True
+        try:
+            if on_delete is not None:  # e.g. withdraw every consent (the root wires it)
+                on_delete(login.account_id)
+            broker.accounts.erase(login.account_id)
+        except Exception:  # noqa: BLE001 - the closing stands; housekeeping finishes the rest
+            log.exception("account %s is closed but its erasure did not finish; "
+                          "housekeeping will finish it", login.account_id)
+            finished = False
         if on_logout is not None:
             on_logout(login)
         session.clear()
-        return redirect(url_for("broker.signed_out", deleted=1), code=303)
+        return redirect(url_for("broker.signed_out", deleted="1" if finished else "pending"),
+                        code=303)
 
     @bp.post("/logout")
     def logout() -> Response:
@@ -175,7 +189,8 @@ def create_blueprint(broker: Broker, *,
 
     @bp.get("/signed-out")
     def signed_out() -> str:
+        deleted = request.args.get("deleted")
         return render_template("broker/signed_out.html",
-                               deleted=request.args.get("deleted") == "1")
+                               deleted=deleted if deleted in ("1", "pending") else None)
 
     return bp

@@ -289,7 +289,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
         sessionless=_PROGRAM_PATHS)
     app.register_blueprint(broker_blueprint(
         hub.broker, on_logout=hub.logout.end_session,
-        on_delete=lambda account_id: _account_deleted(hub, account_id)))
+        on_delete=lambda account_id: end_grants_and_consents(hub, account_id)))
     app.register_blueprint(idp_blueprint(hub.server, hub.broker))
     app.register_blueprint(logout_blueprint(hub.logout))
     app.register_blueprint(consent_blueprint(
@@ -343,9 +343,10 @@ def stop_background(app: Flask) -> None:
         stop()
 
 
-def _account_deleted(hub: Hub, account_id: str) -> None:
-    """Right to erasure: every refresh grant of the account is revoked (first, so that its
-    reason says so: any agency's, consent-based or not), then every consent withdrawn."""
+def end_grants_and_consents(hub: Hub, account_id: str) -> None:
+    """Right to erasure, once the account is closed: every refresh grant of the account is
+    revoked (first, so that its reason says so: any agency's, consent-based or not), then
+    every consent withdrawn. Idempotent (housekeeping repeats it for an erasure cut off)."""
     hub.server.hub.refresh_tokens.revoke_account(account_id, reason=ACCOUNT_DELETED)
     hub.consent.withdraw_all(account_id)
 

@@ -330,7 +330,8 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
 @click.pass_context
 def housekeeping(ctx: click.Context) -> None:
     """Run the hub's housekeeping once: consent grants past their validity get their
-    `expired` event, and the tokens of refresh grants that ended are deleted. Workers do it
+    `expired` event, the tokens of refresh grants that ended are deleted, and the erasure
+    of an account closed by its citizen but cut off part-way is finished. Workers do it
     every `housekeeping_interval_seconds`; set that to 0 and run this from cron instead.
     Exit 1 if a job failed (the log says why)."""
     from .housekeeping import run_once
@@ -345,7 +346,8 @@ def housekeeping(ctx: click.Context) -> None:
         return "(failed)" if count is None else str(count)
 
     click.echo(f"consent grants expired: {shown(done.consents_expired)}; "
-               f"refresh grants purged: {shown(done.refresh_grants_purged)}")
+               f"refresh grants purged: {shown(done.refresh_grants_purged)}; "
+               f"erasures finished: {shown(done.erasures_finished)}")
     if not done.ok:
         sys.exit(1)
 

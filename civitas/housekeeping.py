@@ -5,12 +5,16 @@
   being valid at its time whether or not this has run;
 - refresh grants that ended more than one access-token lifetime ago are deleted (a grant is
   one row, with its live token; tokens issued before migration 0012 go with their grant):
-  without this ``refresh_grants`` keeps a row for every grant ever issued.
+  without this ``refresh_grants`` keeps a row for every grant ever issued;
+- accounts closed by their citizen whose erasure was cut off part-way (the database went
+  away after the account was closed) have it finished: refresh grants revoked, consents
+  withdrawn, personal data removed (each step idempotent).
 
 Each job is idempotent and safe to run in several workers or hosts at once (consent expiry
-locks each record; the purge deletes in small batches), so every worker may run it on its
-schedule (``housekeeping_interval_seconds``) and ``civitas housekeeping`` runs it once, for
-cron when the schedule is off. A failing job is logged and tried again next round.
+locks each record; the purge deletes in small batches; an erasure locks its account), so
+every worker may run it on its schedule (``housekeeping_interval_seconds``) and ``civitas
+housekeeping`` runs it once, for cron when the schedule is off. A failing job is logged and
+tried again next round.
 """
 
 from __future__ import annotations
@@ -36,15 +40,44 @@ class Round:
 
     consents_expired: int | None
     refresh_grants_purged: int | None
+    erasures_finished: int | None
 
     @property
     def ok(self) -> bool:
-        return None not in (self.consents_expired, self.refresh_grants_purged)
+        return None not in (self.consents_expired, self.refresh_grants_purged,
+                            self.erasures_finished)
+
+
+#: an account closed less than this long ago may still be being erased by its own request
+ERASURE_GRACE = timedelta(minutes=1)
+
+
+def finish_erasures(hub: Hub, *, grace: timedelta = ERASURE_GRACE, limit: int = 100) -> int:
+    """Finish the erasure of every account closed (more than ``grace`` ago) whose
+    request was cut off part-way; returns how many were finished. Each account is tried on
+    its own; should any fail, the others are still done and the failure is raised after."""
+    from .app import end_grants_and_consents
+
+    failed: Exception | None = None
+    finished = 0
+    for account_id in hub.accounts.erasures_pending(closed_before=utcnow() - grace,
+                                                    limit=limit):
+        try:
+            end_grants_and_consents(hub, account_id)
+            if hub.accounts.erase(account_id):
+                finished += 1
+                log.info("account %s: its erasure, cut off part-way, is finished", account_id)
+        except Exception as error:  # noqa: BLE001 - the next account must still be done
+            log.exception("account %s: finishing its erasure failed, will retry", account_id)
+            failed = error
+    if failed is not None:
+        raise failed
+    return finished
 
 
 def run_once(hub: Hub) -> Round:
     """One round of every job; a failing job is logged, and the others still run."""
-    expired = purged = None
+    expired = purged = erased = None
     try:
         expired = hub.consent.expire_due()
     except Exception:  # noqa: BLE001 - logged; the schedule must go on
@@ -56,12 +89,17 @@ def run_once(hub: Hub) -> Round:
         purged = hub.server.hub.refresh_tokens.purge_expired(before=before)
     except Exception:  # noqa: BLE001 - logged; the schedule must go on
         log.exception("refresh grant purge failed, will retry next round")
-    for job, done in (("consent_expiry", expired), ("refresh_purge", purged)):
+    try:
+        erased = finish_erasures(hub)
+    except Exception:  # noqa: BLE001 - logged; the schedule must go on
+        log.exception("finishing erasures failed, will retry next round")
+    for job, done in (("consent_expiry", expired), ("refresh_purge", purged),
+                      ("erasure", erased)):
         BACKGROUND_JOBS.labels(job, "failed" if done is None else "ok").inc()
-    if expired or purged:
-        log.info("housekeeping: %s consent grants expired, %s refresh grants purged",
-                 expired, purged)
-    return Round(expired, purged)
+    if expired or purged or erased:
+        log.info("housekeeping: %s consent grants expired, %s refresh grants purged, "
+                 "%s erasures finished", expired, purged, erased)
+    return Round(expired, purged, erased)
 
 
 class Housekeeper(PeriodicThread):

@@ -1,6 +1,6 @@
 """Housekeeping (civitas/housekeeping.py): refresh tokens of ended grants are deleted, grants
-past their validity get their ``expired`` event, on each worker's schedule or once from the
-``civitas housekeeping`` command."""
+past their validity get their ``expired`` event, erasures cut off part-way are finished, on
+each worker's schedule or once from the ``civitas housekeeping`` command."""
 
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ from datetime import timedelta
 import pytest
 import yaml
 from click.testing import CliRunner
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
+import civitas.app
+from broker.models import ConstituentAccount
 from civitas.app import create_app, stop_background
 from civitas.cli import main
-from civitas.housekeeping import run_once
+from civitas.housekeeping import finish_erasures, run_once
+from connectors import UpstreamIdentity
 from idp.models import RefreshGrantRecord, RefreshToken
 from kernel.db import utcnow
 from kernel.periodic import PeriodicThread
@@ -142,7 +145,8 @@ def test_a_failing_job_is_logged_and_the_other_still_runs(make_hub, monkeypatch,
     before = [rounds("consent_expiry", "failed"), rounds("refresh_purge", "ok")]
     monkeypatch.setattr(hub.consent, "expire_due", broken)
     done = run_once(hub)
-    assert (done.consents_expired, done.refresh_grants_purged, done.ok) == (None, 1, False)
+    assert (done.consents_expired, done.refresh_grants_purged, done.erasures_finished,
+            done.ok) == (None, 1, 0, False)
     # counted for an alert on outcome="failed"
     assert [rounds("consent_expiry", "failed"), rounds("refresh_purge", "ok")] == [
         before[0] + 1, before[1] + 1]
@@ -175,5 +179,87 @@ def test_the_command_runs_housekeeping_once(cli_hub):
     result = CliRunner().invoke(main, ["--config", str(path), "housekeeping"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "consent grants expired: 0; refresh grants purged: 1" in result.output
+    assert ("consent grants expired: 0; refresh grants purged: 1; erasures finished: 0"
+            in result.output)
     assert rows_of(hub, "ended") == 0 and rows_of(hub, "just-ended") == 1
+
+
+def test_an_erasure_that_fails_again_leaves_the_others_to_be_finished(sql_hub, monkeypatch,
+                                                                        caplog):
+    """Accounts closed by their citizens whose erasure was cut off: each is finished on its
+    own, so one that fails again (logged, the round counted as failed) holds up no other,
+    and is finished by a later round. A live account and one erased already are left
+    alone. On SQLite and on PostgreSQL."""
+    hub = sql_hub
+    stuck, other, live, done = (str(hub.accounts.resolve(UpstreamIdentity(
+        connector_id="op", subject=name, acr="urn:civitas:acr:ial1:aal1",
+        attributes={"email": f"{name}@example.org"})).account_id)
+        for name in ("stuck", "other", "live", "done"))
+    for account in (stuck, other, done):
+        assert hub.accounts.close(account)
+    assert hub.accounts.erase(done)
+    with hub.db.session() as s:  # closed minutes ago, out of the grace; the stuck one first
+        for account, minutes in ((stuck, 3), (other, 2)):
+            s.execute(update(ConstituentAccount).where(ConstituentAccount.id == account)
+                      .values(deleted_at=utcnow() - timedelta(minutes=minutes)))
+    assert hub.accounts.erasures_pending(closed_before=utcnow()) == [stuck, other]
+    real = civitas.app.end_grants_and_consents
+
+    def failing_for_stuck(hub_, account_id):
+        if account_id == stuck:
+            raise RuntimeError("the consent tables are unreachable")
+        real(hub_, account_id)
+
+    monkeypatch.setattr(civitas.app, "end_grants_and_consents", failing_for_stuck)
+    failed = metric("civitas_background_jobs_total", job="erasure", outcome="failed")
+    done_round = run_once(hub)
+    assert done_round.erasures_finished is None and not done_round.ok
+    assert metric("civitas_background_jobs_total", job="erasure", outcome="failed") == failed + 1
+    assert f"account {stuck}: finishing its erasure failed" in caplog.text
+    assert hub.accounts.erasures_pending(closed_before=utcnow()) == [stuck]
+    assert hub.accounts.attribute_records(other) == []
+    assert hub.accounts.attribute_records(live) != [] and hub.accounts.exists(live)
+
+    monkeypatch.setattr(civitas.app, "end_grants_and_consents", real)
+    assert finish_erasures(hub) == 1
+    assert hub.accounts.erasures_pending(closed_before=utcnow()) == []
+    assert hub.accounts.attribute_records(stuck) == []
+    assert [e.kind for e in hub.accounts.events(stuck)][:2] == ["erased", "deleted"]
+
+
+def test_migration_0013_marks_the_accounts_deleted_before_it_as_erased(database_url):
+    """Until 0013 an account was erased in the request that deleted it (the account went
+    last), so each deleted one is marked erased at its deletion time and none is left for
+    housekeeping to finish; a live account stays unmarked. Downgrading drops the mark."""
+    from datetime import UTC, datetime
+
+    from alembic import command
+    from cryptography.fernet import Fernet
+    from sqlalchemy import inspect, text
+
+    from broker.accounts import AccountDirectory
+    from civitas.migrations import alembic_config, upgrade
+    from kernel.crypto import FieldCipher
+    from kernel.db import Database
+
+    db = Database(database_url)
+    try:
+        upgrade(db.engine, "0012")
+        gone = datetime(2026, 11, 1, 12, tzinfo=UTC)
+        with db.engine.begin() as conn:
+            for account, deleted_at in (("gone", gone), ("here", None)):
+                conn.execute(text("INSERT INTO constituent_accounts (id, created_at, deleted_at)"
+                                  " VALUES (:id, :created, :deleted)"),
+                             {"id": account, "created": gone, "deleted": deleted_at})
+        upgrade(db.engine)
+        with db.session() as s:
+            assert [(a.id, a.deleted_at, a.erased_at) for a in s.scalars(
+                select(ConstituentAccount).order_by(ConstituentAccount.id))] == [
+                ("gone", gone, gone), ("here", None, None)]
+        accounts = AccountDirectory(db, FieldCipher([Fernet.generate_key().decode()]))
+        assert accounts.erasures_pending(closed_before=utcnow()) == []
+        command.downgrade(alembic_config(db.engine), "0012")
+        assert "erased_at" not in {c["name"] for c in inspect(db.engine).get_columns(
+            "constituent_accounts")}
+    finally:
+        db.dispose()

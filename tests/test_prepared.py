@@ -133,7 +133,11 @@ def test_rows_are_those_sqlalchemy_gives_for_every_case(citizen: Any, database_u
             through_sqlalchemy(hub.db, LIVE_ACCOUNT, {"account_id": account}))
     assert hub.accounts.exists(account_id) and not hub.accounts.exists("no-such-account")
 
-    hub.accounts.delete(account_id)  # erased: no login row; one row of the deletion time
+    hub.accounts.close(account_id)  # closed: no login row; its attribute rows, each with
+    counts = compare()              # the deletion time, which the claims read refuses
+    assert counts[:len(cases)] == [0] * len(cases)
+    assert counts[len(cases):] == claims_rows
+    assert hub.accounts.erase(account_id)  # erased: one row of the deletion time
     counts = compare()
     assert counts[:len(cases)] == [0] * len(cases)
     assert counts[len(cases)] == 1

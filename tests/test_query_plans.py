@@ -29,6 +29,7 @@ from bench.decision_scale import Statement, absent_subject, capture_sql, explain
 from bench.load_data import TABLES, Templates, analyze, bench_settings, build_templates, load
 from bench.load_data import start_hub as start_bench_hub
 from civitas.app import Hub
+from civitas.housekeeping import finish_erasures
 from config import settings_from_mapping
 from idp.models import RefreshGrantRecord, RefreshToken
 from idp.tokens import digest, new_grant_id
@@ -51,6 +52,8 @@ INDEXES = {
             "uq_account_attributes_account_id_name_source_connector",)),
     "ix_consent_records_expires_at": (
         "expiry", "consent_records", ("ix_consent_records_expires_at",)),
+    "ix_accounts_erasure_pending": (
+        "erasure", "constituent_accounts", ("ix_accounts_erasure_pending",)),
 }
 
 
@@ -263,6 +266,19 @@ def expiry_statements(loaded: Loaded) -> list[Statement]:
     return seen
 
 
+def erasure_statements(loaded: Loaded) -> list[Statement]:
+    """The SQL of housekeeping's search for erasures to finish, on the usual day: none."""
+    with capture_sql() as seen:
+        assert finish_erasures(loaded.hub) == 0
+    return seen
+
+
+def test_the_erasure_job_reads_only_the_closed_accounts(loaded: Loaded) -> None:
+    statements = erasure_statements(loaded)
+    assert any(touches(s, "constituent_accounts") for s in statements)
+    assert seq_scans(loaded, statements) == []
+
+
 def test_the_expiry_job_reads_only_the_grants_due(loaded: Loaded) -> None:
     statements = expiry_statements(loaded)
     assert any(touches(s, "consent_records") for s in statements)
@@ -275,7 +291,7 @@ def test_losing_an_index_is_caught(loaded: Loaded, index: str) -> None:
     """Without the index the same statement scans its table: the check is not vacuous."""
     path, table, indexes = INDEXES[index]
     statements = {"decision": decision_statements, "token": token_statements,
-                  "expiry": expiry_statements}[path](loaded)
+                  "expiry": expiry_statements, "erasure": erasure_statements}[path](loaded)
     needing = [s for s in reads(statements) if touches(s, table)]
     assert needing
     with loaded.hub.db.engine.connect() as conn:

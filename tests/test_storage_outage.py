@@ -4,7 +4,8 @@ hub recovers by itself with fresh connections. A connection dropped in the middl
 citizen's consent write (Allow, Deny, withdrawal) leaves no event, receipt or ledger entry
 without the others, and the citizen can answer again; one in the middle of an account write
 (first login, linking, unlinking, deletion) leaves no account, credential or account event
-without its ledger entry or the other way round, and the citizen can do it again."""
+without its ledger entry or the other way round, and the citizen can do it again (an account
+deletion cut off after the account was closed is finished by housekeeping)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import base64
 import json
 import re
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -20,11 +22,14 @@ from sqlalchemy import create_engine, event, select, text
 import kernel.db
 from broker.models import AccountAttribute, AccountEvent, ConstituentAccount, LinkedIdentity
 from civitas.app import create_app, stop_background
+from civitas.housekeeping import finish_erasures
 from consent.ledger.ledger import hashed_id
 from consent.ledger.models import LedgerEntry
 from consent.models import ConsentEvent, ConsentReceipt
 from consent.officers import pseudonym_key
 from consent.reconcile import reconcile
+from idp.models import RefreshGrantRecord
+from idp.tokens import ACCOUNT_DELETED
 from tests.conftest import bank_id_upstream, hub_config
 from tests.flows import (
     AGENCY_ONE,
@@ -361,7 +366,8 @@ def account_rows(hub: Any) -> dict[str, Any]:
             for e in events] == [
         (e["kind"], e["data"]["account"], e["data"]["connector"], e["data"]["acr"])
         for e in entries], "account events and their ledger entries disagree"
-    return {"accounts": ["deleted" if a.deleted_at else "live" for a in accounts],
+    return {"accounts": ["erased" if a.erased_at else "closed" if a.deleted_at else "live"
+                         for a in accounts],
             "links": links, "sources": sources, "events": [e.kind for e in events]}
 
 
@@ -481,19 +487,20 @@ def test_account_deletion_cut_off_mid_write_deletes_nothing(account_hub, point):
     assert cut.fired, "the write never reached the cut point"
     assert_unavailable_page(r)
     assert account_rows(hub) == before
-    # the account and the session stand as they were: the citizen can press Delete again
+    # closing the account is the erasure's first step, in one transaction: cut off, nothing
+    # is done. The account, its session and the agency's grant stand as they were, and the
+    # citizen can press Delete again
     r = client.get("/account")
     assert r.status_code == 200 and "Bank ID" in r.get_data(as_text=True)
-    # the erasure's first steps, ending the agency's grant and the consents, came before
-    # the account's removal and stay done: the safe side of a failure part-way
     assert client.get("/userinfo", headers={"Authorization": f"Bearer {access}"}
-                      ).status_code == 401
+                      ).status_code == 200
 
     # the database is back: deleting again from a fresh page deletes it, once
     r = client.post("/account/delete", data={"csrf": csrf(client), "confirm": "delete"})
     assert r.status_code == 303, r.get_data(as_text=True)[:800]
-    assert account_rows(hub) == {"accounts": ["deleted"], "links": [], "sources": [],
-                                 "events": ["created", "linked", "deleted"]}
+    assert r.headers["Location"].endswith("/signed-out?deleted=1")
+    assert account_rows(hub) == {"accounts": ["erased"], "links": [], "sources": [],
+                                 "events": ["created", "linked", "deleted", "erased"]}
     assert client.get("/userinfo", headers={"Authorization": f"Bearer {access}"}
                       ).status_code == 401
 
@@ -512,30 +519,61 @@ class StatementCut(BackendCut):
             self._cut(statement)
 
 
-def test_account_deletion_cut_off_part_way_is_finished_by_pressing_delete_again(account_hub):
-    """Erasure ends the account's refresh grants and consents first and removes the account
-    last: cut off while revoking, the account is still there and its citizen still signed
-    in to press Delete again, which finishes it; never a deleted account whose grants
-    still stand (the order before this test let the account go first)."""
+def test_account_deletion_cut_off_part_way_closes_the_account_and_housekeeping_finishes_it(
+        account_hub, caplog):
+    """Erasure closes the account first (one transaction: no session, token, claim or
+    credential leads to it from then on), then revokes its refresh grants, withdraws its
+    consents and removes its personal data. Cut off while revoking, the account stays
+    closed, the citizen is told the rest will be finished, and housekeeping finishes it
+    (each step idempotent); never a live account whose citizen asked for its erasure and
+    went away (the order before this test needed the citizen to press Delete again)."""
     app, url = account_hub
     hub = app.extensions["civitas"]
     client = app.test_client()
     signed_in_with_two_credentials(client, hub)
+    old_account = hub.accounts.account_for_credential("op", "alice-0001")
     auth = AuthRequest(scope="openid email offline_access")
     r = client.get(auth.url())
     assert r.status_code == 302
-    refresh = redeem(client, auth, query(r.headers["Location"])["code"]).json["refresh_token"]
+    tokens = redeem(client, auth, query(r.headers["Location"])["code"]).json
+    assert hub.consent.grants_for_account(old_account), "the agency holds no consent to end"
     with StatementCut(hub.db.engine, url, "UPDATE refresh_grants") as cut:
         r = client.post("/account/delete", data={"csrf": csrf(client), "confirm": "delete"})
     assert cut.fired, "the deletion never revoked a grant"
-    assert_unavailable_page(r)
-    assert account_rows(hub)["accounts"] == ["live"]
-    assert client.get("/account").status_code == 200  # still signed in
-
-    r = client.post("/account/delete", data={"csrf": csrf(client), "confirm": "delete"})
-    assert r.status_code == 303, r.get_data(as_text=True)[:800]
-    assert account_rows(hub)["accounts"] == ["deleted"]
+    assert r.status_code == 303 and r.headers["Location"].endswith("?deleted=pending")
+    page = client.get(path_of(r.headers["Location"])).get_data(as_text=True)
+    assert "Your account is closed" in page and "finished automatically" in page
+    assert any("erasure did not finish" in m for m in caplog.messages)
+    # closed: no session, no credential, no claim, no refresh; the rest still to be erased
+    closed = {"accounts": ["closed"], "links": [], "sources": ["op", "op-es"],
+              "events": ["created", "linked", "deleted"]}
+    assert account_rows(hub) == closed
+    assert client.get("/account").status_code == 302
+    assert client.get("/userinfo", headers={"Authorization": f"Bearer {tokens['access_token']}"}
+                      ).status_code == 401
     secret = base64.b64encode(f"{AGENCY_ONE.client_id}:{AGENCY_ONE.secret}".encode()).decode()
-    r = client.post("/token", data={"grant_type": "refresh_token", "refresh_token": refresh},
+    r = client.post("/token", data={"grant_type": "refresh_token",
+                                    "refresh_token": tokens["refresh_token"]},
                     headers={"Authorization": f"Basic {secret}"})
     assert r.status_code == 400 and r.json["error"] == "invalid_grant"
+    grants = hub.consent.grants_for_account(old_account)
+    assert any(g.valid for g in grants), "the cut came before the consents were withdrawn"
+
+    # housekeeping leaves an erasure alone while its own request may still be at it ...
+    assert finish_erasures(hub) == 0 and account_rows(hub) == closed
+    # ... and finishes it after that
+    assert finish_erasures(hub, grace=timedelta(0)) == 1
+    assert account_rows(hub) == {"accounts": ["erased"], "links": [], "sources": [],
+                                 "events": ["created", "linked", "deleted", "erased"]}
+    assert not any(g.valid for g in hub.consent.grants_for_account(old_account))
+    with hub.db.session() as s:
+        assert [(g.revoked_at is not None, g.revoked_reason) for g in s.scalars(
+            select(RefreshGrantRecord).where(RefreshGrantRecord.account_id == old_account))] == [
+            (True, ACCOUNT_DELETED)]
+    report = reconcile(hub.db, hub.ledger, None, None)
+    assert report.ok, (report.missing_in_ledger, report.unmatched_entries, report.altered)
+    assert finish_erasures(hub, grace=timedelta(0)) == 0  # once
+
+    # signing in again with the same credential makes a new, empty account
+    full_login(app.test_client(), AuthRequest())
+    assert hub.accounts.account_for_credential("op", "alice-0001") not in (None, old_account)

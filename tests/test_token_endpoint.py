@@ -534,7 +534,7 @@ def test_rfc6750_2_userinfo_token_in_query_string_is_not_accepted(browser, acces
 def test_rfc6749_5_2_code_of_an_account_deleted_before_redemption_is_invalid_grant(browser, hub):
     auth = AuthRequest()
     code = new_code(browser, auth)
-    hub.accounts.delete(hub.accounts.account_for_credential("op", "alice-0001"))
+    hub.accounts.close(hub.accounts.account_for_credential("op", "alice-0001"))
     assert_token_error(redeem(browser, auth, code), 400, "invalid_grant")
 
 

@@ -51,7 +51,7 @@ from .note import Checkpoint, NoteSigner, NoteVerifier, check_key_name
 #: suggested entry kinds (any lowercase dotted name is accepted)
 KINDS = (
     "consent.given", "consent.refused", "consent.withdrawn", "consent.expired",
-    "decision.query", "account.linked", "account.unlinked", "account.deleted",
+    "decision.query", "account.linked", "account.unlinked", "account.deleted", "account.erased",
     "agency.registered", "agency.changed", "agency.removed",
 )
 _KIND = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
