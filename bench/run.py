@@ -52,6 +52,7 @@ from tests.flows import (  # noqa: E402
     UPSTREAM_SECRET,
     AuthRequest,
     TestAgency,
+    allow_over_http,
     pkce_pair,
     query,
     upstream_login,
@@ -124,6 +125,17 @@ class Hub:
         follow_from = urljoin(r.url, r.headers["Location"])
         params = follow(self.browser, follow_from, AGENCY_ONE.redirect_uri)
         assert "code" in params, params
+        self.allow_offline(AGENCY_ONE)
+
+    def allow_offline(self, agency) -> None:
+        """Answer agency one's consent page once, offline access ticked (OpenID Connect Core
+        11: no refresh token without it), as the peer is asked with prompt=consent: the
+        refresh tokens minted ahead come of that grant, unasked."""
+        auth = AuthRequest(agency, scope=" ".join(SCOPES))
+        r = allow_over_http(self.browser, self.browser.get(
+            self.base + auth.url(), allow_redirects=False, timeout=15))
+        if r.status_code != 302 or "code=" not in r.headers.get("Location", ""):
+            raise RuntimeError(f"consent to offline access: {r.status_code} {r.text[:300]}")
 
     def code(self, agency=AGENCY_ONE, scope: str = "openid profile email") -> tuple[str, str]:
         auth = AuthRequest(agency, scope=scope)

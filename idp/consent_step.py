@@ -9,6 +9,7 @@ Security Event Token pushed to its ``event_delivery_uri`` (RFC 8417, RFC 8935).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import time
@@ -28,9 +29,36 @@ log = logging.getLogger(__name__)
 PENDING_LIFETIME = 900
 
 
+#: OpenID Connect Core 11: the OP "MUST always obtain consent to returning a Refresh Token
+#: that enables offline access". Put to the citizen as one more optional item of the agency's
+#: consent (never ticked in advance), so that it is recorded, receipted, withdrawn and
+#: expires as every other: the agency gets a refresh token only while it is granted.
+OFFLINE_ACCESS = "offline_access"
+OFFLINE_PURPOSE = "offline-access"
+OFFLINE_ACCESS_CLAIM = ClaimRequest(
+    claim=OFFLINE_ACCESS, purposes=(OFFLINE_PURPOSE,), lawful_basis="consent", required=False,
+    description="Access while you are away")
+OFFLINE_PURPOSE_LABEL = ("to keep getting the information you allow without you signing in "
+                         "again, until you withdraw it or your consent ends")
+
+
+def with_offline_access(policy: AgencyPolicy) -> AgencyPolicy:
+    """``policy`` with the offline access item (for an agency that may have refresh
+    tokens), unless the agency declared it itself."""
+    if policy.claim(OFFLINE_ACCESS) is not None:
+        return policy
+    return dataclasses.replace(
+        policy, claims=(*policy.claims, OFFLINE_ACCESS_CLAIM),
+        purpose_labels={OFFLINE_PURPOSE: OFFLINE_PURPOSE_LABEL, **policy.purpose_labels})
+
+
 def requested_claims(scope: str, policy: AgencyPolicy) -> set[str]:
-    """The declared claims a scope asks for (companion claims ride with their claim)."""
-    names = {n for s in scope.split() for n in SCOPE_CLAIMS.get(s, ())}
+    """The declared claims a scope asks for (companion claims ride with their claim), and
+    offline access when the scope has ``offline_access``."""
+    scopes = scope.split()
+    names = {n for s in scopes for n in SCOPE_CLAIMS.get(s, ())}
+    if OFFLINE_ACCESS in scopes:
+        names.add(OFFLINE_ACCESS)
     return {c.claim for c in policy.claims if c.claim in names}
 
 
@@ -106,5 +134,5 @@ def make_withdrawal_handler(hub: ProviderServices, dispatcher: LogoutDispatcher
     return on_withdraw
 
 
-__all__ = ["ConsentService", "PendingConsent", "default_policy", "make_withdrawal_handler",
-           "park", "requested_claims", "unpark"]
+__all__ = ["OFFLINE_ACCESS", "ConsentService", "PendingConsent", "default_policy",
+           "make_withdrawal_handler", "park", "requested_claims", "unpark", "with_offline_access"]

@@ -14,6 +14,7 @@ import time
 from collections import defaultdict
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -99,22 +100,38 @@ class ProviderServices:
     agency_limit: int = 0
     #: an account and its consent with one agency in one read (set with ``consent``)
     citizens: CitizenReads | None = None
+    #: declared policies with their offline access item: (declared, with it) per agency
+    _offline_policies: dict[str, tuple[AgencyPolicy, AgencyPolicy]] = field(
+        default_factory=dict, init=False, repr=False)
 
     def policy_for(self, client: AgencyClient) -> AgencyPolicy:
-        from .consent_step import default_policy
+        """The agency's declaration (a default one when it declared none), with the offline
+        access item when it may have refresh tokens (OpenID Connect Core 11)."""
+        from .consent_step import default_policy, with_offline_access
 
         policy = self.policies.get(client.client_id)
         if policy is None:
             origin = "{0.scheme}://{0.netloc}/".format(urlsplit(client.redirect_uris[0]))
             policy = default_policy(client.client_id, client.name, list(client.scopes), origin)
+        if client.check_grant_type("refresh_token"):
+            cached = self._offline_policies.get(client.client_id)
+            if cached is not None and cached[0] is policy:
+                return cached[1]
+            offline = with_offline_access(policy)
+            if client.client_id in self.policies:  # a declared one stays the same object
+                self._offline_policies[client.client_id] = (policy, offline)
+            return offline
         return policy
 
     def issue_tokens(self, *, client: AgencyClient, account_id: str, scope: str, grant_id: str,
                      sid: str, auth_time: int, acr: str, amr: tuple[str, ...],
                      code_hash: str | None = None, refresh: bool = False,
-                     family_expires_at: int | None = None) -> dict[str, Any]:
+                     family_expires_at: int | None = None,
+                     consent_ends: datetime | None = None) -> dict[str, Any]:
         """The token response body for a grant: a JWT access token and, when the agency
-        may have one and asked for ``offline_access``, a refresh token."""
+        may have one and asked for ``offline_access``, a refresh token: the rotation of a
+        grant that ends at ``family_expires_at``, or a new grant, which ends with the
+        citizen's consent (``consent_ends``) if that comes before the refresh lifetime."""
         access = self.access_tokens.issue(
             client_id=client.client_id, alg=client.id_token_signed_response_alg,
             account_id=account_id, sub=self.subject_for(client, account_id), scope=scope,
@@ -126,10 +143,15 @@ class ProviderServices:
                       else "authorization_code").inc()
         if refresh and "offline_access" in scope.split() and client.check_grant_type(
                 "refresh_token"):
+            ends, new_grant = family_expires_at, None
+            if ends is None and consent_ends is not None and consent_ends.timestamp() < (
+                    time.time() + self.refresh_tokens.lifetime):
+                # offline access is part of the consent: it ends with it (Core 11)
+                ends, new_grant = int(consent_ends.timestamp()), True
             body["refresh_token"] = self.refresh_tokens.issue(
                 grant_id=grant_id, client_id=client.client_id, account_id=account_id,
                 scope=scope, sid=sid, acr=acr, amr=amr, auth_time=auth_time,
-                family_expires_at=family_expires_at,
+                family_expires_at=ends, new_grant=new_grant,
             )
         return body
 
@@ -179,13 +201,16 @@ class ProviderServices:
         return self.subjects.subject(sector, account_id)
 
     def citizen_claims(self, account_id: str, client_id: str, names: Collection[str]
-                       ) -> tuple[dict[str, Any] | None, set[str] | None]:
-        """The account's attributes among ``names`` (None: it is gone) and the claims the
-        citizen has granted the agency now (None: no consent records here), in one read."""
+                       ) -> tuple[dict[str, Any] | None, set[str] | None, datetime | None]:
+        """The account's attributes among ``names`` (None: it is gone), the claims the
+        citizen has granted the agency now (None: no consent records here) and when that
+        consent ends (None: until withdrawn), in one read."""
         if self.citizens is None:
-            return self.accounts.live_attributes(account_id, names), None
+            return self.accounts.live_attributes(account_id, names), None, None
         attributes, state = self.citizens.claims(account_id, client_id, names)
-        return attributes, set() if state is None else state.granted
+        if state is None:
+            return attributes, set(), None
+        return attributes, state.granted, state.expires_at if state.valid else None
 
     def user_claims(self, client: AgencyClient, account_id: str, scope: str,
                     attributes: Mapping[str, Any] | None = None,
@@ -279,10 +304,16 @@ class CodeGrant(grants.AuthorizationCodeGrant):
         data = request.payload.data
         nonce = data.get("nonce")
         client_id = request.client.client_id
+        scope = request.scope or ""
+        if "offline_access" in scope.split() and not getattr(request, "civitas_offline", False):
+            # OpenID Connect Core 11: without the citizen's consent to offline access the
+            # request for it is ignored: no refresh token, and the token response's scope
+            # says so (RFC 6749 5.1)
+            scope = " ".join(s for s in scope.split() if s != "offline_access")
         saved = self.hub.tokens.save_code(code, {
             "client_id": client_id,
             "redirect_uri": request.payload.redirect_uri,
-            "scope": request.scope,
+            "scope": scope,
             "nonce": nonce,
             "code_challenge": data["code_challenge"],
             "code_challenge_method": data["code_challenge_method"],
@@ -318,13 +349,14 @@ class CodeGrant(grants.AuthorizationCodeGrant):
         # The account must still exist; its attributes and the claims the citizen granted
         # the agency come in the same read, and the ID token of this request is made from
         # them (encode_id_token), not read again.
-        attributes, granted = self.hub.citizen_claims(
+        attributes, granted, consent_ends = self.hub.citizen_claims(
             authorization_code.account_id, authorization_code.client_id,
             scope_claim_names(authorization_code.scope))
         if attributes is None:
             return None
         self.request.civitas_attributes = attributes
         self.request.civitas_granted = granted
+        self.request.civitas_consent_ends = consent_ends
         return HubLogin(account_id=authorization_code.account_id,
                         auth_time=authorization_code.auth_time, acr=authorization_code.acr,
                         amr=authorization_code.amr, upstream_id="", sid=authorization_code.sid)
@@ -337,6 +369,7 @@ class CodeGrant(grants.AuthorizationCodeGrant):
             client=self.request.client, account_id=user.account_id, scope=scope,
             grant_id=new_grant_id(), sid=code.sid, auth_time=code.auth_time, acr=code.acr,
             amr=code.amr, code_hash=code.code_hash, refresh=include_refresh_token,
+            consent_ends=getattr(self.request, "civitas_consent_ends", None),
         )
 
 

@@ -22,7 +22,7 @@ from consent.views import read_consent_form, render_consent_page
 from .agencies import ID_TOKEN_ALGS, SERVICE_SCOPES
 from .agency_keys import ASSERTION_ALGS
 from .claims import scope_claim_names
-from .consent_step import park, requested_claims, unpark
+from .consent_step import OFFLINE_ACCESS, park, requested_claims, unpark
 from .provider import AUTH_METHODS, HubAuthorizationServer, StoredAuthorizationRequest
 
 
@@ -232,6 +232,7 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
 
     def finish(oauth_request: Any, grant: Any, login: HubLogin, params: Any) -> Response:
         """Issue the code, unless the citizen must first be asked for consent."""
+        offline = True  # no consent records here: the agency's registration decides
         if hub.consent is not None:
             client = grant.request.client
             policy = hub.policy_for(client)
@@ -254,12 +255,17 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
                 pending = park(session, {k: v for k, v in dict(params).items()
                                          if isinstance(v, str)})
                 return redirect(url_for("idp.consent_page", request=pending.id), code=303)
-        return respond(oauth_request, grant, login)
+            offline = state is not None and OFFLINE_ACCESS in state.granted
+        return respond(oauth_request, grant, login, offline=offline)
 
-    def respond(oauth_request: Any, grant: Any, user: HubLogin | None) -> Response:
+    def respond(oauth_request: Any, grant: Any, user: HubLogin | None, *,
+                offline: bool = False) -> Response:
         """The redirect to the agency: a code for ``user``, or ``access_denied`` without one.
+        The code's scope keeps ``offline_access`` only when ``offline`` (the citizen granted
+        it: OpenID Connect Core 11), else no refresh token comes of it.
         Its RFC 9207 ``iss`` is added by the server's ``HubIssuerParameter`` (to errors too),
         so it is not looked for again here as :func:`with_iss` does."""
+        grant.request.civitas_offline = offline  # read by save_authorization_code
         response: Response = server.create_authorization_response(
             request=oauth_request, grant_user=user, grant=grant)
         return response
@@ -319,9 +325,10 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
             consent.record_refusal(login.account_id, policy, subject, requested_claims=wanted)
             # RFC 6749 4.1.2.1: access_denied, to the validated redirect URI
             return respond(oauth_request, grant, None)
-        consent.record_decision(login.account_id, policy, subject, answer.optional,
-                                requested_claims=wanted)
-        return respond(oauth_request, grant, login)
+        given = consent.record_decision(login.account_id, policy, subject, answer.optional,
+                                        requested_claims=wanted)
+        return respond(oauth_request, grant, login,
+                       offline=given.valid and OFFLINE_ACCESS in given.claims)
 
     @bp.post("/token")
     def token() -> Response:
@@ -365,7 +372,7 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
         client = hub.agencies.client(record.client_id) if record else None
         attributes, granted = None, None
         if record is not None and client is not None and "openid" in record.scope.split():
-            attributes, granted = hub.citizen_claims(  # attributes None: deleted
+            attributes, granted, _ = hub.citizen_claims(  # attributes None: deleted
                 record.account_id, client.client_id, scope_claim_names(record.scope))
         if record is None or client is None or attributes is None:
             resp = jsonify(error="invalid_token",

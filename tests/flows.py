@@ -145,6 +145,20 @@ def start_login(client: Any, auth: AuthRequest, upstream_id: str = "op") -> str:
     return str(r.headers["Location"])
 
 
+def consent_answer(page: str, *, decision: str = "allow",
+                   optional: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The form a citizen sends back from the consent page ``page``: its hidden fields,
+    ``decision``, and the optional claims ticked (every one unless ``optional`` is given,
+    offline access too)."""
+    form: dict[str, Any] = {
+        name: html.unescape(value) for name, value in
+        re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', page)}
+    ticks = re.findall(r'<input type="checkbox" name="claim" value="([^"]+)"', page)
+    form["claim"] = list(ticks if optional is None else optional)
+    form["decision"] = decision
+    return form
+
+
 def allow_consent(client: Any, response: Any, *, decision: str = "allow",
                   optional: tuple[str, ...] | None = None) -> Any:
     """If the hub asks for consent, answer it (all optional claims ticked unless given)."""
@@ -152,13 +166,20 @@ def allow_consent(client: Any, response: Any, *, decision: str = "allow",
             "/authorize/consent"):
         return response
     page = client.get(path_of(response.headers["Location"])).get_data(as_text=True)
-    form: dict[str, Any] = {
-        name: html.unescape(value) for name, value in
-        re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', page)}
-    ticks = re.findall(r'<input type="checkbox" name="claim" value="([^"]+)"', page)
-    form["claim"] = list(ticks if optional is None else optional)
-    form["decision"] = decision
-    return client.post("/authorize/consent", data=form)
+    return client.post("/authorize/consent",
+                       data=consent_answer(page, decision=decision, optional=optional))
+
+
+def allow_over_http(browser: requests.Session, response: requests.Response
+                    ) -> requests.Response:
+    """:func:`allow_consent` for a browser over real HTTP: if ``response`` sends it to the
+    consent page, Allow with every box ticked; the hub's answer (not followed)."""
+    location = urljoin(response.url, response.headers.get("Location", ""))
+    if response.status_code != 303 or urlsplit(location).path != "/authorize/consent":
+        return response
+    page = browser.get(location, timeout=10).text
+    return browser.post(urljoin(location, "/authorize/consent"), data=consent_answer(page),
+                        allow_redirects=False, timeout=10)
 
 
 def finish_login(client: Any, callback_url: str, *, consent: bool = True) -> Any:

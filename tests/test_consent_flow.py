@@ -194,7 +194,7 @@ def test_decision_api_and_withdrawal_take_effect(client, app, receiver):
     hub = app.extensions["civitas"]
     auth = AuthRequest(scope="openid profile email offline_access")
     _, form = to_consent_page(client, auth)
-    r = answer(client, form, "allow", claims=["name"])
+    r = answer(client, form, "allow", claims=["name", "offline_access"])
     body = redeem(client, auth, query(r.headers["Location"])["code"]).json
     sub = jose_jwt.get_unverified_claims(body["id_token"])["sub"]
 

@@ -27,7 +27,7 @@ from joserfc.jwk import KeySet
 
 from civitas.app import create_app
 from tests.conftest import HUB_ISSUER, HUB_PORT, hub_config
-from tests.flows import AGENCY_ONE, AuthRequest, query
+from tests.flows import AGENCY_ONE, AuthRequest, allow_over_http, query
 
 INTEROP_DIR = Path(__file__).parent / "interop"
 RP_SCRIPT = INTEROP_DIR / "rp.mjs"
@@ -96,8 +96,11 @@ def rp(node: str, step: str, **params: Any) -> dict[str, Any]:
 
 
 def follow_to(browser: requests.Session, response: requests.Response, prefix: str) -> str:
-    """Follow redirects until one points at ``prefix`` (an agency URL, never fetched)."""
+    """Follow redirects until one points at ``prefix`` (an agency URL, never fetched). The
+    consent page, if the hub shows it, is answered with Allow and every box ticked: offline
+    access needs the citizen's consent (OpenID Connect Core 11)."""
     for _ in range(12):
+        response = allow_over_http(browser, response)
         assert response.status_code in (302, 303), (response.status_code, response.text[:500])
         location = urljoin(response.url, response.headers["Location"])
         if location.startswith(prefix):

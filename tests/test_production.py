@@ -26,7 +26,15 @@ from civitas.cli import main
 from civitas.observability import JSONFormatter
 from tests import servers
 from tests.conftest import HUB_ISSUER, HUB_PORT, hub_config
-from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest, full_login, query, redeem
+from tests.flows import (
+    AGENCY_ONE,
+    AGENCY_TWO,
+    AuthRequest,
+    allow_over_http,
+    full_login,
+    query,
+    redeem,
+)
 
 
 def test_healthz_and_readyz(client):
@@ -207,6 +215,7 @@ def browser_login(base: str, auth: AuthRequest) -> dict[str, str]:
                      data={"username": "alice", "password": "alice-password"},
                      allow_redirects=False, timeout=10)
     for _ in range(12):
+        r = allow_over_http(browser, r)  # offline access is asked (OpenID Connect Core 11)
         location = urljoin(r.url, r.headers["Location"])
         if location.startswith(auth.agency.redirect_uri):
             return query(location)

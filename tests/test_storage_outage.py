@@ -35,6 +35,7 @@ from tests.flows import (
     AGENCY_ONE,
     AGENCY_TWO,
     AuthRequest,
+    allow_consent,
     full_login,
     path_of,
     query,
@@ -533,9 +534,10 @@ def test_account_deletion_cut_off_part_way_closes_the_account_and_housekeeping_f
     signed_in_with_two_credentials(client, hub)
     old_account = hub.accounts.account_for_credential("op", "alice-0001")
     auth = AuthRequest(scope="openid email offline_access")
-    r = client.get(auth.url())
+    r = allow_consent(client, client.get(auth.url()))  # offline access: asked, and ticked
     assert r.status_code == 302
     tokens = redeem(client, auth, query(r.headers["Location"])["code"]).json
+    assert "refresh_token" in tokens
     assert hub.consent.grants_for_account(old_account), "the agency holds no consent to end"
     with StatementCut(hub.db.engine, url, "UPDATE refresh_grants") as cut:
         r = client.post("/account/delete", data={"csrf": csrf(client), "confirm": "delete"})

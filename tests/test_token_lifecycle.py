@@ -20,6 +20,7 @@ from tests.flows import (
     AGENCY_ONE,
     AGENCY_TWO,
     AuthRequest,
+    allow_consent,
     citizen,
     full_login,
     metric,
@@ -47,7 +48,7 @@ def basic(agency):
 
 def tokens(client, agency=AGENCY_ONE, scope="openid email offline_access"):
     auth = AuthRequest(agency=agency, scope=scope)
-    r = client.get(auth.url())
+    r = allow_consent(client, client.get(auth.url()))  # offline access ticked with the rest
     if r.status_code == 303:
         params = full_login(client, auth)
     else:
