@@ -49,6 +49,14 @@ def consent_form(client: Any, response: Any) -> tuple[str, dict[str, str]]:
     return page, dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', page))
 
 
+def granted_offline(client: Any) -> dict[str, Any]:
+    """Sign in, Allow with offline access ticked; the token response."""
+    auth = AuthRequest(scope=ASKED)
+    _, form = to_consent_page(client, auth)
+    r = answer(client, form, "allow", claims=["offline_access"])
+    return redeem(client, auth, query(r.headers["Location"])["code"]).json
+
+
 def refresh(client: Any, token: str) -> Any:
     return client.post("/token", headers=basic(AGENCY_ONE), data={
         "grant_type": "refresh_token", "refresh_token": token})
@@ -94,10 +102,7 @@ def test_withdrawing_offline_access_alone_ends_the_refresh_grant_and_keeps_the_r
         consent_app):
     hub = consent_app.extensions["civitas"]
     client = consent_app.test_client()
-    auth = AuthRequest(scope=ASKED)
-    _, form = to_consent_page(client, auth)
-    r = answer(client, form, "allow", claims=["offline_access"])
-    body = redeem(client, auth, query(r.headers["Location"])["code"]).json
+    body = granted_offline(client)
     sub = jose_jwt.get_unverified_claims(body["id_token"])["sub"]
     assert evaluate(client, sub, "offline_access", "offline-access").json["decision"] is True
 
@@ -156,10 +161,7 @@ def test_offline_access_ends_when_the_consent_does(make_hub):
                                                scopes=OFFLINE)])
     hub = app.extensions["civitas"]
     client = app.test_client()
-    auth = AuthRequest(scope=ASKED)
-    _, form = to_consent_page(client, auth)
-    r = answer(client, form, "allow", claims=["offline_access"])
-    body = redeem(client, auth, query(r.headers["Location"])["code"]).json
+    body = granted_offline(client)
     [grant] = hub.consent.grants_for_account(hub.accounts.account_for_credential(
         "op", "alice-0001"))
     assert grant.expires_at is not None
