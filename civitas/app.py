@@ -19,7 +19,7 @@ from flask import Flask, Request, g, jsonify, render_template, request, session
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
-from broker.accounts import AccountDirectory
+from broker.accounts import AccountDirectory, account_is_live
 from broker.health import HealthPolicy, UpstreamHealth
 from broker.models import AccountEvent
 from broker.ratelimit import AttemptLimiter
@@ -205,7 +205,7 @@ def build_hub(settings: Settings, *, migrate: bool = True,
     logout = LogoutService(services, services.participants, dispatcher)
     services.consent = ConsentService(db, HubReceiptSigner(keys, settings.signing_alg),
                                       on_withdraw=make_withdrawal_handler(services, dispatcher),
-                                      ledger=ledger)
+                                      ledger=ledger, account_open=account_is_live)
     services.citizens = CitizenReads(db, accounts, services.consent)
     services.policies = agency_policies(settings)
     return Hub(settings=settings, db=db, store=store, cipher=cipher, accounts=accounts,

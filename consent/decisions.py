@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Connection, Select, Table, bindparam, select
+from sqlalchemy import ColumnElement, Connection, Select, Table, bindparam, select
 
 from kernel import jsonfast
 from kernel.db import Database, Prepared
@@ -192,6 +192,8 @@ def _latest_event_query(key: str) -> Select[Any]:
 
 
 _LATEST = {key: _latest_event_query(key) for key in ("subject", "account_id")}
+#: a condition on a record's ``account_id`` column (see :class:`DecisionPoint`)
+AccountCondition = Callable[[ColumnElement[str]], ColumnElement[bool]]
 #: the read of :func:`latest_state` by ``account_id`` (parameters ``client_id``, ``key``: the
 #: account id, ``now``), for a caller that reads it together with something else in one
 #: statement (:mod:`idp.citizen`) and makes the state with :func:`state_from_row`
@@ -299,11 +301,18 @@ def _evaluate(query: EvaluationQuery, grant: LatestState | None) -> tuple[bool, 
 class DecisionPoint:
     """Answers agencies' evaluations from the consent records and records every answer."""
 
-    def __init__(self, db: Database, ledger: Ledger | None = None) -> None:
+    def __init__(self, db: Database, ledger: Ledger | None = None, *,
+                 account_open: AccountCondition | None = None) -> None:
+        """``account_open``: the condition that a record's account (its ``account_id``
+        column, given) is still open; a record of a closed account then answers as no
+        record at all, from the moment the account is closed (before its consents are
+        withdrawn; the composition root passes the broker's)."""
         self._db = db
         self._postgresql = db.engine.dialect.name == "postgresql"
+        self._query = _LATEST["subject"] if account_open is None else _LATEST["subject"].where(
+            account_open(_RECORDS.c.account_id))
         #: the read of every decision request (kernel.db.Prepared: compiled once)
-        self._by_subject = Prepared(db, _LATEST["subject"])
+        self._by_subject = Prepared(db, self._query)
         #: every answer is also a ledger entry, in the same transaction
         self.ledger = ledger
 
@@ -334,9 +343,13 @@ class DecisionPoint:
                                       request_id=request_id))
         else:
             with self._db.engine.begin() as conn:
+                def read_here(subject: str) -> LatestState | None:
+                    row = conn.execute(self._query, {"client_id": client_id, "key": subject,
+                                                     "now": now}).first()
+                    return None if row is None else state_from_row(row._mapping, now)
+
                 answers, rows, entries = self._answer_all(
-                    lambda subject: latest_state(conn, client_id, now, subject=subject),
-                    client_id, queries, now=now, semantic=semantic)
+                    read_here, client_id, queries, now=now, semantic=semantic)
                 conn.execute(_DECISIONS.insert(), [
                     dict(row, at=now, client_id=client_id, request_id=request_id)
                     for row in rows])

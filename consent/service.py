@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from kernel.db import Database, utcnow
 
 from . import history
-from .decisions import DecisionPoint, LatestState, latest_state
+from .decisions import AccountCondition, DecisionPoint, LatestState, latest_state
 from .entries import consent_entry
 from .errors import NothingToWithdraw, RequiredClaimWithdrawal
 from .history import ConsentGrant, GrantedClaim, expiry_of
@@ -69,7 +69,8 @@ def _ignore(_withdrawal: Withdrawal) -> None:
 class ConsentService:
     def __init__(self, db: Database, signer: ReceiptSigner, *,
                  on_withdraw: WithdrawalHook = _ignore,
-                 clock: Callable[[], datetime] = utcnow, ledger: Ledger | None = None) -> None:
+                 clock: Callable[[], datetime] = utcnow, ledger: Ledger | None = None,
+                 account_open: AccountCondition | None = None) -> None:
         self._db = db
         self.signer = signer
         self._on_withdraw = on_withdraw
@@ -77,7 +78,7 @@ class ConsentService:
         #: every consent event is also a ledger entry, committed with it
         self.ledger = ledger
         #: the agencies' decision API and its record of answers (data-access history)
-        self.decisions = DecisionPoint(db, ledger)
+        self.decisions = DecisionPoint(db, ledger, account_open=account_open)
 
     # -- reading ------------------------------------------------------------------------
 

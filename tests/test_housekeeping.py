@@ -263,3 +263,37 @@ def test_migration_0013_marks_the_accounts_deleted_before_it_as_erased(database_
             "constituent_accounts")}
     finally:
         db.dispose()
+
+
+def test_a_closed_account_s_consents_answer_as_no_record_at_once(sql_hub):
+    """The decision API stops answering for an account once it is closed, before its
+    consents are withdrawn (an erasure cut off there is finished only by housekeeping). On
+    SQLite and on PostgreSQL."""
+    from consent.decisions import parse_evaluation
+
+    hub = sql_hub
+    provider = hub.server.hub
+    agency = hub.agencies.client(AGENCY_ONE.client_id)
+    account, other = citizen(hub, "closing"), citizen(hub, "staying")
+    queries = []
+    for who in (account, other):
+        subject = provider.subject_for(agency, who)
+        hub.consent.record_decision(who, provider.policy_for(agency), subject, ())
+        queries.append(parse_evaluation({
+            "subject": {"type": "user", "id": subject}, "action": {"name": "use"},
+            "resource": {"type": "claim", "id": "email"},
+            "context": {"purpose": "service-delivery"}}))
+
+    def answers() -> list[tuple[bool, str]]:
+        return [(a.decision, a.reason) for a in hub.consent.decisions.decide(
+            AGENCY_ONE.client_id, queries, now=utcnow())]
+
+    permitted = answers()
+    assert [d for d, _ in permitted] == [True, True]
+    assert hub.accounts.close(account)
+    assert hub.consent.grants_for_account(account)[0].valid  # not withdrawn yet
+    nobody = hub.consent.decisions.decide(AGENCY_ONE.client_id, [parse_evaluation({
+        "subject": {"type": "user", "id": "nobody"}, "action": {"name": "use"},
+        "resource": {"type": "claim", "id": "email"},
+        "context": {"purpose": "service-delivery"}})], now=utcnow())[0]
+    assert answers() == [(False, nobody.reason), permitted[1]]

@@ -17,6 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from jose import jwt as jose_jwt
 from sqlalchemy import create_engine, event, select, text
 
 import kernel.db
@@ -43,7 +44,7 @@ from tests.flows import (
     start_login,
     upstream_login,
 )
-from tests.test_consent_flow import CONSENT, answer, to_consent_page
+from tests.test_consent_flow import CONSENT, answer, evaluate, to_consent_page
 from tests.test_linking import csrf, start_link
 
 EVALUATION = {"subject": {"type": "user", "id": "nobody"}, "action": {"name": "use"},
@@ -539,6 +540,8 @@ def test_account_deletion_cut_off_part_way_closes_the_account_and_housekeeping_f
     tokens = redeem(client, auth, query(r.headers["Location"])["code"]).json
     assert "refresh_token" in tokens
     assert hub.consent.grants_for_account(old_account), "the agency holds no consent to end"
+    sub = jose_jwt.get_unverified_claims(tokens["id_token"])["sub"]
+    assert evaluate(client, sub, "email", "service-delivery").json["decision"] is True
     with StatementCut(hub.db.engine, url, "UPDATE refresh_grants") as cut:
         r = client.post("/account/delete", data={"csrf": csrf(client), "confirm": "delete"})
     assert cut.fired, "the deletion never revoked a grant"
@@ -560,6 +563,11 @@ def test_account_deletion_cut_off_part_way_closes_the_account_and_housekeeping_f
     assert r.status_code == 400 and r.json["error"] == "invalid_grant"
     grants = hub.consent.grants_for_account(old_account)
     assert any(g.valid for g in grants), "the cut came before the consents were withdrawn"
+    # and the agency's decision API already answers as for no one at all
+    answer_now = evaluate(client, sub, "email", "service-delivery").json
+    nobody = evaluate(client, "no-such-subject", "email", "service-delivery").json
+    assert answer_now["decision"] is False
+    assert answer_now["context"]["reason"] == nobody["context"]["reason"]
 
     # housekeeping leaves an erasure alone while its own request may still be at it ...
     assert finish_erasures(hub) == 0 and account_rows(hub) == closed
