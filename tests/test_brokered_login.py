@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import time
+import types
+from pathlib import Path
 
+import pytest
 from jose import jwt as jose_jwt
 
 from tests.conftest import HUB_ISSUER
@@ -217,3 +221,57 @@ def test_session_cookie_secure_when_issuer_is_https(make_hub):
     assert r.status_code == 302
     header = next(h for h in r.headers.getlist("Set-Cookie") if h.startswith("civitas_session"))
     assert "Secure" in header and "HttpOnly" in header and "SameSite=Lax" in header
+
+
+def readme_id_token_check() -> str:
+    """The python-jose block of README.md that agency developers copy."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    [block] = [b for b in blocks if "jwt.decode(id_token" in b]
+    return block
+
+
+def test_readme_id_token_check_takes_the_id_token_and_nothing_else_the_hub_signs(client, hub):
+    """OpenID Connect Core 3.1.3.7 and RFC 8725 3.11, with the library agencies use: the
+    README's check passes this sign-in's ID token, and refuses every other JWS the hub signs
+    with the same key for the same agency (its access token, a logout token, a security
+    event, a consent receipt) and an ID token of another sign-in."""
+    from jose.exceptions import JOSEError
+
+    from idp.backchannel import mint_logout_token, mint_security_event
+
+    block = readme_id_token_check()
+    auth = AuthRequest()
+    body = redeem(client, auth, full_login(client, auth)["code"]).json
+    jwks = client.get("/jwks").json
+
+    def check(id_token: str, nonce: str = auth.nonce) -> dict:
+        fake = types.SimpleNamespace(get=lambda url, timeout: types.SimpleNamespace(
+            json=lambda: jwks))
+        scope = {"requests": fake, "issuer": HUB_ISSUER, "client_id": AGENCY_ONE.client_id,
+                 "id_token": id_token, "access_token": body["access_token"], "nonce": nonce}
+        exec(block, scope)  # noqa: S102 (the README's own code, run as agencies run it)
+        return scope["claims"]
+
+    assert check(body["id_token"])["sub"]
+    key = hub.keys.signing_key("ES256")
+    sub = jose_jwt.get_unverified_claims(body["id_token"])["sub"]
+    now = int(time.time())
+    others = {
+        "access token": body["access_token"],
+        "logout token": mint_logout_token(key, issuer=HUB_ISSUER, client_id=AGENCY_ONE.client_id,
+                                          sub=sub, sid="s", now=now),
+        "security event": mint_security_event(
+            key, issuer=HUB_ISSUER, client_id=AGENCY_ONE.client_id, sub=sub, withdrawn=[],
+            complete=True, event_time=now, now=now),
+        # (a receipt names its citizen otherwise; given a sub, it still does not pass)
+        "consent receipt": hub.server.hub.consent.signer.sign({"sub": sub, "iat": now}),
+    }
+    for name, token in others.items():
+        assert jose_jwt.decode(token, jwks, algorithms=["ES256"],  # each is validly signed
+                               options={"verify_aud": False})
+        with pytest.raises((JOSEError, ValueError)):
+            check(token)
+            pytest.fail(f"the README's check took a {name} for an ID token")
+    with pytest.raises(ValueError, match="not the ID token of this sign-in"):
+        check(body["id_token"], nonce="the nonce of another sign-in")
