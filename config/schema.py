@@ -83,6 +83,7 @@ class OIDCUpstreamSettings(_UpstreamAvailability):
     #: the authentication context this upstream provides (NIST SP 800-63 style URI)
     acr: str = "urn:civitas:acr:ial1:aal1"
     id_token_algs: list[str] = ["RS256", "ES256", "PS256"]
+    #: each wait for the upstream; one answer is given up at this plus one read's wait
     timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
     #: demand RFC 9207 ``iss`` on callbacks even if discovery does not announce it
     require_iss_parameter: bool = False
@@ -156,6 +157,8 @@ class LDAPUpstreamSettings(_UpstreamAvailability):
     group_filter: str = "(&(objectClass=groupOfNames)(member={dn}))"
     group_name_attribute: str = "cn"
     acr: str = "urn:civitas:acr:ial1:aal1"
+    #: each wait for the directory; one exchange (a bind, a search) is cut off after twice
+    #: this, however its answer trickles in
     timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
     pool_size: Annotated[int, Field(ge=1, le=64)] = 4
 

@@ -29,11 +29,12 @@ import contextlib
 import ipaddress
 import math
 import os
+import socket
 import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -303,7 +304,7 @@ class LDAPConnector:
                 conn, self.config.user_base_dn or "", ldap3.SUBTREE, username))
             user = self._connect(dn, password)
             try:
-                self._guard(lambda: self._bind(user, service=False))
+                self._guard(user, lambda: self._bind(user, service=False))
             finally:
                 _close(user)
             groups = self._as_service(lambda conn: self._groups(conn, dn, attributes))
@@ -312,10 +313,10 @@ class LDAPConnector:
             dn = template.replace("{username}", escape_rdn(username))
             user = self._connect(dn, password)
             try:
-                self._guard(lambda: self._bind(user, service=False))
-                dn, attributes = self._guard(lambda: self._find_user(
+                self._guard(user, lambda: self._bind(user, service=False))
+                dn, attributes = self._guard(user, lambda: self._find_user(
                     user, dn, ldap3.BASE, username))
-                groups = self._guard(lambda: self._groups(user, dn, attributes))
+                groups = self._guard(user, lambda: self._groups(user, dn, attributes))
             finally:
                 _close(user)
         claims: dict[str, Any] = {}
@@ -466,7 +467,7 @@ class LDAPConnector:
     def _open_service(self) -> Any:
         conn = self._connect(self.config.bind_dn or "", self.config.bind_password or "")
         try:
-            self._guard(lambda: self._bind(conn, service=True))
+            self._guard(conn, lambda: self._bind(conn, service=True))
         except BaseException:
             _close(conn)
             raise
@@ -483,13 +484,24 @@ class LDAPConnector:
         assert self._pool is not None
         for attempt in (1, 2):
             conn, reused = self._pool.take(self._unavailable)
-            healthy = False
+            healthy = cut = False
             try:
-                result = operation(conn)
+                with self._deadline(conn) as fired:
+                    try:
+                        result = operation(conn)
+                    except (*_NETWORK_ERRORS, LDAPException, ConnectorError) as exc:
+                        if fired.is_set():
+                            cut = True
+                            raise self._too_slow() from exc
+                        raise
+                if fired.is_set():
+                    cut = True
+                    raise self._too_slow()
                 healthy = True
                 return result
             except ConnectorError:
-                healthy = True  # the exchange itself completed: the connection is fine
+                # the exchange itself completed: the connection is fine, unless it was cut
+                healthy = not cut
                 raise
             except _NETWORK_ERRORS as exc:
                 if attempt == 2 or not reused or isinstance(exc, TimeoutError):
@@ -501,14 +513,54 @@ class LDAPConnector:
                 self._pool.give_back(conn, healthy=healthy)
         raise AssertionError("unreachable")
 
-    def _guard(self, operation: Callable[[], _T]) -> _T:
-        """Turn ldap3's exceptions into connector errors."""
+    @contextlib.contextmanager
+    def _deadline(self, conn: Any) -> Iterator[threading.Event]:
+        """Bound one exchange on ``conn`` as a whole. ldap3's receive timeout bounds each
+        wait for more bytes, so a directory that sends its answer a byte at a time, each
+        within it, would hold the thread for as long as it liked (a "slow read"); at the
+        deadline (the timeout, plus one read's wait, as for HTTP upstreams:
+        kernel.bounded) the socket is shut, the blocked read returns, and the event is set
+        for the caller to report the exchange as unavailable."""
+        fired = threading.Event()
+
+        def cut() -> None:
+            fired.set()
+            with contextlib.suppress(OSError, AttributeError):
+                conn.socket.shutdown(socket.SHUT_RDWR)
+
+        timer = threading.Timer(2 * self.config.timeout_seconds, cut)
+        timer.daemon = True
+        timer.start()
         try:
-            return operation()
-        except _NETWORK_ERRORS as exc:
-            raise self._unavailable() from exc
-        except LDAPException as exc:
-            raise ConnectorError() from exc
+            yield fired
+        finally:
+            timer.cancel()
+
+    def _too_slow(self) -> UpstreamUnavailable:
+        return UpstreamUnavailable(
+            self._unavailable().public_message,
+            detail=f"no whole answer within {2 * self.config.timeout_seconds:g} s (the "
+                   "timeout and one read's wait): the connection was cut")
+
+    def _guard(self, conn: Any, operation: Callable[[], _T]) -> _T:
+        """Run one exchange on ``conn`` within its deadline, turning ldap3's exceptions into
+        connector errors."""
+        with self._deadline(conn) as fired:
+            try:
+                result = operation()
+            except _NETWORK_ERRORS as exc:
+                raise (self._too_slow() if fired.is_set() else self._unavailable()) from exc
+            except LDAPException as exc:
+                if fired.is_set():
+                    raise self._too_slow() from exc
+                raise ConnectorError() from exc
+            except ConnectorError as exc:
+                if fired.is_set():
+                    raise self._too_slow() from exc
+                raise
+        if fired.is_set():  # it answered as the cut came: the connection is gone anyway
+            raise self._too_slow()
+        return result
 
     def _unavailable(self) -> UpstreamUnavailable:
         return UpstreamUnavailable(f"The sign-in service {self.display_name} could not be "

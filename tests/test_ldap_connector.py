@@ -453,6 +453,69 @@ class TCPProxy:
         self.cut()
 
 
+class TrickleProxy(TCPProxy):
+    """:class:`TCPProxy` that passes the directory's answers on a byte at a time, ``gap``
+    seconds apart (each within the read timeout: a "slow read"), and cuts every connection
+    after ``give_up`` seconds (so that a hub without its deadline still ends the test)."""
+
+    def __init__(self, target_port: int, *, gap: float, give_up: float) -> None:
+        self.gap, self.give_up = gap, give_up
+        super().__init__(target_port)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self.lock:
+                self.accepted += 1
+                self.open += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._trickle, args=(upstream, client),
+                             daemon=True).start()
+
+    def _trickle(self, src: socket.socket, dst: socket.socket) -> None:
+        ends = time.monotonic() + self.give_up
+        try:
+            while (data := src.recv(65536)) and time.monotonic() < ends:
+                for i in range(len(data)):
+                    dst.sendall(data[i:i + 1])
+                    time.sleep(self.gap)
+                    if time.monotonic() >= ends:
+                        break
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_a_directory_answering_a_byte_at_a_time_is_cut_at_its_deadline(
+        slapd: dict[str, Any], mode: str) -> None:
+    """ldap3's receive timeout bounds each wait, not the answer: each byte here comes well
+    within it. The exchange is cut at the timeout plus one read's wait (2 s here), as for
+    HTTP upstreams (kernel.bounded), and the login is refused as unavailable, instead of
+    holding its thread for as long as the directory likes (several seconds a byte)."""
+    trickle = TrickleProxy(_port(slapd["url"]), gap=TIMEOUT / 2, give_up=15)
+    try:
+        c = LDAPConnector(MODES[mode](slapd, url=f"ldap://127.0.0.1:{trickle.port}"))
+        started = time.monotonic()
+        with pytest.raises(UpstreamUnavailable) as err:
+            c.login("alice", "alice-ldap-pw")
+        took = time.monotonic() - started
+        assert 2 * TIMEOUT <= took < 2 * TIMEOUT + 1.5, took
+        assert "no whole answer within 2 s" in (err.value.detail or "")
+        assert "Agency Directory could not be reached" in err.value.public_message
+        c.close()
+    finally:
+        trickle.close()
+    # the same directory, answering at once, is fine
+    assert LDAPConnector(MODES[mode](slapd)).login("alice", "alice-ldap-pw").subject
+
+
 @pytest.fixture
 def proxy(slapd: dict[str, Any]) -> Iterator[TCPProxy]:
     p = TCPProxy(_port(slapd["url"]))
