@@ -452,10 +452,22 @@ class LDAPConnector:
             receive_timeout=math.ceil(timeout),
         )
         try:
-            conn.open(read_server_info=False)
-            if self.config.start_tls and not (conn.start_tls(read_server_info=False)
-                                              and conn.tls_started):
-                raise LDAPStartTLSError("StartTLS was not established")
+            # the TLS handshake (LDAPS, StartTLS) is an exchange too: within its deadline
+            with self._deadline(conn) as fired:
+                try:
+                    conn.open(read_server_info=False)
+                    if self.config.start_tls and not (conn.start_tls(read_server_info=False)
+                                                      and conn.tls_started):
+                        raise LDAPStartTLSError("StartTLS was not established")
+                except (*_NETWORK_ERRORS, LDAPException) as exc:
+                    if fired.is_set():
+                        raise self._too_slow() from exc
+                    raise
+            if fired.is_set():
+                raise self._too_slow()
+        except UpstreamUnavailable:
+            _close(conn)
+            raise
         except _NETWORK_ERRORS as exc:
             _close(conn)
             raise self._unavailable() from exc
