@@ -347,7 +347,8 @@ def housekeeping(ctx: click.Context) -> None:
 
     click.echo(f"consent grants expired: {shown(done.consents_expired)}; "
                f"refresh grants purged: {shown(done.refresh_grants_purged)}; "
-               f"erasures finished: {shown(done.erasures_finished)}")
+               f"erasures finished: {shown(done.erasures_finished)}; "
+               f"decisions past retention deleted: {shown(done.decisions_purged)}")
     if not done.ok:
         sys.exit(1)
 
@@ -566,15 +567,23 @@ main.add_command(audit_group)
 @click.pass_context
 def audit_reconcile(ctx: click.Context, since: Any, until: Any) -> None:
     """Check that consent events and decisions match ledger entries one to one, and that
-    each record still says what its entry says."""
-    from datetime import UTC
+    each record still says what its entry says (decisions past the decision log's
+    retention excepted: their answers are deleted)."""
+    from datetime import UTC, datetime, timedelta
 
     from consent.reconcile import reconcile
 
     hub = _hub(ctx)
+    days = hub.settings.decision_log_retention_days
     report = reconcile(hub.db, hub.ledger, since and since.replace(tzinfo=UTC),
-                       until and until.replace(tzinfo=UTC))
+                       until and until.replace(tzinfo=UTC),
+                       decisions_kept_since=(datetime.now(UTC) - timedelta(days=days)
+                                             if days else None))
     click.echo(f"{report.records} record(s), {report.entries} ledger entr(y/ies)")
+    if report.past_retention:
+        click.echo(f"{report.past_retention} decision entr(y/ies) older than the decision "
+                   f"log's retention ({days} days): their answers were deleted, as they "
+                   "should be")
     for item in report.missing_in_ledger:
         click.echo(f"missing in ledger: {item}")
     for item in report.unmatched_entries:

@@ -6,6 +6,8 @@
 - refresh grants that ended more than one access-token lifetime ago are deleted (a grant is
   one row, with its live token; tokens issued before migration 0012 go with their grant):
   without this ``refresh_grants`` keeps a row for every grant ever issued;
+- answers of the decision API older than ``decision_log_retention_days`` (when set) are
+  deleted, in batches;
 - accounts closed by their citizen whose erasure was cut off part-way (the database went
   away after the account was closed) have it finished: refresh grants revoked, consents
   withdrawn, personal data removed (each step idempotent).
@@ -41,11 +43,13 @@ class Round:
     consents_expired: int | None
     refresh_grants_purged: int | None
     erasures_finished: int | None
+    #: 0 when the decision log is kept for ever
+    decisions_purged: int | None = 0
 
     @property
     def ok(self) -> bool:
         return None not in (self.consents_expired, self.refresh_grants_purged,
-                            self.erasures_finished)
+                            self.erasures_finished, self.decisions_purged)
 
 
 #: an account closed less than this long ago may still be being erased by its own request
@@ -93,13 +97,23 @@ def run_once(hub: Hub) -> Round:
         erased = finish_erasures(hub)
     except Exception:  # noqa: BLE001 - logged; the schedule must go on
         log.exception("finishing erasures failed, will retry next round")
-    for job, done in (("consent_expiry", expired), ("refresh_purge", purged),
-                      ("erasure", erased)):
+    jobs = [("consent_expiry", expired), ("refresh_purge", purged), ("erasure", erased)]
+    decisions: int | None = 0
+    if hub.settings.decision_log_retention_days:
+        try:
+            decisions = hub.consent.decisions.purge(
+                utcnow() - timedelta(days=hub.settings.decision_log_retention_days))
+        except Exception:  # noqa: BLE001 - logged; the schedule must go on
+            log.exception("decision log purge failed, will retry next round")
+            decisions = None
+        jobs.append(("decision_purge", decisions))
+    for job, done in jobs:
         BACKGROUND_JOBS.labels(job, "failed" if done is None else "ok").inc()
-    if expired or purged or erased:
+    if expired or purged or erased or decisions:
         log.info("housekeeping: %s consent grants expired, %s refresh grants purged, "
-                 "%s erasures finished", expired, purged, erased)
-    return Round(expired, purged, erased)
+                 "%s erasures finished, %s decisions past retention deleted",
+                 expired, purged, erased, decisions)
+    return Round(expired, purged, erased, decisions)
 
 
 class Housekeeper(PeriodicThread):

@@ -359,6 +359,11 @@ class Settings(BaseSettings):
     #: their validity get their ``expired`` event, tokens of ended refresh grants are
     #: deleted); 0: only `civitas housekeeping` (cron)
     housekeeping_interval_seconds: Annotated[float, Field(ge=0, le=86400)] = 3600.0
+    #: days the decision log (every answer of the consent decision API: the citizens'
+    #: data-access history) is kept; housekeeping deletes older answers. Their ledger
+    #: entries stay (they hold no personal data), and `audit reconcile` counts them as past
+    #: retention. 0: kept for ever
+    decision_log_retention_days: Annotated[int, Field(ge=0, le=36500)] = 0
     rate_limits: RateLimitSettings = RateLimitSettings()
     #: reverse proxies in front of the hub whose X-Forwarded-* headers are believed (0: none)
     trusted_proxy_hops: Annotated[int, Field(ge=0, le=5)] = 0

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Connection, Select, Table, bindparam, select
+from sqlalchemy import ColumnElement, Connection, Select, Table, bindparam, delete, select
 
 from kernel import jsonfast
 from kernel.db import Database, Prepared
@@ -413,6 +413,27 @@ class DecisionPoint:
             return list(s.scalars(select(AgencyDecision).where(
                 AgencyDecision.account_id == account_id).order_by(
                 AgencyDecision.at.desc(), AgencyDecision.id.desc()).offset(offset).limit(limit)))
+
+    def purge(self, before: datetime, *, batch: int = 5000) -> int:
+        """Delete the answers given before ``before`` (the decision log's retention), in
+        batches of ``batch`` rows, each its own transaction; returns how many. The rows can
+        be found through the primary key (a range: its time-ordered ids,
+        :func:`new_time_ordered_id`, sort by time, so every id below the first one of
+        ``before``'s millisecond is older) or the agency's (client_id, at) index, whichever
+        the planner finds cheaper. ``at`` is checked too: an id made before ids were
+        time-ordered sorts anywhere, so such a row goes only once the boundary has passed
+        its id."""
+        boundary = f"{(int(before.timestamp() * 1000) & 0xFFFF_FFFF_FFFF) << 80:032x}"
+        done = 0
+        while True:
+            with self._db.session() as s:
+                ids = list(s.scalars(select(AgencyDecision.id).where(
+                    AgencyDecision.id < boundary, AgencyDecision.at < before).limit(batch)))
+                if ids:
+                    s.execute(delete(AgencyDecision).where(AgencyDecision.id.in_(ids)))
+            done += len(ids)
+            if len(ids) < batch:
+                return done
 
     def for_agency(self, client_id: str, limit: int = 100) -> list[AgencyDecision]:
         with self._db.session() as s:

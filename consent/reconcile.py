@@ -37,6 +37,9 @@ class ReconcileReport:
     unmatched_entries: list[str] = field(default_factory=list)
     #: records whose ledger entry says something else (a different kind or data)
     altered: list[str] = field(default_factory=list)
+    #: decision entries older than the decision log's retention whose answer was deleted
+    #: by housekeeping, as it should be (not a difference)
+    past_retention: int = 0
 
     @property
     def ok(self) -> bool:
@@ -50,7 +53,10 @@ def _digest(kind: str, data: Mapping[str, Any]) -> bytes:
 
 
 def reconcile(db: Database, ledger: Ledger, since: datetime | None,
-              until: datetime | None) -> ReconcileReport:
+              until: datetime | None, *, decisions_kept_since: datetime | None = None
+              ) -> ReconcileReport:
+    """``decisions_kept_since``: the start of the decision log's retention (its answers
+    written before it are deleted by housekeeping); None when it is kept for ever."""
     report = ReconcileReport()
     says: dict[str, bytes] = {}
     with db.session() as s:
@@ -83,6 +89,11 @@ def reconcile(db: Database, ledger: Ledger, since: datetime | None,
         elif entry.kind == "decision.query":
             data = json.loads(entry.entry)["data"]
             key = f"decision:{data['decision_id']}"
+            if key not in says and decisions_kept_since is not None \
+                    and entry.created_at < decisions_kept_since:
+                report.entries += 1
+                report.past_retention += 1
+                continue
         else:
             continue
         seen[key] += 1

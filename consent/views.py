@@ -149,11 +149,12 @@ def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuth
                      login_url: str = "/login",
                      token_url: str = "/token",  # noqa: S107 (a URL, not a secret)
                      issuer: str | None = None,
-                     describe_agency: Callable[[str], AgencyPolicy | None] | None = None
-                     ) -> Blueprint:
+                     describe_agency: Callable[[str], AgencyPolicy | None] | None = None,
+                     history_days: int = 0) -> Blueprint:
     """The ``consent`` blueprint: account pages, templates and the decision API (nested as
     ``consent.api``), plus the AuthZEN PDP metadata (``issuer`` is its
-    ``policy_decision_point``; the request's host when None)."""
+    ``policy_decision_point``; the request's host when None). ``history_days``: how long
+    the decision log keeps an answer (0: for ever), told on the citizen's history page."""
     bp = Blueprint("consent", __name__, template_folder="templates")
     bp.register_blueprint(create_api_blueprint(
         service, authenticate_agency=authenticate_agency, store=store,
@@ -204,7 +205,7 @@ def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuth
                 "allowed": row.decision,
             })
         return render_template("consent/history.html", items=items, page=page,
-                               more=len(rows) > HISTORY_PAGE)
+                               more=len(rows) > HISTORY_PAGE, kept_days=history_days)
 
     @bp.get("/account/consents")
     def consents() -> str | Response:

@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 import yaml
 from click.testing import CliRunner
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 
 import civitas.app
 from broker.models import ConstituentAccount
@@ -297,3 +297,107 @@ def test_a_closed_account_s_consents_answer_as_no_record_at_once(sql_hub):
         "resource": {"type": "claim", "id": "email"},
         "context": {"purpose": "service-delivery"}})], now=utcnow())[0]
     assert answers() == [(False, nobody.reason), permitted[1]]
+
+
+def _asked(hub, name: str):
+    """A citizen with a record at agency one, and an evaluation about them."""
+    from consent.decisions import parse_evaluation
+
+    provider = hub.server.hub
+    agency = hub.agencies.client(AGENCY_ONE.client_id)
+    account = citizen(hub, name)
+    subject = provider.subject_for(agency, account)
+    hub.consent.record_decision(account, provider.policy_for(agency), subject, ())
+    return account, parse_evaluation({
+        "subject": {"type": "user", "id": subject}, "action": {"name": "use"},
+        "resource": {"type": "claim", "id": "email"},
+        "context": {"purpose": "service-delivery"}})
+
+
+def test_the_decision_log_is_kept_for_its_retention_and_reconcile_knows_it(sql_hub,
+                                                                          monkeypatch):
+    """Answers older than ``decision_log_retention_days`` are deleted by housekeeping (in
+    batches, through the time-ordered primary key); their ledger entries stay, and `audit
+    reconcile` counts them as past retention, not as entries without a record, while an
+    answer deleted within the retention is still reported. On SQLite and PostgreSQL."""
+    import secrets
+
+    import consent.decisions
+    from consent.ledger.models import LedgerEntry
+    from consent.models import AgencyDecision
+    from consent.reconcile import reconcile
+
+    hub = sql_hub
+    _, query = _asked(hub, "asked")
+    now = utcnow()
+    for days, count in ((40, 3), (10, 2)):
+        then = now - timedelta(days=days)
+        ms = int(then.timestamp() * 1000)
+        # the ids new_time_ordered_id would have made then (UUID version 7)
+        monkeypatch.setattr(consent.decisions, "new_time_ordered_id", lambda ms=ms: (
+            f"{ms << 80 | 0x7 << 76 | 0b10 << 62 | secrets.randbits(62):032x}"))
+        hub.consent.decisions.decide(AGENCY_ONE.client_id, [query] * count, now=then)
+        with hub.db.session() as s:  # and their entries were written then
+            for (decision_id,) in s.execute(select(AgencyDecision.id).where(
+                    AgencyDecision.at == then)):
+                s.execute(update(LedgerEntry).where(
+                    LedgerEntry.entry.contains(decision_id)).values(created_at=then))
+    monkeypatch.undo()
+
+    def decisions() -> int:
+        with hub.db.session() as s:
+            return s.scalar(select(func.count()).select_from(AgencyDecision))
+
+    kept_since = now - timedelta(days=30)
+    report = reconcile(hub.db, hub.ledger, None, None, decisions_kept_since=kept_since)
+    assert report.ok and report.past_retention == 0 and decisions() == 5
+
+    # kept for ever by default: housekeeping deletes nothing
+    assert run_once(hub).decisions_purged == 0 and decisions() == 5
+    monkeypatch.setattr(hub, "settings", hub.settings.model_copy(
+        update={"decision_log_retention_days": 30}))
+    assert run_once(hub).decisions_purged == 3 and decisions() == 2
+    assert hub.consent.decisions.purge(kept_since, batch=1) == 0  # once
+
+    report = reconcile(hub.db, hub.ledger, None, None)
+    assert not report.ok and len(report.unmatched_entries) == 3  # the check sees them
+    report = reconcile(hub.db, hub.ledger, None, None, decisions_kept_since=kept_since)
+    assert report.ok and report.past_retention == 3 and report.records == 2 + 1
+
+    with hub.db.session() as s:  # one deleted within the retention is still a difference
+        s.execute(delete(AgencyDecision).where(AgencyDecision.id == s.scalars(
+            select(AgencyDecision.id).limit(1)).one()))
+    report = reconcile(hub.db, hub.ledger, None, None, decisions_kept_since=kept_since)
+    assert len(report.unmatched_entries) == 1 and report.past_retention == 3
+
+
+def test_the_decision_purge_goes_in_batches(sql_hub, monkeypatch):
+    from consent.models import AgencyDecision
+
+    hub = sql_hub
+    _, query = _asked(hub, "batched")
+    hub.consent.decisions.decide(AGENCY_ONE.client_id, [query] * 5, now=utcnow())
+    deletes: list[int] = []
+    real = hub.consent.decisions._db.session
+
+    def counting():
+        deletes.append(1)
+        return real()
+
+    monkeypatch.setattr(hub.consent.decisions._db, "session", counting)
+    assert hub.consent.decisions.purge(utcnow() + timedelta(seconds=1), batch=2) == 5
+    assert len(deletes) == 3  # 2 + 2 + 1
+    monkeypatch.undo()
+    with hub.db.session() as s:
+        assert s.scalar(select(func.count()).select_from(AgencyDecision)) == 0
+
+
+def test_the_citizen_is_told_how_long_their_history_is_kept(make_hub):
+    from tests.flows import AuthRequest, full_login
+
+    for days, told in ((0, None), (400, "kept here for 400 days")):
+        client = make_hub(decision_log_retention_days=days).test_client()
+        full_login(client, AuthRequest())
+        page = client.get("/account/history").get_data(as_text=True)
+        assert ('id="kept"' in page) is (told is not None)
+        assert told is None or told in page

@@ -273,6 +273,19 @@ def erasure_statements(loaded: Loaded) -> list[Statement]:
     return seen
 
 
+def purge_statements(loaded: Loaded) -> list[Statement]:
+    """The SQL of the decision log's purge on a usual day: nothing past its retention."""
+    with capture_sql() as seen:
+        assert loaded.hub.consent.decisions.purge(datetime(2001, 1, 1, tzinfo=UTC)) == 0
+    return seen
+
+
+def test_the_decision_purge_reads_through_an_index(loaded: Loaded) -> None:
+    statements = purge_statements(loaded)
+    assert any(touches(s, "consent_decisions") for s in statements)
+    assert seq_scans(loaded, statements) == []
+
+
 def test_the_erasure_job_reads_only_the_closed_accounts(loaded: Loaded) -> None:
     statements = erasure_statements(loaded)
     assert any(touches(s, "constituent_accounts") for s in statements)
