@@ -40,6 +40,7 @@ from consent.views import create_blueprint, read_consent_form, render_consent_pa
 from kernel.db import Base, Database, utcnow
 from kernel.errors import CivitasError
 from kernel.store import MemoryStore
+from tests.flows import within_one_window
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -656,11 +657,7 @@ def test_bad_credentials_are_401(env: Env, auth: str | None) -> None:
 def test_rate_limit_per_agency(tmp_path: Path) -> None:
     env = Env(tmp_path, rate_limit=3)
     try:
-        # the limiter's windows turn on the minute (kernel.ratelimit): start where the next
-        # 10 s lie in one window, or a turn between the requests lets the fourth through
-        left = 60 - time.time() % 60
-        if left < 10:
-            time.sleep(left + 0.05)
+        within_one_window()  # or a turn between the requests lets the fourth through
         post = env.client.post
         for _ in range(3):
             assert post("/access/v1/evaluation", json=evaluation("s", "e", "p"),
@@ -907,7 +904,6 @@ def test_decision_ids_are_version_7_uuids_that_sort_by_time() -> None:
     """RFC 9562 section 5.7: 48 bits of Unix time in ms, version 7, variant 10, random
     bits; ids made in a later millisecond sort after earlier ones (so new decision rows go
     to the end of the primary key's index)."""
-    import time
     import uuid
 
     from consent.models import new_time_ordered_id

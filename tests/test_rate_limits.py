@@ -12,7 +12,7 @@ import pytest
 
 from kernel.ratelimit import Limit, RateLimited, RateLimiter, batch_for
 from kernel.store import MemoryStore, RedisStore
-from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest, full_login
+from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest, full_login, within_one_window
 
 #: a well-formed code exchange with a code that does not exist: invalid_grant
 REFRESH = {"grant_type": "authorization_code", "code": "not-a-code",
@@ -27,7 +27,9 @@ def basic(agency: Any, secret: str | None = None) -> dict[str, str]:
 def limited_hub(make_hub: Any, **limits: int) -> Any:
     base = {"token_per_agency": 0, "token_per_address": 0, "decision_per_agency": 0,
             "decision_per_address": 0, "login_per_address": 0}
-    return make_hub(rate_limits={**base, **limits})
+    app = make_hub(rate_limits={**base, **limits})
+    within_one_window()  # the test's requests all counted in one window
+    return app
 
 
 def from_address(app: Any, address: str) -> Any:
