@@ -61,7 +61,7 @@ def citizen(hub: Any, subject: str) -> str:
         attributes={})).account_id)
 
 
-def within_one_window(window: int = 60, needed: float = 10) -> None:
+def within_one_window(window: int = 60, needed: float = 5) -> None:
     """Rate limits count in fixed windows that turn on the clock's minute
     (kernel.ratelimit): wait, if need be, until the next ``needed`` seconds lie in one
     window, so that a test's requests are all counted in it."""
