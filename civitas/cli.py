@@ -507,6 +507,42 @@ def events_list(ctx: click.Context, state: str | None, limit: int) -> None:
                    f"{r.last_error or '-'}")
 
 
+# -- tokens ---------------------------------------------------------------------------------
+
+@main.group("tokens")
+def tokens_group() -> None:
+    """Refresh grants."""
+
+
+@tokens_group.command("revoke-unconsented")
+@click.option("--dry-run", is_flag=True, help="Count them; revoke nothing.")
+@click.pass_context
+def tokens_revoke_unconsented(ctx: click.Context, dry_run: bool) -> None:
+    """Revoke the refresh grants whose citizen has not granted the agency offline access
+    (OpenID Connect Core 11): those issued before this version asked for it. The agency's
+    next refresh gets invalid_grant and its next sign-in asks the citizen."""
+    from idp.consent_step import OFFLINE_ACCESS
+    from idp.tokens import NO_OFFLINE_CONSENT
+
+    hub = _hub(ctx)
+    grants = hub.server.hub.refresh_tokens
+    checked = unconsented = 0
+    try:
+        for grant_id, account_id, client_id in grants.live_grants():
+            checked += 1
+            state = hub.consent.latest(account_id, client_id)
+            if state is not None and OFFLINE_ACCESS in state.granted:
+                continue
+            unconsented += 1
+            if not dry_run:
+                grants.revoke_grant(grant_id, reason=NO_OFFLINE_CONSENT)
+    finally:
+        hub.db.dispose()
+    verb = "would revoke" if dry_run else "revoked"
+    click.echo(f"{checked} live refresh grant(s); {verb} {unconsented} without the "
+               "citizen's consent to offline access")
+
+
 # -- keys -----------------------------------------------------------------------------------
 
 @main.group("keys")

@@ -21,7 +21,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -376,6 +376,8 @@ _LEGACY_CLAIM = (update(_TOKENS)
 #: why a grant was revoked (``refresh_grants.revoked_reason``)
 REUSE, REVOKED_BY_AGENCY, CONSENT_WITHDRAWN = "reuse", "revoked", "consent_withdrawn"
 ACCOUNT_DELETED = "account_deleted"
+#: issued before offline access needed the citizen's consent, which they have not given
+NO_OFFLINE_CONSENT = "no_offline_consent"
 
 
 #: ``<grant_id>.<secret>``: a grant id (hex from new_grant_id; the column holds 32 characters
@@ -576,6 +578,23 @@ class RefreshTokens:
         if revoked == 1:
             REFRESH_REVOKED.labels(reason).inc()
         return revoked == 1
+
+    def live_grants(self, *, batch: int = 1000) -> Iterator[tuple[str, str, str]]:
+        """(grant id, account id, client id) of every grant neither revoked nor ended, in
+        pages of ``batch``."""
+        after = ""
+        while True:
+            with self._db.reader() as conn:
+                rows = conn.execute(
+                    select(_GRANTS.c.grant_id, _GRANTS.c.account_id, _GRANTS.c.client_id)
+                    .where(_GRANTS.c.grant_id > after, _GRANTS.c.revoked_at.is_(None),
+                           _GRANTS.c.expires_at > utcnow())
+                    .order_by(_GRANTS.c.grant_id).limit(batch)).all()
+            for row in rows:
+                yield row.grant_id, row.account_id, row.client_id
+            if len(rows) < batch:
+                return
+            after = rows[-1].grant_id
 
     def revoke_account(self, account_id: str, client_id: str | None = None, *,
                        reason: str = CONSENT_WITHDRAWN) -> None:

@@ -172,3 +172,56 @@ def test_offline_access_ends_when_the_consent_does(make_hub):
     assert refresh(client, body["refresh_token"]).status_code == 200
     with hub.db.session() as s:
         assert [e for e in s.scalars(select(RefreshGrantRecord.expires_at))] == [ends]
+
+
+def test_the_command_revokes_the_refresh_grants_issued_without_offline_consent(
+        upstream_issuer, tmp_path):
+    """``civitas tokens revoke-unconsented``: grants issued before offline access needed the
+    citizen's consent (made here directly, as that code did) are revoked, with their
+    reason; one whose citizen granted it stays; ``--dry-run`` only counts."""
+    import yaml
+    from click.testing import CliRunner
+
+    from civitas.app import create_app
+    from civitas.cli import main
+    from tests.conftest import hub_config
+    from tests.flows import citizen
+
+    config = hub_config(upstream_issuer, f"sqlite:///{tmp_path}/cli.db",
+                        agencies=[AGENCY_ONE.config(consent=CONSENT, scopes=OFFLINE)])
+    path = tmp_path / "civitas.yaml"
+    path.write_text(yaml.safe_dump(config))
+    app = create_app(config)
+    hub = app.extensions["civitas"]
+    try:
+        client = app.test_client()
+        consented = granted_offline(client)["refresh_token"]
+        provider = hub.server.hub
+        agency = hub.agencies.client(AGENCY_ONE.client_id)
+        grant = dict(client_id=AGENCY_ONE.client_id, scope=ASKED, sid="s",
+                     acr="urn:civitas:acr:ial1:aal1", amr=("pwd",), auth_time=0)
+        declined = citizen(hub, "declined")  # allowed the rest, left offline access unticked
+        hub.consent.record_decision(declined, provider.policy_for(agency),
+                                    provider.subject_for(agency, declined), ())
+        old = {name: provider.refresh_tokens.issue(grant_id=name, account_id=account, **grant)
+               for name, account in (("declined", declined),
+                                     ("never-asked", citizen(hub, "never-asked")))}
+
+        def run(*args: str) -> str:
+            result = CliRunner().invoke(main, ["--config", str(path), "tokens",
+                                               "revoke-unconsented", *args],
+                                        catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+            return result.output
+
+        assert "3 live refresh grant(s); would revoke 2" in run("--dry-run")
+        assert all(refresh(client, t).status_code == 200 for t in (consented, *old.values()))
+        assert "3 live refresh grant(s); revoked 2" in run()
+        with hub.db.session() as s:
+            reasons = dict(s.execute(select(RefreshGrantRecord.grant_id,
+                                            RefreshGrantRecord.revoked_reason)).all())
+        assert reasons.pop("declined") == reasons.pop("never-asked") == "no_offline_consent"
+        assert list(reasons.values()) == [None]  # the consented one
+        assert "1 live refresh grant(s); revoked 0" in run()
+    finally:
+        hub.db.dispose()
