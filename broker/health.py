@@ -123,11 +123,12 @@ class UpstreamHealth:
         """A call reached the upstream and it answered: it is not down."""
         if self._policy(upstream_id) is None:
             return
-        if self._store.take(self._key(upstream_id, "tripped")) is not None:
+        # one round trip: the mark that it had been down, and the rest of its state
+        if self._store.take(self._key(upstream_id, "tripped"),
+                            *(self._key(upstream_id, part)
+                              for part in ("failures", "down", "probe"))) is not None:
             log.warning("upstream %s answers again; logins through it are let through",
                         upstream_id)
-        self._store.delete(self._key(upstream_id, "failures"), self._key(upstream_id, "down"),
-                           self._key(upstream_id, "probe"))
 
     def _refusal(self, upstream_id: str, display_name: str) -> UpstreamDown:
         policy = self._policies[upstream_id]

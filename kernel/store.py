@@ -70,8 +70,9 @@ class ShortLivedStore(Protocol):
         """``get`` of several keys in one round trip, in order."""
         ...
 
-    def take(self, key: str) -> JSON | None:
-        """Atomically read and delete; exactly one concurrent caller gets the value."""
+    def take(self, key: str, *also: str) -> JSON | None:
+        """Atomically read and delete; exactly one concurrent caller gets the value. The
+        keys ``also`` are deleted with it, in the same round trip."""
         ...
 
     def take_marked(self, key: str, *, field: str, mark_prefix: str, otherwise: str
@@ -182,11 +183,13 @@ class MemoryStore:
     def get_many(self, keys: Sequence[str]) -> list[JSON | None]:
         return [self.get(key) for key in keys]
 
-    def take(self, key: str) -> JSON | None:
+    def take(self, key: str, *also: str) -> JSON | None:
         with self._lock:
             raw = self._live(key)
             if raw is not None:
                 del self._data[key]
+            for other in also:
+                self._data.pop(other, None)
         return None if raw is None else jsonfast.loads(raw)
 
     def take_marked(self, key: str, *, field: str, mark_prefix: str, otherwise: str
@@ -273,6 +276,14 @@ return {v, 0}
 """
 
 
+#: KEYS[1]: the key to take; the others are deleted with it
+_TAKE_ALSO = """
+local v = redis.call('GETDEL', KEYS[1])
+redis.call('DEL', unpack(KEYS, 2))
+return v
+"""
+
+
 #: KEYS: the counters, then the key to read when ARGV[2] is 1; ARGV[1]: the window's
 #: seconds, then each counter's amount. The window starts at a counter's first increment:
 #: only a counter without an expiry gets one. The replies: each counter's new value, then
@@ -303,6 +314,7 @@ class RedisStore:
         self._put_many = self._redis.register_script(_PUT_MANY)
         self._incr_many = self._redis.register_script(_INCR_MANY)
         self._take_marked = self._redis.register_script(_TAKE_MARKED)
+        self._take_also = self._redis.register_script(_TAKE_ALSO)
         self._no_script = redis.exceptions.NoScriptError
         self._reply_errors = redis.exceptions.ResponseError
         self._stale = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
@@ -402,8 +414,11 @@ class RedisStore:
         raws = self._command("MGET", *(self._k(k) for k in keys))
         return [None if raw is None else jsonfast.loads(raw) for raw in raws]
 
-    def take(self, key: str) -> JSON | None:
-        raw = self._command("GETDEL", self._k(key))
+    def take(self, key: str, *also: str) -> JSON | None:
+        if also:
+            raw = self._run(self._take_also, [self._k(k) for k in (key, *also)], [])
+        else:
+            raw = self._command("GETDEL", self._k(key))
         return None if raw is None else jsonfast.loads(raw)
 
     def take_marked(self, key: str, *, field: str, mark_prefix: str, otherwise: str

@@ -256,6 +256,43 @@ def test_store_take_marked_gives_a_value_to_one_taker_only(store):
         [({"sid": "s"}, False)] + [(None, False)] * 15, key=repr)
 
 
+def test_store_take_deletes_the_other_keys_with_it(store):
+    """``take(key, *also)``: the value, and the other keys gone, whether the taken key was
+    there or not."""
+    for there in (True, False):
+        if there:
+            store.put("mark", {"v": 1}, 60)
+        store.put("a", 1, 60)
+        store.incr("b", 60)
+        assert store.take("mark", "a", "b", "absent") == ({"v": 1} if there else None)
+        assert (store.get("mark"), store.get("a"), store.count("b")) == (None, None, 0)
+
+
+def test_redis_take_with_others_is_one_round_trip_and_survives_a_flushed_script_cache(
+        redis_url, monkeypatch):
+    import redis
+
+    store = RedisStore(redis_url, prefix=f"t{secrets.token_hex(4)}:")
+    store.put("mark", {"v": 1}, 60)
+    store.put("a", 1, 60)
+    redis.Redis.from_url(redis_url).script_flush()
+    assert store.take("mark", "a") == {"v": 1}  # the script loaded again
+    store.put("mark", {"v": 2}, 60)
+    store.put("a", 1, 60)
+    sent: list[str] = []
+    real = store._command
+
+    def counting(*args):
+        sent.append(args[0])
+        return real(*args)
+
+    monkeypatch.setattr(store, "_command", counting)
+    assert store.take("mark", "a") == {"v": 2}
+    assert sent == ["EVALSHA"]
+    monkeypatch.undo()
+    assert store.get("a") is None
+
+
 def test_redis_take_marked_survives_a_flushed_script_cache(redis_url):
     import redis
 
