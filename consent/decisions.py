@@ -28,6 +28,7 @@ from kernel.db import Database, Prepared
 from kernel.metrics import CONSENT_DECISIONS
 
 from . import history
+from .entries import decision_entry_of
 from .history import GrantedClaim
 from .ledger.ledger import EMAIL_PATTERN, Ledger, looks_like_email
 from .models import AgencyDecision, ConsentEvent, ConsentRecord, new_time_ordered_id
@@ -393,12 +394,10 @@ class DecisionPoint:
                 "account_id": grant.account_id if grant is not None else None,
                 "record_id": record_id, "action": query.action, "claim": query.claim,
                 "purpose": query.purpose, "decision": decision, "reason": reason})
-            entries.append(("decision.query", {
-                "decision_id": decision_id, "agency": client_id,
-                "subject": query.subject_id, "action": query.action,
-                "claim": query.claim, "purpose": query.purpose,
-                "decision": decision, "reason": reason, "record": record_id,
-            }))
+            entries.append(("decision.query", decision_entry_of(
+                decision_id=decision_id, client_id=client_id, subject=query.subject_id,
+                action=query.action, claim=query.claim, purpose=query.purpose,
+                decision=decision, reason=reason, record_id=record_id)))
             answers.append(answer)
             if (semantic == "deny_on_first_deny" and not decision) or (
                     semantic == "permit_on_first_permit" and decision):

@@ -23,9 +23,20 @@ def consent_entry(client_id: str, event: ConsentEvent) -> dict[str, Any]:
 
 def decision_entry(d: AgencyDecision | Any) -> dict[str, Any]:
     """The data of the ``decision.query`` entry of decision ``d`` (its row, or a result row
-    of those columns), as DecisionService writes it with the row, in one transaction."""
+    of those columns)."""
+    return decision_entry_of(
+        decision_id=d.id, client_id=d.client_id, subject=d.subject, action=d.action,
+        claim=d.claim, purpose=d.purpose, decision=d.decision, reason=d.reason,
+        record_id=d.record_id)
+
+
+def decision_entry_of(*, decision_id: str, client_id: str, subject: str, action: str,
+                      claim: str, purpose: str, decision: bool, reason: str,
+                      record_id: str | None) -> dict[str, Any]:
+    """The same from its fields, as the decision point writes it with the row, in one
+    transaction (consent.decisions)."""
     return {
-        "decision_id": d.id, "agency": d.client_id, "subject": d.subject, "action": d.action,
-        "claim": d.claim, "purpose": d.purpose, "decision": d.decision, "reason": d.reason,
-        "record": d.record_id,
+        "decision_id": decision_id, "agency": client_id, "subject": subject, "action": action,
+        "claim": claim, "purpose": purpose, "decision": decision, "reason": reason,
+        "record": record_id,
     }
