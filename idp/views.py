@@ -240,6 +240,11 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
             prompts = set((params.get("prompt") or "").split())
             state = consent_state(login.account_id, client.client_id)
             ask = "consent" in prompts or needs_consent(state, policy, wanted)
+            if ask and "none" in prompts and OFFLINE_ACCESS in wanted \
+                    and not needs_consent(state, policy, wanted - {OFFLINE_ACCESS}):
+                # OpenID Connect Core 11: offline access not consented to and no page to
+                # ask on: its request is ignored (a code without it), not an error
+                ask = False
             if ask and "consent" not in prompts and notice_only(state, policy, wanted):
                 # No claim rests on consent (public task, legal obligation...): nothing to
                 # refuse, so the first use is recorded with its notice instead of asked.

@@ -225,3 +225,24 @@ def test_the_command_revokes_the_refresh_grants_issued_without_offline_consent(
         assert "1 live refresh grant(s); revoked 0" in run()
     finally:
         hub.db.dispose()
+
+
+def test_core_11_prompt_none_ignores_an_offline_access_never_granted(consent_app):
+    """With no page to ask on (``prompt=none``), offline access never granted is ignored:
+    a code without it, not ``consent_required``; anything else still unanswered is."""
+    client = consent_app.test_client()
+    auth = AuthRequest(scope="openid email")
+    _, form = to_consent_page(client, auth)
+    assert answer(client, form, "allow").status_code == 302  # email given; never asked offline
+    auth = AuthRequest(scope=ASKED, extra={"prompt": "none"})
+    r = client.get(auth.url())
+    assert r.status_code == 302 and "code" in query(r.headers["Location"])
+    body = redeem(client, auth, query(r.headers["Location"])["code"]).json
+    assert "refresh_token" not in body and body["scope"] == "openid email"
+    # a claim never asked for is still consent_required
+    r = client.get(AuthRequest(scope="openid profile email offline_access",
+                               extra={"prompt": "none"}).url())
+    assert query(r.headers["Location"])["error"] == "consent_required"
+    # and without prompt=none the citizen is asked
+    r = client.get(AuthRequest(scope=ASKED).url())
+    assert r.status_code == 303 and r.headers["Location"].startswith("/authorize/consent")
