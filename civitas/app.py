@@ -373,7 +373,8 @@ def _officer_blueprint(hub: Hub) -> Any:
 
     key = pseudonym_key(settings.pairwise_secret.get_secret_value())
     workspace = OfficerWorkspace(hub.db, hub.ledger, pseudonym_key=key,
-                                 account_for_credential=hub.accounts.account_for_credential)
+                                 account_for_credential=hub.accounts.account_for_credential,
+                                 decision_log_days=settings.decision_log_retention_days)
     return create_officer_blueprint(
         workspace, rules=[OfficerRule(r.upstream, r.attribute, r.value)
                           for r in settings.officer_role],

@@ -222,11 +222,15 @@ class OfficerWorkspace:
         return self._db
 
     def __init__(self, db: Database, ledger: Ledger | None, *, pseudonym_key: bytes,
-                 account_for_credential: Callable[[str, str], str | None]) -> None:
+                 account_for_credential: Callable[[str, str], str | None],
+                 decision_log_days: int = 0) -> None:
+        """``decision_log_days``: how long the decision log keeps an answer (0: for ever),
+        stated in the records of processing."""
         self._db = db
         self._ledger = ledger
         self._key = pseudonym_key
         self._account_for_credential = account_for_credential
+        self._decision_log_days = decision_log_days
 
     def pseudonym(self, account_id: str) -> str:
         return hashed_id(self._key, account_id)
@@ -371,6 +375,9 @@ class OfficerWorkspace:
             "retention": (f"{policy.consent_ttl_days} days from consent"
                           if policy.consent_ttl_days else "until withdrawn"),
             "consent_ttl_days": policy.consent_ttl_days,
+            # the agency's questions about citizens (the decision log) are processing too
+            "decision_log_retention": (f"{self._decision_log_days} days"
+                                       if self._decision_log_days else "kept for ever"),
             "counts": {"grants": counts.get("given", 0) + counts.get("renewed", 0),
                        "withdrawals": counts.get("withdrawn", 0),
                        "refusals": counts.get("refused", 0),

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from broker.models import LinkedIdentity
 from connectors import UpstreamIdentity
 from consent.ledger.ledger import hashed_id
-from consent.officers import OfficerRule, holds_officer_role, pseudonym_key
+from consent.officers import OfficerRule, OfficerWorkspace, holds_officer_role, pseudonym_key
 from tests import servers
 from tests.conftest import hub_config
 from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest, full_login, path_of, redeem
@@ -348,6 +348,12 @@ def test_record_of_processing(world, officer):
                                            "name": ("consent", ["newsletter"], False)}
     assert record["recipients"][0]["client_id"] == "agency-one"
     assert record["retention"] == "365 days from consent" and record["consent_ttl_days"] == 365
+    assert record["decision_log_retention"] == "kept for ever"  # decision_log_retention_days 0
+    hub = world["app"].extensions["civitas"]
+    kept = OfficerWorkspace(hub.db, hub.ledger, pseudonym_key=b"k" * 32,
+                            account_for_credential=lambda *_: None, decision_log_days=90)
+    assert kept.record_of_processing(hub.server.hub.policy_for(hub.agencies.client(
+        "agency-one")), declared=True)["decision_log_retention"] == "90 days"
     assert record["notice"] == {"url": "https://one.agency.example/privacy", "version": "v3",
                                 "language": "en"}
     assert record["counts"]["grants"] == 1 and record["counts"]["withdrawals"] == 0
