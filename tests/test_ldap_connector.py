@@ -426,8 +426,11 @@ class TCPProxy:
             with self.lock:
                 self.accepted += 1
                 self.open += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            self._relay(client, upstream)
+
+    def _relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
     @staticmethod
     def _pump(src: socket.socket, dst: socket.socket) -> None:
@@ -462,19 +465,9 @@ class TrickleProxy(TCPProxy):
         self.gap, self.give_up = gap, give_up
         super().__init__(target_port)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            with self.lock:
-                self.accepted += 1
-                self.open += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._trickle, args=(upstream, client),
-                             daemon=True).start()
+    def _relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+        threading.Thread(target=self._trickle, args=(upstream, client), daemon=True).start()
 
     def _trickle(self, src: socket.socket, dst: socket.socket) -> None:
         ends = time.monotonic() + self.give_up
