@@ -280,6 +280,15 @@ def _uuid4_hex() -> str:
     return f"{h[:12]}4{h[13:16]}{'89ab'[int(h[16], 16) & 3]}{h[17:]}"
 
 
+def _uuid7_hex(at: datetime) -> str:
+    """The id ``consent.models.new_time_ordered_id`` gives a decision made at ``at``."""
+    ms = int(at.timestamp() * 1000) & 0xFFFF_FFFF_FFFF
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms << 80 | 0x7 << 76 | ((rand >> 62) & 0xFFF) << 64 | 0b10 << 62
+             | rand & 0x3FFF_FFFF_FFFF_FFFF)
+    return f"{value:032x}"
+
+
 @dataclass
 class Batch:
     rows: dict[str, list[str]] = field(default_factory=lambda: {t: [] for t in TABLES})
@@ -346,7 +355,8 @@ def generate(hub: Hub, templates: Templates, accounts: int, records: float,
             if rng.random() < decision_ratio:
                 d = rng.choice(history.decisions)
                 rows["consent_decisions"].append(
-                    f"{_uuid4_hex()}\t{_ts(start + d.offset)}\t{client_id}\t{subject}\t"
+                    f"{_uuid7_hex(start + d.offset)}\t{_ts(start + d.offset)}\t{client_id}\t"
+                    f"{subject}\t"
                     f"{account_id}\t{record_id}\t{d.tail}\t\\N\n")
             if rng.random() < 0.01:
                 batch.sample.append((client_id, subject))

@@ -345,3 +345,16 @@ def test_loaded_records_carry_the_validity_of_their_last_event(loaded: Loaded) -
                   AND e.seq = (SELECT max(l.seq) FROM consent_events l WHERE l.record_id = r.id)))
             FROM consent_records r""")).one()
     assert expiring > 0 and wrong == 0
+
+
+def test_loaded_decisions_have_the_time_ordered_ids_the_hub_gives(loaded: Loaded) -> None:
+    """As consent.models.new_time_ordered_id: UUID version 7 of the decision's own time, so
+    the benches' decision log sorts (and is purged) as a real one."""
+    import uuid
+
+    with loaded.hub.db.engine.connect() as conn:
+        rows = conn.execute(text("SELECT id, at FROM consent_decisions ORDER BY id")).all()
+    assert len(rows) > 100
+    assert {uuid.UUID(r.id).version for r in rows} == {7}
+    ms = [int(r.at.timestamp() * 1000) for r in rows]
+    assert ms == sorted(ms)
