@@ -415,24 +415,28 @@ class DecisionPoint:
 
     def purge(self, before: datetime, *, batch: int = 5000) -> int:
         """Delete the answers given before ``before`` (the decision log's retention), in
-        batches of ``batch`` rows, each its own transaction; returns how many. The rows can
-        be found through the primary key (a range: its time-ordered ids,
-        :func:`new_time_ordered_id`, sort by time, so every id below the first one of
-        ``before``'s millisecond is older) or the agency's (client_id, at) index, whichever
-        the planner finds cheaper. ``at`` is checked too: an id made before ids were
-        time-ordered sorts anywhere, so such a row goes only once the boundary has passed
-        its id."""
+        batches of ``batch`` rows, each its own transaction; returns how many.
+
+        The rows are walked in primary key order, below the first id of ``before``'s
+        millisecond: the ids are time-ordered (:func:`new_time_ordered_id`), so that range
+        holds the older answers, and a round with nothing to delete reads nothing, however
+        large the log (a condition on ``at`` alone would have the planner read the whole of
+        the (client_id, at) index). ``at`` is still checked for each row: an id made before
+        ids were time-ordered sorts anywhere, so such a row goes only once both say so."""
         boundary = f"{(int(before.timestamp() * 1000) & 0xFFFF_FFFF_FFFF) << 80:032x}"
-        done = 0
+        done, after = 0, ""
         while True:
             with self._db.session() as s:
-                ids = list(s.scalars(select(AgencyDecision.id).where(
-                    AgencyDecision.id < boundary, AgencyDecision.at < before).limit(batch)))
-                if ids:
-                    s.execute(delete(AgencyDecision).where(AgencyDecision.id.in_(ids)))
-            done += len(ids)
-            if len(ids) < batch:
+                rows = s.execute(select(AgencyDecision.id, AgencyDecision.at).where(
+                    AgencyDecision.id > after, AgencyDecision.id < boundary)
+                    .order_by(AgencyDecision.id).limit(batch)).all()
+                old = [r.id for r in rows if r.at < before]
+                if old:
+                    s.execute(delete(AgencyDecision).where(AgencyDecision.id.in_(old)))
+            done += len(old)
+            if len(rows) < batch:
                 return done
+            after = rows[-1].id
 
     def for_agency(self, client_id: str, limit: int = 100) -> list[AgencyDecision]:
         with self._db.session() as s:
