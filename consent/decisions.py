@@ -420,9 +420,9 @@ class DecisionPoint:
         The rows are walked in primary key order, below the first id of ``before``'s
         millisecond: the ids are time-ordered (:func:`new_time_ordered_id`), so that range
         holds the older answers, and a round with nothing to delete reads nothing, however
-        large the log (a condition on ``at`` alone would have the planner read the whole of
-        the (client_id, at) index). ``at`` is still checked for each row: an id made before
-        ids were time-ordered sorts anywhere, so such a row goes only once both say so."""
+        large the log (with ``at`` in the statement, the planner chose a sequential or a
+        bitmap scan). ``at`` is still checked for each row: an id made before ids were
+        time-ordered sorts anywhere, so such a row goes only once both say so."""
         boundary = f"{(int(before.timestamp() * 1000) & 0xFFFF_FFFF_FFFF) << 80:032x}"
         done, after = 0, ""
         while True:
