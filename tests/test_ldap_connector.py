@@ -388,15 +388,20 @@ def test_closed_port(slapd: dict[str, Any], mode: str) -> None:
     _fails_unavailable_in_time(c)
 
 
+def transport(slapd: dict[str, Any], variant: str, port: int) -> dict[str, Any]:
+    """The settings that reach 127.0.0.1:``port`` as ``variant`` (ldap, ldaps, starttls)."""
+    return {
+        "ldap": {"url": f"ldap://127.0.0.1:{port}"},
+        "ldaps": {"url": f"ldaps://127.0.0.1:{port}", "ca_file": slapd["ca_file"]},
+        "starttls": {"url": f"ldap://127.0.0.1:{port}", "start_tls": True,
+                     "ca_file": slapd["ca_file"]},
+    }[variant]
+
+
 @pytest.mark.parametrize("variant", ["ldap", "ldaps", "starttls"])
 def test_silent_server(slapd: dict[str, Any], variant: str) -> None:
     with silent_server() as port:
-        settings: dict[str, Any] = {
-            "ldap": {"url": f"ldap://127.0.0.1:{port}"},
-            "ldaps": {"url": f"ldaps://127.0.0.1:{port}", "ca_file": slapd["ca_file"]},
-            "starttls": {"url": f"ldap://127.0.0.1:{port}", "start_tls": True,
-                         "ca_file": slapd["ca_file"]},
-        }[variant]
+        settings = transport(slapd, variant, port)
         _fails_unavailable_in_time(LDAPConnector(search_config(slapd, **settings)))
         _fails_unavailable_in_time(LDAPConnector(direct_config(slapd, **settings)))
 
@@ -497,13 +502,7 @@ def test_a_directory_answering_a_byte_at_a_time_is_cut_at_its_deadline(
     target = slapd["ldaps_url"] if variant == "ldaps" else slapd["url"]
     trickle = TrickleProxy(_port(target), gap=TIMEOUT / 2, give_up=15)
     try:
-        settings: dict[str, Any] = {
-            "ldap": {"url": f"ldap://127.0.0.1:{trickle.port}"},
-            "ldaps": {"url": f"ldaps://127.0.0.1:{trickle.port}", "ca_file": slapd["ca_file"]},
-            "starttls": {"url": f"ldap://127.0.0.1:{trickle.port}", "start_tls": True,
-                         "ca_file": slapd["ca_file"]},
-        }[variant]
-        c = LDAPConnector(MODES[mode](slapd, **settings))
+        c = LDAPConnector(MODES[mode](slapd, **transport(slapd, variant, trickle.port)))
         started = time.monotonic()
         with pytest.raises(UpstreamUnavailable) as err:
             c.login("alice", "alice-ldap-pw")
