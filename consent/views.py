@@ -13,6 +13,7 @@ import hmac
 import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from flask import (
@@ -150,11 +151,15 @@ def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuth
                      token_url: str = "/token",  # noqa: S107 (a URL, not a secret)
                      issuer: str | None = None,
                      describe_agency: Callable[[str], AgencyPolicy | None] | None = None,
-                     history_days: int = 0) -> Blueprint:
+                     history_days: int = 0,
+                     offline_use: Callable[[str], Mapping[str, tuple[datetime, datetime]]]
+                     | None = None) -> Blueprint:
     """The ``consent`` blueprint: account pages, templates and the decision API (nested as
     ``consent.api``), plus the AuthZEN PDP metadata (``issuer`` is its
     ``policy_decision_point``; the request's host when None). ``history_days``: how long
-    the decision log keeps an answer (0: for ever), told on the citizen's history page."""
+    the decision log keeps an answer (0: for ever), told on the citizen's history page.
+    ``offline_use``: per agency that can act while the citizen is away (live refresh
+    grants), when it last did and until when it can, shown on the consents page."""
     bp = Blueprint("consent", __name__, template_folder="templates")
     bp.register_blueprint(create_api_blueprint(
         service, authenticate_agency=authenticate_agency, store=store,
@@ -216,6 +221,7 @@ def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuth
         return render_template(
             "consent/account.html",
             active=[_grant_view(g) for g in grants if g.valid],
+            offline=offline_use(owner) if offline_use is not None else {},
             past=[g for g in grants if not g.valid],
             receipts=service.receipts_for_account(owner),
             event_words=EVENT_WORDS, notice=NOTICES.get(session.pop("consent_notice", "")))

@@ -128,7 +128,8 @@ class RefreshGrantRecord(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     #: why: ``reuse`` (a token of the grant presented that is not its live one), ``revoked``
     #: (RFC 7009, by the agency), ``consent_withdrawn`` (by the citizen), ``account_deleted``,
-    #: ``legacy`` (revoked before this table existed)
+    #: ``legacy`` (revoked before this table existed), ``no_offline_consent`` (issued before
+    #: offline access needed the citizen's consent: ``civitas tokens revoke-unconsented``)
     revoked_reason: Mapped[str | None] = mapped_column(String(40), nullable=True)
 
 

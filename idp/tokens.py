@@ -579,6 +579,23 @@ class RefreshTokens:
             REFRESH_REVOKED.labels(reason).inc()
         return revoked == 1
 
+    def offline_use(self, account_id: str) -> dict[str, tuple[datetime, datetime]]:
+        """Per agency holding live refresh grants of the account: when one was last used
+        (issued or refreshed) and when the last of them ends. What the citizen's consents
+        page shows of the agency's access while they are away."""
+        with self._db.reader() as conn:
+            rows = conn.execute(
+                select(_GRANTS.c.client_id, _GRANTS.c.created_at, _GRANTS.c.rotated_at,
+                       _GRANTS.c.expires_at)
+                .where(_GRANTS.c.account_id == account_id, _GRANTS.c.revoked_at.is_(None),
+                       _GRANTS.c.expires_at > utcnow())).all()
+        use: dict[str, tuple[datetime, datetime]] = {}
+        for row in rows:
+            used = row.rotated_at or row.created_at
+            last, ends = use.get(row.client_id, (used, row.expires_at))
+            use[row.client_id] = (max(last, used), max(ends, row.expires_at))
+        return use
+
     def live_grants(self, *, batch: int = 1000) -> Iterator[tuple[str, str, str]]:
         """(grant id, account id, client id) of every grant neither revoked nor ended, in
         pages of ``batch``."""

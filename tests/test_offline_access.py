@@ -106,14 +106,26 @@ def test_withdrawing_offline_access_alone_ends_the_refresh_grant_and_keeps_the_r
     sub = jose_jwt.get_unverified_claims(body["id_token"])["sub"]
     assert evaluate(client, sub, "offline_access", "offline-access").json["decision"] is True
 
+    refreshed = refresh(client, body["refresh_token"])  # used while away
+    assert refreshed.status_code == 200
+    live_token = refreshed.json["refresh_token"]
+    with hub.db.session() as s:
+        [(used, ends)] = s.execute(select(RefreshGrantRecord.rotated_at,
+                                          RefreshGrantRecord.expires_at)).all()
     page = client.get("/account/consents").get_data(as_text=True)
     assert "Access while you are away" in page
     assert 'name="claim" value="offline_access"' in page  # its own Withdraw button
+    # and when the agency last used it, and until when it can
+    told = re.search(r'<p class="offline">(.*?)</p>', page, re.S)
+    assert told, page
+    assert " ".join(told.group(1).split()) == (
+        f"Agency One can act for you while you are away: it last did on "
+        f"{used:%Y-%m-%d %H:%M} UTC, and can until {ends:%Y-%m-%d} unless you withdraw it.")
     csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
     r = client.post("/account/consents/withdraw", data={
         "csrf": csrf, "client_id": AGENCY_ONE.client_id, "claim": "offline_access"})
     assert r.status_code == 303
-    r = refresh(client, body["refresh_token"])
+    r = refresh(client, live_token)
     assert r.status_code == 400 and r.json["error"] == "invalid_grant"
     with hub.db.session() as s:
         assert list(s.scalars(select(RefreshGrantRecord.revoked_reason))) == [
@@ -121,6 +133,7 @@ def test_withdrawing_offline_access_alone_ends_the_refresh_grant_and_keeps_the_r
     # the rest of the consent stands; offline access is no longer granted
     assert evaluate(client, sub, "email", "benefits").json["decision"] is True
     assert evaluate(client, sub, "offline_access", "offline-access").json["decision"] is False
+    assert 'class="offline"' not in client.get("/account/consents").get_data(as_text=True)
     auth = AuthRequest(scope=ASKED)
     r = client.get(auth.url())
     assert r.status_code == 302
