@@ -88,6 +88,10 @@ _NETWORK_ERRORS = (LDAPCommunicationError, LDAPStartTLSError, LDAPResponseTimeou
 _T = TypeVar("_T")
 
 
+class DirectoryTooSlow(UpstreamUnavailable):
+    """An exchange with the directory cut at its deadline (:meth:`LDAPConnector._deadline`)."""
+
+
 class InvalidCredentials(UpstreamRejected):
     """Wrong password, unknown user, or a username that cannot be one: never told apart."""
 
@@ -453,19 +457,12 @@ class LDAPConnector:
         )
         try:
             # the TLS handshake (LDAPS, StartTLS) is an exchange too: within its deadline
-            with self._deadline(conn) as fired:
-                try:
-                    conn.open(read_server_info=False)
-                    if self.config.start_tls and not (conn.start_tls(read_server_info=False)
-                                                      and conn.tls_started):
-                        raise LDAPStartTLSError("StartTLS was not established")
-                except (*_NETWORK_ERRORS, LDAPException) as exc:
-                    if fired.is_set():
-                        raise self._too_slow() from exc
-                    raise
-            if fired.is_set():
-                raise self._too_slow()
-        except UpstreamUnavailable:
+            with self._deadline(conn):
+                conn.open(read_server_info=False)
+                if self.config.start_tls and not (conn.start_tls(read_server_info=False)
+                                                  and conn.tls_started):
+                    raise LDAPStartTLSError("StartTLS was not established")
+        except DirectoryTooSlow:
             _close(conn)
             raise
         except _NETWORK_ERRORS as exc:
@@ -496,24 +493,16 @@ class LDAPConnector:
         assert self._pool is not None
         for attempt in (1, 2):
             conn, reused = self._pool.take(self._unavailable)
-            healthy = cut = False
+            healthy = False
             try:
-                with self._deadline(conn) as fired:
-                    try:
-                        result = operation(conn)
-                    except (*_NETWORK_ERRORS, LDAPException, ConnectorError) as exc:
-                        if fired.is_set():
-                            cut = True
-                            raise self._too_slow() from exc
-                        raise
-                if fired.is_set():
-                    cut = True
-                    raise self._too_slow()
+                with self._deadline(conn):
+                    result = operation(conn)
                 healthy = True
                 return result
+            except DirectoryTooSlow:
+                raise  # cut: the connection is not given back
             except ConnectorError:
-                # the exchange itself completed: the connection is fine, unless it was cut
-                healthy = not cut
+                healthy = True  # the exchange itself completed: the connection is fine
                 raise
             except _NETWORK_ERRORS as exc:
                 if attempt == 2 or not reused or isinstance(exc, TimeoutError):
@@ -526,13 +515,13 @@ class LDAPConnector:
         raise AssertionError("unreachable")
 
     @contextlib.contextmanager
-    def _deadline(self, conn: Any) -> Iterator[threading.Event]:
+    def _deadline(self, conn: Any) -> Iterator[None]:
         """Bound one exchange on ``conn`` as a whole. ldap3's receive timeout bounds each
         wait for more bytes, so a directory that sends its answer a byte at a time, each
-        within it, would hold the thread for as long as it liked (a "slow read"); at the
+        within it, would hold the thread for as long as it liked (a "slow read"). At the
         deadline (the timeout, plus one read's wait, as for HTTP upstreams:
-        kernel.bounded) the socket is shut, the blocked read returns, and the event is set
-        for the caller to report the exchange as unavailable."""
+        kernel.bounded) the socket is shut, the blocked read returns, and whatever the
+        exchange then raised, or returned, becomes :class:`DirectoryTooSlow`."""
         fired = threading.Event()
 
         def cut() -> None:
@@ -544,12 +533,18 @@ class LDAPConnector:
         timer.daemon = True
         timer.start()
         try:
-            yield fired
+            yield
+        except Exception as exc:
+            if fired.is_set():
+                raise self._too_slow() from exc
+            raise
         finally:
             timer.cancel()
+        if fired.is_set():  # it answered as the cut came: the connection is gone anyway
+            raise self._too_slow()
 
-    def _too_slow(self) -> UpstreamUnavailable:
-        return UpstreamUnavailable(
+    def _too_slow(self) -> DirectoryTooSlow:
+        return DirectoryTooSlow(
             self._unavailable().public_message,
             detail=f"no whole answer within {2 * self.config.timeout_seconds:g} s (the "
                    "timeout and one read's wait): the connection was cut")
@@ -557,22 +552,13 @@ class LDAPConnector:
     def _guard(self, conn: Any, operation: Callable[[], _T]) -> _T:
         """Run one exchange on ``conn`` within its deadline, turning ldap3's exceptions into
         connector errors."""
-        with self._deadline(conn) as fired:
-            try:
-                result = operation()
-            except _NETWORK_ERRORS as exc:
-                raise (self._too_slow() if fired.is_set() else self._unavailable()) from exc
-            except LDAPException as exc:
-                if fired.is_set():
-                    raise self._too_slow() from exc
-                raise ConnectorError() from exc
-            except ConnectorError as exc:
-                if fired.is_set():
-                    raise self._too_slow() from exc
-                raise
-        if fired.is_set():  # it answered as the cut came: the connection is gone anyway
-            raise self._too_slow()
-        return result
+        try:
+            with self._deadline(conn):
+                return operation()
+        except _NETWORK_ERRORS as exc:
+            raise self._unavailable() from exc
+        except LDAPException as exc:
+            raise ConnectorError() from exc
 
     def _unavailable(self) -> UpstreamUnavailable:
         return UpstreamUnavailable(f"The sign-in service {self.display_name} could not be "

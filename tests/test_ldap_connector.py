@@ -464,10 +464,12 @@ class TCPProxy:
 class TrickleProxy(TCPProxy):
     """:class:`TCPProxy` that passes the directory's answers on a byte at a time, ``gap``
     seconds apart (each within the read timeout: a "slow read"), and cuts every connection
-    after ``give_up`` seconds (so that a hub without its deadline still ends the test)."""
+    after ``give_up`` seconds (so that a hub without its deadline still ends the test).
+    Until ``slow`` is set, answers pass at once."""
 
-    def __init__(self, target_port: int, *, gap: float, give_up: float) -> None:
-        self.gap, self.give_up = gap, give_up
+    def __init__(self, target_port: int, *, gap: float, give_up: float,
+                 slow: bool = True) -> None:
+        self.gap, self.give_up, self.slow = gap, give_up, slow
         super().__init__(target_port)
 
     def _relay(self, client: socket.socket, upstream: socket.socket) -> None:
@@ -477,7 +479,13 @@ class TrickleProxy(TCPProxy):
     def _trickle(self, src: socket.socket, dst: socket.socket) -> None:
         ends = time.monotonic() + self.give_up
         try:
-            while (data := src.recv(65536)) and time.monotonic() < ends:
+            while data := src.recv(65536):
+                if not self.slow:
+                    dst.sendall(data)
+                    ends = time.monotonic() + self.give_up
+                    continue
+                if time.monotonic() >= ends:
+                    break
                 for i in range(len(data)):
                     dst.sendall(data[i:i + 1])
                     time.sleep(self.gap)
@@ -521,6 +529,27 @@ def test_a_directory_answering_a_byte_at_a_time_is_cut_at_its_deadline(
         trickle.close()
     # the same directory, answering at once, is fine
     assert LDAPConnector(MODES[mode](slapd)).login("alice", "alice-ldap-pw").subject
+
+
+def test_a_search_on_a_pooled_connection_is_cut_at_its_deadline_and_the_connection_dropped(
+        slapd: dict[str, Any]) -> None:
+    """The service account's pooled connection, reused for a search that the directory then
+    answers a byte at a time (the test above cuts the pool's opening bind instead): cut at
+    the deadline, and dropped, not given back to the pool for the next login to find
+    dead."""
+    trickle = TrickleProxy(_port(slapd["url"]), gap=TIMEOUT / 2, give_up=15, slow=False)
+    try:
+        c = LDAPConnector(search_config(slapd, url=f"ldap://127.0.0.1:{trickle.port}"))
+        assert c.login("alice", "alice-ldap-pw").subject
+        assert c._pool is not None and len(c._pool._idle) == 1
+        trickle.slow = True
+        with pytest.raises(UpstreamUnavailable) as err:
+            c.login("alice", "alice-ldap-pw")
+        assert "no whole answer within 2 s" in (err.value.detail or "")
+        assert c._pool._idle == []
+        c.close()
+    finally:
+        trickle.close()
 
 
 @pytest.fixture
