@@ -220,17 +220,8 @@ class AccountDirectory:
         removed (signing in with one of them again makes a new account) and its ``deleted``
         event recorded. False when there is no such live account. :meth:`erase` finishes it
         once its grants and consents have ended."""
-        with self._db.session() as s:
-            account = s.get(ConstituentAccount, account_id, with_for_update=True)
-            if account is None or account.deleted_at is not None:
-                return False
-            for link in s.scalars(select(LinkedIdentity).where(
-                    LinkedIdentity.account_id == account_id)):
-                s.delete(link)
-            account.deleted_at = utcnow()
-            self._event(s, AccountEvent(account_id=account_id, kind="deleted",
-                                        at=account.deleted_at))
-            return True
+        return self._erasure_step(account_id, ready=lambda a: a.deleted_at is None,
+                                  remove=LinkedIdentity, stamp="deleted_at", kind="deleted")
 
     def erase(self, account_id: str) -> bool:
         """Right to erasure, its last step (once the closed account's grants and consents
@@ -238,16 +229,25 @@ class AccountDirectory:
         events, which audit records refer to, and record the ``erased`` event. Idempotent;
         False when there was nothing to erase (the account is unknown, not closed, or
         erased already)."""
+        return self._erasure_step(
+            account_id, ready=lambda a: a.deleted_at is not None and a.erased_at is None,
+            remove=AccountAttribute, stamp="erased_at", kind="erased")
+
+    def _erasure_step(self, account_id: str, *, ready: Callable[[ConstituentAccount], bool],
+                      remove: type[LinkedIdentity] | type[AccountAttribute],
+                      stamp: str, kind: str) -> bool:
+        """One step of an erasure, in one transaction with the account's row locked: if the
+        account is ``ready`` for it, delete its ``remove`` rows, set its ``stamp`` time and
+        record the ``kind`` event (and so its ``account.<kind>`` ledger entry)."""
         with self._db.session() as s:
             account = s.get(ConstituentAccount, account_id, with_for_update=True)
-            if account is None or account.deleted_at is None or account.erased_at is not None:
+            if account is None or not ready(account):
                 return False
-            for row in s.scalars(select(AccountAttribute).where(
-                    AccountAttribute.account_id == account_id)):
+            for row in s.scalars(select(remove).where(remove.account_id == account_id)):
                 s.delete(row)
-            account.erased_at = utcnow()
-            self._event(s, AccountEvent(account_id=account_id, kind="erased",
-                                        at=account.erased_at))
+            at = utcnow()
+            setattr(account, stamp, at)
+            self._event(s, AccountEvent(account_id=account_id, kind=kind, at=at))
             return True
 
     def erasures_pending(self, *, closed_before: datetime, limit: int = 100) -> list[str]:
