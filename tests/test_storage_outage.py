@@ -55,14 +55,17 @@ AUTH = {"Authorization": "Basic " + base64.b64encode(
 
 
 def terminate_connections(url: str) -> int:
-    """What a PostgreSQL restart does to every open connection of the hub's database."""
+    """What a PostgreSQL restart does to every open connection of the hub's database: the
+    hub's own (client backends), not an autovacuum worker the hub's writes brought in (a
+    superuser's process, which this role may not end, and which is not the hub's)."""
     name = url.rsplit("/", 1)[1]
     admin = create_engine(url.rsplit("/", 1)[0] + "/civitas", isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
             return len(conn.execute(text(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = :db AND pid <> pg_backend_pid()"), {"db": name}).all())
+                "WHERE datname = :db AND pid <> pg_backend_pid() "
+                "AND backend_type = 'client backend'"), {"db": name}).all())
     finally:
         admin.dispose()
 
