@@ -28,7 +28,7 @@ from kernel.db import Database, Prepared
 from kernel.metrics import CONSENT_DECISIONS
 
 from . import history
-from .entries import decision_entry_of
+from .entries import decision_entry_of, new_salt
 from .history import GrantedClaim
 from .ledger.ledger import EMAIL_PATTERN, Ledger, looks_like_email
 from .models import AgencyDecision, ConsentEvent, ConsentRecord, new_time_ordered_id
@@ -207,17 +207,18 @@ LATEST_BY_ACCOUNT = _LATEST["account_id"]
 #: so both tables get their rows or neither does. JSON, not one array per column: psycopg
 #: builds array parameters element by element in Python, at about ten times the cost of
 #: ``json.dumps`` (:mod:`kernel.jsonfast`: JSON text, so strings come back as they were). The
-#: ledger's values go through as text and are cast back: the leaf hash in
-#: hex, the time in ISO 8601 with its offset, so what is stored is what was hashed.
+#: ledger's values go through as text and are cast back: the leaf hash and the decisions'
+#: salts in hex, the time in ISO 8601 with its offset, so what is stored is what was hashed.
 _RECORD_PG = """
 WITH decided AS (
   INSERT INTO consent_decisions (at, client_id, request_id, id, subject, account_id, record_id,
-                                 action, claim, purpose, decision, reason)
+                                 action, claim, purpose, decision, reason, subject_salt)
   SELECT %(at)s::timestamptz, %(client_id)s::text, %(request_id)s::text, d.id, d.subject,
-         d.account_id, d.record_id, d.action, d.claim, d.purpose, d.decision, d.reason
+         d.account_id, d.record_id, d.action, d.claim, d.purpose, d.decision, d.reason,
+         decode(d.subject_salt, 'hex')
   FROM json_to_recordset(%(decisions)s::json) AS d(
     id text, subject text, account_id text, record_id text, action text, claim text,
-    purpose text, decision boolean, reason text))
+    purpose text, decision boolean, reason text, subject_salt text))
 INSERT INTO ledger_entries (kind, entry, leaf_hash, created_at)
 SELECT l.kind, l.entry, decode(l.leaf_hash, 'hex'), l.created_at::timestamptz
 FROM json_to_recordset(%(entries)s::json) AS l(
@@ -352,7 +353,8 @@ class DecisionPoint:
                 answers, rows, entries = self._answer_all(
                     read_here, client_id, queries, now=now, semantic=semantic)
                 conn.execute(_DECISIONS.insert(), [
-                    dict(row, at=now, client_id=client_id, request_id=request_id)
+                    dict(row, at=now, client_id=client_id, request_id=request_id,
+                         subject_salt=bytes.fromhex(row["subject_salt"]))
                     for row in rows])
                 if self.ledger is not None:
                     self.ledger.append_many(entries, session=conn)
@@ -369,7 +371,8 @@ class DecisionPoint:
                     ) -> tuple[list[Evaluation], list[dict[str, Any]],
                                list[tuple[str, dict[str, Any]]]]:
         """(answers, decision rows without the columns every row shares, ledger entries);
-        ``read`` gives the agency's record of a subject as it stands at ``now``."""
+        ``read`` gives the agency's record of a subject as it stands at ``now``. Each row
+        has a fresh salt (in hex) for its entry's subject commitment."""
         answers: list[Evaluation] = []
         rows: list[dict[str, Any]] = []
         entries: list[tuple[str, dict[str, Any]]] = []
@@ -389,15 +392,17 @@ class DecisionPoint:
             else:
                 answer = Evaluation(decision=decision, reason=reason, decision_id=decision_id)
             record_id = grant.record_id if grant is not None else None
+            salt = new_salt()
             rows.append({
                 "id": decision_id, "subject": query.subject_id,
                 "account_id": grant.account_id if grant is not None else None,
                 "record_id": record_id, "action": query.action, "claim": query.claim,
-                "purpose": query.purpose, "decision": decision, "reason": reason})
+                "purpose": query.purpose, "decision": decision, "reason": reason,
+                "subject_salt": salt.hex()})
             entries.append(("decision.query", decision_entry_of(
                 decision_id=decision_id, client_id=client_id, subject=query.subject_id,
                 action=query.action, claim=query.claim, purpose=query.purpose,
-                decision=decision, reason=reason, record_id=record_id)))
+                decision=decision, reason=reason, record_id=record_id, salt=salt)))
             answers.append(answer)
             if (semantic == "deny_on_first_deny" and not decision) or (
                     semantic == "permit_on_first_permit" and decision):

@@ -15,7 +15,16 @@ import time
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    ForeignKey,
+    Index,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from kernel.db import Base, UTCDateTime, utcnow
@@ -128,7 +137,13 @@ class ConsentReceipt(Base):
 
 class AgencyDecision(Base):
     """One answer of the decision API to one agency (AuthZEN evaluation), kept for the
-    ledger and the citizen's data-access history. No personal data in clear."""
+    citizen's data-access history and the officers' search for as long as the decision log's
+    retention says. No personal data in clear.
+
+    Its ledger entry (:func:`consent.entries.decision_entry_of`) names the subject and the
+    record only through a salted commitment whose salt is ``subject_salt``, here: deleting
+    the row (the retention purge) leaves an entry that says an agency asked, what for and
+    what it was told, but no longer about whom, and the entry itself is never touched."""
 
     __tablename__ = "consent_decisions"
     __table_args__ = (
@@ -151,3 +166,6 @@ class AgencyDecision(Base):
     decision: Mapped[bool] = mapped_column(Boolean())
     reason: Mapped[str] = mapped_column(String(40))
     request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    #: the salt of the ledger entry's ``subject_commitment`` (16 random bytes); None for the
+    #: answers written before migration 0014, whose entries name the subject and record
+    subject_salt: Mapped[bytes | None] = mapped_column(LargeBinary(16), nullable=True)

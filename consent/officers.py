@@ -378,6 +378,13 @@ class OfficerWorkspace:
             # the agency's questions about citizens (the decision log) are processing too
             "decision_log_retention": (f"{self._decision_log_days} days"
                                        if self._decision_log_days else "kept for ever"),
+            # what outlives the decision log: its entries name no one (consent.entries)
+            "audit_ledger": (
+                "kept for ever: every consent event, naming the citizen by the agency's "
+                "pairwise identifier (the proof of consent), and every question, naming the "
+                "agency, claim, purpose and answer; a question names its citizen only through "
+                "a commitment whose salt is deleted with the question"
+                + (f" ({self._decision_log_days} days)" if self._decision_log_days else "")),
             "counts": {"grants": counts.get("given", 0) + counts.get("renewed", 0),
                        "withdrawals": counts.get("withdrawn", 0),
                        "refusals": counts.get("refused", 0),

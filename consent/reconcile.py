@@ -66,7 +66,7 @@ def reconcile(db: Database, ledger: Ledger, since: datetime | None,
         decisions = select(AgencyDecision.id, AgencyDecision.client_id, AgencyDecision.subject,
                            AgencyDecision.action, AgencyDecision.claim, AgencyDecision.purpose,
                            AgencyDecision.decision, AgencyDecision.reason,
-                           AgencyDecision.record_id)
+                           AgencyDecision.record_id, AgencyDecision.subject_salt)
         if since is not None:
             events = events.where(ConsentEvent.at >= since)
             decisions = decisions.where(AgencyDecision.at >= since)

@@ -5,6 +5,7 @@ their rows or neither does, and nothing is answered unless they are committed.""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from typing import Any
 
@@ -95,16 +96,29 @@ def test_each_answer_is_one_row_and_one_ledger_entry_with_the_same_facts(hub):
         if answer["decision"]:
             assert row.record_id == answer["context"]["consent_record_id"]
     stranger = rows[unknown["context"]["decision_id"]]
-    assert stranger.subject == strange and entries[-1]["data"]["subject"] == strange
+    assert stranger.subject == strange
     assert stranger.account_id is None and stranger.record_id is None
     assert stranger.request_id  # the hub's own request id when the agency sent none
-    for entry, decision_id in zip(entries, ids, strict=True):
+    # each row has a salt of its own, through the JSON of the one statement byte for byte
+    assert len({row.subject_salt for row in rows.values()}) == 5
+    assert all(isinstance(row.subject_salt, bytes) and len(row.subject_salt) == 16
+               for row in rows.values())
+    for entry, decision_id, text_ in zip(entries, ids, (e.entry for e in stored), strict=True):
         row = rows[decision_id]
         assert entry["kind"] == "decision.query" and entry["time"].endswith("Z")
+        # the subject and record only as their commitment, recomputed here as an auditor
+        # would from the row: SHA-256 of the salt, then RFC 8785 of [subject, record] (UTF-8,
+        # as the stranger's subject shows)
+        digest = hashlib.sha256(row.subject_salt + json.dumps(
+            [row.subject, row.record_id], separators=(",", ":"), ensure_ascii=False
+        ).encode()).digest()
         assert entry["data"] == {
-            "decision_id": row.id, "agency": row.client_id, "subject": row.subject,
-            "action": row.action, "claim": row.claim, "purpose": row.purpose,
-            "decision": row.decision, "reason": row.reason, "record": row.record_id}
+            "decision_id": row.id, "agency": row.client_id, "action": row.action,
+            "claim": row.claim, "purpose": row.purpose, "decision": row.decision,
+            "reason": row.reason,
+            "subject_commitment": base64.urlsafe_b64encode(digest).rstrip(b"=").decode()}
+        assert row.subject not in text_
+        assert row.record_id is None or row.record_id not in text_
     # the privacy officers' check finds both sides complete
     report = reconcile(state.db, state.ledger, None, None)
     assert report.ok and not report.missing_in_ledger

@@ -265,6 +265,67 @@ def test_migration_0013_marks_the_accounts_deleted_before_it_as_erased(database_
         db.dispose()
 
 
+def test_migration_0014_keeps_the_questions_asked_before_it_as_they_were(database_url):
+    """A question answered before 0014 has no salt, and its entry (which cannot change)
+    names the subject and record: after the upgrade the two still agree in `audit
+    reconcile`, a change to such a row is still named, and new questions are salted beside
+    it. Downgrading drops the salts' column."""
+    from datetime import UTC, datetime
+
+    from alembic import command
+    from cryptography.fernet import Fernet
+    from sqlalchemy import inspect, text
+
+    from civitas.migrations import alembic_config, upgrade
+    from consent.decisions import DecisionPoint, parse_evaluation
+    from consent.ledger.ledger import Ledger
+    from consent.models import AgencyDecision
+    from consent.reconcile import reconcile
+    from kernel.crypto import FieldCipher
+    from kernel.db import Database
+
+    db = Database(database_url)
+    try:
+        upgrade(db.engine, "0013")
+        then = datetime(2026, 11, 1, 12, tzinfo=UTC)
+        old = {"id": "0" * 32, "at": then, "client_id": "agency-one", "subject": "pairwise-1",
+               "account_id": None, "record_id": None, "action": "use", "claim": "email",
+               "purpose": "benefits", "decision": False, "reason": "no_consent"}
+        with db.engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO consent_decisions (id, at, client_id, subject, account_id,"
+                " record_id, action, claim, purpose, decision, reason) VALUES (:id, :at,"
+                " :client_id, :subject, :account_id, :record_id, :action, :claim, :purpose,"
+                " :decision, :reason)"), old)
+        upgrade(db.engine)
+        ledger = Ledger(db, FieldCipher([Fernet.generate_key().decode()]),
+                        origin="test.civitas.example/ledger")
+        # the entry the code before 0014 wrote with that row
+        ledger.append("decision.query", {
+            "decision_id": old["id"], "agency": "agency-one", "subject": "pairwise-1",
+            "action": "use", "claim": "email", "purpose": "benefits", "decision": False,
+            "reason": "no_consent", "record": None})
+        DecisionPoint(db, ledger).decide("agency-one", [parse_evaluation({
+            "subject": {"type": "user", "id": "pairwise-2"}, "action": {"name": "use"},
+            "resource": {"type": "claim", "id": "email"},
+            "context": {"purpose": "benefits"}})], now=utcnow())
+        with db.session() as s:
+            salts = {subject: salt for subject, salt in s.execute(
+                select(AgencyDecision.subject, AgencyDecision.subject_salt))}
+        assert salts["pairwise-1"] is None and len(salts["pairwise-2"]) == 16
+        report = reconcile(db, ledger, None, None)
+        assert report.ok and report.records == report.entries == 2
+        with db.session() as s:
+            s.execute(update(AgencyDecision).where(AgencyDecision.id == old["id"]).values(
+                subject="pairwise-3"))
+        assert reconcile(db, ledger, None, None).altered == [f"decision:{old['id']}"]
+        command.downgrade(alembic_config(db.engine), "0013")
+        assert "subject_salt" not in {c["name"] for c in inspect(db.engine).get_columns(
+            "consent_decisions")}
+    finally:
+        db.dispose()
+
+
 def test_a_closed_account_s_consents_answer_as_no_record_at_once(sql_hub):
     """The decision API stops answering for an account once it is closed, before its
     consents are withdrawn (an erasure cut off there is finished only by housekeeping). On
@@ -392,6 +453,85 @@ def test_the_decision_purge_goes_in_batches(sql_hub, monkeypatch):
         assert s.scalar(select(func.count()).select_from(AgencyDecision)) == 0
 
 
+def test_past_retention_a_decision_s_entry_no_longer_says_about_whom(sql_hub):
+    """The ledger entry of a question names its subject and consent record only through a
+    commitment salted by the decision's row: the retention purge deletes the row, the entry
+    stays as it was (the same bytes, still proved by a signed checkpoint), and nothing in
+    the ledger leads to the citizen any more. On SQLite and PostgreSQL."""
+    import json
+
+    from consent.entries import subject_commitment
+    from consent.ledger import merkle
+    from consent.models import AgencyDecision
+    from consent.reconcile import reconcile
+
+    hub = sql_hub
+    account, query = _asked(hub, "forgotten")
+    hub.consent.decisions.decide(AGENCY_ONE.client_id, [query] * 2, now=utcnow())
+    with hub.db.session() as s:
+        rows = {d.id: (d.subject, d.record_id, d.subject_salt)
+                for d in s.scalars(select(AgencyDecision))}
+    checkpoint = hub.ledger.checkpoint()  # sealed: each entry is a leaf of a signed tree
+    asked = list(hub.ledger.entries("decision.query", None, None))
+    assert len(rows) == len(asked) == 2
+    for entry in asked:
+        subject, record_id, salt = rows[json.loads(entry.entry)["data"]["decision_id"]]
+        assert subject == query.subject_id and record_id is not None
+        # while the row is kept, the entry is tied to it (an auditor recomputes this) ...
+        assert json.loads(entry.entry)["data"]["subject_commitment"] == subject_commitment(
+            salt, subject, record_id)
+
+    assert hub.consent.decisions.purge(utcnow() + timedelta(seconds=1)) == 2
+    kept = {e.seq: e for e in hub.ledger.entries(None, None, None)}
+    for entry in asked:  # ... and once it is gone, the entry is what it was
+        same = kept[entry.seq]
+        assert (same.entry, same.leaf_hash, same.leaf_index) == (
+            entry.entry, entry.leaf_hash, entry.leaf_index)
+        proof = hub.ledger.inclusion_proof(same.leaf_index, checkpoint.size)
+        assert merkle.verify_inclusion(same.leaf_index, checkpoint.size,
+                                       merkle.leaf_hash(same.entry.encode()), proof,
+                                       checkpoint.root_hash)
+        assert json.loads(same.entry)["data"]["agency"] == AGENCY_ONE.client_id
+    # no entry of any kind holding the subject or the record leads from a question to them:
+    # the consent entries (kept as the proof of consent) name them, the questions do not
+    record_id = next(iter(rows.values()))[1]
+    for entry in kept.values():
+        if entry.kind == "decision.query":
+            assert query.subject_id not in entry.entry and record_id not in entry.entry
+            assert account not in entry.entry
+    report = reconcile(hub.db, hub.ledger, None, None,
+                       decisions_kept_since=utcnow() + timedelta(seconds=1))
+    assert report.ok and report.past_retention == 2
+
+
+def test_a_decision_changed_behind_the_hub_s_back_no_longer_matches_its_commitment(sql_hub):
+    """The commitment binds the row: another subject, another record, or another salt (or
+    none, which would make the row read as one from before the salt) is named by `audit
+    reconcile`; put back, all agrees. On SQLite and PostgreSQL."""
+    from consent.models import AgencyDecision
+    from consent.reconcile import reconcile
+
+    hub = sql_hub
+    _, query = _asked(hub, "tampered")
+    other_account, other = _asked(hub, "other")
+    hub.consent.decisions.decide(AGENCY_ONE.client_id, [query], now=utcnow())
+    assert reconcile(hub.db, hub.ledger, None, None).ok
+    with hub.db.session() as s:
+        row = s.scalars(select(AgencyDecision)).one()
+        original = {"subject": row.subject, "record_id": row.record_id,
+                    "subject_salt": row.subject_salt}
+        others = hub.consent.grants_for_account(other_account)[0].record_id
+    for change in ({"subject": other.subject_id}, {"record_id": others},
+                   {"subject_salt": bytes(16)}, {"subject_salt": None}):
+        with hub.db.session() as s:
+            s.execute(update(AgencyDecision).values(**change))
+        report = reconcile(hub.db, hub.ledger, None, None)
+        assert report.altered == [f"decision:{row.id}"], change
+        with hub.db.session() as s:
+            s.execute(update(AgencyDecision).values(**original))
+        assert reconcile(hub.db, hub.ledger, None, None).ok
+
+
 def test_the_citizen_is_told_how_long_their_history_is_kept(make_hub):
     from tests.flows import AuthRequest, full_login
 
@@ -401,3 +541,4 @@ def test_the_citizen_is_told_how_long_their_history_is_kept(make_hub):
         page = client.get("/account/history").get_data(as_text=True)
         assert ('id="kept"' in page) is (told is not None)
         assert told is None or told in page
+        assert ("no longer that it was about you" in page) is (told is not None)

@@ -349,11 +349,16 @@ def test_record_of_processing(world, officer):
     assert record["recipients"][0]["client_id"] == "agency-one"
     assert record["retention"] == "365 days from consent" and record["consent_ttl_days"] == 365
     assert record["decision_log_retention"] == "kept for ever"  # decision_log_retention_days 0
+    # what outlives the decision log is said too: the questions' entries name no one
+    assert "kept for ever" in record["audit_ledger"] and "salt is deleted with the question" \
+        in record["audit_ledger"] and "days)" not in record["audit_ledger"]
     hub = world["app"].extensions["civitas"]
     kept = OfficerWorkspace(hub.db, hub.ledger, pseudonym_key=b"k" * 32,
                             account_for_credential=lambda *_: None, decision_log_days=90)
-    assert kept.record_of_processing(hub.server.hub.policy_for(hub.agencies.client(
-        "agency-one")), declared=True)["decision_log_retention"] == "90 days"
+    kept_record = kept.record_of_processing(hub.server.hub.policy_for(hub.agencies.client(
+        "agency-one")), declared=True)
+    assert kept_record["decision_log_retention"] == "90 days"
+    assert kept_record["audit_ledger"].endswith("deleted with the question (90 days)")
     assert record["notice"] == {"url": "https://one.agency.example/privacy", "version": "v3",
                                 "language": "en"}
     assert record["counts"]["grants"] == 1 and record["counts"]["withdrawals"] == 0
