@@ -11,7 +11,7 @@ import hashlib
 import secrets
 from typing import Any
 
-from .ledger.jcs import canonicalize
+from .ledger.jcs import canonical_strings
 from .models import AgencyDecision, ConsentEvent
 
 #: bytes of a decision's ``subject_salt``: random, so a commitment whose salt is deleted
@@ -50,7 +50,7 @@ def subject_commitment(salt: bytes, subject: str, record_id: str | None) -> str:
     the salt's bytes, then the RFC 8785 form of the two-element array."""
     if len(salt) != SALT_BYTES:
         raise ValueError(f"a subject salt is {SALT_BYTES} bytes, not {len(salt)}")
-    digest = hashlib.sha256(salt + canonicalize([subject, record_id])).digest()
+    digest = hashlib.sha256(salt + canonical_strings((subject, record_id))).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 

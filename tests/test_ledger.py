@@ -68,6 +68,22 @@ def test_jcs_numbers_match_ecmascript():
     assert count > 4000
 
 
+@given(st.lists(st.none() | st.text(), max_size=4))
+@example(["\u20ac$\u000f\nA'B\"\\\\\"/", None, "\U0001f600\x7f\u2028"])
+def test_jcs_of_strings_alone_is_the_same_as_of_any_value(values):
+    from consent.ledger.jcs import canonical_strings
+
+    assert canonical_strings(values) == canonicalize(values)
+    assert canonical_strings(tuple(values)) == canonicalize(values)
+
+
+def test_jcs_of_strings_alone_refuses_a_lone_surrogate():
+    from consent.ledger.jcs import canonical_strings
+
+    with pytest.raises(CanonicalizationError):
+        canonical_strings(["ok", "\ud800"])
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 2**53, "\ud800", {1: "x"},
                                  b"bytes", {"a": {1, 2}}])
 def test_jcs_refuses_what_has_no_canonical_form(bad):

@@ -41,6 +41,17 @@ def canonicalize(value: Any) -> bytes:
         raise CanonicalizationError("string holds a lone surrogate (not valid Unicode)") from exc
 
 
+def canonical_strings(values: Sequence[str | None]) -> bytes:
+    """``canonicalize(list(values))`` for an array of strings and nulls only, without its
+    walk over the value: a hot path's (a decision's subject commitment) at a tenth of the
+    cost. The same bytes (tests/test_ledger.py holds them equal for any such array)."""
+    try:
+        return ("[" + ",".join("null" if value is None else _encode_string(value)
+                               for value in values) + "]").encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise CanonicalizationError("string holds a lone surrogate (not valid Unicode)") from exc
+
+
 def _write(value: Any, out: list[str]) -> None:
     if value is None:
         out.append("null")
