@@ -323,8 +323,11 @@ class OIDCConnector:
             (isinstance(claims.get("nonce"), str)
              and hmac.compare_digest(claims["nonce"].encode(), nonce.encode()),
              "nonce is not the login's", "3.1.3.7 step 11"),
-            (isinstance(claims.get("sub"), str) and 0 < len(claims["sub"]) <= 255,
-             "sub is missing or longer than 255 characters", "2"),
+            # "MUST NOT exceed 255 ASCII characters in length": so no lone surrogate
+            # either, which JSON can escape but no column holds
+            (isinstance(claims.get("sub"), str) and 0 < len(claims["sub"]) <= 255
+             and claims["sub"].isascii(),
+             "sub is missing, longer than 255 characters or not ASCII", "2"),
         )
         for holds, failure, section in steps:
             if not holds:

@@ -26,6 +26,8 @@ from flask import Blueprint, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
+from kernel import jsonfast
+
 from .agencies import AgencyMetadata, AgencyRegistry, shared_sector_notice
 from .errors import AgencyRegistrationError
 from .models import Agency
@@ -146,6 +148,10 @@ def create_blueprint(agencies: AgencyRegistry, token: str | None) -> Blueprint:
         body = request.get_json(silent=True)  # too large -> 413 via the handler above
         if not isinstance(body, dict):
             return _error(400, "invalid_request", "The body must be a JSON object.")
+        where = jsonfast.lone_surrogate_at(body)
+        if where is not None:  # valid JSON, but no text any column (or the ledger) takes
+            return _error(400, "invalid_request", f"The body must be Unicode text: {where} "
+                                                  "holds a lone surrogate.")
         return body
 
     def with_privacy_notices(body: dict[str, Any], client_id: str) -> dict[str, Any]:

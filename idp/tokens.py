@@ -52,7 +52,9 @@ log = logging.getLogger(__name__)
 
 
 def digest(value: str) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()
+    # surrogatepass: a JSON string (a client assertion's jti) can hold a lone surrogate,
+    # which plain UTF-8 refuses; every other string hashes to the same bytes as before
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def new_grant_id() -> str:

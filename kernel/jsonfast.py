@@ -21,9 +21,12 @@ as ``null``; the hub stores no such number.)
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 #: what ``json`` would refuse, orjson must not encode (it hands them to ``default``, None:
 #: TypeError); subclasses go to ``json``, which encodes them its own way
@@ -50,3 +53,28 @@ def loads(text: str | bytes) -> Any:
         return orjson.loads(text)
     except orjson.JSONDecodeError:  # a ValueError, as json's is
         return json.loads(text)
+
+
+def lone_surrogate_at(value: Any, path: str = "") -> str | None:
+    """Where a decoded JSON value holds a lone surrogate (``"\\ud800"`` is valid JSON, but
+    its string is not Unicode text: no database column or RFC 8785 form takes it), as a
+    path like ``redirect_uris[0]`` or ``(a key in) jwks.keys[0]``; None when nowhere. For a
+    request body, to refuse it with a clear answer before it goes anywhere."""
+    if isinstance(value, str):
+        if value.isascii() or _SURROGATE.search(value) is None:
+            return None
+        return path or "(the value)"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
+                return f"(a key in) {path or 'the object'}"
+            found = lone_surrogate_at(item, where)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = lone_surrogate_at(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None

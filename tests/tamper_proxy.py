@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import requests
-from joserfc import jwt
+from joserfc import jws, jwt
 from joserfc.jwk import RSAKey
 
 #: the most the hub reads of one answer (connectors.oidc.MAX_RESPONSE_BYTES, kept apart here
@@ -43,6 +43,8 @@ CLAIM_FAULTS: dict[str, dict[str, Any]] = {
     "wrong-nonce": {"nonce": "not-the-logins-nonce"},
     "no-sub": {"sub": None},
     "long-sub": {"sub": "s" * 256},
+    "non-ascii-sub": {"sub": "s\u00fc"},
+    "surrogate-sub": {"sub": "s\ud800"},  # valid JSON ("\ud800"), but no Unicode text
     "wrong-azp": {"azp": "another-client"},
 }
 
@@ -102,6 +104,9 @@ class TamperProxy:
             aud = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
             claims["aud"] = [*aud, "another-client"]
             claims.pop("azp", None)
+        if self.mode == "surrogate-sub":  # jwt.encode writes UTF-8, which has no surrogate
+            return jws.serialize_compact({"alg": "RS256", "kid": "tamper-proxy-1"},
+                                         json.dumps(claims).encode(), self.key)
         token = jwt.encode({"alg": "RS256", "kid": "tamper-proxy-1"}, claims, self.key)
         header, payload, sig = token.split(".")
         if self.mode == "tamper-id-token":

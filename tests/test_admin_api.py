@@ -224,6 +224,19 @@ def test_malformed_and_oversized_bodies(client):
                                                    "error_description": says}, data
     assert [a["client_id"] for a in client.get(API, headers=AUTH).json["agencies"]] == [
         "agency-one", "agency-two"]
+    # valid JSON whose strings are no Unicode text (a lone surrogate) is refused, saying where
+    for body, where in [(registration(name="Bad \ud800 name"), "name"),
+                        (registration(redirect_uris=["https://a.example/cb",
+                                                     "https://a.example/\udc00"]),
+                         "redirect_uris[1]"),
+                        ({**registration(), "jwks": {"keys": [{"\ud800": 1}]}},
+                         "(a key in) jwks.keys[0]")]:
+        r = client.post(API, data=json.dumps(body), content_type="application/json",
+                        headers=AUTH)
+        assert r.status_code == 400 and r.json == {
+            "error": "invalid_request", "error_description":
+            f"The body must be Unicode text: {where} holds a lone surrogate."}, r.json
+    assert len(client.get(API, headers=AUTH).json["agencies"]) == 2  # nothing stored
     big = registration(name="x" * 70_000)
     r = client.post(API, data=json.dumps(big), content_type="application/json", headers=AUTH)
     assert r.status_code == 413 and r.json["error"] == "invalid_request"

@@ -275,6 +275,23 @@ def test_rfc7523_3_replayed_jti_is_invalid_client(browser):
                           contains="used before")
 
 
+def test_a_jti_that_is_no_unicode_text_is_single_use_too(browser):
+    """A signed assertion whose jti holds a lone surrogate (valid JSON, "\\ud800"; joserfc
+    will not write one, so it is signed here by hand) is kept as any other: once, then
+    refused as a replay, never a server error."""
+    from joserfc import jws
+
+    now_ = int(time.time())
+    body = {"iss": PK_RSA.client_id, "sub": PK_RSA.client_id, "aud": TOKEN_URL, "iat": now_,
+            "exp": now_ + 120, "jti": secrets.token_urlsafe(8) + "\ud800"}
+    a = jws.serialize_compact({"alg": "RS256", "typ": "JWT", "kid": RSA_KEY.kid},
+                              json.dumps(body).encode(), RSA_KEY)
+    auth = AuthRequest(agency=PK_RSA)
+    assert_ok(browser, redeem(browser, auth, new_code(browser, auth), a), auth)
+    assert_invalid_client(redeem(browser, auth, new_code(browser, auth), a),
+                          contains="used before")
+
+
 def test_hs256_signed_with_the_client_secret_is_refused(browser, caplog):
     # an agency with a client secret cannot turn it into a client_secret_jwt assertion: it is
     # not registered for assertions at all (its secret is never a key)

@@ -631,6 +631,12 @@ def test_batch_evaluations(env: Env) -> None:
      "evaluations[1].context.purpose looks like an e-mail address"),
     ("/access/v1/evaluation", json.dumps(evaluation("s", "email", "p\u0000")).encode(),
      "context.purpose must not contain control characters"),
+    # JSON can escape a lone surrogate; it is no Unicode text, so no record can hold it
+    ("/access/v1/evaluation", json.dumps(evaluation("sub-\ud800", "email", "p")).encode(),
+     "subject.id must be Unicode text (it holds a lone surrogate)"),
+    ("/access/v1/evaluations", json.dumps({**evaluation("s", "e", "p"), "evaluations": [
+        {}, {"resource": {"type": "claim", "id": "em\udfffail"}}]}).encode(),
+     "evaluations[1].resource.id must be Unicode text"),
 ])
 def test_malformed_requests_are_400_with_a_clear_error(env: Env, path: str, body: bytes,
                                                        message: str) -> None:

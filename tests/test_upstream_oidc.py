@@ -171,8 +171,11 @@ def test_proxy_passthrough_logs_in(proxied_client, proxy):
     ("expired", "expired, or no exp (OpenID Connect Core 3.1.3.7 step 9)"),
     ("future-iat", "issued in the future, or no iat (OpenID Connect Core 3.1.3.7 step 10)"),
     ("wrong-nonce", "nonce is not the login's (OpenID Connect Core 3.1.3.7 step 11)"),
-    ("no-sub", "sub is missing or longer than 255 characters (OpenID Connect Core 2)"),
-    ("long-sub", "sub is missing or longer than 255 characters (OpenID Connect Core 2)"),
+    ("no-sub", "sub is missing, longer than 255 characters or not ASCII (OpenID Connect "
+               "Core 2)"),
+    ("long-sub", "sub is missing, longer than 255 characters or not ASCII"),
+    ("non-ascii-sub", "sub is missing, longer than 255 characters or not ASCII"),
+    ("surrogate-sub", "sub is missing, longer than 255 characters or not ASCII"),
     ("no-id-token", "no ID token, or not a compact JWS"),
     # the token endpoint's answer itself
     ("token-type", "token endpoint: token_type is not Bearer"),
