@@ -52,6 +52,7 @@ from ldap3.utils.conv import escape_filter_chars
 from ldap3.utils.dn import escape_rdn, parse_dn
 
 from kernel.errors import ConfigError
+from kernel.watchdog import WATCHDOG
 
 from .base import (
     Bulkhead,
@@ -521,26 +522,26 @@ class LDAPConnector:
         within it, would hold the thread for as long as it liked (a "slow read"). At the
         deadline (the timeout, plus one read's wait, as for HTTP upstreams:
         kernel.bounded) the socket is shut, the blocked read returns, and whatever the
-        exchange then raised, or returned, becomes :class:`DirectoryTooSlow`."""
-        fired = threading.Event()
+        exchange then raised, or returned, becomes :class:`DirectoryTooSlow`.
+
+        The deadline is an alarm of the process's one watchdog thread
+        (:mod:`kernel.watchdog`), not a thread per exchange; disarming it is exact, so an
+        exchange that ends in time leaves no cut on its way to the connection."""
 
         def cut() -> None:
-            fired.set()
             with contextlib.suppress(OSError, AttributeError):
                 conn.socket.shutdown(socket.SHUT_RDWR)
 
-        timer = threading.Timer(2 * self.config.timeout_seconds, cut)
-        timer.daemon = True
-        timer.start()
+        alarm = WATCHDOG.arm(2 * self.config.timeout_seconds, cut)
         try:
             yield
         except Exception as exc:
-            if fired.is_set():
+            if alarm.disarm():
                 raise self._too_slow() from exc
             raise
-        finally:
-            timer.cancel()
-        if fired.is_set():  # it answered as the cut came: the connection is gone anyway
+        finally:  # whatever ended it (an interruption too); a second disarm says the same
+            cut_came = alarm.disarm()
+        if cut_came:  # it answered as the cut came: the connection is gone anyway
             raise self._too_slow()
 
     def _too_slow(self) -> DirectoryTooSlow:

@@ -552,6 +552,29 @@ def test_a_search_on_a_pooled_connection_is_cut_at_its_deadline_and_the_connecti
         trickle.close()
 
 
+def test_each_exchange_s_deadline_is_an_alarm_of_the_process_s_one_watchdog(
+        slapd: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """No thread per exchange (threading.Timer): each deadline is armed on kernel.watchdog's
+    one thread, and disarmed when its exchange is done, none left behind."""
+    from kernel.watchdog import WATCHDOG
+
+    def no_timer(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a thread per exchange")
+
+    armed: list[float] = []
+    arm = WATCHDOG.arm
+    monkeypatch.setattr(threading, "Timer", no_timer)
+    monkeypatch.setattr(WATCHDOG, "arm", lambda seconds, action: (
+        armed.append(seconds), arm(seconds, action))[1])
+    c = LDAPConnector(search_config(slapd))
+    for _ in range(3):
+        assert c.login("alice", "alice-ldap-pw").subject
+    c.close()
+    # per login at least the search and the password check, each within its deadline
+    assert len(armed) >= 6 and set(armed) == {2 * TIMEOUT}
+    assert WATCHDOG.pending() == 0
+
+
 @pytest.fixture
 def proxy(slapd: dict[str, Any]) -> Iterator[TCPProxy]:
     p = TCPProxy(_port(slapd["url"]))
