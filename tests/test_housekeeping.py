@@ -522,7 +522,8 @@ def test_a_decision_changed_behind_the_hub_s_back_no_longer_matches_its_commitme
                     "subject_salt": row.subject_salt}
         others = hub.consent.grants_for_account(other_account)[0].record_id
     for change in ({"subject": other.subject_id}, {"record_id": others},
-                   {"subject_salt": bytes(16)}, {"subject_salt": None}):
+                   {"subject_salt": bytes(16)}, {"subject_salt": b"short"},
+                   {"subject_salt": None}):
         with hub.db.session() as s:
             s.execute(update(AgencyDecision).values(**change))
         report = reconcile(hub.db, hub.ledger, None, None)
