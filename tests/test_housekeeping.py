@@ -227,18 +227,28 @@ def test_an_erasure_that_fails_again_leaves_the_others_to_be_finished(sql_hub, m
     assert [e.kind for e in hub.accounts.events(stuck)][:2] == ["erased", "deleted"]
 
 
+def columns_after_downgrade(db, revision: str, table: str) -> set[str]:
+    """The columns of ``table`` once the database is downgraded to ``revision``."""
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from civitas.migrations import alembic_config
+
+    command.downgrade(alembic_config(db.engine), revision)
+    return {c["name"] for c in inspect(db.engine).get_columns(table)}
+
+
 def test_migration_0013_marks_the_accounts_deleted_before_it_as_erased(database_url):
     """Until 0013 an account was erased in the request that deleted it (the account went
     last), so each deleted one is marked erased at its deletion time and none is left for
     housekeeping to finish; a live account stays unmarked. Downgrading drops the mark."""
     from datetime import UTC, datetime
 
-    from alembic import command
     from cryptography.fernet import Fernet
-    from sqlalchemy import inspect, text
+    from sqlalchemy import text
 
     from broker.accounts import AccountDirectory
-    from civitas.migrations import alembic_config, upgrade
+    from civitas.migrations import upgrade
     from kernel.crypto import FieldCipher
     from kernel.db import Database
 
@@ -258,9 +268,7 @@ def test_migration_0013_marks_the_accounts_deleted_before_it_as_erased(database_
                 ("gone", gone, gone), ("here", None, None)]
         accounts = AccountDirectory(db, FieldCipher([Fernet.generate_key().decode()]))
         assert accounts.erasures_pending(closed_before=utcnow()) == []
-        command.downgrade(alembic_config(db.engine), "0012")
-        assert "erased_at" not in {c["name"] for c in inspect(db.engine).get_columns(
-            "constituent_accounts")}
+        assert "erased_at" not in columns_after_downgrade(db, "0012", "constituent_accounts")
     finally:
         db.dispose()
 
@@ -272,11 +280,10 @@ def test_migration_0014_keeps_the_questions_asked_before_it_as_they_were(databas
     it. Downgrading drops the salts' column."""
     from datetime import UTC, datetime
 
-    from alembic import command
     from cryptography.fernet import Fernet
-    from sqlalchemy import inspect, text
+    from sqlalchemy import text
 
-    from civitas.migrations import alembic_config, upgrade
+    from civitas.migrations import upgrade
     from consent.decisions import DecisionPoint, parse_evaluation
     from consent.ledger.ledger import Ledger
     from consent.models import AgencyDecision
@@ -319,9 +326,7 @@ def test_migration_0014_keeps_the_questions_asked_before_it_as_they_were(databas
             s.execute(update(AgencyDecision).where(AgencyDecision.id == old["id"]).values(
                 subject="pairwise-3"))
         assert reconcile(db, ledger, None, None).altered == [f"decision:{old['id']}"]
-        command.downgrade(alembic_config(db.engine), "0013")
-        assert "subject_salt" not in {c["name"] for c in inspect(db.engine).get_columns(
-            "consent_decisions")}
+        assert "subject_salt" not in columns_after_downgrade(db, "0013", "consent_decisions")
     finally:
         db.dispose()
 

@@ -13,6 +13,7 @@ import base64
 import json
 import re
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -397,6 +398,16 @@ TWO_CREDENTIALS = {"accounts": ["live"], "links": ALICE_BOTH, "sources": ["op", 
                    "events": ["created", "linked"]}
 
 
+def cut_off(hub: Any, url: str, point: str, request: Callable[[], Any]) -> Any:
+    """``request`` with the account's transaction cut at ``point``: the hub's answer, which
+    must be the readable "try again" page."""
+    with AccountCut(hub.db.engine, url, point) as cut:
+        r = request()
+    assert cut.fired, "the write never reached the cut point"
+    assert_unavailable_page(r)
+    return r
+
+
 def signed_in_with_two_credentials(client: Any, hub: Any) -> None:
     full_login(client, AuthRequest())
     assert client.get(path_of(upstream_login(start_link(client), "alice"))).status_code == 303
@@ -409,10 +420,7 @@ def test_first_login_cut_off_mid_write_creates_no_account(account_hub, point):
     hub = app.extensions["civitas"]
     client = app.test_client()
     callback = upstream_login(start_login(client, AuthRequest()), "alice")
-    with AccountCut(hub.db.engine, url, point) as cut:
-        r = client.get(path_of(callback))
-    assert cut.fired, "the write never reached the cut point"
-    assert_unavailable_page(r)
+    cut_off(hub, url, point, lambda: client.get(path_of(callback)))
     assert account_rows(hub) == {"accounts": [], "links": [], "sources": [], "events": []}
     with client.session_transaction() as session:
         assert "login" not in session  # not signed in to an account that is not there
@@ -433,10 +441,7 @@ def test_link_cut_off_mid_write_links_nothing(account_hub, point):
     before = {"accounts": ["live"], "links": ALICE, "sources": ["op"], "events": ["created"]}
     assert account_rows(hub) == before
     callback = upstream_login(start_link(client), "alice")
-    with AccountCut(hub.db.engine, url, point) as cut:
-        r = client.get(path_of(callback))
-    assert cut.fired, "the write never reached the cut point"
-    assert_unavailable_page(r)
+    cut_off(hub, url, point, lambda: client.get(path_of(callback)))
     assert account_rows(hub) == before
     r = client.get("/account")  # still signed in, with one credential
     assert r.status_code == 200 and "Bank ID" not in r.get_data(as_text=True)
@@ -459,10 +464,8 @@ def test_unlink_cut_off_mid_write_keeps_the_credential(account_hub, point):
         bank = s.scalars(select(LinkedIdentity.id).where(
             LinkedIdentity.connector_id == "op-es")).one()
     token = csrf(client)
-    with AccountCut(hub.db.engine, url, point) as cut:
-        r = client.post(f"/account/identities/{bank}/unlink", data={"csrf": token})
-    assert cut.fired, "the write never reached the cut point"
-    assert_unavailable_page(r)
+    cut_off(hub, url, point, lambda: client.post(f"/account/identities/{bank}/unlink",
+                                                 data={"csrf": token}))
     assert account_rows(hub) == before
     r = client.get("/account")
     assert r.status_code == 200 and "Bank ID" in r.get_data(as_text=True)
@@ -487,10 +490,8 @@ def test_account_deletion_cut_off_mid_write_deletes_nothing(account_hub, point):
     assert r.status_code == 302
     access = redeem(client, auth, query(r.headers["Location"])["code"]).json["access_token"]
     token = csrf(client)
-    with AccountCut(hub.db.engine, url, point) as cut:
-        r = client.post("/account/delete", data={"csrf": token, "confirm": "delete"})
-    assert cut.fired, "the write never reached the cut point"
-    assert_unavailable_page(r)
+    r = cut_off(hub, url, point, lambda: client.post(
+        "/account/delete", data={"csrf": token, "confirm": "delete"}))
     assert account_rows(hub) == before
     # closing the account is the erasure's first step, in one transaction: cut off, nothing
     # is done. The account, its session and the agency's grant stand as they were, and the
