@@ -55,7 +55,7 @@ from idp.provider import HubAuthorizationServer, ProviderServices
 from idp.tokens import ACCOUNT_DELETED, AccessTokens, RefreshTokens, TokenStore
 from idp.views import create_blueprint as idp_blueprint
 from kernel.crypto import FieldCipher
-from kernel.db import Database, startup_lock
+from kernel.db import Database, startup_lock, utcnow
 from kernel.errors import CivitasError
 from kernel.ratelimit import Limit, RateLimited, RateLimiter
 from kernel.store import ShortLivedStore, open_store
@@ -348,9 +348,11 @@ def stop_background(app: Flask) -> None:
 def end_grants_and_consents(hub: Hub, account_id: str) -> None:
     """Right to erasure, once the account is closed: every refresh grant of the account is
     revoked (first, so that its reason says so: any agency's, consent-based or not), then
-    every consent withdrawn. Idempotent (housekeeping repeats it for an erasure cut off)."""
+    every consent withdrawn, then the agencies' questions about it stripped of whom they
+    were about. Idempotent (housekeeping repeats it for an erasure cut off)."""
     hub.server.hub.refresh_tokens.revoke_account(account_id, reason=ACCOUNT_DELETED)
     hub.consent.withdraw_all(account_id)
+    hub.consent.decisions.forget_account(account_id, now=utcnow())
 
 
 def _agency_policy(hub: Hub) -> Any:

@@ -620,6 +620,9 @@ def audit_reconcile(ctx: click.Context, since: Any, until: Any) -> None:
         click.echo(f"{report.past_retention} decision entr(y/ies) older than the decision "
                    f"log's retention ({days} days): their answers were deleted, as they "
                    "should be")
+    if report.erased:
+        click.echo(f"{report.erased} decision(s) about an erased account: compared with "
+                   "their entries apart from whom they were about")
     for item in report.missing_in_ledger:
         click.echo(f"missing in ledger: {item}")
     for item in report.unmatched_entries:

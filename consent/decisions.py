@@ -21,7 +21,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Connection, Select, Table, bindparam, delete, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Select,
+    Table,
+    bindparam,
+    delete,
+    select,
+    update,
+)
 
 from kernel import jsonfast
 from kernel.db import Database, Prepared
@@ -450,6 +459,28 @@ class DecisionPoint:
             if len(rows) < batch:
                 return done
             after = rows[-1].id
+
+    def forget_account(self, account_id: str, *, now: datetime, batch: int = 5000) -> int:
+        """Right to erasure (GDPR Art. 17), for an account being erased: every answer that
+        resolved to it keeps who asked, when, what for and the answer, and loses what leads
+        to the citizen (the subject the agency sent, the account, the consent record, the
+        salt of its ledger entry's subject commitment, the agency's request id), in batches
+        of ``batch`` rows through the account's index, each its own transaction; returns
+        how many. Idempotent. The ledger entries are not touched: a new one now leads to no
+        one (its salt is gone); `audit reconcile` compares such a row with its entry apart
+        from :data:`~consent.entries.WHOM`."""
+        done = 0
+        while True:
+            with self._db.session() as s:
+                ids = list(s.scalars(select(AgencyDecision.id).where(
+                    AgencyDecision.account_id == account_id).limit(batch)))
+                if ids:
+                    s.execute(update(AgencyDecision).where(AgencyDecision.id.in_(ids)).values(
+                        subject=None, account_id=None, record_id=None, subject_salt=None,
+                        request_id=None, erased_at=now))
+            done += len(ids)
+            if len(ids) < batch:
+                return done
 
     def for_agency(self, client_id: str, limit: int = 100) -> list[AgencyDecision]:
         with self._db.session() as s:

@@ -31,11 +31,31 @@ def consent_entry(client_id: str, event: ConsentEvent) -> dict[str, Any]:
 
 def decision_entry(d: AgencyDecision | Any) -> dict[str, Any]:
     """The data of the ``decision.query`` entry of decision ``d`` (its row, or a result row
-    of those columns)."""
+    of those columns), whose account is not erased."""
+    if d.subject is None:
+        raise ValueError("the row of an erased account: see erased_decision_entry")
     return decision_entry_of(
         decision_id=d.id, client_id=d.client_id, subject=d.subject, action=d.action,
         claim=d.claim, purpose=d.purpose, decision=d.decision, reason=d.reason,
         record_id=d.record_id, salt=d.subject_salt)
+
+
+#: the members of a decision's entry that lead to the citizen (as written since migration
+#: 0014, and before it)
+WHOM = frozenset({"subject_commitment", "subject", "record"})
+
+
+def without_whom(data: dict[str, Any]) -> dict[str, Any]:
+    """An entry's data without :data:`WHOM`: what a decision's row still says once its
+    account is erased (who asked, when, what for, the answer)."""
+    return {name: value for name, value in data.items() if name not in WHOM}
+
+
+def erased_decision_entry(d: AgencyDecision | Any) -> dict[str, Any]:
+    """:func:`without_whom` of the entry of decision ``d``, from a row whose account was
+    erased (whose subject, record and salt are gone)."""
+    return {"decision_id": d.id, "agency": d.client_id, "action": d.action, "claim": d.claim,
+            "purpose": d.purpose, "decision": d.decision, "reason": d.reason}
 
 
 def new_salt() -> bytes:

@@ -155,8 +155,8 @@ class AgencyDecision(Base):
                                     default=new_time_ordered_id)
     at: Mapped[datetime] = mapped_column(UTCDateTime())
     client_id: Mapped[str] = mapped_column(String(128))
-    #: the subject id as the agency sent it
-    subject: Mapped[str] = mapped_column(String(255))
+    #: the subject id as the agency sent it (None once the account it resolved to is erased)
+    subject: Mapped[str | None] = mapped_column(String(255), nullable=True)
     #: the account it resolved to, when it resolved (never for another agency's subject)
     account_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     record_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
@@ -169,3 +169,6 @@ class AgencyDecision(Base):
     #: the salt of the ledger entry's ``subject_commitment`` (16 random bytes); None for the
     #: answers written before migration 0014, whose entries name the subject and record
     subject_salt: Mapped[bytes | None] = mapped_column(LargeBinary(16), nullable=True)
+    #: when the account was erased (right to erasure): the row keeps who asked, what for and
+    #: the answer; its subject, account, record, salt and request id are gone
+    erased_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

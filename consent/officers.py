@@ -197,15 +197,17 @@ class ResultPage:
 
 
 CSV_COLUMNS = ("decision_id", "at", "agency", "subject", "action", "claim", "purpose",
-               "decision", "reason", "record_id", "request_id")
+               "decision", "reason", "record_id", "request_id", "erased_at")
 
 
 def decision_row(d: AgencyDecision) -> dict[str, Any]:
-    """One decision for the exports (the internal account id stays inside the hub)."""
+    """One decision for the exports (the internal account id stays inside the hub); one
+    about an erased account has no subject, record or request id, and says when."""
     return {"decision_id": d.id, "at": d.at.isoformat(), "agency": d.client_id,
             "subject": d.subject, "action": d.action, "claim": d.claim,
             "purpose": d.purpose, "decision": "permit" if d.decision else "deny",
-            "reason": d.reason, "record_id": d.record_id, "request_id": d.request_id}
+            "reason": d.reason, "record_id": d.record_id, "request_id": d.request_id,
+            "erased_at": d.erased_at.isoformat() if d.erased_at is not None else None}
 
 
 def csv_safe(value: Any) -> str:

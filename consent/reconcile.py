@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from kernel.db import Database
 
-from .entries import consent_entry, decision_entry
+from .entries import consent_entry, decision_entry, erased_decision_entry, without_whom
 from .ledger.ledger import Ledger
 from .models import AgencyDecision, ConsentEvent, ConsentRecord
 
@@ -40,6 +40,9 @@ class ReconcileReport:
     #: decision entries older than the decision log's retention whose answer was deleted
     #: by housekeeping, as it should be (not a difference)
     past_retention: int = 0
+    #: decisions about an erased account: compared with their entries apart from whom
+    #: they were about (the row no longer says it)
+    erased: int = 0
 
     @property
     def ok(self) -> bool:
@@ -59,6 +62,7 @@ def reconcile(db: Database, ledger: Ledger, since: datetime | None,
     written before it are deleted by housekeeping); None when it is kept for ever."""
     report = ReconcileReport()
     says: dict[str, bytes] = {}
+    erased: set[str] = set()
     with db.session() as s:
         events = select(ConsentEvent, ConsentRecord.client_id).join(
             ConsentRecord, ConsentRecord.id == ConsentEvent.record_id)
@@ -66,7 +70,8 @@ def reconcile(db: Database, ledger: Ledger, since: datetime | None,
         decisions = select(AgencyDecision.id, AgencyDecision.client_id, AgencyDecision.subject,
                            AgencyDecision.action, AgencyDecision.claim, AgencyDecision.purpose,
                            AgencyDecision.decision, AgencyDecision.reason,
-                           AgencyDecision.record_id, AgencyDecision.subject_salt)
+                           AgencyDecision.record_id, AgencyDecision.subject_salt,
+                           AgencyDecision.erased_at)
         if since is not None:
             events = events.where(ConsentEvent.at >= since)
             decisions = decisions.where(AgencyDecision.at >= since)
@@ -77,10 +82,15 @@ def reconcile(db: Database, ledger: Ledger, since: datetime | None,
             says[f"consent:{event.record_id}#{event.seq}"] = _digest(
                 f"consent.{event.kind}", consent_entry(client_id, event))
         for d in s.execute(decisions.execution_options(yield_per=10_000)):
+            key = f"decision:{d.id}"
+            if d.erased_at is not None:
+                erased.add(key)
+                says[key] = _digest("decision.query", erased_decision_entry(d))
+                continue
             try:
-                says[f"decision:{d.id}"] = _digest("decision.query", decision_entry(d))
-            except ValueError:  # a salt of another length: no entry says that
-                says[f"decision:{d.id}"] = b""
+                says[key] = _digest("decision.query", decision_entry(d))
+            except ValueError:  # a salt of another length, no subject: no entry says that
+                says[key] = b""
     wanted = Counter(says.keys())
     report.records = len(says)
     seen: Counter[str] = Counter()
@@ -101,9 +111,12 @@ def reconcile(db: Database, ledger: Ledger, since: datetime | None,
             continue
         seen[key] += 1
         report.entries += 1
+        if key in erased:
+            data = without_whom(data)
         if key in says and says[key] != _digest(entry.kind, data):
             altered.add(key)
     report.missing_in_ledger = sorted((wanted - seen).elements())
     report.unmatched_entries = sorted((seen - wanted).elements())
     report.altered = sorted(altered)
+    report.erased = len(erased)
     return report

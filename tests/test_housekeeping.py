@@ -331,6 +331,48 @@ def test_migration_0014_keeps_the_questions_asked_before_it_as_they_were(databas
         db.dispose()
 
 
+def test_migration_0015_lets_an_erased_question_lose_its_subject_and_back(database_url):
+    """After 0015 a question's subject may be gone (its account erased) and the row says
+    when; downgrading leaves such a row an empty subject, so the column can be NOT NULL
+    again, and keeps every other row as it was. On SQLite (the table is copied) and
+    PostgreSQL."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+
+    from civitas.migrations import upgrade
+    from consent.models import AgencyDecision
+    from kernel.db import Database
+
+    db = Database(database_url)
+    try:
+        upgrade(db.engine, "0014")
+        then = datetime(2026, 11, 1, 12, tzinfo=UTC)
+        with db.engine.begin() as conn:
+            for id_, subject in (("1" * 32, "pairwise-1"), ("2" * 32, "pairwise-2")):
+                conn.execute(text(
+                    "INSERT INTO consent_decisions (id, at, client_id, subject, action, claim,"
+                    " purpose, decision, reason) VALUES (:id, :at, 'agency-one', :subject,"
+                    " 'use', 'email', 'benefits', false, 'no_consent')"),
+                    {"id": id_, "at": then, "subject": subject})
+        upgrade(db.engine)
+        with db.session() as s:
+            s.execute(update(AgencyDecision).where(AgencyDecision.id == "1" * 32).values(
+                subject=None, erased_at=then))
+            assert [(d.subject, d.erased_at) for d in s.scalars(
+                select(AgencyDecision).order_by(AgencyDecision.id))] == [
+                (None, then), ("pairwise-2", None)]
+        assert "erased_at" not in columns_after_downgrade(db, "0014", "consent_decisions")
+        with db.engine.connect() as conn:
+            assert list(conn.execute(text(
+                "SELECT id, subject FROM consent_decisions ORDER BY id"))) == [
+                ("1" * 32, ""), ("2" * 32, "pairwise-2")]
+            with pytest.raises(Exception, match="(?i)null"):  # NOT NULL again
+                conn.execute(text("UPDATE consent_decisions SET subject = NULL"))
+    finally:
+        db.dispose()
+
+
 def test_a_closed_account_s_consents_answer_as_no_record_at_once(sql_hub):
     """The decision API stops answering for an account once it is closed, before its
     consents are withdrawn (an erasure cut off there is finished only by housekeeping). On
@@ -536,6 +578,72 @@ def test_a_decision_changed_behind_the_hub_s_back_no_longer_matches_its_commitme
         with hub.db.session() as s:
             s.execute(update(AgencyDecision).values(**original))
         assert reconcile(hub.db, hub.ledger, None, None).ok
+
+
+def test_erasure_strips_the_questions_about_the_account_of_whom_and_keeps_the_rest(
+        sql_hub, monkeypatch):
+    """Right to erasure (GDPR Art. 17): the agencies' questions that resolved to the account
+    keep who asked, when, what for and the answer, and lose the subject, account, record,
+    salt and request id; another citizen's stay as they were, the ledger entries are not
+    touched, and `audit reconcile` still compares what is left. On SQLite and PostgreSQL."""
+    import json
+
+    from civitas.app import end_grants_and_consents
+    from consent.ledger.models import LedgerEntry
+    from consent.models import AgencyDecision
+    from consent.reconcile import reconcile
+
+    hub = sql_hub
+    gone, about_gone = _asked(hub, "erased-citizen")
+    kept, about_kept = _asked(hub, "kept-citizen")
+    decisions = hub.consent.decisions
+    decisions.decide(AGENCY_ONE.client_id, [about_gone] * 3, now=utcnow(), request_id="r-1")
+    decisions.decide(AGENCY_ONE.client_id, [about_kept], now=utcnow(), request_id="r-2")
+
+    def rows() -> dict[str, tuple]:
+        with hub.db.session() as s:
+            return {d.id: (d.client_id, d.at, d.action, d.claim, d.purpose, d.decision,
+                           d.reason, d.subject, d.account_id, d.record_id, d.subject_salt,
+                           d.request_id, d.erased_at)
+                    for d in s.scalars(select(AgencyDecision))}
+
+    def entries() -> list[tuple]:
+        with hub.db.session() as s:
+            return [(e.seq, e.entry, e.leaf_hash) for e in s.scalars(
+                select(LedgerEntry).order_by(LedgerEntry.seq))]
+
+    before, ledger_before = rows(), entries()
+    assert hub.accounts.close(gone)
+    end_grants_and_consents(hub, gone)
+    assert hub.accounts.erase(gone)
+    after = rows()
+    stripped = [i for i, row in before.items() if row[8] == gone]
+    assert len(stripped) == 3 and len(after) == 4
+    for decision_id in stripped:
+        assert after[decision_id][:7] == before[decision_id][:7]  # who, when, what, answer
+        assert after[decision_id][7:12] == (None,) * 5 and after[decision_id][12] is not None
+    other = next(i for i in before if i not in stripped)
+    assert after[other] == before[other] and after[other][8] == kept
+    # the ledger is as it was (the new entries lead to no one: their salts are gone)
+    assert [e for e in entries() if e[0] <= ledger_before[-1][0]] == ledger_before
+    assert not any(about_gone.subject_id in text for _, text, _ in entries()
+                   if json.loads(text)["kind"] == "decision.query")
+    report = reconcile(hub.db, hub.ledger, None, None)
+    assert report.ok and report.erased == 3, report
+    import civitas.cli
+    monkeypatch.setattr(civitas.cli, "_hub", lambda ctx: hub)
+    out = CliRunner().invoke(main, ["audit", "reconcile"])
+    assert out.exit_code == 0, out.output
+    assert "3 decision(s) about an erased account: compared with their entries apart from " \
+        "whom" in out.output
+    assert decisions.forget_account(gone, now=utcnow()) == 0  # once
+    assert decisions.for_account(gone) == [] and len(decisions.for_account(kept)) == 1
+
+    # what is left is still held to its entry: a flipped answer is named
+    with hub.db.session() as s:
+        s.execute(update(AgencyDecision).where(AgencyDecision.id == stripped[0]).values(
+            decision=not before[stripped[0]][5]))
+    assert reconcile(hub.db, hub.ledger, None, None).altered == [f"decision:{stripped[0]}"]
 
 
 def test_the_citizen_is_told_how_long_their_history_is_kept(make_hub):

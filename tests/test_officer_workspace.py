@@ -37,7 +37,7 @@ CONSENT = {
     ],
 }
 EXPORT_COLUMNS = ["decision_id", "at", "agency", "subject", "action", "claim", "purpose",
-                  "decision", "reason", "record_id", "request_id"]
+                  "decision", "reason", "record_id", "request_id", "erased_at"]
 PAGES = ["/officer/", "/officer/decisions.csv", "/officer/decisions.json",
          "/officer/agencies/agency-one/art30", "/officer/agencies/agency-one/art30?format=json",
          "/officer/activity"]
@@ -266,6 +266,39 @@ def test_csv_export(world, officer):
     expected = world["sub"] if world["sub"][0] not in "=+-@" else "'" + world["sub"]
     assert {b["subject"] for b in body} == {expected, "no-such-sub"}
     assert [b["purpose"] for b in body].count("newsletter") == 3
+
+
+def test_a_question_about_an_erased_account_shows_who_asked_and_not_about_whom(world, officer):
+    """Erasure strips a decision of its subject, record and request id: the search page says
+    "erased" where the subject was, and the exports leave it empty and say when."""
+    from sqlalchemy import delete
+
+    from consent.models import AgencyDecision, new_time_ordered_id
+
+    client, _ = officer
+    hub = world["hub"]
+    row = AgencyDecision(id=new_time_ordered_id(), at=datetime.now(UTC), client_id="agency-one",
+                         subject=None, account_id=None, record_id=None, action="use",
+                         claim="erased-claim", purpose="benefits", decision=False,
+                         reason="no_consent", request_id=None,
+                         erased_at=datetime(2026, 11, 20, 9, tzinfo=UTC))
+    with hub.db.session() as s:
+        s.add(row)
+    try:
+        page = client.get("/officer/?claim=erased-claim")
+        assert page.status_code == 200 and result_ids(page) == [row.id]
+        assert "<em>erased</em>" in page.get_data(as_text=True)
+        exported = client.get("/officer/decisions.json?claim=erased-claim").json["decisions"]
+        assert [(d["subject"], d["record_id"], d["erased_at"]) for d in exported] == [
+            (None, None, "2026-11-20T09:00:00+00:00")]
+        r = client.get("/officer/decisions.csv?claim=erased-claim")
+        rows = list(csv.reader(io.StringIO(r.get_data(as_text=True))))
+        cells = dict(zip(rows[0], rows[1], strict=True))
+        assert (cells["subject"], cells["agency"], cells["erased_at"]) == (
+            "", "agency-one", "2026-11-20T09:00:00+00:00")
+    finally:  # the module's other tests count the decisions
+        with hub.db.session() as s:
+            s.execute(delete(AgencyDecision).where(AgencyDecision.id == row.id))
 
 
 def test_plain_searches_are_not_ledgered(world, officer):
