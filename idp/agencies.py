@@ -56,6 +56,22 @@ def verify_secret(secret: str, stored: str) -> bool:
     return bool(stored) and hmac.compare_digest(hash_secret(secret).encode(), stored.encode())
 
 
+def _storable(client_id: str) -> bool:
+    """Whether a client id can be looked up at all: one with a NUL (PostgreSQL text cannot
+    hold it, and its driver refuses to send one) or that is not valid Unicode text (a lone
+    surrogate, which a JSON string such as a client assertion's ``sub`` can carry: neither
+    database driver can encode it, UnicodeEncodeError) is no registered agency's."""
+    if "\x00" in client_id:
+        return False
+    if client_id.isascii():
+        return True
+    try:
+        client_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class AgencyClient(ClientMixin):
     """An immutable view of an agency for one request (Authlib's client model)."""
@@ -449,10 +465,8 @@ class AgencyRegistry:
     # -- queries ----------------------------------------------------------------------------
 
     def get(self, client_id: str) -> Agency | None:
-        if "\x00" in client_id:
-            # no registered id has one (PostgreSQL text cannot hold it, and the driver
-            # refuses to send it): unknown, not a server error
-            return None
+        if not _storable(client_id):
+            return None  # no registered id is such a string: unknown, not a server error
         with self._db.session() as s:
             return s.get(Agency, client_id)
 
@@ -483,6 +497,8 @@ class AgencyRegistry:
             return set(s.scalars(select(Agency.id_token_signed_response_alg).distinct()))
 
     def remove(self, client_id: str) -> bool:
+        if not _storable(client_id):
+            return False
         with self._db.session() as s:
             row = s.get(Agency, client_id)
             if row is None:

@@ -17,20 +17,21 @@ supplies what it leaves to the server:
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote
 
 from authlib.oauth2.rfc6749.errors import InvalidClientError, InvalidRequestError
 from authlib.oauth2.rfc7523 import JWTBearerClientAssertion
-from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet, RSAKey
 
 from .agencies import AgencyClient
 from .agency_keys import ASSERTION_ALGS, AgencyKeys, JWKSUnavailable
-from .tokens import TokenStore
+from .tokens import TokenStore, decode_jwt
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,57 @@ def pick_key(keys: KeySet, kid: object, alg: str) -> RSAKey | ECKey | None:
     if kid is None:
         return fitting[0] if len(fitting) == 1 else None
     return next((k for k in fitting if k.kid == kid), None)
+
+
+# -- HTTP Basic -----------------------------------------------------------------------------
+
+#: why Basic credentials that cannot be read are refused
+MALFORMED_BASIC = ("The HTTP Basic credentials cannot be read: they must be the base64 of "
+                   "client_id:client_secret in UTF-8 (RFC 7617 section 2, RFC 6749 2.3.1).")
+
+
+def basic_credentials(header: str | None) -> tuple[str, str] | None:
+    """The client id and secret of an HTTP Basic ``Authorization`` header (strict base64,
+    then UTF-8), each unquoted as Authlib does (form-urlencoded first, RFC 6749 2.3.1); None
+    when the header is absent or of another scheme. Credentials that cannot be read (not
+    base64, not UTF-8, no colon, none at all) are a client that tried to authenticate with
+    the header and failed: invalid_client, 401, with ``WWW-Authenticate: Basic`` (RFC 6749
+    5.2)."""
+    if not header:
+        return None
+    parts = header.split(None, 1)
+    if not parts or parts[0].lower() != "basic":
+        return None
+    try:
+        if len(parts) != 2:
+            raise ValueError("no credentials")
+        # binascii.Error and UnicodeError are ValueErrors
+        decoded = base64.b64decode(parts[1].strip().encode("ascii"), validate=True
+                                   ).decode("utf-8")
+    except ValueError:
+        raise InvalidClientError(status_code=401, description=MALFORMED_BASIC) from None
+    client_id, colon, secret = decoded.partition(":")
+    if not colon:
+        raise InvalidClientError(status_code=401, description=MALFORMED_BASIC)
+    return unquote(client_id), unquote(secret)
+
+
+def client_secret_basic(query_client: Callable[[str], AgencyClient | None],
+                        request: Any) -> AgencyClient | None:
+    """Authlib's ``client_secret_basic`` (RFC 6749 2.3.1), registered on the hub's server
+    in its place: Authlib's reading of the header lets a malformed one raise (UnicodeError,
+    ValueError: a server error); here it is invalid_client (:func:`basic_credentials`)."""
+    credentials = basic_credentials(request.headers.get("Authorization"))
+    if credentials is None:
+        return None
+    client_id, secret = credentials
+    if not (client_id and secret):
+        return None  # as Authlib: not authenticated by this method
+    client = query_client(client_id)
+    if client is None:
+        raise InvalidClientError(status_code=401,
+                                 description="The client does not exist on this server.")
+    return client if client.check_client_secret(secret) else None
 
 
 # -- the assertion --------------------------------------------------------------------------
@@ -81,6 +133,15 @@ class PrivateKeyJWT(JWTBearerClientAssertion):  # type: ignore[misc]
         if client is not None and form.get("client_id", client.client_id) != client.client_id:
             raise InvalidClientError(description="client_id is not the assertion's subject.")
         return client
+
+    def extract_assertion(self, assertion: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Authlib's reading of the header and claims, before any key is known (for
+        ``sub``), with a payload nested deeper than Python's JSON parser goes
+        (RecursionError) refused as the invalid payload it is."""
+        try:
+            return super().extract_assertion(assertion)  # type: ignore[no-any-return]
+        except RecursionError:
+            raise InvalidClientError(description="Invalid JWT payload.") from None
 
     def get_audiences(self) -> list[str]:
         """RFC 7523 3 item 3 and OpenID Connect Core 9: the token endpoint or the issuer."""
@@ -116,8 +177,8 @@ class PrivateKeyJWT(JWTBearerClientAssertion):  # type: ignore[misc]
 
     def process_assertion_claims(self, assertion: str, resolve_key: Any) -> dict[str, Any]:
         try:
-            token = jwt.decode(assertion, resolve_key, algorithms=ASSERTION_ALGS)
-        except (JoseError, ValueError) as exc:
+            token = decode_jwt(assertion, resolve_key, algorithms=ASSERTION_ALGS)
+        except JoseError as exc:
             log.info("client assertion refused: %r", exc)
             raise InvalidClientError(
                 description="The client assertion's algorithm or signature is not "

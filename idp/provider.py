@@ -38,7 +38,6 @@ from authlib.oidc.core import OpenIDCode
 from authlib.oidc.core.util import create_half_hash
 from flask import Response as FlaskResponse
 from flask import request as flask_request
-from joserfc import jwt
 from joserfc.errors import JoseError
 from werkzeug.datastructures import EnvironHeaders
 from werkzeug.utils import get_content_type
@@ -56,7 +55,7 @@ from .agencies import PUBLIC_SECTOR, SERVICE_SCOPES, AgencyClient, AgencyRegistr
 from .agency_keys import AgencyKeys
 from .citizen import CitizenReads
 from .claims import claims_for_scope, releasable, scope_claim_names
-from .client_auth import PrivateKeyJWT
+from .client_auth import PrivateKeyJWT, client_secret_basic
 from .keys import SUPPORTED_ALGS, KeyRing
 from .logout import SessionParticipants
 from .pairwise import PairwiseSubjects
@@ -69,6 +68,7 @@ from .tokens import (
     RefreshTokens,
     ScopeWidened,
     TokenStore,
+    decode_jwt,
     new_grant_id,
 )
 
@@ -171,8 +171,8 @@ class ProviderServices:
         if not hint or len(hint) > 16384:
             return None
         try:
-            token = jwt.decode(hint, self.keys.public_keyset(), algorithms=SUPPORTED_ALGS)
-        except (JoseError, ValueError):
+            token = decode_jwt(hint, self.keys.public_keyset(), algorithms=SUPPORTED_ALGS)
+        except JoseError:
             return None
         if token.header.get("typ", "JWT") != "JWT" or token.claims.get("iss") != self.issuer:
             return None  # e.g. an access or logout token: signed here, but no ID token
@@ -458,10 +458,23 @@ class AgencyCredentialsGrant(grants.ClientCredentialsGrant):
         return 200, body, self.TOKEN_RESPONSE_HEADER
 
 
+def check_token_params(request: Any) -> None:
+    """The parameters of a revocation or introspection request: ``token`` is required. Any
+    ``token_type_hint`` is let through: :meth:`ProviderServices.find_token` reads only
+    ``refresh_token`` (to look there first) and searches every type whatever the hint."""
+    if "token" not in request.form:
+        raise InvalidRequestError()  # as Authlib
+
+
 class HubRevocation(RevocationEndpoint):
     """RFC 7009: an agency revokes its own access or refresh tokens."""
 
     CLIENT_AUTH_METHODS = AUTH_METHODS
+
+    def check_params(self, request: Any, client: AgencyClient) -> None:
+        """RFC 7009 2.1: ``token`` is required; a ``token_type_hint`` the hub does not
+        understand is ignored (Authlib refuses it: unsupported_token_type)."""
+        check_token_params(request)
 
     def query_token(self, token_string: str, token_type_hint: str | None
                     ) -> AccessToken | RefreshGrant | None:
@@ -481,6 +494,12 @@ class HubIntrospection(IntrospectionEndpoint):
     token is simply inactive, so nothing about other agencies' tokens leaks."""
 
     CLIENT_AUTH_METHODS = AUTH_METHODS
+
+    def check_params(self, request: Any, client: AgencyClient) -> None:
+        """RFC 7662 2.1: ``token`` is required; with a ``token_type_hint`` the hub does not
+        understand it searches every type it supports (Authlib refuses the hint:
+        unsupported_token_type)."""
+        check_token_params(request)
 
     def query_token(self, token_string: str, token_type_hint: str | None
                     ) -> AccessToken | RefreshGrant | None:
@@ -640,6 +659,13 @@ class HubOAuth2Request(FlaskOAuth2Request):
         self.payload = HubOAuth2Payload(request)
 
 
+def repeated_parameter(request: OAuth2Request) -> str | None:
+    """The first parameter a request sends more than once (its query's and its form's
+    together, as Authlib reads them), or None."""
+    return next((name for name, values in request.payload.datalist.items()
+                 if len(values) > 1), None)
+
+
 #: what Werkzeug labels a response given no type (``default_mimetype``, utf-8)
 _DEFAULT_CONTENT_TYPE = get_content_type(FlaskResponse.default_mimetype or "text/html", "utf-8")
 
@@ -655,6 +681,8 @@ class HubAuthorizationServer(AuthorizationServer):
         self.register_grant(AgencyCredentialsGrant)
         self.register_endpoint(HubRevocation)
         self.register_endpoint(HubIntrospection)
+        # a malformed Authorization header is invalid_client, not a server error
+        self.register_client_auth_method("client_secret_basic", client_secret_basic)
         self.register_client_auth_method("private_key_jwt", PrivateKeyJWT(
             issuer=hub.issuer, tokens=hub.tokens, keys=hub.agency_keys))
         self.register_extension(HubIssuerParameter(hub.issuer))
@@ -673,6 +701,18 @@ class HubAuthorizationServer(AuthorizationServer):
             except RateLimited as exc:
                 raise RateLimitedError(exc.retry_after) from exc
         return client
+
+    def create_token_response(self, request: Any = None) -> Any:
+        """Authlib's token response, with a request that repeats a parameter refused first
+        (RFC 6749 3.2: "Request and response parameters MUST NOT be included more than
+        once"): invalid_request naming it, in the words Authlib answers /authorize with,
+        before any client, grant or code is looked at (a refused request uses no code)."""
+        oauth_request = self.create_oauth2_request(request)
+        repeated = repeated_parameter(oauth_request)
+        if repeated is not None:
+            return self.handle_error_response(oauth_request, InvalidRequestError(
+                f"Multiple '{repeated}' in request."))
+        return super().create_token_response(oauth_request)
 
     def handle_response(self, status_code: int, payload: Any, headers: Any) -> Any:
         """Authlib's response, its JSON body written by :mod:`kernel.jsonfast`, with its

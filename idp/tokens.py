@@ -61,6 +61,32 @@ def new_grant_id() -> str:
     return new_id()
 
 
+class MalformedJWT(JoseError):
+    """A token joserfc failed on with something other than its own errors: one shaped in a
+    way it does not expect (a ``crit`` header that is no list of names, RFC 7515 4.1.11:
+    TypeError), or a JSON document nested deeper than Python's parser goes
+    (RecursionError)."""
+
+    error = "malformed_jwt"
+
+
+#: what joserfc raises, besides its own errors, on a token it cannot read
+_UNREADABLE = (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError)
+
+
+def decode_jwt(value: str, key: Any, *, algorithms: Sequence[str]) -> jwt.Token:
+    """joserfc's ``jwt.decode``, where every way a token can fail to decode is a
+    :class:`JoseError` (a :class:`MalformedJWT` for the failures joserfc does not name), so
+    that a caller's one ``except JoseError`` is the invalid-token path for them all. An error
+    that ``key`` (a callable) raises of its own, an OAuth error, passes through."""
+    try:
+        return jwt.decode(value, key, algorithms=algorithms)
+    except JoseError:
+        raise
+    except _UNREADABLE as exc:
+        raise MalformedJWT(f"{type(exc).__name__}: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class AuthorizationCode:
     """Authlib's AuthorizationCodeMixin, as an immutable record."""
@@ -291,8 +317,8 @@ class AccessTokens:
         if not token or token.count(".") != 2 or len(token) > 8192:
             return None
         try:
-            decoded = jwt.decode(token, self.keys.public_keyset(), algorithms=SUPPORTED_ALGS)
-        except (JoseError, ValueError):
+            decoded = decode_jwt(token, self.keys.public_keyset(), algorithms=SUPPORTED_ALGS)
+        except JoseError:
             return None
         claims = decoded.claims
         if (decoded.header.get("typ") != "at+jwt" or claims.get("iss") != self.issuer
