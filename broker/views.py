@@ -14,7 +14,7 @@ from werkzeug.wrappers import Response
 
 from connectors import PasswordConnector, UpstreamRejected
 
-from .errors import BrokerError
+from .errors import BrokerError, LoginExpired
 from .service import Broker, LoginOutcome
 from .session import HubLogin, current_login
 
@@ -43,7 +43,8 @@ def create_blueprint(broker: Broker, *,
     def check_csrf() -> None:
         expected = session.get("csrf")
         given = request.form.get("csrf", "")
-        if not expected or not hmac.compare_digest(str(expected), given):
+        # bytes: compare_digest refuses str holding non-ASCII (a TypeError, a 500)
+        if not expected or not hmac.compare_digest(str(expected).encode(), given.encode()):
             raise FormExpired()
 
     def signed_in() -> HubLogin | None:
@@ -114,6 +115,12 @@ def create_blueprint(broker: Broker, *,
 
     @bp.get("/login/<upstream_id>/callback")
     def callback(upstream_id: str) -> Response:
+        # RFC 6749 3.1 and RFC 9207 2.4: no parameter may be repeated. to_dict() keeps the
+        # first value, so "iss=<upstream>&iss=<another>" would pass the issuer check
+        repeated = sorted(k for k, values in request.args.lists() if len(values) > 1)
+        if repeated:
+            raise LoginExpired(detail="the upstream's callback repeats "
+                                      + ", ".join(repr(k[:40]) for k in repeated[:5]))
         return after_login(broker.complete(session, upstream_id, request.args.to_dict()))
 
     @bp.get("/account")

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from authlib.oauth2.rfc6749.errors import InsecureTransportError
 from flask import Flask, Request, g, jsonify, render_template, request, session
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.wrappers import Response
 
 from broker.accounts import AccountDirectory, account_is_live
@@ -33,6 +33,7 @@ from connectors.oidc import OIDCConfig, OIDCConnector
 from consent.ledger.ledger import Ledger, hashed_id
 from consent.ledger.sealer import LedgerSealer
 from consent.officer_views import create_officer_blueprint
+from consent.officer_views import wants_json as officer_wants_json
 from consent.officers import OfficerRule, OfficerWorkspace, pseudonym_key
 from consent.service import ConsentService
 from consent.views import create_blueprint as consent_blueprint
@@ -537,19 +538,29 @@ def _install_error_pages(app: Flask) -> None:
             # hands it over as a 500, but it is the same "try again" as in a view
             return unavailable(original)
         status = error.code or 500
+        # Werkzeug's headers but its HTML type: the Allow of a 405 (RFC 9110 15.5.6), ...
+        headers = {name: value for name, value in error.get_headers()
+                   if name.lower() != "content-type"}
+        # (an address under /.well-known/ that the hub does not serve keeps the page: that
+        # namespace also holds addresses for people and browsers, RFC 8615)
+        if _for_programs() and not (status == 404 and request.path.startswith("/.well-known/")):
+            code = _HTTP_ERROR_CODES.get(status,
+                                         "server_error" if status >= 500 else "invalid_request")
+            return refuse(status, code, _program_message(error, status), headers)
         messages = {
             400: "The request was not understood.",
             404: "There is no page at this address.",
             405: "This page cannot be used that way.",
             413: "The request is too large.",
         }
-        return page(status, messages.get(status, error.description or "Request failed."))
+        body, _ = page(status, messages.get(status, error.description or "Request failed."))
+        return body, status, headers
 
     def refuse(status: int, error: str, message: str,
                headers: Mapping[str, str] | None = None) -> Any:
-        """Programs (the JSON paths) get ``{"error", "error_description"}`` (RFC 6749 5.2),
-        people the error page; both with ``headers``."""
-        if request.path.startswith(_JSON_PATHS):
+        """Programs (:func:`_for_programs`) get ``{"error", "error_description"}`` (RFC 6749
+        5.2), people the error page; both with ``headers``."""
+        if _for_programs():
             response = jsonify(error=error, error_description=message)
             response.status_code = status
             response.headers.update(headers or {})
@@ -591,7 +602,38 @@ def _install_error_pages(app: Flask) -> None:
             return refuse(400, "invalid_request",
                           "The request contains a NUL character, which no field may hold.")
         log.exception("request %s failed with an unexpected error", _request_id_now())
-        return page(500, "Something went wrong on our side. Please try again later.")
+        return refuse(500, "server_error",
+                      "Something went wrong on our side. Please try again later.")
+
+
+def _for_programs() -> bool:
+    """Whether this request's errors are answered in JSON: on the program endpoints
+    (``_JSON_PATHS``) and the officer's exports (``consent.officer_views.wants_json``)."""
+    path = request.path
+    return path.startswith(_JSON_PATHS) or (path.startswith("/officer/") and
+                                            officer_wants_json())
+
+
+#: the error codes of HTTP errors answered in JSON, by status (else ``invalid_request``,
+#: or ``server_error`` from 500 on)
+_HTTP_ERROR_CODES = {404: "not_found", 429: "rate_limited", 503: "temporarily_unavailable"}
+
+
+def _program_message(error: HTTPException, status: int) -> str:
+    """What a program is told of an HTTP error: the methods it may use instead, say."""
+    if isinstance(error, MethodNotAllowed):
+        methods = sorted(set(error.valid_methods or ()) - {"HEAD", "OPTIONS"})
+        if methods:
+            return f"The method {request.method} is not allowed here; use {', '.join(methods)}."
+    if status >= 500:
+        return "Something went wrong on our side. Please try again later."
+    messages = {
+        400: "The request was not understood.",
+        404: "There is nothing at this address.",
+        405: "This method is not allowed here.",
+        413: "The request is too large.",
+    }
+    return messages.get(status, error.description or "The request failed.")
 
 
 #: endpoints whose clients are programs: errors in JSON

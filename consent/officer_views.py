@@ -45,7 +45,13 @@ class AgencyNotFound(ConsentError):
     public_message = "There is no agency with that client id."
 
 
-def _wants_json() -> bool:
+#: the exports' error codes other than ``invalid_request``, by status
+_ERROR_CODES = {403: "forbidden", 404: "not_found"}
+
+
+def wants_json() -> bool:
+    """Whether this request under /officer/ is a program's (the exports, ``format=json``),
+    whose errors are answered in JSON (here, and by the app's handlers for the rest)."""
     return request.path.endswith((".json", ".csv")) or request.args.get("format") == "json"
 
 
@@ -74,9 +80,9 @@ def create_officer_blueprint(
 
     @bp.errorhandler(ConsentError)
     def _error(error: ConsentError) -> Response | tuple[str, int]:
-        if _wants_json():
-            response = jsonify(error="forbidden" if error.status_code == 403 else
-                               "invalid_request", error_description=error.public_message)
+        if wants_json():
+            response = jsonify(error=_ERROR_CODES.get(error.status_code, "invalid_request"),
+                               error_description=error.public_message)
             response.status_code = error.status_code
             return response
         return render_template("error.html", status=error.status_code,
@@ -89,7 +95,9 @@ def create_officer_blueprint(
 
     def _page_number() -> int:
         raw = request.args.get("page", "1")
-        return int(raw) if raw.isdigit() and 0 < len(raw) < 7 else 1
+        # isascii too: "²" is a digit to str.isdigit() but not to int() (a 500), and int()
+        # would read "٣" as 3
+        return int(raw) if raw.isascii() and raw.isdigit() and 0 < len(raw) < 7 else 1
 
     @bp.get("/")
     def search() -> str:
@@ -164,4 +172,4 @@ def create_officer_blueprint(
     return bp
 
 
-__all__ = ["create_officer_blueprint", "NotAnOfficer"]
+__all__ = ["create_officer_blueprint", "NotAnOfficer", "wants_json"]

@@ -141,14 +141,19 @@ def _when(value: str | None, name: str, *, end: bool) -> datetime | None:
     if value is None:
         return None
     try:
-        if len(value) == 10:
-            day = datetime.fromisoformat(value).replace(tzinfo=UTC)
-            return day + timedelta(days=1) if end else day
         when = datetime.fromisoformat(value)
     except ValueError as exc:
         raise InvalidOfficerQuery(
             f"The field {name!r} must be a date (YYYY-MM-DD) or a date and time.") from exc
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    try:
+        if len(value) == 10:
+            day = when.replace(tzinfo=UTC)
+            return day + timedelta(days=1) if end else day
+        return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    except OverflowError as exc:  # the day after 9999-12-31, or a time beyond it in UTC
+        raise InvalidOfficerQuery(
+            f"The field {name!r} is outside the dates that can be searched "
+            "(years 1 to 9999, in UTC).") from exc
 
 
 def parse_query(args: Mapping[str, str]) -> DecisionQuery:

@@ -49,13 +49,18 @@ EVENT_WORDS = {"given": "Consent given", "renewed": "Consent renewed",
 
 #: decisions per page of the citizen's data-access history
 HISTORY_PAGE = 25
+#: the highest page asked for (a higher one is shown as this one: past the end, empty): its
+#: offset, 25 million rows, fits any database's integer (a page of 20 digits did not:
+#: SQLite's OverflowError, PostgreSQL's "bigint out of range")
+HISTORY_LAST_PAGE = 1_000_000
 
 
 def check_csrf() -> None:
     """The form's ``csrf`` field must match the session's token (``csrf_token()``)."""
     expected = session.get("csrf")
     given = request.form.get("csrf", "")
-    if not expected or not hmac.compare_digest(str(expected), given):
+    # bytes: compare_digest refuses str holding non-ASCII (a TypeError, a 500)
+    if not expected or not hmac.compare_digest(str(expected).encode(), given.encode()):
         raise FormExpired()
 
 
@@ -195,7 +200,7 @@ def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuth
         owner = account_id()
         if owner is None:
             return redirect(login_url)
-        page = max(1, request.args.get("page", 1, type=int) or 1)
+        page = min(max(1, request.args.get("page", 1, type=int) or 1), HISTORY_LAST_PAGE)
         rows = service.decisions.for_account(owner, limit=HISTORY_PAGE + 1,
                                              offset=(page - 1) * HISTORY_PAGE)
         items = []

@@ -37,6 +37,9 @@ def requested_acrs(params: Any) -> list[str] | None:
     return values or None
 
 
+#: the most digits a ``max_age`` may have: 2**64 - 1 (a client's "any age") has 20
+MAX_AGE_DIGITS = 20
+
 #: the WSGI environ key of the consent state that /authorize read with the account
 CONSENT_READ = "civitas.consent_read"
 
@@ -165,11 +168,14 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
             max_age_raw = params.get("max_age")
             max_age: int | None = None
             if max_age_raw is not None:
-                if not (str(max_age_raw).isascii() and str(max_age_raw).isdigit()):
-                    raise InvalidRequestError("'max_age' must be a non-negative integer",
-                                              redirect_uri=redirect_uri,
-                                              state=params.get("state"))
-                max_age = int(max_age_raw)
+                raw = str(max_age_raw)
+                # digits capped: int() refuses a string of 4,300 digits or more (a 500)
+                if not (raw.isascii() and raw.isdigit() and len(raw) <= MAX_AGE_DIGITS):
+                    raise InvalidRequestError(
+                        f"'max_age' must be a non-negative integer of at most "
+                        f"{MAX_AGE_DIGITS} digits", redirect_uri=redirect_uri,
+                        state=params.get("state"))
+                max_age = int(raw)
             acrs = requested_acrs(params)
             if acrs is not None and not set(acrs) & broker.offered_acrs():
                 raise UnmetAuthenticationRequirements(
@@ -337,7 +343,9 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
 
     @bp.post("/token")
     def token() -> Response:
-        if request.authorization is not None and (
+        # the header itself, not Werkzeug's reading of it, which raises on a non-ASCII one
+        # (a 500; client_secret_basic answers a malformed one invalid_client)
+        if request.headers.get("Authorization", "").strip() and (
                 "client_secret" in request.form or "client_assertion" in request.form):
             # RFC 6749 2.3: a client MUST NOT use more than one authentication method.
             resp = jsonify(error="invalid_request",
