@@ -22,7 +22,7 @@ from kernel import jsonfast
 from kernel.crypto import FieldCipher
 from kernel.db import Database, Prepared, utcnow
 
-from .errors import CredentialAlreadyLinked, LastCredential
+from .errors import CredentialAlreadyLinked, LastCredential, NotYourCredential
 from .models import AccountAttribute, AccountEvent, ConstituentAccount, LinkedIdentity
 
 _ACCOUNTS = cast(Table, ConstituentAccount.__table__)
@@ -202,7 +202,7 @@ class AccountDirectory:
                 LinkedIdentity.account_id == account_id).with_for_update()))
             target = next((link for link in links if link.id == link_id), None)
             if target is None:
-                raise LastCredential("That sign-in is not linked to your account.")
+                raise NotYourCredential()
             if len(links) <= 1:
                 raise LastCredential()
             s.delete(target)

@@ -35,6 +35,14 @@ class LastCredential(BrokerError):
     )
 
 
+class NotYourCredential(BrokerError):
+    """A linked credential that is not the signed-in citizen's (or none at all): not found,
+    so a citizen cannot tell another's id from one that does not exist."""
+
+    status_code = 404
+    public_message = "That sign-in is not linked to your account."
+
+
 class TooManyAttempts(BrokerError):
     status_code = 429
     public_message = (
