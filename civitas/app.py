@@ -525,10 +525,12 @@ def _install_error_pages(app: Flask) -> None:
         log.log(level, "request %s failed: %s: %s%s", _request_id_now(),
                 type(error).__name__, error, f" ({error.detail})" if error.detail else "",
                 exc_info=error.status_code >= 500 and error.retry_after is None)
-        if error.retry_after is None:
-            return page(error.status_code, error.public_message)
-        body, status = page(error.status_code, error.public_message)
-        return body, status, {"Retry-After": str(error.retry_after)}
+        status = error.status_code
+        code = _HTTP_ERROR_CODES.get(status, "server_error" if status >= 500 else
+                                     "invalid_request")
+        return refuse(status, code, error.public_message,
+                      None if error.retry_after is None else
+                      {"Retry-After": str(error.retry_after)})
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException) -> Any:

@@ -263,6 +263,30 @@ def test_an_unexpected_error_on_a_json_endpoint_is_server_error_in_json(client, 
                500, "server_error", SERVER_ERROR)
 
 
+def test_a_hub_error_on_a_json_endpoint_is_answered_in_json_with_its_retry_after(
+        client, hub, monkeypatch):
+    """A refusal the hub raises on purpose (a CivitasError: its status, its words, its
+    Retry-After) reaches a program in JSON too, and a person as the page."""
+    from kernel.errors import CivitasError
+
+    class Busy(CivitasError):
+        status_code = 503
+        public_message = "The hub is busy; try again in a moment."
+        retry_after = 7
+
+    def busy(*args, **kwargs):
+        raise Busy()
+
+    monkeypatch.setattr(hub.server.hub.access_tokens, "verify", busy)
+    r = client.get("/userinfo", headers={"Authorization": "Bearer x"})
+    json_error(r, 503, "temporarily_unavailable", "The hub is busy; try again in a moment.")
+    assert r.headers["Retry-After"] == "7"
+    monkeypatch.setattr(hub.broker, "flows", busy)
+    r = client.get("/login")
+    error_page(r, 503, "The hub is busy; try again in a moment.")
+    assert r.headers["Retry-After"] == "7"
+
+
 def test_peoples_pages_keep_the_readable_error_page(client, hub, monkeypatch):
     r = client.put("/account")
     page = error_page(r, 405, "This page cannot be used that way.")
