@@ -298,3 +298,6 @@ class AgencyKeys:
             return json.loads(body)
         except ValueError as exc:
             raise JWKSUnavailable("did not answer with JSON") from exc
+        except RecursionError:  # nested deeper than the parser goes ("[" * 60000)
+            raise JWKSUnavailable("did not answer with usable JSON (nested too deeply)") \
+                from None

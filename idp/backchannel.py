@@ -7,7 +7,9 @@
 - Delivery (section 2.5): ``POST`` of ``logout_token=...`` as
   ``application/x-www-form-urlencoded`` with a timeout, redirects not followed. 200 is success
   and so is 204 (2.8); anything else is retried after 10 s, 30 s, 2 min, 10 min and 1 h, and
-  given up after six attempts (the row stays, with ``last_error``).
+  given up after six attempts (the row stays, with ``last_error``). An attempt that fails
+  in an unexpected way is logged and counts as a failed attempt of that row only: the pass
+  goes on and records every other row's outcome.
 - Security Event Tokens (RFC 8417) ride the same queue (``kind`` ``security_event``): a
   consent withdrawal is pushed to the agency's ``event_delivery_uri`` (RFC 8935 push
   delivery) as the raw SET with ``Content-Type: application/secevent+jwt``; 202 is success
@@ -243,9 +245,15 @@ class LogoutDispatcher:
             return result
         with ThreadPoolExecutor(max_workers=min(self._workers, len(claimed)),
                                 thread_name_prefix="civitas-logout-post") as pool:
-            outcomes = list(pool.map(lambda c: self._attempt(c, now), claimed))
+            outcomes = list(pool.map(lambda c: self._attempt_guarded(c, now), claimed))
+        # each item on its own: one that cannot be recorded keeps its lease (and is tried
+        # again when it runs out), the others' outcomes are kept
         for item, (token, error, permanent) in zip(claimed, outcomes, strict=True):
-            self._record(item, token, error, now, result, permanent=permanent)
+            try:
+                self._record(item, token, error, now, result, permanent=permanent)
+            except Exception:  # noqa: BLE001 (logged; the rest of the pass goes on)
+                log.exception("outcome of delivery %d for %s not recorded", item.id,
+                              item.client_id)
         return result
 
     def _due(self, now: datetime) -> Any:
@@ -283,6 +291,16 @@ class LogoutDispatcher:
         return mint_logout_token(key, issuer=self._issuer, client_id=claims["aud"],
                                  sub=claims["sub"], sid=claims.get("sid", ""),
                                  now=int(now.timestamp()))
+
+    def _attempt_guarded(self, item: _Claimed,
+                         now: datetime) -> tuple[str, str | None, bool]:
+        """:meth:`_attempt`, with an unexpected failure of one item made a failed attempt
+        (retried with the backoff, logged) instead of the end of the whole pass."""
+        try:
+            return self._attempt(item, now)
+        except Exception as exc:  # noqa: BLE001 (logged with its traceback)
+            log.exception("delivery %d for %s failed unexpectedly", item.id, item.client_id)
+            return item.token, f"unexpected error: {type(exc).__name__}", False
 
     def _attempt(self, item: _Claimed, now: datetime) -> tuple[str, str | None, bool]:
         """POST one token; returns the token sent, an error (None on success) and whether
@@ -398,9 +416,9 @@ def _set_error(resp: requests.Response, deadline: float) -> str:
     given up at ``deadline`` (kernel.bounded: a receiver that trickles it holds no worker)."""
     try:
         body = json.loads(read_bounded(resp.raw, max_bytes=4096, deadline=deadline) or b"{}")
-    except (ValueError, OSError, requests.RequestException, urllib3.exceptions.HTTPError,
-            BodyTooLarge, BodyTooSlow):
-        return "no error object"
+    except (ValueError, RecursionError, OSError, requests.RequestException,
+            urllib3.exceptions.HTTPError, BodyTooLarge, BodyTooSlow):
+        return "no error object"  # RecursionError: nested deeper than json goes ("[" * 4000)
     err = body.get("err") if isinstance(body, dict) else None
     if not isinstance(err, str):
         return "no error object"
