@@ -41,6 +41,9 @@ OPTIONAL_STRINGS = ("sector_identifier", "backchannel_logout_uri", "event_delive
                     "jwks_uri", "id_token_signed_response_alg")
 STRINGS = ("client_id", "name", "token_endpoint_auth_method", "subject_type")
 FIELDS = frozenset({*STRING_LISTS, *OPTIONAL_STRINGS, *STRINGS, "jwks"})
+#: arrays and objects in a body at most this deep (a registration with a JWK set is 4); what
+#: orjson reads (1024) is more than the walks over it and ``json.dumps`` can take
+MAX_BODY_DEPTH = 32
 
 
 def _answer(body: dict[str, Any] | None, status: int = 200) -> Response:
@@ -148,10 +151,19 @@ def create_blueprint(agencies: AgencyRegistry, token: str | None) -> Blueprint:
         body = request.get_json(silent=True)  # too large -> 413 via the handler above
         if not isinstance(body, dict):
             return _error(400, "invalid_request", "The body must be a JSON object.")
+        if jsonfast.nested_deeper_than(body, MAX_BODY_DEPTH):  # before anything walks it
+            return _error(400, "invalid_request", "The body must not be nested more than "
+                                                  f"{MAX_BODY_DEPTH} levels deep.")
         where = jsonfast.lone_surrogate_at(body)
         if where is not None:  # valid JSON, but no text any column (or the ledger) takes
             return _error(400, "invalid_request", f"The body must be Unicode text: {where} "
                                                   "holds a lone surrogate.")
+        # RFC 8259 6: NaN and Infinity (which json reads, and 1e400 as an infinity) are no
+        # JSON numbers; integers beyond I-JSON are the registry's to refuse (jwks)
+        outside = jsonfast.number_outside_i_json_at(body, integers=False)
+        if outside is not None:
+            return _error(400, "invalid_request",
+                          f"The body must be JSON: {outside[0]} {outside[1]}.")
         return body
 
     def with_privacy_notices(body: dict[str, Any], client_id: str) -> dict[str, Any]:

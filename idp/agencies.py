@@ -16,17 +16,18 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from authlib.oauth2.rfc6749 import ClientMixin
 from sqlalchemy import select
 
+from kernel import jsonfast
 from kernel.db import Database, utcnow
-from kernel.errors import ConfigError
+from kernel.errors import CivitasError, ConfigError
 from kernel.urls import check_redirect_uri, check_url
 
 from .agency_keys import MAX_JWKS_BYTES, agency_keyset, check_jwks_uri
-from .errors import AgencyRegistrationError
+from .errors import AgencyRegistrationError, IdpError
 from .models import Agency
 
 SECRET_METHODS = ("client_secret_basic", "client_secret_post")
@@ -43,6 +44,36 @@ ID_TOKEN_ALGS = ("ES256", "RS256", "PS256")
 SUBJECT_TYPES = ("pairwise", "public")
 #: the sector every ``public`` agency shares, so they all see one ``sub`` per person
 PUBLIC_SECTOR = "public"
+#: a JWK set's arrays and objects at most this deep (a set of keys with x5c chains is 3)
+MAX_JWKS_DEPTH = 16
+#: registration fields that hold URIs (an '@' in one is written %40, see :func:`_refused_by`)
+URI_FIELDS = frozenset({"redirect_uris", "post_logout_redirect_uris", "backchannel_logout_uri",
+                        "event_delivery_uri", "jwks_uri"})
+#: where the ledger's refusal says what it refused: ``data.<member>``
+_LEDGER_PATH = re.compile(r"\bdata\.([A-Za-z_]+)")
+
+
+def _query_names(uri: str) -> list[str]:
+    """The names of a URI's query members, split at ``&`` and at ``;`` (which some servers
+    still take as a separator), decoded."""
+    query = urlsplit(uri).query
+    return [unquote_plus(part.partition("=")[0]) for part in re.split("[&;]", query) if part]
+
+
+def _refused_by(exc: CivitasError) -> AgencyRegistrationError:
+    """The audit ledger's refusal of a registration's entry (personal data such as an
+    e-mail address, a number outside I-JSON) as the registrant's error, naming the field
+    when the refusal says where (``... at data.redirect_uris[0] ...``)."""
+    said = str(exc).replace("data.agency_name", "data.name").split(";")[0]
+    found = _LEDGER_PATH.search(said)
+    field = found.group(1) if found else "metadata"
+    field = {"agency_name": "name"}.get(field, field)
+    if field not in AgencyMetadata.__dataclass_fields__:
+        field = "metadata"
+    hint = " (write an '@' in a URI as %40)" if field in URI_FIELDS else ""
+    return AgencyRegistrationError(
+        field, f"refused by the audit ledger, which records every registration and takes no "
+               f"personal data such as an e-mail address: {said}{hint}")
 
 
 def hash_secret(secret: str) -> str:
@@ -237,7 +268,9 @@ class AgencyRegistry:
         self._db = db
         self.policy = policy or RegistrationPolicy(default_alg=default_alg)
         #: told of every registration, change and removal inside its transaction (the root
-        #: appends it to the audit ledger): kind, the registration without secrets, session
+        #: appends it to the audit ledger): kind, the registration without secrets, session.
+        #: A CivitasError it raises on a registration or change (the ledger refusing the
+        #: entry) refuses it: AgencyRegistrationError, nothing stored
         self._on_change = on_change
         #: client_id -> (read at, client): every token and decision request authenticates
         #: an agency, so lookups are cached briefly; changes made here clear the entry at
@@ -271,6 +304,13 @@ class AgencyRegistry:
                                           f"one of {list(AUTH_METHODS)}")
         for uri in meta.post_logout_redirect_uris:
             self._url("post_logout_redirect_uris", check_redirect_uri, uri)
+            if "state" in _query_names(uri):
+                # RP-Initiated Logout 1.0 section 3: the hub adds the agency's own state; one
+                # in the registered URI would go back with it, twice
+                raise AgencyRegistrationError(
+                    "post_logout_redirect_uris", f"{uri!r} must not have a 'state' query "
+                    "member: the hub adds the state the agency sends (RP-Initiated Logout "
+                    "1.0 section 3)")
         if meta.backchannel_logout_uri is not None:
             self._url("backchannel_logout_uri", lambda u: check_url(u, what=repr(u)),
                       meta.backchannel_logout_uri)
@@ -307,6 +347,12 @@ class AgencyRegistry:
                 meta.jwks is None and meta.jwks_uri is None):
             raise AgencyRegistrationError("jwks", "private_key_jwt needs jwks or jwks_uri")
         if meta.jwks is not None:
+            if jsonfast.nested_deeper_than(meta.jwks, MAX_JWKS_DEPTH):  # json.dumps recurses
+                raise AgencyRegistrationError(
+                    "jwks", f"nested more than {MAX_JWKS_DEPTH} levels deep")
+            outside = jsonfast.number_outside_i_json_at(meta.jwks)
+            if outside is not None:  # RFC 8259 6, RFC 7493 2.2 (and the ledger takes none)
+                raise AgencyRegistrationError("jwks", f"{outside[0]} {outside[1]}")
             if len(json.dumps(meta.jwks)) > MAX_JWKS_BYTES:
                 raise AgencyRegistrationError("jwks", f"larger than {MAX_JWKS_BYTES} bytes")
             try:
@@ -356,6 +402,17 @@ class AgencyRegistry:
             described["agency_name"] = described.pop("name", None)
             self._on_change(kind, described, s)
 
+    def _recorded(self, kind: str, row: Agency, s: Any) -> None:
+        """:meth:`_changed` for a registration or change: what the audit ledger refuses to
+        record is refused (the caller's transaction then rolls back; RFC 7591 3.2.2
+        ``invalid_client_metadata``), not a server error."""
+        try:
+            self._changed(kind, row, s)
+        except IdpError:
+            raise
+        except CivitasError as exc:  # the ledger's LedgerError, PersonalDataRefused
+            raise _refused_by(exc) from exc
+
     @staticmethod
     def _secret_for(meta: AgencyMetadata, secret: str | None) -> str | None:
         if meta.token_endpoint_auth_method not in SECRET_METHODS:
@@ -374,13 +431,14 @@ class AgencyRegistry:
         row = Agency(client_id=meta.client_id, source=source,
                      secret_hash=hash_secret(secret) if secret else "", created_at=utcnow())
         self._apply(row, meta)
-        self._signing_alg_used(meta)
         with self._db.session() as s:
             if s.get(Agency, meta.client_id) is not None:
                 raise AgencyRegistrationError(
                     "client_id", f"{meta.client_id!r} is already registered")
             s.add(row)
-            self._changed("agency.registered", row, s)
+            self._recorded("agency.registered", row, s)
+        # only once it is stored: a refused registration must not publish a key
+        self._signing_alg_used(meta)
         return row, secret
 
     def add(self, *, client_id: str, name: str, redirect_uris: list[str],
@@ -420,7 +478,7 @@ class AgencyRegistry:
                 issued = secrets.token_urlsafe(32)
                 row.secret_hash = hash_secret(issued)
             self._apply(row, meta)
-            self._changed("agency.changed", row, s)
+            self._recorded("agency.changed", row, s)
         self._clients.pop(meta.client_id, None)  # again after commit: no stale re-read
         self._signing_alg_used(meta)
         return row, issued
@@ -443,24 +501,28 @@ class AgencyRegistry:
                 ))
                 secret = self._secret_for(
                     meta, a.client_secret.get_secret_value() if a.client_secret else None)
+                self._store_declared(a.client_id, meta, secret)
             except AgencyRegistrationError as exc:
                 raise ConfigError(f"invalid configuration in settings:\n  agencies[{i}]."
                                   f"{exc.field}: {exc.problem} (agency {a.client_id!r})"
                                   ) from exc
-            with self._db.session() as s:
-                row = s.get(Agency, a.client_id)
-                before = None
-                if row is None:
-                    row = Agency(client_id=a.client_id, source="config", created_at=utcnow())
-                    s.add(row)
-                else:
-                    before = (row.secret_hash, _stable(row.describe()))
-                row.secret_hash = hash_secret(secret) if secret else ""
-                self._apply(row, meta)
-                if before is None:
-                    self._changed("agency.registered", row, s)
-                elif before != (row.secret_hash, _stable(row.describe())):
-                    self._changed("agency.changed", row, s)
+
+    def _store_declared(self, client_id: str, meta: AgencyMetadata, secret: str | None
+                        ) -> None:
+        with self._db.session() as s:
+            row = s.get(Agency, client_id)
+            before = None
+            if row is None:
+                row = Agency(client_id=client_id, source="config", created_at=utcnow())
+                s.add(row)
+            else:
+                before = (row.secret_hash, _stable(row.describe()))
+            row.secret_hash = hash_secret(secret) if secret else ""
+            self._apply(row, meta)
+            if before is None:
+                self._recorded("agency.registered", row, s)
+            elif before != (row.secret_hash, _stable(row.describe())):
+                self._recorded("agency.changed", row, s)
 
     # -- queries ----------------------------------------------------------------------------
 

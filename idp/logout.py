@@ -22,8 +22,9 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-from authlib.common.urls import add_params_to_uri
+from authlib.common.urls import add_params_to_uri, url_encode
 
 from broker.session import HubLogin
 from kernel.store import ShortLivedStore
@@ -131,7 +132,15 @@ class EndSessionPlan:
             return None
         if self.request.state is None:
             return self.redirect_uri
-        return str(add_params_to_uri(self.redirect_uri, [("state", self.request.state)]))
+        uri = self.redirect_uri
+        parts = urlsplit(uri)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        kept = [(name, value) for name, value in query if name != "state"]
+        if len(kept) != len(query):
+            # registered before such URIs were refused (idp/agencies.py): the agency's state
+            # for this request replaces the registered one, never goes beside it
+            uri = urlunsplit(parts._replace(query=url_encode(kept)))
+        return str(add_params_to_uri(uri, [("state", self.request.state)]))
 
     def ends_without_confirmation(self, login: HubLogin) -> bool:
         """A verified hint naming this very session is proof enough that the agency the

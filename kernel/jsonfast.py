@@ -21,6 +21,7 @@ as ``null``; the hub stores no such number.)
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -48,11 +49,17 @@ def dumps(value: Any) -> str:
 
 
 def loads(text: str | bytes) -> Any:
-    """``json.loads(text)``."""
+    """``json.loads(text)``; JSON nested too deeply for it (orjson refuses beyond 1024
+    levels; ``json`` then runs out of stack, RecursionError) is a ValueError like any other
+    text it cannot read, so callers that expect "not JSON" to be one (Flask's
+    ``get_json(silent=True)``) answer it as such rather than fail."""
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:  # a ValueError, as json's is
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
 
 
 def lone_surrogate_at(value: Any, path: str = "") -> str | None:
@@ -77,4 +84,58 @@ def lone_surrogate_at(value: Any, path: str = "") -> str | None:
             found = lone_surrogate_at(item, f"{path}[{index}]")
             if found is not None:
                 return found
+    return None
+
+
+#: the largest integer a double holds exactly (I-JSON, RFC 7493 section 2.2)
+MAX_SAFE_INTEGER = 2**53 - 1
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether a decoded JSON value has arrays or objects more than ``limit`` levels deep
+    (``[]`` is one level). Without recursion: what orjson reads (up to 1024 levels) is
+    deeper than what a recursive walk over it, ``json.dumps`` or Flask's ``jsonify`` can
+    take (RecursionError), so a request body is measured with this before anything walks
+    it."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def number_outside_i_json_at(value: Any, path: str = "", *, integers: bool = True
+                             ) -> tuple[str, str] | None:
+    """Where a decoded JSON value holds a number I-JSON (RFC 7493 2.2) does not allow, and
+    why, as (a path like ``jwks.keys[0].e``, the reason); None when nowhere (the first in
+    document order, found without recursion). A float NaN or infinity is no JSON at all
+    (RFC 8259 section 6; ``json`` reads ``NaN``, ``Infinity`` and ``1e400`` as one); with
+    ``integers``, so is an integer beyond +-(2**53 - 1), which a double (every JavaScript
+    reader, the audit ledger's RFC 8785 form) cannot hold exactly."""
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return (where or "(the value)",
+                        "is not a finite number (NaN, an infinity or beyond a double's range)")
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if integers and not -MAX_SAFE_INTEGER <= item <= MAX_SAFE_INTEGER:
+                return (where or "(the value)",
+                        "holds an integer outside I-JSON's exact range (RFC 7493 2.2: at "
+                        "most 2**53 - 1 in magnitude)")
+        elif isinstance(item, dict):
+            stack.extend((member, f"{where}.{key}" if where else str(key))
+                         for key, member in reversed(item.items()))
+        elif isinstance(item, list):
+            stack.extend((member, f"{where}[{index}]")
+                         for index, member in reversed(list(enumerate(item))))
     return None
