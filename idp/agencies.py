@@ -67,7 +67,6 @@ def _refused_by(exc: CivitasError) -> AgencyRegistrationError:
     said = str(exc).replace("data.agency_name", "data.name").split(";")[0]
     found = _LEDGER_PATH.search(said)
     field = found.group(1) if found else "metadata"
-    field = {"agency_name": "name"}.get(field, field)
     if field not in AgencyMetadata.__dataclass_fields__:
         field = "metadata"
     hint = " (write an '@' in a URI as %40)" if field in URI_FIELDS else ""
