@@ -49,6 +49,10 @@ MAX_JWKS_DEPTH = 16
 #: registration fields that hold URIs (an '@' in one is written %40, see :func:`_refused_by`)
 URI_FIELDS = frozenset({"redirect_uris", "post_logout_redirect_uris", "backchannel_logout_uri",
                         "event_delivery_uri", "jwks_uri"})
+#: the members of an authorization response (RFC 6749 4.1.2, 4.1.2.1; RFC 9207 2), which
+#: the hub adds to a redirect URI's query, so a registered one may not hold them
+AUTHORIZATION_RESPONSE_MEMBERS = frozenset({"code", "state", "iss", "error",
+                                            "error_description", "error_uri"})
 #: where the ledger's refusal says what it refused: ``data.<member>``
 _LEDGER_PATH = re.compile(r"\bdata\.([A-Za-z_]+)")
 
@@ -294,6 +298,13 @@ class AgencyRegistry:
             raise AgencyRegistrationError("redirect_uris", "duplicate redirect URI")
         for uri in meta.redirect_uris:
             self._url("redirect_uris", check_redirect_uri, uri)
+            taken = sorted(set(_query_names(uri)) & AUTHORIZATION_RESPONSE_MEMBERS)
+            if taken:
+                # RFC 6749 4.1.2 and 4.1.2.1, RFC 9207 2: the hub adds these to the
+                # redirect URI's query; one already in it would go back twice
+                raise AgencyRegistrationError(
+                    "redirect_uris", f"{uri!r} must not have a {taken[0]!r} query member: "
+                    "the hub adds it to the authorization response (RFC 6749 4.1.2)")
         scopes = list(dict.fromkeys(meta.scopes))
         if any(s not in SCOPES for s in scopes) or "openid" not in scopes:
             raise AgencyRegistrationError(

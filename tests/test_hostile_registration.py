@@ -314,6 +314,24 @@ def test_a_post_logout_uri_with_a_state_member_is_refused(api):
     assert r.status_code == 201, r.json
 
 
+def test_rfc6749_4_1_2_a_redirect_uri_holding_a_response_member_is_refused(api):
+    """The hub adds code, state and iss (or error and its description) to the redirect
+    URI's query: a registered URI that already has one of them would be sent back with two,
+    and the agency could not tell which is the hub's."""
+    client, hub = api
+    refused_everywhere(client, hub, [
+        (registration("hostile", redirect_uris=[uri]), "redirect_uris",
+         f"must not have a '{member}' query member")
+        for uri, member in (("https://rp.example/cb?code=1", "code"),
+                            ("https://rp.example/cb?a=1&state=", "state"),
+                            ("https://rp.example/cb?iss=https://evil.example", "iss"),
+                            ("https://rp.example/cb?x=1;error=x", "error"))])
+    # another query member is fine
+    r = client.post(API, headers=AUTH, json=registration(
+        "fine", redirect_uris=["https://fine.agency.example/cb?lang=en"]))
+    assert r.status_code == 201, r.json
+
+
 def test_a_stored_post_logout_uri_with_state_gets_the_request_s_state_only():
     """Rows stored before the refusal: the request's ``state`` replaces the registered one."""
     plan = EndSessionPlan(request=EndSessionRequest(state="mine"), client=None,
