@@ -158,6 +158,10 @@ def create_blueprint(agencies: AgencyRegistry, token: str | None) -> Blueprint:
         if where is not None:  # valid JSON, but no text any column (or the ledger) takes
             return _error(400, "invalid_request", f"The body must be Unicode text: {where} "
                                                   "holds a lone surrogate.")
+        repeated = jsonfast.repeated_name(request.get_data(cache=True))
+        if repeated is not None:  # RFC 7493 2.3: json and orjson keep the last, silently
+            return _error(400, "invalid_request", "The body must not repeat a member name: "
+                                                  f"{repeated!r} (RFC 7493 section 2.3).")
         # RFC 8259 6: NaN and Infinity (which json reads, and 1e400 as an infinity) are no
         # JSON numbers; integers beyond I-JSON are the registry's to refuse (jwks)
         outside = jsonfast.number_outside_i_json_at(body, integers=False)

@@ -139,3 +139,22 @@ def number_outside_i_json_at(value: Any, path: str = "", *, integers: bool = Tru
             stack.extend((member, f"{where}[{index}]")
                          for index, member in reversed(list(enumerate(item))))
     return None
+
+
+def repeated_name(text: str | bytes) -> str | None:
+    """The first member name an object of the JSON ``text`` repeats, or None (I-JSON, RFC
+    7493 section 2.3: names MUST be unique; ``json`` and orjson keep the last value and say
+    nothing). For input read once and not on a hot path (it parses with ``json``); call it
+    on text already known to be JSON, not nested too deeply."""
+    found: list[str] = []
+
+    def pairs(members: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for name, _ in members:
+            if name in seen and not found:
+                found.append(name)
+            seen.add(name)
+        return dict(members)
+
+    json.loads(text, object_pairs_hook=pairs)
+    return found[0] if found else None

@@ -332,6 +332,29 @@ def test_rfc6749_4_1_2_a_redirect_uri_holding_a_response_member_is_refused(api):
     assert r.status_code == 201, r.json
 
 
+def test_rfc7493_2_3_a_body_repeating_a_member_name_is_refused(api):
+    """json and orjson keep a repeated name's last value and say nothing: a registration
+    whose client_id (or a nested member) comes twice is refused, naming it, nothing
+    stored."""
+    client, hub = api
+    before = stored(client, hub)
+    cases = [('{"client_id":"dup-one","client_id":"dup-two","name":"x",'
+              '"redirect_uris":["https://dup.agency.example/cb"]}', "client_id"),
+             ('{"client_id":"dup-three","name":"x","redirect_uris":'
+              '["https://dup.agency.example/cb"],"jwks":{"keys":[],"keys":[]}}', "keys")]
+    for text, name in cases:
+        r = client.post(API, data=text, content_type="application/json", headers=AUTH)
+        assert r.status_code == 400 and r.json == {
+            "error": "invalid_request", "error_description":
+            f"The body must not repeat a member name: {name!r} (RFC 7493 section 2.3)."}, r.json
+    assert stored(client, hub) == before
+    # the same body with the name once is registered
+    r = client.post(API, data='{"client_id":"dup-two","name":"x","redirect_uris":'
+                    '["https://dup.agency.example/cb"]}', content_type="application/json",
+                    headers=AUTH)
+    assert r.status_code == 201, r.json
+
+
 def test_a_stored_post_logout_uri_with_state_gets_the_request_s_state_only():
     """Rows stored before the refusal: the request's ``state`` replaces the registered one."""
     plan = EndSessionPlan(request=EndSessionRequest(state="mine"), client=None,
