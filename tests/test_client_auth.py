@@ -57,9 +57,10 @@ class QuietServer(ThreadingHTTPServer):
 
 
 class JWKSServer:
-    """Serves ``routes[path] = (status, headers, body)``; ``/slow`` answers after 2 s. A
-    header given the value "" is left out (``Content-Length``: the body then ends when the
-    connection closes, HTTP/1.0)."""
+    """Serves ``routes[path] = (status, headers, body)`` to GET and to POST (whose body it
+    reads and drops: an event receiver's); ``/slow`` answers after 2 s; ``hits`` counts the
+    requests per path. A header given the value "" is left out (``Content-Length``: the
+    body then ends when the connection closes, HTTP/1.0)."""
 
     def __init__(self) -> None:
         self.routes: dict[str, tuple[int, dict[str, str], bytes]] = {}
@@ -80,6 +81,10 @@ class JWKSServer:
                     self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def do_POST(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.do_GET()
 
             def log_message(self, *args: Any) -> None:
                 pass

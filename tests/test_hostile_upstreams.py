@@ -11,7 +11,6 @@ import logging
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -35,7 +34,12 @@ from tests.test_client_auth import (
     redeem,
     register_remote,
 )
-from tests.test_ldap_login import TOO_MANY, ldap_upstream, password_page, submit
+from tests.test_ldap_login import (
+    TOO_MANY,
+    ldap_hub,
+    password_page,
+    submit,
+)
 
 # -- 1. the per-username limit and the directory's idea of "the same name" ------------------
 
@@ -69,12 +73,8 @@ def directory(tmp_path_factory):
 
 @pytest.fixture
 def ldap_app(upstream_issuer, directory, tmp_path):
-    cfg = hub_config(upstream_issuer, f"sqlite:///{tmp_path}/ldap.db")
-    cfg["upstreams"].append(ldap_upstream(directory))
-    app = create_app(cfg)
-    yield app
-    stop_background(app)
-    app.extensions["civitas"].db.dispose()
+    with ldap_hub(upstream_issuer, directory, tmp_path) as app:
+        yield app
 
 
 def test_full_width_and_compatibility_spellings_sign_alice_in(ldap_app):
@@ -182,42 +182,16 @@ def test_deeply_nested_jwks_is_invalid_client_and_cached(make_hub, jwks_server, 
 
 # -- 3. an event receiver whose 400 is a JSON bomb ----------------------------------------
 
-class Receivers:
-    """Agencies' receivers on one 127.0.0.1 server: ``/<name>`` answers ``answers[name]``
-    (status, raw body), else 202."""
-
-    def __init__(self) -> None:
-        self.answers: dict[str, tuple[int, bytes]] = {}
-        self.received: list[str] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                name = self.path.strip("/")
-                outer.received.append(name)
-                status, body = outer.answers.get(name, (202, b""))
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-
 @pytest.fixture
-def receivers() -> Iterator[Receivers]:
-    r = Receivers()
-    yield r
-    r.server.shutdown()
-    r.server.server_close()
+def receivers() -> Iterator[JWKSServer]:
+    """The agencies' event receivers: ``/hostile`` and ``/good``, each answering what the
+    test serves there (test_client_auth's scripted server, POSTs counted in ``hits``)."""
+    server = JWKSServer()
+    server.serve("/good", b"", status=202)
+    threading.Thread(target=server.httpd.serve_forever, daemon=True).start()
+    yield server
+    server.httpd.shutdown()
+    server.httpd.server_close()
 
 
 @pytest.fixture
@@ -231,7 +205,7 @@ def events_hub(upstream_issuer, tmp_path, receivers):
     app.extensions["civitas"].db.dispose()
 
 
-def event(receivers: Receivers, agency: Any, name: str) -> SecurityEventNotice:
+def event(receivers: JWKSServer, agency: Any, name: str) -> SecurityEventNotice:
     return SecurityEventNotice(client_id=agency.client_id, event_uri=f"{receivers.base}/{name}",
                                alg="ES256", sub="pairwise-sub", withdrawn=frozenset({"name"}),
                                complete=False, event_time=1_700_000_000)
@@ -243,13 +217,13 @@ def rows(hub: Any) -> dict[str, LogoutDelivery]:
 
 def test_a_deeply_nested_400_is_refused_and_the_other_agency_delivered(events_hub, receivers):
     hub = events_hub
-    receivers.answers["hostile"] = (400, b"[" * 4000)
+    receivers.serve("/hostile", b"[" * 4000, status=400)
     now = utcnow()
     assert hub.dispatcher.enqueue_events([event(receivers, AGENCY_ONE, "hostile"),
                                           event(receivers, AGENCY_TWO, "good")], now=now) == 2
     done = hub.dispatcher.deliver_due(now)
     assert (done.delivered, done.retrying, done.given_up) == (1, 0, 1)
-    assert sorted(receivers.received) == ["good", "hostile"]
+    assert receivers.hits == {"/good": 1, "/hostile": 1}
     hostile, good = rows(hub)[AGENCY_ONE.client_id], rows(hub)[AGENCY_TWO.client_id]
     assert hostile.kind == good.kind == SET_KIND
     # a 400 is final (RFC 8935 2.3); its unreadable body is "no error object"
@@ -261,7 +235,7 @@ def test_a_deeply_nested_400_is_refused_and_the_other_agency_delivered(events_hu
     assert good.claimed_until is None
     # nothing is left to deliver, now or when the leases would have run out
     assert hub.dispatcher.deliver_due(now + timedelta(hours=2)).attempted == 0
-    assert sorted(receivers.received) == ["good", "hostile"]
+    assert receivers.hits == {"/good": 1, "/hostile": 1}
 
 
 def test_an_item_that_fails_unexpectedly_is_retried_and_the_others_recorded(
@@ -281,7 +255,7 @@ def test_an_item_that_fails_unexpectedly_is_retried_and_the_others_recorded(
     with caplog.at_level(logging.ERROR, logger="civitas.backchannel"):
         done = hub.dispatcher.deliver_due(now)
     assert (done.delivered, done.retrying, done.given_up) == (1, 1, 0)
-    assert receivers.received == ["good"]
+    assert receivers.hits == {"/good": 1}
     damaged_row, good = rows(hub)[AGENCY_ONE.client_id], rows(hub)[AGENCY_TWO.client_id]
     assert damaged_row.attempts == 1 and damaged_row.delivered_at is None
     assert damaged_row.last_error == "unexpected error: TypeError"

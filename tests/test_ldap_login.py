@@ -3,7 +3,10 @@ limits, injection attempts, a directory that goes away, and linking to an OIDC a
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from jose import jwt as jose_jwt
@@ -30,15 +33,25 @@ def ldap_upstream(info, **extra):
             "acr": "urn:civitas:acr:ial2:aal1", "timeout_seconds": 2, **extra}
 
 
-@pytest.fixture
-def app(upstream_issuer, directory, tmp_path):
-    from civitas.app import create_app
+@contextlib.contextmanager
+def ldap_hub(upstream_issuer: str, directory: dict, tmp_path: Any) -> Iterator[Any]:
+    """A hub (its app) with the OIDC upstream and the directory's LDAP upstream."""
+    from civitas.app import create_app, stop_background
 
     cfg = hub_config(upstream_issuer, f"sqlite:///{tmp_path}/ldap.db")
     cfg["upstreams"].append(ldap_upstream(directory))
     app = create_app(cfg)
-    yield app
-    app.extensions["civitas"].db.dispose()
+    try:
+        yield app
+    finally:
+        stop_background(app)
+        app.extensions["civitas"].db.dispose()
+
+
+@pytest.fixture
+def app(upstream_issuer, directory, tmp_path):
+    with ldap_hub(upstream_issuer, directory, tmp_path) as app:
+        yield app
 
 
 def password_page(client, auth=None):
