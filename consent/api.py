@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +20,7 @@ from flask import Blueprint, Request, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
+from kernel import jsonfast
 from kernel.ratelimit import Limit, RateLimited, RateLimiter
 from kernel.store import ShortLivedStore
 
@@ -103,8 +103,11 @@ def create_api_blueprint(service: ConsentService, *,
         if not raw.strip():
             raise ApiError(400, "invalid_request", "The request body must be a JSON object.")
         try:
-            return json.loads(raw)
-        except (ValueError, RecursionError) as exc:
+            return jsonfast.loads_unique(raw)
+        except jsonfast.RepeatedName as exc:  # json and orjson keep the last, silently
+            raise ApiError(400, "invalid_request", "The request body must not repeat a "
+                           f"member name: {exc.name!r} (RFC 7493 section 2.3).") from exc
+        except ValueError as exc:
             raise ApiError(400, "invalid_request",
                            f"The request body is not valid JSON: {exc}") from exc
 

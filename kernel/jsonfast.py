@@ -158,3 +158,44 @@ def repeated_name(text: str | bytes) -> str | None:
 
     json.loads(text, object_pairs_hook=pairs)
     return found[0] if found else None
+
+
+class RepeatedName(ValueError):
+    """JSON text whose object repeats a member name (I-JSON, RFC 7493 section 2.3)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"it repeats the member name {name!r} (RFC 7493 section 2.3)")
+        self.name = name
+
+
+def members_in(value: Any) -> int:
+    """How many members the objects of a decoded JSON value hold, nested ones included
+    (without recursion)."""
+    count = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            count += len(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
+
+
+def loads_unique(text: bytes) -> Any:
+    """:func:`loads`, refusing text that repeats a member name of an object
+    (:class:`RepeatedName`, a ValueError), for a hot path. Each member of the text has its
+    own name separator, a ``:`` outside any string; one that repeats a name is lost in the
+    decoded value. So when the text has no more colons than the value has members, no name
+    was repeated, and only text with colons in its strings (or a repeated name) pays for
+    :func:`repeated_name`'s exact parse: a few µs against its 10-60."""
+    value = loads(text)
+    if text.count(b":") != members_in(value):
+        try:
+            name = repeated_name(text)
+        except RecursionError:  # read by orjson, but deeper than json's stack
+            raise ValueError("JSON nested too deeply") from None
+        if name is not None:
+            raise RepeatedName(name)
+    return value

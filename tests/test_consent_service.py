@@ -637,6 +637,15 @@ def test_batch_evaluations(env: Env) -> None:
     ("/access/v1/evaluations", json.dumps({**evaluation("s", "e", "p"), "evaluations": [
         {}, {"resource": {"type": "claim", "id": "em\udfffail"}}]}).encode(),
      "evaluations[1].resource.id must be Unicode text"),
+    # I-JSON (RFC 7493 2.3): json kept the last of a repeated name, so the question asked
+    # about one citizen and was recorded as asked about another
+    ("/access/v1/evaluation", b'{"subject":{"type":"user","id":"sub-a1","id":"sub-b1"},'
+     b'"action":{"name":"use"},"resource":{"type":"claim","id":"email"},'
+     b'"context":{"purpose":"p"}}', "must not repeat a member name: 'id'"),
+    ("/access/v1/evaluations", json.dumps({**evaluation("s", "e", "p"), "evaluations": [
+        {}, {"context": {"purpose": "x"}}]}).encode().replace(
+        b'{"purpose": "x"}', b'{"purpose": "x", "purpose": "y"}'),
+     "must not repeat a member name: 'purpose'"),
 ])
 def test_malformed_requests_are_400_with_a_clear_error(env: Env, path: str, body: bytes,
                                                        message: str) -> None:
@@ -646,6 +655,18 @@ def test_malformed_requests_are_400_with_a_clear_error(env: Env, path: str, body
     assert resp.json["error"] == "invalid_request"
     assert message in resp.json["error_description"]
     assert env.decisions() == []
+
+
+def test_colons_in_strings_are_not_taken_for_repeated_names(env: Env) -> None:
+    """loads_unique's fast path counts colons; text with colons in its strings is read
+    exactly, and answered when no name repeats."""
+    env.service.record_decision(env.alice.id, ONE, "sub-a1", {"email"})
+    body = {**evaluation("sub-a1", "email", "urn:gov:purpose:notifications"),
+            "context": {"purpose": "urn:gov:purpose:notifications", "note": "a:b:c"}}
+    resp = env.client.post("/access/v1/evaluation", json=body, headers=ONE_AUTH)
+    assert resp.status_code == 200, resp.json
+    assert [(r.subject, r.purpose) for r in env.decisions()] == [
+        ("sub-a1", "urn:gov:purpose:notifications")]
 
 
 @pytest.mark.parametrize("auth", [None, "Bearer wrong", "Basic " + base64.b64encode(

@@ -139,3 +139,55 @@ def test_flask_answers_keep_flasks_form(app):
         dated = {"at": datetime.datetime(2026, 11, 24, tzinfo=datetime.UTC)}
         assert jsonify(dated).get_data() == flasks.response(dated).get_data()
         assert app.json.loads(b'{"a": "\\ud800"}') == {"a": "\ud800"}
+
+
+#: JSON objects as lists of (name, value) pairs, so that a name can come twice; names and
+#: strings often hold a colon, which the fast path of loads_unique counts
+NAMES = st.sampled_from(["a", "b", "a:b", ":", "id"]) | TEXT
+TREES = st.recursive(
+    st.none() | st.integers(-10, 10) | NAMES,
+    lambda inner: st.lists(inner, max_size=3).map(lambda items: ("list", items))
+    | st.lists(st.tuples(NAMES, inner), max_size=4).map(lambda pairs: ("object", pairs)),
+    max_leaves=10)
+
+
+def _text(tree) -> str:
+    if isinstance(tree, tuple):
+        kind, items = tree
+        if kind == "list":
+            return "[" + ",".join(_text(item) for item in items) + "]"
+        return "{" + ",".join(f"{json.dumps(name)} : {_text(value)}"
+                              for name, value in items) + "}"
+    return json.dumps(tree)
+
+
+def _repeats(tree) -> bool:
+    if not isinstance(tree, tuple):
+        return False
+    kind, items = tree
+    if kind == "list":
+        return any(_repeats(item) for item in items)
+    names = [name for name, _ in items]
+    return len(set(names)) < len(names) or any(_repeats(value) for _, value in items)
+
+
+@given(TREES)
+def test_rfc7493_2_3_loads_unique_refuses_exactly_the_text_that_repeats_a_name(tree):
+    text = _text(tree).encode()
+    if _repeats(tree):
+        with pytest.raises(jsonfast.RepeatedName) as refused:
+            jsonfast.loads_unique(text)
+        assert refused.value.name == jsonfast.repeated_name(text)
+    else:
+        assert jsonfast.loads_unique(text) == json.loads(text)
+
+
+def test_loads_unique_refuses_bad_json_as_loads_does():
+    for text in (b'{"a": ', b"", b"[1,]"):
+        with pytest.raises(ValueError) as refused:
+            jsonfast.loads_unique(text)
+        assert not isinstance(refused.value, jsonfast.RepeatedName)
+    # deeper than json's stack, though orjson reads it: a ValueError, not a RecursionError
+    deep = b'{"a:":' * 1000 + b"1" + b"}" * 1000
+    with pytest.raises(ValueError, match="nested too deeply"):
+        jsonfast.loads_unique(deep)
