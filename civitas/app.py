@@ -275,6 +275,9 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
         log.warning("privacy: %s", shared_sector_notice(host, client_ids))
     for notice in receipt_contact_notices(hub.server.hub.policies):
         log.warning("privacy: %s", notice)
+    for client_id, problem in hub.agencies.nonconforming():
+        log.warning("agency %r no longer passes registration: %s; see `civitas agency "
+                    "check`", client_id, problem)
 
     app = HubFlask(__name__)
     app.request_class = HubRequest  # the token endpoint's forms, read directly

@@ -203,6 +203,19 @@ class AgencyMetadata:
     subject_type: str = "pairwise"
 
 
+def metadata_of(row: Agency) -> AgencyMetadata:
+    """What a stored agency registered, as :meth:`AgencyRegistry.check` takes it."""
+    return AgencyMetadata(
+        client_id=row.client_id, name=row.name, redirect_uris=tuple(row.redirect_uris),
+        scopes=tuple(row.scopes), sector_identifier=row.sector_identifier,
+        token_endpoint_auth_method=row.token_endpoint_auth_method,
+        post_logout_redirect_uris=tuple(row.post_logout_redirect_uris or ()),
+        backchannel_logout_uri=row.backchannel_logout_uri,
+        event_delivery_uri=row.event_delivery_uri, jwks=row.jwks, jwks_uri=row.jwks_uri,
+        id_token_signed_response_alg=row.id_token_signed_response_alg,
+        subject_type=row.subject_type)
+
+
 @dataclass(frozen=True)
 class RegistrationPolicy:
     """The hub-wide rules registrations are checked against (from the settings)."""
@@ -557,6 +570,20 @@ class AgencyRegistry:
     def list(self) -> list[Agency]:
         with self._db.session() as s:
             return list(s.scalars(select(Agency).order_by(Agency.client_id)))
+
+    def nonconforming(self) -> Sequence[tuple[str, AgencyRegistrationError]]:
+        """The stored agencies that today's rules (:meth:`check`, with this hub's
+        :class:`RegistrationPolicy`) would refuse, each with the first field at fault, in
+        client_id order. The rules have grown since some were stored (a redirect URI with a
+        ``code`` or ``state`` member, a port out of range, a ``public`` subject type on a
+        hub that no longer allows it...); nothing is changed here."""
+        found = []
+        for row in self.list():
+            try:
+                self.check(metadata_of(row))
+            except AgencyRegistrationError as exc:
+                found.append((row.client_id, exc))
+        return found
 
     def shared_host_sectors(self) -> SharedSectors:
         """:func:`shared_host_sectors` of the registered agencies."""

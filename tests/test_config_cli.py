@@ -322,3 +322,41 @@ def test_the_example_settings_give_no_privacy_notice(tmp_path, monkeypatch):
         monkeypatch.setenv(k, v)
     result = CliRunner().invoke(main, ["config", "check", str(path)])
     assert result.exit_code == 0 and result.stderr == "", result.output
+
+
+def test_cli_agency_check_names_stored_agencies_that_todays_rules_refuse(cli, tmp_path, caplog):
+    """Registration rules grow (a redirect URI holding an authorization response member,
+    RFC 6749 4.1.2; a post-logout URI with a state, RP-Initiated Logout 3); agencies stored
+    before keep working and are named, by `agency check` and in the start-up log, and left
+    as they are."""
+    from civitas.app import create_app
+
+    for client_id in ("fine-portal", "old-code", "old-logout"):
+        cli("agency", "add", "--client-id", client_id, "--name", client_id,
+            "--redirect-uri", f"https://{client_id}.example.gov/cb",
+            "--post-logout-redirect-uri", f"https://{client_id}.example.gov/bye")
+    assert "3 of 3 agencies pass" in cli("agency", "check").stderr
+    with sqlite3.connect(tmp_path / "c.db") as conn:  # as an older version stored them
+        conn.execute("update agencies set redirect_uris = ? where client_id = 'old-code'",
+                     (json.dumps(["https://old-code.example.gov/cb?code=1"]),))
+        conn.execute("update agencies set post_logout_redirect_uris = ? "
+                     "where client_id = 'old-logout'",
+                     (json.dumps(["https://old-logout.example.gov/bye?state=x"]),))
+    before = {c: json.loads(cli("agency", "show", c).output)
+              for c in ("fine-portal", "old-code", "old-logout")}
+    result = cli("agency", "check", ok=False)
+    assert result.stdout.splitlines() == [
+        "old-code\tredirect_uris: 'https://old-code.example.gov/cb?code=1' must not have a "
+        "'code' query member: the hub adds it to the authorization response (RFC 6749 4.1.2)",
+        "old-logout\tpost_logout_redirect_uris: 'https://old-logout.example.gov/bye?state=x' "
+        "must not have a 'state' query member: the hub adds the state the agency sends "
+        "(RP-Initiated Logout 1.0 section 3)"]
+    assert "1 of 3 agencies pass" in result.stderr
+    with caplog.at_level("WARNING", logger="civitas"):
+        app = create_app(load_settings(tmp_path / "civitas.yaml"))
+    app.extensions["civitas"].db.dispose()
+    assert [r.getMessage().split(":")[0] for r in caplog.records
+            if "no longer passes" in r.getMessage()] == [
+        "agency 'old-code' no longer passes registration",
+        "agency 'old-logout' no longer passes registration"]
+    assert {c: json.loads(cli("agency", "show", c).output) for c in before} == before
