@@ -40,6 +40,7 @@ from consent.views import create_blueprint as consent_blueprint
 from idp.admin_api import create_blueprint as admin_api_blueprint
 from idp.agencies import (
     SERVICE_SCOPES,
+    AgencyClient,
     AgencyRegistry,
     RegistrationPolicy,
     shared_sector_notice,
@@ -353,10 +354,15 @@ def end_grants_and_consents(hub: Hub, account_id: str) -> None:
     """Right to erasure, once the account is closed: every refresh grant of the account is
     revoked (first, so that its reason says so: any agency's, consent-based or not), then
     every consent withdrawn, then the agencies' questions about it stripped of whom they
-    were about. Idempotent (housekeeping repeats it for an erasure cut off)."""
+    were about: those that resolved to it, and those that named its ``sub`` at an agency
+    without resolving (no record there yet). Idempotent (housekeeping repeats it for an
+    erasure cut off)."""
     hub.server.hub.refresh_tokens.revoke_account(account_id, reason=ACCOUNT_DELETED)
     hub.consent.withdraw_all(account_id)
-    hub.consent.decisions.forget_account(account_id, now=utcnow())
+    provider = hub.server.hub
+    subjects = [(client.client_id, provider.subject_for(client, account_id))
+                for client in map(AgencyClient.from_row, hub.agencies.list())]
+    hub.consent.decisions.forget_account(account_id, now=utcnow(), subjects=subjects)
 
 
 def _agency_policy(hub: Hub) -> Any:

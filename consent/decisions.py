@@ -16,7 +16,7 @@ citizen's data-access history. Flask-free: :mod:`consent.api` is the HTTP adapte
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
@@ -229,13 +229,15 @@ LATEST_BY_ACCOUNT = _LATEST["account_id"]
 _RECORD_PG = """
 WITH decided AS (
   INSERT INTO consent_decisions (at, client_id, request_id, id, subject, account_id, record_id,
-                                 action, claim, purpose, decision, reason, subject_salt)
-  SELECT %(at)s::timestamptz, %(client_id)s::text, %(request_id)s::text, d.id, d.subject,
+                                 action, claim, purpose, decision, reason, subject_salt,
+                                 erased_at)
+  SELECT %(at)s::timestamptz, %(client_id)s::text,
+         CASE WHEN d.erased THEN NULL ELSE %(request_id)s::text END, d.id, d.subject,
          d.account_id, d.record_id, d.action, d.claim, d.purpose, d.decision, d.reason,
-         decode(d.subject_salt, 'hex')
+         decode(d.subject_salt, 'hex'), CASE WHEN d.erased THEN %(at)s::timestamptz END
   FROM json_to_recordset(%(decisions)s::json) AS d(
     id text, subject text, account_id text, record_id text, action text, claim text,
-    purpose text, decision boolean, reason text, subject_salt text))
+    purpose text, decision boolean, reason text, subject_salt text, erased boolean))
 INSERT INTO ledger_entries (kind, entry, leaf_hash, created_at)
 SELECT l.kind, l.entry, decode(l.leaf_hash, 'hex'), l.created_at::timestamptz
 FROM json_to_recordset(%(entries)s::json) AS l(
@@ -254,6 +256,18 @@ def _record_pg(rows: list[dict[str, Any]], ledger_rows: list[dict[str, Any]], *,
                         "decisions": jsonfast.dumps(rows), "entries": jsonfast.dumps(entries)}
 
 
+def _row_here(row: dict[str, Any], *, client_id: str, now: datetime, request_id: str | None
+              ) -> dict[str, Any]:
+    """A row of :meth:`DecisionPoint._answer_all` with the columns every row shares, for a
+    plain INSERT (what :data:`_RECORD_PG` does in SQL)."""
+    erased = row["erased"]
+    salt = row["subject_salt"]
+    return {**{k: v for k, v in row.items() if k != "erased"}, "at": now,
+            "client_id": client_id, "request_id": None if erased else request_id,
+            "subject_salt": None if salt is None else bytes.fromhex(salt),
+            "erased_at": now if erased else None}
+
+
 @dataclass(frozen=True)
 class LatestState:
     """A record's state for a decision at ``now``: :func:`history.state_at` reduced to what
@@ -267,6 +281,9 @@ class LatestState:
     expires_at: datetime | None
     notice_version: str
     declined: frozenset[str]
+    #: False when the record's account is closed (read by :class:`DecisionPoint`, which
+    #: then answers as if there were no record, and keeps no trace of whom it was about)
+    account_open: bool = True
 
     @property
     def valid(self) -> bool:
@@ -304,7 +321,8 @@ def state_from_row(row: Mapping[Any, Any], now: datetime, prefix: str = "") -> L
     return LatestState(record_id=record_id, account_id=row[prefix + "account_id"], state=state,
                        claims=claims, receipt_id=row[prefix + "receipt_id"],
                        expires_at=expires_at, notice_version=row[prefix + "notice_version"],
-                       declined=frozenset(row[prefix + "declined"]))
+                       declined=frozenset(row[prefix + "declined"]),
+                       account_open=bool(row.get(prefix + "account_open", True)))
 
 
 def _evaluate(query: EvaluationQuery, grant: LatestState | None) -> tuple[bool, str]:
@@ -325,11 +343,13 @@ class DecisionPoint:
         """``account_open``: the condition that a record's account (its ``account_id``
         column, given) is still open; a record of a closed account then answers as no
         record at all, from the moment the account is closed (before its consents are
-        withdrawn; the composition root passes the broker's)."""
+        withdrawn; the composition root passes the broker's), and the question is kept as
+        :meth:`forget_account` leaves those asked before (right to erasure: the agency
+        still knows the citizen by that subject; the hub no longer keeps who it was)."""
         self._db = db
         self._postgresql = db.engine.dialect.name == "postgresql"
-        self._query = _LATEST["subject"] if account_open is None else _LATEST["subject"].where(
-            account_open(_RECORDS.c.account_id))
+        self._query = _LATEST["subject"] if account_open is None else _LATEST[
+            "subject"].add_columns(account_open(_RECORDS.c.account_id).label("account_open"))
         #: the read of every decision request (kernel.db.Prepared: compiled once)
         self._by_subject = Prepared(db, self._query)
         #: every answer is also a ledger entry, in the same transaction
@@ -369,10 +389,9 @@ class DecisionPoint:
 
                 answers, rows, entries = self._answer_all(
                     read_here, client_id, queries, now=now, semantic=semantic)
-                conn.execute(_DECISIONS.insert(), [
-                    dict(row, at=now, client_id=client_id, request_id=request_id,
-                         subject_salt=bytes.fromhex(row["subject_salt"]))
-                    for row in rows])
+                conn.execute(_DECISIONS.insert(), [_row_here(row, client_id=client_id,
+                                                            now=now, request_id=request_id)
+                                                  for row in rows])
                 if self.ledger is not None:
                     self.ledger.append_many(entries, session=conn)
         permits = sum(answer.decision for answer in answers)
@@ -398,6 +417,9 @@ class DecisionPoint:
             if query.subject_id not in grants:
                 grants[query.subject_id] = read(query.subject_id)
             grant = grants[query.subject_id]
+            closed = grant is not None and not grant.account_open
+            if closed:
+                grant = None  # answered as no record; kept as forget_account leaves a row
             decision, reason = _evaluate(query, grant)
             decision_id = new_time_ordered_id()
             if decision and grant is not None:
@@ -411,11 +433,11 @@ class DecisionPoint:
             record_id = grant.record_id if grant is not None else None
             salt = new_salt()
             rows.append({
-                "id": decision_id, "subject": query.subject_id,
+                "id": decision_id, "subject": None if closed else query.subject_id,
                 "account_id": grant.account_id if grant is not None else None,
                 "record_id": record_id, "action": query.action, "claim": query.claim,
                 "purpose": query.purpose, "decision": decision, "reason": reason,
-                "subject_salt": salt.hex()})
+                "subject_salt": None if closed else salt.hex(), "erased": closed})
             entries.append(("decision.query", decision_entry_of(
                 decision_id=decision_id, client_id=client_id, subject=query.subject_id,
                 action=query.action, claim=query.claim, purpose=query.purpose,
@@ -460,27 +482,39 @@ class DecisionPoint:
                 return done
             after = rows[-1].id
 
-    def forget_account(self, account_id: str, *, now: datetime, batch: int = 5000) -> int:
-        """Right to erasure (GDPR Art. 17), for an account being erased: every answer that
-        resolved to it keeps who asked, when, what for and the answer, and loses what leads
-        to the citizen (the subject the agency sent, the account, the consent record, the
-        salt of its ledger entry's subject commitment, the agency's request id), in batches
-        of ``batch`` rows through the account's index, each its own transaction; returns
-        how many. Idempotent. The ledger entries are not touched: a new one now leads to no
-        one (its salt is gone); `audit reconcile` compares such a row with its entry apart
-        from :data:`~consent.entries.WHOM`."""
+    def forget_account(self, account_id: str, *, now: datetime,
+                       subjects: Iterable[tuple[str, str]] = (), batch: int = 5000) -> int:
+        """Right to erasure (GDPR Art. 17), for an account being erased: every answer about
+        it keeps who asked, when, what for and the answer, and loses what leads to the
+        citizen (the subject the agency sent, the account, the consent record, the salt of
+        its ledger entry's subject commitment, the agency's request id), in batches of
+        ``batch`` rows, each its own transaction; returns how many. "About it": those that
+        resolved to the account (through the account's index), and those that resolved to
+        no one but asked about one of ``subjects``, the account's (agency, ``sub``) pairs
+        (an agency can ask before the citizen signs in there: another agency of its
+        pairwise sector knows the ``sub``; through the partial index of unresolved
+        questions). Questions asked once the account is closed are kept this way at once
+        (:meth:`decide`). Idempotent. The ledger entries are not touched: a new one now
+        leads to no one (its salt is gone); `audit reconcile` compares such a row with its
+        entry apart from :data:`~consent.entries.WHOM`."""
+        d = _DECISIONS.c
+        conditions = [d.account_id == account_id] + [
+            (d.account_id.is_(None)) & (d.subject.is_not(None)) & (d.client_id == client_id)
+            & (d.subject == subject) for client_id, subject in subjects]
         done = 0
-        while True:
-            with self._db.session() as s:
-                ids = list(s.scalars(select(AgencyDecision.id).where(
-                    AgencyDecision.account_id == account_id).limit(batch)))
-                if ids:
-                    s.execute(update(AgencyDecision).where(AgencyDecision.id.in_(ids)).values(
-                        subject=None, account_id=None, record_id=None, subject_salt=None,
-                        request_id=None, erased_at=now))
-            done += len(ids)
-            if len(ids) < batch:
-                return done
+        for condition in conditions:
+            while True:
+                with self._db.session() as s:
+                    ids = list(s.scalars(select(d.id).where(condition).limit(batch)))
+                    if ids:
+                        s.execute(update(AgencyDecision).where(
+                            AgencyDecision.id.in_(ids)).values(
+                            subject=None, account_id=None, record_id=None, subject_salt=None,
+                            request_id=None, erased_at=now))
+                done += len(ids)
+                if len(ids) < batch:
+                    break
+        return done
 
     def for_agency(self, client_id: str, limit: int = 100) -> list[AgencyDecision]:
         with self._db.session() as s:

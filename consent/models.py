@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -35,6 +36,9 @@ SCHEMA_VERSION = "civitas-consent-record/1 (ISO/IEC TS 27560:2023)"
 
 #: event types; ``state`` uses the same words (a partial withdrawal leaves ``given``)
 EVENT_KINDS = ("given", "refused", "withdrawn", "expired", "renewed")
+#: the rows of ``ix_consent_decisions_unresolved``: questions that resolved to no one and
+#: still name whom they asked about
+UNRESOLVED = "account_id IS NULL AND subject IS NOT NULL"
 
 
 def new_time_ordered_id() -> str:
@@ -149,6 +153,10 @@ class AgencyDecision(Base):
     __table_args__ = (
         Index("ix_consent_decisions_client_at", "client_id", "at"),
         Index("ix_consent_decisions_account_at", "account_id", "at"),
+        #: questions that resolved to no one, by whom they named: what an erasure strips
+        #: besides the account's own (consent.decisions.DecisionPoint.forget_account)
+        Index("ix_consent_decisions_unresolved", "client_id", "subject",
+              postgresql_where=text(UNRESOLVED), sqlite_where=text(UNRESOLVED)),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True,

@@ -646,6 +646,65 @@ def test_erasure_strips_the_questions_about_the_account_of_whom_and_keeps_the_re
     assert reconcile(hub.db, hub.ledger, None, None).altered == [f"decision:{stripped[0]}"]
 
 
+def test_erasure_also_strips_unresolved_questions_naming_the_account_and_later_ones(sql_hub):
+    """Right to erasure (GDPR Art. 17), the questions that never resolved to the account: a
+    question at an agency where the citizen has no record yet, naming the ``sub`` the
+    citizen has there (another agency of its sector knows it), is stripped of whom at
+    erasure like the resolved ones; one naming somebody else is not. Once the account is
+    closed, a new question about it is answered as one about nobody and kept already
+    stripped, with nothing in it (nor in its ledger entry) that leads back. On SQLite and
+    PostgreSQL."""
+    from civitas.app import end_grants_and_consents
+    from consent.decisions import parse_evaluation
+    from consent.models import AgencyDecision
+    from consent.reconcile import reconcile
+
+    hub = sql_hub
+    provider, decisions = hub.server.hub, hub.consent.decisions
+    gone, about_gone = _asked(hub, "erased-citizen")
+    two = hub.agencies.client(AGENCY_TWO.client_id)
+    gone_at_two = provider.subject_for(two, gone)
+
+    def asking(subject: str):
+        return parse_evaluation({
+            "subject": {"type": "user", "id": subject}, "action": {"name": "use"},
+            "resource": {"type": "claim", "id": "email"},
+            "context": {"purpose": "service-delivery"}})
+
+    [early] = decisions.decide(two.client_id, [asking(gone_at_two)], now=utcnow(),
+                               request_id="r-early")
+    [other] = decisions.decide(two.client_id, [asking("somebody-else")], now=utcnow(),
+                               request_id="r-other")
+    [resolved] = decisions.decide(AGENCY_ONE.client_id, [about_gone], now=utcnow())
+
+    def row(decision_id: str) -> tuple:
+        with hub.db.session() as s:
+            d = s.get(AgencyDecision, decision_id)
+            return (d.subject, d.account_id, d.record_id, d.subject_salt, d.request_id,
+                    d.erased_at)
+
+    assert row(early.decision_id)[:2] == (gone_at_two, None)  # resolved to no one
+    assert hub.accounts.close(gone)
+    # closed: answered as about nobody, and kept stripped at once
+    [late] = decisions.decide(AGENCY_ONE.client_id, [about_gone], now=utcnow(),
+                              request_id="r-late")
+    [unknown] = decisions.decide(AGENCY_ONE.client_id, [asking("never-seen")], now=utcnow())
+    assert (late.decision, late.reason) == (unknown.decision, unknown.reason) == (
+        False, "no_consent")
+    assert row(late.decision_id)[:5] == (None,) * 5 and row(late.decision_id)[5] is not None
+    end_grants_and_consents(hub, gone)
+    assert hub.accounts.erase(gone)
+    for stripped in (early, resolved, late):
+        assert row(stripped.decision_id)[:5] == (None,) * 5, stripped
+        assert row(stripped.decision_id)[5] is not None
+    assert row(other.decision_id)[:2] == ("somebody-else", None)
+    assert row(other.decision_id)[4] == "r-other"
+    report = reconcile(hub.db, hub.ledger, None, None)
+    assert report.ok and report.erased == 3, report
+    assert decisions.forget_account(gone, now=utcnow(), subjects=[
+        (two.client_id, gone_at_two)]) == 0  # once
+
+
 def test_the_citizen_is_told_how_long_their_history_is_kept(make_hub):
     from tests.flows import AuthRequest, full_login
 
