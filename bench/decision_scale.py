@@ -103,9 +103,19 @@ class Explained:
 
     @property
     def scans(self) -> list[tuple[str, str, str | None]]:
-        """(node type, table, index) of every node that reads a table."""
-        return [(n["Node Type"], n["Relation Name"], n.get("Index Name"))
-                for n in plan_nodes(self.plan) if "Relation Name" in n]
+        """(node type, table, index) of every node that reads a table; a Bitmap Heap Scan's
+        index is its Bitmap Index Scans' (several under a BitmapOr, joined by ``|``)."""
+        found = []
+        for n in plan_nodes(self.plan):
+            if "Relation Name" not in n:
+                continue
+            index = n.get("Index Name")
+            if n["Node Type"] == "Bitmap Heap Scan":
+                names = dict.fromkeys(c["Index Name"] for c in plan_nodes(n)
+                                      if c["Node Type"] == "Bitmap Index Scan")
+                index = "|".join(names) or None
+            found.append((n["Node Type"], n["Relation Name"], index))
+        return found
 
     def seq_scans(self, tables: Sequence[str] = TABLES) -> list[str]:
         return [table for kind, table, _ in self.scans

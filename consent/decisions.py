@@ -29,6 +29,7 @@ from sqlalchemy import (
     bindparam,
     delete,
     select,
+    tuple_,
     update,
 )
 
@@ -498,9 +499,11 @@ class DecisionPoint:
         leads to no one (its salt is gone); `audit reconcile` compares such a row with its
         entry apart from :data:`~consent.entries.WHOM`."""
         d = _DECISIONS.c
-        conditions = [d.account_id == account_id] + [
-            (d.account_id.is_(None)) & (d.subject.is_not(None)) & (d.client_id == client_id)
-            & (d.subject == subject) for client_id, subject in subjects]
+        conditions = [d.account_id == account_id]
+        pairs = list(subjects)
+        if pairs:  # one statement for every agency (a BitmapOr of the partial index's scans)
+            conditions.append(d.account_id.is_(None) & d.subject.is_not(None)
+                              & tuple_(d.client_id, d.subject).in_(pairs))
         done = 0
         for condition in conditions:
             while True:
