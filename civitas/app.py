@@ -8,7 +8,7 @@ import math
 import os
 import secrets
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -359,10 +359,21 @@ def end_grants_and_consents(hub: Hub, account_id: str) -> None:
     erasure cut off)."""
     hub.server.hub.refresh_tokens.revoke_account(account_id, reason=ACCOUNT_DELETED)
     hub.consent.withdraw_all(account_id)
+    hub.consent.decisions.forget_account(account_id, now=utcnow(),
+                                         subjects=subjects_at_every_agency(hub)(account_id))
+
+
+def subjects_at_every_agency(hub: Hub) -> Callable[[str], list[tuple[str, str]]]:
+    """An account's (client_id, ``sub``) at every registered agency, whether or not it has
+    signed in there: another agency of the same pairwise sector (or any ``public`` one) can
+    ask about it before it does."""
     provider = hub.server.hub
-    subjects = [(client.client_id, provider.subject_for(client, account_id))
+
+    def subjects(account_id: str) -> list[tuple[str, str]]:
+        return [(client.client_id, provider.subject_for(client, account_id))
                 for client in map(AgencyClient.from_row, hub.agencies.list())]
-    hub.consent.decisions.forget_account(account_id, now=utcnow(), subjects=subjects)
+
+    return subjects
 
 
 def _agency_policy(hub: Hub) -> Any:
@@ -387,7 +398,8 @@ def _officer_blueprint(hub: Hub) -> Any:
     key = pseudonym_key(settings.pairwise_secret.get_secret_value())
     workspace = OfficerWorkspace(hub.db, hub.ledger, pseudonym_key=key,
                                  account_for_credential=hub.accounts.account_for_credential,
-                                 decision_log_days=settings.decision_log_retention_days)
+                                 decision_log_days=settings.decision_log_retention_days,
+                                 subjects_of=subjects_at_every_agency(hub))
     return create_officer_blueprint(
         workspace, rules=[OfficerRule(r.upstream, r.attribute, r.value)
                           for r in settings.officer_role],

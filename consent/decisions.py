@@ -26,8 +26,10 @@ from sqlalchemy import (
     Connection,
     Select,
     Table,
+    and_,
     bindparam,
     delete,
+    false,
     select,
     tuple_,
     update,
@@ -255,6 +257,17 @@ def _record_pg(rows: list[dict[str, Any]], ledger_rows: list[dict[str, Any]], *,
                 "created_at": stamps[row["created_at"]]} for row in ledger_rows]
     return _RECORD_PG, {"at": now, "client_id": client_id, "request_id": request_id,
                         "decisions": jsonfast.dumps(rows), "entries": jsonfast.dumps(entries)}
+
+
+def unresolved_about(pairs: Sequence[tuple[str, str]]) -> ColumnElement[bool]:
+    """Questions that resolved to no one and named one of ``pairs`` (agency, subject),
+    through the partial index ``ix_consent_decisions_unresolved``, whose condition this
+    repeats (:data:`~consent.models.UNRESOLVED`), so the planner can use it."""
+    if not pairs:
+        return false()
+    d = _DECISIONS.c
+    return and_(d.account_id.is_(None), d.subject.is_not(None),
+                tuple_(d.client_id, d.subject).in_(list(pairs)))
 
 
 def _row_here(row: dict[str, Any], *, client_id: str, now: datetime, request_id: str | None
@@ -502,8 +515,7 @@ class DecisionPoint:
         conditions = [d.account_id == account_id]
         pairs = list(subjects)
         if pairs:  # one statement for every agency (a BitmapOr of the partial index's scans)
-            conditions.append(d.account_id.is_(None) & d.subject.is_not(None)
-                              & tuple_(d.client_id, d.subject).in_(pairs))
+            conditions.append(unresolved_about(pairs))
         done = 0
         for condition in conditions:
             while True:

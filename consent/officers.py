@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.sql import Select
 
 from kernel.db import Database
 
+from .decisions import unresolved_about
 from .errors import ConsentError
 from .ledger.ledger import Ledger, hashed_id
 from .models import AgencyDecision, ConsentEvent, ConsentRecord
@@ -230,9 +231,15 @@ class OfficerWorkspace:
 
     def __init__(self, db: Database, ledger: Ledger | None, *, pseudonym_key: bytes,
                  account_for_credential: Callable[[str, str], str | None],
-                 decision_log_days: int = 0) -> None:
+                 decision_log_days: int = 0,
+                 subjects_of: Callable[[str], Sequence[tuple[str, str]]] | None = None
+                 ) -> None:
         """``decision_log_days``: how long the decision log keeps an answer (0: for ever),
-        stated in the records of processing."""
+        stated in the records of processing. ``subjects_of``: an account's (agency, ``sub``)
+        at every registered agency (the composition root computes them), so that a citizen
+        search also finds the questions an agency asked without resolving, before the
+        citizen had a record there; without it, only the agencies of its records count."""
+        self._subjects_of = subjects_of
         self._db = db
         self._ledger = ledger
         self._key = pseudonym_key
@@ -248,34 +255,29 @@ class OfficerWorkspace:
         """The account a credential or pairwise sub belongs to, if the hub knows it."""
         if citizen.by == "credential":
             return self._account_for_credential(citizen.scope, citizen.subject)
+        # a question resolves only through a record of that agency and subject, and records
+        # are never deleted: the records alone say whose a sub is
         with self._db.session() as s:
-            found = s.scalars(select(ConsentRecord.account_id).where(
+            return s.scalars(select(ConsentRecord.account_id).where(
                 ConsentRecord.client_id == citizen.scope,
                 ConsentRecord.subject == citizen.subject)).first()
-            if found is None:
-                found = s.scalars(select(AgencyDecision.account_id).where(
-                    AgencyDecision.client_id == citizen.scope,
-                    AgencyDecision.subject == citizen.subject,
-                    AgencyDecision.account_id.is_not(None)).limit(1)).first()
-            return found
 
     def _citizen_filter(self, query: DecisionQuery) -> tuple[ColumnElement[bool], str | None]:
         assert query.citizen is not None
         account_id = self.resolve(query.citizen)
         if account_id is None:
             if query.citizen.by == "pairwise":  # the agency's own sub, even if unresolved
-                return and_(AgencyDecision.client_id == query.citizen.scope,
-                            AgencyDecision.subject == query.citizen.subject), None
+                return unresolved_about([(query.citizen.scope, query.citizen.subject)]), None
             return AgencyDecision.id.is_(None), None  # an unknown credential matches nothing
         with self._db.session() as s:
-            records = list(s.execute(select(ConsentRecord.client_id, ConsentRecord.subject)
-                                     .where(ConsentRecord.account_id == account_id)))
+            pairs = [(c, sub) for c, sub in s.execute(
+                select(ConsentRecord.client_id, ConsentRecord.subject)
+                .where(ConsentRecord.account_id == account_id))]
+        if self._subjects_of is not None:
+            pairs = list(dict.fromkeys([*pairs, *self._subjects_of(account_id)]))
         # decisions that resolved to the account, and questions about its pairwise subs
         # asked while it had no consent record with the agency
-        clauses = [AgencyDecision.account_id == account_id] + [
-            and_(AgencyDecision.client_id == c, AgencyDecision.subject == sub)
-            for c, sub in records]
-        return or_(*clauses), account_id
+        return or_(AgencyDecision.account_id == account_id, unresolved_about(pairs)), account_id
 
     def _select(self, query: DecisionQuery, officer_account_id: str
                 ) -> tuple[Select[AgencyDecision], bool | None]:

@@ -422,3 +422,32 @@ def test_csv_cells_cannot_become_formulas(value, cell):
     from consent.officers import csv_safe
 
     assert csv_safe(value) == cell
+
+
+def test_a_citizen_search_finds_questions_asked_before_a_record_existed(world, officer):
+    """An agency can ask about a citizen's ``sub`` before the citizen signs in there
+    (another agency of its pairwise sector knows it); the question resolves to no one, and
+    a search for the citizen still finds it, by credential (the hub computes the citizen's
+    sub at every agency) and by that sub. Filtered to agency two, which alice never signed
+    in to, so that no other test's count moves."""
+    client, _ = officer
+    hub = world["hub"]
+    two = hub.agencies.client(AGENCY_TWO.client_id)
+    sub_at_two = hub.server.hub.subject_for(two, world["account_id"])
+    basic = base64.b64encode(f"{AGENCY_TWO.client_id}:{AGENCY_TWO.secret}".encode()).decode()
+    r = world["citizen"].post(
+        "/access/v1/evaluation", headers={"Authorization": f"Basic {basic}"},
+        json={"subject": {"type": "user", "id": sub_at_two}, "action": {"name": "use"},
+              "resource": {"type": "claim", "id": "email"},
+              "context": {"purpose": "service-delivery"}})
+    assert r.json["context"]["reason"] == "no_consent"
+    asked = r.json["context"]["decision_id"]
+    by_credential = client.get(
+        f"/officer/decisions.json?agency=agency-two&connector=op"
+        f"&upstream_subject={world['op_subject']}").json
+    assert [d["decision_id"] for d in by_credential["decisions"]] == [asked]
+    by_sub = client.get(f"/officer/decisions.json?agency=agency-two&sub={sub_at_two}").json
+    assert [d["decision_id"] for d in by_sub["decisions"]] == [asked]
+    # somebody else's sub at agency two finds nothing
+    assert client.get("/officer/decisions.json?agency=agency-two&sub=someone-else"
+                      ).json["count"] == 0
