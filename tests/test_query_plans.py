@@ -273,6 +273,27 @@ def erasure_statements(loaded: Loaded) -> list[Statement]:
     return seen
 
 
+def forget_statements(loaded: Loaded) -> list[Statement]:
+    """The SQL of erasure's strip of an account's questions (those that resolved to it, and
+    those that named its sub at any agency without resolving), for an account that has
+    none, and of an officer's search for a citizen by an agency's sub nobody has."""
+    from civitas.app import subjects_at_every_agency
+    from consent.officers import CitizenRef, DecisionQuery, OfficerWorkspace
+
+    hub = loaded.hub
+    nobody = "0" * 32
+    workspace = OfficerWorkspace(hub.db, None, pseudonym_key=b"k" * 32,
+                                 account_for_credential=lambda *_: None,
+                                 subjects_of=subjects_at_every_agency(hub))
+    with capture_sql() as seen:
+        assert hub.consent.decisions.forget_account(
+            nobody, now=datetime.now(UTC), subjects=subjects_at_every_agency(hub)(nobody)) == 0
+        found = workspace.search(DecisionQuery(citizen=CitizenRef("pairwise", AGENCY, "x" * 43)),
+                                 officer_account_id=nobody)
+        assert found.total == 0
+    return seen
+
+
 def purge_statements(loaded: Loaded) -> list[Statement]:
     """The SQL of the decision log's purge on a usual day: nothing past its retention."""
     with capture_sql() as seen:
@@ -292,6 +313,23 @@ def test_the_decision_purge_walks_the_primary_key(loaded: Loaded) -> None:
         scans = {scan for s in statements for scan in explain(conn, s).scans}
     assert {(table, index) for _, table, index in scans} == {
         ("consent_decisions", "pk_consent_decisions")}, scans
+
+
+def test_erasure_and_officers_find_unresolved_questions_through_their_partial_index(
+        loaded: Loaded) -> None:
+    """The questions that resolved to no one, by (agency, subject): the partial index
+    ``ix_consent_decisions_unresolved``, whose condition the statements must repeat for
+    the planner to use it (migration 0016). Named, not only "no Seq Scan": without it the
+    planner reads each agency's questions through (client_id, at), every one of them."""
+    statements = [s for s in reads(forget_statements(loaded))
+                  if touches(s, "consent_decisions")]
+    assert len(statements) >= 3
+    with loaded.hub.db.engine.connect() as conn:
+        indexes = {index for s in statements for _, table, index in explain(conn, s).scans
+                   if table == "consent_decisions"}
+    assert {"ix_consent_decisions_account_at", "ix_consent_decisions_unresolved"} <= {
+        name for found in indexes if found for name in found.split("|")}, indexes
+    assert seq_scans(loaded, statements) == []
 
 
 def test_the_erasure_job_reads_only_the_closed_accounts(loaded: Loaded) -> None:
