@@ -191,3 +191,34 @@ def test_loads_unique_refuses_bad_json_as_loads_does():
     deep = b'{"a:":' * 1000 + b"1" + b"}" * 1000
     with pytest.raises(ValueError, match="nested too deeply"):
         jsonfast.loads_unique(deep)
+
+
+LONG_INTEGERS = st.integers(min_value=2**63, max_value=2**300) | st.integers(
+    min_value=-2**300, max_value=-2**63 - 1)
+
+
+@given(LONG_INTEGERS | st.integers(), TEXT)
+def test_integers_of_any_size_come_back_exact(number, text):
+    """orjson reads an integer beyond 64 bits as a float (123456789012345678901 came back
+    as 1.2345678901234568e+20); loads gives json's exact answer, whatever the text
+    around it."""
+    for value in (number, [text, number], {"n": number, "text": text}):
+        for written in (json.dumps(value), jsonfast.dumpb(value)):
+            read = jsonfast.loads(written)
+            assert read == value and type(read) is type(value)
+            assert json.dumps(read) == json.dumps(value)
+
+
+def test_an_upstreams_long_integer_claim_is_released_as_it_was_asserted(hub):
+    """An attribute is stored as JSON (encrypted) and read back through jsonfast: a 21-digit
+    number an upstream asserted comes out of the account, and out of the reads the token
+    endpoint makes, as the same integer."""
+    from connectors import UpstreamIdentity
+
+    asserted = {"national_id": 123456789012345678901, "small": 7}
+    account = hub.accounts.resolve(UpstreamIdentity(
+        connector_id="op", subject="long-number", acr="urn:civitas:acr:ial1:aal1",
+        attributes=asserted)).account_id
+    assert hub.accounts.live_attributes(account, list(asserted)) == asserted
+    attributes, _, _ = hub.server.hub.citizen_claims(account, "agency-one", list(asserted))
+    assert attributes == asserted
