@@ -305,7 +305,8 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
         rate_window_seconds=settings.rate_limits.window_seconds,
         issuer=settings.issuer, describe_agency=_agency_policy(hub),
         history_days=settings.decision_log_retention_days,
-        offline_use=hub.server.hub.refresh_tokens.offline_use))
+        offline_use=hub.server.hub.refresh_tokens.offline_use,
+        subjects_of=subjects_at_every_agency(hub)))
     app.register_blueprint(_officer_blueprint(hub))
     admin_token = settings.admin_api_token
     app.register_blueprint(admin_api_blueprint(

@@ -30,6 +30,7 @@ from sqlalchemy import (
     bindparam,
     delete,
     false,
+    or_,
     select,
     tuple_,
     update,
@@ -462,13 +463,17 @@ class DecisionPoint:
                 break
         return answers, rows, entries
 
-    def for_account(self, account_id: str, limit: int = 100,
-                    offset: int = 0) -> list[AgencyDecision]:
-        """The citizen's data-access history: every decision about their records, newest
-        first (ties broken by id, so pages are stable)."""
+    def for_account(self, account_id: str, limit: int = 100, offset: int = 0, *,
+                    subjects: Sequence[tuple[str, str]] = ()) -> list[AgencyDecision]:
+        """The citizen's data-access history: every decision about their records, and every
+        question that named one of ``subjects`` (the account's (agency, ``sub``) pairs)
+        without resolving, asked before the citizen had a record there (its
+        ``account_id`` is None), newest first (ties broken by id, so pages are stable)."""
+        about = AgencyDecision.account_id == account_id
+        if subjects:
+            about = or_(about, unresolved_about(subjects))
         with self._db.session() as s:
-            return list(s.scalars(select(AgencyDecision).where(
-                AgencyDecision.account_id == account_id).order_by(
+            return list(s.scalars(select(AgencyDecision).where(about).order_by(
                 AgencyDecision.at.desc(), AgencyDecision.id.desc()).offset(offset).limit(limit)))
 
     def purge(self, before: datetime, *, batch: int = 5000) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -158,13 +158,17 @@ def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuth
                      describe_agency: Callable[[str], AgencyPolicy | None] | None = None,
                      history_days: int = 0,
                      offline_use: Callable[[str], Mapping[str, tuple[datetime, datetime]]]
-                     | None = None) -> Blueprint:
+                     | None = None,
+                     subjects_of: Callable[[str], Sequence[tuple[str, str]]] | None = None
+                     ) -> Blueprint:
     """The ``consent`` blueprint: account pages, templates and the decision API (nested as
     ``consent.api``), plus the AuthZEN PDP metadata (``issuer`` is its
     ``policy_decision_point``; the request's host when None). ``history_days``: how long
     the decision log keeps an answer (0: for ever), told on the citizen's history page.
     ``offline_use``: per agency that can act while the citizen is away (live refresh
-    grants), when it last did and until when it can, shown on the consents page."""
+    grants), when it last did and until when it can, shown on the consents page.
+    ``subjects_of``: the account's (agency, ``sub``) at every agency, so that the history
+    also shows the questions an agency asked before the citizen signed in there."""
     bp = Blueprint("consent", __name__, template_folder="templates")
     bp.register_blueprint(create_api_blueprint(
         service, authenticate_agency=authenticate_agency, store=store,
@@ -201,8 +205,9 @@ def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuth
         if owner is None:
             return redirect(login_url)
         page = min(max(1, request.args.get("page", 1, type=int) or 1), HISTORY_LAST_PAGE)
-        rows = service.decisions.for_account(owner, limit=HISTORY_PAGE + 1,
-                                             offset=(page - 1) * HISTORY_PAGE)
+        rows = service.decisions.for_account(
+            owner, limit=HISTORY_PAGE + 1, offset=(page - 1) * HISTORY_PAGE,
+            subjects=subjects_of(owner) if subjects_of is not None else ())
         items = []
         for row in rows[:HISTORY_PAGE]:
             policy = describe_agency(row.client_id) if describe_agency else None
@@ -213,6 +218,8 @@ def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuth
                 "why": (policy.purpose_labels.get(row.purpose, row.purpose)
                         if policy is not None else row.purpose),
                 "allowed": row.decision,
+                # it named the citizen's sub there, but no record of theirs was there yet
+                "before_record": row.account_id is None,
             })
         return render_template("consent/history.html", items=items, page=page,
                                more=len(rows) > HISTORY_PAGE, kept_days=history_days)

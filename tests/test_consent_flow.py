@@ -316,6 +316,29 @@ def test_citizen_sees_who_used_their_data(client):
     assert other.get("/account/history").status_code == 302  # signed-out: to the login
 
 
+def test_the_history_shows_questions_asked_before_the_citizen_signed_in_there(client, app):
+    """An agency can ask about a citizen's ``sub`` before the citizen ever signs in there
+    (another agency of its pairwise sector knows it): no record answers it, but it was
+    about this citizen, so their history shows it, and says so; a question about someone
+    else's sub there does not show."""
+    hub = app.extensions["civitas"]
+    auth = AuthRequest()
+    _, form = to_consent_page(client, auth)
+    answer(client, form, "allow")
+    with client.session_transaction() as s:
+        account_id = s["login"]["account_id"]
+    at_two = hub.server.hub.subject_for(hub.agencies.client(AGENCY_TWO.client_id), account_id)
+    assert evaluate(client, at_two, "email", "benefits", agency=AGENCY_TWO).json[
+        "context"]["reason"] == "no_consent"
+    assert evaluate(client, "someone-else", "name", "benefits", agency=AGENCY_TWO).json[
+        "decision"] is False
+    rows = re.findall(r"<tr><td>.*?</tr>", client.get("/account/history").get_data(
+        as_text=True), re.S)
+    assert len(rows) == 1, rows
+    assert "Agency Two" in rows[0] and "Refused" in rows[0]
+    assert "asked before you first signed in to this agency" in rows[0]
+
+
 def test_records_and_ledger_match_one_to_one(client, app, monkeypatch):
     from sqlalchemy import delete
 
