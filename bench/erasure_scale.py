@@ -26,7 +26,6 @@ import argparse
 import random
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,13 +36,11 @@ from sqlalchemy.schema import CreateIndex
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.decision_scale import Decider, capture_sql, describe, explain, step  # noqa: E402
-from bench.load_data import analyze, bench_settings, build_templates, load, start_hub  # noqa: E402
+from bench.load_data import add_load_arguments, analyze, loaded_hub  # noqa: E402
 from civitas.app import end_grants_and_consents  # noqa: E402
-from config import settings_from_mapping  # noqa: E402
 from consent.decisions import parse_evaluation  # noqa: E402
 from consent.models import AgencyDecision, ConsentRecord  # noqa: E402
 from kernel.db import utcnow  # noqa: E402
-from tests import servers  # noqa: E402
 
 INDEX = "ix_consent_decisions_unresolved"
 
@@ -60,24 +57,13 @@ FROM generate_series(1, :count) AS i
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--accounts", type=int, default=200_000)
-    ap.add_argument("--events", type=int, default=2_000_000)
-    ap.add_argument("--decisions", type=int, default=None,
-                    help="past (resolved) decisions to load (default: events / 10)")
+    add_load_arguments(ap, agencies=50)
     ap.add_argument("--unresolved", type=int, default=1_000_000)
     ap.add_argument("--erase", type=int, default=50)
-    ap.add_argument("--agencies", type=int, default=50)
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="civitas-erasure-") as workdir, \
-            servers.run_postgres(Path(workdir) / "pg") as url:
-        mapping = bench_settings(url, args.agencies)
-        app = start_hub(settings_from_mapping(mapping))
-        hub = app.extensions["civitas"]
-        templates = build_templates(hub, Path(workdir))
-        print(f"loading {args.accounts:,} accounts, ~{args.events:,} events ...", flush=True)
-        loaded = load(hub, accounts=args.accounts, events=args.events,
-                      decisions=args.decisions, templates=templates)
-        print(loaded.report(), flush=True)
+    with loaded_hub(args, "civitas-erasure-") as world:
+        app, hub, templates, loaded = world.app, world.hub, world.templates, world.loaded
+        mapping = world.settings
         agencies = [a["client_id"] for a in mapping["agencies"]]
         assert all(a.startswith("bench-agency-") for a in agencies), agencies[:3]
         with hub.db.engine.begin() as conn:
@@ -170,7 +156,6 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"unresolved questions about them stripped: {stripped} of {args.erase}",
               flush=True)
         after = step(hub, decider, loaded.sample, 1000, "after the erasures")
-        hub.db.dispose()
     print("decision latency, ms:")
     for r in (before, after):
         print(r.row())

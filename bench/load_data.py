@@ -24,6 +24,7 @@ ledger (the decision path only appends to it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import queue
@@ -33,7 +34,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -455,6 +456,50 @@ def load(hub: Hub, *, accounts: int, events: int, decisions: int | None = None,
         if failed:
             raise failed[0]
     return LoadResult(counts=counts, seconds=time.perf_counter() - started, sample=sample)
+
+
+def add_load_arguments(ap: argparse.ArgumentParser, *, agencies: int) -> None:
+    """``--accounts``, ``--events``, ``--decisions`` and ``--agencies``, for a script that
+    measures something on :func:`loaded_hub`."""
+    ap.add_argument("--accounts", type=int, default=200_000)
+    ap.add_argument("--events", type=int, default=2_000_000)
+    ap.add_argument("--decisions", type=int, default=None,
+                    help="past decisions to load (default: events / 10)")
+    ap.add_argument("--agencies", type=int, default=agencies)
+
+
+@dataclass
+class LoadedHub:
+    app: Any
+    hub: Hub
+    settings: dict[str, Any]
+    templates: Templates
+    loaded: LoadResult
+
+
+@contextlib.contextmanager
+def loaded_hub(args: argparse.Namespace, prefix: str) -> Iterator[LoadedHub]:
+    """A fresh PostgreSQL in a temporary directory, the hub on it with ``args.agencies``
+    bench agencies, and the data of :func:`add_load_arguments`'s arguments loaded and
+    analysed; everything stopped and removed afterwards."""
+    from tests import servers
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as workdir, \
+            servers.run_postgres(Path(workdir) / "pg") as url:
+        mapping = bench_settings(url, args.agencies)
+        app = start_hub(settings_from_mapping(mapping))
+        hub = app.extensions["civitas"]
+        try:
+            templates = build_templates(hub, Path(workdir))
+            print(f"loading {args.accounts:,} accounts, ~{args.events:,} events ...",
+                  flush=True)
+            loaded = load(hub, accounts=args.accounts, events=args.events,
+                          decisions=args.decisions, templates=templates)
+            print(loaded.report(), flush=True)
+            analyze(hub)
+            yield LoadedHub(app, hub, mapping, templates, loaded)
+        finally:
+            hub.db.dispose()
 
 
 def analyze(hub: Hub) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
@@ -27,11 +26,9 @@ from sqlalchemy import func, select
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.decision_scale import Decider, step  # noqa: E402
-from bench.load_data import analyze, bench_settings, build_templates, load, start_hub  # noqa: E402
-from config import settings_from_mapping  # noqa: E402
+from bench.load_data import add_load_arguments, analyze, loaded_hub  # noqa: E402
 from consent.models import AgencyDecision  # noqa: E402
 from kernel.db import utcnow  # noqa: E402
-from tests import servers  # noqa: E402
 
 
 def count(hub: object) -> int:
@@ -41,25 +38,13 @@ def count(hub: object) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--accounts", type=int, default=200_000)
-    ap.add_argument("--events", type=int, default=2_000_000)
-    ap.add_argument("--decisions", type=int, default=None,
-                    help="past decisions to load (default: events / 10)")
+    add_load_arguments(ap, agencies=20)
     ap.add_argument("--days", type=int, default=365, help="the retention")
     ap.add_argument("--batch", type=int, default=5000)
-    ap.add_argument("--agencies", type=int, default=20)
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="civitas-purge-") as workdir, \
-            servers.run_postgres(Path(workdir) / "pg") as url:
-        mapping = bench_settings(url, args.agencies)
-        app = start_hub(settings_from_mapping(mapping))
-        hub = app.extensions["civitas"]
-        templates = build_templates(hub, Path(workdir))
-        print(f"loading {args.accounts:,} accounts, ~{args.events:,} events ...", flush=True)
-        loaded = load(hub, accounts=args.accounts, events=args.events,
-                      decisions=args.decisions, templates=templates)
-        print(loaded.report(), flush=True)
-        analyze(hub)
+    with loaded_hub(args, "civitas-purge-") as world:
+        app, hub, templates, loaded = world.app, world.hub, world.templates, world.loaded
+        mapping = world.settings
         decider = Decider(app, templates, {a["client_id"]: a["client_secret"]
                                            for a in mapping["agencies"]})
         before = step(hub, decider, loaded.sample, 1000, "before the purge")
@@ -89,7 +74,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         hub.consent.decisions.purge(cutoff, batch=args.batch)
         vacuumed = time.perf_counter() - started
         after = step(hub, decider, loaded.sample, 1000, "after the purge")
-        hub.db.dispose()
     print(f"\ndecision log: {total:,} rows, retention {args.days} days")
     print(f"purge: {deleted:,} rows deleted in {took:.1f} s ({deleted / took:,.0f} rows/s), "
           f"{len(batches)} batches of up to {args.batch:,}, the longest {max(batches):.3f} s")
