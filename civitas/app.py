@@ -192,7 +192,8 @@ def build_hub(settings: Settings, *, migrate: bool = True,
                         for u in settings.upstreams}))
     services = ProviderServices(
         issuer=settings.issuer, agencies=agencies, tokens=tokens, accounts=accounts, keys=keys,
-        access_tokens=AccessTokens(issuer=settings.issuer, keys=keys, tokens=tokens),
+        access_tokens=AccessTokens(issuer=settings.issuer, keys=keys, tokens=tokens,
+                                   cipher=cipher),
         refresh_tokens=RefreshTokens(db, tokens, lifetime=settings.refresh_token_lifetime_seconds),
         subjects=PairwiseSubjects(settings.pairwise_secret.get_secret_value()),
         id_token_lifetime=settings.id_token_lifetime_seconds,

@@ -335,8 +335,8 @@ class CodeGrant(grants.AuthorizationCodeGrant):
         # The code is taken, and its hub session's revocation mark read, in one round trip.
         # A code whose hub session ended (logout) between the code and its redemption gets
         # no tokens. A session that ends later, while the tokens are made, is the race every
-        # provider has: the access token's record still meets the mark at every use
-        # (TokenStore.access_token_record).
+        # provider has: the access token's sid still meets the mark at every use
+        # (TokenStore.unless_revoked).
         record, session_ended = self.hub.tokens.take_code(code)
         if record is None or session_ended or record.client_id != client.client_id:
             return None

@@ -6,8 +6,12 @@ refused and revokes every token issued from it (RFC 6749 10.5): the marker that 
 issued is written with the code, so a reuse that races the first redemption is still seen.
 
 Access tokens are JWTs in the RFC 9068 profile (``typ: at+jwt``) so agency APIs can check
-them offline; each has a ``jti`` whose record in the store is what revocation and
-introspection act on. Refresh tokens are ``<grant_id>.<secret>``, opaque to agencies: one SQL
+them offline. What the hub needs of one beyond its public claims (the account, the grant,
+the code it came from) travels in it, encrypted for the hub alone (claim ``civitas``), so
+issuing one writes nothing to the store: the store holds revocation markers only (of a
+token's ``jti``, its code, grant, hub session or agency-and-citizen), all read in one round
+trip at each use. Tokens issued before, with a record in the store instead, are still read
+that way until they expire. Refresh tokens are ``<grant_id>.<secret>``, opaque to agencies: one SQL
 row per grant holds the hash of its live token, rotated in place on every use, and any other
 token of the grant presented revokes the whole grant (RFC 9700 4.14.2). Only hashes of codes
 and tokens are ever stored or used as keys.
@@ -40,6 +44,8 @@ from sqlalchemy import (
 )
 
 from broker.accounts import account_is_live
+from kernel import jsonfast
+from kernel.crypto import DecryptionError, FieldCipher
 from kernel.db import Database, Prepared, utcnow
 from kernel.ids import new_id
 from kernel.metrics import REFRESH_REVOKED
@@ -158,11 +164,12 @@ class AccessToken:
         return self.expires_at <= time.time()
 
     def is_revoked(self) -> bool:
-        return False  # a revoked token has no record and is never returned
+        return False  # a revoked token is never returned (TokenStore.unless_revoked)
 
 
 class TokenStore:
-    """Codes, nonces, access-token records and revocation markers in the short-lived store."""
+    """Codes, nonces and revocation markers in the short-lived store (and the records of
+    access tokens issued before the tokens carried their own)."""
 
     def __init__(self, store: ShortLivedStore, *, code_lifetime: int,
                  access_token_lifetime: int) -> None:
@@ -233,13 +240,21 @@ class TokenStore:
         }, max(1, token.expires_at - int(time.time())))
 
     def access_token_record(self, jti: str) -> AccessToken | None:
+        """A token issued with a record in the store (before tokens carried their own), if
+        it is live. Remove once every such token has expired (``access_token_lifetime``
+        after the upgrade)."""
         record = self._store.get("at:" + jti)
         if record is None or record["expires_at"] <= time.time():
             return None
-        token = AccessToken(jti=jti, **record)
-        # every way it can have been revoked, in one round trip
+        return self.unless_revoked(AccessToken(jti=jti, **record))
+
+    def unless_revoked(self, token: AccessToken) -> AccessToken | None:
+        """``token``, unless one of the ways it can have been revoked says so: its own
+        ``jti`` (RFC 7009), its code (a second redemption, RFC 6749 10.5), its grant, its hub
+        session (logout) or its agency and citizen (consent withdrawn); one round trip."""
         marks = [f"revoked-{kind}:{value}" for kind, value in (
-            ("code", token.code_hash), ("grant", token.grant_id), ("sid", token.sid)) if value]
+            ("jti", token.jti), ("code", token.code_hash), ("grant", token.grant_id),
+            ("sid", token.sid)) if value]
         *revoked, agency = self._store.get_many(
             [*marks, f"revoked-agency:{token.client_id}:{token.account_id}"])
         if any(mark is not None for mark in revoked):
@@ -249,6 +264,9 @@ class TokenStore:
         return token
 
     def revoke_access_token(self, jti: str) -> None:
+        """RFC 7009: this token dies (a marker as long as a token can live; a token issued
+        with a record loses it too)."""
+        self.mark_revoked("jti", jti)
         self._store.delete("at:" + jti)
 
     # -- nonces ---------------------------------------------------------------------------
@@ -266,51 +284,55 @@ class TokenStore:
                                    max(1, ttl))
 
 
-class AccessTokens:
-    """JWT access tokens (RFC 9068) signed with the hub's current key."""
+#: the claim that carries what only the hub may read of an access token
+PRIVATE_CLAIM = "civitas"
+#: what its encryption is bound to (kernel.crypto: a value for one use is refused for another)
+PRIVATE_CONTEXT = b"access-token"
 
-    def __init__(self, *, issuer: str, keys: KeyRing, tokens: TokenStore) -> None:
+
+class AccessTokens:
+    """JWT access tokens (RFC 9068) signed with the hub's current key.
+
+    The claims an agency reads are RFC 9068's; :data:`PRIVATE_CLAIM` holds the account, the
+    grant and the code's hash, encrypted with the settings' ``encryption_key`` (AES-256-GCM-SIV,
+    :class:`~kernel.crypto.FieldCipher`): the internal account id would let agencies link
+    a citizen across pairwise sectors, so none of it is readable outside the hub."""
+
+    def __init__(self, *, issuer: str, keys: KeyRing, tokens: TokenStore,
+                 cipher: FieldCipher) -> None:
         self.issuer = issuer
         self.keys = keys
         self.tokens = tokens
+        self._cipher = cipher
+
+    def _private(self, account_id: str, grant_id: str, code_hash: str | None) -> str:
+        return self._cipher.encrypt(jsonfast.dumps([account_id, grant_id, code_hash]),
+                                    context=PRIVATE_CONTEXT)
 
     def issue(self, *, client_id: str, alg: str, account_id: str, sub: str, scope: str,
               grant_id: str, sid: str, auth_time: int, acr: str,
               code_hash: str | None = None) -> str:
         now = int(time.time())
-        record = AccessToken(
-            jti=secrets.token_urlsafe(24), client_id=client_id, account_id=account_id,
-            sub=sub, scope=scope, issued_at=now, expires_at=now + self.tokens.access_token_lifetime,
-            grant_id=grant_id, sid=sid, code_hash=code_hash,
-        )
-        key = self.keys.signing_key(alg)
-        claims = {
+        return self._signed(alg, {
             "iss": self.issuer, "sub": sub, "aud": client_id, "client_id": client_id,
-            "iat": now, "exp": record.expires_at, "jti": record.jti, "scope": scope,
-            "auth_time": auth_time, "acr": acr, "sid": sid,
-        }
-        header = {"alg": key.alg, "kid": key.kid, "typ": "at+jwt"}
-        token = key.sign_jwt(header, claims)
-        self.tokens.save_access_token(record)
-        return token
+            "iat": now, "exp": now + self.tokens.access_token_lifetime,
+            "jti": secrets.token_urlsafe(24), "scope": scope, "auth_time": auth_time,
+            "acr": acr, "sid": sid,
+            PRIVATE_CLAIM: self._private(account_id, grant_id, code_hash)})
 
     def issue_for_client(self, *, client_id: str, alg: str, scope: str) -> str:
         """RFC 9068 2.2 for a grant without a resource owner (client_credentials): ``sub``
         is the agency's client_id, there is no account, session or authentication time."""
         now = int(time.time())
-        record = AccessToken(
-            jti=secrets.token_urlsafe(24), client_id=client_id, account_id="", sub=client_id,
-            scope=scope, issued_at=now, expires_at=now + self.tokens.access_token_lifetime,
-            grant_id="", sid="",
-        )
+        return self._signed(alg, {
+            "iss": self.issuer, "sub": client_id, "aud": self.issuer, "client_id": client_id,
+            "iat": now, "exp": now + self.tokens.access_token_lifetime,
+            "jti": secrets.token_urlsafe(24), "scope": scope,
+            PRIVATE_CLAIM: self._private("", "", None)})
+
+    def _signed(self, alg: str, claims: dict[str, Any]) -> str:
         key = self.keys.signing_key(alg)
-        claims = {"iss": self.issuer, "sub": client_id, "aud": self.issuer,
-                  "client_id": client_id, "iat": now, "exp": record.expires_at,
-                  "jti": record.jti, "scope": scope}
-        header = {"alg": key.alg, "kid": key.kid, "typ": "at+jwt"}
-        token = key.sign_jwt(header, claims)
-        self.tokens.save_access_token(record)
-        return token
+        return key.sign_jwt({"alg": key.alg, "kid": key.kid, "typ": "at+jwt"}, claims)
 
     def verify(self, token: str) -> AccessToken | None:
         """The record of a valid, unrevoked access token this hub issued; else None."""
@@ -325,10 +347,31 @@ class AccessTokens:
                 or not isinstance(claims.get("exp"), int) or claims["exp"] <= time.time()
                 or not isinstance(claims.get("jti"), str)):
             return None
-        record = self.tokens.access_token_record(claims["jti"])
-        if record is None or record.client_id != claims.get("client_id"):
+        private = claims.get(PRIVATE_CLAIM)
+        if private is None:  # issued with a record in the store, before the claim
+            record = self.tokens.access_token_record(claims["jti"])
+            if record is None or record.client_id != claims.get("client_id"):
+                return None
+            return record
+        found = self._read(claims, private)
+        return self.tokens.unless_revoked(found) if found is not None else None
+
+    def _read(self, claims: dict[str, Any], private: Any) -> AccessToken | None:
+        """The token the hub issued with these (signed) claims; None if its private claim
+        does not open (another hub's key, or not one the hub wrote)."""
+        try:
+            account_id, grant_id, code_hash = jsonfast.loads(
+                self._cipher.decrypt(private, context=PRIVATE_CONTEXT))
+        except (DecryptionError, ValueError, TypeError, AttributeError):
             return None
-        return record
+        client_id, iat = claims.get("client_id"), claims.get("iat")
+        if not isinstance(client_id, str) or not isinstance(iat, int):
+            return None
+        return AccessToken(
+            jti=claims["jti"], client_id=client_id, account_id=account_id,
+            sub=str(claims.get("sub", "")), scope=str(claims.get("scope", "")),
+            issued_at=iat, expires_at=claims["exp"], grant_id=grant_id,
+            sid=str(claims.get("sid", "")), code_hash=code_hash)
 
 
 @dataclass(frozen=True)

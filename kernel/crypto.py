@@ -45,6 +45,12 @@ class DecryptionError(CivitasError):
     public_message = "Stored data could not be decrypted."
 
 
+def _aad(context: bytes, key_id: bytes) -> bytes:
+    """The associated data of a value: the scheme, what it is for (nothing for a stored
+    attribute, as before contexts existed) and its key id."""
+    return _AAD + (context + b"/" if context else b"") + key_id
+
+
 def _derive(key: bytes, label: bytes, length: int) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=None,
                 info=b"civitas/field-cipher/v2/" + label).derive(key)
@@ -91,23 +97,27 @@ class FieldCipher:
             self._by_id.setdefault(key_id, aead)
             self._index.setdefault(key_id, index)
 
-    def encrypt(self, plaintext: str) -> str:
+    def encrypt(self, plaintext: str, *, context: bytes = b"") -> str:
+        """``context``: what the value is for, bound to it (as associated data), so that a
+        value written for one use is refused for another (a stored attribute's is empty)."""
         key_id, aead = self._write
         nonce = os.urandom(_NONCE)
-        sealed = aead.encrypt(nonce, plaintext.encode(), _AAD + key_id)
+        sealed = aead.encrypt(nonce, plaintext.encode(), _aad(context, key_id))
         return PREFIX + base64.urlsafe_b64encode(key_id + nonce + sealed).rstrip(b"=").decode()
 
-    def decrypt(self, token: str) -> str:
+    def decrypt(self, token: str, *, context: bytes = b"") -> str:
         if not token.startswith(PREFIX):
+            if context:
+                raise DecryptionError()  # only stored attributes were ever Fernet tokens
             try:  # written before the second version: a Fernet token
                 return self._fernet.decrypt(token.encode()).decode()
             except InvalidToken as exc:
                 raise DecryptionError() from exc
-        return self._open(token)[1]
+        return self._open(token, context)[1]
 
-    def _open(self, token: str) -> tuple[bytes, str]:
+    def _open(self, token: str, context: bytes = b"") -> tuple[bytes, str]:
         """A ``v2.`` value's key id and plaintext; :class:`DecryptionError` if no configured
-        key opens it."""
+        key opens it (or it was written for another ``context``)."""
         body = token[len(PREFIX):]
         try:
             blob = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
@@ -119,7 +129,8 @@ class FieldCipher:
             raise DecryptionError()  # a key no longer configured, or a cut value
         nonce = blob[_KEY_ID:_KEY_ID + _NONCE]
         try:
-            return key_id, aead.decrypt(nonce, blob[_KEY_ID + _NONCE:], _AAD + key_id).decode()
+            return key_id, aead.decrypt(nonce, blob[_KEY_ID + _NONCE:],
+                                        _aad(context, key_id)).decode()
         except (InvalidTag, UnicodeDecodeError) as exc:
             raise DecryptionError() from exc
 

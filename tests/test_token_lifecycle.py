@@ -362,9 +362,10 @@ def test_only_the_attributes_a_scope_can_release_are_decrypted(client, hub, monk
     original = cipher.decrypt
     decrypted = []
 
-    def spy(token):
-        plain = original(token)
-        decrypted.append(json.loads(plain))
+    def spy(token, **context):
+        plain = original(token, **context)
+        if not context:  # an attribute (the access token's own private claim is not one)
+            decrypted.append(json.loads(plain))
         return plain
 
     tokens(client, scope="openid profile email")  # signs alice in
@@ -532,3 +533,87 @@ def test_rfc9700_4_14_no_token_is_rotated_in_after_its_grant_was_revoked(hub):
     # one row says the grant is revoked, and why (the replay above kept the first reason)
     assert record.revoked_at is not None and record.revoked_reason == "revoked"
     assert record.token_hash is None and record.rotations == 0
+
+
+# -- access tokens carry their own record ----------------------------------------------
+
+
+def test_issuing_access_tokens_stores_nothing_per_token(make_hub, redis_url):
+    """What the hub needs of an access token travels in it (encrypted), so the short-lived
+    store does not grow with the tokens issued: a real Redis holds as many keys after 30
+    more tokens (client_credentials, and a code exchange's) as after the first; and each
+    still works, and is still revoked on its own (RFC 7009)."""
+    import redis
+
+    from tests.flows import within_one_window
+
+    own = redis_url.rsplit("/", 1)[0] + "/7"  # a database of its own: no other test's keys
+    server = redis.Redis.from_url(own)
+    server.flushdb()
+    app = make_hub(redis_url=own)
+    client = app.test_client()
+    issue = {"grant_type": "client_credentials", "scope": "consent.decisions"}
+    within_one_window(needed=10)  # the rate limits' counters: one key each per window
+    # the first ten: the counters appear (the agency's is counted in batches)
+    first = [client.post("/token", data=issue, headers=basic(AGENCY_ONE)).json["access_token"]
+             for _ in range(10)]
+    keys = sorted(server.keys())
+    more = [client.post("/token", data=issue, headers=basic(AGENCY_ONE)).json["access_token"]
+            for _ in range(30)]
+    assert sorted(server.keys()) == keys and len(keys) == 2, keys
+    assert all(introspect(client, t).json["active"] is True for t in [*first, *more])
+    client.post("/revoke", data={"token": more[0]}, headers=basic(AGENCY_ONE))
+    assert introspect(client, more[0]).json == {"active": False}
+    assert introspect(client, more[1]).json["active"] is True
+
+
+def test_an_access_tokens_private_claim_names_no_account_and_only_the_hub_reads_it(client,
+                                                                                  hub):
+    """The account id would let agencies link a citizen across pairwise sectors: the token
+    carries it (and its grant and code) encrypted, readable by no agency; a token the hub
+    signed whose private claim it did not write (or wrote for another use) is no token."""
+    from kernel.ids import new_id
+
+    body = tokens(client)
+    claims = jose_jwt.get_unverified_claims(body["access_token"])
+    with hub.db.session() as s:
+        grant = s.scalars(select(RefreshGrantRecord)).one()
+    assert isinstance(claims["civitas"], str)
+    for secret in (grant.account_id, grant.grant_id):
+        assert secret not in body["access_token"] and secret not in json.dumps(claims)
+    assert userinfo(client, body["access_token"]).status_code == 200
+    key = hub.keys.signing_key("ES256")
+    for private in (hub.cipher.encrypt(json.dumps([grant.account_id, grant.grant_id, None])),
+                    "v2.AAAA", 7, None):
+        forged = dict(claims, civitas=private, jti=new_id())
+        if private is None:
+            del forged["civitas"]  # and no record in the store either
+        token = key.sign_jwt({"alg": key.alg, "kid": key.kid, "typ": "at+jwt"}, forged)
+        assert userinfo(client, token).status_code == 401, private
+        assert introspect(client, token).json == {"active": False}
+
+
+def test_an_access_token_issued_with_a_record_still_works_until_it_is_revoked(client, hub):
+    """Tokens issued before they carried their own record have one in the store: they are
+    read as before until they expire, and revoked as before."""
+    from idp.tokens import AccessToken
+
+    body = tokens(client)
+    claims = jose_jwt.get_unverified_claims(body["access_token"])
+    with hub.db.session() as s:
+        grant = s.scalars(select(RefreshGrantRecord)).one()
+    from kernel.ids import new_id
+
+    old = {k: v for k, v in claims.items() if k != "civitas"} | {"jti": new_id()}
+    hub.tokens.save_access_token(AccessToken(
+        jti=old["jti"], client_id=old["client_id"], account_id=grant.account_id,
+        sub=old["sub"], scope=old["scope"], issued_at=old["iat"], expires_at=old["exp"],
+        grant_id=grant.grant_id, sid=old["sid"]))
+    key = hub.keys.signing_key("ES256")
+    token = key.sign_jwt({"alg": key.alg, "kid": key.kid, "typ": "at+jwt"}, old)
+    assert userinfo(client, token).json["sub"] == claims["sub"]
+    assert introspect(client, token).json["active"] is True
+    assert client.post("/revoke", data={"token": token},
+                       headers=basic(AGENCY_ONE)).status_code == 200
+    assert userinfo(client, token).status_code == 401
+    assert userinfo(client, body["access_token"]).status_code == 200  # a jti of its own
