@@ -127,11 +127,16 @@ class ProviderServices:
                      sid: str, auth_time: int, acr: str, amr: tuple[str, ...],
                      code_hash: str | None = None, refresh: bool = False,
                      family_expires_at: int | None = None,
-                     consent_ends: datetime | None = None) -> dict[str, Any]:
-        """The token response body for a grant: a JWT access token and, when the agency
-        may have one and asked for ``offline_access``, a refresh token: the rotation of a
-        grant that ends at ``family_expires_at``, or a new grant, which ends with the
-        citizen's consent (``consent_ends``) if that comes before the refresh lifetime."""
+                     consent_ends: datetime | None = None,
+                     grant_scope: str | None = None) -> dict[str, Any]:
+        """The token response body for a grant: a JWT access token for ``scope`` and, when
+        the agency may have one and the grant has ``offline_access``, a refresh token: the
+        rotation of a grant that ends at ``family_expires_at``, or a new grant, which ends
+        with the citizen's consent (``consent_ends``) if that comes before the refresh
+        lifetime. ``grant_scope``: a rotated grant's own scope, which the new refresh token
+        keeps whatever narrower ``scope`` this request asked for (RFC 6749 section 6: "the
+        refresh token scope MUST be identical to that of the refresh token included by the
+        client in the request")."""
         access = self.access_tokens.issue(
             client_id=client.client_id, alg=client.id_token_signed_response_alg,
             account_id=account_id, sub=self.subject_for(client, account_id), scope=scope,
@@ -141,7 +146,8 @@ class ProviderServices:
                                 "expires_in": self.tokens.access_token_lifetime, "scope": scope}
         TOKENS.labels("refresh_token" if family_expires_at is not None
                       else "authorization_code").inc()
-        if refresh and "offline_access" in scope.split() and client.check_grant_type(
+        kept = grant_scope or scope
+        if refresh and "offline_access" in kept.split() and client.check_grant_type(
                 "refresh_token"):
             ends, new_grant = family_expires_at, None
             if ends is None and consent_ends is not None and consent_ends.timestamp() < (
@@ -150,7 +156,7 @@ class ProviderServices:
                 ends, new_grant = int(consent_ends.timestamp()), True
             body["refresh_token"] = self.refresh_tokens.issue(
                 grant_id=grant_id, client_id=client.client_id, account_id=account_id,
-                scope=scope, sid=sid, acr=acr, amr=amr, auth_time=auth_time,
+                scope=kept, sid=sid, acr=acr, amr=amr, auth_time=auth_time,
                 family_expires_at=ends, new_grant=new_grant,
             )
         return body
@@ -420,6 +426,7 @@ class RotatingRefreshGrant(grants.RefreshTokenGrant):
                 client=self.request.client, account_id=user.account_id, scope=scope,
                 grant_id=grant.grant_id, sid=sid, auth_time=grant.auth_time, acr=grant.acr,
                 amr=grant.amr, refresh=True, family_expires_at=grant.expires_at,
+                grant_scope=grant.scope,
             )
         except GrantEnded:
             raise InvalidGrantError() from None  # revoked between the use and the rotation

@@ -127,6 +127,26 @@ def test_rfc6749_6_wider_scope_refused_without_consuming_token(client):
     assert r.status_code == 200 and r.json["scope"] == "openid offline_access"
 
 
+def test_rfc6749_6_a_narrower_refresh_keeps_the_grant_s_scope(client, hub):
+    """RFC 6749 6: "the refresh token scope MUST be identical to that of the refresh token
+    included by the client in the request". Asking for less narrows the access token
+    only: the grant keeps what the citizen granted, offline access included, so a request
+    without ``offline_access`` still gets the rotated refresh token (it was used up), and a
+    later refresh may ask for the whole scope again."""
+    body = tokens(client, scope="openid email offline_access")
+    r = refresh(client, body["refresh_token"], scope="openid offline_access")
+    assert r.status_code == 200 and r.json["scope"] == "openid offline_access"
+    assert "email" not in userinfo(client, r.json["access_token"]).json
+    r = refresh(client, r.json["refresh_token"], scope="openid email")
+    assert r.status_code == 200, r.json
+    assert r.json["scope"] == "openid email" and "refresh_token" in r.json
+    r = refresh(client, r.json["refresh_token"])  # no scope: the grant's whole scope
+    assert r.status_code == 200 and r.json["scope"] == "openid email offline_access"
+    with hub.db.session() as s:
+        assert s.scalars(select(RefreshGrantRecord.scope)).all() == [
+            "openid email offline_access"]
+
+
 def test_refresh_token_bound_to_its_client(client):
     body = tokens(client)
     r = refresh(client, body["refresh_token"], agency=AGENCY_TWO)
