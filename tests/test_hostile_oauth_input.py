@@ -10,7 +10,7 @@ import json
 import time
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -325,6 +325,37 @@ def test_a_repeated_token_request_parameter_is_invalid_request(client, pairs, na
     headers = {} if any(k == "client_secret" for k, _ in pairs) else AGENCY
     r = client.post("/token", data=urlencode(pairs), headers={**headers, **FORM})
     assert_repeated(r, name)
+
+
+@pytest.mark.parametrize("raw", ["a%22", "%C3%A9", "b%5C"], ids=["quote", "e-acute", "backslash"])
+def test_rfc6749_5_2_a_repeated_parameter_with_an_odd_name_is_invalid_request(client, raw):
+    """RFC 6749 5.2 allows no '"', '\\' or non-ASCII in error_description, and Authlib
+    refuses to make an error with one (a server error): the name is shown percent-encoded."""
+    r = client.post("/token", data=f"grant_type=client_credentials&{raw}=1&{raw}=2",
+                    headers={**AGENCY, **FORM})
+    assert_repeated(r, raw)
+
+
+@pytest.mark.parametrize("response_type", ['to"ken', "t\u00e9ken", "tok\\en", "token"],
+                         ids=["quote", "e-acute", "backslash", "token"])
+def test_rfc6749_4_1_2_1_an_unsupported_response_type_is_redirected_whatever_it_holds(
+        client, response_type):
+    """Authlib's refusal put the value in error_description, whose characters RFC 6749
+    4.1.2.1 limits (a quote was a server error); the agency gets unsupported_response_type
+    at its redirect URI with its state and the hub's iss (RFC 9207), in words of the hub's."""
+    auth = AuthRequest()
+    r = client.get(auth.url().replace("response_type=code", "response_type="
+                                      + quote(response_type, safe="")))
+    assert r.status_code == 302, r.get_data(as_text=True)[:300]
+    assert r.headers["Location"].startswith(auth.agency.redirect_uri + "?")
+    answer = query(r.headers["Location"])
+    assert answer == {"error": "unsupported_response_type",
+                      "error_description": "The only response_type this server supports is "
+                                           "'code'.", "state": auth.state, "iss": HUB_ISSUER}
+    # an unknown redirect URI still gets no redirect
+    r = client.get(auth.url().replace("response_type=code", "response_type=token").replace(
+        quote(auth.agency.redirect_uri, safe=""), quote("https://evil.example/cb", safe="")))
+    assert r.status_code == 400 and "Location" not in r.headers
 
 
 def test_a_parameter_in_the_query_and_the_body_is_repeated(client):
