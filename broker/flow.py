@@ -38,6 +38,11 @@ class LoginFlow:
     payload: dict[str, Any] | None = None
     #: when set, only upstreams providing one of these assurance levels may be used
     allowed_acrs: list[str] | None = None
+    #: the upstream must authenticate the person again, not answer from a session of its
+    #: own (the agency sent ``prompt=login`` or ``select_account``: OpenID Connect Core
+    #: 3.1.2.1), and/or within ``max_age`` seconds
+    reauthenticate: bool = False
+    max_age: int | None = None
 
     def allows(self, acr: str) -> bool:
         return self.allowed_acrs is None or acr in self.allowed_acrs
@@ -82,14 +87,16 @@ class FlowStore:
         return flows if isinstance(flows, dict) else {}
 
     def start(self, return_to: str, payload: dict[str, Any] | None = None,
-              allowed_acrs: list[str] | None = None) -> LoginFlow:
+              allowed_acrs: list[str] | None = None, *, reauthenticate: bool = False,
+              max_age: int | None = None) -> LoginFlow:
         """Start a flow. ``return_to`` is a local path; ``{flow_id}`` in it is filled in."""
         if not _is_local_path(return_to):
             raise ValueError("return_to must be a local path")
         flow_id = secrets.token_urlsafe(16)
         flow = LoginFlow(id=flow_id, return_to=return_to.replace("{flow_id}", flow_id),
                          state="choosing", started_at=int(time.time()), payload=payload,
-                         allowed_acrs=allowed_acrs)
+                         allowed_acrs=allowed_acrs, reauthenticate=reauthenticate,
+                         max_age=max_age)
         flows = self._all()
         now = time.time()
         flows = {k: v for k, v in flows.items() if now - v["started_at"] < self._lifetime}

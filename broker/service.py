@@ -135,7 +135,9 @@ class Broker:
         with self._calling(connector, admit=True, proves=False) as probing:
             if probing:
                 connector.probe()
-            url, pending = connector.begin(self.callback_uri(upstream_id))
+            url, pending = connector.begin(self.callback_uri(upstream_id),
+                                           reauthenticate=flow.reauthenticate,
+                                           max_age=flow.max_age)
         flows.save(flow.choose(upstream_id, pending.state, dict(pending.data)))
         return url
 
@@ -191,5 +193,6 @@ class Broker:
         LOGINS.labels(identity.connector_id, "ok").inc()
         resolved = self.accounts.resolve(identity)
         login = establish_login(session, account_id=resolved.account_id, acr=identity.acr,
-                                amr=identity.amr, upstream_id=identity.connector_id)
+                                amr=identity.amr, upstream_id=identity.connector_id,
+                                auth_time=identity.auth_time)
         return LoginOutcome(flow=flow, login=login)

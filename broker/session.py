@@ -125,6 +125,9 @@ class HubLogin:
     upstream_id: str
     #: session id shared with agencies as ``sid`` (OpenID Connect Back-Channel Logout)
     sid: str
+    #: when this login was made at the hub; ``auth_time`` is when the person authenticated
+    #: at the upstream, which may be earlier (its own session answered)
+    signed_in_at: int = 0
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -136,6 +139,7 @@ class HubLogin:
         return cls(
             account_id=data["account_id"], auth_time=int(data["auth_time"]), acr=data["acr"],
             amr=tuple(data.get("amr", ())), upstream_id=data["upstream_id"], sid=data["sid"],
+            signed_in_at=int(data.get("signed_in_at", data["auth_time"])),
         )
 
 
@@ -147,14 +151,19 @@ def current_login(session: SessionMixin) -> HubLogin | None:
 
 
 def establish_login(session: SessionMixin, *, account_id: str, acr: str, amr: tuple[str, ...],
-                    upstream_id: str) -> HubLogin:
+                    upstream_id: str, auth_time: int | None = None) -> HubLogin:
+    """Sign the session in. ``auth_time``: when the upstream authenticated the person
+    (OpenID Connect Core 2: "Time when the End-User authentication occurred"), never
+    later than now; None: now."""
     previous = current_login(session)
     # A fresh login by the same person keeps the session's ``sid`` so agencies that joined
     # earlier are still reached by a later logout (Back-Channel Logout 1.0 section 2.1).
     sid = (previous.sid if previous is not None and previous.account_id == account_id
            else secrets.token_urlsafe(16))
-    login = HubLogin(account_id=account_id, auth_time=int(time.time()), acr=acr, amr=amr,
-                     upstream_id=upstream_id, sid=sid)
+    now = int(time.time())
+    login = HubLogin(account_id=account_id,
+                     auth_time=now if auth_time is None else min(auth_time, now), acr=acr,
+                     amr=amr, upstream_id=upstream_id, sid=sid, signed_in_at=now)
     session["login"] = login.to_json()
     if isinstance(session, StoreSession):
         session.regenerate()

@@ -94,6 +94,9 @@ def start_upstream(port: int, hub_issuer: str, client_secret: str, log_path: Pat
     env = dict(os.environ, PORT=str(port), ISSUER=f"http://{HOST}:{port}", CLIENTS=json.dumps([{
         "client_id": "civitas-hub", "client_secret": client_secret,
         "redirect_uris": [f"{hub_issuer}/login/demo-id/callback"],
+        # the upstream says in each ID token when the person authenticated (OpenID Connect
+        # Registration 2), which the hub passes on as auth_time
+        "require_auth_time": True,
     }]))
     log = log_path.open("ab")
     argv = [node, str(UPSTREAM_DIR / "server.mjs")]  # fixed argv, no shell

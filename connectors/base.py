@@ -137,6 +137,9 @@ class UpstreamIdentity:
     amr: tuple[str, ...] = ()
     #: opaque, never shown to agencies (e.g. the upstream's id_token for logout)
     connector_data: Mapping[str, Any] = field(default_factory=dict)
+    #: when the person authenticated at the upstream (its ID token's ``auth_time``), when
+    #: it says; None: just now (a password checked in this request)
+    auth_time: int | None = None
 
 
 @dataclass(frozen=True)
@@ -157,8 +160,12 @@ class RedirectConnector(Protocol):
     #: the assurance (acr) a login through this upstream provides
     acr: str
 
-    def begin(self, redirect_uri: str) -> tuple[str, PendingLogin]:
-        """Return the URL to send the browser to, and what to keep until the callback."""
+    def begin(self, redirect_uri: str, *, reauthenticate: bool = False,
+              max_age: int | None = None) -> tuple[str, PendingLogin]:
+        """Return the URL to send the browser to, and what to keep until the callback.
+        ``reauthenticate``: the upstream must authenticate the person again rather than
+        answer from a session of its own; ``max_age``: or have done so within that many
+        seconds (OpenID Connect Core 3.1.2.1)."""
         ...
 
     def probe(self) -> None:

@@ -175,7 +175,8 @@ class OIDCConnector:
         with self._bulkhead.call(busy_message(self.display_name)):
             self.metadata(refresh=True)
 
-    def begin(self, redirect_uri: str) -> tuple[str, PendingLogin]:
+    def begin(self, redirect_uri: str, *, reauthenticate: bool = False,
+              max_age: int | None = None) -> tuple[str, PendingLogin]:
         with self._bulkhead.call(busy_message(self.display_name)):
             meta = self.metadata()
         state = secrets.token_urlsafe(32)
@@ -191,9 +192,16 @@ class OIDCConnector:
             "code_challenge": create_s256_code_challenge(verifier),
             "code_challenge_method": "S256",
         }
+        # what the agency asked of the hub, asked of the upstream in turn: its own session
+        # would otherwise answer for a sign-in it did not redo (OpenID Connect Core 3.1.2.1)
+        if reauthenticate:
+            params["prompt"] = "login"
+        if max_age is not None:
+            params["max_age"] = str(max_age)
         sep = "&" if "?" in meta["authorization_endpoint"] else "?"
         url = meta["authorization_endpoint"] + sep + urlencode(params)
-        return url, PendingLogin(state=state, data={"nonce": nonce, "verifier": verifier})
+        return url, PendingLogin(state=state, data={"nonce": nonce, "verifier": verifier,
+                                                    "max_age": max_age})
 
     def complete(
         self, params: Mapping[str, str], pending: PendingLogin, redirect_uri: str
@@ -227,6 +235,13 @@ class OIDCConnector:
             attributes.update(self._userinfo(meta["userinfo_endpoint"], access_token,
                                              claims["sub"]))
         amr = claims.get("amr")
+        auth_time = claims.get("auth_time")
+        if not isinstance(auth_time, int | float) or isinstance(auth_time, bool):
+            if pending.data.get("max_age") is not None:  # Core 2: then it is REQUIRED
+                raise UpstreamResponseInvalid(
+                    detail="the ID token has no auth_time, though max_age was sent "
+                           "(OpenID Connect Core 2)")
+            auth_time = None
         return UpstreamIdentity(
             connector_id=self.id,
             subject=claims["sub"],
@@ -234,6 +249,7 @@ class OIDCConnector:
             acr=self.config.acr,
             amr=tuple(a for a in amr if isinstance(a, str)) if isinstance(amr, list) else (),
             connector_data={"upstream_acr": claims.get("acr"), "sid": claims.get("sid")},
+            auth_time=int(auth_time) if auth_time is not None else None,
         )
 
     def _check_iss_parameter(self, params: Mapping[str, str], meta: Mapping[str, Any]) -> None:

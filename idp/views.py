@@ -39,6 +39,9 @@ def requested_acrs(params: Any) -> list[str] | None:
 
 #: the most digits a ``max_age`` may have: 2**64 - 1 (a client's "any age") has 20
 MAX_AGE_DIGITS = 20
+#: how far the upstream's clock may be behind the hub's when its auth_time is compared with
+#: the start of the request that asked for a fresh sign-in
+AUTH_TIME_LEEWAY_SECONDS = 10
 
 #: the WSGI environ key of the consent state that /authorize read with the account
 CONSENT_READ = "civitas.consent_read"
@@ -86,7 +89,7 @@ def discovery_document(issuer: str, acr_values: list[str], *,
         "request_parameter_supported": False,
         "request_uri_parameter_supported": False,
         "authorization_response_iss_parameter_supported": True,
-        "prompt_values_supported": ["none", "login"],
+        "prompt_values_supported": ["none", "login", "consent", "select_account"],
         "acr_values_supported": acr_values,
     }
 
@@ -194,10 +197,13 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
                 # Core 3.1.2.1: the hint names someone other than the signed-in citizen
                 hinted_other_person = login is not None and hint.get("sub") != \
                     hub.subject_for(client, login.account_id)
+            # Core 3.1.2.1: select_account asks the citizen to choose whom to sign in as,
+            # which the login page (and the upstream, asked to sign in again) offers
+            reauthenticate = bool(prompts & {"login", "select_account"})
             needs_login = (
                 hinted_other_person
                 or login is None
-                or "login" in prompts
+                or reauthenticate
                 or (max_age is not None and time.time() - login.auth_time > max_age)
                 # an existing login of lower assurance is never raised, only redone
                 or (acrs is not None and login.acr not in acrs)
@@ -210,8 +216,8 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
             payload = {k: v for k, v in params.items() if isinstance(v, str)}
             flow = broker.flows(session).start(
                 return_to="/authorize/continue?flow={flow_id}", payload=payload,
-                allowed_acrs=requested_acrs(params)
-            )
+                allowed_acrs=requested_acrs(params), reauthenticate=reauthenticate,
+                max_age=max_age)
             return redirect(url_for("broker.login_page", flow=flow.id), code=303)
         assert login is not None
         return finish(oauth_request, grant, login, params)
@@ -221,11 +227,20 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
         """Back from the login: answer the stored authorization request (single use)."""
         flow = broker.flows(session).finish(request.args.get("flow", ""))
         login = active_login()
-        if login is None or flow.payload is None or login.auth_time < flow.started_at:
+        if login is None or flow.payload is None or login.signed_in_at < flow.started_at:
             raise LoginExpired()
         oauth_request = StoredAuthorizationRequest(f"{hub.issuer}/authorize", flow.payload)
         try:
             grant = server.get_consent_grant(request=oauth_request, end_user=login)
+            if not fresh_enough(login, flow):
+                # Core 3.1.2.1: "If it cannot reauthenticate the End-User, it MUST return an
+                # error, typically login_required" (the upstream answered from a session of
+                # its own, older than the agency allows)
+                raise LoginRequiredError(
+                    "The sign-in service did not authenticate the citizen again, as the "
+                    "request's prompt or max_age asked.",
+                    redirect_uri=grant.request.payload.redirect_uri,
+                    state=flow.payload.get("state"))
             acrs = requested_acrs(flow.payload)
             if acrs is not None and login.acr not in acrs:
                 raise UnmetAuthenticationRequirements(
@@ -235,6 +250,16 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
         except OAuth2Error as error:
             return error_response(oauth_request, error)
         return finish(oauth_request, grant, login, flow.payload)
+
+    def fresh_enough(login: HubLogin, flow: Any) -> bool:
+        """Whether the citizen authenticated (``auth_time``, the upstream's) as recently as
+        the flow's request asked: not before the request, for ``prompt=login`` or
+        ``select_account``; not more than ``max_age`` seconds before it. Both within
+        :data:`AUTH_TIME_LEEWAY_SECONDS` of clock skew between the upstream and the hub."""
+        earliest = flow.started_at - AUTH_TIME_LEEWAY_SECONDS
+        if flow.reauthenticate and login.auth_time < earliest:
+            return False
+        return flow.max_age is None or login.auth_time >= earliest - flow.max_age
 
     def finish(oauth_request: Any, grant: Any, login: HubLogin, params: Any) -> Response:
         """Issue the code, unless the citizen must first be asked for consent."""

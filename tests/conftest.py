@@ -30,6 +30,9 @@ def upstream_issuer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "client_secret": UPSTREAM_SECRET,
         "redirect_uris": [f"{HUB_ISSUER}/login/{uid}/callback"
                           for uid in ("op", "op-es", "op-proxy", "op-wrong")],
+        # auth_time in every ID token (OpenID Connect Registration 2), as the README asks
+        # of an upstream: the hub passes it on
+        "require_auth_time": True,
     }]
     with servers.run_upstream_op(tmp_path_factory.mktemp("op"), clients) as issuer:
         yield issuer

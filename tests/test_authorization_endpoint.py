@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import html
 import re
+import time
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
 
 import pytest
 from jose import jwt as jose_jwt
@@ -769,3 +770,95 @@ def test_authorization_redirects_are_labelled_as_werkzeug_labels_them(client):
     again = AuthRequest(agency=AGENCY_TWO, scope="openid email")
     token = redeem(client, again, assert_code_redirect(client.get(again.url()), again))
     assert token.status_code == 200 and token.headers["Content-Type"] == "application/json"
+
+
+# -- a fresh sign-in, asked of the upstream too (OpenID Connect Core 3.1.2.1) --------------
+
+
+def _to_upstream(client: Any, auth: AuthRequest) -> str:
+    """From the agency's request to the URL the hub sends the browser to at the upstream."""
+    page = client.get(f"/login?flow={assert_login_page_redirect(authorize(client, auth))}")
+    links = re.findall(r'href="(/login/op/start\?flow=[^"]+)"', page.get_data(as_text=True))
+    started = client.get(html.unescape(links[0]))
+    assert started.status_code == 303
+    return str(started.headers["Location"])
+
+
+def _through_upstream(browser: Any, url: str) -> str:
+    """Follow the upstream (signing in if it asks) until it sends the browser back."""
+    r = browser.get(url, allow_redirects=False, timeout=10)
+    for _ in range(10):
+        if r.status_code == 200:  # its sign-in form
+            action = re.search(r'<form[^>]*action="([^"]+)"', r.text)
+            r = browser.post(urljoin(r.url, html.unescape(action.group(1))), timeout=10,
+                             data={"username": "alice", "password": "alice-password"},
+                             allow_redirects=False)
+            continue
+        location = urljoin(r.url, r.headers["Location"])
+        if location.startswith(HUB_ISSUER):
+            return location
+        r = browser.get(location, allow_redirects=False, timeout=10)
+    raise AssertionError("the upstream never sent the browser back")
+
+
+def _id_token_after(client: Any, auth: AuthRequest, callback: str) -> dict[str, Any]:
+    back = client.get(path_of(callback))
+    assert back.status_code == 303, back.get_data(as_text=True)[:500]
+    done = allow_consent(client, client.get(path_of(back.headers["Location"])))
+    code = parse_qs(urlsplit(done.headers["Location"]).query)["code"][0]
+    return jose_jwt.get_unverified_claims(redeem(client, auth, code).json["id_token"])
+
+
+@pytest.mark.parametrize("extra", [{"prompt": "login"}, {"prompt": "select_account"},
+                                   {"max_age": "0"}], ids=["login", "select_account", "max_age"])
+def test_oidc_core_3_1_2_1_a_fresh_sign_in_is_asked_of_the_upstream_too(client, extra):
+    """prompt=login, select_account and max_age go on to the upstream, whose own session
+    would otherwise answer for a sign-in it did not redo; the ID token's auth_time is the
+    upstream's (OpenID Connect Core 2: when the authentication occurred)."""
+    import requests
+
+    browser = requests.Session()  # one browser: the upstream keeps its session in it
+    first = AuthRequest()
+    _id_token_after(client, first, _through_upstream(browser, _to_upstream(client, first)))
+    time.sleep(1.1)
+    asked = time.time()
+    auth = AuthRequest(extra=extra)
+    upstream_url = _to_upstream(client, auth)
+    sent = parse_qs(urlsplit(upstream_url).query)
+    assert sent.get("prompt") == (["login"] if "prompt" in extra else None)
+    assert sent.get("max_age") == (["0"] if "max_age" in extra else None)
+    claims = _id_token_after(client, auth, _through_upstream(browser, upstream_url))
+    assert claims["auth_time"] >= int(asked)
+
+
+def test_oidc_core_2_auth_time_is_when_the_upstream_authenticated(client, monkeypatch):
+    """Without a fresh sign-in asked for, the upstream may answer from its own session:
+    the ID token then says when that authentication occurred, not when the hub's login
+    happened; and an upstream that ignores prompt=login (a fault the real one, which
+    honours it, is made to show by dropping it on the way) gets the agency login_required,
+    not a stale sign-in passed off as fresh (Core 3.1.2.1: "it MUST return an error")."""
+    import requests
+
+    from connectors.oidc import OIDCConnector
+
+    browser = requests.Session()
+    first = AuthRequest()
+    signed_in = _id_token_after(
+        client, first, _through_upstream(browser, _to_upstream(client, first)))["auth_time"]
+    time.sleep(1.1)
+    with client.session_transaction() as s:
+        s.pop("login")  # the hub's session ends; the upstream's does not
+    again = AuthRequest()
+    claims = _id_token_after(client, again,
+                             _through_upstream(browser, _to_upstream(client, again)))
+    assert claims["auth_time"] == signed_in < claims["iat"]
+
+    begin = OIDCConnector.begin
+    monkeypatch.setattr(OIDCConnector, "begin", lambda self, uri, **_: begin(self, uri))
+    monkeypatch.setattr("idp.views.AUTH_TIME_LEEWAY_SECONDS", 0)  # no skew here: one host
+    time.sleep(1.1)
+    auth = AuthRequest(extra={"prompt": "login"})
+    back = client.get(path_of(_through_upstream(browser, _to_upstream(client, auth))))
+    assert back.status_code == 303
+    assert_error_redirect(client.get(path_of(back.headers["Location"])), "login_required",
+                          auth.state)
