@@ -20,6 +20,7 @@ from urllib.parse import unquote_plus, urlsplit
 
 from authlib.oauth2.rfc6749 import ClientMixin
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from kernel import jsonfast
 from kernel.db import Database, utcnow
@@ -454,12 +455,19 @@ class AgencyRegistry:
         row = Agency(client_id=meta.client_id, source=source,
                      secret_hash=hash_secret(secret) if secret else "", created_at=utcnow())
         self._apply(row, meta)
-        with self._db.session() as s:
-            if s.get(Agency, meta.client_id) is not None:
-                raise AgencyRegistrationError(
-                    "client_id", f"{meta.client_id!r} is already registered")
-            s.add(row)
-            self._recorded("agency.registered", row, s)
+        taken = AgencyRegistrationError("client_id", f"{meta.client_id!r} is already registered")
+        try:
+            with self._db.session() as s:
+                if s.get(Agency, meta.client_id) is not None:
+                    raise taken
+                s.add(row)
+                self._recorded("agency.registered", row, s)
+        except IntegrityError as exc:
+            # registered by another request between the look-up and the commit (its
+            # primary key refused ours); this transaction, and its ledger entry, rolled back
+            if self.get(meta.client_id) is None:
+                raise  # some other constraint: not a registrant's error
+            raise taken from exc
         # only once it is stored: a refused registration must not publish a key
         self._signing_alg_used(meta)
         return row, secret
@@ -492,7 +500,9 @@ class AgencyRegistry:
         meta = self.check(meta)
         issued: str | None = None
         with self._db.session() as s:
-            row = s.get(Agency, meta.client_id)
+            # locked: the UPDATE writes only the columns that differ from what was read, so
+            # a read outdated by a concurrent replacement would merge the two (RFC 7592 2.2)
+            row = s.get(Agency, meta.client_id, with_for_update=True)
             if row is None:
                 return None
             if meta.token_endpoint_auth_method not in SECRET_METHODS:
@@ -533,7 +543,8 @@ class AgencyRegistry:
     def _store_declared(self, client_id: str, meta: AgencyMetadata, secret: str | None
                         ) -> None:
         with self._db.session() as s:
-            row = s.get(Agency, client_id)
+            # locked, as in :meth:`replace`: several processes may start at once
+            row = s.get(Agency, client_id, with_for_update=True)
             before = None
             if row is None:
                 row = Agency(client_id=client_id, source="config", created_at=utcnow())
@@ -599,7 +610,8 @@ class AgencyRegistry:
         if not _storable(client_id):
             return False
         with self._db.session() as s:
-            row = s.get(Agency, client_id)
+            # locked: a concurrent removal or replacement is seen, one agency.removed entry
+            row = s.get(Agency, client_id, with_for_update=True)
             if row is None:
                 return False
             self._changed("agency.removed", row, s)
