@@ -68,6 +68,7 @@ from .consent_wiring import (
     HubReceiptSigner,
     agency_authenticator,
     agency_policies,
+    hold_open_account,
     receipt_contact_notices,
 )
 from .envelope import REQUEST_ID, ResponseEnvelope, new_request_id
@@ -208,7 +209,8 @@ def build_hub(settings: Settings, *, migrate: bool = True,
     logout = LogoutService(services, services.participants, dispatcher)
     services.consent = ConsentService(db, HubReceiptSigner(keys, settings.signing_alg),
                                       on_withdraw=make_withdrawal_handler(services, dispatcher),
-                                      ledger=ledger, account_open=account_is_live)
+                                      ledger=ledger, account_open=account_is_live,
+                                      hold_open_account=hold_open_account)
     services.citizens = CitizenReads(db, accounts, services.consent)
     services.policies = agency_policies(settings)
     return Hub(settings=settings, db=db, store=store, cipher=cipher, accounts=accounts,

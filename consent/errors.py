@@ -15,6 +15,11 @@ class FormExpired(ConsentError):
     public_message = "This form has expired. Please go back, reload the page and try again."
 
 
+class AccountClosed(ConsentError):
+    status_code = 409
+    public_message = "This account is closed: nothing was recorded."
+
+
 class NothingToWithdraw(ConsentError):
     status_code = 404
     public_message = "There is no consent to withdraw for that agency. Nothing was changed."

@@ -27,7 +27,7 @@ from kernel.db import Database, utcnow
 from . import history
 from .decisions import AccountCondition, DecisionPoint, LatestState, latest_state
 from .entries import consent_entry
-from .errors import NothingToWithdraw, RequiredClaimWithdrawal
+from .errors import AccountClosed, NothingToWithdraw, RequiredClaimWithdrawal
 from .history import ConsentGrant, GrantedClaim, expiry_of
 from .ledger.ledger import Ledger
 from .models import SCHEMA_VERSION, ConsentEvent, ConsentReceipt, ConsentRecord
@@ -70,7 +70,14 @@ class ConsentService:
     def __init__(self, db: Database, signer: ReceiptSigner, *,
                  on_withdraw: WithdrawalHook = _ignore,
                  clock: Callable[[], datetime] = utcnow, ledger: Ledger | None = None,
-                 account_open: AccountCondition | None = None) -> None:
+                 account_open: AccountCondition | None = None,
+                 hold_open_account: Callable[[Session, str], bool] | None = None) -> None:
+        """``hold_open_account(session, account_id)``: lock the account (shared, until the
+        session's transaction ends) and say whether it is open: a consent is given only
+        to an open account, and an account's closing waits for one being given, whose
+        withdrawal then follows with the others (the composition root passes the
+        broker's)."""
+        self._hold_open_account = hold_open_account
         self._db = db
         self.signer = signer
         self._on_withdraw = on_withdraw
@@ -179,6 +186,10 @@ class ConsentService:
 
     def _open(self, s: Session, account_id: str, client_id: str,
               subject: str) -> ConsentRecord:
+        """The record a citizen's answer goes into (made on the first), locked; the
+        account first, which must be open (:class:`AccountClosed`)."""
+        if self._hold_open_account is not None and not self._hold_open_account(s, account_id):
+            raise AccountClosed()
         record = self._record(s, account_id, client_id, lock=True)
         if record is None:
             record = ConsentRecord(account_id=account_id, client_id=client_id, subject=subject,
@@ -229,11 +240,16 @@ class ConsentService:
 
     def _expire_if_due(self, s: Session, record: ConsentRecord, events: list[ConsentEvent],
                        now: datetime) -> ConsentGrant | None:
-        """Write the ``expired`` event of a grant whose validity passed, once."""
+        """Write the ``expired`` event of a grant whose validity passed, once. Only the
+        record's last event can expire: one whose validity runs past ``now`` (a renewal
+        written since ``now`` was read, by a job that walks many records) is left alone, or
+        its ``expired`` event would be dated in the future, and every later event with it
+        (a withdrawal taking effect a day late)."""
         current = history.state_at(record, events, now)
         last = events[-1] if events else None
         if current is not None and current.state == "expired" and last is not None \
-                and last.kind != "expired" and last.expires_at is not None:
+                and last.kind != "expired" and last.expires_at is not None \
+                and last.expires_at <= now:
             self._append(s, record, events, kind="expired", state="expired",
                          at=last.expires_at, subject=last.subject, claims={},
                          declined=last.declined, affected=last.claims, method="expiry",
@@ -359,11 +375,17 @@ class ConsentService:
 
     def withdraw_all(self, account_id: str, *, method: str = "account-deletion",
                      now: datetime | None = None) -> list[ConsentGrant]:
-        """Withdraw every valid grant of an account (account deletion)."""
+        """Withdraw every valid grant of an account (account deletion). A grant that ended
+        meanwhile (withdrawn by the citizen, or expired, since the list was read) is passed
+        over, not a reason to leave the others valid."""
         done = []
         for grant in self.grants_for_account(account_id, now):
             if grant.valid:
-                done.append(self.withdraw(account_id, grant.client_id, method=method, now=now))
+                try:
+                    done.append(self.withdraw(account_id, grant.client_id, method=method,
+                                              now=now))
+                except NothingToWithdraw:
+                    continue
         return done
 
     def expire_due(self, now: datetime | None = None) -> int:

@@ -372,10 +372,15 @@ class CodeGrant(grants.AuthorizationCodeGrant):
                        expires_in: int | None = None,
                        include_refresh_token: bool = True) -> dict[str, Any]:
         code: AuthorizationCode = self.request.authorization_code
+        # offline access as the citizen's consent stands now, read with the claims: not as
+        # it stood when the code was made (withdrawn since, it gives no refresh token:
+        # OpenID Connect Core 11). None: no consent records are kept here.
+        granted = getattr(self.request, "civitas_granted", None)
+        offline = granted is None or OFFLINE_ACCESS_SCOPE in granted
         return self.hub.issue_tokens(
             client=self.request.client, account_id=user.account_id, scope=scope,
             grant_id=new_grant_id(), sid=code.sid, auth_time=code.auth_time, acr=code.acr,
-            amr=code.amr, code_hash=code.code_hash, refresh=include_refresh_token,
+            amr=code.amr, code_hash=code.code_hash, refresh=include_refresh_token and offline,
             consent_ends=getattr(self.request, "civitas_consent_ends", None),
         )
 
@@ -665,6 +670,10 @@ class HubOAuth2Request(FlaskOAuth2Request):
                                headers=_RequestHeaders(request.environ))
         self._request = request
         self.payload = HubOAuth2Payload(request)
+
+
+#: the scope, and consent item, of offline access (idp.consent_step.OFFLINE_ACCESS)
+OFFLINE_ACCESS_SCOPE = "offline_access"
 
 
 def repeated_parameter(request: OAuth2Request) -> str | None:
