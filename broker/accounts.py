@@ -98,12 +98,7 @@ class AccountDirectory:
     def _resolve_once(self, identity: UpstreamIdentity) -> ResolvedAccount:
         now = utcnow()
         with self._db.session() as s:
-            link = s.scalars(
-                select(LinkedIdentity).where(
-                    LinkedIdentity.connector_id == identity.connector_id,
-                    LinkedIdentity.upstream_subject == identity.subject,
-                )
-            ).one_or_none()
+            link = self._locked_link(s, identity)
             created = link is None
             if link is None:
                 account = ConstituentAccount()
@@ -126,6 +121,35 @@ class AccountDirectory:
                 link.acr = identity.acr
             self._record_attributes(s, link.account_id, identity, now)
             return ResolvedAccount(account_id=link.account_id, created=created)
+
+    @staticmethod
+    def _locked_link(s: Session, identity: UpstreamIdentity) -> LinkedIdentity | None:
+        """The credential's link, locked, with its account's row locked (FOR SHARE) first; or
+        None when it is not linked (its account closed: :meth:`close` removed it). The order
+        is :meth:`close`'s (the account, then its links): a sign-in racing the close neither
+        deadlocks nor writes to a closed account; it waits, then sees the credential gone."""
+        credential = (LinkedIdentity.connector_id == identity.connector_id,
+                      LinkedIdentity.upstream_subject == identity.subject)
+        while True:
+            account_id = s.scalars(select(LinkedIdentity.account_id)
+                                   .where(*credential)).one_or_none()
+            if account_id is None:
+                return None
+            account = s.get(ConstituentAccount, account_id, with_for_update={"read": True})
+            # read again, locked: close() or unlink() may have removed it meanwhile
+            link = s.scalars(select(LinkedIdentity).where(*credential)
+                             .with_for_update()).one_or_none()
+            if link is None:
+                return None
+            if link.account_id != account_id:
+                continue  # removed and linked to another account meanwhile: lock that one
+            if account is None or account.deleted_at is not None:
+                # left on a closed account (linked as it closed, before link() locked it):
+                # removed as close() would have, so the sign-in makes a new account
+                s.delete(link)
+                s.flush()
+                return None
+            return link
 
     def _record_attributes(self, s: Any, account_id: str, identity: UpstreamIdentity,
                            now: Any) -> None:
@@ -174,7 +198,9 @@ class AccountDirectory:
         now = utcnow()
         try:
             with self._db.session() as s:
-                account = s.get(ConstituentAccount, account_id)
+                # FOR SHARE: close() (FOR UPDATE) waits for this link, and removes it with
+                # the others; or this waits for close() and is refused
+                account = s.get(ConstituentAccount, account_id, with_for_update={"read": True})
                 if account is None or account.deleted_at is not None:
                     raise CredentialAlreadyLinked()
                 link = s.scalars(select(LinkedIdentity).where(
