@@ -124,6 +124,12 @@ def token_statements(loaded: Loaded) -> list[Statement]:
         account_id = conn.execute(text(
             "SELECT account_id FROM consent_records WHERE client_id = :c LIMIT 1"),
             {"c": AGENCY}).scalar_one()
+    # the citizen allows offline access (a refresh token comes only with it)
+    provider = hub.server.hub
+    client_of = hub.agencies.client(AGENCY)
+    hub.consent.record_decision(account_id, provider.policy_for(client_of),
+                                provider.subject_for(client_of, account_id),
+                                ("offline_access",))
     verifier, challenge = pkce_pair()
     code = secrets.token_urlsafe(32)
     redirect_uri = "https://a000.agency.example/cb"
