@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Exists, Row, Table, bindparam, exists, select
+from sqlalchemy import ColumnElement, Exists, Row, ScalarSelect, Table, bindparam, exists, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -40,6 +40,14 @@ def account_is_live(account_id: ColumnElement[str]) -> Exists:
     """Whether the account ``account_id`` (a column of the caller's statement) exists and is
     not deleted: :meth:`AccountDirectory.exists` as a column of another statement."""
     return exists().where(_ACCOUNTS.c.id == account_id, _ACCOUNTS.c.deleted_at.is_(None))
+
+
+def account_closed_at(account_id: ColumnElement[str]) -> ScalarSelect[Any]:
+    """When the account ``account_id`` (a column of the caller's statement) was closed: a
+    scalar subquery, NULL while it is open. A value, not a condition: PostgreSQL can run an
+    EXISTS over many rows as one hashed scan of the whole table, but a scalar subquery
+    only as one index probe per row."""
+    return select(_ACCOUNTS.c.deleted_at).where(_ACCOUNTS.c.id == account_id).scalar_subquery()
 
 
 #: the account's ``deleted_at`` and one row per attribute value (one row of NULLs when it has

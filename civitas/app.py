@@ -19,7 +19,7 @@ from flask import Flask, Request, g, jsonify, render_template, request, session
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.wrappers import Response
 
-from broker.accounts import AccountDirectory, account_is_live
+from broker.accounts import AccountDirectory, account_closed_at, account_is_live
 from broker.health import HealthPolicy, UpstreamHealth
 from broker.models import AccountEvent
 from broker.ratelimit import AttemptLimiter
@@ -210,6 +210,7 @@ def build_hub(settings: Settings, *, migrate: bool = True,
     services.consent = ConsentService(db, HubReceiptSigner(keys, settings.signing_alg),
                                       on_withdraw=make_withdrawal_handler(services, dispatcher),
                                       ledger=ledger, account_open=account_is_live,
+                                      account_closed_at=account_closed_at,
                                       hold_open_account=hold_open_account)
     services.citizens = CitizenReads(db, accounts, services.consent)
     services.policies = agency_policies(settings)

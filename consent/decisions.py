@@ -30,6 +30,7 @@ from sqlalchemy import (
     bindparam,
     delete,
     false,
+    literal_column,
     or_,
     select,
     tuple_,
@@ -216,6 +217,9 @@ def _latest_event_query(key: str) -> Select[Any]:
 _LATEST = {key: _latest_event_query(key) for key in ("subject", "account_id")}
 #: a condition on a record's ``account_id`` column (see :class:`DecisionPoint`)
 AccountCondition = Callable[[ColumnElement[str]], ColumnElement[bool]]
+#: when the account of an ``account_id`` column was closed, NULL while open (a scalar
+#: subquery: see :func:`_record_pg_sql`)
+AccountClosedAt = Callable[[ColumnElement[str]], ColumnElement[Any]]
 #: the read of :func:`latest_state` by ``account_id`` (parameters ``client_id``, ``key``: the
 #: account id, ``now``), for a caller that reads it together with something else in one
 #: statement (:mod:`idp.citizen`) and makes the state with :func:`state_from_row`
@@ -236,12 +240,17 @@ WITH decided AS (
                                  action, claim, purpose, decision, reason, subject_salt,
                                  erased_at)
   SELECT %(at)s::timestamptz, %(client_id)s::text,
-         CASE WHEN d.erased THEN NULL ELSE %(request_id)s::text END, d.id, d.subject,
-         d.account_id, d.record_id, d.action, d.claim, d.purpose, d.decision, d.reason,
-         decode(d.subject_salt, 'hex'), CASE WHEN d.erased THEN %(at)s::timestamptz END
+         CASE WHEN g.gone THEN NULL ELSE %(request_id)s::text END, d.id,
+         CASE WHEN g.gone THEN NULL ELSE d.subject END,
+         CASE WHEN g.gone THEN NULL ELSE d.account_id END,
+         CASE WHEN g.gone THEN NULL ELSE d.record_id END, d.action, d.claim, d.purpose,
+         d.decision, d.reason, CASE WHEN g.gone THEN NULL ELSE decode(d.subject_salt, 'hex') END,
+         CASE WHEN g.gone THEN %(at)s::timestamptz END
   FROM json_to_recordset(%(decisions)s::json) AS d(
     id text, subject text, account_id text, record_id text, action text, claim text,
-    purpose text, decision boolean, reason text, subject_salt text, erased boolean))
+    purpose text, decision boolean, reason text, subject_salt text, erased boolean)
+  CROSS JOIN LATERAL (SELECT d.erased OR (d.account_id IS NOT NULL AND NOT {open})
+                      AS gone) AS g)
 INSERT INTO ledger_entries (kind, entry, leaf_hash, created_at)
 SELECT l.kind, l.entry, decode(l.leaf_hash, 'hex'), l.created_at::timestamptz
 FROM json_to_recordset(%(entries)s::json) AS l(
@@ -249,14 +258,26 @@ FROM json_to_recordset(%(entries)s::json) AS l(
 """
 
 
-def _record_pg(rows: list[dict[str, Any]], ledger_rows: list[dict[str, Any]], *,
+def _record_pg_sql(account_closed_at: AccountClosedAt | None, dialect: Any) -> str:
+    """:data:`_RECORD_PG` with ``{open}``, the condition that a row's account is open, as
+    SQL (``TRUE`` without one): the write itself keeps a row stripped whose account was
+    closed after the read that answered it, so an erasure that strips the account's rows
+    meanwhile leaves none behind that names it."""
+    if account_closed_at is None:
+        return _RECORD_PG.replace("{open}", "TRUE")
+    closed_at = account_closed_at(literal_column("d.account_id"))
+    sql = str(closed_at.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+    return _RECORD_PG.replace("{open}", f"({sql}) IS NULL")
+
+
+def _record_pg(sql: str, rows: list[dict[str, Any]], ledger_rows: list[dict[str, Any]], *,
                client_id: str, now: datetime, request_id: str | None
                ) -> tuple[str, dict[str, Any]]:
     # entry_rows gives all of a request's entries one time: format each time once
     stamps = {at: at.isoformat() for at in {row["created_at"] for row in ledger_rows}}
     entries = [{"kind": row["kind"], "entry": row["entry"], "leaf_hash": row["leaf_hash"].hex(),
                 "created_at": stamps[row["created_at"]]} for row in ledger_rows]
-    return _RECORD_PG, {"at": now, "client_id": client_id, "request_id": request_id,
+    return sql, {"at": now, "client_id": client_id, "request_id": request_id,
                         "decisions": jsonfast.dumps(rows), "entries": jsonfast.dumps(entries)}
 
 
@@ -354,7 +375,8 @@ class DecisionPoint:
     """Answers agencies' evaluations from the consent records and records every answer."""
 
     def __init__(self, db: Database, ledger: Ledger | None = None, *,
-                 account_open: AccountCondition | None = None) -> None:
+                 account_open: AccountCondition | None = None,
+                 account_closed_at: AccountClosedAt | None = None) -> None:
         """``account_open``: the condition that a record's account (its ``account_id``
         column, given) is still open; a record of a closed account then answers as no
         record at all, from the moment the account is closed (before its consents are
@@ -367,6 +389,7 @@ class DecisionPoint:
             "subject"].add_columns(account_open(_RECORDS.c.account_id).label("account_open"))
         #: the read of every decision request (kernel.db.Prepared: compiled once)
         self._by_subject = Prepared(db, self._query)
+        self._record_sql = _record_pg_sql(account_closed_at, db.engine.dialect)
         #: every answer is also a ledger entry, in the same transaction
         self.ledger = ledger
 
@@ -393,8 +416,8 @@ class DecisionPoint:
             answers, rows, entries = self._answer_all(read, client_id, queries, now=now,
                                                       semantic=semantic)
             ledger_rows = self.ledger.entry_rows(entries) if self.ledger else []
-            self._db.send(*_record_pg(rows, ledger_rows, client_id=client_id, now=now,
-                                      request_id=request_id))
+            self._db.send(*_record_pg(self._record_sql, rows, ledger_rows,
+                                      client_id=client_id, now=now, request_id=request_id))
         else:
             with self._db.engine.begin() as conn:
                 def read_here(subject: str) -> LatestState | None:

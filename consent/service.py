@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from kernel.db import Database, utcnow
 
 from . import history
-from .decisions import AccountCondition, DecisionPoint, LatestState, latest_state
+from .decisions import AccountClosedAt, AccountCondition, DecisionPoint, LatestState, latest_state
 from .entries import consent_entry
 from .errors import AccountClosed, NothingToWithdraw, RequiredClaimWithdrawal
 from .history import ConsentGrant, GrantedClaim, expiry_of
@@ -71,6 +71,7 @@ class ConsentService:
                  on_withdraw: WithdrawalHook = _ignore,
                  clock: Callable[[], datetime] = utcnow, ledger: Ledger | None = None,
                  account_open: AccountCondition | None = None,
+                 account_closed_at: AccountClosedAt | None = None,
                  hold_open_account: Callable[[Session, str], bool] | None = None) -> None:
         """``hold_open_account(session, account_id)``: lock the account (shared, until the
         session's transaction ends) and say whether it is open: a consent is given only
@@ -85,7 +86,8 @@ class ConsentService:
         #: every consent event is also a ledger entry, committed with it
         self.ledger = ledger
         #: the agencies' decision API and its record of answers (data-access history)
-        self.decisions = DecisionPoint(db, ledger, account_open=account_open)
+        self.decisions = DecisionPoint(db, ledger, account_open=account_open,
+                                       account_closed_at=account_closed_at)
 
     # -- reading ------------------------------------------------------------------------
 

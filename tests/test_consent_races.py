@@ -137,3 +137,33 @@ def test_no_consent_is_given_to_a_closed_account_nor_outlives_its_erasure(hub):
     with pytest.raises(AccountClosed):
         grant_consent(hub, closed, ONE)
     assert hub.consent.grants_for_account(closed) == []
+
+
+def test_an_answer_written_after_the_erasure_stripped_the_account_names_no_one(hub,
+                                                                                monkeypatch):
+    """The decision API reads the record, then writes its answer: an erasure that strips
+    the account's questions in between (closed, stripped) left the answer naming the
+    citizen for good. The write now checks the account itself. The erasure is made to land
+    in that gap (a timing no test can otherwise aim at)."""
+    from civitas.app import end_grants_and_consents
+    from consent.decisions import DecisionPoint
+    from consent.models import AgencyDecision
+
+    me = person(hub, "erased-between-read-and-write")
+    grant_consent(hub, me, ONE)
+    answer_all = DecisionPoint._answer_all
+
+    def answered_then_erased(*args: Any, **kwargs: Any) -> Any:
+        answered = answer_all(*args, **kwargs)
+        assert hub.accounts.close(me)
+        end_grants_and_consents(hub, me)  # the strip of its questions: none yet
+        return answered
+
+    monkeypatch.setattr(DecisionPoint, "_answer_all", staticmethod(answered_then_erased))
+    [answer] = hub.consent.decisions.decide(ONE, [question(subject(hub, ONE, me))],
+                                            now=utcnow(), request_id="r-gap")
+    assert answer.decision is True  # answered while the account was open
+    with hub.db.session() as s:
+        row = s.get(AgencyDecision, answer.decision_id)
+        assert (row.subject, row.account_id, row.record_id, row.subject_salt,
+                row.request_id) == (None,) * 5 and row.erased_at is not None
