@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 from authlib.common.urls import add_params_to_uri
 from authlib.oauth2.rfc6749.errors import InvalidRequestError, OAuth2Error
@@ -23,7 +23,12 @@ from .agencies import ID_TOKEN_ALGS, SERVICE_SCOPES
 from .agency_keys import ASSERTION_ALGS
 from .claims import scope_claim_names
 from .consent_step import OFFLINE_ACCESS, park, requested_claims, unpark
-from .provider import AUTH_METHODS, HubAuthorizationServer, StoredAuthorizationRequest
+from .provider import (
+    AUTH_METHODS,
+    HubAuthorizationServer,
+    StoredAuthorizationRequest,
+    repeated_parameter,
+)
 
 
 class UnmetAuthenticationRequirements(OAuth2Error):  # type: ignore[misc]
@@ -150,7 +155,17 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
         try:
             grant = server.get_consent_grant(request=oauth_request, end_user=login)
             redirect_uri = grant.request.payload.redirect_uri
-            params = grant.request.payload.data
+            # RFC 6749 3.1: "Parameters sent without a value MUST be treated as if they were
+            # omitted from the request" (max_age=, response_mode=, prompt=...)
+            params = {name: value for name, value in grant.request.payload.data.items()
+                      if value != ""}
+            repeated = repeated_parameter(grant.request)
+            if repeated is not None:
+                # RFC 6749 3.1: "MUST NOT be included more than once" (Authlib refuses five
+                # of them itself; prompt=none&prompt=login took the first); the client and
+                # redirect URI are known good by now, so the agency is told there
+                raise InvalidRequestError(f"Multiple '{quote(repeated, safe='')}' in request.",
+                                          redirect_uri=redirect_uri, state=params.get("state"))
             for name, code in UNSUPPORTED_PARAMS.items():
                 if params.get(name):
                     err = InvalidRequestError(f"'{name}' is not supported",
