@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from broker.models import ConstituentAccount
 from config import Settings
+from consent.api import BearerRefused
 from consent.policy import AgencyContact, AgencyPolicy, ClaimRequest
 from idp.keys import KeyRing
 from idp.provider import AUTH_METHODS, HubAuthorizationServer
@@ -78,18 +79,19 @@ def receipt_contact_notices(policies: Mapping[str, AgencyPolicy]) -> list[str]:
 def agency_authenticator(server: HubAuthorizationServer, scope: str) -> Any:
     """The decision API authenticates an agency by a client_credentials access token with
     ``scope`` (RFC 6750 2.1), or the way the token endpoint does (client secret, or
-    private_key_jwt). A bearer token that is not such a token is refused, never retried as
-    client credentials."""
+    private_key_jwt). A bearer token that is not such a token is refused (RFC 6750 3.1:
+    :class:`~consent.api.BearerRefused`, invalid_token or insufficient_scope), never retried
+    as client credentials."""
     services = server.hub
 
     def authenticate(request: Any) -> str | None:
         scheme, _, value = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer":
             record = services.access_tokens.verify(value.strip())
-            if (record is None or not record.for_client_itself
-                    or scope not in record.scope.split()
-                    or services.agencies.client(record.client_id) is None):
-                return None
+            if record is None or services.agencies.client(record.client_id) is None:
+                raise BearerRefused("invalid_token")
+            if not record.for_client_itself or scope not in record.scope.split():
+                raise BearerRefused("insufficient_scope")
             return record.client_id
         try:
             client = server.authenticate_client(server.create_oauth2_request(None),

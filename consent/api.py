@@ -29,8 +29,19 @@ from .errors import ConsentError
 from .openapi import openapi_document
 from .service import ConsentService
 
-#: returns the client_id of the authenticated agency, or None (injected by the provider)
+#: returns the client_id of the authenticated agency, or None (injected by the provider); a
+#: bearer token it refuses raises :class:`BearerRefused`
 AgencyAuthenticator = Callable[[Request], str | None]
+
+
+class BearerRefused(Exception):  # noqa: N818 (a refusal, read as such where it is caught)
+    """A bearer token the decision API does not take (RFC 6750 3.1): ``invalid_token`` (not a
+    live token of this hub), or ``insufficient_scope`` (a live token without the API's
+    scope: a citizen's, say)."""
+
+    def __init__(self, error: str) -> None:
+        super().__init__(error)
+        self.error = error
 
 REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
@@ -82,7 +93,18 @@ def create_api_blueprint(service: ConsentService, *,
 
     def agency() -> str:
         """The authenticated, not rate-limited agency's client_id."""
-        client_id = authenticate_agency(request)
+        try:
+            client_id = authenticate_agency(request)
+        except BearerRefused as refused:
+            # RFC 6750 3.1: "invalid_token" 401; "insufficient_scope" 403, with the scope
+            if refused.error == "insufficient_scope":
+                raise ApiError(403, "insufficient_scope", "This access token has no "
+                               f"'{scope}' scope: get one with the client_credentials grant.",
+                               {"WWW-Authenticate": f'Bearer realm="civitas-consent", '
+                                f'error="insufficient_scope", scope="{scope}"'}) from refused
+            raise ApiError(401, "invalid_token", "The access token is invalid or expired.",
+                           {"WWW-Authenticate": 'Bearer realm="civitas-consent", '
+                            f'error="invalid_token", scope="{scope}"'}) from refused
         if client_id is None:
             raise ApiError(401, "invalid_client", "Agency authentication is required: a "
                            f"client_credentials access token with scope '{scope}', or the "

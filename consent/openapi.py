@@ -54,6 +54,10 @@ UNAUTHORIZED = _error(
     "No valid agency credentials: a client_credentials access token with the decision "
     "scope, or the agency's client id and secret (HTTP Basic).",
     {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}})
+FORBIDDEN = _error(
+    "A live access token without the decision scope (a citizen's token, say): RFC 6750 3.1 "
+    "insufficient_scope.",
+    {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}})
 RATE_LIMITED = _error("Too many requests from this agency.",
                       {"Retry-After": {"required": True,
                                        "schema": {"type": "string", "pattern": "^[0-9]+$"}}})
@@ -88,7 +92,8 @@ def openapi_document(*, scope: str,
                      token_url: str = "/token",  # noqa: S107 (a URL, not a secret)
                      ) -> dict[str, Any]:
     receipt = {k: v for k, v in receipt_schema().items() if k not in ("$schema", "$id")}
-    post_responses = {"400": BAD_REQUEST, "401": UNAUTHORIZED, "429": RATE_LIMITED}
+    post_responses = {"400": BAD_REQUEST, "401": UNAUTHORIZED, "403": FORBIDDEN,
+                      "429": RATE_LIMITED}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -135,6 +140,7 @@ def openapi_document(*, scope: str,
                     "200": {"description": "The signed receipt and its payload", "content": {
                         "application/json": {"schema": _ref("ReceiptResponse")}}},
                     "401": UNAUTHORIZED,
+                    "403": FORBIDDEN,
                     "404": _error("No receipt with this id for this agency."),
                     "429": RATE_LIMITED,
                 },
@@ -186,6 +192,7 @@ def openapi_document(*, scope: str,
                     "type": "object", "required": ["error", "error_description"],
                     "properties": {
                         "error": {"enum": ["invalid_request", "invalid_client",
+                                          "invalid_token", "insufficient_scope",
                                           "rate_limited", "not_found"]},
                         "error_description": {"type": "string"}}},
             },

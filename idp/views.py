@@ -423,6 +423,15 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
             return resp
         record = hub.access_tokens.verify(value.strip())
         client = hub.agencies.client(record.client_id) if record else None
+        if record is not None and client is not None and "openid" not in record.scope.split():
+            # RFC 6750 3.1: a live token without the scope: 403 insufficient_scope (an
+            # agency's own client_credentials token, which opens no citizen's data)
+            resp = jsonify(error="insufficient_scope",
+                           error_description="The access token has no 'openid' scope.")
+            resp.status_code = 403
+            resp.headers["WWW-Authenticate"] = (
+                'Bearer realm="civitas", error="insufficient_scope", scope="openid"')
+            return resp
         attributes, granted = None, None
         if record is not None and client is not None and "openid" in record.scope.split():
             attributes, granted, _ = hub.citizen_claims(  # attributes None: deleted

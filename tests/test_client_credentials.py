@@ -91,13 +91,21 @@ def test_decision_api_accepts_the_token_and_only_that_token(client, hub):
     valid = client.post("/introspect", data={"token": scoped_user_token},
                         headers=basic(AGENCY_ONE)).json
     assert valid["active"] is True and valid["scope"] == "consent.decisions"
-    for bad in (user_token, scoped_user_token, token[:-4] + "AAAA", "garbage", ""):
+    # RFC 6750 3.1: a citizen's live token lacks the scope (403 insufficient_scope); what is
+    # no live token of the hub's is invalid_token (401)
+    for bad, status, error in ((user_token, 403, "insufficient_scope"),
+                               (scoped_user_token, 403, "insufficient_scope"),
+                               (token[:-4] + "AAAA", 401, "invalid_token"),
+                               ("garbage", 401, "invalid_token"), ("", 401, "invalid_token")):
         r = client.post("/access/v1/evaluation", json=EVALUATION, headers=bearer(bad))
-        assert r.status_code == 401 and r.json["error"] == "invalid_client", bad
-        assert "Bearer" in r.headers["WWW-Authenticate"]
-    # and the agency's token opens no citizen's data
+        assert (r.status_code, r.json["error"]) == (status, error), bad
+        assert r.headers["WWW-Authenticate"].startswith(
+            f'Bearer realm="civitas-consent", error="{error}"'), r.headers["WWW-Authenticate"]
+    # and the agency's token opens no citizen's data: a live token without 'openid'
     r = client.get("/userinfo", headers=bearer(token))
-    assert r.status_code == 401 and r.json["error"] == "invalid_token"
+    assert r.status_code == 403 and r.json["error"] == "insufficient_scope"
+    assert r.headers["WWW-Authenticate"] == (
+        'Bearer realm="civitas", error="insufficient_scope", scope="openid"')
 
 
 def test_rfc7662_and_rfc7009_introspection_and_revocation_of_an_agency_token(client):

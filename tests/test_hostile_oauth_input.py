@@ -32,6 +32,9 @@ USERINFO_REFUSAL = {"error": "invalid_token",
                     "error_description": "The access token is invalid or expired"}
 DECISION_CHALLENGE = ('Bearer realm="civitas-consent", scope="consent.decisions", '
                       'Basic realm="civitas-consent"')
+#: RFC 6750 3.1: a bearer token that is not a live token of the hub
+INVALID_TOKEN_CHALLENGE = ('Bearer realm="civitas-consent", error="invalid_token", '
+                           'scope="consent.decisions"')
 EVALUATION = {"subject": {"type": "user", "id": "someone"}, "action": {"name": "use"},
               "resource": {"type": "claim", "id": "email"},
               "context": {"purpose": "service-delivery"}}
@@ -95,8 +98,8 @@ def test_bad_crit_is_an_invalid_token_at_userinfo_and_the_decision_api(client, t
             body = EVALUATION if path.endswith("evaluation") else {"evaluations": [EVALUATION]}
             r = client.post(path, json=body, headers={"Authorization": "Bearer " + value})
             assert r.status_code == 401, (path, value, r.status_code)
-            assert r.json["error"] == "invalid_client"
-            assert r.headers["WWW-Authenticate"] == DECISION_CHALLENGE
+            assert r.json["error"] == "invalid_token"
+            assert r.headers["WWW-Authenticate"] == INVALID_TOKEN_CHALLENGE
 
 
 @pytest.mark.parametrize("token", [CRIT_TOKEN, crit_token([5]), crit_token(None)],
