@@ -14,6 +14,19 @@ class LoginExpired(BrokerError):
     )
 
 
+class SignInRefusedUpstream(BrokerError):
+    """The citizen cancelled at the upstream, or it refused them: the flow is open again
+    (``flow_id``), to choose another way or cancel; ``public_message`` is the upstream's
+    refusal, in words for the citizen."""
+
+    status_code = 403
+
+    def __init__(self, flow_id: str, public_message: str) -> None:
+        super().__init__()
+        self.flow_id = flow_id
+        self.public_message = public_message
+
+
 class UnknownUpstream(BrokerError):
     status_code = 404
     public_message = "That sign-in option does not exist."

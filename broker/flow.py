@@ -43,6 +43,9 @@ class LoginFlow:
     #: 3.1.2.1), and/or within ``max_age`` seconds
     reauthenticate: bool = False
     max_age: int | None = None
+    #: where the citizen's "Cancel" goes (a local path; the agency that asked is told,
+    #: RFC 6749 4.1.2.1 access_denied); None: nowhere to go back to
+    cancel_to: str | None = None
 
     def allows(self, acr: str) -> bool:
         return self.allowed_acrs is None or acr in self.allowed_acrs
@@ -57,6 +60,12 @@ class LoginFlow:
         if self.state != "redirected":
             raise LoginExpired()
         return replace(self, state="authenticated", upstream_state=None, pending=None)
+
+    def reopen(self) -> LoginFlow:
+        """Back to choosing after the upstream refused or the citizen cancelled there: the
+        upstream's state is used up, so its callback cannot be replayed."""
+        return replace(self, state="choosing", upstream_id=None, upstream_state=None,
+                       pending=None)
 
     def authenticate_with_password(self, upstream_id: str) -> LoginFlow:
         """A password upstream answers in one request: choosing -> authenticated."""
@@ -88,15 +97,17 @@ class FlowStore:
 
     def start(self, return_to: str, payload: dict[str, Any] | None = None,
               allowed_acrs: list[str] | None = None, *, reauthenticate: bool = False,
-              max_age: int | None = None) -> LoginFlow:
+              max_age: int | None = None, cancel_to: str | None = None) -> LoginFlow:
         """Start a flow. ``return_to`` is a local path; ``{flow_id}`` in it is filled in."""
-        if not _is_local_path(return_to):
-            raise ValueError("return_to must be a local path")
+        if not _is_local_path(return_to) or not (cancel_to is None
+                                                  or _is_local_path(cancel_to)):
+            raise ValueError("return_to and cancel_to must be local paths")
         flow_id = secrets.token_urlsafe(16)
         flow = LoginFlow(id=flow_id, return_to=return_to.replace("{flow_id}", flow_id),
                          state="choosing", started_at=int(time.time()), payload=payload,
                          allowed_acrs=allowed_acrs, reauthenticate=reauthenticate,
-                         max_age=max_age)
+                         max_age=max_age, cancel_to=None if cancel_to is None
+                         else cancel_to.replace("{flow_id}", flow_id))
         flows = self._all()
         now = time.time()
         flows = {k: v for k, v in flows.items() if now - v["started_at"] < self._lifetime}
@@ -128,6 +139,14 @@ class FlowStore:
         flow = self.get(flow_id)
         if flow.state != "authenticated":
             raise LoginExpired()
+        return self._remove(flow)
+
+    def cancel(self, flow_id: str) -> LoginFlow:
+        """Remove and return a flow the citizen cancels (single use), whatever its state."""
+        return self._remove(self.get(flow_id))
+
+    def _remove(self, flow: LoginFlow) -> LoginFlow:
+        flow_id = flow.id
         flows = self._all()
         flows.pop(flow_id, None)
         self._session["flows"] = flows

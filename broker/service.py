@@ -22,7 +22,7 @@ from connectors import (
 from kernel.metrics import LOGINS
 
 from .accounts import AccountDirectory
-from .errors import AssuranceNotOffered, LoginExpired, UnknownUpstream
+from .errors import AssuranceNotOffered, LoginExpired, SignInRefusedUpstream, UnknownUpstream
 from .flow import FlowStore, LoginFlow
 from .health import UpstreamDown, UpstreamHealth
 from .ratelimit import AttemptLimiter
@@ -155,8 +155,13 @@ class Broker:
         connector = self.redirect_connector(upstream_id)
         # never refused here: the login began before the upstream went down, and its
         # answer may well come
-        with self._calling(connector, admit=False, proves=True):
-            identity = connector.complete(params, pending, self.callback_uri(upstream_id))
+        try:
+            with self._calling(connector, admit=False, proves=True):
+                identity = connector.complete(params, pending, self.callback_uri(upstream_id))
+        except UpstreamRejected as exc:
+            # cancelled or refused there: the citizen may choose again (or cancel)
+            flows.save(flow.reopen())
+            raise SignInRefusedUpstream(flow.id, exc.public_message) from exc
         return self._finish(session, flow, identity)
 
     def password_login(self, session: SessionMixin, flow_id: str, upstream_id: str,

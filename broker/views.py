@@ -14,7 +14,7 @@ from werkzeug.wrappers import Response
 
 from connectors import PasswordConnector, UpstreamRejected
 
-from .errors import BrokerError, LoginExpired
+from .errors import BrokerError, LoginExpired, SignInRefusedUpstream
 from .service import Broker, LoginOutcome
 from .session import HubLogin, current_login
 
@@ -83,7 +83,8 @@ def create_blueprint(broker: Broker, *,
         flow = broker.flows(session).get(flow_id)
         upstreams = broker.choices(flow)
         return render_template("broker/login.html", flow=flow, upstreams=upstreams,
-                               down=broker.health.down(u.id for u in upstreams))
+                               down=broker.health.down(u.id for u in upstreams),
+                               notice=session.pop("login_notice", None))
 
     @bp.get("/login/<upstream_id>/start")
     def start(upstream_id: str) -> str | Response:
@@ -121,7 +122,12 @@ def create_blueprint(broker: Broker, *,
         if repeated:
             raise LoginExpired(detail="the upstream's callback repeats "
                                       + ", ".join(repr(k[:40]) for k in repeated[:5]))
-        return after_login(broker.complete(session, upstream_id, request.args.to_dict()))
+        try:
+            return after_login(broker.complete(session, upstream_id, request.args.to_dict()))
+        except SignInRefusedUpstream as refused:
+            # not a dead end: back to the choice, saying what happened (Cancel is there)
+            session["login_notice"] = refused.public_message
+            return redirect(url_for("broker.login_page", flow=refused.flow_id), code=303)
 
     @bp.get("/account")
     def account() -> str | Response:

@@ -7,7 +7,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 from authlib.common.urls import add_params_to_uri
-from authlib.oauth2.rfc6749.errors import InvalidRequestError, OAuth2Error
+from authlib.oauth2.rfc6749.errors import AccessDeniedError, InvalidRequestError, OAuth2Error
 from authlib.oidc.core.errors import ConsentRequiredError, LoginRequiredError
 from flask import Blueprint, jsonify, redirect, render_template, request, session, url_for
 from werkzeug.wrappers import Response
@@ -17,7 +17,7 @@ from broker.service import Broker
 from broker.session import HubLogin, current_login
 from consent.decisions import LatestState
 from consent.history import needs_consent
-from consent.views import read_consent_form, render_consent_page
+from consent.views import check_csrf, read_consent_form, render_consent_page
 
 from .agencies import ID_TOKEN_ALGS, SERVICE_SCOPES
 from .agency_keys import ASSERTION_ALGS
@@ -232,10 +232,30 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
             flow = broker.flows(session).start(
                 return_to="/authorize/continue?flow={flow_id}", payload=payload,
                 allowed_acrs=requested_acrs(params), reauthenticate=reauthenticate,
-                max_age=max_age)
+                max_age=max_age, cancel_to="/authorize/cancel?flow={flow_id}")
             return redirect(url_for("broker.login_page", flow=flow.id), code=303)
         assert login is not None
         return finish(oauth_request, grant, login, params)
+
+    @bp.post("/authorize/cancel")
+    def cancel() -> Response:
+        """The citizen cancelled the sign-in an agency asked for (on the hub's login page,
+        after cancelling or being refused at an upstream, say): the agency is told, at its
+        redirect URI, with its state and the hub's iss (RFC 6749 4.1.2.1 access_denied:
+        "The resource owner or authorization server denied the request"), rather than
+        left waiting. Single use, as the flow is."""
+        check_csrf()
+        flow = broker.flows(session).cancel(request.args.get("flow", ""))
+        if flow.payload is None or flow.cancel_to is None:  # not an agency's sign-in
+            raise LoginExpired()
+        oauth_request = StoredAuthorizationRequest(f"{hub.issuer}/authorize", flow.payload)
+        try:
+            grant = server.get_consent_grant(request=oauth_request, end_user=None)
+            raise AccessDeniedError("The citizen cancelled the sign-in.",
+                                    redirect_uri=grant.request.payload.redirect_uri,
+                                    state=flow.payload.get("state"))
+        except OAuth2Error as error:
+            return error_response(oauth_request, error)
 
     @bp.get("/authorize/continue")
     def resume() -> Response:

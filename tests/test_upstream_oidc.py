@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import logging
+import re
 from urllib.parse import urlencode
 
 import pytest
@@ -140,14 +142,63 @@ def test_rfc9207_missing_iss_rejected_when_upstream_announces_it(client, caplog)
     _refused_because(caplog, r, "has no iss parameter (RFC 9207 section 2.4)")
 
 
-def test_upstream_access_denied_gives_readable_page(client, upstream_issuer):
-    url = start_login(client, AuthRequest(), "op")
-    state = query(url)["state"]
+def _cancelled_at_the_upstream(client, auth):
+    """Start a login for ``auth`` and press the real upstream's "cancel" (its interaction's
+    abort: access_denied back to the hub); the hub's answer to that callback."""
+    import requests
+
+    browser = requests.Session()
+    r = browser.get(start_login(client, auth, "op"), allow_redirects=True, timeout=10)
+    assert r.status_code == 200 and "/interaction/" in r.url, r.text[:300]
+    r = browser.get(r.url.rstrip("/") + "/abort", allow_redirects=False, timeout=10)
+    for _ in range(5):  # the upstream's own redirects, then back to the hub
+        location = r.headers["Location"]
+        if location.startswith(HUB_ISSUER):
+            break
+        r = browser.get(location if "://" in location else upstream_origin(r.url) + location,
+                        allow_redirects=False, timeout=10)
+    assert query(location)["error"] == "access_denied", location
+    return client.get(path_of(location))
+
+
+def upstream_origin(url: str) -> str:
+    return "/".join(url.split("/")[:3])
+
+
+def test_rfc6749_4_1_2_1_cancelled_at_the_upstream_the_citizen_chooses_again_or_cancels(
+        client):
+    """Not a dead end: the citizen is back at the choice, told what happened, and may
+    sign in another way, or cancel, which tells the agency (access_denied at its redirect
+    URI, with its state and the hub's iss). The flow is used once."""
+    auth = AuthRequest()
     rejected = metric("civitas_logins_total", upstream="op", outcome="rejected")
-    r = client.get("/login/op/callback?" + urlencode(
-        {"error": "access_denied", "state": state, "iss": upstream_issuer}))
-    _assert_error_page(r, 403, "cancelled")
+    back = _cancelled_at_the_upstream(client, auth)
+    assert back.status_code == 303 and back.headers["Location"].startswith("/login?flow=")
     assert metric("civitas_logins_total", upstream="op", outcome="rejected") == rejected + 1
+    page = client.get(back.headers["Location"]).get_data(as_text=True)
+    assert 'id="notice"' in page and "cancelled or refused at" in page
+    cancel = re.search(r'<form method="post" action="([^"]+)" id="cancel">', page)
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    action = html.unescape(cancel.group(1))
+    assert client.post(action, data={"csrf": "wrong"}).status_code == 400  # a forged cancel
+    r = client.post(action, data={"csrf": csrf})
+    assert r.status_code == 302 and r.headers["Location"].startswith(
+        auth.agency.redirect_uri + "?")
+    assert query(r.headers["Location"]) == {
+        "error": "access_denied", "error_description": "The citizen cancelled the sign-in.",
+        "state": auth.state, "iss": HUB_ISSUER}
+    assert client.post(action, data={"csrf": csrf}).status_code == 400  # once only
+
+
+def test_cancelled_at_the_upstream_the_citizen_can_sign_in_another_way(client):
+    auth = AuthRequest()
+    back = _cancelled_at_the_upstream(client, auth)
+    page = client.get(back.headers["Location"]).get_data(as_text=True)
+    link = html.unescape(re.search(r'href="(/login/op/start\?flow=[^"]+)"', page).group(1))
+    started = client.get(link)
+    assert started.status_code == 303
+    r = finish_login(client, upstream_login(started.headers["Location"]))
+    assert r.status_code == 302 and "code=" in r.headers["Location"]
 
 
 def test_proxy_passthrough_logs_in(proxied_client, proxy):
