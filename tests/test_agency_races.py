@@ -5,8 +5,7 @@ invariant it checks."""
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -17,6 +16,7 @@ from civitas.app import create_app, stop_background
 from idp.admin_api import metadata_from_json
 from idp.agencies import metadata_of
 from tests.conftest import hub_config
+from tests.races import together
 
 TOKEN = "admin-" + "t" * 40
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -33,27 +33,6 @@ def pg_app(upstream_issuer: str, pg_database_url: str) -> Iterator[Any]:
     yield app
     stop_background(app)
     app.extensions["civitas"].db.dispose()
-
-
-def together(*fns: Callable[[], Any]) -> list[Any]:
-    """Run each function in its own thread, released at once by one Barrier; their results
-    (or the exceptions they raised)."""
-    barrier = threading.Barrier(len(fns))
-    results: list[Any] = [None] * len(fns)
-
-    def run(i: int, fn: Callable[[], Any]) -> None:
-        barrier.wait()
-        try:
-            results[i] = fn()
-        except BaseException as exc:  # noqa: BLE001 - reported by the caller
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate(fns)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
 
 
 def ledger_data(hub: Any, kind: str, client_id: str) -> list[dict[str, Any]]:

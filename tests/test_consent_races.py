@@ -6,13 +6,11 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
 
-from civitas.app import create_app, stop_background
 from consent.decisions import parse_evaluation
 from kernel.db import utcnow
 from tests.conftest import LOW_ACR, hub_config
@@ -41,20 +39,13 @@ CONSENT = {
 
 
 @pytest.fixture
-def app(upstream_issuer: str, pg_database_url: str) -> Iterator[Any]:
-    app = create_app(hub_config(
+def config(upstream_issuer: str, pg_database_url: str) -> dict[str, Any]:
+    """conftest's app and hub, on a fresh PostgreSQL database, with room for the races."""
+    return hub_config(
         upstream_issuer, pg_database_url, database_pool_size=20,
         agencies=[AGENCY_ONE.config(consent=CONSENT, scopes=OFFLINE),
                   AGENCY_TWO.config(scopes=OFFLINE)],
-        housekeeping_interval_seconds=0, backchannel_dispatcher=False))
-    yield app
-    stop_background(app)
-    app.extensions["civitas"].db.dispose()
-
-
-@pytest.fixture
-def hub(app: Any) -> Any:
-    return app.extensions["civitas"]
+        housekeeping_interval_seconds=0, backchannel_dispatcher=False)
 
 
 def question(sub: str) -> Any:
