@@ -115,8 +115,10 @@ def make_withdrawal_handler(hub: ProviderServices, dispatcher: LogoutDispatcher
     def on_withdraw(w: Withdrawal) -> None:
         """Withdrawal takes effect at once: the agency's refresh grants and access tokens for
         this citizen die, and the agency is told by back-channel logout if it can be."""
-        hub.refresh_tokens.revoke_account(w.account_id, w.client_id)
+        # the mark first: a code exchange that read the consent before this withdrawal and
+        # makes its refresh grant after the revocation below looks for it (CodeGrant)
         hub.tokens.mark_agency_revoked(w.account_id, w.client_id)
+        hub.refresh_tokens.revoke_account(w.account_id, w.client_id)
         client = hub.agencies.client(w.client_id)
         if client is not None and client.backchannel_logout_uri:
             dispatcher.enqueue([LogoutNotice(

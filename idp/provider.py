@@ -61,6 +61,7 @@ from .keys import SUPPORTED_ALGS, KeyRing
 from .logout import SessionParticipants
 from .pairwise import PairwiseSubjects
 from .tokens import (
+    CONSENT_WITHDRAWN,
     AccessToken,
     AccessTokens,
     AuthorizationCode,
@@ -356,6 +357,7 @@ class CodeGrant(grants.AuthorizationCodeGrant):
         # The account must still exist; its attributes and the claims the citizen granted
         # the agency come in the same read, and the ID token of this request is made from
         # them (encode_id_token), not read again.
+        self.request.civitas_read_at = time.time()
         attributes, granted, consent_ends = self.hub.citizen_claims(
             authorization_code.account_id, authorization_code.client_id,
             scope_claim_names(authorization_code.scope))
@@ -377,12 +379,23 @@ class CodeGrant(grants.AuthorizationCodeGrant):
         # OpenID Connect Core 11). None: no consent records are kept here.
         granted = getattr(self.request, "civitas_granted", None)
         offline = granted is None or OFFLINE_ACCESS_SCOPE in granted
-        return self.hub.issue_tokens(
+        grant_id = new_grant_id()
+        body = self.hub.issue_tokens(
             client=self.request.client, account_id=user.account_id, scope=scope,
-            grant_id=new_grant_id(), sid=code.sid, auth_time=code.auth_time, acr=code.acr,
+            grant_id=grant_id, sid=code.sid, auth_time=code.auth_time, acr=code.acr,
             amr=code.amr, code_hash=code.code_hash, refresh=include_refresh_token and offline,
             consent_ends=getattr(self.request, "civitas_consent_ends", None),
         )
+        if "refresh_token" in body and granted is not None and \
+                self.hub.tokens.agency_revoked_since(
+                    user.account_id, self.request.client.client_id,
+                    self.request.civitas_read_at):
+            # the consent was withdrawn after it was read, and its withdrawal may have
+            # revoked the agency's grants before this one was made (it marks, then
+            # revokes; this makes, then looks): this grant dies too, and so do the tokens
+            self.hub.refresh_tokens.revoke_grant(grant_id, reason=CONSENT_WITHDRAWN)
+            raise InvalidGrantError("The citizen's consent was withdrawn meanwhile.")
+        return body
 
 
 class RotatingRefreshGrant(grants.RefreshTokenGrant):

@@ -223,9 +223,14 @@ class TokenStore:
 
     def mark_agency_revoked(self, account_id: str, client_id: str) -> None:
         """Every access token this agency holds for this citizen, issued until now, dies
-        (read back by :meth:`access_token_record`)."""
+        (read back by :meth:`unless_revoked`)."""
         self._store.put(f"revoked-agency:{client_id}:{account_id}", {"at": time.time()},
                         self.access_token_lifetime)
+
+    def agency_revoked_since(self, account_id: str, client_id: str, since: float) -> bool:
+        """Whether :meth:`mark_agency_revoked` was called for them at ``since`` or later."""
+        mark = self._store.get(f"revoked-agency:{client_id}:{account_id}")
+        return mark is not None and float(mark["at"]) >= since
 
     def is_marked_revoked(self, kind: str, value: str | None) -> bool:
         return bool(value) and self._store.get(f"revoked-{kind}:{value}") is not None

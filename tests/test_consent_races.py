@@ -158,3 +158,38 @@ def test_an_answer_written_after_the_erasure_stripped_the_account_names_no_one(h
         row = s.get(AgencyDecision, answer.decision_id)
         assert (row.subject, row.account_id, row.record_id, row.subject_salt,
                 row.request_id) == (None,) * 5 and row.erased_at is not None
+
+
+def test_core_11_a_withdrawal_between_the_exchange_s_read_and_its_grant_ends_the_grant(
+        app, hub, monkeypatch):
+    """The code exchange reads the consent, then makes the refresh grant; a withdrawal in
+    between revoked the agency's grants before this one existed, which then lived on. The
+    withdrawal marks before it revokes and the exchange looks after it makes: the grant
+    dies, and the agency is told invalid_grant. The withdrawal is made to land in that gap
+    (a timing no test can otherwise aim at)."""
+    from sqlalchemy import select
+
+    from idp.models import RefreshGrantRecord
+
+    me = person(hub, "withdrawn-during-exchange")
+    grant_consent(hub, me, ONE, ("offline_access",))
+    auth = AuthRequest(agency=AGENCY_ONE, scope="openid email offline_access")
+    code = secrets.token_urlsafe(36)
+    assert hub.tokens.save_code(code, {
+        "client_id": ONE, "redirect_uri": AGENCY_ONE.redirect_uri, "scope": auth.scope,
+        "nonce": None, "code_challenge": auth.challenge, "code_challenge_method": "S256",
+        "account_id": me, "auth_time": int(time.time()), "acr": LOW_ACR, "amr": ["pwd"],
+        "sid": secrets.token_urlsafe(16)})
+    refresh_tokens = hub.server.hub.refresh_tokens
+    issue = refresh_tokens.issue
+
+    def withdrawn_first(**kwargs: Any) -> str:
+        hub.consent.withdraw(me, ONE)  # commits, marks, revokes the grants there are
+        return issue(**kwargs)
+
+    monkeypatch.setattr(refresh_tokens, "issue", withdrawn_first)
+    r = redeem(app.test_client(), auth, code)
+    assert r.status_code == 400 and r.json["error"] == "invalid_grant", r.json
+    with hub.db.session() as s:
+        assert [g.revoked_reason for g in s.scalars(select(RefreshGrantRecord).where(
+            RefreshGrantRecord.account_id == me))] == ["consent_withdrawn"]
