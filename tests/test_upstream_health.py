@@ -276,12 +276,13 @@ def test_a_directory_that_cannot_be_reached_is_down_before_the_password_form(ups
 
 
 @pytest.mark.parametrize(("forged", "status", "outcome"), [
-    # a made-up code: the upstream answers (invalid_grant)
-    ({"code": "forged"}, 403, "rejected"),
+    # a made-up code: the upstream answers (invalid_grant); refused there, the citizen is
+    # back at the choice (303 to /login) to try another way or cancel
+    ({"code": "forged"}, 303, "rejected"),
     # an iss of another issuer (RFC 9207): refused by the hub's own check, nothing is called
     ({"code": "forged", "iss": "http://127.0.0.1:1/evil"}, 502, "invalid"),
     # an error said to come from the upstream
-    ({"error": "temporarily_unavailable"}, 403, "rejected"),
+    ({"error": "temporarily_unavailable"}, 303, "rejected"),
 ])
 def test_forged_callbacks_cannot_take_an_upstream_down(client, upstream_issuer, forged, status,
                                                        outcome):
