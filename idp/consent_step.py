@@ -85,16 +85,20 @@ class PendingConsent:
     id: str
     params: dict[str, str]
     started_at: int
+    #: the login it was asked under (account id and when it signed in): the answer counts
+    #: only from that login (another citizen may have signed in in this browser since)
+    login: tuple[str, int] = ("", 0)
 
 
-def park(session: Any, params: dict[str, str]) -> PendingConsent:
+def park(session: Any, params: dict[str, str], *, login: tuple[str, int]) -> PendingConsent:
     pending = {k: v for k, v in session.get("consent_requests", {}).items()
                if time.time() - v["started_at"] < PENDING_LIFETIME}
     while len(pending) >= 8:
         pending.pop(min(pending, key=lambda k: pending[k]["started_at"]))
     item = PendingConsent(id=secrets.token_urlsafe(16), params=params,
-                          started_at=int(time.time()))
-    pending[item.id] = {"params": params, "started_at": item.started_at}
+                          started_at=int(time.time()), login=login)
+    pending[item.id] = {"params": params, "started_at": item.started_at,
+                        "login": list(login)}
     session["consent_requests"] = pending
     return item
 
@@ -107,7 +111,9 @@ def unpark(session: Any, request_id: str, *, remove: bool) -> PendingConsent | N
     if remove:
         pending.pop(request_id)
         session["consent_requests"] = pending
-    return PendingConsent(id=request_id, params=data["params"], started_at=data["started_at"])
+    account_id, signed_in_at = data.get("login") or ("", 0)
+    return PendingConsent(id=request_id, params=data["params"], started_at=data["started_at"],
+                          login=(str(account_id), int(signed_in_at)))
 
 
 def make_withdrawal_handler(hub: ProviderServices, dispatcher: LogoutDispatcher

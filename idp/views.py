@@ -324,7 +324,8 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
                         redirect_uri=grant.request.payload.redirect_uri,
                         state=params.get("state")))
                 pending = park(session, {k: v for k, v in dict(params).items()
-                                         if isinstance(v, str)})
+                                         if isinstance(v, str)},
+                               login=(login.account_id, login.signed_in_at))
                 return redirect(url_for("idp.consent_page", request=pending.id), code=303)
             offline = state is not None and OFFLINE_ACCESS in state.granted
         return respond(oauth_request, grant, login, offline=offline)
@@ -349,7 +350,10 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
     def pending_consent(request_id: str, *, remove: bool) -> tuple[Any, Any, HubLogin, Any]:
         login = active_login()
         pending = unpark(session, request_id, remove=remove)
-        if login is None or pending is None or hub.consent is None:
+        if login is None or pending is None or hub.consent is None \
+                or pending.login != (login.account_id, login.signed_in_at):
+            # asked under another login (someone else may have signed in in this browser
+            # since): its answer is not this citizen's (OpenID Connect Core 3.1.2.4)
             raise LoginExpired()
         oauth_request = StoredAuthorizationRequest(f"{hub.issuer}/authorize", pending.params)
         return oauth_request, pending, login, hub.consent

@@ -339,6 +339,34 @@ def test_the_history_shows_questions_asked_before_the_citizen_signed_in_there(cl
     assert "asked before you first signed in to this agency" in rows[0]
 
 
+def test_core_3_1_2_4_a_consent_page_answers_only_for_the_login_it_was_asked_under(client):
+    """Alice reaches the consent page; then Bob signs in at the hub in the same browser;
+    then Alice's old tab presses Allow. The answer was taken as Bob's: a code for Bob,
+    and a consent record of his from a page Alice was shown. Now the page answers only for
+    the login it was asked under (a sign-in since, of anyone, ends it)."""
+    import html as html_lib
+
+    from tests.flows import consent_answer
+
+    auth = AuthRequest()
+    r = finish_login(client, upstream_login(start_login(client, auth), "alice"), consent=False)
+    assert r.headers["Location"].startswith("/authorize/consent")
+    form = consent_answer(client.get(path_of(r.headers["Location"])).get_data(as_text=True))
+    page = client.get(path_of(client.get("/login").headers["Location"]))
+    link = html_lib.unescape(re.search(r'href="(/login/op/start\?flow=[^"]+)"',
+                                       page.get_data(as_text=True)).group(1))
+    r = client.get(path_of(upstream_login(client.get(link).headers["Location"], "bob")))
+    assert r.status_code == 303 and r.headers["Location"] == "/account"  # Bob, signed in
+    hub = client.application.extensions["civitas"]
+    with client.session_transaction() as s:
+        bob = s["login"]["account_id"]
+    form["csrf"] = re.search(r'name="csrf" value="([^"]+)"', client.get(
+        "/account").get_data(as_text=True)).group(1)  # the session's token, as the tab has
+    r = client.post("/authorize/consent", data=form)
+    assert r.status_code == 400 and "Location" not in r.headers, r.headers.get("Location")
+    assert hub.consent.grants_for_account(bob) == []
+
+
 def test_records_and_ledger_match_one_to_one(client, app, monkeypatch):
     from sqlalchemy import delete
 
