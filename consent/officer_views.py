@@ -25,6 +25,7 @@ from .errors import ConsentError
 from .officers import (
     CSV_COLUMNS,
     PAGE_SIZE,
+    QUERY_FIELDS,
     AssertedAttribute,
     OfficerRule,
     OfficerWorkspace,
@@ -104,7 +105,10 @@ def create_officer_blueprint(
         query = parse_query(request.args)
         results = workspace.search(query, officer_account_id=g.officer_account_id,
                                    page=_page_number())
-        args: dict[str, Any] = {k: v for k, v in request.args.items() if k != "page" and v}
+        # the form's own fields only: any other name would reach url_for, which takes some
+        # for itself (endpoint=, _method=: a server error; _anchor=, _external=)
+        args: dict[str, Any] = {k: v for k, v in request.args.items()
+                                if k in QUERY_FIELDS and v}
 
         def page_url(page: int) -> str:
             return url_for("officer.search", **args, page=page)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -137,17 +138,31 @@ def _text(args: Mapping[str, str], name: str, limit: int = 255) -> str | None:
     return value or None
 
 
+#: the search form's fields: what a search reads, and all its links carry
+QUERY_FIELDS = ("agency", "purpose", "claim", "decision", "from", "to", "connector",
+                "upstream_subject", "sub")
+#: a whole day, and the start of a date and time, in ISO 8601's extended format: the basic
+#: one (20261125), which Python also reads, would not be taken for a whole day
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_DATE_AND_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}")
+
+
 def _when(value: str | None, name: str, *, end: bool) -> datetime | None:
-    """``YYYY-MM-DD`` (a whole day; ``to`` includes it) or an ISO 8601 time, in UTC."""
+    """``YYYY-MM-DD`` (a whole day; ``to`` includes it) or an ISO 8601 time
+    (``YYYY-MM-DDTHH:MM``...), in UTC."""
     if value is None:
         return None
+    whole_day = _DAY.fullmatch(value) is not None
     try:
+        if not (whole_day or _DATE_AND_TIME.match(value)):
+            raise ValueError(value)
         when = datetime.fromisoformat(value)
     except ValueError as exc:
         raise InvalidOfficerQuery(
-            f"The field {name!r} must be a date (YYYY-MM-DD) or a date and time.") from exc
+            f"The field {name!r} must be a date (YYYY-MM-DD) or a date and time "
+            "(YYYY-MM-DDTHH:MM, with seconds and an offset if wanted).") from exc
     try:
-        if len(value) == 10:
+        if whole_day:
             day = when.replace(tzinfo=UTC)
             return day + timedelta(days=1) if end else day
         return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)

@@ -249,6 +249,25 @@ def test_time_window(world, officer):
     assert client.get("/officer/?from=yesterday").status_code == 400
     r = client.get(f"/officer/decisions.json?from={today}&to={today - timedelta(days=2)}")
     assert r.status_code == 400 and r.is_json
+    # a date and time in ISO 8601's extended format is a moment; the basic format, which
+    # Python also reads (20261125), was taken for a moment, silently leaving out that day
+    assert count(f"to={today + timedelta(days=1)}T00:00") == 57
+    for basic in (today.strftime("%Y%m%d"), today.strftime("%G-W%V-%u"), f"{today}X"):
+        r = client.get(f"/officer/decisions.json?to={basic}")
+        assert r.status_code == 400 and "YYYY-MM-DD" in r.json["error_description"], basic
+
+
+@pytest.mark.parametrize("name", ["endpoint", "_method", "_anchor", "_external", "_scheme"])
+def test_names_of_no_search_field_are_ignored_not_passed_on(world, officer, name):
+    """The page's links (next page, CSV, JSON) carry the search's own fields only: any other
+    name reached url_for, which takes some for itself (endpoint= and _method= were server
+    errors; _anchor= and _external= changed the links)."""
+    client, _ = officer
+    r = client.get(f"/officer/?claim=email&{name}=x")
+    assert r.status_code == 200, r.status_code
+    page = r.get_data(as_text=True)
+    assert 'href="/officer/decisions.csv?claim=email"' in page
+    assert 'href="/officer/decisions.json?claim=email"' in page
 
 
 def test_csv_export(world, officer):
