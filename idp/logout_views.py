@@ -10,7 +10,7 @@ here carrying a CSRF token. Afterwards: a redirect to a registered
 from __future__ import annotations
 
 import hmac
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from flask import Blueprint, redirect, render_template, request, session
 from werkzeug.wrappers import Response
@@ -18,7 +18,7 @@ from werkzeug.wrappers import Response
 from broker.session import current_login
 
 from .errors import IdpError
-from .logout import EndSessionPlan, EndSessionRequest, LogoutService
+from .logout import EndSessionPlan, EndSessionRequest, InvalidLogoutRequest, LogoutService
 
 END_SESSION_PATH = "/logout/end-session"
 #: the app's page policy, with the agency's post-logout origin added to ``form-action``
@@ -47,6 +47,11 @@ def create_blueprint(logout: LogoutService) -> Blueprint:
     @bp.route(END_SESSION_PATH, methods=["GET", "POST"])
     def end_session() -> Response:
         params = request.form if request.method == "POST" else request.args
+        # RFC 6749 3.1, as /authorize and /token: a parameter sent twice is refused (the
+        # first value was taken), never redirected
+        repeated = sorted(name for name, values in params.lists() if len(values) > 1)
+        if repeated:
+            raise InvalidLogoutRequest(f"{quote(repeated[0], safe='')} is sent more than once")
         # The confirmation form below posts back with a CSRF token; a request from an
         # agency (GET, or a form POST per section 2) never carries one.
         confirming = request.method == "POST" and "csrf" in request.form

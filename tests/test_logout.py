@@ -301,6 +301,23 @@ def test_unregistered_post_logout_redirect_uri_gives_no_redirect(logout_app):
     assert silent_login_works(client)
 
 
+def test_rfc6749_3_1_a_parameter_sent_twice_gives_no_redirect(logout_app):
+    """As at /authorize and /token, a parameter sent twice is refused (the first value was
+    taken), naming it, and never redirected: the session stays."""
+    client = logout_app.test_client()
+    auth = AuthRequest(agency=AGENCY_ONE)
+    id_token = redeem(client, auth, full_login(client, auth)["code"]).json["id_token"]
+    for name, values in (("post_logout_redirect_uri", [ONE_SIGNED_OUT, TWO_SIGNED_OUT]),
+                         ("state", ["a", "b"]), ("client_id", [AGENCY_ONE.client_id] * 2),
+                         ("id_token_hint", [id_token, id_token])):
+        pairs = [("id_token_hint", id_token), ("post_logout_redirect_uri", ONE_SIGNED_OUT)]
+        pairs = [(k, v) for k, v in pairs if k != name] + [(name, v) for v in values]
+        r = client.get(f"/logout/end-session?{urlencode(pairs)}")
+        assert r.status_code == 400 and "Location" not in r.headers, name
+        assert f"({name} is sent more than once)" in r.get_data(as_text=True), name
+    assert silent_login_works(client)
+
+
 def _hidden_fields(page: str) -> dict[str, str]:
     return {name: html.unescape(value) for name, value in
             re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', page)}
