@@ -174,7 +174,14 @@ def _when(value: str | None, name: str, *, end: bool) -> datetime | None:
 
 def parse_query(args: Mapping[str, str]) -> DecisionQuery:
     """The search form's fields (``agency``, ``purpose``, ``claim``, ``decision``, ``from``,
-    ``to``, and ``connector``+``upstream_subject`` or ``sub`` with ``agency``)."""
+    ``to``, and ``connector``+``upstream_subject`` or ``sub`` with ``agency``), each at most
+    once (a query string's second value was ignored: decision=permit&decision=deny searched
+    the permits alone)."""
+    getlist = getattr(args, "getlist", None)
+    if getlist is not None:
+        repeated = next((name for name in QUERY_FIELDS if len(getlist(name)) > 1), None)
+        if repeated is not None:
+            raise InvalidOfficerQuery(f"The field {repeated!r} is given more than once.")
     decision = {"permit": True, "deny": False, None: None}.get(_text(args, "decision"), "bad")
     if decision == "bad":
         raise InvalidOfficerQuery("The field 'decision' must be 'permit' or 'deny'.")

@@ -257,6 +257,17 @@ def test_time_window(world, officer):
         assert r.status_code == 400 and "YYYY-MM-DD" in r.json["error_description"], basic
 
 
+def test_a_search_field_given_twice_is_refused(world, officer):
+    """decision=permit&decision=deny searched the permits alone (the second value was
+    ignored): an export that is not what was asked for. Now a 400 naming the field."""
+    client, _ = officer
+    for path in ("/officer/", "/officer/decisions.json", "/officer/decisions.csv"):
+        r = client.get(f"{path}?decision=permit&decision=deny")
+        assert r.status_code == 400, (path, r.status_code)
+        assert "'decision' is given more than once" in html.unescape(r.get_data(as_text=True)), path
+    assert client.get("/officer/decisions.json?decision=permit").status_code == 200
+
+
 @pytest.mark.parametrize("name", ["endpoint", "_method", "_anchor", "_external", "_scheme"])
 def test_names_of_no_search_field_are_ignored_not_passed_on(world, officer, name):
     """The page's links (next page, CSV, JSON) carry the search's own fields only: any other
