@@ -280,6 +280,15 @@ class TokenStore:
     def _nonce_key(client_id: str, nonce: str) -> str:
         return f"nonce:{client_id}:{digest(nonce)}"
 
+    # -- consent answers -------------------------------------------------------------------
+
+    def answer_once(self, request_id: str, ttl: int) -> bool:
+        """Claim the answer to a parked consent request: True the first time, False for a
+        second submit of the same form (two at once included: the browser session is
+        written last-wins, so its single use alone lets both through). Kept ``ttl``
+        seconds, as long as the request can be answered."""
+        return self._store.put_new(f"consent-answer:{digest(request_id)}", {}, max(1, ttl))
+
     # -- client assertion ids -------------------------------------------------------------
 
     def use_jti(self, client_id: str, jti: str, ttl: int) -> bool:

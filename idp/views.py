@@ -22,7 +22,7 @@ from consent.views import check_csrf, read_consent_form, render_consent_page
 from .agencies import ID_TOKEN_ALGS, SERVICE_SCOPES
 from .agency_keys import ASSERTION_ALGS
 from .claims import scope_claim_names
-from .consent_step import OFFLINE_ACCESS, park, requested_claims, unpark
+from .consent_step import OFFLINE_ACCESS, PENDING_LIFETIME, park, requested_claims, unpark
 from .provider import (
     AUTH_METHODS,
     HubAuthorizationServer,
@@ -395,6 +395,8 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
         wanted = requested_claims(grant.request.scope or "", policy)
         answer = read_consent_form(policy, wanted)  # checks the CSRF token first
         unpark(session, request_id, remove=True)  # single use from here on
+        if not hub.tokens.answer_once(request_id, PENDING_LIFETIME):
+            raise LoginExpired()  # answered already, by a submit of the same form
         subject = hub.subject_for(client, login.account_id)
         if not answer.allow:
             consent.record_refusal(login.account_id, policy, subject, requested_claims=wanted)

@@ -367,6 +367,29 @@ def test_core_3_1_2_4_a_consent_page_answers_only_for_the_login_it_was_asked_und
     assert hub.consent.grants_for_account(bob) == []
 
 
+def test_one_consent_form_is_answered_once_even_by_two_submits_at_once(client):
+    """Two submits of one consent form at once both found the parked request (the browser
+    session is written last-wins: the first one's removal of it is not seen by the
+    second), and both recorded a consent event and receipt. Made deterministic here: the
+    second submit sees the session as it was before the first."""
+    from tests.flows import consent_answer
+
+    hub = client.application.extensions["civitas"]
+    auth = AuthRequest()
+    r = finish_login(client, upstream_login(start_login(client, auth), "alice"), consent=False)
+    form = consent_answer(client.get(path_of(r.headers["Location"])).get_data(as_text=True))
+    with client.session_transaction() as s:
+        parked, account = dict(s["consent_requests"]), s["login"]["account_id"]
+    first = client.post("/authorize/consent", data=form)
+    assert first.status_code == 302 and "code=" in first.headers["Location"]
+    with client.session_transaction() as s:
+        s["consent_requests"] = parked  # what the concurrent submit read
+    second = client.post("/authorize/consent", data=form)
+    assert second.status_code == 400 and "Location" not in second.headers
+    [record] = hub.consent.grants_for_account(account)
+    assert [e.kind for e in hub.consent.history(account, record.client_id)] == ["given"]
+
+
 def test_records_and_ledger_match_one_to_one(client, app, monkeypatch):
     from sqlalchemy import delete
 
