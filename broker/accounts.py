@@ -50,6 +50,16 @@ def account_closed_at(account_id: ColumnElement[str]) -> ScalarSelect[Any]:
     return select(_ACCOUNTS.c.deleted_at).where(_ACCOUNTS.c.id == account_id).scalar_subquery()
 
 
+def hold_open_account(s: Session, account_id: str) -> bool:
+    """Lock the account's row (FOR SHARE, until ``s``'s transaction ends) and say whether
+    it is open: what the consent service asks before a consent is given. Closing the
+    account (:meth:`AccountDirectory.close`: its row FOR UPDATE) waits for a consent being
+    given, and one given after the close is refused, so none outlives the erasure."""
+    deleted_at = s.execute(select(_ACCOUNTS.c.deleted_at).where(
+        _ACCOUNTS.c.id == account_id).with_for_update(read=True)).first()
+    return deleted_at is not None and deleted_at[0] is None
+
+
 #: the account's ``deleted_at`` and one row per attribute value (one row of NULLs when it has
 #: none); no row when there is no such account: :meth:`AccountDirectory.attributes_from_rows`
 LIVE_ATTRIBUTES = (select(_ACCOUNTS.c.deleted_at, _ATTRIBUTES.c.name,

@@ -19,7 +19,12 @@ from flask import Flask, Request, g, jsonify, render_template, request, session
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.wrappers import Response
 
-from broker.accounts import AccountDirectory, account_closed_at, account_is_live
+from broker.accounts import (
+    AccountDirectory,
+    account_closed_at,
+    account_is_live,
+    hold_open_account,
+)
 from broker.health import HealthPolicy, UpstreamHealth
 from broker.models import AccountEvent
 from broker.ratelimit import AttemptLimiter
@@ -68,7 +73,6 @@ from .consent_wiring import (
     HubReceiptSigner,
     agency_authenticator,
     agency_policies,
-    hold_open_account,
     receipt_contact_notices,
 )
 from .envelope import REQUEST_ID, ResponseEnvelope, new_request_id

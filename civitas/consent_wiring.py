@@ -9,10 +9,7 @@ from typing import Any
 from authlib.oauth2.rfc6749.errors import OAuth2Error
 from joserfc import jws
 from joserfc.jwk import ECKey, RSAKey
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from broker.models import ConstituentAccount
 from config import Settings
 from consent.api import BearerRefused
 from consent.policy import AgencyContact, AgencyPolicy, ClaimRequest
@@ -102,12 +99,3 @@ def agency_authenticator(server: HubAuthorizationServer, scope: str) -> Any:
 
     return authenticate
 
-
-def hold_open_account(s: Session, account_id: str) -> bool:
-    """Lock the account's row (FOR SHARE, until ``s``'s transaction ends) and say whether
-    it is open: what the consent service asks before a consent is given. Closing the
-    account (broker.accounts: its row FOR UPDATE) waits for a consent being given, and one
-    given after the close is refused, so none outlives the account's erasure."""
-    deleted_at = s.execute(select(ConstituentAccount.deleted_at).where(
-        ConstituentAccount.id == account_id).with_for_update(read=True)).first()
-    return deleted_at is not None and deleted_at[0] is None

@@ -101,14 +101,20 @@ class JWKSServer:
         return self.base + path
 
 
-@pytest.fixture(scope="module")
-def jwks_server() -> Iterator[JWKSServer]:
+def serving() -> Iterator[JWKSServer]:
+    """A :class:`JWKSServer` answering on its own thread until the generator is closed
+    (the body of a ``jwks_server`` fixture, of whatever scope)."""
     server = JWKSServer()
     thread = threading.Thread(target=server.httpd.serve_forever, daemon=True)
     thread.start()
     yield server
     server.httpd.shutdown()
     server.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def jwks_server() -> Iterator[JWKSServer]:
+    yield from serving()
 
 
 # -- the hub --------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from tests.test_client_auth import (
     public_set,
     redeem,
     register_remote,
+    serving,
 )
 from tests.test_ldap_login import (
     TOO_MANY,
@@ -142,12 +143,7 @@ def test_names_the_directory_tells_apart_keep_their_own_counter(name):
 
 @pytest.fixture
 def jwks_server() -> Iterator[JWKSServer]:
-    server = JWKSServer()
-    thread = threading.Thread(target=server.httpd.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.httpd.shutdown()
-    server.httpd.server_close()
+    yield from serving()
 
 
 @pytest.mark.parametrize("body", [b"[" * 60000, b'{"keys": ' + b"[" * 5000 + b"]" * 5000 + b"}",
