@@ -52,8 +52,9 @@ def agency_policies(settings: Settings) -> dict[str, AgencyPolicy]:
             notice_url=decl.notice_url, notice_version=decl.notice_version,
             notice_language=decl.notice_language, consent_ttl_days=decl.consent_ttl_days,
             jurisdiction=decl.jurisdiction, purpose_labels=dict(decl.purpose_labels),
-            contact=AgencyContact(email=decl.contact_email, phone=decl.contact_phone,
-                                  street_address=decl.contact_address),
+            contact=AgencyContact(contact=decl.contact_name, email=decl.contact_email,
+                                  phone=decl.contact_phone, street_address=decl.contact_address,
+                                  address_country=decl.contact_country, url=decl.contact_url),
         )
     return policies
 
@@ -61,7 +62,8 @@ def agency_policies(settings: Settings) -> dict[str, AgencyPolicy]:
 def receipt_contact_notices(policies: Mapping[str, AgencyPolicy]) -> list[str]:
     """One line per agency whose consent receipts would not say how to reach its privacy
     office (:meth:`AgencyPolicy.receipt_contact_gaps`), naming the settings to add."""
-    setting = {"email": "contact_email", "phone": "contact_phone", "address": "contact_address"}
+    setting = {"contact": "contact_name", "email": "contact_email", "phone": "contact_phone",
+               "address": "contact_address"}
     notices = []
     for client_id, policy in sorted(policies.items()):
         gaps = policy.receipt_contact_gaps()

@@ -63,9 +63,12 @@ def demo_settings(hub_port: int, upstream_port: int, agency_port: int,
             "consent": {
                 "notice_url": f"http://{HOST}:{agency_port}/privacy",
                 "notice_version": "2026-11",
+                "contact_name": "Privacy Office, Department of Examples",
                 "contact_email": "privacy@examples.example",
                 "contact_phone": "+1 555 0100",
                 "contact_address": "1 Example Plaza, Springfield",
+                "contact_country": "US",
+                "contact_url": f"http://{HOST}:{agency_port}/privacy",
                 "purpose_labels": {
                     "eligibility": "to check that you can use this service",
                     "letters": "to address letters to you by name",

@@ -204,14 +204,26 @@ class ConsentDeclaration(BaseModel):
     jurisdiction: str = "US"
     purpose_labels: dict[str, str] = {}
     claims: Annotated[list[ClaimDeclaration], Field(min_length=1)]
+    #: the privacy office as consent receipts name it (Kantara Consent Receipt 1.1
+    #: ``piiControllers[]``): who to contact, and how (email, phone, postal address)
+    contact_name: Annotated[str, Field(max_length=120)] = ""
     contact_email: str = ""
     contact_phone: str = ""
     contact_address: str = ""
+    #: the postal address's country, ISO 3166-1 alpha-2 (``addressCountry``)
+    contact_country: Annotated[str, Field(pattern=r"^([A-Z]{2})?$")] = ""
+    #: the privacy office's web page (``piiControllerUrl``)
+    contact_url: str = ""
 
     @field_validator("notice_url")
     @classmethod
     def _notice(cls, v: str) -> str:
         return check_url(v, what="notice_url")
+
+    @field_validator("contact_url")
+    @classmethod
+    def _contact_url(cls, v: str) -> str:
+        return check_url(v, what="contact_url") if v else v
 
 
 class AgencySettings(BaseModel):

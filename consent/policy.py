@@ -116,10 +116,10 @@ class AgencyPolicy:
     def receipt_contact_gaps(self) -> list[str]:
         """The ways of reaching the agency's privacy office that its consent receipts leave
         empty, of those Kantara Consent Receipt 1.1 requires of every PII controller
-        (``email``, ``phone``, ``address``): a citizen holding a receipt should be able to
-        write, call or send a letter."""
-        given = {"email": self.contact.email, "phone": self.contact.phone,
-                 "address": self.contact.street_address}
+        (``contact``, the name to write to; ``email``, ``phone``, ``address``): a citizen
+        holding a receipt should be able to write, call or send a letter, and know to whom."""
+        given = {"contact": self.contact.contact, "email": self.contact.email,
+                 "phone": self.contact.phone, "address": self.contact.street_address}
         return [name for name, value in given.items() if not value.strip()]
 
     def snapshot(self) -> dict[str, object]:

@@ -38,8 +38,9 @@ class TestAgency:
 
 PUBLIC_TASK: dict[str, Any] = {
     "notice_url": "https://agency.example/privacy", "notice_version": "2026-01",
-    "contact_email": "privacy@agency.example", "contact_phone": "+1 555 0100",
-    "contact_address": "1 Example Plaza, Springfield",
+    "contact_name": "Privacy Office", "contact_email": "privacy@agency.example",
+    "contact_phone": "+1 555 0100", "contact_address": "1 Example Plaza, Springfield",
+    "contact_country": "US", "contact_url": "https://agency.example/privacy-office",
     "claims": [
         {"claim": c, "purposes": ["service-delivery"], "lawful_basis": "public_task",
          "required": True, "description": f"Your {c.replace('_', ' ')}"}

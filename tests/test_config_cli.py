@@ -76,6 +76,18 @@ def test_environment_overrides_file(tmp_path, monkeypatch):
     ({"agencies": [{"client_id": "agency", "name": "A", "client_secret": "short",
                     "redirect_uris": ["https://a.example/cb"]}]},
      "agencies[0]", "at least 32"),
+    ({"agencies": [{"client_id": "agency", "name": "A", "client_secret": "s" * 40,
+                    "redirect_uris": ["https://a.example/cb"], "consent": {
+                        "notice_url": "https://a.example/privacy", "notice_version": "1",
+                        "contact_country": "USA", "claims": [
+                            {"claim": "email", "purposes": ["p"], "description": "E"}]}}]},
+     "agencies[0].consent.contact_country", "[A-Z]{2}"),
+    ({"agencies": [{"client_id": "agency", "name": "A", "client_secret": "s" * 40,
+                    "redirect_uris": ["https://a.example/cb"], "consent": {
+                        "notice_url": "https://a.example/privacy", "notice_version": "1",
+                        "contact_url": "mailto:privacy@a.example", "claims": [
+                            {"claim": "email", "purposes": ["p"], "description": "E"}]}}]},
+     "agencies[0].consent.contact_url", "contact_url"),
     ({"session_lifetime_seconds": 5}, "session_lifetime_seconds", "greater than or equal"),
     ({"unknown_key": 1}, "unknown_key", "Extra inputs"),
 ])
@@ -301,15 +313,15 @@ def test_config_check_names_agencies_whose_receipts_lack_a_privacy_contact(tmp_p
     path = write(tmp_path, minimal(tmp_path, agencies=[
         agency_on("tax.example", "tax", consent={**consent, "contact_email": "p@tax.example"}),
         agency_on("dmv.example", "dmv", consent={
-            **consent, "contact_email": "p@dmv.example", "contact_phone": "+1 555 0101",
-            "contact_address": "1 Road"}),
+            **consent, "contact_name": "DMV Privacy Office", "contact_email": "p@dmv.example",
+            "contact_phone": "+1 555 0101", "contact_address": "1 Road"}),
         agency_on("parks.example", "parks")]))  # no consent declaration: no receipts
     result = CliRunner().invoke(main, ["config", "check", str(path)])
     assert result.exit_code == 0, result.output
     assert result.stderr.splitlines() == [
-        "privacy notice: agency 'tax': its consent receipts give no phone, address for its "
-        "privacy office (Kantara Consent Receipt 1.1 asks for them): set "
-        "consent.contact_phone, consent.contact_address"]
+        "privacy notice: agency 'tax': its consent receipts give no contact, phone, address "
+        "for its privacy office (Kantara Consent Receipt 1.1 asks for them): set "
+        "consent.contact_name, consent.contact_phone, consent.contact_address"]
 
 
 def test_the_example_settings_give_no_privacy_notice(tmp_path, monkeypatch):

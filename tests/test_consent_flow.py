@@ -32,6 +32,9 @@ from tests.flows import (
 
 CONSENT = {
     "notice_url": "https://one.agency.example/privacy", "notice_version": "v1",
+    "contact_name": "Benefits Privacy Office", "contact_email": "privacy@one.agency.example",
+    "contact_phone": "+1 555 0199", "contact_address": "2 Agency Row, Springfield",
+    "contact_country": "US", "contact_url": "https://one.agency.example/privacy-office",
     "purpose_labels": {"benefits": "to decide your benefit claim",
                        "newsletter": "to send you news about the programme"},
     "claims": [
@@ -216,6 +219,12 @@ def test_decision_api_and_withdrawal_take_effect(client, app, receiver):
     payload = json.loads(jose_jws.verify(jws_text, client.get("/jwks").json,
                                          algorithms=["ES256"]))
     assert payload["version"] == "KI-CR-v1.1.0"
+    # Kantara CR 1.1 piiControllers: whom the citizen writes to, and how, as the settings say
+    assert payload["piiControllers"] == [{
+        "piiController": "Agency One", "contact": "Benefits Privacy Office",
+        "address": {"streetAddress": "2 Agency Row, Springfield", "addressCountry": "US"},
+        "email": "privacy@one.agency.example", "phone": "+1 555 0199",
+        "piiControllerUrl": "https://one.agency.example/privacy-office"}]
 
     # withdraw everything for this agency from the account page
     page = client.get("/account/consents").get_data(as_text=True)
