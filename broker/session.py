@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -65,10 +65,17 @@ SessionReader = Callable[[Request, str | None], dict[str, Any] | None]
 
 class StoreSessionInterface(SessionInterface):
     def __init__(self, store: ShortLivedStore, *, lifetime: int, secure: bool,
-                 sessionless: tuple[str, ...] = ()) -> None:
+                 sessionless: tuple[str, ...] = (),
+                 renewed_with: Callable[[str], Sequence[tuple[str, str, int]]] | None = None
+                 ) -> None:
         self.store = store
         self.lifetime = lifetime
         self.secure = secure
+        #: the store's sets that live as long as a hub login's session, by its ``sid``
+        #: (members to add, as ``ShortLivedStore.put_many`` takes them): written with the
+        #: session, in its round trip, so they are renewed whenever it is (the composition
+        #: root wires the agencies that took part in it, for their back-channel logout)
+        self.renewed_with = renewed_with
         #: path prefixes of endpoints for programs, which get a :class:`NoBrowserSession`
         self.sessionless = sessionless
         #: how a session is read: by default a ``get`` from the store; the composition root
@@ -106,7 +113,16 @@ class StoreSessionInterface(SessionInterface):
             session.sid = None
         if session.sid is None:
             session.sid = secrets.token_urlsafe(32)
-        self.store.put(_key(session.sid), dict(session), self.lifetime)
+        members: Sequence[tuple[str, str, int]] = ()
+        login = session.get("login")
+        if self.renewed_with is not None and isinstance(login, dict) \
+                and isinstance(login.get("sid"), str) and login["sid"]:
+            members = self.renewed_with(login["sid"])
+        if members:
+            self.store.put_many([(_key(session.sid), dict(session), self.lifetime)],
+                                members=members)
+        else:
+            self.store.put(_key(session.sid), dict(session), self.lifetime)
         response.set_cookie(
             COOKIE_NAME, session.sid, max_age=self.lifetime, path="/", httponly=True,
             secure=self.secure, samesite="Lax",

@@ -54,7 +54,14 @@ def create_blueprint(broker: Broker, *,
             return None
         return login
 
-    def after_login(outcome: LoginOutcome) -> Response:
+    def after_login(outcome: LoginOutcome, previous: HubLogin | None) -> Response:
+        """``previous``: the session's login before this one. When someone else signed in
+        over it (a shared computer: the session now has a new ``sid``), that person's hub
+        session has ended: its tokens die and its agencies are told (Back-Channel Logout
+        1.0 section 2), as when they sign out; otherwise no later logout would reach them."""
+        if (previous is not None and on_logout is not None
+                and outcome.login.sid != previous.sid):
+            on_logout(previous)
         if outcome.linked is not None:
             session["notice"] = "linked" if outcome.linked else "already-linked"
         return redirect(outcome.flow.return_to, code=303)
@@ -102,6 +109,7 @@ def create_blueprint(broker: Broker, *,
         connector = broker.password_connector(upstream_id)
         flow_id = request.form.get("flow", "")
         username = request.form.get("username", "")
+        previous = current_login(session)
         try:
             outcome = broker.password_login(
                 session, flow_id, upstream_id, username, request.form.get("password", ""),
@@ -112,7 +120,7 @@ def create_blueprint(broker: Broker, *,
             page = password_page(flow, connector, error=exc.public_message, username=username)
             page.status_code = exc.status_code
             return page
-        return after_login(outcome)
+        return after_login(outcome, previous)
 
     @bp.get("/login/<upstream_id>/callback")
     def callback(upstream_id: str) -> Response:
@@ -122,8 +130,10 @@ def create_blueprint(broker: Broker, *,
         if repeated:
             raise LoginExpired(detail="the upstream's callback repeats "
                                       + ", ".join(repr(k[:40]) for k in repeated[:5]))
+        previous = current_login(session)
         try:
-            return after_login(broker.complete(session, upstream_id, request.args.to_dict()))
+            return after_login(broker.complete(session, upstream_id, request.args.to_dict()),
+                               previous)
         except SignInRefusedUpstream as refused:
             # not a dead end: back to the choice, saying what happened (Cancel is there)
             session["login_notice"] = refused.public_message

@@ -299,7 +299,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
     )
     app.session_interface = StoreSessionInterface(
         hub.store, lifetime=settings.session_lifetime_seconds, secure=settings.is_https,
-        sessionless=_PROGRAM_PATHS)
+        sessionless=_PROGRAM_PATHS, renewed_with=hub.server.hub.participants.renewal)
     app.register_blueprint(broker_blueprint(
         hub.broker, on_logout=hub.logout.end_session,
         on_delete=lambda account_id: end_grants_and_consents(hub, account_id)))

@@ -149,6 +149,9 @@ class _Claimed:
     logout_uri: str
     token: str
     attempts: int
+    #: this worker's lease on the row: its outcome is recorded only while the row still
+    #: holds it (another worker may have taken the row over once it ran out)
+    lease_until: datetime
 
 
 class LogoutDispatcher:
@@ -260,12 +263,19 @@ class LogoutDispatcher:
         return (LogoutDelivery.next_attempt_at <= now) & or_(
             LogoutDelivery.claimed_until.is_(None), LogoutDelivery.claimed_until < now)
 
+    def _lease(self, rows: int) -> timedelta:
+        """How long a pass over ``rows`` rows may take: ``workers`` posts at a time, each
+        waiting up to ``timeout`` to connect and again to read, and a margin. A lease
+        shorter than the pass lets another worker take rows this one is still posting."""
+        rounds = -(-rows // self._workers)
+        return timedelta(seconds=rounds * 2 * self.timeout + 30)
+
     def _claim(self, now: datetime) -> list[_Claimed]:
-        lease_until = now + timedelta(seconds=3 * self.timeout + 30)
         with self._db.session() as s:
             ids = list(s.scalars(select(LogoutDelivery.id).where(self._due(now))
                                  .order_by(LogoutDelivery.next_attempt_at)
                                  .limit(self._batch)))
+        lease_until = now + self._lease(len(ids))
         claimed = []
         for row_id in ids:
             with self._db.session() as s:
@@ -278,7 +288,7 @@ class LogoutDispatcher:
                 row = s.get(LogoutDelivery, row_id)
                 assert row is not None
                 claimed.append(_Claimed(row.id, row.kind, row.client_id, row.logout_uri,
-                                        row.token, row.attempts))
+                                        row.token, row.attempts, lease_until))
         return claimed
 
     def _fresh_token(self, token: str, now: datetime) -> str:
@@ -346,8 +356,14 @@ class LogoutDispatcher:
                 result: DeliveryPass, *, permanent: bool = False) -> None:
         what = "security event" if item.kind == SET_KIND else "logout token"
         with self._db.session() as s:
-            row = s.get(LogoutDelivery, item.id)
+            row = s.get(LogoutDelivery, item.id, with_for_update=True)
             if row is None:  # removed by an operator meanwhile
+                return
+            if row.claimed_until != item.lease_until:
+                # the lease ran out and another worker took the row over (and may have
+                # delivered it): its outcome stands, this one is not recorded over it
+                log.warning("%s %d for %s: lease lost while posting; outcome not recorded "
+                            "(%s)", what, item.id, item.client_id, error or "delivered")
                 return
             row.attempts = item.attempts + 1
             row.token = token

@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_plus
 
 from authlib.oauth2.rfc6749.errors import InvalidClientError, InvalidRequestError
 from authlib.oauth2.rfc7523 import JWTBearerClientAssertion
@@ -60,12 +60,18 @@ MALFORMED_BASIC = ("The HTTP Basic credentials cannot be read: they must be the 
 
 
 def basic_credentials(header: str | None) -> tuple[str, str] | None:
+    """The client id and secret of an HTTP Basic ``Authorization`` header, each unquoted as
+    Authlib does (form-urlencoded first, RFC 6749 2.3.1); see :func:`_raw_basic_credentials`."""
+    raw = _raw_basic_credentials(header)
+    return None if raw is None else (unquote(raw[0]), unquote(raw[1]))
+
+
+def _raw_basic_credentials(header: str | None) -> tuple[str, str] | None:
     """The client id and secret of an HTTP Basic ``Authorization`` header (strict base64,
-    then UTF-8), each unquoted as Authlib does (form-urlencoded first, RFC 6749 2.3.1); None
-    when the header is absent or of another scheme. Credentials that cannot be read (not
-    base64, not UTF-8, no colon, none at all) are a client that tried to authenticate with
-    the header and failed: invalid_client, 401, with ``WWW-Authenticate: Basic`` (RFC 6749
-    5.2)."""
+    then UTF-8), as sent (still form-urlencoded, RFC 6749 2.3.1); None when the header is
+    absent or of another scheme. Credentials that cannot be read (not base64, not UTF-8, no
+    colon, none at all) are a client that tried to authenticate with the header and failed:
+    invalid_client, 401, with ``WWW-Authenticate: Basic`` (RFC 6749 5.2)."""
     if not header:
         return None
     parts = header.split(None, 1)
@@ -82,7 +88,7 @@ def basic_credentials(header: str | None) -> tuple[str, str] | None:
     client_id, colon, secret = decoded.partition(":")
     if not colon:
         raise InvalidClientError(status_code=401, description=MALFORMED_BASIC)
-    return unquote(client_id), unquote(secret)
+    return client_id, secret
 
 
 def client_secret_basic(query_client: Callable[[str], AgencyClient | None],
@@ -90,17 +96,23 @@ def client_secret_basic(query_client: Callable[[str], AgencyClient | None],
     """Authlib's ``client_secret_basic`` (RFC 6749 2.3.1), registered on the hub's server
     in its place: Authlib's reading of the header lets a malformed one raise (UnicodeError,
     ValueError: a server error); here it is invalid_client (:func:`basic_credentials`)."""
-    credentials = basic_credentials(request.headers.get("Authorization"))
-    if credentials is None:
+    raw = _raw_basic_credentials(request.headers.get("Authorization"))
+    if raw is None:
         return None
-    client_id, secret = credentials
+    client_id, secret = unquote(raw[0]), unquote(raw[1])
     if not (client_id and secret):
         return None  # as Authlib: not authenticated by this method
     client = query_client(client_id)
     if client is None:
         raise InvalidClientError(status_code=401,
                                  description="The client does not exist on this server.")
-    return client if client.check_client_secret(secret) else None
+    if client.check_client_secret(secret):
+        return client
+    # RFC 6749 2.3.1: the secret is application/x-www-form-urlencoded, where a space is '+'
+    # (openid-client sends it so); ``unquote`` above keeps a '+' as itself, for the clients
+    # that send the secret unencoded (curl -u). Both are readings of what the client sent.
+    spaced = unquote_plus(raw[1])
+    return client if spaced != secret and client.check_client_secret(spaced) else None
 
 
 # -- the assertion --------------------------------------------------------------------------

@@ -65,6 +65,9 @@ class SessionParticipants:
     """
 
     PREFIX = "sid-members:"
+    #: a member that is no agency: added when the session is written, so that the set lives
+    #: as long as the session does (:meth:`renewal`), not only from the last code
+    KEEPALIVE = ""
     #: where releases before the set lived (a JSON list under a lock), read on take until
     #: those sessions have expired
     LEGACY_PREFIX = "sid-agencies:"
@@ -82,6 +85,13 @@ class SessionParticipants:
         (``ShortLivedStore.put_many``'s ``members``): none without a hub session."""
         return [(self.PREFIX + sid, client_id, self._ttl)] if sid else []
 
+    def renewal(self, sid: str) -> list[tuple[str, str, int]]:
+        """What the session store writes with a hub session's data (each time it is renewed
+        for the session lifetime): this set, renewed as long (Back-Channel Logout 1.0 section
+        2.3). Otherwise a session kept alive by use would outlive the record of the
+        agencies that took part in it, and its logout would tell none of them."""
+        return self.entries(sid, self.KEEPALIVE)
+
     def take(self, sid: str) -> list[str]:
         """The session's agencies, forgotten as they are read."""
         if not sid:
@@ -90,6 +100,7 @@ class SessionParticipants:
         legacy = self._store.take(self.LEGACY_PREFIX + sid)
         if legacy is not None:
             found |= {c for c in legacy.get("client_ids", []) if isinstance(c, str)}
+        found.discard(self.KEEPALIVE)
         return sorted(found)
 
 

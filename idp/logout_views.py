@@ -1,21 +1,24 @@
 """The end-session endpoint (OpenID Connect RP-Initiated Logout 1.0): a thin Flask adapter
 over :mod:`idp.logout`.
 
-``GET`` or ``POST /logout/end-session``. A verified ``id_token_hint`` for the current session
-signs the citizen out at once; otherwise the citizen is asked first, with a form posted back
-here carrying a CSRF token. Afterwards: a redirect to a registered
-``post_logout_redirect_uri`` (with ``state``), or a plain "You are signed out" page.
+``GET`` or ``POST /logout/end-session``. An agency's form ``POST`` that arrives without the
+hub's session cookie (SameSite=Lax: browsers leave it off a cross-site POST) is turned into
+the same request by ``GET`` (303), a top-level navigation that carries it. A verified
+``id_token_hint`` for the current session signs the citizen out at once; otherwise the
+citizen is asked first, with a form posted back here carrying a CSRF token. Afterwards: a
+redirect to a registered ``post_logout_redirect_uri`` (with ``state``), or a plain "You are
+signed out" page.
 """
 
 from __future__ import annotations
 
 import hmac
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from flask import Blueprint, redirect, render_template, request, session
 from werkzeug.wrappers import Response
 
-from broker.session import current_login
+from broker.session import COOKIE_NAME, current_login
 
 from .errors import IdpError
 from .logout import EndSessionPlan, EndSessionRequest, InvalidLogoutRequest, LogoutService
@@ -56,6 +59,15 @@ def create_blueprint(logout: LogoutService) -> Blueprint:
         # agency (GET, or a form POST per section 2) never carries one.
         confirming = request.method == "POST" and "csrf" in request.form
         plan = logout.plan(EndSessionRequest.from_params(params))
+        if request.method == "POST" and not confirming and COOKIE_NAME not in request.cookies:
+            # RP-Initiated Logout 1.0 section 2 (GET and POST): the session cookie is
+            # SameSite=Lax, which a browser sends on a top-level GET navigation but never on
+            # a cross-site POST, so the agency's form post would find no session here and
+            # be sent back "signed out" while the hub session lives on. The same request by
+            # GET (checked above: an invalid one is never redirected) carries the cookie.
+            resp = redirect(f"{END_SESSION_PATH}?{urlencode(list(params.items()))}", code=303)
+            resp.headers["Cache-Control"] = "no-store"
+            return resp
         login = current_login(session)
         if login is None:
             return finish(plan)  # nothing to end: already signed out

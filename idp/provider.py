@@ -74,6 +74,8 @@ from .tokens import (
     new_grant_id,
 )
 
+#: the access token type of every token response (RFC 6749 5.1, RFC 6750)
+BEARER = "Bearer"
 #: client authentication at the token, revocation and introspection endpoints
 AUTH_METHODS = list(AGENCY_AUTH_METHODS)
 
@@ -544,15 +546,19 @@ class HubIntrospection(IntrospectionEndpoint):
             # RFC 9068 2.2: the agency's own token; its sub is its client_id
             return {"active": True, "client_id": token.client_id, "scope": token.scope,
                     "sub": token.client_id, "iss": hub.issuer, "aud": hub.issuer,
-                    "token_type": token.token_type, "exp": token.expires_at,
+                    "token_type": BEARER, "exp": token.expires_at,
                     "iat": token.issued_at, "jti": token.jti}
         body: dict[str, Any] = {
             "active": True, "client_id": token.client_id, "scope": token.scope,
             "sub": hub.subject_for(client, token.account_id), "iss": hub.issuer,
-            "token_type": token.token_type, "exp": token.expires_at,
+            "exp": token.expires_at,
         }
         if isinstance(token, AccessToken):
-            body.update(iat=token.issued_at, jti=token.jti, aud=token.client_id)
+            # RFC 7662 2.2: token_type is an RFC 6749 5.1 (7.1) access token type, as the
+            # token response said; a refresh token has none ("access_token" and
+            # "refresh_token" are RFC 7009 hint values, not types)
+            body.update(token_type=BEARER, iat=token.issued_at, jti=token.jti,
+                        aud=token.client_id)
         return body
 
 

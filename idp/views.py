@@ -21,7 +21,7 @@ from consent.views import check_csrf, read_consent_form, render_consent_page
 
 from .agencies import ID_TOKEN_ALGS, SERVICE_SCOPES
 from .agency_keys import ASSERTION_ALGS
-from .claims import scope_claim_names
+from .claims import SCOPE_CLAIMS, scope_claim_names
 from .consent_step import OFFLINE_ACCESS, PENDING_LIFETIME, park, requested_claims, unpark
 from .provider import (
     AUTH_METHODS,
@@ -87,9 +87,11 @@ def discovery_document(issuer: str, acr_values: list[str], *,
         "token_endpoint_auth_methods_supported": list(AUTH_METHODS),
         "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
         "code_challenge_methods_supported": ["S256"],
+        # every claim a scope can release (idp/claims.py), which upstreams may supply
         "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "nonce", "acr",
-                             "amr", "sid", "at_hash", "name", "given_name", "family_name",
-                             "email", "email_verified"],
+                             "amr", "sid", "at_hash",
+                             *dict.fromkeys(name for names in SCOPE_CLAIMS.values()
+                                            for name in names)],
         "claims_parameter_supported": False,
         "request_parameter_supported": False,
         "request_uri_parameter_supported": False,
