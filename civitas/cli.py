@@ -14,6 +14,7 @@ import click
 from config import Settings, load_settings
 from consent.ledger.cli import make_audit_cli
 from idp.agencies import shared_host_sectors, shared_sector_notice
+from idp.keys import JWKS_MAX_AGE_SECONDS
 from kernel.crypto import FieldCipher
 from kernel.errors import ConfigError
 from kernel.reencrypt import BATCH, EncryptedColumn
@@ -38,9 +39,11 @@ def _hub(ctx: click.Context) -> Any:
 def _duration(value: str) -> timedelta:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
-        if value[-1] in units:
-            return timedelta(seconds=float(value[:-1]) * units[value[-1]])
-        return timedelta(seconds=float(value))
+        seconds = (float(value[:-1]) * units[value[-1]] if value[-1] in units
+                   else float(value))
+        if not 0 <= seconds < 100 * 365 * 86400:  # also NaN and inf
+            raise ValueError(value)
+        return timedelta(seconds=seconds)
     except (ValueError, IndexError) as exc:
         raise click.BadParameter(f"{value!r} is not a duration like 30s, 10m, 2h or 7d") from exc
 
@@ -593,9 +596,17 @@ def keys_rotate(ctx: click.Context, alg: str | None, lead_time: str, retire_afte
     """Create a new signing key (published now, signing after the lead time)."""
     hub = _hub(ctx)
     hub.keys.ensure((hub.settings.signing_alg,))
-    row = hub.keys.rotate(alg or hub.settings.signing_alg, lead_time=_duration(lead_time),
+    lead = _duration(lead_time)
+    row = hub.keys.rotate(alg or hub.settings.signing_alg, lead_time=lead,
                           retire_after=_duration(retire_after))
     click.echo(f"new key {row.kid} ({row.alg}) signs from {row.activates_at.isoformat()}")
+    if lead.total_seconds() < JWKS_MAX_AGE_SECONDS:
+        click.echo(f"warning: the new key signs before every verifier has seen it: agencies may "
+                   f"keep the JWKS for {JWKS_MAX_AGE_SECONDS} s, and one that does not fetch "
+                   "it again on an unknown kid refuses the new key's tokens until then. A "
+                   f"lead time of {JWKS_MAX_AGE_SECONDS // 60} minutes or more avoids this; a "
+                   "shorter one is for a key that must stop signing now (compromised).",
+                   err=True)
 
 
 @main.command()

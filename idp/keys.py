@@ -31,6 +31,10 @@ from .models import SigningKey
 #: PS256 (RSASSA-PSS, RFC 7518 3.5) gets its own RSA key rather than sharing the RS256 one:
 #: one key, one algorithm
 SUPPORTED_ALGS = ("ES256", "RS256", "PS256")
+#: how long a verifier may keep the JWKS it fetched (its ``Cache-Control: max-age``): a new
+#: key published for less than this may be unknown to one that does not fetch again on an
+#: unknown ``kid``
+JWKS_MAX_AGE_SECONDS = 300
 
 
 def _signer(alg: str, key: ECKey | RSAKey) -> Callable[[bytes], bytes]:

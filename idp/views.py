@@ -23,6 +23,7 @@ from .agencies import ID_TOKEN_ALGS, SERVICE_SCOPES
 from .agency_keys import ASSERTION_ALGS
 from .claims import SCOPE_CLAIMS, scope_claim_names
 from .consent_step import OFFLINE_ACCESS, PENDING_LIFETIME, park, requested_claims, unpark
+from .keys import JWKS_MAX_AGE_SECONDS
 from .provider import (
     AUTH_METHODS,
     HubAuthorizationServer,
@@ -487,7 +488,7 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
     @bp.get("/jwks")
     def jwks() -> Response:
         resp = jsonify(hub.keys.jwks())
-        resp.headers["Cache-Control"] = "public, max-age=300"
+        resp.headers["Cache-Control"] = f"public, max-age={JWKS_MAX_AGE_SECONDS}"
         resp.headers["Access-Control-Allow-Origin"] = "*"
         resp.mimetype = "application/jwk-set+json"
         return resp

@@ -187,12 +187,18 @@ def test_cli_agency_add_refuses_bad_redirect_uris(cli, uri):
 def test_cli_keys_list_and_rotate(cli):
     first = cli("keys", "list").output.strip().splitlines()
     assert len(first) == 1 and "ES256" in first[0]
-    out = cli("keys", "rotate", "--lead-time", "0s").output
-    assert "new key" in out
+    out = cli("keys", "rotate", "--lead-time", "0s")
+    assert "new key" in out.stdout
+    # signing before verifiers' cached JWKS can hold the key is said, not refused
+    assert "warning: the new key signs before every verifier has seen it" in out.stderr
     listed = cli("keys", "list").output.strip().splitlines()
     assert len(listed) == 2
     assert "retire after 20" in listed[0]  # the old key gets a retirement date
     assert "not a duration" in cli("keys", "rotate", "--lead-time", "soon", ok=False).output
+    for bad in ("-5m", "nan", "inf"):
+        assert "not a duration" in cli("keys", "rotate", "--lead-time", bad, ok=False).output
+    assert len(cli("keys", "list").output.strip().splitlines()) == 2  # none made
+    assert "warning" not in cli("keys", "rotate", "--lead-time", "1h").stderr
 
 
 def test_cli_secrets_generate(cli):
