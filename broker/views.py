@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,6 +26,18 @@ NOTICES = {
     "already-linked": "That sign-in was already linked to your account.",
     "unlinked": "That way to sign in was removed from your account.",
 }
+
+
+#: the hub's own pages a direct sign-in may lead back to (``/login?next=...``): the account
+#: pages and the officer workspace, as a path with an optional plain query; nothing else,
+#: so that ``next`` can never send a citizen to another site
+RETURN_PAGES = re.compile(
+    r"/(?:account(?:/[\w-]+)*|officer/(?:[\w-]+/?)*)(?:\?[\w=&%.+-]*)?\Z", re.ASCII)
+
+
+def return_page(path: str) -> str | None:
+    """``path`` if a sign-in may lead back to it (:data:`RETURN_PAGES`), else None."""
+    return path if RETURN_PAGES.match(path) and ".." not in path else None
 
 
 class FormExpired(BrokerError):
@@ -84,8 +97,10 @@ def create_blueprint(broker: Broker, *,
     def login_page() -> str | Response:
         flow_id = request.args.get("flow")
         if not flow_id:
-            # A direct visit: sign in to the hub itself and land on the account page.
-            flow = broker.flows(session).start(return_to=url_for("broker.account"))
+            # A direct visit: sign in to the hub itself and land on the page that sent the
+            # citizen here (``next``, one of the hub's own pages), else the account page.
+            back = return_page(request.args.get("next", "")) or url_for("broker.account")
+            flow = broker.flows(session).start(return_to=back)
             return redirect(url_for("broker.login_page", flow=flow.id))
         flow = broker.flows(session).get(flow_id)
         upstreams = broker.choices(flow)
@@ -203,8 +218,12 @@ def create_blueprint(broker: Broker, *,
 
     @bp.post("/logout")
     def logout() -> Response:
-        check_csrf()
         login = current_login(session)
+        if login is None:
+            # nothing to end (the session expired, or the hub's in-process store restarted,
+            # while the page was open): the citizen is signed out, which is what they asked
+            return redirect(url_for("broker.signed_out"), code=303)
+        check_csrf()
         if login is not None and on_logout is not None:
             on_logout(login)
         session.clear()

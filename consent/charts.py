@@ -62,14 +62,18 @@ def activity(db: Database, client_id: str, *, days: int = 30,
 
 
 def svg_chart(rows: list[DailyActivity], *, title: str, width: int = 640,
-              height: int = 200) -> str:
-    """Grouped bars per day; an accessible SVG with a title and a text alternative."""
+              height: int = 200, chart_id: str = "chart") -> str:
+    """Grouped bars per day; an accessible SVG with a title and a text alternative.
+    ``chart_id`` names the title's element: one per chart on a page (an id twice would give
+    every chart the first one's name). It scales down to a narrow screen (``viewBox``)."""
     pad, axis = 30, 20
     peak = max((max(r.granted, r.withdrawn, r.decisions) for r in rows), default=0) or 1
     slot = (width - pad) / max(len(rows), 1)
     bar = max(slot / 4, 1)
+    title_id = f"{chart_id}-title"
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'role="img" aria-labelledby="chart-title"><title id="chart-title">'
+             f'viewBox="0 0 {width} {height}" style="max-width: 100%; height: auto" '
+             f'role="img" aria-labelledby="{title_id}"><title id="{title_id}">'
              f'{escape(title)}</title>',
              f'<text x="0" y="12" font-size="11">{peak}</text>',
              f'<line x1="{pad}" y1="{height - axis}" x2="{width}" y2="{height - axis}" '

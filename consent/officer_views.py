@@ -27,6 +27,7 @@ from .officers import (
     PAGE_SIZE,
     QUERY_FIELDS,
     AssertedAttribute,
+    InvalidOfficerQuery,
     OfficerRule,
     OfficerWorkspace,
     csv_safe,
@@ -71,7 +72,9 @@ def create_officer_blueprint(
     def _officers_only() -> Response | None:
         login = current_login(session)
         if login is None or not account_exists(login.account_id):
-            return redirect(url_for("broker.login_page"))
+            # back here after signing in (the login page takes only the hub's own pages)
+            back = request.full_path if request.query_string else request.path
+            return redirect(url_for("broker.login_page", next=back))
         if not holds_officer_role(rules, login_upstream=login.upstream_id,
                                   auth_time=login.auth_time,
                                   attributes=attributes_of(login.account_id)):
@@ -101,14 +104,22 @@ def create_officer_blueprint(
         return int(raw) if raw.isascii() and raw.isdigit() and 0 < len(raw) < 7 else 1
 
     @bp.get("/")
-    def search() -> str:
-        query = parse_query(request.args)
-        results = workspace.search(query, officer_account_id=g.officer_account_id,
-                                   page=_page_number())
+    def search() -> str | tuple[str, int]:
         # the form's own fields only: any other name would reach url_for, which takes some
         # for itself (endpoint=, _method=: a server error; _anchor=, _external=)
         args: dict[str, Any] = {k: v for k, v in request.args.items()
                                 if k in QUERY_FIELDS and v}
+        try:
+            query = parse_query(request.args)
+        except InvalidOfficerQuery as problem:
+            # the form again, as the officer filled it in, with the problem beside its field
+            # (WCAG 3.3.1): not an error page that loses the search
+            return render_template(
+                "officer/search.html", query=None, args=request.args, results=None,
+                error=problem.public_message, error_field=problem.field,
+                agencies=agencies()), 400
+        results = workspace.search(query, officer_account_id=g.officer_account_id,
+                                   page=_page_number())
 
         def page_url(page: int) -> str:
             return url_for("officer.search", **args, page=page)
@@ -162,12 +173,13 @@ def create_officer_blueprint(
     def activity_page() -> str:
         """Grants, withdrawals and decisions per agency per day (last 30 days)."""
         charts = []
-        for client_id, name in agencies():
+        for number, (client_id, name) in enumerate(agencies(), start=1):
             rows = activity(workspace.db, client_id)
             charts.append({
                 "name": name, "client_id": client_id,
                 # svg_chart escapes the only text it is given (the title); the rest is numbers
-                "svg": Markup(svg_chart(rows, title=f"{name}: activity, last 30 days")),  # noqa: S704
+                "svg": Markup(svg_chart(rows, title=f"{name}: activity, last 30 days",  # noqa: S704
+                                        chart_id=f"chart-{number}")),
                 "totals": {k: sum(getattr(r, k) for r in rows)
                            for k in ("granted", "withdrawn", "decisions")},
             })

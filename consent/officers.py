@@ -40,8 +40,14 @@ ASSERTION_SLACK = timedelta(seconds=60)
 
 
 class InvalidOfficerQuery(ConsentError):
+    """``field``: the search form's field at fault (the page puts the message beside it)."""
+
     status_code = 400
     public_message = "The search could not be understood."
+
+    def __init__(self, message: str | None = None, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 # -- the role ------------------------------------------------------------------------------
@@ -134,7 +140,7 @@ class DecisionQuery:
 def _text(args: Mapping[str, str], name: str, limit: int = 255) -> str | None:
     value = (args.get(name) or "").strip()
     if len(value) > limit:
-        raise InvalidOfficerQuery(f"The field {name!r} is too long.")
+        raise InvalidOfficerQuery(f"The field {name!r} is too long.", field=name)
     return value or None
 
 
@@ -160,7 +166,7 @@ def _when(value: str | None, name: str, *, end: bool) -> datetime | None:
     except ValueError as exc:
         raise InvalidOfficerQuery(
             f"The field {name!r} must be a date (YYYY-MM-DD) or a date and time "
-            "(YYYY-MM-DDTHH:MM, with seconds and an offset if wanted).") from exc
+            "(YYYY-MM-DDTHH:MM, with seconds and an offset if wanted).", field=name) from exc
     try:
         if whole_day:
             day = when.replace(tzinfo=UTC)
@@ -169,7 +175,7 @@ def _when(value: str | None, name: str, *, end: bool) -> datetime | None:
     except OverflowError as exc:  # the day after 9999-12-31, or a time beyond it in UTC
         raise InvalidOfficerQuery(
             f"The field {name!r} is outside the dates that can be searched "
-            "(years 1 to 9999, in UTC).") from exc
+            "(years 1 to 9999, in UTC).", field=name) from exc
 
 
 def parse_query(args: Mapping[str, str]) -> DecisionQuery:
@@ -181,10 +187,12 @@ def parse_query(args: Mapping[str, str]) -> DecisionQuery:
     if getlist is not None:
         repeated = next((name for name in QUERY_FIELDS if len(getlist(name)) > 1), None)
         if repeated is not None:
-            raise InvalidOfficerQuery(f"The field {repeated!r} is given more than once.")
+            raise InvalidOfficerQuery(f"The field {repeated!r} is given more than once.",
+                                      field=repeated)
     decision = {"permit": True, "deny": False, None: None}.get(_text(args, "decision"), "bad")
     if decision == "bad":
-        raise InvalidOfficerQuery("The field 'decision' must be 'permit' or 'deny'.")
+        raise InvalidOfficerQuery("The field 'decision' must be 'permit' or 'deny'.",
+                                  field="decision")
     agency = _text(args, "agency", 128)
     connector, upstream_subject = _text(args, "connector", 64), _text(args, "upstream_subject")
     sub = _text(args, "sub")
@@ -192,19 +200,21 @@ def parse_query(args: Mapping[str, str]) -> DecisionQuery:
     if connector or upstream_subject:
         if not (connector and upstream_subject):
             raise InvalidOfficerQuery("A citizen lookup by sign-in needs both the connector "
-                                      "and the upstream subject.")
+                                      "and the upstream subject.",
+                                      field="upstream_subject" if connector else "connector")
         if sub:
             raise InvalidOfficerQuery("Look a citizen up by sign-in or by pairwise sub, "
-                                      "not both.")
+                                      "not both.", field="sub")
         citizen = CitizenRef("credential", connector, upstream_subject)
     elif sub:
         if not agency:
-            raise InvalidOfficerQuery("A pairwise sub is only meaningful with its agency.")
+            raise InvalidOfficerQuery("A pairwise sub is only meaningful with its agency: "
+                                      "choose the agency too.", field="agency")
         citizen = CitizenRef("pairwise", agency, sub)
     since = _when(_text(args, "from", 40), "from", end=False)
     until = _when(_text(args, "to", 40), "to", end=True)
     if since and until and since >= until:
-        raise InvalidOfficerQuery("The time window ends before it starts.")
+        raise InvalidOfficerQuery("The time window ends before it starts.", field="to")
     return DecisionQuery(agency=agency, purpose=_text(args, "purpose", 128),
                          claim=_text(args, "claim", 128),
                          decision=decision if isinstance(decision, bool) else None,

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlencode
 
 from flask import (
     Blueprint,
@@ -31,7 +32,7 @@ from broker.session import current_login
 from kernel.store import ShortLivedStore
 
 from .api import AgencyAuthenticator, create_api_blueprint
-from .errors import ConsentError, FormExpired, ReceiptNotFound
+from .errors import ConsentError, FormExpired, NothingToWithdraw, ReceiptNotFound
 from .history import ConsentGrant
 from .models import ConsentReceipt
 from .policy import LAWFUL_BASES, AgencyPolicy
@@ -42,6 +43,9 @@ NOTICES = {
                  "and has been told.",
     "claim-withdrawn": "That information is no longer shared with the agency, and the agency "
                        "has been told.",
+    # a second Withdraw (another tab, a double click, Back): the first one did it
+    "nothing-to-withdraw": "That was already withdrawn, or is no longer shared: there was "
+                           "nothing left to withdraw. Nothing was changed.",
 }
 EVENT_WORDS = {"given": "Consent given", "renewed": "Consent renewed",
                "withdrawn": "Consent withdrawn"}
@@ -148,6 +152,27 @@ def _grant_view(grant: ConsentGrant) -> dict[str, Any]:
     }
 
 
+def receipt_items(receipt: ConsentReceipt, names: Mapping[tuple[str, str], str]) -> list[str]:
+    """What a receipt covers (what was given, or what was withdrawn), in the words the
+    agency declared (``names``: (client_id, claim) -> description), else the claim's name."""
+    client_id = str(receipt.payload.get("civitas", {}).get("clientId", ""))
+    claims = sorted({claim for service in receipt.payload.get("services", ())
+                     for purpose in service.get("purposes", ())
+                     for claim in purpose.get("piiCategory", ())})
+    return [names.get((client_id, claim), claim) for claim in claims]
+
+
+def claim_names(grants: Iterable[ConsentGrant]) -> dict[tuple[str, str], str]:
+    """(client_id, claim) -> the description the agency declared for it."""
+    names: dict[tuple[str, str], str] = {}
+    for grant in grants:
+        declared: Mapping[str, Any] = grant.policy.get("claims") or {}
+        for claim, spec in declared.items():
+            if isinstance(spec, Mapping) and spec.get("description"):
+                names[(grant.client_id, claim)] = str(spec["description"])
+    return names
+
+
 def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuthenticator,
                      store: ShortLivedStore, decision_scope: str = "consent.decisions",
                      rate_limit: int = 600, rate_window_seconds: int = 60,
@@ -186,6 +211,11 @@ def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuth
         response.headers["Access-Control-Allow-Origin"] = "*"
         return response
 
+    def to_login() -> Response:
+        """The login page, which leads back to this page afterwards."""
+        back = request.full_path if request.query_string else request.path
+        return redirect(f"{login_url}?{urlencode({'next': back})}")
+
     def account_id() -> str | None:
         login = current_login(session)
         return login.account_id if login is not None else None
@@ -203,7 +233,7 @@ def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuth
         Estonian Data Tracker is the model)."""
         owner = account_id()
         if owner is None:
-            return redirect(login_url)
+            return to_login()
         page = min(max(1, request.args.get("page", 1, type=int) or 1), HISTORY_LAST_PAGE)
         rows = service.decisions.for_account(
             owner, limit=HISTORY_PAGE + 1, offset=(page - 1) * HISTORY_PAGE,
@@ -228,10 +258,11 @@ def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuth
     def consents() -> str | Response:
         owner = account_id()
         if owner is None:
-            return redirect(login_url)
+            return to_login()
         grants = service.grants_for_account(owner)
+        names = claim_names(grants)
         return render_template(
-            "consent/account.html",
+            "consent/account.html", items_of=lambda r: receipt_items(r, names),
             active=[_grant_view(g) for g in grants if g.valid],
             offline=offline_use(owner) if offline_use is not None else {},
             past=[g for g in grants if not g.valid],
@@ -246,7 +277,13 @@ def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuth
             return redirect(login_url, code=303)
         client_id = request.form.get("client_id", "")
         claim = request.form.get("claim") or None
-        service.withdraw(owner, client_id, claim=claim)
+        try:
+            service.withdraw(owner, client_id, claim=claim)
+        except NothingToWithdraw:
+            # not an error page: the citizen sees what they share now, and that nothing
+            # changed (the same answer whether or not there ever was such a consent)
+            session["consent_notice"] = "nothing-to-withdraw"
+            return redirect(url_for("consent.consents"), code=303)
         session["consent_notice"] = "withdrawn" if claim is None else "claim-withdrawn"
         return redirect(url_for("consent.consents"), code=303)
 
@@ -254,16 +291,20 @@ def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuth
     def receipt_page(receipt_id: str) -> str | Response:
         owner = account_id()
         if owner is None:
-            return redirect(login_url)
+            return to_login()
         found = own_receipt(owner, receipt_id)
+        names = claim_names(service.grants_for_account(owner))
         return render_template("consent/receipt.html", receipt=found, payload=found.payload,
+                               items=receipt_items(found, names),
+                               client_id=found.payload.get("civitas", {}).get("clientId", ""),
+                               names=names,
                                event_words=EVENT_WORDS, bases=LAWFUL_BASES)
 
     @bp.get("/account/consents/receipts/<receipt_id>/download")
     def receipt_download(receipt_id: str) -> Response:
         owner = account_id()
         if owner is None:
-            return redirect(login_url)
+            return to_login()
         found = own_receipt(owner, receipt_id)
         body = json.dumps({"receipt": found.payload, "jws": found.jws}, indent=2,
                           sort_keys=True)

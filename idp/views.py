@@ -23,6 +23,7 @@ from .agencies import ID_TOKEN_ALGS, SERVICE_SCOPES
 from .agency_keys import ASSERTION_ALGS
 from .claims import SCOPE_CLAIMS, scope_claim_names
 from .consent_step import OFFLINE_ACCESS, PENDING_LIFETIME, park, requested_claims, unpark
+from .errors import ConsentAlreadyAnswered
 from .keys import JWKS_MAX_AGE_SECONDS
 from .provider import (
     AUTH_METHODS,
@@ -353,6 +354,8 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
     def pending_consent(request_id: str, *, remove: bool) -> tuple[Any, Any, HubLogin, Any]:
         login = active_login()
         pending = unpark(session, request_id, remove=remove)
+        if pending is None and request_id in session.get("consent_answered", ()):
+            raise ConsentAlreadyAnswered()
         if login is None or pending is None or hub.consent is None \
                 or pending.login != (login.account_id, login.signed_in_at):
             # asked under another login (someone else may have signed in in this browser
@@ -398,8 +401,11 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
         wanted = requested_claims(grant.request.scope or "", policy)
         answer = read_consent_form(policy, wanted)  # checks the CSRF token first
         unpark(session, request_id, remove=True)  # single use from here on
+        # remembered, only to tell a second look at it (Back, a double click) that it was
+        # answered rather than that the sign-in expired
+        session["consent_answered"] = [*session.get("consent_answered", ())][-7:] + [request_id]
         if not hub.tokens.answer_once(request_id, PENDING_LIFETIME):
-            raise LoginExpired()  # answered already, by a submit of the same form
+            raise ConsentAlreadyAnswered()  # answered already, by a submit of the same form
         subject = hub.subject_for(client, login.account_id)
         if not answer.allow:
             consent.record_refusal(login.account_id, policy, subject, requested_claims=wanted)

@@ -767,7 +767,8 @@ def test_api_conforms_to_its_openapi_document(case: Any) -> None:
 
 def test_consents_page_lists_and_withdraws_with_csrf(env: Env) -> None:
     svc, client = env.service, env.client
-    assert client.get("/account/consents").headers["Location"] == "/login"
+    assert client.get("/account/consents").headers["Location"] == (
+        "/login?next=%2Faccount%2Fconsents")  # back here after signing in
     svc.record_decision(env.alice.id, ONE, "sub-a1", {"email"})
     svc.record_decision(env.alice.id, TWO, "sub-a2", set())
     svc.record_decision(env.bob.id, TWO, "sub-b2", set())
@@ -810,9 +811,12 @@ def test_consents_page_lists_and_withdraws_with_csrf(env: Env) -> None:
                            headers={"Authorization": "Bearer token-two"}).json
     assert decision["decision"] is False
     # a grant already withdrawn is not withdrawn twice
+    # (a second Withdraw, from another tab or a double click, is not an error page: back to
+    # the consents, saying that nothing changed)
     again = client.post("/account/consents/withdraw", data={
         "client_id": "agency-two", "csrf": "csrf-token"})
-    assert again.status_code == 404 and "Nothing was changed" in again.get_data(as_text=True)
+    assert again.status_code == 303 and again.headers["Location"] == "/account/consents"
+    assert "Nothing was changed" in client.get("/account/consents").get_data(as_text=True)
     # someone else's grant cannot be withdrawn from this session, even naming their account:
     # Bob's grant to an agency Alice never used
     three = AgencyPolicy(client_id="agency-three", name="Library", claims=TWO.claims,
@@ -820,8 +824,8 @@ def test_consents_page_lists_and_withdraws_with_csrf(env: Env) -> None:
     svc.record_decision(env.bob.id, three, "sub-b3", set())
     refused = client.post("/account/consents/withdraw", data={
         "client_id": "agency-three", "account_id": env.bob.id, "csrf": "csrf-token"})
-    assert refused.status_code == 404
-    assert "Nothing was changed" in refused.get_data(as_text=True)
+    assert refused.status_code == 303
+    assert "Nothing was changed" in client.get("/account/consents").get_data(as_text=True)
     assert svc.granted_claims(env.bob.id, "agency-three") == {"email"}
     assert svc.granted_claims(env.bob.id, "agency-two") == {"email"}
     assert len(env.withdrawals) == 2

@@ -187,7 +187,10 @@ def test_a_search_date_past_the_calendar_is_a_clear_400(world, officer, path, fi
     message = (f"The field {field!r} is outside the dates that can be searched "
                "(years 1 to 9999, in UTC).")
     if path == "/officer/":
-        error_page(r, 400, message)
+        # the search form again, the problem beside its field
+        assert r.status_code == 400 and r.mimetype == "text/html"
+        assert (f'<p class="error" role="alert" id="search-error">{escape(message)}'
+                in r.get_data(as_text=True))
     else:
         json_error(r, 400, "invalid_request", message)
 
