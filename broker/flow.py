@@ -10,6 +10,7 @@ one is a stale or replayed URL). Each flow remembers where to return, a local pa
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, replace
@@ -22,6 +23,21 @@ from .errors import LoginExpired
 FlowState = Literal["choosing", "redirected", "authenticated"]
 
 MAX_FLOWS_PER_SESSION = 8
+
+#: the longest ``login_hint`` passed on (an identifier: an email address, a username)
+MAX_LOGIN_HINT = 256
+#: ``ui_locales``: space-separated BCP 47 language tags (OpenID Connect Core 3.1.2.1)
+UI_LOCALES = re.compile(r"[A-Za-z0-9-]{1,35}(?: [A-Za-z0-9-]{1,35}){0,9}\Z", re.ASCII)
+
+
+def passable_hints(login_hint: str | None, ui_locales: str | None
+                   ) -> tuple[str | None, str | None]:
+    """The hints worth passing on to an upstream: a ``login_hint`` of printable characters
+    and sensible length, ``ui_locales`` of language tags; others are dropped (hints: the
+    sign-in goes on without them, as Core 3.1.2.1 lets an OP ignore them)."""
+    hint = login_hint.strip() if login_hint else ""
+    return ((hint if hint and len(hint) <= MAX_LOGIN_HINT and hint.isprintable() else None),
+            (ui_locales if ui_locales and UI_LOCALES.match(ui_locales) else None))
 
 
 @dataclass(frozen=True)
@@ -43,6 +59,11 @@ class LoginFlow:
     #: 3.1.2.1), and/or within ``max_age`` seconds
     reauthenticate: bool = False
     max_age: int | None = None
+    #: what the agency said of whom to expect and in which languages (OpenID Connect Core
+    #: 3.1.2.1 ``login_hint``, ``ui_locales``), passed on to the upstream the citizen chooses
+    #: (a directory's form starts with the hint as the username)
+    login_hint: str | None = None
+    ui_locales: str | None = None
     #: where the citizen's "Cancel" goes (a local path; the agency that asked is told,
     #: RFC 6749 4.1.2.1 access_denied); None: nowhere to go back to
     cancel_to: str | None = None
@@ -97,17 +118,20 @@ class FlowStore:
 
     def start(self, return_to: str, payload: dict[str, Any] | None = None,
               allowed_acrs: list[str] | None = None, *, reauthenticate: bool = False,
-              max_age: int | None = None, cancel_to: str | None = None) -> LoginFlow:
+              max_age: int | None = None, cancel_to: str | None = None,
+              login_hint: str | None = None, ui_locales: str | None = None) -> LoginFlow:
         """Start a flow. ``return_to`` is a local path; ``{flow_id}`` in it is filled in."""
         if not _is_local_path(return_to) or not (cancel_to is None
                                                   or _is_local_path(cancel_to)):
             raise ValueError("return_to and cancel_to must be local paths")
         flow_id = secrets.token_urlsafe(16)
+        login_hint, ui_locales = passable_hints(login_hint, ui_locales)
         flow = LoginFlow(id=flow_id, return_to=return_to.replace("{flow_id}", flow_id),
                          state="choosing", started_at=int(time.time()), payload=payload,
                          allowed_acrs=allowed_acrs, reauthenticate=reauthenticate,
                          max_age=max_age, cancel_to=None if cancel_to is None
-                         else cancel_to.replace("{flow_id}", flow_id))
+                         else cancel_to.replace("{flow_id}", flow_id),
+                         login_hint=login_hint, ui_locales=ui_locales)
         flows = self._all()
         now = time.time()
         flows = {k: v for k, v in flows.items() if now - v["started_at"] < self._lifetime}

@@ -137,7 +137,8 @@ class Broker:
                 connector.probe()
             url, pending = connector.begin(self.callback_uri(upstream_id),
                                            reauthenticate=flow.reauthenticate,
-                                           max_age=flow.max_age)
+                                           max_age=flow.max_age, login_hint=flow.login_hint,
+                                           ui_locales=flow.ui_locales)
         flows.save(flow.choose(upstream_id, pending.state, dict(pending.data)))
         return url
 

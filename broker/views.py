@@ -115,7 +115,8 @@ def create_blueprint(broker: Broker, *,
         if isinstance(connector, PasswordConnector):
             flow = broker.flows(session).get(flow_id)
             broker.health.refuse_if_down(upstream_id, connector.display_name)
-            return password_page(flow, connector, error=None, username="")
+            # the agency's login_hint starts the form (Core 3.1.2.1); the citizen may change it
+            return password_page(flow, connector, error=None, username=flow.login_hint or "")
         return redirect(broker.begin(session, flow_id, upstream_id), code=303)
 
     @bp.post("/login/<upstream_id>/password")

@@ -161,11 +161,13 @@ class RedirectConnector(Protocol):
     acr: str
 
     def begin(self, redirect_uri: str, *, reauthenticate: bool = False,
-              max_age: int | None = None) -> tuple[str, PendingLogin]:
+              max_age: int | None = None, login_hint: str | None = None,
+              ui_locales: str | None = None) -> tuple[str, PendingLogin]:
         """Return the URL to send the browser to, and what to keep until the callback.
         ``reauthenticate``: the upstream must authenticate the person again rather than
         answer from a session of its own; ``max_age``: or have done so within that many
-        seconds (OpenID Connect Core 3.1.2.1)."""
+        seconds; ``login_hint``, ``ui_locales``: the agency's hints, for the upstream to use
+        as it can (OpenID Connect Core 3.1.2.1)."""
         ...
 
     def probe(self) -> None:

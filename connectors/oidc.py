@@ -176,7 +176,8 @@ class OIDCConnector:
             self.metadata(refresh=True)
 
     def begin(self, redirect_uri: str, *, reauthenticate: bool = False,
-              max_age: int | None = None) -> tuple[str, PendingLogin]:
+              max_age: int | None = None, login_hint: str | None = None,
+              ui_locales: str | None = None) -> tuple[str, PendingLogin]:
         with self._bulkhead.call(busy_message(self.display_name)):
             meta = self.metadata()
         state = secrets.token_urlsafe(32)
@@ -198,6 +199,10 @@ class OIDCConnector:
             params["prompt"] = "login"
         if max_age is not None:
             params["max_age"] = str(max_age)
+        if login_hint:
+            params["login_hint"] = login_hint
+        if ui_locales:
+            params["ui_locales"] = ui_locales
         sep = "&" if "?" in meta["authorization_endpoint"] else "?"
         url = meta["authorization_endpoint"] + sep + urlencode(params)
         return url, PendingLogin(state=state, data={"nonce": nonce, "verifier": verifier,

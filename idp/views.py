@@ -236,7 +236,8 @@ def create_blueprint(server: HubAuthorizationServer, broker: Broker) -> Blueprin
             flow = broker.flows(session).start(
                 return_to="/authorize/continue?flow={flow_id}", payload=payload,
                 allowed_acrs=requested_acrs(params), reauthenticate=reauthenticate,
-                max_age=max_age, cancel_to="/authorize/cancel?flow={flow_id}")
+                max_age=max_age, cancel_to="/authorize/cancel?flow={flow_id}",
+                login_hint=params.get("login_hint"), ui_locales=params.get("ui_locales"))
             return redirect(url_for("broker.login_page", flow=flow.id), code=303)
         assert login is not None
         return finish(oauth_request, grant, login, params)

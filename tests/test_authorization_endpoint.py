@@ -889,3 +889,28 @@ def test_oidc_core_2_auth_time_is_when_the_upstream_authenticated(client, monkey
     assert back.status_code == 303
     assert_error_redirect(client.get(path_of(back.headers["Location"])), "login_required",
                           auth.state)
+
+
+def test_oidc_core_3_1_2_1_login_hint_and_ui_locales_go_on_to_the_upstream(client):
+    """login_hint and ui_locales are the agency's hints of whom to expect and in which
+    languages: the hub signs no one in itself, so they go on to the upstream the citizen
+    chooses, which uses them as it can, and the sign-in completes as without them."""
+    import requests
+
+    auth = AuthRequest(extra={"login_hint": "alice@example.org", "ui_locales": "fr-CA en"})
+    upstream_url = _to_upstream(client, auth)
+    sent = parse_qs(urlsplit(upstream_url).query)
+    assert sent["login_hint"] == ["alice@example.org"] and sent["ui_locales"] == ["fr-CA en"]
+    claims = _id_token_after(client, auth, _through_upstream(requests.Session(), upstream_url))
+    assert claims["aud"] == AGENCY_ONE.client_id
+
+
+@pytest.mark.parametrize("hints", [
+    {"login_hint": "x" * 257}, {"login_hint": "alice\nbob"}, {"ui_locales": "en <b>"},
+    {"ui_locales": "en" + " fr" * 10}, {"login_hint": "   "},
+], ids=["long-hint", "control-hint", "odd-locales", "eleven-locales", "blank-hint"])
+def test_oidc_core_3_1_2_1_hints_that_cannot_be_used_are_not_passed_on(client, hints):
+    """A hint that cannot be an identifier or a list of language tags is dropped (an OP may
+    ignore hints): the sign-in goes on without it, and it never reaches the upstream."""
+    sent = parse_qs(urlsplit(_to_upstream(client, AuthRequest(extra=hints))).query)
+    assert "login_hint" not in sent and "ui_locales" not in sent

@@ -209,3 +209,22 @@ def test_link_directory_credential_to_oidc_account(client, app):
     assert r.status_code == 303 and r.headers["Location"] == "/account"
     page = client.get("/account").get_data(as_text=True)
     assert STAFF in page and "Example ID" in page and "alice@agency.example" in page
+
+
+def test_oidc_core_3_1_2_1_login_hint_starts_the_directory_form(client):
+    """The agency's login_hint is the username the directory's form starts with (escaped as
+    any value on the page); the citizen may sign in as someone else."""
+    import html as html_mod
+
+    auth = AuthRequest(extra={"login_hint": 'alice"<x>'})
+    r = client.get(auth.url())
+    page = client.get(path_of(r.headers["Location"])).get_data(as_text=True)
+    link = re.search(r'href="(/login/staff/start\?flow=[^"]+)"', page).group(1)
+    form = client.get(link.replace("&amp;", "&")).get_data(as_text=True)
+    field = re.search(r'<input id="username"[^>]*>', form).group(0)
+    value = re.search(r'value="([^"]*)"', field).group(1)
+    assert "<" not in value and html_mod.unescape(value) == 'alice"<x>'
+    fields = {name: re.search(rf'name="{name}" value="([^"]*)"', form).group(1)
+              for name in ("csrf", "flow")}
+    r = submit(client, fields, "bob", "bob-ldap-pw")
+    assert r.status_code == 303, r.get_data(as_text=True)[:300]
