@@ -40,6 +40,25 @@ def return_page(path: str) -> str | None:
     return path if RETURN_PAGES.match(path) and ".." not in path else None
 
 
+#: the hub's own assurance values (``urn:civitas:acr:ial<N>:aal<N>``, NIST SP 800-63-3) in
+#: the words the account page uses; another value an operator configured is shown as it is
+_CIVITAS_ACR = re.compile(r"urn:civitas:acr:ial([123]):aal([123])\Z")
+_IAL_WORDS = {"1": "identity not checked against documents",
+              "2": "identity checked against documents",
+              "3": "identity checked in person"}
+_AAL_WORDS = {"1": "signed in with one factor (such as a password)",
+              "2": "signed in with two factors",
+              "3": "signed in with a hardware key"}
+
+
+def assurance_words(acr: str | None) -> str:
+    """What an assurance value means, in plain words for the citizen."""
+    found = _CIVITAS_ACR.match(acr or "")
+    if found is None:
+        return acr or ""
+    return f"{_IAL_WORDS[found.group(1)].capitalize()}; {_AAL_WORDS[found.group(2)]}"
+
+
 class FormExpired(BrokerError):
     status_code = 400
     public_message = "This form has expired. Please go back, reload the page and try again."
@@ -52,6 +71,7 @@ def create_blueprint(broker: Broker, *,
     before the session is cleared: the composition root wires it to the OpenID provider's
     logout (token revocation, back-channel logout) without broker/ depending on idp/."""
     bp = Blueprint("broker", __name__, template_folder="templates")
+    bp.add_app_template_filter(assurance_words, "assurance_words")
 
     def check_csrf() -> None:
         expected = session.get("csrf")

@@ -69,6 +69,9 @@ def test_link_second_credential_and_show_it(client, hub):
     page = client.get("/account").get_data(as_text=True)
     assert "The new way to sign in was added" in page
     assert "Example ID" in page and "Bank ID" in page and "Sign-in added" in page
+    # the assurance in words a citizen reads, the value itself beside it
+    assert ("Identity not checked against documents; signed in with one factor (such as a "
+            'password) <span class="muted"><code>urn:civitas:acr:ial1:aal1</code>') in page
     assert account_id(hub, "op-es", "alice-0001") == account_id(hub, "op", "alice-0001")
     assert count_accounts(hub) == 1
     # afterwards, signing in with the linked credential reaches the same account
@@ -285,3 +288,16 @@ def test_account_events_are_ledger_entries_without_personal_data(client, hub):
         assert kind in kinds, kinds
     for e in entries:  # pseudonymous: neither the account id nor the person appears
         assert aid not in e.entry and "alice" not in e.entry.lower()
+
+
+@pytest.mark.parametrize("acr, words", [
+    ("urn:civitas:acr:ial2:aal2",
+     "Identity checked against documents; signed in with two factors"),
+    ("urn:civitas:acr:ial3:aal3", "Identity checked in person; signed in with a hardware key"),
+    ("urn:example:loa:substantial", "urn:example:loa:substantial"),  # an operator's own value
+    ("urn:civitas:acr:ial4:aal1", "urn:civitas:acr:ial4:aal1"), (None, ""),
+])
+def test_assurance_in_plain_words(acr, words):
+    from broker.views import assurance_words
+
+    assert assurance_words(acr) == words

@@ -370,7 +370,10 @@ def test_lookup_by_pairwise_sub_and_exports_are_ledgered(world, officer):
     ledger = world["hub"].ledger
     before = len(list(ledger.entries("officer.lookup")))
     q = f"agency=agency-one&sub={world['sub']}&decision=deny"
-    assert len(result_ids(client.get(f"/officer/?{q}"))) == 3
+    page = client.get(f"/officer/?{q}")
+    assert len(result_ids(page)) == 3
+    # the whole subject is shown, so that it can be copied into the search (it was cut)
+    assert page.get_data(as_text=True).count(f'<code class="subject">{world["sub"]}</code>') == 3
     assert client.get(f"/officer/decisions.json?{q}").json["count"] == 3
     rows = list(csv.reader(io.StringIO(client.get(
         f"/officer/decisions.csv?{q}").get_data(as_text=True))))
@@ -402,6 +405,8 @@ def test_unknown_citizen_matches_nothing_and_is_still_ledgered(world, officer):
 def test_record_of_processing(world, officer):
     client, _ = officer
     record = client.get("/officer/agencies/agency-one/art30?format=json").json
+    page = client.get("/officer/agencies/agency-one/art30").get_data(as_text=True)
+    assert re.search(r"Generated \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\.", page), page[:2000]
     assert record["controller"]["client_id"] == "agency-one" and record["declared"] is True
     assert [(p["purpose"], p["label"], p["claims"]) for p in record["purposes"]] == [
         ("benefits", "to decide your benefit claim", ["email"]),
