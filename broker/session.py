@@ -97,10 +97,11 @@ class StoreSessionInterface(SessionInterface):
             return StoreSession(data, sid=sid)
         return StoreSession()
 
-    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+    def save_session(self, app: Flask, session: SessionMixin | None,
+                     response: Response) -> None:
+        if session is None or isinstance(session, NoBrowserSession):
+            return  # (None: opening it failed, the store is down; the answer says so)
         assert isinstance(session, StoreSession)
-        if isinstance(session, NoBrowserSession):
-            return
         if not session:
             if session.sid is not None and session.modified:
                 self.store.delete(_key(session.sid))

@@ -14,6 +14,7 @@ from flask import Blueprint, redirect, render_template, request, session, url_fo
 from werkzeug.wrappers import Response
 
 from connectors import PasswordConnector, UpstreamRejected
+from kernel.ratelimit import address_bucket
 
 from .errors import BrokerError, LoginExpired, SignInRefusedUpstream
 from .service import Broker, LoginOutcome
@@ -149,7 +150,7 @@ def create_blueprint(broker: Broker, *,
         try:
             outcome = broker.password_login(
                 session, flow_id, upstream_id, username, request.form.get("password", ""),
-                request.remote_addr or "unknown",
+                address_bucket(request.remote_addr),
             )
         except UpstreamRejected as exc:
             flow = broker.flows(session).get(flow_id)

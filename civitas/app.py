@@ -61,10 +61,10 @@ from idp.pairwise import PairwiseSubjects
 from idp.provider import HubAuthorizationServer, ProviderServices
 from idp.tokens import ACCOUNT_DELETED, AccessTokens, RefreshTokens, TokenStore
 from idp.views import create_blueprint as idp_blueprint
-from kernel.crypto import FieldCipher
+from kernel.crypto import DecryptionError, FieldCipher
 from kernel.db import Database, startup_lock, utcnow
-from kernel.errors import CivitasError
-from kernel.ratelimit import Limit, RateLimited, RateLimiter
+from kernel.errors import CivitasError, ConfigError
+from kernel.ratelimit import Limit, RateLimited, RateLimiter, address_bucket
 from kernel.store import ShortLivedStore, open_store
 from kernel.urls import is_loopback_host
 
@@ -106,6 +106,13 @@ class Hub:
         assert self.server.hub.consent is not None
         return self.server.hub.consent
 
+
+#: why the hub will not start when its signing keys cannot be decrypted
+UNREADABLE_KEYS = (
+    "encryption_key: the signing keys stored in the database cannot be decrypted with any "
+    "configured key. CIVITAS_ENCRYPTION_KEY must still list the key that encrypted them "
+    "(check it for a typo; when rotating keys, remove the old key only after `civitas "
+    "secrets reencrypt` ends with every value under key 1: deploy/README.md)")
 
 #: threads per worker process when the caller does not say (`civitas serve --threads`)
 DEFAULT_THREADS = 4
@@ -258,6 +265,20 @@ class HubFlask(Flask):
         except TypeError:  # an unhashable callable
             return super().ensure_sync(func)
 
+    def log_exception(self, exc_info: Any) -> None:
+        """Flask logs an error raised outside the view (opening the session) before handing
+        it to the error handlers. A store or database that is down is logged there, once,
+        with the request id (``unavailable``): not again here with a traceback; anything
+        else is logged with the request's id, as the error page shows it."""
+        error = exc_info[1] if exc_info else None
+        if error is not None and _is_unavailable(error):
+            return
+        try:
+            _request_id_now()
+        except RuntimeError:  # (no request context: nothing to name)
+            pass
+        super().log_exception(exc_info)
+
 
 def create_app(config: Settings | Mapping[str, Any] | None = None, *,
                hub: Hub | None = None, migrate: bool = True,
@@ -279,7 +300,10 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
     _allow_loopback_http(settings.issuer)
     with startup_lock(hub.db.engine):
         hub.agencies.sync_from_config(settings.agencies)
-        hub.keys.ensure(tuple(sorted({settings.signing_alg} | hub.agencies.signing_algs())))
+        try:
+            hub.keys.ensure(tuple(sorted({settings.signing_alg} | hub.agencies.signing_algs())))
+        except DecryptionError as exc:
+            raise ConfigError(UNREADABLE_KEYS) from exc
     for host, client_ids in hub.agencies.shared_host_sectors().items():
         log.warning("privacy: %s", shared_sector_notice(host, client_ids))
     for notice in receipt_contact_notices(hub.server.hub.policies):
@@ -482,7 +506,7 @@ def _install_address_limits(app: Flask, hub: Hub) -> None:
     assert limiter is not None
 
     def limit_of(group: str, address: str | None) -> list[Limit]:
-        return [Limit(f"{group}:addr:{address}", per_group[group])]
+        return [Limit(f"{group}:addr:{address_bucket(address)}", per_group[group])]
 
     # A browser endpoint's limit is counted as its session is read, in one round trip to
     # the store: the session is opened before the request's endpoint is known, so this

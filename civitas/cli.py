@@ -15,7 +15,7 @@ from config import Settings, load_settings
 from consent.ledger.cli import make_audit_cli
 from idp.agencies import shared_host_sectors, shared_sector_notice
 from idp.keys import JWKS_MAX_AGE_SECONDS
-from kernel.crypto import FieldCipher
+from kernel.crypto import DecryptionError, FieldCipher
 from kernel.errors import ConfigError
 from kernel.reencrypt import BATCH, EncryptedColumn
 
@@ -36,19 +36,54 @@ def _hub(ctx: click.Context) -> Any:
         raise click.ClickException(str(exc)) from exc
 
 
+#: the longest duration an option takes: ten years
+_LONGEST_DURATION = 10 * 366 * 86400
+
+
 def _duration(value: str) -> timedelta:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
-        seconds = (float(value[:-1]) * units[value[-1]] if value[-1] in units
-                   else float(value))
-        if not 0 <= seconds < 100 * 365 * 86400:  # also NaN and inf
+        if value[-1] in units:
+            seconds = float(value[:-1]) * units[value[-1]]
+        else:
+            seconds = float(value)
+        # a negative duration would, for `keys rotate`, make the new key sign before it was
+        # published and take the keys it replaces out of the JWKS at once (and one past
+        # the calendar's end is no date at all)
+        if not 0 <= seconds <= _LONGEST_DURATION:
             raise ValueError(value)
         return timedelta(seconds=seconds)
-    except (ValueError, IndexError) as exc:
-        raise click.BadParameter(f"{value!r} is not a duration like 30s, 10m, 2h or 7d") from exc
+    except (ValueError, IndexError, OverflowError) as exc:
+        raise click.BadParameter(f"{value!r} is not a duration like 30s, 10m, 2h or 7d "
+                                 "(zero or more)") from exc
 
 
-@click.group()
+class _CivitasGroup(click.Group):
+    """The command group: a database or Redis that cannot be reached is said in one line
+    (what failed, and where to look), not as a Python traceback, by every command."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        import redis
+        from sqlalchemy import exc as sa_exc
+
+        try:
+            return super().invoke(ctx)
+        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+            said = (str(exc.orig or exc).strip().splitlines() or [repr(exc)])[0]
+            raise click.ClickException(
+                f"the database failed: {said}. (Is PostgreSQL running, and reachable at "
+                "database_url?)") from exc
+        except DecryptionError as exc:
+            from .app import UNREADABLE_KEYS
+
+            raise click.ClickException(UNREADABLE_KEYS) from exc
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise click.ClickException(
+                f"Redis could not be reached: {exc}. Check redis_url and that Redis is "
+                "running.") from exc
+
+
+@click.group(cls=_CivitasGroup)
 @click.option("--config", "config_path", envvar="CIVITAS_CONFIG", type=click.Path(),
               help="Settings file (YAML). Default: $CIVITAS_CONFIG.")
 @click.pass_context
@@ -107,19 +142,13 @@ def serve(ctx: click.Context, host: str, port: int, threads: int, workers: int,
 
     if json_logs:
         configure_json_logging()
-    if workers > 1:
-        from .gunicorn_app import (
-            SchemaUpgradeFailed,
-            address_in_use,
-            run_gunicorn,
-            upgrade_schema,
-        )
+    from .gunicorn_app import address_in_use
 
-        problem = address_in_use(host, port)
-        if problem is not None:
-            raise click.ClickException(
-                f"cannot listen on {host}:{port}: {problem}. Another program (or another "
-                "Civitas) is listening there: stop it, or choose another --port.")
+    problem = address_in_use(host, port)  # waitress, too, would only raise OSError
+    if problem is not None:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {problem}")
+    if workers > 1:
+        from .gunicorn_app import SchemaUpgradeFailed, run_gunicorn, upgrade_schema
 
         try:
             _announce(f"schema: {upgrade_schema(ctx.obj.get('config'))}", json_logs)
@@ -322,8 +351,13 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
     db = Database(_settings(ctx).database_url)
     # the lock every start-up takes: hosts (or containers) that start together, each running
     # this before `civitas serve`, migrate one after the other, not at the same time
-    with startup_lock(db.engine):
-        upgrade(db.engine, revision)
+    from alembic.util import CommandError
+
+    try:
+        with startup_lock(db.engine):
+            upgrade(db.engine, revision)
+    except CommandError as exc:  # a revision that does not exist, say
+        raise click.ClickException(f"--revision {revision}: {exc}") from exc
     click.echo(f"database at revision {current_revision(db.engine)}")
 
 
@@ -594,11 +628,11 @@ def keys_list(ctx: click.Context) -> None:
 @click.pass_context
 def keys_rotate(ctx: click.Context, alg: str | None, lead_time: str, retire_after: str) -> None:
     """Create a new signing key (published now, signing after the lead time)."""
+    lead, retire = _duration(lead_time), _duration(retire_after)  # before any change
     hub = _hub(ctx)
     hub.keys.ensure((hub.settings.signing_alg,))
-    lead = _duration(lead_time)
     row = hub.keys.rotate(alg or hub.settings.signing_alg, lead_time=lead,
-                          retire_after=_duration(retire_after))
+                          retire_after=retire)
     click.echo(f"new key {row.kid} ({row.alg}) signs from {row.activates_at.isoformat()}")
     if lead.total_seconds() < JWKS_MAX_AGE_SECONDS:
         click.echo(f"warning: the new key signs before every verifier has seen it: agencies may "

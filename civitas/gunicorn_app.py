@@ -22,6 +22,12 @@ from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from .inline_worker import InlineWorker, accept_connection
 
+#: a worker that cannot reach its storage as it starts waits this long, then leaves with
+#: this status (gunicorn halts the whole server at 3, a boot error, or 4; at any other
+#: status it starts the worker again)
+WORKER_RETRY_SECONDS = 5
+WORKER_RETRY_STATUS = 1
+
 
 class HubApplication(BaseApplication):  # type: ignore[misc]
     def __init__(self, config_path: str | None, options: dict[str, Any]) -> None:
@@ -42,12 +48,28 @@ class HubApplication(BaseApplication):  # type: ignore[misc]
     def load(self) -> Any:
         from config import load_settings
 
-        from .app import create_app, freeze_heap
+        from .app import _is_unavailable, create_app, freeze_heap
 
         # `civitas serve` brought the schema up to date before starting gunicorn
         # (upgrade_schema), so the workers neither migrate nor import Alembic
-        app = create_app(load_settings(self.config_path), migrate=False,
-                         threads=self.cfg.threads)
+        try:
+            app = create_app(load_settings(self.config_path), migrate=False,
+                             threads=self.cfg.threads)
+        except Exception as exc:
+            if not _is_unavailable(exc):
+                raise
+            # A worker started while the database or Redis is down (in place of one that
+            # died, or at a reload). Failing to boot would make gunicorn stop the master
+            # and every other worker, which serve on and recover by themselves: leave
+            # with another status instead, after a pause, and the master starts it again.
+            import logging
+
+            said = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            logging.getLogger("civitas").error(
+                "worker %d cannot start: storage unavailable: %s: %s; it is started "
+                "again in %d s", os.getpid(), type(exc).__name__, said, WORKER_RETRY_SECONDS)
+            time.sleep(WORKER_RETRY_SECONDS)
+            sys.exit(WORKER_RETRY_STATUS)
         freeze_heap()
         return app
 
@@ -337,13 +359,20 @@ def address_in_use(host: str, port: int) -> str | None:
     workers fall back to SO_REUSEPORT sockets, such sockets would also share the port with
     any other process of the same user that set the option: a forgotten hub would silently
     get half the connections. A probe without the option fails where anyone listens.)"""
+    import errno
+
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (TIME_WAIT is fine)
         try:
             probe.bind((host, port))
-        except OSError as exc:
-            return exc.strerror or str(exc)
+        except OSError as exc:  # (socket.gaierror too: a --host that does not resolve)
+            said = exc.strerror or str(exc)
+            if exc.errno == errno.EADDRINUSE:
+                return (f"{said}. Another program (or another Civitas) is listening there: "
+                        "stop it, or choose another --port.")
+            return (f"{said}. Check --host (an address of this machine, such as 127.0.0.1 "
+                    "or 0.0.0.0) and --port (one below 1024 needs privileges).")
     return None
 
 
@@ -361,8 +390,8 @@ def upgrade_schema(config_path: str | None) -> str:
             *(["--config", config_path] if config_path else []), "db", "upgrade"]
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)  # noqa: S603 (this program)
     if proc.returncode != 0:
-        raise SchemaUpgradeFailed((proc.stderr or proc.stdout).strip()
-                                  or f"exit status {proc.returncode}")
+        said = (proc.stderr or proc.stdout).strip().removeprefix("Error: ")  # (click's)
+        raise SchemaUpgradeFailed(said or f"exit status {proc.returncode}")
     return proc.stdout.strip()
 
 

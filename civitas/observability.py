@@ -15,7 +15,18 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from kernel.metrics import LATENCY, REQUESTS
 
-from .envelope import STARTED
+from .envelope import REQUEST_ID, STARTED
+
+_log = logging.getLogger("civitas")
+
+
+def request_id_of(req: Any) -> str:
+    """The request's id: the one its hooks set in ``g``, else the envelope's."""
+    try:
+        found = g.get("request_id")
+    except RuntimeError:
+        found = None
+    return str(found or req.environ.get(REQUEST_ID, "-"))
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
                       "PATCH"})
@@ -71,6 +82,12 @@ def install(app: Flask) -> None:
         if counter is None:
             counter = requests.setdefault(key, REQUESTS.labels(endpoint, key[1], str(key[2])))
         counter.inc()
+        if response.status_code >= 400:
+            # every answer that is an error has a line with its id, which its page or header
+            # quotes as the reference to give support: also the refusals no other line
+            # names (an unknown agency's authorization request, a page not there, ...)
+            _log.info("request %s: %s %s answered %d", request_id_of(req), key[1], endpoint,
+                      response.status_code)
         started = req.environ.get(STARTED)  # set by the envelope (civitas.envelope)
         if started is not None:
             histogram = latency.get(endpoint)

@@ -21,7 +21,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
 from kernel import jsonfast
-from kernel.ratelimit import Limit, RateLimited, RateLimiter
+from kernel.ratelimit import Limit, RateLimited, RateLimiter, address_bucket
 from kernel.store import ShortLivedStore
 
 from .decisions import InvalidRequest, parse_evaluation, parse_evaluations
@@ -112,7 +112,8 @@ def create_api_blueprint(service: ConsentService, *,
                            {"WWW-Authenticate": challenge})
         try:
             limiter.hit([Limit(f"decision:agency:{client_id}", rate_limit),
-                         Limit(f"decision:addr:{request.remote_addr}", rate_limit_per_address)])
+                         Limit(f"decision:addr:{address_bucket(request.remote_addr)}",
+                               rate_limit_per_address)])
         except RateLimited as exc:
             who = "agency" if ":agency:" in exc.key else "address"
             raise ApiError(429, "rate_limited", f"Too many requests from this {who}; retry "

@@ -256,6 +256,16 @@ class StoredAuthorizationRequest(OAuth2Request):
         return {}
 
 
+def _database_unreachable(error: BaseException) -> bool:
+    """A lost or refused connection to the database (the app answers it 503), not a bug."""
+    from sqlalchemy import exc as sa_exc
+
+    if isinstance(error, sa_exc.DBAPIError):
+        return bool(error.connection_invalidated) or isinstance(
+            error, sa_exc.OperationalError | sa_exc.InterfaceError)
+    return isinstance(error, sa_exc.DisconnectionError | sa_exc.TimeoutError)
+
+
 class S256Challenge(CodeChallenge):
     """RFC 7636 with ``S256`` only, required of every client (RFC 9700 2.1.1)."""
 
@@ -278,6 +288,19 @@ class CodeGrant(grants.AuthorizationCodeGrant):
     @property
     def hub(self) -> ProviderServices:
         return self.server.hub  # type: ignore[no-any-return]
+
+    def create_token_response(self) -> Any:
+        """The code was taken when the request was validated. Should the database then be
+        unreachable, the agency is told to try again (503): the code goes back for the
+        rest of its minute, or the retry would get ``invalid_grant`` and the citizen's
+        sign-in would be lost. No token was made from it: nothing was answered."""
+        try:
+            return super().create_token_response()
+        except Exception as exc:
+            code = getattr(self.request, "authorization_code", None)
+            if isinstance(code, AuthorizationCode) and _database_unreachable(exc):
+                self.hub.tokens.restore_code(code)
+            raise
 
     _validated_redirect_uri: str | None = None
 

@@ -26,7 +26,7 @@ import re
 import secrets
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -213,6 +213,21 @@ class TokenStore:
             return None, False
         record["amr"] = tuple(record.get("amr", ()))
         return AuthorizationCode(code_hash=code_hash, **record), marked
+
+    def restore_code(self, code: AuthorizationCode) -> bool:
+        """Put back a code taken by a redemption that failed before any token was made (the
+        database was unreachable: the 503 says "try again", and the retry must find it), for
+        the rest of its lifetime. False when that has run out. A replay that came meanwhile
+        found it taken and revoked its tokens (:meth:`take_code`), which stays so."""
+        issued = self._store.get("code-issued:" + code.code_hash)
+        left = (int(issued["at"]) + self.code_lifetime - int(time.time())
+                if isinstance(issued, dict) and "at" in issued else 0)
+        if left <= 0:
+            return False
+        record = {k: v for k, v in asdict(code).items() if k != "code_hash"}
+        record["amr"] = list(code.amr)
+        self._store.put("code:" + code.code_hash, record, left)
+        return True
 
     # -- revocation markers ---------------------------------------------------------------
 

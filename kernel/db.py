@@ -112,7 +112,15 @@ class _StraightConnections:
         generation = self._generation
         if self._opener is None:
             self._opener = create_engine(self._url, poolclass=NullPool)
-        raw = self._opener.raw_connection()  # errors as SQLAlchemy's, as from the pool
+        dbapi = self._opener.dialect.loaded_dbapi
+        try:
+            # Engine.raw_connection() hands the driver's own error up unwrapped (only a
+            # Connection wraps it): wrap it as the pool's users see it, so that a server
+            # that refuses connections is "unavailable" (503), not an unexpected error
+            raw = self._opener.raw_connection()
+        except dbapi.Error as exc:
+            raise exc_mod.DBAPIError.instance(None, None, exc, dbapi.Error,
+                                              dialect=self._opener.dialect) from exc
         conn = raw.driver_connection
         raw.detach()  # closed by this class, not by the opener
         try:

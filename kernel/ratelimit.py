@@ -16,6 +16,7 @@ that stop one source (per address, exact) are counted in the store at every hit,
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +24,22 @@ from dataclasses import dataclass
 
 from .errors import CivitasError
 from .store import JSON, ShortLivedStore
+
+
+def address_bucket(address: str | None) -> str:
+    """What a limit per client address counts: an IPv4 address itself, an IPv6 address
+    by its /64. One subscriber holds a whole /64 (RFC 6177), and counted address by address
+    could send each request from a fresh one: no limit per address at all. An IPv4 address
+    written in IPv6 (``::ffff:192.0.2.1``) counts as the IPv4 address."""
+    if not address or ":" not in address:
+        return address or "unknown"
+    try:
+        ip = ipaddress.IPv6Address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,9 @@ def make_audit_cli(get_ledger: Callable[[click.Context], Ledger]) -> click.Group
                                             until=_when(until), prove_from=prove_from)
         except LedgerError as exc:
             raise click.ClickException(str(exc)) from exc
+        except OSError as exc:  # the file cannot be written: its directory, a full disk
+            raise click.ClickException(
+                f"cannot write {file}: {exc.strerror or exc}") from exc
         click.echo(f"exported leaves {summary.start}..{summary.end} ({summary.entries} "
                    f"entries, {summary.checkpoints} checkpoints)", err=True)
 
