@@ -36,6 +36,32 @@ def _hub(ctx: click.Context) -> Any:
         raise click.ClickException(str(exc)) from exc
 
 
+#: names the metrics directory `civitas serve --workers` made for itself (removed at the end)
+_OWN_METRICS_DIR = "CIVITAS_OWN_METRICS_DIR"
+
+
+def _skip_db_upgrade() -> bool:
+    """``CIVITAS_SKIP_DB_UPGRADE=1``: migrations run as a release step of their own, never
+    as the hub starts (deploy/README.md); the container's entry point honours it too."""
+    return os.environ.get("CIVITAS_SKIP_DB_UPGRADE", "0") == "1"
+
+
+def _schema_ready(ctx: click.Context, json_logs: bool) -> None:
+    """Before the hub serves: bring the schema up to date, or with
+    ``CIVITAS_SKIP_DB_UPGRADE=1`` only check that it is (in a child process either way:
+    this one never imports Alembic, see ``upgrade_schema``)."""
+    from .gunicorn_app import SchemaUpgradeFailed, check_schema, upgrade_schema
+
+    try:
+        if _skip_db_upgrade():
+            _announce(f"schema: {check_schema(ctx.obj.get('config'))}", json_logs)
+        else:
+            _announce(f"schema: {upgrade_schema(ctx.obj.get('config'))}", json_logs)
+    except SchemaUpgradeFailed as exc:
+        what = "is not ready" if _skip_db_upgrade() else "could not be upgraded"
+        raise click.ClickException(f"the database schema {what}:\n{exc}") from exc
+
+
 #: the longest duration an option takes: ten years
 _LONGEST_DURATION = 10 * 366 * 86400
 
@@ -135,7 +161,8 @@ def serve(ctx: click.Context, host: str, port: int, threads: int, workers: int,
             # so that every worker writes there and /metrics adds them all up
             import tempfile
 
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="civitas-metrics-")
+            made = tempfile.mkdtemp(prefix="civitas-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ[_OWN_METRICS_DIR] = made
             os.execv(sys.executable, [sys.executable, "-m", "civitas.cli", *sys.argv[1:]])  # noqa: S606 (this program again)
     from .app import create_app, freeze_heap
     from .observability import configure_json_logging
@@ -148,22 +175,29 @@ def serve(ctx: click.Context, host: str, port: int, threads: int, workers: int,
     if problem is not None:
         raise click.ClickException(f"cannot listen on {host}:{port}: {problem}")
     if workers > 1:
-        from .gunicorn_app import SchemaUpgradeFailed, run_gunicorn, upgrade_schema
+        from .gunicorn_app import run_gunicorn
 
-        try:
-            _announce(f"schema: {upgrade_schema(ctx.obj.get('config'))}", json_logs)
-        except SchemaUpgradeFailed as exc:
-            raise click.ClickException(
-                f"the database schema could not be upgraded:\n{exc}") from exc
+        _schema_ready(ctx, json_logs)
         _announce(f"Civitas listening on http://{host}:{port} with {workers} workers "
                   f"(issuer {settings.issuer})", json_logs)
-        run_gunicorn(ctx.obj.get("config"), host=host, port=port, workers=workers,
-                     threads=threads, json_logs=json_logs)
+        try:
+            run_gunicorn(ctx.obj.get("config"), host=host, port=port, workers=workers,
+                         threads=threads, json_logs=json_logs)
+        finally:
+            # the metrics directory this command made is this run's alone: gone with it
+            # (one chosen by the operator is theirs to keep)
+            own = os.environ.get(_OWN_METRICS_DIR)
+            if own and own == os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                import shutil
+
+                shutil.rmtree(own, ignore_errors=True)
         return
     import waitress
 
+    if _skip_db_upgrade():
+        _schema_ready(ctx, json_logs)
     try:
-        app = create_app(settings, threads=threads)
+        app = create_app(settings, threads=threads, migrate=not _skip_db_upgrade())
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     issuer = app.extensions["civitas"].settings.issuer
@@ -359,6 +393,26 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
     except CommandError as exc:  # a revision that does not exist, say
         raise click.ClickException(f"--revision {revision}: {exc}") from exc
     click.echo(f"database at revision {current_revision(db.engine)}")
+
+
+@db_group.command("check")
+@click.pass_context
+def db_check(ctx: click.Context) -> None:
+    """Exit 0 if the schema is the one this release needs, else 1 saying what to run."""
+    from kernel.db import Database
+
+    from .migrations import current_revision, head_revision
+
+    db = Database(_settings(ctx).database_url)
+    try:
+        current, head = current_revision(db.engine), head_revision()
+    finally:
+        db.dispose()
+    if current != head:
+        raise click.ClickException(
+            f"the database schema is at {current or 'no revision (an empty database)'}; this "
+            f"release needs {head}: run `civitas db upgrade`")
+    click.echo(f"database at revision {current}, as this release needs")
 
 
 # -- housekeeping ---------------------------------------------------------------------------

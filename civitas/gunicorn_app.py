@@ -386,8 +386,19 @@ def upgrade_schema(config_path: str | None) -> str:
     from it do not carry it (~11 MB of RSS each) and do not run migrations themselves. No
     timeout: a migration of a large table may rightly take minutes, and the operator sees the
     hub not yet listening; a database that does not answer fails the connection instead."""
+    return _db_command(config_path, "upgrade")
+
+
+def check_schema(config_path: str | None) -> str:
+    """``civitas db check`` in a child process, as :func:`upgrade_schema` runs the upgrade:
+    the schema is the one this release needs (``CIVITAS_SKIP_DB_UPGRADE=1``: migrations are
+    a release step of their own), else :class:`SchemaUpgradeFailed` saying what to run."""
+    return _db_command(config_path, "check")
+
+
+def _db_command(config_path: str | None, verb: str) -> str:
     argv = [sys.executable, "-m", "civitas.cli",
-            *(["--config", config_path] if config_path else []), "db", "upgrade"]
+            *(["--config", config_path] if config_path else []), "db", verb]
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)  # noqa: S603 (this program)
     if proc.returncode != 0:
         said = (proc.stderr or proc.stdout).strip().removeprefix("Error: ")  # (click's)
@@ -402,8 +413,8 @@ def run_gunicorn(config_path: str | None, *, host: str, port: int, workers: int,
     # Prometheus multiprocess mode: every worker writes its metrics to this directory, which
     # must be set before prometheus-client is imported (`civitas serve` re-executes itself
     # with it; a caller that imports this module itself sets it first).
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR",
-                          tempfile.mkdtemp(prefix="civitas-metrics-"))
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:  # (setdefault made one every time)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="civitas-metrics-")
     worker = worker_class()
     balanced = worker.startswith(f"{__name__}.Balanced")
     HubApplication(config_path, {

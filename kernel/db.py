@@ -57,6 +57,17 @@ def utcnow() -> datetime:
 PING_AFTER_IDLE_SECONDS = 10.0
 #: a connection older than this is closed rather than handed out (SQLAlchemy's pool_recycle)
 RECYCLE_SECONDS = 1800
+#: how long opening a PostgreSQL connection may take (libpq ``connect_timeout``) unless the
+#: database URL says: a server that accepts the connection and never answers (stopped, a
+#: half-open network path) would otherwise hold the request, and /readyz, for good
+CONNECT_TIMEOUT_SECONDS = 10
+
+
+def _connect_args(url: str) -> dict[str, Any]:
+    """The driver's connection options for ``url`` that the URL does not give itself."""
+    if url.startswith("sqlite"):
+        return {"check_same_thread": False, "timeout": 15}
+    return {} if "connect_timeout=" in url else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
 
 
 class _StraightConnections:
@@ -111,7 +122,8 @@ class _StraightConnections:
             return conn, opened, generation
         generation = self._generation
         if self._opener is None:
-            self._opener = create_engine(self._url, poolclass=NullPool)
+            self._opener = create_engine(self._url, poolclass=NullPool,
+                                         connect_args=_connect_args(self._url))
         dbapi = self._opener.dialect.loaded_dbapi
         try:
             # Engine.raw_connection() hands the driver's own error up unwrapped (only a
@@ -175,9 +187,10 @@ class Database:
 
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
         kwargs: dict[str, Any] = {"pool_size": pool_size, "max_overflow": pool_size,
-                                  "pool_recycle": RECYCLE_SECONDS}
+                                  "pool_recycle": RECYCLE_SECONDS,
+                                  "connect_args": _connect_args(url)}
         if url.startswith("sqlite"):
-            kwargs = {"connect_args": {"check_same_thread": False, "timeout": 15}}
+            kwargs = {"connect_args": _connect_args(url)}
         self.url = url
         self.engine: Engine = create_engine(url, **kwargs)
         self._straight = _StraightConnections(url, keep=pool_size)

@@ -851,3 +851,71 @@ def test_keep_alive_passes_over_only_a_body_read_to_its_end():
     assert keep(worker, conn_with(failed), True) is False and len(drained) == 2
     chunked = Body(ChunkedReader(None, None))
     assert keep(worker, conn_with(chunked), True) is False and len(drained) == 3
+
+
+def test_with_migrations_a_release_step_of_their_own_serve_checks_and_never_migrates(
+        tmp_path, upstream_issuer, pg_database_url, redis_url):
+    """deploy/README.md: CIVITAS_SKIP_DB_UPGRADE=1 is for installations that migrate in a
+    release step of their own. `civitas serve` then checks the schema instead of upgrading
+    it (it upgraded it anyway: only the container's entry point skipped its run): on a
+    database the release step has not migrated it stops, saying what to run, and creates
+    nothing; once migrated it serves. `civitas db check` says the same."""
+    from sqlalchemy import create_engine, inspect
+
+    cfg = hub_config(upstream_issuer, pg_database_url, redis_url=redis_url)
+    path = tmp_path / "civitas.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "CIVITAS_SKIP_DB_UPGRADE": "1"}
+    base = [sys.executable, "-m", "civitas.cli", "--config", str(path)]
+    for args in (["serve", "--workers", "2"], ["serve"], ["db", "check"]):
+        if args[0] == "serve":
+            args = [*args, "--port", str(servers.free_port())]
+        done = subprocess.run([*base, *args], capture_output=True, text=True, timeout=60,
+                              env=env)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "no revision (an empty database)" in done.stderr, done.stderr
+        assert "run `civitas db upgrade`" in done.stderr
+        assert "Booting worker" not in done.stdout + done.stderr
+    engine = create_engine(pg_database_url)
+    try:
+        assert inspect(engine).get_table_names() == []  # nothing was migrated
+    finally:
+        engine.dispose()
+    assert subprocess.run([*base, "db", "upgrade"], capture_output=True, timeout=120,
+                          env=env).returncode == 0
+    done = subprocess.run([*base, "db", "check"], capture_output=True, text=True, timeout=60,
+                          env=env)
+    assert done.returncode == 0 and "as this release needs" in done.stdout
+
+
+def test_serve_with_workers_removes_the_metrics_directory_it_made(
+        tmp_path, upstream_issuer, pg_database_url, redis_url):
+    """`civitas serve --workers N` makes a directory for the workers' metrics when the
+    operator chose none; it is that run's alone, and goes when the hub stops (each start
+    left one behind in the temporary directory)."""
+    cfg = hub_config(upstream_issuer, pg_database_url, redis_url=redis_url)
+    path = tmp_path / "civitas.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    port = servers.free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "civitas.cli", "--config", str(path), "serve", "--workers", "2",
+         "--threads", "1", "--port", str(port)], stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
+             "TMPDIR": str(scratch)})
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.2)
+        made = [p.name for p in scratch.iterdir() if p.name.startswith("civitas-metrics-")]
+        assert len(made) == 1, made  # where the workers write their metrics
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("civitas-metrics-")] == []

@@ -595,3 +595,52 @@ def test_account_deletion_cut_off_part_way_closes_the_account_and_housekeeping_f
     # signing in again with the same credential makes a new, empty account
     full_login(app.test_client(), AuthRequest())
     assert hub.accounts.account_for_credential("op", "alice-0001") not in (None, old_account)
+
+
+def test_a_database_server_that_never_answers_is_given_up_after_the_connect_timeout(
+        monkeypatch):
+    """A PostgreSQL that accepts connections and never answers (a stopped server, a
+    half-open path) fails the connection after kernel.db.CONNECT_TIMEOUT_SECONDS, as an
+    unavailable database (the 503 of the root, /readyz not ready), on the pooled path and
+    the straight one, rather than holding the request for good."""
+    import socket
+    import threading
+
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    import kernel.db
+    from kernel.db import Database
+
+    monkeypatch.setattr(kernel.db, "CONNECT_TIMEOUT_SECONDS", 1)
+    silent = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        silent.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(silent.accept()[0])  # and never a byte back
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    port = silent.getsockname()[1]
+    db = Database(f"postgresql+psycopg://civitas:x@127.0.0.1:{port}/civitas?sslmode=disable")
+    try:
+        started = time.monotonic()
+        with pytest.raises(OperationalError):
+            with db.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        with pytest.raises(OperationalError):
+            db.send("SELECT 1", {})
+        assert time.monotonic() - started < 30  # (a hang is what failed before: no bound)
+    finally:
+        stop.set()
+        thread.join()
+        db.dispose()
+        for s in held:
+            s.close()
+        silent.close()
