@@ -51,7 +51,7 @@ from idp.agencies import (
     shared_sector_notice,
 )
 from idp.agency_keys import AgencyKeys
-from idp.backchannel import LogoutDispatcher
+from idp.backchannel import AgencyNotifier
 from idp.citizen import CitizenReads
 from idp.consent_step import make_withdrawal_handler
 from idp.keys import KeyRing
@@ -98,7 +98,7 @@ class Hub:
     broker: Broker
     server: HubAuthorizationServer
     logout: LogoutService
-    dispatcher: LogoutDispatcher
+    dispatcher: AgencyNotifier
     ledger: Ledger
 
     @property
@@ -215,7 +215,7 @@ def build_hub(settings: Settings, *, migrate: bool = True,
         agency_limit=settings.rate_limits.token_per_agency,
     )
     server = HubAuthorizationServer(services)
-    dispatcher = LogoutDispatcher(db, keys, issuer=settings.issuer,
+    dispatcher = AgencyNotifier(db, keys, issuer=settings.issuer,
                                   timeout=settings.backchannel_timeout_seconds)
     logout = LogoutService(services, services.participants, dispatcher)
     services.consent = ConsentService(db, HubReceiptSigner(keys, settings.signing_alg),
@@ -356,7 +356,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
         stops.append(weakref.finalize(app, housekeeper.stop, 0))
     if settings.backchannel_dispatcher:
         hub.dispatcher.start()
-        # The thread also stops when the hub's database is disposed (see LogoutDispatcher).
+        # The thread also stops when the hub's database is disposed (see AgencyNotifier).
         stops.append(weakref.finalize(app, hub.dispatcher.stop))
     if settings.trusted_proxy_hops:
         # X-Forwarded-For/-Proto/-Host are believed only from this many proxies in front
@@ -376,7 +376,7 @@ _BACKGROUND = "civitas.background"
 
 
 def stop_background(app: Flask) -> None:
-    """Stop the app's background threads (ledger sealer, housekeeper, logout dispatcher)
+    """Stop the app's background threads (ledger sealer, housekeeper, agency notifier)
     now, as the app's finalizer does when it is collected: for a process that ends an app
     and goes on (tests make many). Each stops once; a second call does nothing."""
     for stop in app.extensions.get(_BACKGROUND, ()):

@@ -130,7 +130,7 @@ class LogoutNotice:
 
 @dataclass
 class DeliveryPass:
-    """What one call of :meth:`LogoutDispatcher.deliver_due` did."""
+    """What one call of :meth:`AgencyNotifier.deliver_due` did."""
 
     delivered: int = 0
     retrying: int = 0
@@ -154,8 +154,11 @@ class _Claimed:
     lease_until: datetime
 
 
-class LogoutDispatcher:
-    """The delivery queue: :meth:`enqueue` at logout, :meth:`deliver_due` from a worker."""
+class AgencyNotifier:
+    """What agencies are told, through one delivery queue: logout tokens (:meth:`enqueue`
+    at logout) and Security Event Tokens (:meth:`enqueue_events` at a consent withdrawal),
+    posted by :meth:`deliver_due` from a worker. (It was ``LogoutDispatcher`` while it
+    carried logout tokens alone; the setting ``backchannel_dispatcher`` keeps its name.)"""
 
     def __init__(self, db: Database, keys: KeyRing, *, issuer: str, timeout: float = 5.0,
                  workers: int = 8, batch: int = 100) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 from consent.policy import AgencyPolicy, ClaimRequest
 from consent.service import ConsentService, Withdrawal
 
-from .backchannel import LogoutDispatcher, LogoutNotice, SecurityEventNotice
+from .backchannel import AgencyNotifier, LogoutNotice, SecurityEventNotice
 from .claims import COMPANIONS, SCOPE_CLAIMS
 from .provider import ProviderServices
 
@@ -116,7 +116,7 @@ def unpark(session: Any, request_id: str, *, remove: bool) -> PendingConsent | N
                           login=(str(account_id), int(signed_in_at)))
 
 
-def make_withdrawal_handler(hub: ProviderServices, dispatcher: LogoutDispatcher
+def make_withdrawal_handler(hub: ProviderServices, dispatcher: AgencyNotifier
                             ) -> Callable[[Withdrawal], None]:
     def on_withdraw(w: Withdrawal) -> None:
         """Withdrawal takes effect at once: the agency's refresh grants and access tokens for

@@ -30,7 +30,7 @@ from broker.session import HubLogin
 from kernel.store import ShortLivedStore
 
 from .agencies import AgencyClient
-from .backchannel import LogoutDispatcher, LogoutNotice
+from .backchannel import AgencyNotifier, LogoutNotice
 from .errors import IdpError
 
 if TYPE_CHECKING:
@@ -165,7 +165,7 @@ class LogoutService:
     """End-session requests and the ending of hub sessions, free of Flask."""
 
     def __init__(self, hub: ProviderServices, participants: SessionParticipants,
-                 dispatcher: LogoutDispatcher) -> None:
+                 dispatcher: AgencyNotifier) -> None:
         self.hub = hub
         self.participants = participants
         self.dispatcher = dispatcher

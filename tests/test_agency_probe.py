@@ -396,7 +396,7 @@ def test_bcl_2_5_a_row_delivered_by_another_worker_is_not_queued_again(make_hub,
     import time
     from datetime import timedelta
 
-    from idp.backchannel import LogoutDispatcher, LogoutNotice
+    from idp.backchannel import AgencyNotifier, LogoutNotice
     from kernel.db import utcnow
 
     app = make_hub(agencies=[
@@ -404,7 +404,7 @@ def test_bcl_2_5_a_row_delivered_by_another_worker_is_not_queued_again(make_hub,
         backchannel_dispatcher=False)
     hub = app.extensions["civitas"]
     worker_a = hub.dispatcher
-    worker_b = LogoutDispatcher(hub.db, hub.keys, issuer=HUB_ISSUER, timeout=worker_a.timeout)
+    worker_b = AgencyNotifier(hub.db, hub.keys, issuer=HUB_ISSUER, timeout=worker_a.timeout)
     start = utcnow()
     worker_a.enqueue([LogoutNotice(client_id=AGENCY_TWO.client_id,
                                    logout_uri=endpoints.url(AGENCY_TWO.client_id), alg="ES256",
