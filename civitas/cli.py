@@ -180,14 +180,18 @@ def serve(ctx: click.Context, host: str, port: int, threads: int, workers: int,
         _schema_ready(ctx, json_logs)
         _announce(f"Civitas listening on http://{host}:{port} with {workers} workers "
                   f"(issuer {settings.issuer})", json_logs)
+        master = os.getpid()
         try:
             run_gunicorn(ctx.obj.get("config"), host=host, port=port, workers=workers,
                          threads=threads, json_logs=json_logs)
         finally:
             # the metrics directory this command made is this run's alone: gone with it
-            # (one chosen by the operator is theirs to keep)
+            # (one chosen by the operator is theirs to keep). Only the master: a worker is
+            # forked inside run_gunicorn and leaves through here too (SystemExit), while
+            # the master and the other workers still write there
             own = os.environ.get(_OWN_METRICS_DIR)
-            if own and own == os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            if os.getpid() == master and own and own == os.environ.get(
+                    "PROMETHEUS_MULTIPROC_DIR"):
                 import shutil
 
                 shutil.rmtree(own, ignore_errors=True)

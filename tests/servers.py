@@ -197,7 +197,7 @@ def _unique_path(directory: Path, stem: str, suffix: str = "") -> Path:
     return candidate
 
 
-def _stop(
+def stop_process(
     proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT
 ) -> None:
     """Signal the process group we created, then SIGKILL it after `timeout`."""
@@ -247,7 +247,7 @@ def _process(
         try:
             yield proc
         finally:
-            _stop(proc, stop_signal)
+            stop_process(proc, stop_signal)
 
 
 def _wait_until(

@@ -7,9 +7,10 @@ as a person would: they read headings, links, labels and table rows, and click a
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,47 @@ def _serve(app: Any, port: int) -> tuple[Any, threading.Thread]:
     return server, thread
 
 
+def stop_serving(running: list[tuple[Any, threading.Thread]]) -> None:
+    """Stop what :func:`_serve` started, the last first."""
+    for server, thread in reversed(running):
+        server.close()
+        server.task_dispatcher.shutdown(timeout=2)
+        thread.join(timeout=2)
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[Browser]:
+    """Debian's Chromium, headless, driven by Playwright (never a downloaded browser)."""
+    if sync_playwright is None:
+        pytest.fail("the playwright Python package is missing: install the dev dependencies")
+    if not CHROMIUM.is_file():
+        pytest.fail(f"Chromium is not installed at {CHROMIUM}: run scripts/ensure-system-deps")
+    expect.set_options(timeout=STEP_TIMEOUT_MS)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                     args=CHROMIUM_ARGS, timeout=STEP_TIMEOUT_MS * 2)
+        yield browser
+        browser.close()
+
+
+@contextlib.contextmanager
+def contexts(browser: Browser, **defaults: Any) -> Iterator[Callable[..., BrowserContext]]:
+    """Makes fresh browser contexts (no cookies; ``defaults`` and the call's options), each
+    closed at the end."""
+    made: list[BrowserContext] = []
+
+    def make(**options: Any) -> BrowserContext:
+        context = browser.new_context(**{**defaults, **options})
+        context.set_default_timeout(STEP_TIMEOUT_MS)
+        context.set_default_navigation_timeout(STEP_TIMEOUT_MS)
+        made.append(context)
+        return context
+
+    yield make
+    for context in made:
+        context.close()
+
+
 @pytest.fixture(scope="module")
 def sites(upstream_issuer: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
     one = Agency("browser-agency-one", "b1-" + "c" * 40, "Department of Examples",
@@ -115,43 +157,22 @@ def sites(upstream_issuer: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
             running.append(_serve(app, agency.port))
         yield Sites(hub=HUB_ISSUER, upstream=upstream_issuer, one=one, two=two)
     finally:
-        for server, thread in reversed(running):
-            server.close()
-            server.task_dispatcher.shutdown(timeout=2)
-            thread.join(timeout=2)
+        stop_serving(running)
         hub_app.extensions["civitas"].db.dispose()
 
 
 @pytest.fixture(scope="module")
 def browser(sites: Sites) -> Iterator[Browser]:
     """Depends on `sites` so that it closes (and drops its connections) before them."""
-    if sync_playwright is None:
-        pytest.fail("the playwright Python package is missing: install the dev dependencies")
-    if not CHROMIUM.is_file():
-        pytest.fail(f"Chromium is not installed at {CHROMIUM}: run scripts/ensure-system-deps")
-    expect.set_options(timeout=STEP_TIMEOUT_MS)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                     args=CHROMIUM_ARGS, timeout=STEP_TIMEOUT_MS * 2)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture
 def new_context(browser: Browser) -> Iterator[Any]:
     """Fresh browser contexts (no cookies), closed after the test."""
-    made: list[BrowserContext] = []
-
-    def make() -> BrowserContext:
-        context = browser.new_context()
-        context.set_default_timeout(STEP_TIMEOUT_MS)
-        context.set_default_navigation_timeout(STEP_TIMEOUT_MS)
-        made.append(context)
-        return context
-
-    yield make
-    for context in made:
-        context.close()
+    with contexts(browser) as make:
+        yield make
 
 
 def _record_requests(page: Page) -> list[str]:

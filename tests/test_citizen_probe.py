@@ -24,17 +24,17 @@ from tests.conftest import HUB_ISSUER, HUB_PORT, hub_config
 from tests.flows import PUBLIC_TASK
 from tests.servers import REPO_ROOT, free_port
 from tests.test_browser import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    STEP_TIMEOUT_MS,
     Agency,
     _serve,
+    chromium,
+    contexts,
+    stop_serving,
 )
 
 try:
-    from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
-except ImportError:  # pragma: no cover - the dev environment installs it
-    sync_playwright = None  # type: ignore[assignment]
+    from playwright.sync_api import Browser, Page, expect
+except ImportError:  # pragma: no cover - the dev environment installs it (chromium() says so)
+    pass
 
 pytestmark = pytest.mark.browser
 
@@ -86,44 +86,22 @@ def world(upstream_issuer: str, directory: dict[str, Any],
         running.append(_serve(site, agency.port))
         yield World(hub=HUB_ISSUER, upstream=upstream_issuer, agency=agency, app=hub_app)
     finally:
-        for server, thread in reversed(running):
-            server.close()
-            server.task_dispatcher.shutdown(timeout=2)
-            thread.join(timeout=2)
+        stop_serving(running)
         stop_background(hub_app)
         hub_app.extensions["civitas"].db.dispose()
 
 
 @pytest.fixture(scope="module")
 def browser(world: World) -> Iterator[Browser]:
-    if sync_playwright is None:
-        pytest.fail("the playwright Python package is missing: install the dev dependencies")
-    if not CHROMIUM.is_file():
-        pytest.fail(f"Chromium is not installed at {CHROMIUM}: run scripts/ensure-system-deps")
-    expect.set_options(timeout=STEP_TIMEOUT_MS)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                     args=CHROMIUM_ARGS, timeout=STEP_TIMEOUT_MS * 2)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture
 def new_context(browser: Browser) -> Iterator[Any]:
-    made: list[BrowserContext] = []
-
-    def make(**options: Any) -> BrowserContext:
-        # the hub's pages forbid every script (CSP default-src 'none'); axe is injected
-        options.setdefault("bypass_csp", True)
-        context = browser.new_context(**options)
-        context.set_default_timeout(STEP_TIMEOUT_MS)
-        context.set_default_navigation_timeout(STEP_TIMEOUT_MS)
-        made.append(context)
-        return context
-
-    yield make
-    for context in made:
-        context.close()
+    # the hub's pages forbid every script (CSP default-src 'none'); axe is injected
+    with contexts(browser, bypass_csp=True) as make:
+        yield make
 
 
 # -- helpers ---------------------------------------------------------------------------------

@@ -284,12 +284,7 @@ def test_a_worker_restarted_during_a_database_outage_does_not_stop_the_hub(
         lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         assert not any("failed to boot" in line["message"] for line in lines)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        servers.stop_process(proc)
 
 
 def test_audit_export_to_a_path_that_cannot_be_written_says_so(tmp_path, upstream_issuer):

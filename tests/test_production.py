@@ -196,11 +196,7 @@ def workers_hub(tmp_path_factory, upstream_issuer, postgres_url, redis_url):
             raise RuntimeError((tmp / "hub.log").read_text()[-3000:])
         yield HUB_ISSUER
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        servers.stop_process(proc)
         log.close()
 
 
@@ -916,6 +912,5 @@ def test_serve_with_workers_removes_the_metrics_directory_it_made(
         made = [p.name for p in scratch.iterdir() if p.name.startswith("civitas-metrics-")]
         assert len(made) == 1, made  # where the workers write their metrics
     finally:
-        proc.terminate()
-        proc.wait(30)
+        servers.stop_process(proc)
     assert [p.name for p in scratch.iterdir() if p.name.startswith("civitas-metrics-")] == []
