@@ -96,6 +96,17 @@ def _serve(app: Any, port: int) -> tuple[Any, threading.Thread]:
     return server, thread
 
 
+def serve_agency_site(agency: Agency) -> tuple[Any, threading.Thread]:
+    """The demo agency site (civitas.demo_agency) for ``agency``, served at its port."""
+    app = create_agency_app(issuer=HUB_ISSUER, client_id=agency.client_id,
+                            client_secret=agency.secret, base_url=agency.url,
+                            agency_name=agency.name)
+    # Cookies are not isolated by port: without distinct names two sites on 127.0.0.1
+    # would overwrite each other's session cookie.
+    app.config["SESSION_COOKIE_NAME"] = f"{agency.client_id}_session"
+    return _serve(app, agency.port)
+
+
 def stop_serving(running: list[tuple[Any, threading.Thread]]) -> None:
     """Stop what :func:`_serve` started, the last first."""
     for server, thread in reversed(running):
@@ -147,14 +158,7 @@ def sites(upstream_issuer: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
                                     agencies=[one.config(), two.config()]))
     running = [_serve(hub_app, HUB_PORT)]  # first: the agency sites discover it lazily
     try:
-        for agency in (one, two):
-            app = create_agency_app(issuer=HUB_ISSUER, client_id=agency.client_id,
-                                    client_secret=agency.secret, base_url=agency.url,
-                                    agency_name=agency.name)
-            # Cookies are not isolated by port: without distinct names the two sites on
-            # 127.0.0.1 would overwrite each other's session cookie.
-            app.config["SESSION_COOKIE_NAME"] = f"{agency.client_id}_session"
-            running.append(_serve(app, agency.port))
+        running += [serve_agency_site(one), serve_agency_site(two)]
         yield Sites(hub=HUB_ISSUER, upstream=upstream_issuer, one=one, two=two)
     finally:
         stop_serving(running)

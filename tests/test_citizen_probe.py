@@ -18,7 +18,6 @@ import pytest
 import requests
 
 from civitas.app import create_app, stop_background
-from civitas.demo_agency import create_agency_app
 from tests import servers
 from tests.conftest import HUB_ISSUER, HUB_PORT, hub_config
 from tests.flows import PUBLIC_TASK
@@ -28,6 +27,7 @@ from tests.test_browser import (
     _serve,
     chromium,
     contexts,
+    serve_agency_site,
     stop_serving,
 )
 
@@ -79,11 +79,7 @@ def world(upstream_issuer: str, directory: dict[str, Any],
     hub_app = create_app(cfg)
     running = [_serve(hub_app, HUB_PORT)]
     try:
-        site = create_agency_app(issuer=HUB_ISSUER, client_id=agency.client_id,
-                                 client_secret=agency.secret, base_url=agency.url,
-                                 agency_name=agency.name)
-        site.config["SESSION_COOKIE_NAME"] = f"{agency.client_id}_session"
-        running.append(_serve(site, agency.port))
+        running.append(serve_agency_site(agency))
         yield World(hub=HUB_ISSUER, upstream=upstream_issuer, agency=agency, app=hub_app)
     finally:
         stop_serving(running)
