@@ -1041,3 +1041,22 @@ def run_hub(
         _wait_until("civitas serve", proc, log,
                     lambda: _http_ok(f"http://127.0.0.1:{port}/readyz"), timeout=60)
         yield log
+
+
+def serve_wsgi(app: Any, port: int, *, threads: int = 8) -> tuple[Any, threading.Thread]:
+    """A WSGI app (the hub, an agency site) over real HTTP on 127.0.0.1:``port`` (waitress,
+    in a thread); stop it with :func:`stop_serving`."""
+    from waitress.server import create_server
+
+    server = create_server(app, host="127.0.0.1", port=port, threads=threads)
+    thread = threading.Thread(target=server.run, name=f"waitress-{port}", daemon=True)
+    thread.start()
+    return server, thread
+
+
+def stop_serving(running: list[tuple[Any, threading.Thread]]) -> None:
+    """Stop what :func:`serve_wsgi` started, the last first."""
+    for server, thread in reversed(running):
+        server.close()
+        server.task_dispatcher.shutdown(timeout=2)
+        thread.join(timeout=2)

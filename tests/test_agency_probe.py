@@ -144,24 +144,17 @@ def test_rpil_2_the_session_cookie_is_samesite_lax(logout_app):
 def chromium_hub(upstream_issuer, tmp_path):
     """The hub over real HTTP on HUB_PORT (the only callback the upstream knows), with agency
     one registered for a post-logout redirect."""
-    import threading
-
-    from waitress.server import create_server
-
     from civitas.app import create_app
     from tests.conftest import HUB_PORT, hub_config
+    from tests.servers import serve_wsgi, stop_serving
 
     app = create_app(hub_config(upstream_issuer, f"sqlite:///{tmp_path}/chromium.db", agencies=[
         AGENCY_ONE.config(post_logout_redirect_uris=[ONE_SIGNED_OUT])]))
-    server = create_server(app, host="127.0.0.1", port=HUB_PORT, threads=4)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    running = [serve_wsgi(app, HUB_PORT, threads=4)]
     try:
         yield app
     finally:
-        server.close()
-        server.task_dispatcher.shutdown(timeout=2)
-        thread.join(timeout=2)
+        stop_serving(running)
         app.extensions["civitas"].db.dispose()
 
 

@@ -22,7 +22,7 @@ from civitas.app import create_app
 from civitas.demo_agency import create_agency_app
 from tests.conftest import HUB_ISSUER, HUB_PORT, hub_config
 from tests.flows import PUBLIC_TASK
-from tests.servers import REPO_ROOT, free_port
+from tests.servers import REPO_ROOT, free_port, serve_wsgi, stop_serving
 
 try:
     from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
@@ -87,15 +87,6 @@ class Sites:
     two: Agency
 
 
-def _serve(app: Any, port: int) -> tuple[Any, threading.Thread]:
-    from waitress.server import create_server
-
-    server = create_server(app, host="127.0.0.1", port=port, threads=8)
-    thread = threading.Thread(target=server.run, name=f"waitress-{port}", daemon=True)
-    thread.start()
-    return server, thread
-
-
 def serve_agency_site(agency: Agency) -> tuple[Any, threading.Thread]:
     """The demo agency site (civitas.demo_agency) for ``agency``, served at its port."""
     app = create_agency_app(issuer=HUB_ISSUER, client_id=agency.client_id,
@@ -104,15 +95,7 @@ def serve_agency_site(agency: Agency) -> tuple[Any, threading.Thread]:
     # Cookies are not isolated by port: without distinct names two sites on 127.0.0.1
     # would overwrite each other's session cookie.
     app.config["SESSION_COOKIE_NAME"] = f"{agency.client_id}_session"
-    return _serve(app, agency.port)
-
-
-def stop_serving(running: list[tuple[Any, threading.Thread]]) -> None:
-    """Stop what :func:`_serve` started, the last first."""
-    for server, thread in reversed(running):
-        server.close()
-        server.task_dispatcher.shutdown(timeout=2)
-        thread.join(timeout=2)
+    return serve_wsgi(app, agency.port)
 
 
 @contextlib.contextmanager
@@ -156,7 +139,7 @@ def sites(upstream_issuer: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     db = tmp_path_factory.mktemp("browser-hub") / "civitas.db"
     hub_app = create_app(hub_config(upstream_issuer, f"sqlite:///{db}",
                                     agencies=[one.config(), two.config()]))
-    running = [_serve(hub_app, HUB_PORT)]  # first: the agency sites discover it lazily
+    running = [serve_wsgi(hub_app, HUB_PORT)]  # first: the agency sites discover it lazily
     try:
         running += [serve_agency_site(one), serve_agency_site(two)]
         yield Sites(hub=HUB_ISSUER, upstream=upstream_issuer, one=one, two=two)

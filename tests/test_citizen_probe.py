@@ -21,14 +21,12 @@ from civitas.app import create_app, stop_background
 from tests import servers
 from tests.conftest import HUB_ISSUER, HUB_PORT, hub_config
 from tests.flows import PUBLIC_TASK
-from tests.servers import REPO_ROOT, free_port
+from tests.servers import REPO_ROOT, free_port, serve_wsgi, stop_serving
 from tests.test_browser import (
     Agency,
-    _serve,
     chromium,
     contexts,
     serve_agency_site,
-    stop_serving,
 )
 
 try:
@@ -77,7 +75,7 @@ def world(upstream_issuer: str, directory: dict[str, Any],
         "user_base_dn": f"ou=people,{directory['base_dn']}", "group_attribute": "memberOf",
         "timeout_seconds": 2})
     hub_app = create_app(cfg)
-    running = [_serve(hub_app, HUB_PORT)]
+    running = [serve_wsgi(hub_app, HUB_PORT)]
     try:
         running.append(serve_agency_site(agency))
         yield World(hub=HUB_ISSUER, upstream=upstream_issuer, agency=agency, app=hub_app)

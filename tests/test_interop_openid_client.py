@@ -14,7 +14,6 @@ import json
 import re
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,21 +27,13 @@ from joserfc.jwk import KeySet
 from civitas.app import create_app
 from tests.conftest import HUB_ISSUER, HUB_PORT, hub_config
 from tests.flows import AGENCY_ONE, AuthRequest, allow_over_http, query
+from tests.servers import serve_wsgi, stop_serving
 
 INTEROP_DIR = Path(__file__).parent / "interop"
 RP_SCRIPT = INTEROP_DIR / "rp.mjs"
 NODE_TIMEOUT = 30
 POST_LOGOUT = "https://one.agency.example/bye"
 SCOPE = "openid email profile offline_access"
-
-
-def _serve(app: Any, port: int) -> tuple[Any, threading.Thread]:
-    from waitress.server import create_server
-
-    server = create_server(app, host="127.0.0.1", port=port, threads=8)
-    thread = threading.Thread(target=server.run, name=f"waitress-{port}", daemon=True)
-    thread.start()
-    return server, thread
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +43,11 @@ def hub_url(upstream_issuer: str, tmp_path_factory: pytest.TempPathFactory) -> I
     app = create_app(hub_config(upstream_issuer, f"sqlite:///{db}", agencies=[
         AGENCY_ONE.config(scopes=["openid", "profile", "email", "offline_access"],
                           post_logout_redirect_uris=[POST_LOGOUT])]))
-    server, thread = _serve(app, HUB_PORT)
+    running = [serve_wsgi(app, HUB_PORT)]
     try:
         yield HUB_ISSUER
     finally:
-        server.close()
-        server.task_dispatcher.shutdown(timeout=2)
-        thread.join(timeout=2)
+        stop_serving(running)
         app.extensions["civitas"].db.dispose()
 
 
