@@ -32,13 +32,19 @@ NOTICES = {
 #: the hub's own pages a direct sign-in may lead back to (``/login?next=...``): the account
 #: pages and the officer workspace, as a path with an optional plain query; nothing else,
 #: so that ``next`` can never send a citizen to another site
+#: (each path segment ends at its own '/': ``(?:[\w-]+/?)*`` could split a run of word
+#: characters in 2^n ways, and a value that then failed to match backtracked for ever)
 RETURN_PAGES = re.compile(
-    r"/(?:account(?:/[\w-]+)*|officer/(?:[\w-]+/?)*)(?:\?[\w=&%.+-]*)?\Z", re.ASCII)
+    r"/(?:account(?:/[\w-]+)*|officer/(?:[\w-]+/)*(?:[\w-]+)?)(?:\?[\w=&%.+-]*)?\Z",
+    re.ASCII)
+#: the longest ``next`` taken (a page of the hub's own: far shorter)
+MAX_RETURN_PAGE = 1024
 
 
 def return_page(path: str) -> str | None:
     """``path`` if a sign-in may lead back to it (:data:`RETURN_PAGES`), else None."""
-    return path if RETURN_PAGES.match(path) and ".." not in path else None
+    return path if (len(path) <= MAX_RETURN_PAGE and RETURN_PAGES.match(path)
+                    and ".." not in path) else None
 
 
 #: the hub's own assurance values (``urn:civitas:acr:ial<N>:aal<N>``, NIST SP 800-63-3) in

@@ -62,6 +62,7 @@ from .logout import SessionParticipants
 from .pairwise import PairwiseSubjects
 from .tokens import (
     CONSENT_WITHDRAWN,
+    REDEMPTION_FAILED,
     AccessToken,
     AccessTokens,
     AuthorizationCode,
@@ -299,7 +300,10 @@ class CodeGrant(grants.AuthorizationCodeGrant):
         except Exception as exc:
             code = getattr(self.request, "authorization_code", None)
             if isinstance(code, AuthorizationCode) and _database_unreachable(exc):
-                self.hub.tokens.restore_code(code)
+                # the refresh grant's INSERT may have committed though its reply was lost
+                # (a COMMIT cut off): the redemption that succeeds revokes it
+                self.hub.tokens.restore_code(
+                    code, abandoned_grant=getattr(self.request, "civitas_grant_id", None))
             raise
 
     _validated_redirect_uri: str | None = None
@@ -404,7 +408,9 @@ class CodeGrant(grants.AuthorizationCodeGrant):
         # OpenID Connect Core 11). None: no consent records are kept here.
         granted = getattr(self.request, "civitas_granted", None)
         offline = granted is None or OFFLINE_ACCESS_SCOPE in granted
-        grant_id = new_grant_id()
+        for abandoned in code.abandoned:  # made by a redemption that failed: never given
+            self.hub.refresh_tokens.revoke_grant(abandoned, reason=REDEMPTION_FAILED)
+        grant_id = self.request.civitas_grant_id = new_grant_id()
         body = self.hub.issue_tokens(
             client=self.request.client, account_id=user.account_id, scope=scope,
             grant_id=grant_id, sid=code.sid, auth_time=code.auth_time, acr=code.acr,

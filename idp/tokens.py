@@ -109,6 +109,10 @@ class AuthorizationCode:
     acr: str
     amr: tuple[str, ...]
     sid: str
+    #: refresh grants made by redemptions of this code that failed afterwards (the code
+    #: was put back, :meth:`TokenStore.restore_code`): their INSERT may have committed
+    #: though its reply was lost, and the redemption that succeeds revokes them
+    abandoned: tuple[str, ...] = ()
 
     def get_redirect_uri(self) -> str:
         return self.redirect_uri
@@ -212,21 +216,30 @@ class TokenStore:
                 self.mark_revoked("code", code_hash)
             return None, False
         record["amr"] = tuple(record.get("amr", ()))
+        record["abandoned"] = tuple(record.get("abandoned", ()))
         return AuthorizationCode(code_hash=code_hash, **record), marked
 
-    def restore_code(self, code: AuthorizationCode) -> bool:
+    def restore_code(self, code: AuthorizationCode, *, abandoned_grant: str | None = None
+                     ) -> bool:
         """Put back a code taken by a redemption that failed before any token was made (the
         database was unreachable: the 503 says "try again", and the retry must find it), for
         the rest of its lifetime. False when that has run out. A replay that came meanwhile
         found it taken and revoked its tokens (:meth:`take_code`), which stays so."""
-        issued = self._store.get("code-issued:" + code.code_hash)
+        revoked = "revoked-code:" + code.code_hash
+        issued, replayed = self._store.get_many(["code-issued:" + code.code_hash, revoked])
         left = (int(issued["at"]) + self.code_lifetime - int(time.time())
                 if isinstance(issued, dict) and "at" in issued else 0)
-        if left <= 0:
+        if left <= 0 or replayed is not None:
+            # a replay while it was out (RFC 6749 10.5): the code stays used up; put back,
+            # it would give a valid ID token (which no mark revokes) after the replay
             return False
         record = {k: v for k, v in asdict(code).items() if k != "code_hash"}
         record["amr"] = list(code.amr)
+        record["abandoned"] = [*code.abandoned, *([abandoned_grant] if abandoned_grant else [])]
         self._store.put("code:" + code.code_hash, record, left)
+        if self._store.get(revoked) is not None:  # a replay between the look and the put
+            self._store.delete("code:" + code.code_hash)
+            return False
         return True
 
     # -- revocation markers ---------------------------------------------------------------
@@ -475,6 +488,8 @@ _LEGACY_CLAIM = (update(_TOKENS)
 
 #: why a grant was revoked (``refresh_grants.revoked_reason``)
 REUSE, REVOKED_BY_AGENCY, CONSENT_WITHDRAWN = "reuse", "revoked", "consent_withdrawn"
+#: a grant made by a code redemption that failed (its reply never sent): the retry's stands
+REDEMPTION_FAILED = "redemption_failed"
 ACCOUNT_DELETED = "account_deleted"
 #: issued before offline access needed the citizen's consent, which they have not given
 NO_OFFLINE_CONSENT = "no_offline_consent"

@@ -33,6 +33,17 @@ def address_bucket(address: str | None) -> str:
     written in IPv6 (``::ffff:192.0.2.1``) counts as the IPv4 address."""
     if not address or ":" not in address:
         return address or "unknown"
+    # a proxy that writes the client's port too (``198.51.100.7:40001``,
+    # ``[2001:db8::1]:40001``, as some load balancers do in X-Forwarded-For): the address
+    # without it, or each connection from a new source port would be a fresh bucket
+    host, colon, port = address.rpartition(":")
+    if colon and port.isdigit() and (host.count(".") == 3 and ":" not in host
+                                     or host.startswith("[") and host.endswith("]")):
+        address = host.strip("[]")
+        if ":" not in address:
+            return address
+    elif address.startswith("[") and address.endswith("]"):
+        address = address[1:-1]
     try:
         ip = ipaddress.IPv6Address(address.split("%", 1)[0])
     except ValueError:
