@@ -1055,8 +1055,17 @@ def serve_wsgi(app: Any, port: int, *, threads: int = 8) -> tuple[Any, threading
 
 
 def stop_serving(running: list[tuple[Any, threading.Thread]]) -> None:
-    """Stop what :func:`serve_wsgi` started, the last first."""
+    """Stop what :func:`serve_wsgi` started, the last first. The sockets are closed by the
+    server's own loop (a thunk through its trigger), which then has nothing left to watch
+    and returns: closed from this thread, a socket could go while that loop's select()
+    waited on it (EBADF, an exception in the server's thread)."""
     for server, thread in reversed(running):
-        server.close()
+        sockets = server._map  # noqa: SLF001 - waitress keeps its dispatchers there
+
+        def close_all(sockets: dict[int, Any] = sockets) -> None:
+            for dispatcher in list(sockets.values()):
+                dispatcher.close()
+
+        server.trigger.pull_trigger(close_all)
+        thread.join(timeout=5)
         server.task_dispatcher.shutdown(timeout=2)
-        thread.join(timeout=2)
