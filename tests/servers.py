@@ -27,6 +27,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -1069,3 +1070,56 @@ def stop_serving(running: list[tuple[Any, threading.Thread]]) -> None:
         server.trigger.pull_trigger(close_all)
         thread.join(timeout=5)
         server.task_dispatcher.shutdown(timeout=2)
+
+
+class HubProcess:
+    """`civitas serve --workers 2` as a real process (:func:`hub_process`): its workers, its
+    readiness, and a wait for a condition that fails at once, with the log, if the hub
+    stops."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], base: str, log: Path) -> None:
+        self.proc, self.base, self.log = proc, base, log
+
+    def workers(self) -> set[int]:
+        listing = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True,
+                                 text=True, check=False).stdout
+        return {int(pid) for pid in listing.split()}
+
+    def ready(self) -> bool:
+        import requests
+
+        try:
+            return requests.get(f"{self.base}/readyz", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def until(self, check: Callable[[], bool], what: str, seconds: float = 90) -> None:
+        deadline = time.monotonic() + seconds
+        while not check():
+            assert self.proc.poll() is None, f"the hub stopped while waiting for {what}: " + (
+                self.log.read_text()[-1500:])
+            assert time.monotonic() < deadline, f"never: {what}: {self.log.read_text()[-1500:]}"
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def hub_process(config: Path, log: Path, *, args: tuple[str, ...] = (),
+                env: dict[str, str] | None = None) -> Iterator[HubProcess]:
+    """`civitas serve --workers 2 --threads 2` on a free port of 127.0.0.1, as an operator
+    starts it (no CIVITAS_* variables or metrics directory from this environment; ``env``
+    added), logging to ``log``; ready (both workers) when it is yielded; stopped after."""
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("CIVITAS_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "civitas.cli", "--config", str(config), "serve",
+             "--workers", "2", "--threads", "2", "--port", str(port), *args],
+            stdout=out, stderr=subprocess.STDOUT, env={**clean, **(env or {})},
+            start_new_session=True)
+    hub = HubProcess(proc, f"http://127.0.0.1:{port}", log)
+    try:
+        hub.until(lambda: hub.ready() and len(hub.workers()) == 2, "two workers ready")
+        yield hub
+    finally:
+        stop_process(proc)

@@ -225,66 +225,32 @@ def test_a_worker_restarted_during_a_database_outage_does_not_stop_the_hub(
     import json
     import os
     import signal
-    import subprocess
-    import sys
-    import time
 
     import requests
     import yaml
 
     from tests import servers
 
-    port = servers.free_port()
     config = tmp_path / "civitas.yaml"
     config.write_text(yaml.safe_dump(hub_config(upstream_issuer, pg_database_url,
                                                 redis_url=redis_url)))
     log = tmp_path / "hub.log"
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("CIVITAS_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "civitas.cli", "--config", str(config), "serve",
-             "--workers", "2", "--threads", "2", "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-
-    def workers() -> set[int]:
-        listing = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                 text=True, check=False).stdout
-        return {int(pid) for pid in listing.split()}
-
-    def until(check, what: str, seconds: float = 60) -> None:
-        deadline = time.monotonic() + seconds
-        while not check():
-            assert proc.poll() is None, f"the hub stopped while waiting for {what}: " + (
-                log.read_text()[-1500:])
-            assert time.monotonic() < deadline, f"never: {what}"
-            time.sleep(0.2)
-
-    def ready() -> bool:
-        try:
-            return requests.get(f"{base}/readyz", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    try:
-        until(lambda: ready() and len(workers()) == 2, "two workers ready")
+    with servers.hub_process(config, log) as hub:
         with postgres_refusing_connections(pg_database_url):
-            victim = min(workers())
+            victim = min(hub.workers())
             os.kill(victim, signal.SIGKILL)
-            until(lambda: "cannot start: storage unavailable" in log.read_text(),
-                  "a replacement worker that waits for the database")
-            assert proc.poll() is None, log.read_text()[-1500:]
-            r = requests.get(f"{base}/healthz", timeout=5)  # the other worker serves on
+            hub.until(lambda: "cannot start: storage unavailable" in log.read_text(),
+                      "a replacement worker that waits for the database")
+            assert hub.proc.poll() is None, log.read_text()[-1500:]
+            r = requests.get(f"{hub.base}/healthz", timeout=5)  # the other worker serves on
             assert r.status_code == 200 and r.json()["pid"] != victim
-            assert requests.get(f"{base}/readyz", timeout=5).status_code == 503
+            assert requests.get(f"{hub.base}/readyz", timeout=5).status_code == 503
         # PostgreSQL is back: a replacement boots, and both workers serve
-        until(lambda: ready() and len(workers()) == 2 and victim not in workers(),
-              "a replacement worker once the database is back")
+        hub.until(lambda: hub.ready() and len(hub.workers()) == 2
+                  and victim not in hub.workers(),
+                  "a replacement worker once the database is back")
         lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         assert not any("failed to boot" in line["message"] for line in lines)
-    finally:
-        servers.stop_process(proc)
 
 
 def test_audit_export_to_a_path_that_cannot_be_written_says_so(tmp_path, upstream_issuer):

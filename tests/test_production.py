@@ -882,35 +882,3 @@ def test_with_migrations_a_release_step_of_their_own_serve_checks_and_never_migr
     done = subprocess.run([*base, "db", "check"], capture_output=True, text=True, timeout=60,
                           env=env)
     assert done.returncode == 0 and "as this release needs" in done.stdout
-
-
-def test_serve_with_workers_removes_the_metrics_directory_it_made(
-        tmp_path, upstream_issuer, pg_database_url, redis_url):
-    """`civitas serve --workers N` makes a directory for the workers' metrics when the
-    operator chose none; it is that run's alone, and goes when the hub stops (each start
-    left one behind in the temporary directory)."""
-    cfg = hub_config(upstream_issuer, pg_database_url, redis_url=redis_url)
-    path = tmp_path / "civitas.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    port = servers.free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "civitas.cli", "--config", str(path), "serve", "--workers", "2",
-         "--threads", "1", "--port", str(port)], stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True,
-        env={**{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
-             "TMPDIR": str(scratch)})
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.2)
-        made = [p.name for p in scratch.iterdir() if p.name.startswith("civitas-metrics-")]
-        assert len(made) == 1, made  # where the workers write their metrics
-    finally:
-        servers.stop_process(proc)
-    assert [p.name for p in scratch.iterdir() if p.name.startswith("civitas-metrics-")] == []

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -150,66 +149,26 @@ def test_a_worker_that_exits_does_not_remove_the_metrics_directory(
 
     from tests import servers
 
-    port = servers.free_port()
     config = tmp_path / "civitas.yaml"
     config.write_text(yaml.safe_dump(hub_config(upstream_issuer, pg_database_url,
                                                 redis_url=redis_url)))
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    log = tmp_path / "hub.log"
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("CIVITAS_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    env["TMPDIR"] = str(scratch)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "civitas.cli", "--config", str(config), "serve",
-             "--workers", "2", "--threads", "2", "--port", str(port), "--plain-logs"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-
-    def workers() -> set[int]:
-        listing = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                 text=True, check=False).stdout
-        return {int(pid) for pid in listing.split()}
-
-    def until(check, what: str, seconds: float = 90) -> None:
-        deadline = time.monotonic() + seconds
-        while not check():
-            assert proc.poll() is None, f"the hub stopped while waiting for {what}: " + (
-                log.read_text()[-1500:])
-            assert time.monotonic() < deadline, f"never: {what}: {log.read_text()[-1500:]}"
-            time.sleep(0.2)
-
-    def ready() -> bool:
-        try:
-            return requests.get(f"{base}/readyz", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    try:
-        until(lambda: ready() and len(workers()) == 2, "two workers ready")
-        metrics_dir = _metrics_dir_of(proc.pid)
+    with servers.hub_process(config, tmp_path / "hub.log", args=("--plain-logs",),
+                             env={"TMPDIR": str(scratch)}) as hub:
+        metrics_dir = _metrics_dir_of(hub.proc.pid)
         assert metrics_dir and metrics_dir.startswith(str(scratch)), metrics_dir
         assert Path(metrics_dir).is_dir()
-        victim = min(workers())
+        victim = min(hub.workers())
         os.kill(victim, signal.SIGTERM)  # a graceful worker exit (as at max-requests)
-        until(lambda: ready() and len(workers()) == 2 and victim not in workers(),
-              "a replacement worker")
+        hub.until(lambda: hub.ready() and len(hub.workers()) == 2
+                  and victim not in hub.workers(), "a replacement worker")
         assert Path(metrics_dir).is_dir(), "a worker's exit removed the metrics directory"
         for _ in range(6):  # both workers answer, counting their metrics there
-            assert requests.get(f"{base}/.well-known/openid-configuration",
+            assert requests.get(f"{hub.base}/.well-known/openid-configuration",
                                 timeout=5).status_code == 200
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     # the directory the command made is gone with it
     assert not any(scratch.glob("civitas-metrics-*")), list(scratch.iterdir())
-
-
 
 
 def test_an_ambiguous_commit_of_the_refresh_grant_does_not_make_a_second_grant(make_hub):
