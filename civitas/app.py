@@ -216,7 +216,7 @@ def build_hub(settings: Settings, *, migrate: bool = True,
     )
     server = HubAuthorizationServer(services)
     dispatcher = AgencyNotifier(db, keys, issuer=settings.issuer,
-                                  timeout=settings.backchannel_timeout_seconds)
+                                timeout=settings.backchannel_timeout_seconds)
     logout = LogoutService(services, services.participants, dispatcher)
     services.consent = ConsentService(db, HubReceiptSigner(keys, settings.signing_alg),
                                       on_withdraw=make_withdrawal_handler(services, dispatcher),
