@@ -15,6 +15,7 @@ from werkzeug.wrappers import Response
 
 from connectors import PasswordConnector, UpstreamRejected
 from kernel.ratelimit import address_bucket
+from kernel.timefmt import local_time
 
 from .errors import BrokerError, LoginExpired, SignInRefusedUpstream
 from .service import Broker, LoginOutcome
@@ -79,6 +80,7 @@ def create_blueprint(broker: Broker, *,
     logout (token revocation, back-channel logout) without broker/ depending on idp/."""
     bp = Blueprint("broker", __name__, template_folder="templates")
     bp.add_app_template_filter(assurance_words, "assurance_words")
+    bp.add_app_template_filter(local_time, "local_time")
 
     def check_csrf() -> None:
         expected = session.get("csrf")

@@ -61,6 +61,7 @@ from idp.pairwise import PairwiseSubjects
 from idp.provider import HubAuthorizationServer, ProviderServices
 from idp.tokens import ACCOUNT_DELETED, AccessTokens, RefreshTokens, TokenStore
 from idp.views import create_blueprint as idp_blueprint
+from kernel import timefmt
 from kernel.crypto import DecryptionError, FieldCipher
 from kernel.db import Database, startup_lock, utcnow
 from kernel.errors import CivitasError, ConfigError
@@ -366,6 +367,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
             app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
     _install_request_hooks(app)
+    app.config[timefmt.CONFIG_KEY] = settings.display_timezone  # (kernel.timefmt)
     _install_address_limits(app, hub)
     _install_error_pages(app)
     observability.install(app)

@@ -395,6 +395,21 @@ class Settings(BaseSettings):
     allow_insecure_jwks_uri: bool = False
     #: who may use the privacy-officer workspace (/officer/); any rule that matches grants it
     officer_role: list[OfficerRoleSettings] = []
+    #: the time zone (IANA name) of the times on the citizens' pages, the jurisdiction's
+    #: own; stored times, exports and the officers' pages stay in UTC
+    display_timezone: str = "UTC"
+
+    @field_validator("display_timezone")
+    @classmethod
+    def _display_timezone(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"{v!r} is not a time zone this machine knows (an IANA name "
+                             "such as Europe/Tallinn or America/New_York)") from exc
+        return v
 
     @field_validator("issuer")
     @classmethod

@@ -30,6 +30,7 @@ from werkzeug.wrappers import Response
 
 from broker.session import current_login
 from kernel.store import ShortLivedStore
+from kernel.timefmt import local_time
 
 from .api import AgencyAuthenticator, create_api_blueprint
 from .errors import ConsentError, FormExpired, NothingToWithdraw, ReceiptNotFound
@@ -195,6 +196,7 @@ def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuth
     ``subjects_of``: the account's (agency, ``sub``) at every agency, so that the history
     also shows the questions an agency asked before the citizen signed in there."""
     bp = Blueprint("consent", __name__, template_folder="templates")
+    bp.add_app_template_filter(local_time, "local_time")
     bp.register_blueprint(create_api_blueprint(
         service, authenticate_agency=authenticate_agency, store=store,
         scope=decision_scope, rate_limit=rate_limit, rate_window_seconds=rate_window_seconds,

@@ -88,6 +88,7 @@ def test_environment_overrides_file(tmp_path, monkeypatch):
                         "contact_url": "mailto:privacy@a.example", "claims": [
                             {"claim": "email", "purposes": ["p"], "description": "E"}]}}]},
      "agencies[0].consent.contact_url", "contact_url"),
+    ({"display_timezone": "Mars/Olympus_Mons"}, "display_timezone", "IANA name"),
     ({"session_lifetime_seconds": 5}, "session_lifetime_seconds", "greater than or equal"),
     ({"unknown_key": 1}, "unknown_key", "Extra inputs"),
 ])

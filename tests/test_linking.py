@@ -301,3 +301,23 @@ def test_assurance_in_plain_words(acr, words):
     from broker.views import assurance_words
 
     assert assurance_words(acr) == words
+
+
+def test_the_account_page_shows_times_in_the_jurisdictions_zone(make_hub):
+    """display_timezone: the citizen reads times in the zone of the jurisdiction the hub
+    serves, its abbreviation beside them (stored times stay UTC); UTC by default."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    for zone, app in (("UTC", make_hub()), ("Europe/Tallinn",
+                                            make_hub(display_timezone="Europe/Tallinn"))):
+        client = app.test_client()
+        full_login(client, AuthRequest())
+        before = datetime.now(ZoneInfo(zone))
+        page = client.get("/account").get_data(as_text=True)
+        shown = re.findall(r"<td>(\d{4}-\d\d-\d\d \d\d:\d\d) ([A-Z+0-9-]+)</td>", page)
+        assert shown, page
+        for when, abbreviation in shown:
+            assert abbreviation == before.strftime("%Z")
+            at = datetime.strptime(when, "%Y-%m-%d %H:%M").replace(tzinfo=ZoneInfo(zone))
+            assert abs((at - before).total_seconds()) < 600  # this login's, in that zone
