@@ -63,7 +63,7 @@ from idp.tokens import ACCOUNT_DELETED, AccessTokens, RefreshTokens, TokenStore
 from idp.views import create_blueprint as idp_blueprint
 from kernel import timefmt
 from kernel.crypto import DecryptionError, FieldCipher
-from kernel.db import Database, startup_lock, utcnow
+from kernel.db import Database, database_unreachable, startup_lock, utcnow
 from kernel.errors import CivitasError, ConfigError
 from kernel.ratelimit import Limit, RateLimited, RateLimiter, address_bucket
 from kernel.store import ShortLivedStore, open_store
@@ -711,11 +711,6 @@ def _holds_nul(error: BaseException) -> bool:
 def _is_unavailable(error: BaseException) -> bool:
     """A lost or refused connection to PostgreSQL or Redis (not a bug in a query)."""
     import redis
-    from sqlalchemy import exc as sa_exc
 
-    if isinstance(error, sa_exc.DBAPIError):
-        return bool(error.connection_invalidated) or isinstance(
-            error, sa_exc.OperationalError | sa_exc.InterfaceError)
-    if isinstance(error, sa_exc.DisconnectionError | sa_exc.TimeoutError):
-        return True
-    return isinstance(error, redis.ConnectionError | redis.TimeoutError)
+    return database_unreachable(error) or isinstance(
+        error, redis.ConnectionError | redis.TimeoutError)

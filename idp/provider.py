@@ -48,6 +48,7 @@ from broker.session import HubLogin
 from consent.policy import AgencyPolicy
 from consent.service import ConsentService
 from kernel import jsonfast
+from kernel.db import database_unreachable
 from kernel.metrics import TOKENS
 from kernel.ratelimit import Limit, RateLimited, RateLimiter
 
@@ -257,16 +258,6 @@ class StoredAuthorizationRequest(OAuth2Request):
         return {}
 
 
-def _database_unreachable(error: BaseException) -> bool:
-    """A lost or refused connection to the database (the app answers it 503), not a bug."""
-    from sqlalchemy import exc as sa_exc
-
-    if isinstance(error, sa_exc.DBAPIError):
-        return bool(error.connection_invalidated) or isinstance(
-            error, sa_exc.OperationalError | sa_exc.InterfaceError)
-    return isinstance(error, sa_exc.DisconnectionError | sa_exc.TimeoutError)
-
-
 class S256Challenge(CodeChallenge):
     """RFC 7636 with ``S256`` only, required of every client (RFC 9700 2.1.1)."""
 
@@ -299,7 +290,7 @@ class CodeGrant(grants.AuthorizationCodeGrant):
             return super().create_token_response()
         except Exception as exc:
             code = getattr(self.request, "authorization_code", None)
-            if isinstance(code, AuthorizationCode) and _database_unreachable(exc):
+            if isinstance(code, AuthorizationCode) and database_unreachable(exc):
                 # the refresh grant's INSERT may have committed though its reply was lost
                 # (a COMMIT cut off): the redemption that succeeds revokes it
                 self.hub.tokens.restore_code(

@@ -63,6 +63,15 @@ RECYCLE_SECONDS = 1800
 CONNECT_TIMEOUT_SECONDS = 10
 
 
+def database_unreachable(error: BaseException) -> bool:
+    """A lost or refused connection to the database (answered 503: try again), not a bug in
+    a statement."""
+    if isinstance(error, exc_mod.DBAPIError):
+        return bool(error.connection_invalidated) or isinstance(
+            error, exc_mod.OperationalError | exc_mod.InterfaceError)
+    return isinstance(error, exc_mod.DisconnectionError | exc_mod.TimeoutError)
+
+
 def _connect_args(url: str) -> dict[str, Any]:
     """The driver's connection options for ``url`` that the URL does not give itself."""
     if url.startswith("sqlite"):
