@@ -180,6 +180,7 @@ def create_officer_blueprint(
                 # svg_chart escapes the only text it is given (the title); the rest is numbers
                 "svg": Markup(svg_chart(rows, title=f"{name}: activity, last 30 days",  # noqa: S704
                                         chart_id=f"chart-{number}")),
+                "rows": rows,  # the figures, as a table: what the bars show, in words
                 "totals": {k: sum(getattr(r, k) for r in rows)
                            for k in ("granted", "withdrawn", "decisions")},
             })

@@ -448,6 +448,17 @@ def test_activity_charts_per_agency(world, officer):
     assert body.count("<svg") >= 2 and "Agency One" in body
     assert re.search(r"[1-9][0-9]* decision quer", body)  # the decisions made above
     assert "<script" not in body
+    # WCAG 1.4.1 / 1.1.1: the figures are also a table, not only bars told apart by colour;
+    # its rows add up to the totals said under the chart
+    section = body[body.index("<h2>Agency One"):]
+    section = section[:section.index("</section>")]
+    rows = re.findall(r"<tr><td>(\d{4}-\d\d-\d\d)</td><td>(\d+)</td><td>(\d+)</td>"
+                      r"<td>(\d+)</td></tr>", section)
+    assert len(rows) == 30
+    decisions = sum(int(r[3]) for r in rows)
+    assert decisions > 0
+    said = "query" if decisions == 1 else "queries"
+    assert f"{decisions} decision {said} in 30 days" in " ".join(section.split())
 
 
 @pytest.mark.parametrize(("value", "cell"), [("-sub", "'-sub"), ("=1+1", "'=1+1"),
