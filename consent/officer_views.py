@@ -14,7 +14,7 @@ import io
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from flask import Blueprint, g, jsonify, redirect, render_template, request, session, url_for
+from flask import Blueprint, g, jsonify, render_template, request, session, url_for
 from markupsafe import Markup
 from werkzeug.wrappers import Response
 
@@ -35,6 +35,7 @@ from .officers import (
     parse_query,
 )
 from .policy import AgencyPolicy
+from .views import sign_in_then_back
 
 
 class NotAnOfficer(ConsentError):
@@ -72,9 +73,7 @@ def create_officer_blueprint(
     def _officers_only() -> Response | None:
         login = current_login(session)
         if login is None or not account_exists(login.account_id):
-            # back here after signing in (the login page takes only the hub's own pages)
-            back = request.full_path if request.query_string else request.path
-            return redirect(url_for("broker.login_page", next=back))
+            return sign_in_then_back(url_for("broker.login_page"))
         if not holds_officer_role(rules, login_upstream=login.upstream_id,
                                   auth_time=login.auth_time,
                                   attributes=attributes_of(login.account_id)):

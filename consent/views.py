@@ -174,6 +174,13 @@ def claim_names(grants: Iterable[ConsentGrant]) -> dict[tuple[str, str], str]:
     return names
 
 
+def sign_in_then_back(login_url: str) -> Response:
+    """The login page at ``login_url``, which leads back to the page asked for afterwards
+    (``next``: the login page takes only the hub's own pages)."""
+    back = request.full_path if request.query_string else request.path
+    return redirect(f"{login_url}?{urlencode({'next': back})}")
+
+
 def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuthenticator,
                      store: ShortLivedStore, decision_scope: str = "consent.decisions",
                      rate_limit: int = 600, rate_window_seconds: int = 60,
@@ -213,11 +220,6 @@ def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuth
         response.headers["Access-Control-Allow-Origin"] = "*"
         return response
 
-    def to_login() -> Response:
-        """The login page, which leads back to this page afterwards."""
-        back = request.full_path if request.query_string else request.path
-        return redirect(f"{login_url}?{urlencode({'next': back})}")
-
     def account_id() -> str | None:
         login = current_login(session)
         return login.account_id if login is not None else None
@@ -235,7 +237,7 @@ def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuth
         Estonian Data Tracker is the model)."""
         owner = account_id()
         if owner is None:
-            return to_login()
+            return sign_in_then_back(login_url)
         page = min(max(1, request.args.get("page", 1, type=int) or 1), HISTORY_LAST_PAGE)
         rows = service.decisions.for_account(
             owner, limit=HISTORY_PAGE + 1, offset=(page - 1) * HISTORY_PAGE,
@@ -260,7 +262,7 @@ def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuth
     def consents() -> str | Response:
         owner = account_id()
         if owner is None:
-            return to_login()
+            return sign_in_then_back(login_url)
         grants = service.grants_for_account(owner)
         names = claim_names(grants)
         return render_template(
@@ -293,7 +295,7 @@ def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuth
     def receipt_page(receipt_id: str) -> str | Response:
         owner = account_id()
         if owner is None:
-            return to_login()
+            return sign_in_then_back(login_url)
         found = own_receipt(owner, receipt_id)
         names = claim_names(service.grants_for_account(owner))
         return render_template("consent/receipt.html", receipt=found, payload=found.payload,
@@ -306,7 +308,7 @@ def create_blueprint(service: ConsentService, *, authenticate_agency: AgencyAuth
     def receipt_download(receipt_id: str) -> Response:
         owner = account_id()
         if owner is None:
-            return to_login()
+            return sign_in_then_back(login_url)
         found = own_receipt(owner, receipt_id)
         body = json.dumps({"receipt": found.payload, "jws": found.jws}, indent=2,
                           sort_keys=True)
