@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy import text
-from sqlalchemy.exc import SQLAlchemyError
 
+from kernel import forks
 from kernel.metrics import LATENCY, REQUESTS
 
 from .envelope import REQUEST_ID, STARTED
@@ -61,6 +63,61 @@ def configure_json_logging(level: int = logging.INFO) -> None:
     root.setLevel(level)
 
 
+#: how long /readyz waits for its checks' answers: less than the probe's own timeout (4 s in
+#: compose.yaml, 1-5 s for load balancers), so that a dependency that never answers is
+#: reported as not ready instead of holding the probe. Opening a PostgreSQL connection has
+#: its own deadline (kernel.db.CONNECT_TIMEOUT_SECONDS), but a statement on an established
+#: connection to a stopped server or across a half-open path has none: it waits until
+#: gunicorn's worker timeout kills the worker, and the probe saw only its own timeout
+READY_DEADLINE_SECONDS = 2.0
+
+
+class ReadinessCheck:
+    """One dependency's check for /readyz, run on a thread of its own so that the probe can
+    answer by its deadline whether or not the dependency does.
+
+    While a run has not answered, no second one starts: the probes that come meanwhile wait
+    on the same run. A dependency that hangs holds one thread (and at most one connection)
+    per worker, however often it is probed, and the first probe after it answers again
+    starts afresh. ``probe`` returns when the dependency is usable and raises when not."""
+
+    def __init__(self, probe: Callable[[], None]) -> None:
+        self._probe = probe
+        self._lock = threading.Lock()
+        #: the run under way: (answered, its answer once there, started at, fork count)
+        self._running: tuple[threading.Event, list[str], float, int] | None = None
+
+    def start(self) -> tuple[threading.Event, list[str], float, int]:
+        """The run under way in this process, or a new one."""
+        with self._lock:
+            run = self._running
+            if run is None or run[3] != forks.count():  # (a parent's run has no thread here)
+                run = self._running = (threading.Event(), [], time.monotonic(), forks.count())
+                threading.Thread(target=self._run, args=(run,), daemon=True,
+                                 name="civitas-readyz").start()
+            return run
+
+    def answer(self, run: tuple[threading.Event, list[str], float, int], until: float) -> str:
+        """``run``'s answer, waiting for it until ``until`` (``time.monotonic()``)."""
+        answered, answer, started, _ = run
+        if answered.wait(max(0.0, until - time.monotonic())):
+            return answer[0]
+        return f"failed: no answer for {time.monotonic() - started:.1f} s"
+
+    def _run(self, run: tuple[threading.Event, list[str], float, int]) -> None:
+        answered, answer, _, _ = run
+        try:
+            self._probe()
+            answer.append("ok")
+        except Exception as exc:  # noqa: BLE001 - any failure of a dependency: not ready
+            answer.append(f"failed: {type(exc).__name__}")
+        finally:
+            with self._lock:
+                if self._running is run:
+                    self._running = None
+            answered.set()
+
+
 def install(app: Flask) -> None:
     hub = app.extensions["civitas"]
 
@@ -100,26 +157,28 @@ def install(app: Flask) -> None:
     def healthz() -> Response:
         return jsonify(status="ok", pid=os.getpid())
 
+    def database() -> None:
+        with hub.db.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def store() -> None:
+        if not hub.store.ping():
+            raise ConnectionError("no PONG")
+
+    def signing_keys() -> None:
+        hub.keys.signing_key(hub.settings.signing_alg)
+
+    checks = {"database": ReadinessCheck(database), "store": ReadinessCheck(store),
+              "signing_keys": ReadinessCheck(signing_keys)}
+
     @app.get("/readyz")
     def readyz() -> tuple[Response, int]:
-        checks: dict[str, str] = {}
-        try:
-            with hub.db.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-            checks["database"] = "ok"
-        except SQLAlchemyError as exc:
-            checks["database"] = f"failed: {type(exc).__name__}"
-        try:
-            checks["store"] = "ok" if hub.store.ping() else "failed"
-        except Exception as exc:  # noqa: BLE001 - any store client error means not ready
-            checks["store"] = f"failed: {type(exc).__name__}"
-        try:
-            hub.keys.signing_key(hub.settings.signing_alg)
-            checks["signing_keys"] = "ok"
-        except (LookupError, SQLAlchemyError) as exc:
-            checks["signing_keys"] = f"failed: {type(exc).__name__}"
-        ready = all(v == "ok" for v in checks.values())
-        return jsonify(status="ready" if ready else "not ready", checks=checks), (
+        until = time.monotonic() + READY_DEADLINE_SECONDS
+        # all three at once: the probe waits for the slowest, not for the sum
+        runs = {name: check.start() for name, check in checks.items()}
+        answers = {name: checks[name].answer(run, until) for name, run in runs.items()}
+        ready = all(v == "ok" for v in answers.values())
+        return jsonify(status="ready" if ready else "not ready", checks=answers), (
             200 if ready else 503)
 
     @app.get("/metrics")

@@ -54,6 +54,9 @@ class PgProxy:
         self.lost: list[int] = []
         self._sockets: list[socket.socket] = []
         self._closed = False
+        #: cleared while the server is to seem stopped (:meth:`freeze`)
+        self._flowing = threading.Event()
+        self._flowing.set()
         threading.Thread(target=self._accept, daemon=True, name="pg-proxy").start()
 
     def url(self, database_url: str) -> str:
@@ -70,8 +73,18 @@ class PgProxy:
         with self._lock:
             self._armed.add(pid)
 
+    def freeze(self) -> None:
+        """From now on the server's answers are held back, on every connection, open or
+        new: a server that was stopped (SIGSTOP) or a network path that went half-open.
+        The connections stay open; :meth:`thaw` lets the held answers through."""
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
     def close(self) -> None:
         self._closed = True
+        self._flowing.set()
         self._listener.close()
         with self._lock:
             for s in self._sockets:
@@ -143,6 +156,7 @@ class _Relay:
                             self.proxy.lost.append(self.pid or 0)
                         break
                     continue
+                self.proxy._flowing.wait()
                 self.client.sendall(message)
         except (ConnectionError, OSError):
             pass

@@ -882,3 +882,56 @@ def test_with_migrations_a_release_step_of_their_own_serve_checks_and_never_migr
     done = subprocess.run([*base, "db", "check"], capture_output=True, text=True, timeout=60,
                           env=env)
     assert done.returncode == 0 and "as this release needs" in done.stdout
+
+
+def test_readyz_answers_by_its_deadline_when_the_database_stops_answering(
+        upstream_issuer, pg_database_url):
+    """A PostgreSQL that stops answering on a connection already open (the server stopped
+    with SIGSTOP, a half-open network path) held /readyz for good: only opening a
+    connection has a deadline (kernel.db.CONNECT_TIMEOUT_SECONDS), a statement has none.
+    The probe's own timeout (4 s in compose.yaml) was all an operator saw, not which
+    dependency hung. /readyz now answers by READY_DEADLINE_SECONDS, naming the database,
+    holds one waiting thread however often it is asked, and is ready again once the server
+    answers."""
+    import threading
+    from urllib.parse import urlsplit
+
+    from civitas.app import create_app, stop_background
+    from civitas.observability import READY_DEADLINE_SECONDS
+    from tests.pg_proxy import PgProxy
+
+    parts = urlsplit(pg_database_url)
+    proxy = PgProxy((parts.hostname or "127.0.0.1", parts.port or 5432))
+    app = create_app(hub_config(upstream_issuer, proxy.url(pg_database_url)))
+    try:
+        client = app.test_client()
+        assert client.get("/readyz").status_code == 200  # (the pool has its connection)
+
+        def probe() -> Any:
+            answers: list[Any] = []
+            thread = threading.Thread(target=lambda: answers.append(client.get("/readyz")),
+                                      daemon=True)
+            started = time.monotonic()
+            thread.start()
+            thread.join(READY_DEADLINE_SECONDS + 8)
+            assert answers, "/readyz did not answer"
+            return answers[0], time.monotonic() - started
+
+        proxy.freeze()
+        for _ in range(3):
+            r, took = probe()
+            assert r.status_code == 503 and took < READY_DEADLINE_SECONDS + 1.5, took
+            assert r.json["checks"]["database"].startswith("failed: no answer for"), r.json
+            assert r.json["checks"]["store"] == "ok"
+        waiting = [t for t in threading.enumerate() if t.name == "civitas-readyz"]
+        assert 1 <= len(waiting) <= 2, waiting  # the database's (and the keys', if reloading)
+        proxy.thaw()
+        deadline = time.monotonic() + 10
+        while (r := probe()[0]).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert r.status_code == 200, r.json
+    finally:
+        proxy.thaw()
+        stop_background(app)
+        app.extensions["civitas"].db.dispose()
+        proxy.close()
