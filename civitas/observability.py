@@ -67,8 +67,8 @@ def configure_json_logging(level: int = logging.INFO) -> None:
 #: compose.yaml, 1-5 s for load balancers), so that a dependency that never answers is
 #: reported as not ready instead of holding the probe. Opening a PostgreSQL connection has
 #: its own deadline (kernel.db.CONNECT_TIMEOUT_SECONDS), but a statement on an established
-#: connection to a stopped server or across a half-open path has none: it waits until
-#: gunicorn's worker timeout kills the worker, and the probe saw only its own timeout
+#: connection to a stopped server has none (one to a host that is gone gives up after
+#: kernel.db.TCP_DEADLINES: 25 s or more), and the probe saw only its own timeout
 READY_DEADLINE_SECONDS = 2.0
 
 

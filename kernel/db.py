@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from sqlalchemy import DateTime, MetaData, TypeDecorator, create_engine, event
 from sqlalchemy import exc as exc_mod
@@ -61,6 +62,19 @@ RECYCLE_SECONDS = 1800
 #: database URL says: a server that accepts the connection and never answers (stopped, a
 #: half-open network path) would otherwise hold the request, and /readyz, for good
 CONNECT_TIMEOUT_SECONDS = 10
+#: how an open connection finds that the server's host or the path to it is gone (the host
+#: lost power, a failover moved its address, a firewall forgot the connection), which nothing
+#: tells the hub: TCP keepalive probes after ``keepalives_idle`` seconds without data, one
+#: every ``keepalives_interval``, ``keepalives_count`` unanswered ones close it; data sent
+#: and not acknowledged for ``tcp_user_timeout`` ms closes it too (Linux, RFC 5482). Without
+#: them a statement waits on such a connection for the kernel's retransmissions (about 15
+#: minutes) or, waiting for an answer with nothing to send, for good, and so does its
+#: request: gunicorn's worker timeout watches the worker's main thread, not its requests.
+#: A live server answers the probes, however long a statement runs. Each is left to the
+#: database URL where it names it.
+TCP_DEADLINES: dict[str, int] = {"keepalives": 1, "keepalives_idle": 10,
+                                 "keepalives_interval": 5, "keepalives_count": 3,
+                                 "tcp_user_timeout": 25_000}
 
 
 def database_unreachable(error: BaseException) -> bool:
@@ -76,7 +90,9 @@ def _connect_args(url: str) -> dict[str, Any]:
     """The driver's connection options for ``url`` that the URL does not give itself."""
     if url.startswith("sqlite"):
         return {"check_same_thread": False, "timeout": 15}
-    return {} if "connect_timeout=" in url else {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+    named = parse_qs(urlsplit(url).query)
+    given = {"connect_timeout": CONNECT_TIMEOUT_SECONDS, **TCP_DEADLINES}
+    return {name: value for name, value in given.items() if name not in named}
 
 
 class _StraightConnections:

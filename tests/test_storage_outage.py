@@ -644,3 +644,52 @@ def test_a_database_server_that_never_answers_is_given_up_after_the_connect_time
         for s in held:
             s.close()
         silent.close()
+
+
+def test_connections_to_postgresql_find_a_vanished_server_host_by_tcp_deadlines(
+        pg_database_url):
+    """A server host that is gone (lost power, a failover moved its address, a firewall
+    forgot the connection) tells the hub nothing: a statement waited for the kernel's
+    retransmissions (about 15 minutes) or, waiting for an answer with nothing to send, for
+    good, and so did its request (gunicorn's timeout watches a worker's main thread, not
+    its requests). Every connection, the pool's and the straight path's, now has TCP
+    keepalive probes and a TCP user timeout (RFC 5482) set on its socket, from
+    kernel.db.TCP_DEADLINES, unless the database URL names its own."""
+    import os
+    import socket
+
+    from kernel.db import TCP_DEADLINES, Database
+
+    tcp_user_timeout = getattr(socket, "TCP_USER_TIMEOUT", 18)
+
+    def options(fd: int) -> tuple[int, int, int, int, int]:
+        sock = socket.socket(fileno=os.dup(fd))
+        try:
+            return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+                    sock.getsockopt(socket.IPPROTO_TCP, tcp_user_timeout))
+        finally:
+            sock.close()
+
+    wanted = (1, TCP_DEADLINES["keepalives_idle"], TCP_DEADLINES["keepalives_interval"],
+              TCP_DEADLINES["keepalives_count"], TCP_DEADLINES["tcp_user_timeout"])
+    db = Database(pg_database_url)  # (127.0.0.1: TCP)
+    try:
+        with db.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+            assert options(conn.connection.dbapi_connection.pgconn.socket) == wanted
+        db.send("SELECT 1", {})
+        straight = db._straight._idle[-1][0]
+        assert options(straight.pgconn.socket) == wanted
+    finally:
+        db.dispose()
+    joiner = "&" if "?" in pg_database_url else "?"
+    db = Database(f"{pg_database_url}{joiner}keepalives_idle=30&tcp_user_timeout=60000")
+    try:
+        with db.engine.connect() as conn:
+            found = options(conn.connection.dbapi_connection.pgconn.socket)
+            assert (found[1], found[4]) == (30, 60_000) and found[2:4] == wanted[2:4]
+    finally:
+        db.dispose()
