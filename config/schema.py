@@ -257,6 +257,9 @@ class AgencySettings(BaseModel):
     post_logout_redirect_uris: list[str] = []
     #: Back-Channel Logout 1.0: where the hub POSTs logout tokens (https, or loopback http)
     backchannel_logout_uri: str | None = None
+    #: Back-Channel Logout 1.0 2.2: taken as the agency's developers hand it over; every
+    #: logout token carries ``sid`` whatever it says
+    backchannel_logout_session_required: bool = True
     #: RFC 8935: where the hub pushes Security Event Tokens (https, or loopback http)
     event_delivery_uri: str | None = None
 

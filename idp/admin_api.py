@@ -40,7 +40,12 @@ STRING_LISTS = ("redirect_uris", "scopes", "post_logout_redirect_uris")
 OPTIONAL_STRINGS = ("sector_identifier", "backchannel_logout_uri", "event_delivery_uri",
                     "jwks_uri", "id_token_signed_response_alg")
 STRINGS = ("client_id", "name", "token_endpoint_auth_method", "subject_type")
-FIELDS = frozenset({*STRING_LISTS, *OPTIONAL_STRINGS, *STRINGS, "jwks"})
+#: Back-Channel Logout 1.0 2.2: whether the agency needs ``sid`` in its logout tokens. The
+#: hub puts ``sid`` in every one (discovery's ``backchannel_logout_session_supported``), so
+#: either answer is served; the agency's description always says ``true``, what it gets
+#: (RFC 7591 3.2.1: the server may replace a requested value with the one it uses)
+SESSION_REQUIRED = "backchannel_logout_session_required"
+FIELDS = frozenset({*STRING_LISTS, *OPTIONAL_STRINGS, *STRINGS, "jwks", SESSION_REQUIRED})
 #: arrays and objects in a body at most this deep (a registration with a JWK set is 4); what
 #: orjson reads (1024) is more than the walks over it and ``json.dumps`` can take
 MAX_BODY_DEPTH = 32
@@ -90,6 +95,8 @@ def metadata_from_json(body: dict[str, Any], client_id: str) -> AgencyMetadata:
 
     if body.get("client_id", client_id) != client_id:
         raise AgencyRegistrationError("client_id", "does not match the agency's address")
+    if not isinstance(body.get(SESSION_REQUIRED, False), bool):
+        raise AgencyRegistrationError(SESSION_REQUIRED, "must be true or false")
     jwks = body.get("jwks")
     if jwks is not None and not isinstance(jwks, dict):
         raise AgencyRegistrationError("jwks", "must be a JWK set (a JSON object) or null")

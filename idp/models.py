@@ -55,6 +55,8 @@ class Agency(Base):
             "id_token_signed_response_alg": self.id_token_signed_response_alg,
             "post_logout_redirect_uris": list(self.post_logout_redirect_uris or []),
             "backchannel_logout_uri": self.backchannel_logout_uri,
+            # every logout token carries ``sid`` (Back-Channel Logout 1.0 2.2, 2.4)
+            "backchannel_logout_session_required": True,
             "event_delivery_uri": self.event_delivery_uri,
             "jwks": self.jwks,
             "jwks_uri": self.jwks_uri,

@@ -337,3 +337,38 @@ def test_registration_on_a_shared_host_carries_the_privacy_notice(client):
     assert settled.status_code == 200, settled.json
     assert "civitas_privacy_notices" not in settled.json
     assert settled.json["sector_identifier"] == "urn:sector:dmv"
+
+
+def test_backchannel_logout_session_required_is_taken_and_always_served(client):
+    """Back-Channel Logout 1.0 2.2: an agency's developers register
+    ``backchannel_logout_session_required`` (openid-client, Keycloak and Hydra all write
+    it); registration refused it as an unknown field. The hub puts ``sid`` in every logout
+    token, so true and false are both taken and the agency is described with true, what it
+    gets (RFC 7591 3.2.1); anything but a boolean names the field."""
+    logout = "https://api-agency.agency.example/logout"
+    for given in (True, False):
+        r = post(client, registration(f"session-{str(given).lower()}",
+                                      backchannel_logout_uri=logout,
+                                      backchannel_logout_session_required=given))
+        assert r.status_code == 201, r.json
+        assert r.json["backchannel_logout_session_required"] is True
+        # and what GET describes is taken back by PUT
+        described = client.get(f"{API}/{r.json['client_id']}", headers=AUTH).json
+        assert client.put(f"{API}/{r.json['client_id']}", json=described,
+                          headers=AUTH).status_code == 200
+    assert_refused(post(client, registration(backchannel_logout_session_required="yes")),
+                   "backchannel_logout_session_required", "must be true or false")
+
+
+def test_backchannel_logout_session_required_in_the_settings_file(upstream_issuer, tmp_path):
+    """The same field in an agency's entry of the settings file is taken, not refused as an
+    extra field."""
+    from config.schema import Settings
+    from tests.conftest import hub_config
+
+    cfg = hub_config(upstream_issuer, f"sqlite:///{tmp_path}/hub.db")
+    cfg["agencies"][0]["backchannel_logout_session_required"] = True
+    Settings.model_validate(cfg)
+    cfg["agencies"][0]["backchannel_logout_session_required"] = "sometimes"
+    with pytest.raises(ValueError, match="backchannel_logout_session_required"):
+        Settings.model_validate(cfg)
