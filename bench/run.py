@@ -63,6 +63,10 @@ PEER_MJS = ROOT / "bench" / "peer.mjs"
 #: a peer-only client with opaque access tokens: oidc-provider serves userinfo only for those
 OPAQUE = TestAgency("agency-opaque", "s3-" + "c" * 40, "https://opaque.agency.example/cb",
                     "Opaque")
+#: scenario 4b: only an answer about an active token is a success (RFC 7662 2.2: a token
+#: that is not active, or not the agency's, is a 200 {"active": false} too); both sides
+#: write it without a space
+INTROSPECTION_ENV = {"BENCH_EXPECT": '"active":true'}
 
 
 @contextlib.contextmanager
@@ -518,7 +522,7 @@ def run_floor(server: str, workdir: Path, redis_url: str, workers: int, threads:
         time.sleep(1)  # every worker up, not only the first to answer
         yield base, proc.pid
     finally:
-        servers._stop(proc)
+        servers.stop_process(proc)
         log.close()
 
 
@@ -781,7 +785,7 @@ def main() -> int:
         hub_proc = subprocess.Popen(hub_cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                     env=hub_env, start_new_session=True)
         stack.callback(log.close)
-        stack.callback(servers._stop, hub_proc)
+        stack.callback(servers.stop_process, hub_proc)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -800,7 +804,7 @@ def main() -> int:
                  "seal", "--every", "60"], stdout=sealer_log, stderr=subprocess.STDOUT,
                 cwd=ROOT, start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
             stack.callback(sealer_log.close)
-            stack.callback(servers._stop, sealer)
+            stack.callback(servers.stop_process, sealer)
 
         runner.hub_base, runner.hub_pid = base, hub_proc.pid
         hub = Hub(base)
@@ -992,11 +996,11 @@ def main() -> int:
                  "BENCH_AUTH": f"Bearer {pat}"} if peer else None)
             results["4i"], results["4ip"] = both({
                 "BENCH_MODE": "static", "BENCH_METHOD": "POST", "BENCH_PATH": "/introspect",
-                "BENCH_CTYPE": form, "BENCH_AUTH": auth_one,
+                "BENCH_CTYPE": form, "BENCH_AUTH": auth_one, **INTROSPECTION_ENV,
                 "BENCH_BODY": "token=" + quote(at, safe="")}, {
                 "BENCH_MODE": "static", "BENCH_METHOD": "POST",
                 "BENCH_PATH": peer.path("introspection_endpoint"), "BENCH_CTYPE": form,
-                "BENCH_AUTH": basic(OPAQUE.client_id, OPAQUE.secret),
+                "BENCH_AUTH": basic(OPAQUE.client_id, OPAQUE.secret), **INTROSPECTION_ENV,
                 "BENCH_BODY": "token=" + quote(pat, safe="")} if peer else None)
             rows.append(fmt_row("4a userinfo", results["4u"], results.get("4up"), args.workers,
                                 note="peer: opaque access token"))

@@ -19,6 +19,8 @@
 --                  a token in flight when wrk stops is lost (its grant drops out)
 --   BENCH_AUTHZ    (sso) the authorization path with query, "{N}" replaced by a unique value
 --   BENCH_TOKEN    (sso) token path; BENCH_TOKEN_BODY with "{CODE}" replaced by the code
+--   BENCH_EXPECT   (static, list, cycle; optional) text a 2xx answer's body must contain
+--                  to count as a success (introspection answers 200 {"active":false} too)
 --   BENCH_THREAD_RATE  (optional) requests/s each wrk thread sends at most, paced on a fixed
 --                  schedule (an open load: the latency at a given rate, not at saturation);
 --                  a thread that falls behind sends at once until it is on schedule again
@@ -153,8 +155,8 @@ if mode == "sso" then
     if location then
       local code = string.match(location, "[?&]code=([^&]+)")
       if code then table.insert(codes, code) end
-    elseif status == 200 then
-      logins = logins + 1
+    elseif status == 200 and string.find(body or "", '"access_token"', 1, true) then
+      logins = logins + 1  -- the token response of a login (not a page of /authorize)
     end
   end
 elseif mode == "chain" then
@@ -169,8 +171,10 @@ elseif mode == "chain" then
     end
   end
 else
+  local expect = os.getenv("BENCH_EXPECT")
   function response(status, hdrs, body)
-    if status < 300 then ok = ok + 1
+    if status < 300 and (expect == nil or string.find(body or "", expect, 1, true)) then
+      ok = ok + 1
     elseif first_error == nil then first_error = status .. " " .. string.sub(body or "", 1, 160) end
   end
 end

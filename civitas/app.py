@@ -361,11 +361,11 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
         stops.append(weakref.finalize(app, hub.dispatcher.stop))
     if settings.trusted_proxy_hops:
         # X-Forwarded-For/-Proto/-Host are believed only from this many proxies in front
-        from werkzeug.middleware.proxy_fix import ProxyFix
+        # (and, with trusted_proxy_addresses, only when the peer is one of them)
+        from .proxies import believe_forwarded
 
-        hops = settings.trusted_proxy_hops
-        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
-            app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
+        app.wsgi_app = believe_forwarded(  # type: ignore[method-assign,assignment]
+            app.wsgi_app, settings.trusted_proxy_hops, settings.trusted_proxy_addresses)
     _install_request_hooks(app)
     app.config[timefmt.CONFIG_KEY] = settings.display_timezone  # (kernel.timefmt)
     _install_address_limits(app, hub)

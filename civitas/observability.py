@@ -46,10 +46,13 @@ class JSONFormatter(logging.Formatter):
         }
         try:
             request_id = g.get("request_id")
+            agency_request_id = g.get("agency_request_id")
         except RuntimeError:  # outside a request
-            request_id = None
+            request_id = agency_request_id = None
         if request_id:
             entry["request_id"] = request_id
+        if agency_request_id:  # the X-Request-ID a decision API answer echoed (AuthZEN)
+            entry["agency_request_id"] = agency_request_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)

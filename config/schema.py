@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     SecretStr,
     field_validator,
     model_validator,
@@ -331,7 +332,7 @@ class RateLimitSettings(BaseModel):
     token_per_address: _PerWindow = 3_000
     #: the consent decision API, per authenticated agency
     decision_per_agency: _PerWindow = 30_000
-    #: the consent decision API, per client address
+    #: the consent decision API, per client address (those that fail to authenticate too)
     decision_per_address: _PerWindow = 30_000
     #: /authorize and the login pages, per client address (failed passwords have their own,
     #: much lower limits per username and address)
@@ -382,6 +383,9 @@ class Settings(BaseSettings):
     rate_limits: RateLimitSettings = RateLimitSettings()
     #: reverse proxies in front of the hub whose X-Forwarded-* headers are believed (0: none)
     trusted_proxy_hops: Annotated[int, Field(ge=0, le=5)] = 0
+    #: the addresses (or networks) the nearest of those proxies connects from: when given,
+    #: a request from any other peer has its X-Forwarded-* ignored (empty: any peer's count)
+    trusted_proxy_addresses: list[IPvAnyNetwork] = []
     #: upstream ids, most trusted first: when upstreams disagree about an attribute, agencies
     #: get the value from the first one here (default: the order of ``upstreams``)
     attribute_source_ranking: list[str] | None = None
@@ -483,6 +487,9 @@ class Settings(BaseSettings):
         dup = {i for i in cids if cids.count(i) > 1}
         if dup:
             raise ValueError(f"agencies: duplicate client_id(s) {sorted(dup)}")
+        if self.trusted_proxy_addresses and not self.trusted_proxy_hops:
+            raise ValueError("trusted_proxy_addresses: needs trusted_proxy_hops (how many "
+                             "proxies to believe)")
         public = [a.client_id for a in self.agencies if a.subject_type == "public"]
         if public and not self.allow_public_subjects:
             raise ValueError(f"agencies: subject_type 'public' for {public} needs "

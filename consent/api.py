@@ -5,9 +5,11 @@
   answers None: 401 with ``WWW-Authenticate`` (RFC 6750 section 3, RFC 7617).
 - Each agency, and each client address, is rate-limited in fixed windows counted in the
   short-lived store (one round trip for both), so every worker shares the count: 429 with
-  ``Retry-After`` (RFC 6585 section 4). A limit of 0 is no limit.
+  ``Retry-After`` (RFC 6585 section 4); a request that fails to authenticate counts against
+  its address alone. A limit of 0 is no limit.
 - Errors are JSON ``{"error", "error_description"}`` with 400, 401, 404 or 429 (AuthZEN's HTTPS
-  binding: an error is an HTTP status, never a decision). ``X-Request-ID`` is echoed.
+  binding: an error is an HTTP status, never a decision). ``X-Request-ID`` is echoed, and
+  named on the hub's log lines of the request (``agency_request_id``).
 """
 
 from __future__ import annotations
@@ -83,6 +85,14 @@ def create_api_blueprint(service: ConsentService, *,
         response.status_code = error.code or 400
         return response
 
+    @bp.before_request
+    def _agency_request_id() -> None:
+        given = request.headers.get("X-Request-ID", "")
+        if REQUEST_ID.match(given):
+            # the answer quotes this id instead of the hub's: the hub's log lines name it
+            # too (civitas.observability), so that the agency's id leads to them
+            g.agency_request_id = given
+
     @bp.after_request
     def _headers(response: Response) -> Response:
         given = request.headers.get("X-Request-ID", "")
@@ -91,11 +101,26 @@ def create_api_blueprint(service: ConsentService, *,
         response.headers["Cache-Control"] = "no-store"
         return response
 
+    def counted(agency_limit: Limit | None) -> None:
+        """Count the request against its address (and its agency's) limits; 429 when over."""
+        limits = [Limit(f"decision:addr:{address_bucket(request.remote_addr)}",
+                        rate_limit_per_address)]
+        try:
+            limiter.hit(limits if agency_limit is None else [agency_limit, *limits])
+        except RateLimited as exc:
+            who = "agency" if ":agency:" in exc.key else "address"
+            raise ApiError(429, "rate_limited", f"Too many requests from this {who}; retry "
+                           f"after {exc.retry_after} seconds.",
+                           {"Retry-After": str(exc.retry_after)}) from exc
+
     def agency() -> str:
-        """The authenticated, not rate-limited agency's client_id."""
+        """The authenticated, not rate-limited agency's client_id. A request that fails to
+        authenticate counts against its address too (as at the token endpoint), or one
+        address could send any number of them."""
         try:
             client_id = authenticate_agency(request)
         except BearerRefused as refused:
+            counted(None)
             # RFC 6750 3.1: "invalid_token" 401; "insufficient_scope" 403, with the scope
             if refused.error == "insufficient_scope":
                 raise ApiError(403, "insufficient_scope", "This access token has no "
@@ -106,19 +131,12 @@ def create_api_blueprint(service: ConsentService, *,
                            {"WWW-Authenticate": 'Bearer realm="civitas-consent", '
                             f'error="invalid_token", scope="{scope}"'}) from refused
         if client_id is None:
+            counted(None)
             raise ApiError(401, "invalid_client", "Agency authentication is required: a "
                            f"client_credentials access token with scope '{scope}', or the "
                            "agency's client id and secret (HTTP Basic).",
                            {"WWW-Authenticate": challenge})
-        try:
-            limiter.hit([Limit(f"decision:agency:{client_id}", rate_limit),
-                         Limit(f"decision:addr:{address_bucket(request.remote_addr)}",
-                               rate_limit_per_address)])
-        except RateLimited as exc:
-            who = "agency" if ":agency:" in exc.key else "address"
-            raise ApiError(429, "rate_limited", f"Too many requests from this {who}; retry "
-                           f"after {exc.retry_after} seconds.",
-                           {"Retry-After": str(exc.retry_after)}) from exc
+        counted(Limit(f"decision:agency:{client_id}", rate_limit))
         return client_id
 
     def body() -> Any:
