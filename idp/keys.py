@@ -2,7 +2,9 @@
 
 The JWKS publishes every key that is not past ``retire_after`` (next, current and retired),
 so a rotation never breaks a verifier. The key ring re-reads the table at most every
-``reload_seconds`` (a cheap query) so every worker sees a rotation without a restart.
+``reload_seconds`` (a cheap query) so every worker sees a rotation without a restart, and
+sooner when asked to verify a token signed with a key it has not loaded
+(:meth:`KeyRing.verifying_keyset`).
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ class _Snapshot:
     signing: dict[str, ActiveKey]   # alg -> key that signs now
     jwks: dict[str, Any]
     keyset: KeySet                  # the published public keys, parsed once
+    kids: frozenset[str]            # their ids
     fingerprint: tuple[tuple[str, str], ...]
     next_change: float               # epoch seconds when a key activates or retires
 
@@ -125,6 +128,10 @@ def _import(alg: str, data: dict[str, Any]) -> ECKey | RSAKey:
     return ECKey.import_key(data) if alg.startswith("ES") else RSAKey.import_key(data)
 
 
+#: how often, at most, a token signed with a key id not loaded makes a process read the keys
+UNKNOWN_KID_RELOAD_SECONDS = 1.0
+
+
 class KeyRing:
     def __init__(self, db: Database, cipher: FieldCipher, *, reload_seconds: float = 30) -> None:
         self._db = db
@@ -133,6 +140,8 @@ class KeyRing:
         self._lock = threading.Lock()
         self._snapshot: _Snapshot | None = None
         self._loaded_at = 0.0
+        #: when a token with a key id not loaded last made the ring read the table
+        self._unknown_kid_reload = -UNKNOWN_KID_RELOAD_SECONDS
 
     # -- administration -----------------------------------------------------------------
 
@@ -210,6 +219,7 @@ class KeyRing:
                 signing=signing,
                 jwks=jwks,
                 keyset=KeySet.import_key_set(jwks),  # type: ignore[arg-type]
+                kids=frozenset(str(k.get("kid")) for k in jwks["keys"]),
                 fingerprint=fingerprint,
                 next_change=min(changes, default=float("inf")),
             )
@@ -231,3 +241,20 @@ class KeyRing:
     def public_keyset(self) -> KeySet:
         """The published keys for verifying what the hub signed (tokens, hints)."""
         return self.reload().keyset
+
+    def verifying_keyset(self, token: Any) -> KeySet:
+        """:meth:`public_keyset` for joserfc's ``decode`` (``key=``, called with the token):
+        when the token names a key id this process has not loaded, the table is read again
+        first, at most once per ``UNKNOWN_KID_RELOAD_SECONDS``. Another process may have
+        rotated in a key that already signs (``civitas keys rotate --lead-time`` shorter than
+        ``reload_seconds``), and its tokens must verify in every worker, not only once this
+        one's next reload comes round; a stream of made-up key ids costs one cheap query a
+        second at most."""
+        snap = self.reload()
+        kid = token.headers().get("kid")
+        if isinstance(kid, str) and kid not in snap.kids:
+            now = time.monotonic()
+            if now - self._unknown_kid_reload >= UNKNOWN_KID_RELOAD_SECONDS:
+                self._unknown_kid_reload = now
+                snap = self.reload(force=True)
+        return snap.keyset

@@ -183,7 +183,8 @@ class ProviderServices:
         if not hint or len(hint) > 16384:
             return None
         try:
-            token = decode_jwt(hint, self.keys.public_keyset(), algorithms=SUPPORTED_ALGS)
+            token = decode_jwt(hint, self.keys.verifying_keyset,
+                               algorithms=SUPPORTED_ALGS)
         except JoseError:
             return None
         if token.header.get("typ", "JWT") != "JWT" or token.claims.get("iss") != self.issuer:

@@ -381,7 +381,8 @@ class AccessTokens:
         if not token or token.count(".") != 2 or len(token) > 8192:
             return None
         try:
-            decoded = decode_jwt(token, self.keys.public_keyset(), algorithms=SUPPORTED_ALGS)
+            decoded = decode_jwt(token, self.keys.verifying_keyset,
+                                 algorithms=SUPPORTED_ALGS)
         except JoseError:
             return None
         claims = decoded.claims

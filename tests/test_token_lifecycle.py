@@ -639,3 +639,48 @@ def test_an_access_token_issued_with_a_record_still_works_until_it_is_revoked(cl
                        headers=basic(AGENCY_ONE)).status_code == 200
     assert userinfo(client, token).status_code == 401
     assert userinfo(client, body["access_token"]).status_code == 200  # a jti of its own
+
+
+def test_a_key_another_worker_rotated_in_verifies_in_every_worker_at_once(config):
+    """`civitas keys rotate --lead-time` shorter than a worker's key reload (30 s): the
+    worker that reloaded first signed with the new key, and every other worker refused its
+    tokens (userinfo and introspection 401 / inactive) until its own reload came round. A
+    token naming a key id a worker has not loaded now makes it read the keys first, at most
+    once a second, so made-up key ids cost one cheap query a second."""
+    from datetime import timedelta
+
+    from sqlalchemy import event
+
+    from civitas.app import create_app, stop_background
+    from idp.keys import UNKNOWN_KID_RELOAD_SECONDS
+    from tests.test_client_credentials import basic, client_token
+
+    first, second = create_app(config), create_app(config)  # two workers, one database
+    try:
+        other = second.extensions["civitas"]
+        other.keys.reload(force=True)
+        current = first.extensions["civitas"].keys.rotate("ES256", lead_time=timedelta(0),
+                                  retire_after=timedelta(days=1))
+        token = client_token(first.test_client()).json["access_token"]
+        assert jose_jwt.get_unverified_header(token)["kid"] == current.kid
+        r = second.test_client().post("/introspect", data={"token": token},
+                                      headers=basic(AGENCY_ONE))
+        assert r.status_code == 200 and r.json["active"] is True, r.json
+
+        reads: list[str] = []
+        event.listen(other.db.engine, "before_cursor_execute",
+                     lambda *a: reads.append(a[2]) if "signing_keys" in a[2] else None)
+        head, _, rest = token.partition(".")
+        header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+        time.sleep(UNKNOWN_KID_RELOAD_SECONDS)
+        for n in range(5):
+            forged = base64.urlsafe_b64encode(json.dumps(
+                {**header, "kid": f"made-up-{n}"}).encode()).rstrip(b"=").decode()
+            r = second.test_client().post("/introspect", data={"token": f"{forged}.{rest}"},
+                                          headers=basic(AGENCY_ONE))
+            assert r.status_code == 200 and r.json == {"active": False}
+        assert len(reads) == 1, reads
+    finally:
+        for made in (first, second):
+            stop_background(made)
+            made.extensions["civitas"].db.dispose()
