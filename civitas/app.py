@@ -53,7 +53,7 @@ from idp.agencies import (
 from idp.agency_keys import AgencyKeys
 from idp.backchannel import AgencyNotifier
 from idp.citizen import CitizenReads
-from idp.consent_step import make_withdrawal_handler
+from idp.consent_step import make_withdrawal_handler, make_withdrawal_writes
 from idp.keys import KeyRing
 from idp.logout import LogoutService, SessionParticipants
 from idp.logout_views import create_blueprint as logout_blueprint
@@ -66,7 +66,7 @@ from kernel.crypto import DecryptionError, FieldCipher
 from kernel.db import Database, database_unreachable, startup_lock, utcnow
 from kernel.errors import CivitasError, ConfigError
 from kernel.ratelimit import Limit, RateLimited, RateLimiter, address_bucket
-from kernel.store import ShortLivedStore, open_store
+from kernel.store import ShortLivedStore, open_store, store_unavailable
 from kernel.urls import is_loopback_host
 
 from . import observability
@@ -221,6 +221,8 @@ def build_hub(settings: Settings, *, migrate: bool = True,
     logout = LogoutService(services, services.participants, dispatcher)
     services.consent = ConsentService(db, HubReceiptSigner(keys, settings.signing_alg),
                                       on_withdraw=make_withdrawal_handler(services, dispatcher),
+                                      with_withdrawal=make_withdrawal_writes(services,
+                                                                             dispatcher),
                                       ledger=ledger, account_open=account_is_live,
                                       account_closed_at=account_closed_at,
                                       hold_open_account=hold_open_account)
@@ -709,8 +711,6 @@ def _holds_nul(error: BaseException) -> bool:
 
 
 def _is_unavailable(error: BaseException) -> bool:
-    """A lost or refused connection to PostgreSQL or Redis (not a bug in a query)."""
-    import redis
-
-    return database_unreachable(error) or isinstance(
-        error, redis.ConnectionError | redis.TimeoutError)
+    """A lost or refused connection to PostgreSQL or Redis, or a Redis refusing writes for
+    a while (not a bug in a query)."""
+    return database_unreachable(error) or store_unavailable(error)

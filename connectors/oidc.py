@@ -17,7 +17,8 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 from urllib.parse import quote, urlencode
 
 import requests
@@ -28,6 +29,9 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
 from joserfc.jws import extract_compact
 from requests.adapters import HTTPAdapter
+from urllib3.connectionpool import ConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, ReadTimeoutError
+from urllib3.response import BaseHTTPResponse
 from urllib3.util.retry import Retry
 
 from kernel.bounded import BodyTooLarge, BodyTooSlow, read_bounded
@@ -70,11 +74,25 @@ class OIDCConfig:
     max_concurrent_calls: int = 2
 
 
+class _RetryClosed(Retry):
+    """A retry of a connection the upstream had closed, never of a timeout: the upstream
+    had its ``timeout_seconds``, and a second wait would hold the login (and a worker
+    thread) twice that long."""
+
+    def increment(self, method: str | None = None, url: str | None = None,
+                  response: BaseHTTPResponse | None = None, error: Exception | None = None,
+                  _pool: ConnectionPool | None = None,
+                  _stacktrace: TracebackType | None = None) -> Self:
+        if isinstance(error, ReadTimeoutError | ConnectTimeoutError):
+            raise MaxRetryError(_pool, url, error) from error  # type: ignore[arg-type]
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+
 def _session() -> requests.Session:
     """A pooled session; an idempotent GET is retried once on a stale pooled connection."""
     session = requests.Session()
-    retry = Retry(total=1, connect=1, read=1, status=0, allowed_methods=frozenset({"GET"}),
-                  raise_on_status=False)
+    retry = _RetryClosed(total=1, connect=1, read=1, status=0,
+                         allowed_methods=frozenset({"GET"}), raise_on_status=False)
     session.mount("http://", HTTPAdapter(max_retries=retry))
     session.mount("https://", HTTPAdapter(max_retries=retry))
     return session

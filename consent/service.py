@@ -60,15 +60,22 @@ class Withdrawal:
 
 
 WithdrawalHook = Callable[[Withdrawal], None]
+#: what must commit with a withdrawal, written in its transaction (the session)
+WithdrawalWrites = Callable[[Session, Withdrawal], None]
 
 
 def _ignore(_withdrawal: Withdrawal) -> None:
     """The default hook: nothing to revoke (tests, or no OpenID provider wired)."""
 
 
+def _write_nothing(_s: Session, _withdrawal: Withdrawal) -> None:
+    """The default writes: nothing to end with a withdrawal (no OpenID provider wired)."""
+
+
 class ConsentService:
     def __init__(self, db: Database, signer: ReceiptSigner, *,
                  on_withdraw: WithdrawalHook = _ignore,
+                 with_withdrawal: WithdrawalWrites = _write_nothing,
                  clock: Callable[[], datetime] = utcnow, ledger: Ledger | None = None,
                  account_open: AccountCondition | None = None,
                  account_closed_at: AccountClosedAt | None = None,
@@ -77,11 +84,15 @@ class ConsentService:
         session's transaction ends) and say whether it is open: a consent is given only
         to an open account, and an account's closing waits for one being given, whose
         withdrawal then follows with the others (the composition root passes the
-        broker's)."""
+        broker's). ``with_withdrawal(session, withdrawal)`` writes what must end with a
+        withdrawal in its own transaction (the agency's refresh grants, its notices): done
+        after the commit, by ``on_withdraw``, a fault in between (a store or database that
+        failed at that moment) would leave them to a withdrawal that cannot be repeated."""
         self._hold_open_account = hold_open_account
         self._db = db
         self.signer = signer
         self._on_withdraw = on_withdraw
+        self._with_withdrawal = with_withdrawal
         self.clock = clock
         #: every consent event is also a ledger entry, committed with it
         self.ledger = ledger
@@ -365,13 +376,15 @@ class ConsentService:
                 receipt_claims=list(gone.values()) or None)
             grant = history.state_at(record, events, event.at)
             assert grant is not None
-            return grant, Withdrawal(
+            withdrawal = Withdrawal(
                 account_id=account_id, client_id=client_id, subject=record.subject,
                 claims=frozenset(gone), complete=claim is None, record_id=record.id,
                 receipt_id=event.receipt_id, at=event.at)
+            self._with_withdrawal(s, withdrawal)  # the grants end, the agency is told: or not
+            return grant, withdrawal
 
         grant, withdrawal = self._retrying(work)
-        # After the commit: decisions already deny; now tokens and the agency.
+        # After the commit: decisions already deny; now the access tokens.
         self._on_withdraw(withdrawal)
         return grant
 

@@ -40,6 +40,7 @@ from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from requests.adapters import HTTPAdapter
 from sqlalchemy import event, or_, select, update
+from sqlalchemy.orm import Session
 
 from kernel.bounded import BodyTooLarge, BodyTooSlow, read_bounded
 from kernel.db import Database, utcnow
@@ -178,27 +179,31 @@ class AgencyNotifier:
 
     # -- queue ------------------------------------------------------------------------------
 
-    def enqueue(self, notices: Sequence[LogoutNotice], now: datetime | None = None) -> int:
-        """Sign a logout token for each notice and queue it, due now. Returns how many."""
+    def enqueue(self, notices: Sequence[LogoutNotice], now: datetime | None = None, *,
+                within: Session | None = None) -> int:
+        """Sign a logout token for each notice and queue it, due now (in the transaction of
+        ``within`` when given: queued if and only if it commits). Returns how many."""
         return self._sign_and_queue(
             LOGOUT_KIND, "a logout token", notices, now,
             lambda key, n, at: (n.logout_uri, mint_logout_token(
                 key, issuer=self._issuer, client_id=n.client_id, sub=n.sub, sid=n.sid,
-                now=at)))
+                now=at)), within)
 
     def enqueue_events(self, notices: Sequence[SecurityEventNotice],
-                       now: datetime | None = None) -> int:
-        """Sign a Security Event Token for each notice and queue it, due now."""
+                       now: datetime | None = None, *, within: Session | None = None) -> int:
+        """Sign a Security Event Token for each notice and queue it, due now (``within``:
+        as :meth:`enqueue`)."""
         return self._sign_and_queue(
             SET_KIND, "a security event", notices, now,
             lambda key, n, at: (n.event_uri, mint_security_event(
                 key, issuer=self._issuer, client_id=n.client_id, sub=n.sub,
                 withdrawn=sorted(n.withdrawn), complete=n.complete, event_time=n.event_time,
-                now=at)))
+                now=at)), within)
 
     def _sign_and_queue(self, kind: str, what: str, notices: Sequence[Any],
                         now: datetime | None,
-                        mint: Callable[[ActiveKey, Any, int], tuple[str, str]]) -> int:
+                        mint: Callable[[ActiveKey, Any, int], tuple[str, str]],
+                        within: Session | None = None) -> int:
         """One row per notice: signed with the agency's algorithm's current key, due now."""
         now = now or utcnow()
         rows = []
@@ -213,14 +218,20 @@ class AgencyNotifier:
             rows.append(LogoutDelivery(kind=kind, client_id=n.client_id, logout_uri=uri,
                                        token=token, attempts=0, next_attempt_at=now,
                                        created_at=now))
-        return self._queue(rows)
+        return self._queue(rows, within)
 
-    def _queue(self, rows: list[LogoutDelivery]) -> int:
-        if rows:
+    def _queue(self, rows: list[LogoutDelivery], within: Session | None = None) -> int:
+        if rows and within is not None:
+            within.add_all(rows)  # delivered from the next pass after its commit
+        elif rows:
             with self._db.session() as s:
                 s.add_all(rows)
             self._wake.set()
         return len(rows)
+
+    def wake(self) -> None:
+        """Deliver now what was queued in a transaction that has committed since."""
+        self._wake.set()
 
     def pending(self) -> list[LogoutDelivery]:
         """Rows not yet delivered nor given up, oldest first (for operators and tests)."""

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from consent.policy import AgencyPolicy, ClaimRequest
 from consent.service import ConsentService, Withdrawal
 
@@ -119,28 +121,43 @@ def unpark(session: Any, request_id: str, *, remove: bool) -> PendingConsent | N
 def make_withdrawal_handler(hub: ProviderServices, dispatcher: AgencyNotifier
                             ) -> Callable[[Withdrawal], None]:
     def on_withdraw(w: Withdrawal) -> None:
-        """Withdrawal takes effect at once: the agency's refresh grants and access tokens for
-        this citizen die, and the agency is told by back-channel logout if it can be."""
+        """Withdrawal takes effect at once: after its commit (which ended the agency's
+        refresh grants and queued its notices: :func:`make_withdrawal_writes`), the
+        agency's access tokens for this citizen die too."""
         # the mark first: a code exchange that read the consent before this withdrawal and
         # makes its refresh grant after the revocation below looks for it (CodeGrant)
         hub.tokens.mark_agency_revoked(w.account_id, w.client_id)
         hub.refresh_tokens.revoke_account(w.account_id, w.client_id)
-        client = hub.agencies.client(w.client_id)
-        if client is not None and client.backchannel_logout_uri:
-            dispatcher.enqueue([LogoutNotice(
-                client_id=client.client_id, logout_uri=client.backchannel_logout_uri,
-                alg=client.id_token_signed_response_alg,
-                sub=hub.subject_for(client, w.account_id), sid="")])
-        if client is not None and client.event_delivery_uri:
-            dispatcher.enqueue_events([SecurityEventNotice(
-                client_id=client.client_id, event_uri=client.event_delivery_uri,
-                alg=client.id_token_signed_response_alg,
-                sub=hub.subject_for(client, w.account_id), withdrawn=w.claims,
-                complete=w.complete, event_time=int(w.at.timestamp()))])
+        dispatcher.wake()
         log.info("consent withdrawn: agency %s tokens revoked", w.client_id)
 
     return on_withdraw
 
 
+def make_withdrawal_writes(hub: ProviderServices, dispatcher: AgencyNotifier
+                           ) -> Callable[[Session, Withdrawal], None]:
+    def with_withdrawal(s: Session, w: Withdrawal) -> None:
+        """In the withdrawal's own transaction: the agency's refresh grants for this citizen
+        end, and the agency is to be told by back-channel logout and by a Security Event
+        Token if it can be. Should the hub fail once the withdrawal has committed, neither
+        is lost (a withdrawal cannot be made twice)."""
+        hub.refresh_tokens.revoke_agency_within(s, w.account_id, w.client_id)
+        client = hub.agencies.client(w.client_id)
+        if client is not None and client.backchannel_logout_uri:
+            dispatcher.enqueue([LogoutNotice(
+                client_id=client.client_id, logout_uri=client.backchannel_logout_uri,
+                alg=client.id_token_signed_response_alg,
+                sub=hub.subject_for(client, w.account_id), sid="")], within=s)
+        if client is not None and client.event_delivery_uri:
+            dispatcher.enqueue_events([SecurityEventNotice(
+                client_id=client.client_id, event_uri=client.event_delivery_uri,
+                alg=client.id_token_signed_response_alg,
+                sub=hub.subject_for(client, w.account_id), withdrawn=w.claims,
+                complete=w.complete, event_time=int(w.at.timestamp()))], within=s)
+
+    return with_withdrawal
+
+
 __all__ = ["OFFLINE_ACCESS", "ConsentService", "PendingConsent", "default_policy",
-           "make_withdrawal_handler", "park", "requested_claims", "unpark", "with_offline_access"]
+           "make_withdrawal_handler", "make_withdrawal_writes", "park", "requested_claims",
+           "unpark", "with_offline_access"]

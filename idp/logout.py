@@ -103,6 +103,12 @@ class SessionParticipants:
         found.discard(self.KEEPALIVE)
         return sorted(found)
 
+    def put_back(self, sid: str, client_ids: list[str]) -> None:
+        """Undo :meth:`take` of a logout that failed before its agencies were told."""
+        if sid and client_ids:
+            self._store.put_many([], members=[(self.PREFIX + sid, c, self._ttl)
+                                              for c in client_ids])
+
 
 @dataclass(frozen=True)
 class EndSessionRequest:
@@ -221,7 +227,8 @@ class LogoutService:
         ids. The caller clears the browser session (the session store entry goes with it)."""
         self.revoke_session(login.sid)
         notices = []
-        for client_id in self.participants.take(login.sid):
+        taken = self.participants.take(login.sid)
+        for client_id in taken:
             client = self.hub.agencies.client(client_id)
             if client is None or not client.backchannel_logout_uri:
                 continue
@@ -230,7 +237,13 @@ class LogoutService:
                 alg=client.id_token_signed_response_alg,
                 sub=self.hub.subject_for(client, login.account_id), sid=login.sid,
             ))
-        self.dispatcher.enqueue(notices)
+        try:
+            self.dispatcher.enqueue(notices)
+        except Exception:
+            # not queued (the database failed): the session's agencies go back, for the
+            # logout the citizen is asked to try again, or they would never be told
+            self.participants.put_back(login.sid, taken)
+            raise
         log.info("hub session ended; %d agency(ies) to be told", len(notices))
         return [n.client_id for n in notices]
 

@@ -51,6 +51,7 @@ from kernel import jsonfast
 from kernel.db import database_unreachable
 from kernel.metrics import TOKENS
 from kernel.ratelimit import Limit, RateLimited, RateLimiter
+from kernel.store import store_unavailable
 
 from .agencies import AUTH_METHODS as AGENCY_AUTH_METHODS
 from .agencies import PUBLIC_SECTOR, SERVICE_SCOPES, AgencyClient, AgencyRegistry
@@ -431,6 +432,20 @@ class RotatingRefreshGrant(grants.RefreshTokenGrant):
     @property
     def hub(self) -> ProviderServices:
         return self.server.hub  # type: ignore[no-any-return]
+
+    def create_token_response(self) -> Any:
+        """The token was used when the request was validated. Should the database or the
+        store then fail before its successor is written, the agency is told to try again
+        (503): the token goes back to its grant, or the retry would be taken for a replay
+        and revoke the grant (RFC 9700 4.14.2). Nothing was issued from it: nothing was
+        answered."""
+        try:
+            return super().create_token_response()
+        except Exception as exc:
+            if isinstance(getattr(self.request, "refresh_token", None), RefreshGrant) and (
+                    database_unreachable(exc) or store_unavailable(exc)):
+                self.hub.refresh_tokens.put_back(self.request.form["refresh_token"])
+            raise
 
     def authenticate_refresh_token(self, refresh_token: str) -> RefreshGrant | None:
         client: AgencyClient = self.request.client

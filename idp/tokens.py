@@ -42,6 +42,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.orm import Session
 
 from broker.accounts import account_is_live
 from kernel import jsonfast
@@ -171,6 +172,13 @@ class AccessToken:
         return False  # a revoked token is never returned (TokenStore.unless_revoked)
 
 
+#: the key saying since when the store holds every revocation mark the hub wrote
+MARKS_SINCE = "revocation-marks-since"
+#: kept as long as the store keeps its data: written afresh when gone (expired, evicted),
+#: it only refuses the access tokens issued before, for their remaining lifetime
+MARKS_SINCE_TTL = 10 * 365 * 86400
+
+
 class TokenStore:
     """Codes, nonces and revocation markers in the short-lived store (and the records of
     access tokens issued before the tokens carried their own)."""
@@ -180,6 +188,8 @@ class TokenStore:
         self._store = store
         self.code_lifetime = code_lifetime
         self.access_token_lifetime = access_token_lifetime
+        #: whether this process has made sure that :data:`MARKS_SINCE` is written
+        self._marks_since_written = False
 
     # -- codes ----------------------------------------------------------------------------
 
@@ -260,6 +270,27 @@ class TokenStore:
         mark = self._store.get(f"revoked-agency:{client_id}:{account_id}")
         return mark is not None and float(mark["at"]) >= since
 
+    def marks_kept_since(self, *, lost: bool = False) -> int:
+        """Since when (Unix time, whole seconds) the store holds every revocation mark: its
+        first use, or when it was found to have ``lost`` its data (a Redis restarted without
+        persistence, flushed, or its keys evicted), and the marks with it. An access token
+        issued before cannot be told from a revoked one (:meth:`unless_revoked`); a lost
+        store's time is the next whole second, as ``iat`` does not say whether a token of
+        this second was issued before the loss."""
+        now = int(time.time()) + (1 if lost else 0)
+        self._marks_since_written = True
+        if self._store.put_new(MARKS_SINCE, {"at": now}, MARKS_SINCE_TTL):
+            return now
+        found = self._store.get(MARKS_SINCE)
+        return int(found["at"]) if found is not None else now
+
+    def before_issuing(self) -> None:
+        """Before this process issues its first access token: the store says since when it
+        holds the marks, or a token issued now would be taken, at its first check, for one
+        issued before the store's data were lost."""
+        if not self._marks_since_written:
+            self.marks_kept_since()
+
     def is_marked_revoked(self, kind: str, value: str | None) -> bool:
         return bool(value) and self._store.get(f"revoked-{kind}:{value}") is not None
 
@@ -284,13 +315,24 @@ class TokenStore:
     def unless_revoked(self, token: AccessToken) -> AccessToken | None:
         """``token``, unless one of the ways it can have been revoked says so: its own
         ``jti`` (RFC 7009), its code (a second redemption, RFC 6749 10.5), its grant, its hub
-        session (logout) or its agency and citizen (consent withdrawn); one round trip."""
+        session (logout) or its agency and citizen (consent withdrawn); one round trip. A
+        token issued before the store last lost its marks (:meth:`marks_kept_since`) may
+        have been revoked: it is refused."""
         marks = [f"revoked-{kind}:{value}" for kind, value in (
             ("jti", token.jti), ("code", token.code_hash), ("grant", token.grant_id),
             ("sid", token.sid)) if value]
-        *revoked, agency = self._store.get_many(
-            [*marks, f"revoked-agency:{token.client_id}:{token.account_id}"])
+        *revoked, agency, since = self._store.get_many(
+            [*marks, f"revoked-agency:{token.client_id}:{token.account_id}", MARKS_SINCE])
         if any(mark is not None for mark in revoked):
+            return None
+        kept_since = int(since["at"]) if since is not None else self.marks_kept_since(
+            lost=True)
+        if kept_since > time.time() + 1:
+            # written by a clock that was ahead, and has been put back since: from now on
+            # (or no token would pass until the clock reached it)
+            kept_since = int(time.time())
+            self._store.put(MARKS_SINCE, {"at": kept_since}, MARKS_SINCE_TTL)
+        if token.issued_at < kept_since:
             return None
         if agency is not None and token.issued_at <= float(agency["at"]):
             return None
@@ -354,6 +396,7 @@ class AccessTokens:
     def issue(self, *, client_id: str, alg: str, account_id: str, sub: str, scope: str,
               grant_id: str, sid: str, auth_time: int, acr: str,
               code_hash: str | None = None) -> str:
+        self.tokens.before_issuing()
         now = int(time.time())
         return self._signed(alg, {
             "iss": self.issuer, "sub": sub, "aud": client_id, "client_id": client_id,
@@ -365,6 +408,7 @@ class AccessTokens:
     def issue_for_client(self, *, client_id: str, alg: str, scope: str) -> str:
         """RFC 9068 2.2 for a grant without a resource owner (client_credentials): ``sub``
         is the agency's client_id, there is no account, session or authentication time."""
+        self.tokens.before_issuing()
         now = int(time.time())
         return self._signed(alg, {
             "iss": self.issuer, "sub": client_id, "aud": self.issuer, "client_id": client_id,
@@ -476,6 +520,11 @@ _INSERT_GRANT = insert(_GRANTS)
 _REVOKE = (update(_GRANTS)
            .where(_GRANTS.c.grant_id == bindparam("of_grant"), _GRANTS.c.revoked_at.is_(None))
            .values(revoked_at=bindparam("now"), revoked_reason=bindparam("reason")))
+#: a used token made the live one again: only while its grant has none and is unrevoked
+_PUT_BACK = (update(_GRANTS)
+             .where(_GRANTS.c.grant_id == bindparam("of_grant"), _GRANTS.c.token_hash.is_(None),
+                    _GRANTS.c.revoked_at.is_(None))
+             .values(token_hash=bindparam("presented")))
 #: a token issued before migration 0012, by its hash, with its grant's revocation
 _LEGACY_TOKEN = (select(_TOKENS, _GRANTS.c.revoked_at.is_not(None).label("grant_revoked"),
                         _ACCOUNT_LIVE)
@@ -627,6 +676,18 @@ class RefreshTokens:
         self._reused(grant_id, client_id)  # a concurrent use won: a copy exists
         return None
 
+    def put_back(self, token: str) -> bool:
+        """Undo :meth:`use` of ``token`` when nothing was issued from it (the database or
+        the store failed before its successor was written, and the agency was told to try
+        again): its grant's live token again, unless the grant was revoked or given a
+        successor meanwhile. Whether it was put back."""
+        grant_id = grant_of(token)
+        if grant_id is None:
+            return False  # (a token from before migration 0012 is used up for good)
+        with self._db.reader() as conn:
+            return cast(CursorResult[Any], conn.execute(_PUT_BACK, {
+                "of_grant": grant_id, "presented": digest(token)})).rowcount == 1
+
     def _use_legacy(self, token_hash: str, client_id: str, scope_within: set[str] | None, *,
                     unknown_revokes: str | None) -> RefreshGrant | None:
         """``use`` for a token issued before migration 0012 (by its hash): its row in
@@ -728,6 +789,21 @@ class RefreshTokens:
             if len(rows) < batch:
                 return
             after = rows[-1].grant_id
+
+    def revoke_agency_within(self, s: Session, account_id: str, client_id: str, *,
+                             reason: str = CONSENT_WITHDRAWN) -> int:
+        """Revoke every live grant of an account to one agency in the caller's transaction
+        (``s``): they end with what ends them (a consent withdrawal), or not at all. Their
+        access tokens are the caller's to mark (:meth:`TokenStore.mark_agency_revoked`,
+        after the commit). How many were revoked."""
+        revoked = cast(CursorResult[Any], s.execute(
+            update(_GRANTS).where(_GRANTS.c.account_id == account_id,
+                                  _GRANTS.c.client_id == client_id,
+                                  _GRANTS.c.revoked_at.is_(None))
+            .values(revoked_at=utcnow(), revoked_reason=reason))).rowcount
+        if revoked:
+            REFRESH_REVOKED.labels(reason).inc(revoked)
+        return revoked
 
     def revoke_account(self, account_id: str, client_id: str | None = None, *,
                        reason: str = CONSENT_WITHDRAWN) -> None:

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
+from . import metric_files
+
+metric_files.install()  # before the first value is made
+
 REQUESTS = Counter("civitas_http_requests_total", "HTTP requests", ["endpoint", "method", "status"])
 LATENCY = Histogram(
     "civitas_http_request_seconds", "HTTP request latency", ["endpoint"],

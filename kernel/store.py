@@ -468,6 +468,19 @@ class RedisStore:
         return bool(self._redis.ping())
 
 
+def store_unavailable(error: BaseException) -> bool:
+    """Redis lost or refused (answered 503: try again), or up but refusing writes for a
+    while: out of memory (``maxmemory`` with ``noeviction``), a replica after a failover
+    (``READONLY``) or a snapshot that failed with ``stop-writes-on-bgsave-error``
+    (``MISCONF``). Not a bug in a command."""
+    import redis
+
+    if isinstance(error, redis.ConnectionError | redis.TimeoutError
+                  | redis.exceptions.OutOfMemoryError | redis.exceptions.ReadOnlyError):
+        return True
+    return isinstance(error, redis.ResponseError) and str(error).startswith("MISCONF")
+
+
 def open_store(url: str | None) -> ShortLivedStore:
     """``None`` or ``memory://`` gives the in-process store; ``redis://`` a Redis store."""
     if not url or url.startswith("memory:"):
