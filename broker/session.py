@@ -2,7 +2,7 @@
 
 The cookie holds only a random id; the store key is its SHA-256, so a dump of the store does
 not yield usable cookies. The id is regenerated at login (OWASP ASVS 3.2.1). Cookies are
-HttpOnly and SameSite=Lax, and Secure when the hub is served over https.
+HttpOnly and SameSite=Lax, and over https Secure and named with the ``__Host-`` prefix.
 """
 
 from __future__ import annotations
@@ -21,6 +21,15 @@ from werkzeug.datastructures import CallbackDict
 from kernel.store import ShortLivedStore
 
 COOKIE_NAME = "civitas_session"
+#: its name when the hub is served over https (OWASP ASVS 3.4.4): a browser keeps a cookie
+#: of this name only if this very host set it, Secure, with Path=/ and no Domain (RFC 6265bis
+#: 4.1.3.2), so a sibling host of the same parent domain cannot plant a session of its choosing
+HOST_COOKIE_NAME = "__Host-" + COOKIE_NAME
+
+
+def cookie_name(secure: bool) -> str:
+    """The session cookie's name: :data:`HOST_COOKIE_NAME` over https."""
+    return HOST_COOKIE_NAME if secure else COOKIE_NAME
 
 
 class StoreSession(CallbackDict[str, Any], SessionMixin):
@@ -71,6 +80,7 @@ class StoreSessionInterface(SessionInterface):
         self.store = store
         self.lifetime = lifetime
         self.secure = secure
+        self.cookie_name = cookie_name(secure)
         #: the store's sets that live as long as a hub login's session, by its ``sid``
         #: (members to add, as ``ShortLivedStore.put_many`` takes them): written with the
         #: session, in its round trip, so they are renewed whenever it is (the composition
@@ -83,13 +93,16 @@ class StoreSessionInterface(SessionInterface):
         #: Called for every request of a browser endpoint, with or without a cookie.
         self.reader: SessionReader = self._get
 
+    def get_cookie_name(self, app: Flask) -> str:
+        return self.cookie_name
+
     def _get(self, request: Request, key: str | None) -> dict[str, Any] | None:
         return self.store.get(key) if key is not None else None
 
     def open_session(self, app: Flask, request: Request) -> StoreSession:
         if self.sessionless and request.path.startswith(self.sessionless):
             return NoBrowserSession()
-        sid = request.cookies.get(COOKIE_NAME)
+        sid = request.cookies.get(self.cookie_name)
         if not (sid and 20 <= len(sid) <= 100):
             sid = None
         data = self.reader(request, _key(sid) if sid is not None else None)
@@ -105,7 +118,8 @@ class StoreSessionInterface(SessionInterface):
         if not session:
             if session.sid is not None and session.modified:
                 self.store.delete(_key(session.sid))
-                response.delete_cookie(COOKIE_NAME, path="/")
+                response.delete_cookie(self.cookie_name, path="/", secure=self.secure,
+                                       httponly=True, samesite="Lax")
             return
         if not session.modified:
             return
@@ -125,7 +139,7 @@ class StoreSessionInterface(SessionInterface):
         else:
             self.store.put(_key(session.sid), dict(session), self.lifetime)
         response.set_cookie(
-            COOKIE_NAME, session.sid, max_age=self.lifetime, path="/", httponly=True,
+            self.cookie_name, session.sid, max_age=self.lifetime, path="/", httponly=True,
             secure=self.secure, samesite="Lax",
         )
         response.vary.add("Cookie")

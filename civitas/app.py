@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -30,6 +31,7 @@ from broker.models import AccountEvent
 from broker.ratelimit import AttemptLimiter
 from broker.service import Broker
 from broker.session import StoreSessionInterface
+from broker.session import cookie_name as session_cookie_name
 from broker.views import create_blueprint as broker_blueprint
 from config import Settings, settings_from_mapping
 from config.schema import LDAPUpstreamSettings, UpstreamSettings
@@ -161,7 +163,13 @@ def build_hub(settings: Settings, *, migrate: bool = True,
     if settings.database_url.startswith("sqlite:///"):
         path = settings.database_url.removeprefix("sqlite:///")
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # the hub's records (consents, the agencies' decisions, the ledger) for the hub's
+            # user alone, as PostgreSQL keeps its files; SQLite gives its journal files the
+            # database file's permissions
+            file = Path(path.partition("?")[0])
+            file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     db = Database(settings.database_url, pool_size=settings.database_pool_size)
     if migrate:
         # imported here: Alembic (and Mako) is ~11 MB of memory that a gunicorn worker, whose
@@ -320,7 +328,7 @@ def create_app(config: Settings | Mapping[str, Any] | None = None, *,
     app.json = FastJSONProvider(app)  # the decision API's answers (civitas/json_provider.py)
     app.extensions["civitas"] = hub
     app.config.update(
-        SESSION_COOKIE_NAME="civitas_session",
+        SESSION_COOKIE_NAME=session_cookie_name(settings.is_https),
         MAX_CONTENT_LENGTH=64 * 1024,
         PREFERRED_URL_SCHEME="https" if settings.is_https else "http",
     )

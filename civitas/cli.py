@@ -169,7 +169,7 @@ def serve(ctx: click.Context, host: str, port: int, threads: int, workers: int,
 
     if json_logs:
         configure_json_logging()
-    from .gunicorn_app import address_in_use
+    from .gunicorn_app import KEEPALIVE_SECONDS, address_in_use
 
     problem = address_in_use(host, port)  # waitress, too, would only raise OSError
     if problem is not None:
@@ -211,8 +211,13 @@ def serve(ctx: click.Context, host: str, port: int, threads: int, workers: int,
     # believe, as under gunicorn: waitress must pass them on, not drop them itself (its
     # default, without a `trusted_proxy` of its own), or behind a proxy the hub would see
     # every request as plain http from the proxy's address.
+    # Connections idle (or stalled mid-request) are closed after KEEPALIVE_SECONDS, looked
+    # for every second, as gunicorn's workers close idle ones: waitress's own 120 s (looked
+    # for every 30 s) let 100 connections that sent nothing (its connection limit) stop the
+    # hub for two minutes at a time.
     waitress.serve(app, host=host, port=port, threads=threads, ident="civitas",
-                   clear_untrusted_proxy_headers=False)
+                   clear_untrusted_proxy_headers=False, channel_timeout=KEEPALIVE_SECONDS,
+                   cleanup_interval=1)
 
 
 def _announce(message: str, json_logs: bool) -> None:

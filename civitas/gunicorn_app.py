@@ -18,6 +18,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger
+from gunicorn.http.unreader import Unreader
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from .inline_worker import InlineWorker, accept_connection
@@ -276,7 +277,9 @@ def worker_class() -> str:
                             + ", or leave it unset")
     inline_needs = ("handle_request", "_keepalive_after")  # InlineWorker takes gthread's
     if (chosen != "gthread" and hasattr(select, "epoll")
-            and all(hasattr(ThreadWorker, name) for name in inline_needs)):
+            and all(hasattr(ThreadWorker, name) for name in inline_needs)
+            # and hands a request's head, read in the poller, to the parser's unreader
+            and all(hasattr(Unreader, name) for name in ("unread", "take_buffered"))):
         return f"{__name__}.BalancedInlineWorker"
     if all(hasattr(ThreadWorker, name) for name in (
             "on_pending_socket_readable", "murder_pending", "enqueue_req",

@@ -22,6 +22,15 @@ _ARMED = select.EPOLLIN | select.EPOLLONESHOT
 STOP_KEEPALIVE_LINGER = 2.0
 #: the longest a stopping worker's threads take to notice it
 _POLL_SECONDS = 0.5
+#: how long a connection may take to send a whole request head once it began one. Until the
+#: head is whole the connection waits in the worker's poller, not in a thread, so that
+#: clients sending heads slowly (slowloris) cannot take every thread; then it is closed
+REQUEST_HEAD_SECONDS = 10.0
+#: how long a thread waits, in all, for what a request has yet to send (the rest of its
+#: body) before the request is taken as cut off and its connection closed
+REQUEST_BODY_SECONDS = 10.0
+#: a head not ended within this many bytes goes to the parser, which refuses it
+_HEAD_BYTES = 64 * 1024
 
 
 def accept_connection(listener: Any) -> tuple[Any, Any] | None:
@@ -36,8 +45,38 @@ def accept_connection(listener: Any) -> tuple[Any, Any] | None:
     return sock, client
 
 
+class _Deadline:
+    """A connection's socket as the request parser reads it (gunicorn's ``SocketUnreader``
+    calls ``recv`` alone): a read that would wait past ``deadline`` ends the connection
+    (an empty read, which the parser takes as a client that went away), and says so in
+    ``expired``. A read of bytes already there never waits, nor costs a system call more."""
+
+    __slots__ = ("sock", "deadline", "expired")
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self.deadline = 0.0
+        self.expired = False
+
+    def recv(self, size: int) -> bytes:
+        while True:
+            try:
+                return bytes(self.sock.recv(size, socket.MSG_DONTWAIT))
+            except (BlockingIOError, InterruptedError):
+                pass
+            left = self.deadline - time.monotonic()
+            if left > 0:
+                waiting = select.poll()
+                waiting.register(self.sock, select.POLLIN)
+                if waiting.poll(left * 1000):
+                    continue
+            self.expired = True
+            return b""
+
+
 class _Conn:
-    __slots__ = ("sock", "client", "server", "fd", "parser", "deadline", "busy")
+    __slots__ = ("sock", "client", "server", "fd", "parser", "deadline", "busy", "reader",
+                 "head", "head_deadline")
 
     def __init__(self, sock: Any, client: Any, server: Any, deadline: float) -> None:
         self.sock = sock
@@ -47,6 +86,15 @@ class _Conn:
         self.parser: Any = None
         self.deadline = deadline
         self.busy = False
+        self.reader = _Deadline(sock)
+        #: the bytes of a request head begun and not yet whole, and when it must be
+        self.head = bytearray()
+        self.head_deadline: float | None = None
+
+
+def _head_whole(head: bytearray) -> bool:
+    """Whether ``head`` holds a whole request head (RFC 9112 2.1), or more than one may."""
+    return b"\r\n\r\n" in head or len(head) > _HEAD_BYTES
 
 
 class InlineWorker(base.Worker):  # type: ignore[misc]
@@ -66,7 +114,12 @@ class InlineWorker(base.Worker):  # type: ignore[misc]
     connections are closed after their answer (and idle ones are served for
     ``STOP_KEEPALIVE_LINGER`` seconds more); the main thread tells the master it is alive
     (gunicorn's ``timeout``) and decides whether the worker takes new connections
-    (:meth:`accepting_now`, for :class:`~civitas.gunicorn_app.BalancedInlineWorker`)."""
+    (:meth:`accepting_now`, for :class:`~civitas.gunicorn_app.BalancedInlineWorker`).
+
+    Unlike gthread, whose thread reads a request head and body for as long as the client
+    takes to send them (a few connections sending slowly took every thread, for good), a
+    request head waits in the poller until it is whole (``REQUEST_HEAD_SECONDS`` at most),
+    and a thread waits for the rest of a body ``REQUEST_BODY_SECONDS`` at most."""
 
     RECHECK = 0.02
 
@@ -154,34 +207,52 @@ class InlineWorker(base.Worker):  # type: ignore[misc]
                     self.drop(conn)
 
     @staticmethod
-    def _readable(sock: Any) -> bool:
-        """Whether ``sock`` has bytes (or its end) to read now, without reading them."""
+    def _head_read(conn: _Conn) -> bool:
+        """Add what ``conn`` has sent, without waiting, to the request head it began:
+        whether the head is whole now (or never will be: the connection ended or failed,
+        or sent more than a head holds: the connection closes, or the parser answers what
+        it began)."""
         try:
-            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            data = conn.sock.recv(_HEAD_BYTES, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
-            return False
+            return False  # the event was a closed connection's, whose descriptor it reuses
         except OSError:
-            return True  # an error to read: the parser meets it and the connection closes
-        return True
+            return True
+        if not data:
+            return True
+        conn.head += data
+        return _head_whole(conn.head)
 
     def serve_connection(self, conn: _Conn) -> None:
         keep = False
         try:
-            # the event may be a closed connection's whose descriptor a new one reuses
-            if self._readable(conn.sock):
+            # a thread takes a request only once its head is whole
+            if self._head_read(conn):
                 if conn.parser is None:
-                    conn.parser = http.get_parser(self.cfg, conn.sock, conn.client)
-                while True:
+                    conn.parser = http.get_parser(self.cfg, conn.reader, conn.client)
+                while conn.head:
+                    conn.parser.unreader.unread(bytes(conn.head))
+                    conn.head.clear()
+                    conn.head_deadline = None
                     keep = self.handle(conn)
-                    if not keep or not conn.parser.unreader.buf.getvalue():
-                        break  # a pipelined request already read is answered at once
+                    if keep:
+                        # a pipelined request already read: answered at once if whole
+                        conn.head += conn.parser.unreader.take_buffered()
+                        if not _head_whole(conn.head):
+                            break
             else:
                 keep = True
         finally:
             if keep:
                 with self.lock:
                     conn.busy = False
-                    conn.deadline = time.monotonic() + self.cfg.keepalive
+                    now = time.monotonic()
+                    if conn.head:  # a head begun: whole by REQUEST_HEAD_SECONDS after
+                        if conn.head_deadline is None:
+                            conn.head_deadline = now + REQUEST_HEAD_SECONDS
+                        conn.deadline = conn.head_deadline
+                    else:
+                        conn.deadline = now + self.cfg.keepalive
                     if not self.alive:
                         conn.deadline = min(conn.deadline, self._linger_until)
                     self.poller.modify(conn.fd, _ARMED)
@@ -213,11 +284,14 @@ class InlineWorker(base.Worker):  # type: ignore[misc]
         """One request of ``conn``: whether the connection stays open (gthread's
         ``handle``, for HTTP/1)."""
         req = None
+        conn.reader.deadline = time.monotonic() + REQUEST_BODY_SECONDS
         try:
             req = next(conn.parser)
             if not req:
                 return False
-            return bool(self._keepalive_after(conn, self.handle_request(req, conn)))
+            keep = self._keepalive_after(conn, self.handle_request(req, conn))
+            # a request cut off by its deadline: where the next one would start is unknown
+            return bool(keep) and not conn.reader.expired
         except http.errors.NoMoreData as exc:
             self.log.debug("Ignored premature client disconnection. %s", exc)
         except StopIteration as exc:

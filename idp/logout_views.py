@@ -15,10 +15,10 @@ from __future__ import annotations
 import hmac
 from urllib.parse import quote, urlencode, urlsplit
 
-from flask import Blueprint, redirect, render_template, request, session
+from flask import Blueprint, current_app, redirect, render_template, request, session
 from werkzeug.wrappers import Response
 
-from broker.session import COOKIE_NAME, current_login
+from broker.session import current_login
 
 from .errors import IdpError
 from .logout import EndSessionPlan, EndSessionRequest, InvalidLogoutRequest, LogoutService
@@ -59,7 +59,8 @@ def create_blueprint(logout: LogoutService) -> Blueprint:
         # agency (GET, or a form POST per section 2) never carries one.
         confirming = request.method == "POST" and "csrf" in request.form
         plan = logout.plan(EndSessionRequest.from_params(params))
-        if request.method == "POST" and not confirming and COOKIE_NAME not in request.cookies:
+        cookie = current_app.session_interface.get_cookie_name(current_app)
+        if request.method == "POST" and not confirming and cookie not in request.cookies:
             # RP-Initiated Logout 1.0 section 2 (GET and POST): the session cookie is
             # SameSite=Lax, which a browser sends on a top-level GET navigation but never on
             # a cross-site POST, so the agency's form post would find no session here and

@@ -219,7 +219,8 @@ def test_session_cookie_secure_when_issuer_is_https(make_hub):
     client = app.test_client()
     r = client.get("/login", base_url="https://login.example.gov")
     assert r.status_code == 302
-    header = next(h for h in r.headers.getlist("Set-Cookie") if h.startswith("civitas_session"))
+    header = next(h for h in r.headers.getlist("Set-Cookie")
+                  if h.startswith("__Host-civitas_session="))  # host-only (ASVS 3.4.4)
     assert "Secure" in header and "HttpOnly" in header and "SameSite=Lax" in header
 
 

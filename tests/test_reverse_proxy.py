@@ -578,7 +578,7 @@ def test_full_login_through_the_proxy_with_secure_cookies(proxied):
     r = browser.get(proxied.base + auth.url(), timeout=10, allow_redirects=False)
     assert r.status_code in (302, 303)
     cookie = r.headers["Set-Cookie"]
-    assert cookie.startswith("civitas_session=")
+    assert cookie.startswith("__Host-civitas_session=")  # https: a host-only cookie
     attributes = {a.strip().split("=")[0].lower() for a in cookie.split(";")[1:]}
     assert {"secure", "httponly"} <= attributes, cookie
     assert urljoin(proxied.base, r.headers["Location"]).startswith(f"{proxied.base}/login")
