@@ -73,6 +73,8 @@ def configure_json_logging(level: int = logging.INFO) -> None:
 #: connection to a stopped server has none (one to a host that is gone gives up after
 #: kernel.db.TCP_DEADLINES: 25 s or more), and the probe saw only its own timeout
 READY_DEADLINE_SECONDS = 2.0
+#: the key /readyz writes to find whether the store takes writes (kept 10 s)
+READY_PROBE_KEY = "readyz-probe"
 
 
 class ReadinessCheck:
@@ -165,8 +167,10 @@ def install(app: Flask) -> None:
             conn.execute(text("SELECT 1"))
 
     def store() -> None:
-        if not hub.store.ping():
-            raise ConnectionError("no PONG")
+        # a write, not a PING: a Redis out of memory (``noeviction``), a replica after a
+        # failover (READONLY) or one whose snapshot failed (MISCONF) answers PING, and
+        # refuses every sign-in, code and token
+        hub.store.put(READY_PROBE_KEY, {"pid": os.getpid()}, 10)
 
     def signing_keys() -> None:
         hub.keys.signing_key(hub.settings.signing_alg)

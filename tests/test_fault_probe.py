@@ -337,3 +337,18 @@ def test_a_refresh_cut_off_between_use_and_rotation_can_be_retried(upstream_issu
         admin.dispose()
         stop_background(app)
         hub.db.dispose()
+
+
+def test_readyz_is_not_ready_while_redis_refuses_writes(consent_hub, redis_url):
+    """/readyz PINGed Redis, which a Redis out of memory (or a read-only replica after a
+    failover) answers: it said ready while every sign-in, code and token got 503. It now
+    writes a key, and names the store."""
+    app, _ = consent_hub
+    client = app.test_client()
+    assert client.get("/readyz").status_code == 200
+    with redis_out_of_memory(redis_url):
+        r = client.get("/readyz")
+        assert r.status_code == 503, r.json
+        assert r.json["checks"]["store"] == "failed: OutOfMemoryError", r.json
+        assert r.json["checks"]["database"] == "ok"
+    assert client.get("/readyz").status_code == 200
