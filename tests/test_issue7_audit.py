@@ -5,11 +5,11 @@ PostgreSQL and Redis (metrics that move with their events) and through the test 
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +22,7 @@ import yaml
 from cryptography.fernet import Fernet
 
 from tests import servers
-from tests.conftest import HUB_ISSUER, HUB_PORT, hub_config
+from tests.conftest import HUB_ISSUER, HUB_PORT, fresh_pg_database, hub_config
 from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest, allow_over_http, query
 from tests.test_consent_flow import CONSENT
 
@@ -66,34 +66,20 @@ def audit_hub(tmp_path_factory, upstream_issuer, postgres_url, redis_url):
     has both a back-channel logout and a security event endpoint."""
     receiver = AgencyReceiver()
     tmp = tmp_path_factory.mktemp("audit")
-    cfg = hub_config(upstream_issuer, postgres_url, redis_url=redis_url,
+    # a database of its own: signing keys encrypted under this hub's key must not be left
+    # in the server's shared database for other suites' hubs, which have keys of their own
+    database = contextlib.ExitStack()
+    database_url = database.enter_context(fresh_pg_database(postgres_url))
+    cfg = hub_config(upstream_issuer, database_url, redis_url=redis_url,
                      encryption_key=Fernet.generate_key().decode(), agencies=[
                          AGENCY_ONE.config(consent=CONSENT,
                                            backchannel_logout_uri=receiver.base + "/bc",
                                            event_delivery_uri=receiver.base + "/events"),
                          AGENCY_TWO.config()])
-    path = tmp / "civitas.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    log = (tmp / "hub.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "civitas.cli", "--config", str(path), "serve", "--workers", "2",
-         "--threads", "2", "--port", str(HUB_PORT)], stdout=log, stderr=subprocess.STDOUT,
-        env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
-        start_new_session=True)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{HUB_ISSUER}/readyz", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(0.2)
-        else:
-            raise RuntimeError((tmp / "hub.log").read_text()[-3000:])
-        yield HUB_ISSUER, receiver, tmp / "hub.log"
+        with database, servers.run_hub(tmp, cfg, HUB_PORT, workers=2) as log:
+            yield HUB_ISSUER, receiver, log
     finally:
-        servers.stop_process(proc)
-        log.close()
         receiver.server.shutdown()
         receiver.server.server_close()
 

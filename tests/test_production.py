@@ -3,6 +3,7 @@ real PostgreSQL and Redis serving full brokered logins."""
 
 from __future__ import annotations
 
+import contextlib
 import html
 import http.client
 import json
@@ -25,7 +26,7 @@ from cryptography.fernet import Fernet
 from civitas.cli import main
 from civitas.observability import JSONFormatter
 from tests import servers
-from tests.conftest import HUB_ISSUER, HUB_PORT, hub_config
+from tests.conftest import HUB_ISSUER, HUB_PORT, fresh_pg_database, hub_config
 from tests.flows import (
     AGENCY_ONE,
     AGENCY_TWO,
@@ -166,7 +167,11 @@ WORKERS_HUB_FILES: dict[str, Path] = {}
 def workers_hub(tmp_path_factory, upstream_issuer, postgres_url, redis_url):
     """`civitas serve --workers 2` as a real process on PostgreSQL and Redis."""
     tmp = tmp_path_factory.mktemp("workers")
-    cfg = hub_config(upstream_issuer, postgres_url, redis_url=redis_url,
+    # a database of its own: its signing keys are encrypted under this hub's own key, which
+    # no other suite's hub on the server's shared database has (nor this one theirs)
+    database = contextlib.ExitStack()
+    database_url = database.enter_context(fresh_pg_database(postgres_url))
+    cfg = hub_config(upstream_issuer, database_url, redis_url=redis_url,
                      encryption_key=Fernet.generate_key().decode(), agencies=[
                          AGENCY_ONE.config(scopes=["openid", "profile", "email",
                                                    "offline_access"]), AGENCY_TWO.config()])
@@ -198,6 +203,7 @@ def workers_hub(tmp_path_factory, upstream_issuer, postgres_url, redis_url):
     finally:
         servers.stop_process(proc)
         log.close()
+        database.close()
 
 
 def browser_login(base: str, auth: AuthRequest) -> dict[str, str]:
