@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import html
 import os
 import re
 import subprocess
@@ -14,7 +13,6 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urljoin
 
 import pytest
 import requests
@@ -23,8 +21,9 @@ from cryptography.fernet import Fernet
 
 from tests import servers
 from tests.conftest import HUB_ISSUER, HUB_PORT, fresh_pg_database, hub_config
-from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest, allow_over_http, query
+from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest
 from tests.test_consent_flow import CONSENT
+from tests.test_production import login_over_http
 
 
 class AgencyReceiver:
@@ -86,24 +85,6 @@ def audit_hub(tmp_path_factory, upstream_issuer, postgres_url, redis_url):
 
 def basic(agency: Any) -> tuple[str, str]:
     return agency.client_id, agency.secret
-
-
-def login_over_http(base: str, auth: AuthRequest) -> tuple[requests.Session, dict[str, str]]:
-    browser = requests.Session()
-    r = browser.get(base + auth.url(), timeout=10)
-    link = html.unescape(re.search(r'href="(/login/op/start\?flow=[^"]+)"', r.text).group(1))
-    r = browser.get(base + link, timeout=10)
-    action = re.search(r'<form[^>]*action="([^"]+)"', r.text).group(1)
-    r = browser.post(urljoin(r.url, html.unescape(action)),
-                     data={"username": "alice", "password": "alice-password"},
-                     allow_redirects=False, timeout=10)
-    for _ in range(12):
-        r = allow_over_http(browser, r)
-        location = urljoin(r.url, r.headers["Location"])
-        if location.startswith(auth.agency.redirect_uri):
-            return browser, query(location)
-        r = browser.get(location, allow_redirects=False, timeout=10)
-    raise AssertionError("never reached the agency")
 
 
 def test_every_metric_family_moves_with_its_event_across_two_workers(audit_hub):

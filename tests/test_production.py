@@ -207,7 +207,12 @@ def workers_hub(tmp_path_factory, upstream_issuer, postgres_url, redis_url):
 
 
 def browser_login(base: str, auth: AuthRequest) -> dict[str, str]:
-    """A full login over real HTTP: one cookie jar, like a browser."""
+    """A full login over real HTTP: one cookie jar, like a browser; the redirect's query."""
+    return login_over_http(base, auth)[1]
+
+
+def login_over_http(base: str, auth: AuthRequest) -> tuple[requests.Session, dict[str, str]]:
+    """:func:`browser_login`, and the browser (its cookie jar holds the hub session)."""
     browser = requests.Session()
     r = browser.get(base + auth.url(), timeout=10)
     link = html.unescape(re.search(r'href="(/login/op/start\?flow=[^"]+)"', r.text).group(1))
@@ -220,7 +225,7 @@ def browser_login(base: str, auth: AuthRequest) -> dict[str, str]:
         r = allow_over_http(browser, r)  # offline access is asked (OpenID Connect Core 11)
         location = urljoin(r.url, r.headers["Location"])
         if location.startswith(auth.agency.redirect_uri):
-            return query(location)
+            return browser, query(location)
         r = browser.get(location, allow_redirects=False, timeout=10)
     raise AssertionError("never reached the agency")
 
