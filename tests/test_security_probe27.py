@@ -73,10 +73,10 @@ def test_request_heads_sent_slowly_hold_no_worker_thread(served):
     try:
         time.sleep(1.5)  # every worker holds some of them
         for _ in range(4):
-            started = time.monotonic()
-            r = requests.get(served.base + "/healthz", timeout=REQUEST_HEAD_SECONDS)
-            assert r.status_code == 200
-            assert time.monotonic() - started < 2
+            # answered while the slow heads are still held (the hub closes them only
+            # REQUEST_HEAD_SECONDS after they began): a liveness bound, not a speed target
+            r = requests.get(served.base + "/healthz", timeout=REQUEST_HEAD_SECONDS / 2 - 1)
+            assert r.status_code == 200 and r.json()["status"] == "ok"
         deadline = time.monotonic() + REQUEST_HEAD_SECONDS + 5
         while len(closed) < len(slow) and time.monotonic() < deadline:
             time.sleep(0.2)
