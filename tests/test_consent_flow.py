@@ -47,17 +47,23 @@ CONSENT = {
 
 
 class Receiver:
-    """A real agency back-channel endpoint on 127.0.0.1 recording what it receives."""
+    """A real agency endpoint on 127.0.0.1 recording what it receives: the path of every
+    POST, and the logout token of each back-channel logout (``url``). A POST to a path
+    ending in ``/events`` is a Security Event Token (RFC 8935 2: answered 202)."""
 
     def __init__(self) -> None:
         self.tokens: list[str] = []
+        self.received: list[str] = []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                receiver.tokens.append(parse_qs(body.decode())["logout_token"][0])
-                self.send_response(200)
+                receiver.received.append(self.path)
+                events = self.path.endswith("/events")
+                if not events:
+                    receiver.tokens.append(parse_qs(body.decode())["logout_token"][0])
+                self.send_response(202 if events else 200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -66,7 +72,8 @@ class Receiver:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/backchannel"
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.url = f"{self.base}/backchannel"
 
 
 @pytest.fixture

@@ -22,31 +22,8 @@ from cryptography.fernet import Fernet
 from tests import servers
 from tests.conftest import HUB_ISSUER, HUB_PORT, fresh_pg_database, hub_config
 from tests.flows import AGENCY_ONE, AGENCY_TWO, AuthRequest
-from tests.test_consent_flow import CONSENT
+from tests.test_consent_flow import CONSENT, Receiver
 from tests.test_production import login_over_http
-
-
-class AgencyReceiver:
-    """An agency's back-channel logout and RFC 8935 endpoints on 127.0.0.1."""
-
-    def __init__(self) -> None:
-        self.received: list[str] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                outer.received.append(self.path)
-                self.send_response(202 if self.path == "/events" else 200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
 
 
 def samples(text: str) -> dict[str, float]:
@@ -63,7 +40,7 @@ def samples(text: str) -> dict[str, float]:
 def audit_hub(tmp_path_factory, upstream_issuer, postgres_url, redis_url):
     """`civitas serve --workers 2` on PostgreSQL and Redis; agency one asks for consent and
     has both a back-channel logout and a security event endpoint."""
-    receiver = AgencyReceiver()
+    receiver = Receiver()
     tmp = tmp_path_factory.mktemp("audit")
     # a database of its own: signing keys encrypted under this hub's key must not be left
     # in the server's shared database for other suites' hubs, which have keys of their own
